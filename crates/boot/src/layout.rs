@@ -18,6 +18,9 @@ pub const PVH_MEMMAP_ADDR: u64 = 0x6100;
 pub const ZERO_PAGE_ADDR: u64 = 0x7000;
 /// Initial stack pointer for the boot vCPU.
 pub const BOOT_STACK_TOP: u64 = 0x8ff0;
+// The boot stack grows down from between the zero page and the page tables.
+const _: () = assert!(BOOT_STACK_TOP < PML4_ADDR && BOOT_STACK_TOP > ZERO_PAGE_ADDR + 0x1000);
+
 /// Identity page tables: one PML4, one PDPT, one PD of 2 MiB pages.
 pub const PML4_ADDR: u64 = 0x9000;
 /// Page-directory-pointer table.
@@ -151,6 +154,5 @@ mod tests {
                 assert!(a.0 + a.1 <= b.0 || b.0 + b.1 <= a.0, "{a:x?} overlaps {b:x?}");
             }
         }
-        assert!(BOOT_STACK_TOP < PML4_ADDR && BOOT_STACK_TOP > ZERO_PAGE_ADDR + 0x1000);
     }
 }

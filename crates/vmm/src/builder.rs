@@ -1,0 +1,178 @@
+//! Building and starting a microVM, top to bottom: KVM, VM, memory, kernel,
+//! devices, vCPUs, threads.
+
+use std::fs::File;
+use std::io::Write;
+use std::path::Path;
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::Instant;
+
+use boot::layout::{KVM_IDENTITY_MAP_ADDR, KVM_TSS_ADDR};
+use devices::legacy::{
+    BootTimer, EventFdTrigger, SerialConsole, BOOT_TIMER_PORT, COM1_IRQ, COM1_PORT, I8042,
+    I8042_PORT_DATA,
+};
+use devices::Bus;
+use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
+use kvm_ioctls::{Kvm, VmFd};
+use tracing::info_span;
+use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::config::ConsoleOutput;
+use crate::control::{Vmm, VmmHandle};
+use crate::event_loop::{self, Runtime};
+use crate::stats::{VcpuCounters, VmCounters};
+use crate::vcpu::{self, VcpuSet, VcpuThreadConfig};
+use crate::StartError;
+
+/// Boots the VM `vmm` describes. `started` is the moment the caller asked,
+/// which the boot timer measures from.
+pub(crate) fn build_and_start(vmm: Vmm, started: Instant) -> Result<VmmHandle, StartError> {
+    let _span = info_span!("start_vm").entered();
+    let Vmm { machine, boot: boot_source, console } = vmm;
+    machine.validate()?;
+    let boot_source = boot_source.ok_or(crate::config::ConfigError::NoBootSource)?;
+    let mut kernel = open(&boot_source.kernel, StartError::OpenKernel)?;
+    let mut initrd = match &boot_source.initrd {
+        Some(path) => Some(open(path, StartError::OpenInitrd)?),
+        None => None,
+    };
+    let console = open_console(console.unwrap_or(ConsoleOutput::Stdout))?;
+
+    // KVM and the VM.
+    let kvm = Kvm::new().map_err(StartError::Kvm)?;
+    let max_vcpus = kvm.get_max_vcpus();
+    if usize::from(machine.vcpus) > max_vcpus {
+        return Err(StartError::TooManyVcpus { requested: machine.vcpus, max: max_vcpus });
+    }
+    let vm = kvm.create_vm().map_err(StartError::CreateVm)?;
+    let setup = |what| move |e| StartError::VmSetup(what, e);
+    vm.set_tss_address(KVM_TSS_ADDR as usize).map_err(setup("KVM_SET_TSS_ADDR"))?;
+    vm.set_identity_map_address(KVM_IDENTITY_MAP_ADDR).map_err(setup("KVM_SET_IDENTITY_MAP_ADDR"))?;
+    vm.create_irq_chip().map_err(setup("KVM_CREATE_IRQCHIP"))?;
+    let pit = kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() };
+    vm.create_pit2(pit).map_err(setup("KVM_CREATE_PIT2"))?;
+
+    // Guest memory, then the software that goes in it.
+    let mem_size = machine.mem_bytes();
+    let mem = crate::memory::create_guest_memory(mem_size)?;
+    register_memory(&vm, &mem)?;
+    let prepared = boot::prepare(
+        &mem,
+        mem_size,
+        machine.vcpus,
+        boot::BootSource { kernel: &mut kernel, initrd: initrd.as_mut(), cmdline: &boot_source.cmdline },
+    )?;
+
+    // Legacy devices on the PIO bus.
+    let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(StartError::EventFd)?;
+    vm.register_irqfd(&serial_irq, COM1_IRQ).map_err(setup("KVM_IRQFD (serial)"))?;
+    let (serial, serial_counters) = SerialConsole::new(EventFdTrigger(serial_irq), console);
+    let reset_evt = EventFd::new(libc::EFD_NONBLOCK).map_err(StartError::EventFd)?;
+    let i8042 = I8042::new(reset_evt.try_clone().map_err(StartError::EventFd)?);
+    let (boot_timer, boot_time_ns) = BootTimer::new(started);
+    let mut pio = Bus::new();
+    pio.insert(Arc::new(Mutex::new(serial)), COM1_PORT, 8)?;
+    pio.insert(Arc::new(Mutex::new(i8042)), I8042_PORT_DATA, 5)?;
+    pio.insert(Arc::new(Mutex::new(boot_timer)), BOOT_TIMER_PORT, 1)?;
+    let mmio = Bus::new();
+
+    // vCPUs.
+    let supported = kvm
+        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+        .map_err(setup("KVM_GET_SUPPORTED_CPUID"))?;
+    let mut vcpus = Vec::with_capacity(usize::from(machine.vcpus));
+    for index in 0..machine.vcpus {
+        let fd = vm
+            .create_vcpu(u64::from(index))
+            .map_err(|e| StartError::CreateVcpu(index, e))?;
+        vcpu::configure(&fd, index, machine.vcpus, supported.as_slice(), prepared.entry)?;
+        vcpus.push((fd, Arc::new(VcpuCounters::default())));
+    }
+    let counters = Arc::new(VmCounters {
+        vcpus: vcpus.iter().map(|(_, c)| c.clone()).collect(),
+        serial: serial_counters,
+        boot_time_ns,
+        started,
+        mem,
+        mem_size,
+    });
+
+    // Go: vCPU threads first (the guest starts here), then the event loop.
+    let vcpu_exit_evt = EventFd::new(libc::EFD_NONBLOCK).map_err(StartError::EventFd)?;
+    let thread_config = VcpuThreadConfig { seccomp: machine.seccomp, pio: Arc::new(pio), mmio: Arc::new(mmio) };
+    let vcpus = VcpuSet::start(vcpus, &thread_config, vcpu_exit_evt.try_clone().map_err(StartError::EventFd)?)?;
+    let wake = EventFd::new(libc::EFD_NONBLOCK).map_err(StartError::EventFd)?;
+    let (requests_tx, requests) = mpsc::channel();
+    let runtime = Runtime {
+        wake: wake.try_clone().map_err(StartError::EventFd)?,
+        requests,
+        reset_evt,
+        vcpu_exit_evt,
+        vcpus,
+        counters: counters.clone(),
+        exit: None,
+        _vm: vm,
+    };
+    let seccomp = machine.seccomp;
+    let event_loop = std::thread::Builder::new()
+        .name("vmm-events".into())
+        .spawn(move || event_loop::run(runtime, seccomp))
+        .map_err(StartError::Thread)?;
+    Ok(VmmHandle { requests: requests_tx, wake, counters, event_loop: Some(event_loop) })
+}
+
+fn open(path: &Path, err: fn(std::path::PathBuf, std::io::Error) -> StartError) -> Result<File, StartError> {
+    File::open(path).map_err(|e| err(path.to_path_buf(), e))
+}
+
+fn open_console(console: ConsoleOutput) -> Result<Box<dyn Write + Send>, StartError> {
+    Ok(match console {
+        // Unbuffered: each byte the guest sends is visible at once.
+        ConsoleOutput::Stdout => Box::new(
+            std::io::stdout()
+                .lock()
+                .as_fd_file()
+                .map_err(StartError::Console)?,
+        ),
+        ConsoleOutput::File(path) => {
+            Box::new(File::create(&path).map_err(|e| StartError::OpenConsole(path, e))?)
+        }
+        ConsoleOutput::Writer(w) => w,
+        ConsoleOutput::Discard => Box::new(std::io::sink()),
+    })
+}
+
+/// A `File` writing to the same open file as a standard stream, unbuffered.
+trait AsFdFile {
+    fn as_fd_file(&self) -> std::io::Result<File>;
+}
+
+impl<T: std::os::fd::AsFd> AsFdFile for T {
+    fn as_fd_file(&self) -> std::io::Result<File> {
+        Ok(File::from(self.as_fd().try_clone_to_owned()?))
+    }
+}
+
+fn register_memory(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<(), StartError> {
+    for (slot, region) in mem.iter().enumerate() {
+        let host = mem
+            .get_host_address(region.start_addr())
+            .map_err(|_| StartError::VmSetup("KVM_SET_USER_MEMORY_REGION", kvm_ioctls::Error::new(libc::EFAULT)))?;
+        let region = kvm_userspace_memory_region {
+            slot: slot as u32,
+            flags: 0,
+            guest_phys_addr: region.start_addr().0,
+            memory_size: region.len(),
+            userspace_addr: host as u64,
+        };
+        // SAFETY: the region describes a live mapping owned by `mem`. The VM's
+        // counters keep that mapping alive while vCPUs run; KVM reaches it
+        // only through user-access checks, so even a late access after unmap
+        // faults in KVM rather than touching freed host memory.
+        unsafe { vm.set_user_memory_region(region) }
+            .map_err(|e| StartError::VmSetup("KVM_SET_USER_MEMORY_REGION", e))?;
+    }
+    Ok(())
+}

@@ -1,0 +1,141 @@
+//! What a VM is made of, as the caller describes it before boot.
+
+use std::fmt;
+use std::io::Write;
+use std::path::PathBuf;
+
+/// Default RAM size.
+pub const DEFAULT_MEM_MIB: u64 = 128;
+/// APIC IDs and the MADT's processor IDs are 8 bits, and 0xff is broadcast.
+pub const MAX_VCPUS: u8 = 254;
+
+/// The machine: vCPUs, memory, sandboxing.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MachineConfig {
+    /// Number of vCPUs, 1 to `MAX_VCPUS` (and KVM's own limit).
+    pub vcpus: u8,
+    /// RAM in MiB.
+    pub mem_mib: u64,
+    /// Install the per-thread seccomp filters (turn off only to debug).
+    pub seccomp: bool,
+}
+
+impl Default for MachineConfig {
+    fn default() -> Self {
+        Self { vcpus: 1, mem_mib: DEFAULT_MEM_MIB, seccomp: true }
+    }
+}
+
+/// What to boot.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BootSourceConfig {
+    /// Kernel image: ELF (PVH note or not) or bzImage.
+    pub kernel: PathBuf,
+    /// Initial ramdisk.
+    pub initrd: Option<PathBuf>,
+    /// Kernel command line.
+    pub cmdline: String,
+}
+
+/// Where the serial console's output goes.
+pub enum ConsoleOutput {
+    /// The VMM process's standard output.
+    Stdout,
+    /// A file, created or truncated.
+    File(PathBuf),
+    /// Any writer: a pipe, a socket, a buffer in a test.
+    Writer(Box<dyn Write + Send>),
+    /// Nowhere (bytes are still counted).
+    Discard,
+}
+
+impl fmt::Debug for ConsoleOutput {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ConsoleOutput::Stdout => f.write_str("Stdout"),
+            ConsoleOutput::File(p) => f.debug_tuple("File").field(p).finish(),
+            ConsoleOutput::Writer(_) => f.write_str("Writer(..)"),
+            ConsoleOutput::Discard => f.write_str("Discard"),
+        }
+    }
+}
+
+/// A configuration the VMM refuses, with what was wrong.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ConfigError {
+    /// Zero vCPUs.
+    #[error("the vCPU count must be at least 1")]
+    NoVcpus,
+    /// More than APIC IDs allow.
+    #[error("{0} vCPUs requested; vessel supports at most {MAX_VCPUS}")]
+    TooManyVcpus(u8),
+    /// Zero memory.
+    #[error("the memory size must be at least 2 MiB, got {0} MiB")]
+    MemoryTooSmall(u64),
+    /// More memory than the host has.
+    #[error("{requested} MiB of guest memory requested, but the host has only {host} MiB")]
+    MemoryLargerThanHost {
+        /// Requested MiB.
+        requested: u64,
+        /// Host RAM in MiB.
+        host: u64,
+    },
+    /// No boot source before start.
+    #[error("no kernel configured: configure a boot source before starting the VM")]
+    NoBootSource,
+}
+
+impl MachineConfig {
+    /// Checks what can be checked without KVM.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.vcpus == 0 {
+            return Err(ConfigError::NoVcpus);
+        }
+        if self.vcpus > MAX_VCPUS {
+            return Err(ConfigError::TooManyVcpus(self.vcpus));
+        }
+        if self.mem_mib < boot::layout::MIN_MEM_SIZE >> 20 {
+            return Err(ConfigError::MemoryTooSmall(self.mem_mib));
+        }
+        let host = host_memory_mib();
+        if self.mem_mib > host {
+            return Err(ConfigError::MemoryLargerThanHost { requested: self.mem_mib, host });
+        }
+        Ok(())
+    }
+
+    /// RAM in bytes.
+    pub fn mem_bytes(&self) -> u64 {
+        self.mem_mib << 20
+    }
+}
+
+/// Host physical memory in MiB (sysinfo), or u64::MAX if unknown.
+fn host_memory_mib() -> u64 {
+    let mut info = std::mem::MaybeUninit::<libc::sysinfo>::uninit();
+    // SAFETY: sysinfo fills the struct it is given and nothing else.
+    let rc = unsafe { libc::sysinfo(info.as_mut_ptr()) };
+    if rc != 0 {
+        return u64::MAX;
+    }
+    // SAFETY: sysinfo returned 0, so it initialised the struct.
+    let info = unsafe { info.assume_init() };
+    info.totalram.saturating_mul(u64::from(info.mem_unit)) >> 20
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bad_machine_configs_say_what_is_wrong() {
+        let ok = MachineConfig::default();
+        assert_eq!(ok.validate(), Ok(()));
+        assert_eq!(MachineConfig { vcpus: 0, ..ok.clone() }.validate(), Err(ConfigError::NoVcpus));
+        assert_eq!(MachineConfig { vcpus: 255, ..ok.clone() }.validate(), Err(ConfigError::TooManyVcpus(255)));
+        assert_eq!(MachineConfig { mem_mib: 0, ..ok.clone() }.validate(), Err(ConfigError::MemoryTooSmall(0)));
+        let huge = MachineConfig { mem_mib: 1 << 40, ..ok };
+        assert!(matches!(huge.validate(), Err(ConfigError::MemoryLargerThanHost { .. })));
+        assert!(huge.validate().unwrap_err().to_string().contains("the host has only"));
+    }
+}

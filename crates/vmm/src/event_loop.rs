@@ -1,0 +1,128 @@
+//! The VMM's event loop thread: control requests from the embedder, the
+//! guest's reset line, and vCPUs ending the VM, each an EventFd with a
+//! named token.
+
+use std::sync::mpsc::Receiver;
+use std::sync::Arc;
+
+use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
+use kvm_ioctls::VmFd;
+use tracing::{info, warn};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::control::{Request, VmmAction, VmmActionError, VmmData};
+use crate::stats::VmCounters;
+use crate::vcpu::{ExitReason, VcpuSet};
+
+/// A control request is queued.
+const TOKEN_CONTROL: u32 = 1;
+/// The i8042 pulsed the reset line.
+const TOKEN_RESET: u32 = 2;
+/// A vCPU ended the VM (shutdown, reset event, error).
+const TOKEN_VCPU_EXIT: u32 = 3;
+
+/// Everything the running VM owns. Dropping it stops the vCPUs, then
+/// closes the VM.
+pub(crate) struct Runtime {
+    pub(crate) wake: EventFd,
+    pub(crate) requests: Receiver<Request>,
+    pub(crate) reset_evt: EventFd,
+    pub(crate) vcpu_exit_evt: EventFd,
+    pub(crate) vcpus: VcpuSet,
+    pub(crate) counters: Arc<VmCounters>,
+    pub(crate) exit: Option<ExitReason>,
+    /// Declared last: dropped after the vCPU threads have stopped.
+    pub(crate) _vm: VmFd,
+}
+
+impl Runtime {
+    fn end(&mut self, reason: ExitReason) {
+        if self.exit.is_none() {
+            info!(?reason, "VM ending");
+            self.vcpus.stop();
+            self.exit = Some(reason);
+        }
+    }
+
+    fn handle(&mut self, action: VmmAction) -> Result<VmmData, VmmActionError> {
+        if self.exit.is_some() {
+            return Err(VmmActionError::NotRunning);
+        }
+        match action {
+            VmmAction::Pause => self.vcpus.pause().map_err(VmmActionError::Pause)?,
+            VmmAction::Resume => self.vcpus.resume(),
+            VmmAction::Stop => self.end(ExitReason::Stopped),
+            VmmAction::GetStats => return Ok(VmmData::Stats(self.counters.snapshot())),
+        }
+        Ok(VmmData::Empty)
+    }
+}
+
+impl MutEventSubscriber for Runtime {
+    fn process(&mut self, events: Events, _ops: &mut EventOps) {
+        match events.data() {
+            TOKEN_CONTROL => {
+                // Drain the counter; the channel says how many requests.
+                let _ = self.wake.read();
+                while let Ok(request) = self.requests.try_recv() {
+                    let answer = self.handle(request.action);
+                    // The requester may have given up waiting; that is fine.
+                    let _ = request.reply.send(answer);
+                }
+            }
+            TOKEN_RESET => {
+                let _ = self.reset_evt.read();
+                self.end(ExitReason::Reset);
+            }
+            TOKEN_VCPU_EXIT => {
+                let _ = self.vcpu_exit_evt.read();
+                let reason = self
+                    .vcpus
+                    .exit_reason()
+                    .unwrap_or_else(|| ExitReason::Error("a vCPU stopped without a reason".into()));
+                self.end(reason);
+            }
+            other => warn!(token = other, "event with an unknown token"),
+        }
+    }
+
+    fn init(&mut self, ops: &mut EventOps) {
+        let events = [
+            Events::with_data(&self.wake, TOKEN_CONTROL, EventSet::IN),
+            Events::with_data(&self.reset_evt, TOKEN_RESET, EventSet::IN),
+            Events::with_data(&self.vcpu_exit_evt, TOKEN_VCPU_EXIT, EventSet::IN),
+        ];
+        for event in events {
+            if let Err(e) = ops.add(event) {
+                // Without its events the VM could never be stopped: end now.
+                let token = event.data();
+                self.end(ExitReason::Error(format!("cannot watch VMM event {token}: {e:?}")));
+            }
+        }
+    }
+}
+
+/// Runs the loop until the VM ends; returns why it ended.
+pub(crate) fn run(runtime: Runtime, seccomp: bool) -> ExitReason {
+    let mut manager = match EventManager::<Runtime>::new() {
+        Ok(m) => m,
+        Err(e) => return ExitReason::Error(format!("cannot create the event loop: {e:?}")),
+    };
+    let id = manager.add_subscriber(runtime);
+    if seccomp {
+        if let Err(e) = crate::seccomp::install(crate::seccomp::ThreadKind::EventLoop) {
+            let runtime = manager.subscriber_mut(id).expect("subscriber just added");
+            runtime.end(ExitReason::Error(e.to_string()));
+        }
+    }
+    loop {
+        let runtime = manager.subscriber_mut(id).expect("subscriber just added");
+        if let Some(reason) = runtime.exit.clone() {
+            return reason;
+        }
+        if let Err(e) = manager.run() {
+            let runtime = manager.subscriber_mut(id).expect("subscriber just added");
+            runtime.end(ExitReason::Error(format!("event loop failed: {e:?}")));
+        }
+    }
+}

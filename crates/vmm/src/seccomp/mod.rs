@@ -1,0 +1,137 @@
+//! Seccomp filters, one per thread kind, compiled into BPF at build time
+//! (rules in `rules.rs`, compiled by `build.rs`) and installed by each thread
+//! before it does its work: vCPU threads before the guest's first
+//! instruction. A refused syscall raises SIGSYS; the handler names the
+//! syscall on stderr and ends the process.
+
+use std::os::raw::{c_int, c_void};
+use std::sync::Once;
+
+use seccompiler::{sock_filter, BpfProgram};
+
+/// The kinds of thread the VMM runs, each with its own filter.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ThreadKind {
+    /// Runs one vCPU and the PIO/MMIO devices it exits into.
+    Vcpu,
+    /// Runs the event loop: control requests, the reset line, vCPU exits.
+    EventLoop,
+    /// The thread that drives a started VM through its handle (the CLI's
+    /// main thread). Library embedders may install it on their own thread.
+    Control,
+}
+
+impl ThreadKind {
+    fn bpf_bytes(self) -> &'static [u8] {
+        match self {
+            ThreadKind::Vcpu => include_bytes!(concat!(env!("OUT_DIR"), "/vcpu.bpf")),
+            ThreadKind::EventLoop => include_bytes!(concat!(env!("OUT_DIR"), "/event_loop.bpf")),
+            ThreadKind::Control => include_bytes!(concat!(env!("OUT_DIR"), "/control.bpf")),
+        }
+    }
+
+    /// The compiled filter.
+    pub fn program(self) -> BpfProgram {
+        self.bpf_bytes()
+            .chunks_exact(8)
+            .map(|i| sock_filter {
+                code: u16::from_le_bytes([i[0], i[1]]),
+                jt: i[2],
+                jf: i[3],
+                k: u32::from_le_bytes([i[4], i[5], i[6], i[7]]),
+            })
+            .collect()
+    }
+}
+
+/// Why a filter could not be installed.
+#[derive(Debug, thiserror::Error)]
+pub enum SeccompError {
+    /// The SIGSYS reporter could not be registered.
+    #[error("cannot register the SIGSYS handler")]
+    SignalHandler(#[source] vmm_sys_util::errno::Error),
+    /// The kernel refused the filter.
+    #[error("cannot install the seccomp filter for the {0:?} thread")]
+    Install(ThreadKind, #[source] seccompiler::Error),
+}
+
+/// Installs `kind`'s filter on the calling thread. Irreversible.
+pub fn install(kind: ThreadKind) -> Result<(), SeccompError> {
+    register_sigsys_reporter()?;
+    let program = kind.program();
+    seccompiler::apply_filter(&program).map_err(|e| SeccompError::Install(kind, e))
+}
+
+fn register_sigsys_reporter() -> Result<(), SeccompError> {
+    static ONCE: Once = Once::new();
+    let mut result = Ok(());
+    ONCE.call_once(|| {
+        result = vmm_sys_util::signal::register_signal_handler(libc::SIGSYS, report_sigsys)
+            .map_err(SeccompError::SignalHandler);
+    });
+    result
+}
+
+/// Exit status after a refused syscall: 128 + SIGSYS, as a shell reports a
+/// process killed by it.
+pub const SIGSYS_EXIT_CODE: i32 = 128 + libc::SIGSYS;
+
+/// Offset of `si_syscall` in `siginfo_t` for SIGSYS on x86_64 (after
+/// signo, errno, code, padding and `si_call_addr`).
+const SI_SYSCALL_OFFSET: usize = 24;
+
+extern "C" fn report_sigsys(_num: c_int, info: *mut libc::siginfo_t, _ctx: *mut c_void) {
+    // Only async-signal-safe work here: format into a stack buffer, write(2),
+    // _exit(2). Both syscalls are in every thread kind's filter.
+    let nr = if info.is_null() {
+        -1
+    } else {
+        // SAFETY: the kernel passes a valid siginfo_t (128 bytes) for SIGSYS,
+        // so this offset stays inside it.
+        let field = unsafe { info.cast::<u8>().add(SI_SYSCALL_OFFSET) };
+        // SAFETY: `_sigsys._syscall`, an i32, lives at that offset.
+        unsafe { field.cast::<i32>().read_unaligned() }
+    };
+    let mut msg = [0u8; 80];
+    let prefix = b"vessel: seccomp refused syscall ";
+    msg[..prefix.len()].copy_from_slice(prefix);
+    let mut len = prefix.len();
+    let mut digits = [0u8; 12];
+    let mut n = i64::from(nr).unsigned_abs();
+    let mut d = digits.len();
+    loop {
+        d -= 1;
+        digits[d] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    if nr < 0 {
+        msg[len] = b'-';
+        len += 1;
+    }
+    let count = digits.len() - d;
+    msg[len..len + count].copy_from_slice(&digits[d..]);
+    len += count;
+    msg[len] = b'\n';
+    len += 1;
+    // SAFETY: writes `len` initialised bytes of a live stack buffer to stderr.
+    unsafe { libc::write(libc::STDERR_FILENO, msg.as_ptr().cast(), len) };
+    // SAFETY: _exit runs no atexit handlers or destructors: signal-safe.
+    unsafe { libc::_exit(SIGSYS_EXIT_CODE) };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_thread_kind_has_a_nonempty_filter() {
+        for kind in [ThreadKind::Vcpu, ThreadKind::EventLoop, ThreadKind::Control] {
+            let program = kind.program();
+            assert!(program.len() > 10, "{kind:?} filter has {} instructions", program.len());
+            assert_eq!(kind.bpf_bytes().len() % 8, 0);
+        }
+    }
+}

@@ -1,0 +1,81 @@
+// The syscalls each vessel thread kind may make. This file is compiled by
+// build.rs (into BPF, at build time); it is not part of the library itself.
+// Everything not listed is refused with SIGSYS.
+
+use std::collections::BTreeMap;
+
+use seccompiler::{
+    SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter, SeccompRule,
+    TargetArch,
+};
+
+/// KVM_RUN = _IO(KVMIO, 0x80).
+const KVM_RUN: u64 = 0xae80;
+
+/// What every thread needs: memory, locks, signals, time, leaving.
+const COMMON: &[i64] = &[
+    libc::SYS_brk,
+    libc::SYS_clock_gettime,
+    libc::SYS_close,
+    libc::SYS_exit,
+    libc::SYS_exit_group,
+    libc::SYS_futex,
+    libc::SYS_madvise,
+    libc::SYS_mmap,
+    libc::SYS_mprotect,
+    libc::SYS_munmap,
+    libc::SYS_rt_sigprocmask,
+    libc::SYS_rt_sigreturn,
+    libc::SYS_sched_yield,
+    libc::SYS_sigaltstack,
+    // Console output, eventfd signalling, the SIGSYS report itself.
+    libc::SYS_write,
+];
+
+/// vCPU threads: run the guest, emulate PIO/MMIO devices.
+const VCPU: &[i64] = &[];
+
+/// The event loop: wait on eventfds, kick and join vCPU threads, read stats.
+const EVENT_LOOP: &[i64] = &[
+    libc::SYS_epoll_ctl,
+    libc::SYS_epoll_pwait,
+    libc::SYS_epoll_wait,
+    libc::SYS_getpid,
+    libc::SYS_gettid,
+    libc::SYS_mincore,
+    libc::SYS_read,
+    libc::SYS_tgkill,
+];
+
+/// The control thread: send requests, wait for replies and for the VM's end.
+const CONTROL: &[i64] = &[libc::SYS_getrusage, libc::SYS_mincore, libc::SYS_read];
+
+fn filter(allowed: &[&[i64]], ioctls: &[u64]) -> SeccompFilter {
+    let mut rules: BTreeMap<i64, Vec<SeccompRule>> = allowed
+        .iter()
+        .flat_map(|list| list.iter())
+        .map(|nr| (*nr, vec![]))
+        .collect();
+    if !ioctls.is_empty() {
+        let by_request = ioctls
+            .iter()
+            .map(|req| {
+                let cond = SeccompCondition::new(1, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, *req)
+                    .expect("valid ioctl condition");
+                SeccompRule::new(vec![cond]).expect("valid ioctl rule")
+            })
+            .collect();
+        rules.insert(libc::SYS_ioctl, by_request);
+    }
+    SeccompFilter::new(rules, SeccompAction::Trap, SeccompAction::Allow, TargetArch::x86_64)
+        .expect("valid seccomp filter")
+}
+
+/// (file name, filter) for each thread kind.
+fn thread_filters() -> Vec<(&'static str, SeccompFilter)> {
+    vec![
+        ("vcpu", filter(&[COMMON, VCPU], &[KVM_RUN])),
+        ("event_loop", filter(&[COMMON, EVENT_LOOP], &[])),
+        ("control", filter(&[COMMON, CONTROL], &[])),
+    ]
+}
