@@ -1,1 +1,160 @@
-fn main() {}
+//! The `vessel` command line.
+
+mod bench;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use vmm::{BootSourceConfig, ConsoleOutput, ExitReason, MachineConfig, PrebootAction, Vmm};
+
+#[derive(Parser, Debug)]
+#[command(name = "vessel", version, about = "Containers in KVM microVMs: a VMM and a sandbox runtime in one binary")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run virtual machines directly.
+    #[command(subcommand)]
+    Vm(VmCommand),
+    /// Measure launch time and memory overhead against QEMU microvm.
+    Bench(bench::BenchArgs),
+    /// Write the bundled test guests (tiny kernels used by tests) to a directory.
+    Guests {
+        /// Directory to write them to (created if missing).
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum VmCommand {
+    /// Boot a kernel with the serial console on stdout; exit when the guest does.
+    Boot(BootArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+pub(crate) struct BootArgs {
+    /// Kernel image: ELF vmlinux (PVH entry used when present) or bzImage.
+    #[arg(long)]
+    pub kernel: PathBuf,
+    /// Initial ramdisk.
+    #[arg(long)]
+    pub initrd: Option<PathBuf>,
+    /// Kernel command line.
+    #[arg(long, default_value = "console=ttyS0 reboot=k panic=1")]
+    pub cmdline: String,
+    /// Guest memory in MiB.
+    #[arg(long, default_value_t = vmm::config::DEFAULT_MEM_MIB)]
+    pub mem: u64,
+    /// Number of vCPUs.
+    #[arg(long, default_value_t = 1)]
+    pub vcpus: u8,
+    /// Write the serial console to this file instead of stdout.
+    #[arg(long)]
+    pub console: Option<PathBuf>,
+    /// Turn the seccomp filters off (debugging only).
+    #[arg(long)]
+    pub no_seccomp: bool,
+    /// Print the VM's counters to stderr when it ends, as key=value lines.
+    #[arg(long)]
+    pub stats: bool,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Vm(VmCommand::Boot(args)) => boot(&args),
+        Command::Bench(args) => bench::run(&args).map(|()| ExitCode::SUCCESS),
+        Command::Guests { out } => write_guests(&out).map(|()| ExitCode::SUCCESS),
+    };
+    result.unwrap_or_else(|e| {
+        eprintln!("vessel: error: {e:#}");
+        ExitCode::FAILURE
+    })
+}
+
+fn write_guests(out: &std::path::Path) -> anyhow::Result<()> {
+    for path in guests::write_all(out).with_context(|| format!("cannot write guests to {}", out.display()))? {
+        println!("{}", path.display());
+    }
+    Ok(())
+}
+
+fn boot(args: &BootArgs) -> anyhow::Result<ExitCode> {
+    let mut vmm = Vmm::new();
+    vmm.handle(PrebootAction::ConfigureMachine(MachineConfig {
+        vcpus: args.vcpus,
+        mem_mib: args.mem,
+        seccomp: !args.no_seccomp,
+    }))?;
+    vmm.handle(PrebootAction::ConfigureBootSource(BootSourceConfig {
+        kernel: args.kernel.clone(),
+        initrd: args.initrd.clone(),
+        cmdline: args.cmdline.clone(),
+    }))?;
+    let console = args.console.clone().map_or(ConsoleOutput::Stdout, ConsoleOutput::File);
+    vmm.handle(PrebootAction::ConfigureConsole(console))?;
+    let handle = vmm.start()?;
+    if !args.no_seccomp {
+        vmm::seccomp::install(vmm::seccomp::ThreadKind::Control)?;
+    }
+    // Wait for the VM's end, then read its final counters.
+    let counters = handle.counters();
+    let reason = handle.wait();
+    let stats = counters.snapshot();
+    let ms = |d: std::time::Duration| d.as_secs_f64() * 1e3;
+    let boot_time = stats.boot_time.map_or_else(|| "not reached".to_string(), |d| format!("{:.3} ms", ms(d)));
+    let how = match &reason {
+        ExitReason::Reset => "reset the machine".to_string(),
+        ExitReason::Shutdown => "shut down".to_string(),
+        ExitReason::Stopped => "was stopped".to_string(),
+        ExitReason::Error(e) => format!("failed: {e}"),
+    };
+    eprintln!(
+        "vessel: guest {how} after {:.3} ms; boot timer: {boot_time}; {} serial bytes",
+        ms(stats.uptime),
+        stats.serial_tx_bytes
+    );
+    if args.stats {
+        print_stats(&stats);
+    }
+    Ok(if matches!(reason, ExitReason::Error(_)) { ExitCode::FAILURE } else { ExitCode::SUCCESS })
+}
+
+fn print_stats(stats: &vmm::VmStats) {
+    let max_rss = peak_rss_bytes();
+    eprintln!("uptime_us={}", stats.uptime.as_micros());
+    if let Some(b) = stats.boot_time {
+        eprintln!("boot_time_us={}", b.as_micros());
+    }
+    eprintln!("serial_tx_bytes={}", stats.serial_tx_bytes);
+    eprintln!("mem_size={}", stats.mem_size);
+    eprintln!("mem_resident={}", stats.mem_resident);
+    eprintln!("peak_rss={max_rss}");
+    eprintln!("vmm_overhead={}", max_rss.saturating_sub(stats.mem_resident));
+    for (i, v) in stats.vcpus.iter().enumerate() {
+        eprintln!(
+            "vcpu{i}_exits io_in={} io_out={} mmio_read={} mmio_write={} hlt={} shutdown={} interrupted={} other={}",
+            v.io_in, v.io_out, v.mmio_read, v.mmio_write, v.hlt, v.shutdown, v.interrupted, v.other
+        );
+    }
+}
+
+/// Peak resident set size of this process (getrusage; no file access, so
+/// it works under the control thread's seccomp filter).
+pub(crate) fn peak_rss_bytes() -> u64 {
+    let mut usage = std::mem::MaybeUninit::<libc::rusage>::zeroed();
+    // SAFETY: getrusage writes only into the struct it is given.
+    let rc = unsafe { libc::getrusage(libc::RUSAGE_SELF, usage.as_mut_ptr()) };
+    if rc != 0 {
+        return 0;
+    }
+    // SAFETY: zero-initialised and filled by a successful getrusage.
+    let usage = unsafe { usage.assume_init() };
+    u64::try_from(usage.ru_maxrss).unwrap_or(0) * 1024
+}

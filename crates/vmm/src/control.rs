@@ -142,6 +142,28 @@ impl VmmHandle {
         self.join()
     }
 
+    /// Says how the VM ended if it has, without blocking.
+    pub fn try_wait(&mut self) -> Option<ExitReason> {
+        if self.event_loop.as_ref().is_some_and(|t| t.is_finished()) {
+            Some(self.join())
+        } else {
+            None
+        }
+    }
+
+    /// Waits at most `timeout` for the VM to end; on timeout stops it and
+    /// returns None.
+    pub fn wait_timeout(mut self, timeout: std::time::Duration) -> Option<ExitReason> {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Some(reason) = self.try_wait() {
+                return Some(reason);
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        self.try_wait()
+    }
+
     fn join(&mut self) -> ExitReason {
         match self.event_loop.take() {
             Some(thread) => thread

@@ -5,6 +5,7 @@
 //! syscall on stderr and ends the process.
 
 use std::os::raw::{c_int, c_void};
+use std::cell::Cell;
 use std::sync::Once;
 
 use seccompiler::{sock_filter, BpfProgram};
@@ -55,11 +56,28 @@ pub enum SeccompError {
     Install(ThreadKind, #[source] seccompiler::Error),
 }
 
+thread_local! {
+    /// The filter this thread installed, for the SIGSYS report.
+    static INSTALLED: Cell<&'static [u8]> = const { Cell::new(b"unfiltered") };
+}
+
+impl ThreadKind {
+    fn label(self) -> &'static [u8] {
+        match self {
+            ThreadKind::Vcpu => b"vcpu",
+            ThreadKind::EventLoop => b"event loop",
+            ThreadKind::Control => b"control",
+        }
+    }
+}
+
 /// Installs `kind`'s filter on the calling thread. Irreversible.
 pub fn install(kind: ThreadKind) -> Result<(), SeccompError> {
     register_sigsys_reporter()?;
     let program = kind.program();
-    seccompiler::apply_filter(&program).map_err(|e| SeccompError::Install(kind, e))
+    seccompiler::apply_filter(&program).map_err(|e| SeccompError::Install(kind, e))?;
+    INSTALLED.with(|k| k.set(kind.label()));
+    Ok(())
 }
 
 fn register_sigsys_reporter() -> Result<(), SeccompError> {
@@ -92,7 +110,7 @@ extern "C" fn report_sigsys(_num: c_int, info: *mut libc::siginfo_t, _ctx: *mut 
         // SAFETY: `_sigsys._syscall`, an i32, lives at that offset.
         unsafe { field.cast::<i32>().read_unaligned() }
     };
-    let mut msg = [0u8; 80];
+    let mut msg = [0u8; 96];
     let prefix = b"vessel: seccomp refused syscall ";
     msg[..prefix.len()].copy_from_slice(prefix);
     let mut len = prefix.len();
@@ -114,8 +132,16 @@ extern "C" fn report_sigsys(_num: c_int, info: *mut libc::siginfo_t, _ctx: *mut 
     let count = digits.len() - d;
     msg[len..len + count].copy_from_slice(&digits[d..]);
     len += count;
-    msg[len] = b'\n';
-    len += 1;
+    let suffix = b" on a ";
+    msg[len..len + suffix.len()].copy_from_slice(suffix);
+    len += suffix.len();
+    let kind = INSTALLED.with(Cell::get);
+    let kind = &kind[..kind.len().min(msg.len() - len - 16)];
+    msg[len..len + kind.len()].copy_from_slice(kind);
+    len += kind.len();
+    let suffix = b" thread\n";
+    msg[len..len + suffix.len()].copy_from_slice(suffix);
+    len += suffix.len();
     // SAFETY: writes `len` initialised bytes of a live stack buffer to stderr.
     unsafe { libc::write(libc::STDERR_FILENO, msg.as_ptr().cast(), len) };
     // SAFETY: _exit runs no atexit handlers or destructors: signal-safe.

@@ -50,22 +50,32 @@ const EVENT_LOOP: &[i64] = &[
 /// The control thread: send requests, wait for replies and for the VM's end.
 const CONTROL: &[i64] = &[libc::SYS_getrusage, libc::SYS_mincore, libc::SYS_read];
 
+/// fcntl(fd, F_GETFD): Rust's standard library checks an fd is open before
+/// closing it (in debug builds); nothing else uses fcntl after start.
+const FCNTL_GETFD: &[u64] = &[libc::F_GETFD as u64];
+
+/// A rule allowing `nr` when its second argument (the ioctl request, the
+/// fcntl command) is one of `values`.
+fn second_arg_in(values: &[u64]) -> Vec<SeccompRule> {
+    values
+        .iter()
+        .map(|v| {
+            let cond = SeccompCondition::new(1, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, *v)
+                .expect("valid argument condition");
+            SeccompRule::new(vec![cond]).expect("valid rule")
+        })
+        .collect()
+}
+
 fn filter(allowed: &[&[i64]], ioctls: &[u64]) -> SeccompFilter {
     let mut rules: BTreeMap<i64, Vec<SeccompRule>> = allowed
         .iter()
         .flat_map(|list| list.iter())
         .map(|nr| (*nr, vec![]))
         .collect();
+    rules.insert(libc::SYS_fcntl, second_arg_in(FCNTL_GETFD));
     if !ioctls.is_empty() {
-        let by_request = ioctls
-            .iter()
-            .map(|req| {
-                let cond = SeccompCondition::new(1, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, *req)
-                    .expect("valid ioctl condition");
-                SeccompRule::new(vec![cond]).expect("valid ioctl rule")
-            })
-            .collect();
-        rules.insert(libc::SYS_ioctl, by_request);
+        rules.insert(libc::SYS_ioctl, second_arg_in(ioctls));
     }
     SeccompFilter::new(rules, SeccompAction::Trap, SeccompAction::Allow, TargetArch::x86_64)
         .expect("valid seccomp filter")

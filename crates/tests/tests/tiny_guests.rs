@@ -1,0 +1,231 @@
+//! Tier 2 (DESIGN.md, Testing): the VMM's own paths on real KVM, exercised
+//! by tiny guests built from source in `crates/guests`. Where /dev/kvm
+//! cannot be opened, every test here is reported as skipped, with the
+//! reason; none passes without running.
+
+use std::process::Command;
+
+use anyhow::{ensure, Context};
+use guests::{Format, Program};
+use libtest_mimic::{Arguments, Failed, Trial};
+use vessel_tests::{boot_guest, boot_kernel, kvm_unavailable, parse_report, BootOptions, TempDir};
+use vmm::ExitReason;
+
+type TestResult = anyhow::Result<()>;
+
+const MIB: u64 = 1 << 20;
+
+fn initrd_bytes(len: usize) -> Vec<u8> {
+    (0..len).map(|i| (i * 7 + i / 4096) as u8).collect()
+}
+
+/// Boots the report guest and checks everything it says against what the
+/// VMM was asked to set up.
+fn check_report(format: Format, vcpus: u8) -> TestResult {
+    let initrd = initrd_bytes(300_000);
+    let cmdline = "console=ttyS0 vessel.test=report quiet";
+    let opts = BootOptions { vcpus, cmdline: cmdline.into(), initrd: Some(initrd.clone()), ..Default::default() };
+    let run = boot_guest(Program::Report, format, &opts)?;
+    let r = parse_report(&run.console).with_context(|| format!("console:\n{}", run.console))?;
+    let ctx = || format!("console:\n{}", run.console);
+
+    ensure!(run.exit == ExitReason::Reset, "guest ended with {:?}; {}", run.exit, ctx());
+    ensure!(r.done, "guest did not finish its report; {}", ctx());
+    let want_boot = if format == Format::Pvh { "pvh" } else { "linux64" };
+    ensure!(r.boot == want_boot, "entered via {:?}, want {want_boot}", r.boot);
+    ensure!(r.cmdline == cmdline, "guest saw cmdline {:?}", r.cmdline);
+
+    let mem = opts.mem_mib * MIB;
+    let want_map: Vec<(u64, u64, u32)> =
+        boot::layout::memory_map(mem).iter().map(|e| (e.addr, e.size, e.kind)).collect();
+    ensure!(r.e820 == want_map, "memory map {:x?}, want {want_map:x?}", r.e820);
+
+    let (addr, size) = r.initrd;
+    ensure!(size == initrd.len() as u64, "initrd size {size}, want {}", initrd.len());
+    ensure!(addr % 4096 == 0 && addr >= MIB && addr + size <= mem, "initrd placed at {addr:#x}");
+    let sum = initrd.iter().fold(0u64, |a, b| a.wrapping_add(u64::from(*b)));
+    ensure!(r.initrd_sum == sum, "initrd byte sum {:#x}, want {sum:#x}", r.initrd_sum);
+
+    ensure!(r.rsdp == boot::layout::ACPI_START, "RSDP at {:#x}", r.rsdp);
+    ensure!(r.bad_checksums.is_empty(), "ACPI checksums failed: {:?}", r.bad_checksums);
+    let ids: Vec<u64> = (0..u64::from(vcpus)).collect();
+    ensure!(r.madt_lapics == ids, "MADT local APICs {:?}, want {ids:?}", r.madt_lapics);
+    ensure!(
+        r.madt_ioapic == Some((u64::from(vcpus), boot::layout::IOAPIC_ADDR)),
+        "MADT IOAPIC {:x?}",
+        r.madt_ioapic
+    );
+    let mut up = r.cpus_up.clone();
+    up.sort_unstable();
+    ensure!(up == ids[1..], "APs that came up: {up:?}, want {:?}; {}", &ids[1..], ctx());
+    if vcpus > 1 {
+        ensure!(r.smp == Some(u64::from(vcpus) - 1), "guest counted {:?} APs", r.smp);
+    }
+
+    ensure!(r.pio == 0xff, "unclaimed port read {:#x}, want 0xff", r.pio);
+    ensure!(r.mmio == 0xffff_ffff, "unclaimed MMIO read {:#x}, want 0xffffffff", r.mmio);
+    let bsp = &run.stats.vcpus[0];
+    ensure!(bsp.mmio_read >= 1 && bsp.mmio_write >= 1, "vCPU 0 MMIO exits: {bsp:?}");
+    ensure!(bsp.io_in >= 1, "vCPU 0 port reads: {bsp:?}");
+    let tx = run.stats.serial_tx_bytes;
+    ensure!(tx == run.console.len() as u64, "{tx} serial bytes counted, {} received", run.console.len());
+    let io_out: u64 = run.stats.vcpus.iter().map(|v| v.io_out).sum();
+    ensure!(io_out >= tx, "{io_out} port writes in all < {tx} serial bytes");
+    ensure!(run.stats.vcpus.len() == usize::from(vcpus), "stats for {} vCPUs", run.stats.vcpus.len());
+    ensure!(run.stats.boot_time.is_some(), "the guest's boot-timer write was not recorded");
+    ensure!(run.stats.mem_size == mem && run.stats.mem_resident > 0, "memory stats {:?}", run.stats);
+    Ok(())
+}
+
+fn hello(format: Format) -> TestResult {
+    let run = boot_guest(Program::Hello, format, &BootOptions::default())?;
+    ensure!(run.console == "vessel test guest: hello\n", "console {:?}", run.console);
+    ensure!(run.exit == ExitReason::Reset, "guest ended with {:?}", run.exit);
+    let boot = run.stats.boot_time.context("no boot-timer write recorded")?;
+    ensure!(boot <= run.stats.uptime, "boot time {boot:?} after uptime {:?}", run.stats.uptime);
+    Ok(())
+}
+
+/// The full error chain, as the CLI prints it.
+fn chain(e: &anyhow::Error) -> String {
+    format!("{e:#}")
+}
+
+/// Boots `kernel` (with `opts`) expecting a start error that mentions `want`.
+fn expect_start_error(kernel: &std::path::Path, initrd: Option<std::path::PathBuf>, opts: &BootOptions, want: &str) -> TestResult {
+    match boot_kernel(kernel, initrd, opts) {
+        Ok(run) => anyhow::bail!("booted ({:?}) instead of failing with {want:?}", run.exit),
+        Err(e) => {
+            let msg = chain(&e);
+            ensure!(msg.contains(want), "error {msg:?} does not say {want:?}");
+            Ok(())
+        }
+    }
+}
+
+fn bad_kernels() -> TestResult {
+    let dir = TempDir::new("bad-kernel")?;
+    let opts = BootOptions::default();
+    let elf = guests::image(Program::Hello, Format::Linux64Elf);
+    let bz = guests::image(Program::Hello, Format::BzImage);
+
+    expect_start_error(&dir.path().join("missing"), None, &opts, "cannot open the kernel image")?;
+    let tiny = dir.write("tiny", &elf[..10])?;
+    expect_start_error(&tiny, None, &opts, "truncated: 10 bytes")?;
+    let cut = dir.write("cut", &elf[..elf.len().min(200)])?;
+    expect_start_error(&cut, None, &opts, "truncated")?;
+    let garbage = dir.write("garbage", &[0x5a; 8192])?;
+    expect_start_error(&garbage, None, &opts, "neither an ELF file nor a bzImage")?;
+
+    let mut arm = elf.to_vec();
+    arm[18..20].copy_from_slice(&183u16.to_le_bytes()); // EM_AARCH64
+    let arm = dir.write("arm.elf", &arm)?;
+    expect_start_error(&arm, None, &opts, "not an x86_64 kernel")?;
+    let mut elf32 = elf.to_vec();
+    elf32[4] = 1; // ELFCLASS32
+    let elf32 = dir.write("elf32", &elf32)?;
+    expect_start_error(&elf32, None, &opts, "not an x86_64 kernel")?;
+    let mut bz32 = bz.to_vec();
+    bz32[0x236..0x238].copy_from_slice(&0u16.to_le_bytes()); // no XLF_KERNEL_64
+    let bz32 = dir.write("bz32", &bz32)?;
+    expect_start_error(&bz32, None, &opts, "has no 64-bit entry point")?;
+    let mut bz_cut = bz.to_vec();
+    bz_cut.truncate(0x300);
+    bz_cut[0x1f1] = 30; // claims 30 setup sectors the file does not have
+    let bz_cut = dir.write("bzcut", &bz_cut)?;
+    expect_start_error(&bz_cut, None, &opts, "cannot load the kernel image")?;
+    Ok(())
+}
+
+fn bad_machine_and_boot_source() -> TestResult {
+    let dir = TempDir::new("bad-config")?;
+    let kernel = dir.write("k", guests::image(Program::Hello, Format::Pvh))?;
+    let base = BootOptions::default();
+    expect_start_error(&kernel, None, &BootOptions { mem_mib: 0, ..base.clone() }, "memory size must be at least")?;
+    expect_start_error(&kernel, None, &BootOptions { vcpus: 0, ..base.clone() }, "vCPU count must be at least 1")?;
+    expect_start_error(&kernel, None, &BootOptions { vcpus: 255, ..base.clone() }, "at most 254")?;
+    expect_start_error(&kernel, None, &BootOptions { mem_mib: 1 << 30, ..base.clone() }, "the host has only")?;
+    let big = dir.write("initrd", &vec![0u8; 20 << 20])?;
+    expect_start_error(&kernel, Some(big), &BootOptions { mem_mib: 16, ..base.clone() }, "does not fit in guest memory")?;
+    expect_start_error(&kernel, Some(dir.path().join("no-initrd")), &base, "cannot open the initrd")?;
+    let long = BootOptions { cmdline: "x".repeat(5000), ..base.clone() };
+    expect_start_error(&kernel, None, &long, "command line is 5000 bytes")?;
+    let nul = BootOptions { cmdline: "a\0b".into(), ..base };
+    expect_start_error(&kernel, None, &nul, "NUL byte")?;
+    Ok(())
+}
+
+/// Runs in a child process (see `seccomp_refuses_forbidden_syscall`): a thread
+/// with the vCPU filter does what vCPU threads do, then makes a syscall no
+/// vCPU thread needs. The filter must kill the process with its report.
+fn seccomp_child() -> TestResult {
+    std::thread::spawn(|| {
+        vmm::seccomp::install(vmm::seccomp::ThreadKind::Vcpu).expect("install vCPU filter");
+        println!("filter installed");
+        // SAFETY: socket(2) with constant arguments; the filter refuses it.
+        let fd = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_STREAM, 0) };
+        println!("socket() returned {fd}: the filter let it through");
+    })
+    .join()
+    .map_err(|_| anyhow::anyhow!("thread panicked"))?;
+    Ok(())
+}
+
+const SECCOMP_CHILD: &str = "seccomp_child_process";
+const SECCOMP_CHILD_ENV: &str = "VESSEL_SECCOMP_CHILD";
+
+fn seccomp_refuses_forbidden_syscall() -> TestResult {
+    let exe = std::env::current_exe()?;
+    let out = Command::new(exe)
+        .args([SECCOMP_CHILD, "--exact", "--nocapture", "--test-threads=1"])
+        .env(SECCOMP_CHILD_ENV, "1")
+        .output()?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    ensure!(stdout.contains("filter installed"), "child never installed the filter: {stdout} {stderr}");
+    ensure!(!stdout.contains("the filter let it through"), "socket() was allowed: {stdout}");
+    ensure!(
+        out.status.code() == Some(vmm::seccomp::SIGSYS_EXIT_CODE),
+        "child ended with {:?}, want exit code {}; stderr: {stderr}",
+        out.status,
+        vmm::seccomp::SIGSYS_EXIT_CODE
+    );
+    let want = format!("seccomp refused syscall {}", libc::SYS_socket);
+    ensure!(stderr.contains(&want), "stderr {stderr:?} does not say {want:?}");
+    Ok(())
+}
+
+fn trial(name: &str, f: fn() -> TestResult) -> Trial {
+    Trial::test(name, move || f().map_err(|e| Failed::from(format!("{e:#}"))))
+}
+
+fn main() {
+    let args = Arguments::from_args();
+    if std::env::var_os(SECCOMP_CHILD_ENV).is_some() {
+        libtest_mimic::run(&args, vec![trial(SECCOMP_CHILD, seccomp_child)]).exit();
+    }
+
+    let mut kvm_trials = vec![
+        trial("report_pvh_1_vcpu", || check_report(Format::Pvh, 1)),
+        trial("report_linux64_elf_1_vcpu", || check_report(Format::Linux64Elf, 1)),
+        trial("report_bzimage_1_vcpu", || check_report(Format::BzImage, 1)),
+        trial("report_pvh_2_vcpus", || check_report(Format::Pvh, 2)),
+        trial("report_linux64_elf_2_vcpus", || check_report(Format::Linux64Elf, 2)),
+        trial("report_bzimage_4_vcpus", || check_report(Format::BzImage, 4)),
+        trial("report_pvh_4_vcpus", || check_report(Format::Pvh, 4)),
+        trial("hello_pvh", || hello(Format::Pvh)),
+        trial("hello_linux64_elf", || hello(Format::Linux64Elf)),
+        trial("hello_bzimage", || hello(Format::BzImage)),
+        trial("bad_kernels_get_clear_errors", bad_kernels),
+        trial("bad_machine_and_boot_source_get_clear_errors", bad_machine_and_boot_source),
+    ];
+    let mut trials = vec![trial("seccomp_refuses_forbidden_syscall_on_vcpu_thread", seccomp_refuses_forbidden_syscall)];
+    if let Some(reason) = kvm_unavailable() {
+        for t in &mut kvm_trials {
+            eprintln!("skipped {}: {reason}", t.name());
+        }
+        kvm_trials = kvm_trials.into_iter().map(|t| t.with_ignored_flag(true)).collect();
+    }
+    trials.extend(kvm_trials);
+    libtest_mimic::run(&args, trials).exit();
+}

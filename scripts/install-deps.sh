@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Installs the system packages vessel's build, tests and benchmark use, on
+# Debian or Ubuntu: an assembler and linker for the test guests (binutils,
+# gcc), and QEMU for the benchmark and the tier-3 tests.
+set -euo pipefail
+
+need=()
+command -v cc >/dev/null || need+=(gcc)
+command -v ld >/dev/null && command -v objcopy >/dev/null || need+=(binutils)
+command -v qemu-system-x86_64 >/dev/null || need+=(qemu-system-x86)
+command -v unshare >/dev/null || need+=(util-linux)
+
+if [ ${#need[@]} -gt 0 ]; then
+    sudo=""
+    [ "$(id -u)" -eq 0 ] || sudo="sudo"
+    echo "install-deps: installing ${need[*]}"
+    $sudo apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+
+if ! command -v cargo >/dev/null; then
+    echo "install-deps: no Rust toolchain found; install one with rustup (https://rustup.rs) and run again" >&2
+    exit 1
+fi

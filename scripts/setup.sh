@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# The main job, from a fresh checkout: install what is needed, build vessel,
+# and boot the bundled test guest on KVM, showing its console output and
+# the boot time measured from inside the guest.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+./scripts/install-deps.sh
+cargo build --release --quiet
+./target/release/vessel guests --out target/guests >/dev/null
+
+if [ ! -r /dev/kvm ] || [ ! -w /dev/kvm ]; then
+    echo "setup: /dev/kvm is missing or not accessible to $(id -un); vessel is built but cannot boot a VM here" >&2
+    exit 1
+fi
+head -c 65536 /dev/urandom > target/guests/initrd.bin
+echo "setup: booting target/guests/report-pvh.elf on 2 vCPUs:"
+./target/release/vessel vm boot --kernel target/guests/report-pvh.elf --vcpus 2 --mem 128 \
+    --initrd target/guests/initrd.bin --cmdline "console=ttyS0 hello from setup.sh"

@@ -1,0 +1,218 @@
+//! `vessel bench`: launch latency and memory overhead, vessel against QEMU
+//! microvm booting the same tiny guest, in one run. A benchmark that prints
+//! figures, never a pass/fail test.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use clap::Args;
+use vmm::{BootSourceConfig, ConsoleOutput, ExitReason, MachineConfig, PrebootAction, Vmm};
+
+#[derive(Args, Debug)]
+pub(crate) struct BenchArgs {
+    /// Launches per measurement.
+    #[arg(long, default_value_t = 20)]
+    runs: usize,
+    /// Guest memory in MiB, for vessel and QEMU alike.
+    #[arg(long, default_value_t = 128)]
+    mem: u64,
+    /// The QEMU binary to compare with.
+    #[arg(long, default_value = "qemu-system-x86_64")]
+    qemu: String,
+    /// Skip the QEMU side.
+    #[arg(long)]
+    no_qemu: bool,
+}
+
+/// One process launch: spawn to first console byte, spawn to exit.
+struct Launch {
+    first_byte: Duration,
+    exit: Duration,
+    stderr: String,
+}
+
+/// Spawns `cmd` with stdout piped and times its first byte and its exit.
+fn time_launch(cmd: &mut Command) -> anyhow::Result<Launch> {
+    cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    let t0 = Instant::now();
+    let mut child = cmd.spawn().with_context(|| format!("cannot spawn {cmd:?}"))?;
+    let mut stdout = child.stdout.take().context("child stdout")?;
+    let mut byte = [0u8; 1];
+    let n = stdout.read(&mut byte).context("read child stdout")?;
+    let first_byte = t0.elapsed();
+    if n == 0 {
+        let status = child.wait()?;
+        let mut err = String::new();
+        child.stderr.take().map(|mut e| e.read_to_string(&mut err));
+        bail!("{cmd:?} printed nothing ({status}): {err}");
+    }
+    let mut rest = Vec::new();
+    stdout.read_to_end(&mut rest)?;
+    let status = child.wait()?;
+    let exit = t0.elapsed();
+    let mut stderr = String::new();
+    if let Some(mut e) = child.stderr.take() {
+        e.read_to_string(&mut stderr)?;
+    }
+    if !status.success() {
+        bail!("{cmd:?} failed ({status}): {stderr}");
+    }
+    Ok(Launch { first_byte, exit, stderr })
+}
+
+/// min / median / max of a sample, in milliseconds.
+struct Summary {
+    min: f64,
+    median: f64,
+    max: f64,
+}
+
+fn summarize(samples: &[f64]) -> Summary {
+    let mut s = samples.to_vec();
+    s.sort_by(f64::total_cmp);
+    let median = if s.len() % 2 == 1 { s[s.len() / 2] } else { (s[s.len() / 2 - 1] + s[s.len() / 2]) / 2.0 };
+    Summary { min: s[0], median, max: s[s.len() - 1] }
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+fn row(label: &str, unit: &str, s: &Summary) {
+    println!("  {label:<44} min {:>9.3}  median {:>9.3}  max {:>9.3} {unit}", s.min, s.median, s.max);
+}
+
+fn stat_value(stderr: &str, key: &str) -> Option<u64> {
+    stderr.lines().find_map(|l| l.strip_prefix(key)?.strip_prefix('=')?.trim().parse().ok())
+}
+
+pub(crate) fn run(args: &BenchArgs) -> anyhow::Result<()> {
+    if args.runs == 0 {
+        bail!("--runs must be at least 1");
+    }
+    let dir = std::env::temp_dir().join(format!("vessel-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let kernel = dir.join(guests::file_name(guests::Program::Hello, guests::Format::Pvh));
+    std::fs::write(&kernel, guests::image(guests::Program::Hello, guests::Format::Pvh))?;
+    let result = run_in(args, &kernel);
+    let _ = std::fs::remove_dir_all(&dir);
+    result
+}
+
+fn run_in(args: &BenchArgs, kernel: &Path) -> anyhow::Result<()> {
+    let exe = std::env::current_exe().context("cannot find the vessel binary")?;
+    println!(
+        "vessel bench: {} launches each, guest {} ({} MiB, 1 vCPU)",
+        args.runs,
+        kernel.file_name().unwrap_or_default().to_string_lossy(),
+        args.mem
+    );
+
+    // (a) vessel as a process.
+    let mut first = Vec::new();
+    let mut exit = Vec::new();
+    let mut overhead = Vec::new();
+    for _ in 0..args.runs {
+        let launch = time_launch(
+            Command::new(&exe)
+                .args(["vm", "boot", "--stats", "--mem", &args.mem.to_string(), "--kernel"])
+                .arg(kernel),
+        )?;
+        first.push(ms(launch.first_byte));
+        exit.push(ms(launch.exit));
+        let o = stat_value(&launch.stderr, "vmm_overhead").context("vessel printed no vmm_overhead")?;
+        overhead.push(o as f64 / (1024.0 * 1024.0));
+    }
+    let vessel_first = summarize(&first);
+    println!("vessel (process):");
+    row("spawn -> first serial byte", "ms", &vessel_first);
+    row("spawn -> process exit", "ms", &summarize(&exit));
+    row("memory overhead (peak RSS - guest resident)", "MiB", &summarize(&overhead));
+
+    // (b) vessel in-process: start() to the boot-timer write.
+    let mut start_to_timer = Vec::new();
+    let mut start_call = Vec::new();
+    for _ in 0..args.runs {
+        let (call, timer) = in_process_launch(kernel, args.mem)?;
+        start_call.push(ms(call));
+        start_to_timer.push(ms(timer));
+    }
+    println!("vessel (in-process, library):");
+    row("start() call returns", "ms", &summarize(&start_call));
+    row("start() -> guest boot-timer write", "ms", &summarize(&start_to_timer));
+
+    if args.no_qemu {
+        println!("qemu: skipped (--no-qemu)");
+        return Ok(());
+    }
+    let mut first = Vec::new();
+    let mut exit = Vec::new();
+    for _ in 0..args.runs {
+        let launch = time_launch(&mut qemu_command(&args.qemu, kernel, args.mem))?;
+        first.push(ms(launch.first_byte));
+        exit.push(ms(launch.exit));
+    }
+    let qemu_first = summarize(&first);
+    println!("qemu microvm (process):");
+    row("spawn -> first serial byte", "ms", &qemu_first);
+    row("spawn -> process exit", "ms", &summarize(&exit));
+    println!(
+        "ratio vessel/qemu, median spawn -> first serial byte: {:.3} (target < 0.06)",
+        vessel_first.median / qemu_first.median
+    );
+    Ok(())
+}
+
+/// QEMU microvm booting the same PVH guest with the console on stdout;
+/// the guest's write to port 0xf4 (isa-debug-exit) ends QEMU.
+fn qemu_command(qemu: &str, kernel: &Path, mem: u64) -> Command {
+    let mut cmd = Command::new(qemu);
+    cmd.args([
+        "-M",
+        "microvm,x-option-roms=off,isa-serial=on,rtc=off",
+        "-accel",
+        "kvm",
+        "-cpu",
+        "host,-arch-capabilities",
+        "-m",
+        &format!("{mem}M"),
+        "-smp",
+        "1",
+        "-nodefaults",
+        "-no-user-config",
+        "-nographic",
+        "-serial",
+        "stdio",
+        "-device",
+        "isa-debug-exit,iobase=0xf4,iosize=0x04",
+        "-kernel",
+    ])
+    .arg(kernel);
+    cmd
+}
+
+/// Boots the guest in this process; returns how long `start` took and the
+/// time from `start` to the guest's boot-timer write.
+fn in_process_launch(kernel: &Path, mem: u64) -> anyhow::Result<(Duration, Duration)> {
+    let mut vmm = Vmm::new();
+    vmm.handle(PrebootAction::ConfigureMachine(MachineConfig { vcpus: 1, mem_mib: mem, seccomp: true }))?;
+    vmm.handle(PrebootAction::ConfigureBootSource(BootSourceConfig {
+        kernel: PathBuf::from(kernel),
+        initrd: None,
+        cmdline: String::new(),
+    }))?;
+    vmm.handle(PrebootAction::ConfigureConsole(ConsoleOutput::Discard))?;
+    let t0 = Instant::now();
+    let handle = vmm.start()?;
+    let call = t0.elapsed();
+    let counters = handle.counters();
+    match handle.wait() {
+        ExitReason::Reset => {}
+        other => bail!("the bench guest ended with {other:?}, expected a reset"),
+    }
+    let timer = counters.boot_time().context("the guest never wrote the boot timer")?;
+    Ok((call, timer))
+}
