@@ -34,8 +34,9 @@ struct Launch {
     stderr: String,
 }
 
-/// Spawns `cmd` with stdout piped and times its first byte and its exit.
-fn time_launch(cmd: &mut Command) -> anyhow::Result<Launch> {
+/// Spawns `cmd` with stdout piped and times its first byte and its exit,
+/// which must have status `want_status`.
+fn time_launch(cmd: &mut Command, want_status: i32) -> anyhow::Result<Launch> {
     cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
     let t0 = Instant::now();
     let mut child = cmd.spawn().with_context(|| format!("cannot spawn {cmd:?}"))?;
@@ -57,7 +58,7 @@ fn time_launch(cmd: &mut Command) -> anyhow::Result<Launch> {
     if let Some(mut e) = child.stderr.take() {
         e.read_to_string(&mut stderr)?;
     }
-    if !status.success() {
+    if status.code() != Some(want_status) {
         bail!("{cmd:?} failed ({status}): {stderr}");
     }
     Ok(Launch { first_byte, exit, stderr })
@@ -120,6 +121,7 @@ fn run_in(args: &BenchArgs, kernel: &Path) -> anyhow::Result<()> {
             Command::new(&exe)
                 .args(["vm", "boot", "--stats", "--mem", &args.mem.to_string(), "--kernel"])
                 .arg(kernel),
+            0,
         )?;
         first.push(ms(launch.first_byte));
         exit.push(ms(launch.exit));
@@ -151,7 +153,7 @@ fn run_in(args: &BenchArgs, kernel: &Path) -> anyhow::Result<()> {
     let mut first = Vec::new();
     let mut exit = Vec::new();
     for _ in 0..args.runs {
-        let launch = time_launch(&mut qemu_command(&args.qemu, kernel, args.mem))?;
+        let launch = time_launch(&mut qemu_command(&args.qemu, kernel, args.mem), QEMU_DEBUG_EXIT_STATUS)?;
         first.push(ms(launch.first_byte));
         exit.push(ms(launch.exit));
     }
@@ -165,6 +167,9 @@ fn run_in(args: &BenchArgs, kernel: &Path) -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+/// QEMU's exit status when the guest writes 0 to isa-debug-exit: (0 << 1) | 1.
+const QEMU_DEBUG_EXIT_STATUS: i32 = 1;
 
 /// QEMU microvm booting the same PVH guest with the console on stdout;
 /// the guest's write to port 0xf4 (isa-debug-exit) ends QEMU.

@@ -1,7 +1,7 @@
 //! Tiny x86-64 test guests for vessel's VMM, built from assembly at build
 //! time (see `build.rs` and `src/asm/`).
 //!
-//! Two programs, each in three formats (PVH ELF, Linux 64-bit ELF,
+//! Three programs, each in three formats (PVH ELF, Linux 64-bit ELF,
 //! bzImage-shaped), all linked at 1 MiB:
 //!
 //! * [`Program::Hello`] writes `vessel test guest: hello\n` to COM1 (port
@@ -14,6 +14,8 @@
 //!   `pio:`, `mmio:`, `done`; then the same boot-timer byte and reset. See
 //!   `src/asm/report.S` for the exact format and the low-memory addresses
 //!   it uses (0x10000..0x11fff).
+//! * [`Program::Spin`] writes `vessel test guest: spin\n`, the boot-timer
+//!   byte, then an increasing byte to port 0x80 forever (never ends).
 //!
 //! Entries: the 32-bit entry (PVH, and the bzImage's `code32_start`) is at
 //! 0x100000; the 64-bit entry of the Linux boot protocol is at 0x100200.
@@ -33,11 +35,14 @@ pub enum Program {
     /// Reports boot protocol, command line, memory map, initrd, ACPI, SMP and
     /// unhandled PIO/MMIO behaviour on the serial port.
     Report,
+    /// Prints one line, signals the boot timer, then writes to port 0x80 in
+    /// a loop forever: for pause, resume and stop tests.
+    Spin,
 }
 
 impl Program {
     /// Every program.
-    pub const ALL: [Program; 2] = [Program::Hello, Program::Report];
+    pub const ALL: [Program; 3] = [Program::Hello, Program::Report, Program::Spin];
 }
 
 /// The file format (and so the boot protocol) of a guest image.
@@ -74,6 +79,9 @@ pub fn image(program: Program, format: Format) -> &'static [u8] {
         (Program::Report, Format::Pvh) => guest!("report-pvh.elf"),
         (Program::Report, Format::Linux64Elf) => guest!("report-linux64.elf"),
         (Program::Report, Format::BzImage) => guest!("report.bzimage"),
+        (Program::Spin, Format::Pvh) => guest!("spin-pvh.elf"),
+        (Program::Spin, Format::Linux64Elf) => guest!("spin-linux64.elf"),
+        (Program::Spin, Format::BzImage) => guest!("spin.bzimage"),
     }
 }
 
@@ -86,6 +94,9 @@ pub fn file_name(program: Program, format: Format) -> &'static str {
         (Program::Report, Format::Pvh) => "report-pvh.elf",
         (Program::Report, Format::Linux64Elf) => "report-linux64.elf",
         (Program::Report, Format::BzImage) => "report.bzimage",
+        (Program::Spin, Format::Pvh) => "spin-pvh.elf",
+        (Program::Spin, Format::Linux64Elf) => "spin-linux64.elf",
+        (Program::Spin, Format::BzImage) => "spin.bzimage",
     }
 }
 
@@ -293,7 +304,7 @@ mod tests {
             .collect();
         names.sort_unstable();
         names.dedup();
-        assert_eq!(names.len(), 6);
+        assert_eq!(names.len(), Program::ALL.len() * Format::ALL.len());
         assert_eq!(file_name(Program::Report, Format::Pvh), "report-pvh.elf");
         assert_eq!(file_name(Program::Hello, Format::BzImage), "hello.bzimage");
     }
@@ -302,7 +313,7 @@ mod tests {
     fn write_all_writes_every_image() {
         let dir = std::env::temp_dir().join(format!("vessel-guests-test-{}", std::process::id()));
         let paths = write_all(&dir).unwrap();
-        assert_eq!(paths.len(), 6);
+        assert_eq!(paths.len(), Program::ALL.len() * Format::ALL.len());
         for program in Program::ALL {
             for format in Format::ALL {
                 let path = dir.join(file_name(program, format));

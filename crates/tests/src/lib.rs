@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use guests::{Format, Program};
-use vmm::{BootSourceConfig, ConsoleOutput, ExitReason, MachineConfig, PrebootAction, VmStats, Vmm};
+use vmm::{BootSourceConfig, ConsoleOutput, ExitReason, MachineConfig, PrebootAction, VmStats, Vmm, VmmHandle};
 
 /// Why KVM tests cannot run on this machine, or None if they can.
 pub fn kvm_unavailable() -> Option<String> {
@@ -107,16 +107,27 @@ pub struct GuestRun {
 /// The longest a tiny guest may take before the test calls it hung.
 pub const GUEST_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// Boots a bundled guest in this process and waits for it to end.
-pub fn boot_guest(program: Program, format: Format, opts: &BootOptions) -> anyhow::Result<GuestRun> {
+/// A guest started in this process; dropping it stops the VM.
+pub struct RunningGuest {
+    /// The VM.
+    pub handle: VmmHandle,
+    /// What it has written to its console so far.
+    pub console: Console,
+    _dir: Option<TempDir>,
+}
+
+/// Starts a bundled guest in this process.
+pub fn start_guest(program: Program, format: Format, opts: &BootOptions) -> anyhow::Result<RunningGuest> {
     let dir = TempDir::new("guest")?;
     let kernel = dir.write(guests::file_name(program, format), guests::image(program, format))?;
     let initrd = opts.initrd.as_ref().map(|b| dir.write("initrd", b)).transpose()?;
-    boot_kernel(&kernel, initrd, opts)
+    let mut guest = start_kernel(&kernel, initrd, opts)?;
+    guest._dir = Some(dir);
+    Ok(guest)
 }
 
-/// Boots `kernel` in this process and waits for it to end.
-pub fn boot_kernel(kernel: &Path, initrd: Option<PathBuf>, opts: &BootOptions) -> anyhow::Result<GuestRun> {
+/// Starts `kernel` in this process.
+pub fn start_kernel(kernel: &Path, initrd: Option<PathBuf>, opts: &BootOptions) -> anyhow::Result<RunningGuest> {
     let console = Console::default();
     let mut vmm = Vmm::new();
     vmm.handle(PrebootAction::ConfigureMachine(MachineConfig {
@@ -131,11 +142,42 @@ pub fn boot_kernel(kernel: &Path, initrd: Option<PathBuf>, opts: &BootOptions) -
     }))?;
     vmm.handle(PrebootAction::ConfigureConsole(ConsoleOutput::Writer(Box::new(console.clone()))))?;
     let handle = vmm.start()?;
-    let counters = handle.counters();
-    let exit = handle
-        .wait_timeout(GUEST_TIMEOUT)
-        .with_context(|| format!("guest did not end within {GUEST_TIMEOUT:?}; console:\n{}", console.text()))?;
-    Ok(GuestRun { console: console.text(), exit, stats: counters.snapshot() })
+    Ok(RunningGuest { handle, console, _dir: None })
+}
+
+impl RunningGuest {
+    /// Waits for the guest to end by itself (at most `GUEST_TIMEOUT`).
+    pub fn finish(self) -> anyhow::Result<GuestRun> {
+        let counters = self.handle.counters();
+        let console = self.console;
+        let exit = self
+            .handle
+            .wait_timeout(GUEST_TIMEOUT)
+            .with_context(|| format!("guest did not end within {GUEST_TIMEOUT:?}; console:\n{}", console.text()))?;
+        Ok(GuestRun { console: console.text(), exit, stats: counters.snapshot() })
+    }
+}
+
+/// Boots a bundled guest in this process and waits for it to end.
+pub fn boot_guest(program: Program, format: Format, opts: &BootOptions) -> anyhow::Result<GuestRun> {
+    start_guest(program, format, opts)?.finish()
+}
+
+/// Boots `kernel` in this process and waits for it to end.
+pub fn boot_kernel(kernel: &Path, initrd: Option<PathBuf>, opts: &BootOptions) -> anyhow::Result<GuestRun> {
+    start_kernel(kernel, initrd, opts)?.finish()
+}
+
+/// Polls `cond` every millisecond for up to `timeout`.
+pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = std::time::Instant::now() + timeout;
+    while std::time::Instant::now() < deadline {
+        if cond() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    cond()
 }
 
 /// What the report guest printed, parsed.

@@ -4,12 +4,13 @@
 //! reason; none passes without running.
 
 use std::process::Command;
+use std::time::Duration;
 
 use anyhow::{ensure, Context};
 use guests::{Format, Program};
 use libtest_mimic::{Arguments, Failed, Trial};
-use vessel_tests::{boot_guest, boot_kernel, kvm_unavailable, parse_report, BootOptions, TempDir};
-use vmm::ExitReason;
+use vessel_tests::{boot_guest, boot_kernel, kvm_unavailable, parse_report, start_guest, wait_until, BootOptions, TempDir};
+use vmm::{ExitReason, VmmAction, VmmActionError, VmmData};
 
 type TestResult = anyhow::Result<()>;
 
@@ -155,6 +156,50 @@ fn bad_machine_and_boot_source() -> TestResult {
     Ok(())
 }
 
+/// The control API on a running guest: pause stops every vCPU where it is,
+/// resume lets it go on, stop ends the VM, and a stopped VM refuses actions.
+fn pause_resume_stop() -> TestResult {
+    let opts = BootOptions { vcpus: 2, ..Default::default() };
+    let guest = start_guest(Program::Spin, Format::Linux64Elf, &opts)?;
+    let h = &guest.handle;
+    let spins = || h.stats().vcpus[0].io_out;
+    ensure!(wait_until(Duration::from_secs(10), || spins() > 1000), "the guest never spun: {:?}", h.stats());
+    ensure!(guest.console.text() == "vessel test guest: spin\n", "console {:?}", guest.console.text());
+
+    ensure!(h.request(VmmAction::Pause)? == VmmData::Empty, "pause answered oddly");
+    let paused_at = spins();
+    std::thread::sleep(Duration::from_millis(50));
+    ensure!(spins() == paused_at, "the guest ran while paused: {paused_at} -> {}", spins());
+    let VmmData::Stats(stats) = h.request(VmmAction::GetStats)? else { anyhow::bail!("GetStats returned no stats") };
+    ensure!(stats.vcpus[0].io_out == paused_at && stats.boot_time.is_some(), "stats while paused: {stats:?}");
+    ensure!(stats.vcpus.iter().all(|v| v.interrupted >= 1), "a vCPU was not kicked out of KVM_RUN: {stats:?}");
+    // Pausing twice is harmless.
+    h.request(VmmAction::Pause)?;
+
+    h.request(VmmAction::Resume)?;
+    ensure!(
+        wait_until(Duration::from_secs(10), || spins() > paused_at + 1000),
+        "the guest did not run again after resume"
+    );
+    h.request(VmmAction::Stop)?;
+    ensure!(h.request(VmmAction::GetStats) == Err(VmmActionError::NotRunning), "a stopped VM took an action");
+    let exit = guest.handle.wait();
+    ensure!(exit == ExitReason::Stopped, "ended with {exit:?}");
+    Ok(())
+}
+
+/// Stopping a paused VM works too (the vCPUs are parked, not in KVM_RUN).
+fn stop_while_paused() -> TestResult {
+    let guest = start_guest(Program::Spin, Format::Pvh, &BootOptions::default())?;
+    let h = &guest.handle;
+    ensure!(wait_until(Duration::from_secs(10), || h.stats().boot_time.is_some()), "the guest never started");
+    h.request(VmmAction::Pause)?;
+    h.request(VmmAction::Stop)?;
+    let exit = guest.handle.wait();
+    ensure!(exit == ExitReason::Stopped, "ended with {exit:?}");
+    Ok(())
+}
+
 /// Runs in a child process (see `seccomp_refuses_forbidden_syscall`): a thread
 /// with the vCPU filter does what vCPU threads do, then makes a syscall no
 /// vCPU thread needs. The filter must kill the process with its report.
@@ -216,6 +261,8 @@ fn main() {
         trial("hello_pvh", || hello(Format::Pvh)),
         trial("hello_linux64_elf", || hello(Format::Linux64Elf)),
         trial("hello_bzimage", || hello(Format::BzImage)),
+        trial("pause_resume_stop", pause_resume_stop),
+        trial("stop_while_paused", stop_while_paused),
         trial("bad_kernels_get_clear_errors", bad_kernels),
         trial("bad_machine_and_boot_source_get_clear_errors", bad_machine_and_boot_source),
     ];

@@ -15,19 +15,6 @@
 
     .intel_syntax noprefix
 
-/*
- * OUT_TEXT "text": `mov al, <char>; out dx, al` for each character, two
- * instructions per byte and no loop. The instructions are spelled as raw
- * bytes (B0 ib = mov al, imm8; EE = out dx, al) because gas does not
- * substitute macro arguments inside character constants.
- */
-.macro OUT_TEXT text
-    .irpc c, "\text"
-    .byte   0xb0
-    .ascii  "\c"
-    .byte   0xee
-    .endr
-.endm
 
 /*
  * Interrupts are already off at both entries, and nothing here depends on
