@@ -1,0 +1,185 @@
+//! The `vessel` command line, run as a user runs it: a separate process,
+//! its stdout, stderr and exit status.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use anyhow::ensure;
+use guests::{Format, Program};
+use libtest_mimic::{Arguments, Failed, Trial};
+use vessel_tests::{kvm_unavailable, TempDir};
+
+type TestResult = anyhow::Result<()>;
+
+fn vessel(args: &[&str]) -> anyhow::Result<Output> {
+    Ok(Command::new(env!("CARGO_BIN_EXE_vessel")).args(args).output()?)
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+fn write_guest(dir: &TempDir, program: Program, format: Format) -> anyhow::Result<String> {
+    let path = dir.write(guests::file_name(program, format), guests::image(program, format))?;
+    Ok(path.to_string_lossy().into_owned())
+}
+
+fn boot_prints_the_console_and_exits_with_the_guest() -> TestResult {
+    let dir = TempDir::new("cli-boot")?;
+    let kernel = write_guest(&dir, Program::Hello, Format::BzImage)?;
+    let out = vessel(&["vm", "boot", "--kernel", &kernel])?;
+    let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+    ensure!(out.status.success(), "exit {:?}: {stderr}", out.status);
+    ensure!(stdout == "vessel test guest: hello\n", "stdout {stdout:?}");
+    ensure!(stderr.contains("guest reset the machine after"), "stderr {stderr:?}");
+    ensure!(stderr.contains("boot timer: ") && !stderr.contains("not reached"), "stderr {stderr:?}");
+    Ok(())
+}
+
+fn boot_with_console_file_initrd_and_stats() -> TestResult {
+    let dir = TempDir::new("cli-report")?;
+    let kernel = write_guest(&dir, Program::Report, Format::Pvh)?;
+    let initrd = dir.write("initrd", &[1u8; 4096])?;
+    let console = dir.path().join("console.log");
+    let out = vessel(&[
+        "vm", "boot", "--kernel", &kernel, "--vcpus", "2", "--mem", "32", "--cmdline", "from the cli",
+        "--initrd", &initrd.to_string_lossy(), "--console", &console.to_string_lossy(), "--stats",
+    ])?;
+    let stderr = text(&out.stderr);
+    ensure!(out.status.success(), "exit {:?}: {stderr}", out.status);
+    ensure!(out.stdout.is_empty(), "the console went to stdout too");
+    let report = vessel_tests::parse_report(&std::fs::read_to_string(&console)?)?;
+    ensure!(report.cmdline == "from the cli" && report.initrd.1 == 4096 && report.initrd_sum == 4096, "{report:?}");
+    ensure!(report.madt_lapics == [0, 1] && report.cpus_up == [1] && report.done, "{report:?}");
+    for key in ["uptime_us=", "boot_time_us=", "mem_size=33554432", "vmm_overhead=", "vcpu1_exits "] {
+        ensure!(stderr.contains(key), "stats lack {key:?}: {stderr}");
+    }
+    Ok(())
+}
+
+fn bad_arguments_are_usage_errors() -> TestResult {
+    let out = vessel(&["vm", "boot"])?;
+    ensure!(out.status.code() == Some(2), "missing --kernel: exit {:?}", out.status);
+    ensure!(text(&out.stderr).contains("--kernel"), "stderr {}", text(&out.stderr));
+    let out = vessel(&["vm", "boot", "--kernel", "k", "--vcpus", "many"])?;
+    ensure!(out.status.code() == Some(2), "bad --vcpus: exit {:?}", out.status);
+    ensure!(text(&out.stderr).contains("many"), "stderr {}", text(&out.stderr));
+    Ok(())
+}
+
+fn missing_kernel_is_a_clear_error() -> TestResult {
+    let out = vessel(&["vm", "boot", "--kernel", "/nonexistent/vmlinux"])?;
+    let stderr = text(&out.stderr);
+    ensure!(out.status.code() == Some(1), "exit {:?}", out.status);
+    ensure!(
+        stderr.contains("cannot open the kernel image /nonexistent/vmlinux") && stderr.contains("No such file"),
+        "stderr {stderr:?}"
+    );
+    Ok(())
+}
+
+fn guests_are_written_out() -> TestResult {
+    let dir = TempDir::new("cli-guests")?;
+    let out_dir = dir.path().join("g");
+    let out = vessel(&["guests", "--out", &out_dir.to_string_lossy()])?;
+    ensure!(out.status.success(), "exit {:?}", out.status);
+    for program in Program::ALL {
+        for format in Format::ALL {
+            let path = out_dir.join(guests::file_name(program, format));
+            ensure!(std::fs::read(&path)? == guests::image(program, format), "{} differs", path.display());
+            ensure!(text(&out.stdout).contains(&*path.to_string_lossy()), "{} not listed", path.display());
+        }
+    }
+    Ok(())
+}
+
+/// Runs `vessel vm boot` where /dev/kvm does not exist: a private mount
+/// namespace with an empty /dev.
+fn missing_dev_kvm_is_a_clear_error() -> TestResult {
+    let dir = TempDir::new("cli-nokvm")?;
+    let kernel = write_guest(&dir, Program::Hello, Format::Pvh)?;
+    let out = Command::new("unshare")
+        .args(["--mount", "--propagation", "private", "sh", "-c", "mount -t tmpfs none /dev && exec \"$0\" \"$@\""])
+        .args([env!("CARGO_BIN_EXE_vessel"), "vm", "boot", "--kernel", &kernel])
+        .output()?;
+    let stderr = text(&out.stderr);
+    ensure!(out.status.code() == Some(1), "exit {:?}: {stderr}", out.status);
+    ensure!(stderr.contains("cannot open /dev/kvm") && stderr.contains("No such file"), "stderr {stderr:?}");
+    Ok(())
+}
+
+/// Runs `vessel vm boot` as an unprivileged user who may not open /dev/kvm.
+fn inaccessible_dev_kvm_is_a_clear_error() -> TestResult {
+    let dir = TempDir::new("cli-nokvm-user")?;
+    let kernel = write_guest(&dir, Program::Hello, Format::Pvh)?;
+    std::fs::set_permissions(dir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
+    let out = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", env!("CARGO_BIN_EXE_vessel")])
+        .args(["vm", "boot", "--kernel", &kernel])
+        .output()?;
+    let stderr = text(&out.stderr);
+    ensure!(out.status.code() == Some(1), "exit {:?}: {stderr}", out.status);
+    ensure!(stderr.contains("cannot open /dev/kvm") && stderr.contains("Permission denied"), "stderr {stderr:?}");
+    Ok(())
+}
+
+/// Why tests that need root, `unshare` and `setpriv` cannot run here.
+fn root_tools_unavailable() -> Option<String> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return Some("needs root (mount namespaces, changing user)".into());
+    }
+    for tool in ["unshare", "setpriv"] {
+        let found = std::env::var_os("PATH")
+            .is_some_and(|paths| std::env::split_paths(&paths).any(|p| Path::new(&p).join(tool).exists()));
+        if !found {
+            return Some(format!("`{tool}` (util-linux) is not installed"));
+        }
+    }
+    if std::fs::metadata("/dev/kvm").is_ok_and(|m| std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o006 != 0) {
+        return Some("/dev/kvm is open to every user here, so access cannot be denied".into());
+    }
+    None
+}
+
+fn trial(name: &str, f: fn() -> TestResult) -> Trial {
+    Trial::test(name, move || f().map_err(|e| Failed::from(format!("{e:#}"))))
+}
+
+/// Marks `trials` skipped (with the reason printed) when `reason` is Some.
+fn gate(reason: Option<String>, trials: Vec<Trial>) -> Vec<Trial> {
+    match reason {
+        None => trials,
+        Some(reason) => trials
+            .into_iter()
+            .map(|t| {
+                eprintln!("skipped {}: {reason}", t.name());
+                t.with_ignored_flag(true)
+            })
+            .collect(),
+    }
+}
+
+fn main() {
+    let args = Arguments::from_args();
+    let mut trials = vec![
+        trial("bad_arguments_are_usage_errors", bad_arguments_are_usage_errors),
+        trial("missing_kernel_is_a_clear_error", missing_kernel_is_a_clear_error),
+        trial("guests_are_written_out", guests_are_written_out),
+    ];
+    trials.extend(gate(
+        kvm_unavailable(),
+        vec![
+            trial("boot_prints_the_console_and_exits_with_the_guest", boot_prints_the_console_and_exits_with_the_guest),
+            trial("boot_with_console_file_initrd_and_stats", boot_with_console_file_initrd_and_stats),
+        ],
+    ));
+    trials.extend(gate(
+        root_tools_unavailable(),
+        vec![
+            trial("missing_dev_kvm_is_a_clear_error", missing_dev_kvm_is_a_clear_error),
+            trial("inaccessible_dev_kvm_is_a_clear_error", inaccessible_dev_kvm_is_a_clear_error),
+        ],
+    ));
+    libtest_mimic::run(&args, trials).exit();
+}
