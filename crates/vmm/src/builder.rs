@@ -5,7 +5,6 @@ use std::fs::File;
 use std::io::Write;
 use std::path::Path;
 use std::sync::{mpsc, Arc, Mutex, OnceLock};
-use std::thread::JoinHandle;
 use std::time::Instant;
 
 use boot::layout::{KVM_IDENTITY_MAP_ADDR, KVM_TSS_ADDR};
@@ -43,7 +42,6 @@ pub(crate) fn build_and_start(vmm: Vmm, started: Instant) -> Result<VmmHandle, S
 
     // KVM and the VM.
     let kvm = Kvm::new().map_err(StartError::Kvm)?;
-    let supported_cpuid = SupportedCpuid::ask()?;
     let max_vcpus = kvm.get_max_vcpus();
     if usize::from(machine.vcpus) > max_vcpus {
         return Err(StartError::TooManyVcpus { requested: machine.vcpus, max: max_vcpus });
@@ -85,7 +83,7 @@ pub(crate) fn build_and_start(vmm: Vmm, started: Instant) -> Result<VmmHandle, S
     let mmio = Bus::new();
 
     // vCPUs.
-    let supported = supported_cpuid.get()?;
+    let supported = supported_cpuid(&kvm)?;
     let mut vcpus = Vec::with_capacity(usize::from(machine.vcpus));
     for index in 0..machine.vcpus {
         let fd = vm
@@ -127,42 +125,19 @@ pub(crate) fn build_and_start(vmm: Vmm, started: Instant) -> Result<VmmHandle, S
     Ok(VmmHandle { requests: requests_tx, wake, counters, event_loop: Some(event_loop) })
 }
 
-/// What KVM supports of CPUID. It does not change while the process runs and
-/// asking costs a few hundred microseconds, so it is asked once per process,
-/// on a thread of its own while the VM is being built.
-enum SupportedCpuid {
-    Known(&'static [kvm_cpuid_entry2]),
-    Asking(JoinHandle<Result<&'static [kvm_cpuid_entry2], kvm_ioctls::Error>>),
-}
-
-static SUPPORTED_CPUID: OnceLock<Vec<kvm_cpuid_entry2>> = OnceLock::new();
-
-fn query_supported_cpuid() -> Result<&'static [kvm_cpuid_entry2], kvm_ioctls::Error> {
-    let cpuid = Kvm::new()?.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)?;
-    Ok(SUPPORTED_CPUID.get_or_init(|| cpuid.as_slice().to_vec()))
-}
-
-impl SupportedCpuid {
-    fn ask() -> Result<Self, StartError> {
-        if let Some(entries) = SUPPORTED_CPUID.get() {
-            return Ok(SupportedCpuid::Known(entries));
-        }
-        std::thread::Builder::new()
-            .name("vmm-cpuid".into())
-            .spawn(query_supported_cpuid)
-            .map(SupportedCpuid::Asking)
-            .map_err(StartError::Thread)
+/// What KVM supports of CPUID, asked once per process: it does not change
+/// while the process runs, and asking costs a few hundred microseconds.
+/// (Asking on a separate thread while the VM is built measured no faster on
+/// a 2-core host: the query contends with the memory-slot update.)
+fn supported_cpuid(kvm: &Kvm) -> Result<&'static [kvm_cpuid_entry2], StartError> {
+    static SUPPORTED: OnceLock<Vec<kvm_cpuid_entry2>> = OnceLock::new();
+    if let Some(entries) = SUPPORTED.get() {
+        return Ok(entries);
     }
-
-    fn get(self) -> Result<&'static [kvm_cpuid_entry2], StartError> {
-        match self {
-            SupportedCpuid::Known(entries) => Ok(entries),
-            SupportedCpuid::Asking(thread) => thread
-                .join()
-                .unwrap_or_else(|_| Err(kvm_ioctls::Error::new(libc::EIO)))
-                .map_err(|e| StartError::VmSetup("KVM_GET_SUPPORTED_CPUID", e)),
-        }
-    }
+    let cpuid = kvm
+        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+        .map_err(|e| StartError::VmSetup("KVM_GET_SUPPORTED_CPUID", e))?;
+    Ok(SUPPORTED.get_or_init(|| cpuid.as_slice().to_vec()))
 }
 
 fn open(path: &Path, err: fn(std::path::PathBuf, std::io::Error) -> StartError) -> Result<File, StartError> {

@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use boot::EntryPoint;
 use devices::Bus;
-use kvm_bindings::{kvm_cpuid_entry2, kvm_fpu, kvm_msr_entry, kvm_run, CpuId, Msrs, KVM_SYSTEM_EVENT_RESET};
+use kvm_bindings::{kvm_cpuid_entry2, kvm_msr_entry, kvm_run, CpuId, Msrs, KVM_SYSTEM_EVENT_RESET};
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
@@ -78,7 +78,7 @@ const APIC_MODE_NMI: u32 = 0x4;
 const APIC_MODE_EXTINT: u32 = 0x7;
 
 /// Configures vCPU `index` of `count` for boot: CPUID, MSRs, local APIC
-/// interrupt pins, FPU, and for the boot vCPU the entry register state.
+/// interrupt pins, and for the boot vCPU the entry register state.
 pub fn configure(
     fd: &VcpuFd,
     index: u8,
@@ -128,9 +128,8 @@ pub fn configure(
     }
     fd.set_lapic(&lapic).map_err(err("KVM_SET_LAPIC"))?;
 
-    // x87 control word and MXCSR as after FINIT / reset.
-    let fpu = kvm_fpu { fcw: 0x37f, mxcsr: 0x1f80, ..Default::default() };
-    fd.set_fpu(&fpu).map_err(err("KVM_SET_FPU"))?;
+    // The FPU needs nothing: KVM creates vCPUs with the x87 control word and
+    // MXCSR of a reset processor (0x37f, 0x1f80).
 
     if index == 0 {
         fd.set_regs(&boot::cpu_state::boot_regs(entry)).map_err(err("KVM_SET_REGS"))?;
