@@ -1,9 +1,25 @@
 #!/usr/bin/env bash
 # Runs every test tier that this machine can run; the others report
-# themselves as skipped, with the reason.
+# themselves as skipped, with the reason. Ends with one summary line.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 ./scripts/install-deps.sh
 cargo clippy --workspace --all-targets --quiet -- -D warnings
-cargo test --workspace
+
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+status=0
+cargo test --workspace --all-targets --no-fail-fast 2>&1 | tee "$log" || status=$?
+
+# Sum every harness's "test result:" line ("ignored" = skipped here: tests
+# that cannot run on this machine say why above).
+awk '/^test result:/ {
+        for (i = 1; i <= NF; i++) {
+            if ($(i+1) ~ /^passed/) p += $i
+            if ($(i+1) ~ /^failed/) f += $i
+            if ($(i+1) ~ /^ignored/) s += $i
+        }
+     }
+     END { printf "tests: %d passed, %d failed, %d skipped\n", p, f, s }' "$log"
+exit "$status"
