@@ -1,4 +1,23 @@
-//! Guest artifacts: the guest kernel, the initramfs (agent + modules) and
-//! container rootfs images.
+//! Guest artifacts: the guest kernel, its modules, and initramfs images.
 //!
-//! Not built yet. Nothing here pretends to work.
+//! - [`kernel`]: the distribution's cloud kernel package, fetched with the
+//!   system package manager and cached by package version, or a user's own
+//!   kernel file.
+//! - [`modules`]: the kernel modules a guest needs, with their dependencies,
+//!   in load order; built-in drivers are skipped.
+//! - [`initramfs`]: a newc cpio writer.
+//! - [`test_image`]: initramfs images for the tier-3 tests (busybox, modules
+//!   and a test script), cached by content.
+//!
+//! Not built yet: the agent's initramfs and container rootfs images
+//! (ext4 from a directory or an OCI image layout).
+
+pub mod cache;
+mod command;
+mod elf;
+pub mod initramfs;
+pub mod kernel;
+pub mod modules;
+pub mod test_image;
+
+pub use command::CommandError;

@@ -29,7 +29,7 @@
  * The VMM's zero page (0x7000), stack, page tables (0x9000-0xbfff), command
  * line (0x20000) and ACPI tables (0xe0000) are only read, never written.
  */
-#include "common.h"
+#include "long-mode.h"
 
     .intel_syntax noprefix
 
@@ -42,12 +42,7 @@
 #define AP_WAIT_TSC_TICKS   5000000000  /* about 2 s at 2.5 GHz */
 #define AP_WAIT_POLLS       100000000
 
-/* xAPIC registers (MMIO). */
-#define LAPIC_BASE          0xfee00000
-#define LAPIC_SVR           0x0f0       /* spurious-interrupt vector register */
-#define LAPIC_SVR_ENABLE    0x100       /* APIC software enable */
-#define LAPIC_ICR_LOW       0x300
-#define LAPIC_ICR_HIGH      0x310
+/* xAPIC interrupt command (the LAPIC_* registers: long-mode.h). */
 #define ICR_DELIVERY_PENDING 0x1000     /* delivery status: send pending */
 #define ICR_LEVEL_TRIGGER   0x8000
 #define ICR_LEVEL_ASSERT    0x4000
@@ -73,8 +68,7 @@
 #define BP_E820_MAX         128
 #define E820_ENTRY_SIZE     20          /* addr u64, size u64, type u32 (packed) */
 
-/* struct hvm_start_info offsets. */
-#define SI_MAGIC            0           /* u32 PVH_START_MAGIC */
+/* struct hvm_start_info offsets (SI_MAGIC: long-mode.h). */
 #define SI_VERSION          4           /* u32; memmap fields need version >= 1 */
 #define SI_NR_MODULES       12          /* u32 */
 #define SI_MODLIST_PADDR    16          /* u64 -> hvm_modlist_entry[] */
@@ -105,32 +99,6 @@
 #define MADT_IOAPIC         1           /* type, len 12: id u8, rsvd u8, address u32, gsi base u32 */
 #define MADT_LAPIC_ENABLED  1
 
-/* Control registers, MSRs, page tables. */
-#define CR0_PE              0x00000001
-#define CR0_PG              0x80000000
-#define CR4_PAE             0x20
-#define MSR_EFER            0xc0000080
-#define EFER_LME            0x100
-#define PTE_PRESENT         0x01
-#define PTE_WRITE           0x02
-#define PTE_PWT             0x08
-#define PTE_PCD             0x10
-#define PTE_LARGE           0x80        /* 2 MiB page in a page directory */
-#define GDT_CODE64          0x08
-#define GDT_DATA            0x10
-
-/* PRINT "text": write a literal string to COM1; preserves all registers. */
-.macro PRINT text
-    .pushsection .rodata
-.Lstring\@:
-    .asciz  "\text"
-    .popsection
-    push    rsi
-    lea     rsi, [rip + .Lstring\@]
-    call    puts
-    pop     rsi
-.endm
-
 /* IF_ABOVE_4G reg, label: jump to label if reg is not mapped by our tables. */
 .macro IF_ABOVE_4G reg, label
     mov     r11, \reg
@@ -139,79 +107,7 @@
 .endm
 
 /* ------------------------------------------------------------------------ */
-    .section .text.head, "ax"
-
-/*
- * LOAD_ADDR + 0: 32-bit entry, protected mode, paging off, flat CS/DS,
- * interrupts off.
- *   PVH:           EBX = address of hvm_start_info (starts with its magic).
- *   Linux 32-bit:  ESI = address of boot_params, EBX = 0 (the protocol of
- *                  a bzImage entered at code32_start).
- * Entering long mode: CR3 = our PML4, CR4.PAE, EFER.LME, then CR0.PG
- * (IA-32e mode is now active, in compatibility mode); a far jump through
- * our GDT loads a 64-bit code segment.
- */
-    .code32
-    .globl  entry32
-entry32:
-    cld                                 /* DF is unspecified at entry */
-    mov     ebp, BOOT_LINUX32
-    test    ebx, ebx
-    jz      1f
-    cmp     dword ptr [ebx + SI_MAGIC], PVH_START_MAGIC
-    jne     1f
-    mov     ebp, BOOT_PVH
-    mov     esi, ebx                    /* ESI = boot pointer from here on */
-1:
-    lgdt    [gdt_descriptor]
-    mov     eax, offset pml4
-    mov     cr3, eax
-    mov     eax, cr4
-    or      eax, CR4_PAE
-    mov     cr4, eax
-    mov     ecx, MSR_EFER
-    rdmsr
-    or      eax, EFER_LME
-    wrmsr
-    mov     eax, cr0
-    or      eax, CR0_PG + CR0_PE
-    mov     cr0, eax
-    ljmp    GDT_CODE64, offset long_mode_from_32
-
-/*
- * LOAD_ADDR + 0x200: 64-bit entry of the Linux boot protocol: long mode,
- * the VMM's identity map of (at least) the first 1 GiB, interrupts off,
- * RSI = address of boot_params. The VMM's GDT stays in use; we only switch
- * to our page tables (they map our code the same way, so the switch is
- * seamless) and to our stack.
- */
-    .org    ENTRY64_OFFSET, 0xf4        /* pad with hlt */
-    .code64
-    .globl  entry64
-entry64:
-    cld
-    mov     eax, offset pml4
-    mov     cr3, rax
-    mov     esp, offset stack_top
-    mov     ebp, BOOT_LINUX64
-    jmp     main64
-
-/* ------------------------------------------------------------------------ */
-    .text
-    .code64
-
-/* First 64-bit instruction after entry32: load data segments, zero-extend. */
-long_mode_from_32:
-    mov     ax, GDT_DATA
-    mov     ds, ax
-    mov     es, ax
-    mov     ss, ax
-    mov     fs, ax
-    mov     gs, ax
-    mov     esi, esi                    /* upper halves are undefined */
-    mov     ebp, ebp
-    mov     esp, offset stack_top
-    jmp     main64
+    GUEST_ENTRIES main64
 
 /*
  * main64: RSI = boot_params or hvm_start_info, EBP = BOOT_* kind.
@@ -708,26 +604,7 @@ byte_sum:
     pop     rcx
     ret
 
-/* putc: AL to COM1. */
-putc:
-    push    rdx
-    mov     dx, COM1_PORT
-    out     dx, al
-    pop     rdx
-    ret
-
-/* puts: the NUL-terminated string at RSI. */
-puts:
-    push    rax
-    push    rsi
-1:  lodsb
-    test    al, al
-    jz      2f
-    call    putc
-    jmp     1b
-2:  pop     rsi
-    pop     rax
-    ret
+    PRINT_ROUTINES
 
 /* puts_bounded: the string at RSI, up to its NUL or RCX bytes. */
 puts_bounded:
@@ -758,46 +635,6 @@ put_bytes:
     jnz     1b
     pop     rsi
     pop     rcx
-    pop     rax
-    ret
-
-/* put_hex: RAX as "0x" and 16 lowercase hex digits. */
-put_hex:
-    push    rax
-    push    rcx
-    push    rdx
-    mov     rdx, rax
-    mov     al, '0'
-    call    putc
-    mov     al, 'x'
-    call    putc
-    mov     ecx, 16
-1:  rol     rdx, 4                      /* next nibble, most significant first */
-    mov     al, dl
-    and     al, 0x0f
-    add     al, '0'
-    cmp     al, '9'
-    jbe     2f
-    add     al, 'a' - '9' - 1
-2:  call    putc
-    dec     ecx
-    jnz     1b
-    pop     rdx
-    pop     rcx
-    pop     rax
-    ret
-
-put_space:
-    push    rax
-    mov     al, ' '
-    call    putc
-    pop     rax
-    ret
-
-put_newline:
-    push    rax
-    mov     al, '\n'
-    call    putc
     pop     rax
     ret
 
@@ -869,46 +706,4 @@ trampoline_end:
     .code64
 
 /* ------------------------------------------------------------------------ */
-    .data
-    .balign 8
-/* GDT for the PVH path: null, 64-bit code (0x08), flat data (0x10). */
-gdt:
-    .quad   0
-    .quad   0x00af9a000000ffff          /* code: L=1, P, DPL 0, execute/read */
-    .quad   0x00cf92000000ffff          /* data: G, D/B, P, DPL 0, read/write */
-gdt_end:
-gdt_descriptor:
-    .word   gdt_end - gdt - 1
-    .long   gdt
-
-/*
- * Identity map of 0..4 GiB, built by the assembler: PML4[0] -> PDPT,
- * PDPT[0..3] -> four page directories of 512 2 MiB pages each. The last
- * GiB (local APIC, IOAPIC, MMIO devices) is mapped uncached.
- */
-    .balign 4096
-pml4:
-    .quad   pdpt + PTE_PRESENT + PTE_WRITE
-    .fill   511, 8, 0
-pdpt:
-    .quad   page_directories + 0 * 4096 + PTE_PRESENT + PTE_WRITE
-    .quad   page_directories + 1 * 4096 + PTE_PRESENT + PTE_WRITE
-    .quad   page_directories + 2 * 4096 + PTE_PRESENT + PTE_WRITE
-    .quad   page_directories + 3 * 4096 + PTE_PRESENT + PTE_WRITE
-    .fill   508, 8, 0
-page_directories:
-    .set    page, 0
-    .rept   3 * 512
-    .quad   page + PTE_PRESENT + PTE_WRITE + PTE_LARGE
-    .set    page, page + 0x200000
-    .endr
-    .rept   512
-    .quad   page + PTE_PRESENT + PTE_WRITE + PTE_LARGE + PTE_PCD + PTE_PWT
-    .set    page, page + 0x200000
-    .endr
-
-    .bss
-    .balign 16
-stack:
-    .skip   16384
-stack_top:
+    LONG_MODE_DATA

@@ -1,0 +1,611 @@
+//! virtio-blk backed by a host file: read, write, flush, get-id and
+//! discard, with every request validated (sector range, sizes, direction,
+//! read-only disks) and answered with the right virtio status.
+
+use std::fs::{File, OpenOptions};
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use vm_memory::{GuestMemoryMmap, VolatileSlice};
+
+use super::chain::Buffers;
+use super::{device_type, read_config_bytes, VirtioBackend, VIRTIO_F_VERSION_1};
+
+/// Sector size the protocol counts in.
+pub const SECTOR_SIZE: u64 = 512;
+/// Queue size offered.
+const QUEUE_SIZE: u16 = 256;
+/// Longest disk ID (serial) the protocol carries.
+pub const DISK_ID_LEN: usize = 20;
+
+// Features (virtio spec 5.2.3).
+const VIRTIO_BLK_F_SEG_MAX: u64 = 1 << 2;
+const VIRTIO_BLK_F_RO: u64 = 1 << 5;
+const VIRTIO_BLK_F_FLUSH: u64 = 1 << 9;
+const VIRTIO_BLK_F_DISCARD: u64 = 1 << 13;
+
+// Request types (5.2.6).
+const VIRTIO_BLK_T_IN: u32 = 0;
+const VIRTIO_BLK_T_OUT: u32 = 1;
+const VIRTIO_BLK_T_FLUSH: u32 = 4;
+const VIRTIO_BLK_T_GET_ID: u32 = 8;
+const VIRTIO_BLK_T_DISCARD: u32 = 11;
+
+/// Request status written in the last byte of the chain.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Status {
+    /// Done.
+    Ok = 0,
+    /// Failed (bad range, I/O error, write to a read-only disk).
+    IoErr = 1,
+    /// Unknown or not negotiated request type.
+    Unsupported = 2,
+}
+
+/// Bytes in a request header: type, reserved, sector.
+const HEADER_LEN: u64 = 16;
+/// Bytes in one discard segment: sector, num_sectors, flags.
+const DISCARD_SEGMENT_LEN: u64 = 16;
+/// Discard segments accepted per request (config `max_discard_seg`).
+const MAX_DISCARD_SEG: u32 = 32;
+
+/// How to make a block device.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BlockConfig {
+    /// The backing file.
+    pub path: PathBuf,
+    /// Refuse writes and tell the driver so.
+    pub read_only: bool,
+    /// The disk's ID (serial), at most 20 bytes; the file name if None.
+    pub id: Option<String>,
+}
+
+/// Why a block device could not be made.
+#[derive(Debug, thiserror::Error)]
+pub enum BlockError {
+    /// The file could not be opened.
+    #[error("cannot open the disk image {0}")]
+    Open(PathBuf, #[source] std::io::Error),
+    /// Its size could not be read.
+    #[error("cannot read the size of the disk image {0}")]
+    Size(PathBuf, #[source] std::io::Error),
+    /// The ID is too long.
+    #[error("disk ID {0:?} is longer than {DISK_ID_LEN} bytes")]
+    IdTooLong(String),
+}
+
+/// Counters a stats call reads.
+#[derive(Debug, Default)]
+pub struct BlockCounters {
+    /// Read requests completed.
+    pub read_ops: AtomicU64,
+    /// Bytes read.
+    pub read_bytes: AtomicU64,
+    /// Write requests completed.
+    pub write_ops: AtomicU64,
+    /// Bytes written.
+    pub write_bytes: AtomicU64,
+    /// Flushes.
+    pub flush_ops: AtomicU64,
+    /// Discard requests.
+    pub discard_ops: AtomicU64,
+    /// Requests answered with an error status or dropped as malformed.
+    pub errors: AtomicU64,
+}
+
+/// The block device.
+pub struct Block {
+    file: File,
+    capacity: u64,
+    read_only: bool,
+    discard: bool,
+    id: [u8; DISK_ID_LEN],
+    acked: u64,
+    counters: Arc<BlockCounters>,
+}
+
+impl Block {
+    /// Opens the disk described by `config`.
+    pub fn open(config: &BlockConfig) -> Result<(Self, Arc<BlockCounters>), BlockError> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(!config.read_only)
+            .open(&config.path)
+            .map_err(|e| BlockError::Open(config.path.clone(), e))?;
+        let size = file.metadata().map_err(|e| BlockError::Size(config.path.clone(), e))?.len();
+        let id_text = match &config.id {
+            Some(id) => id.clone(),
+            None => file_name(&config.path),
+        };
+        if id_text.len() > DISK_ID_LEN {
+            return Err(BlockError::IdTooLong(id_text));
+        }
+        let mut id = [0u8; DISK_ID_LEN];
+        id[..id_text.len()].copy_from_slice(id_text.as_bytes());
+        let discard = !config.read_only && supports_punch_hole(&file, size);
+        let counters = Arc::new(BlockCounters::default());
+        let block = Block {
+            file,
+            capacity: size / SECTOR_SIZE,
+            read_only: config.read_only,
+            discard,
+            id,
+            acked: 0,
+            counters: counters.clone(),
+        };
+        Ok((block, counters))
+    }
+
+    /// Capacity in sectors.
+    pub fn capacity(&self) -> u64 {
+        self.capacity
+    }
+
+    /// Executes one request; returns its status and the bytes written into
+    /// the chain before the status byte.
+    fn execute(&mut self, mem: &GuestMemoryMmap, req: &Buffers) -> (Status, u32) {
+        let mut header = [0u8; HEADER_LEN as usize];
+        if req.read_at(mem, 0, &mut header).is_err() {
+            return (Status::IoErr, 0);
+        }
+        let kind = u32::from_le_bytes([header[0], header[1], header[2], header[3]]);
+        let sector = u64::from_le_bytes(header[8..16].try_into().unwrap_or([0; 8]));
+        // Everything writable but the status byte is data for the driver.
+        let in_len = req.writable_len() - 1;
+        let out_len = req.readable_len() - HEADER_LEN;
+        match kind {
+            VIRTIO_BLK_T_IN => match self.range(sector, in_len) {
+                Some(offset) => match req
+                    .writable_slices(mem, 0, in_len)
+                    .ok()
+                    .and_then(|slices| read_file(&self.file, &slices, offset).ok())
+                {
+                    Some(()) => {
+                        self.counters.read_ops.fetch_add(1, Ordering::Relaxed);
+                        self.counters.read_bytes.fetch_add(in_len, Ordering::Relaxed);
+                        (Status::Ok, in_len as u32)
+                    }
+                    None => (Status::IoErr, 0),
+                },
+                None => (Status::IoErr, 0),
+            },
+            VIRTIO_BLK_T_OUT => {
+                if self.read_only {
+                    return (Status::IoErr, 0);
+                }
+                let Some(offset) = self.range(sector, out_len) else { return (Status::IoErr, 0) };
+                match req
+                    .readable_slices(mem, HEADER_LEN, out_len)
+                    .ok()
+                    .and_then(|slices| write_file(&self.file, &slices, offset).ok())
+                {
+                    Some(()) => {
+                        self.counters.write_ops.fetch_add(1, Ordering::Relaxed);
+                        self.counters.write_bytes.fetch_add(out_len, Ordering::Relaxed);
+                        (Status::Ok, 0)
+                    }
+                    None => (Status::IoErr, 0),
+                }
+            }
+            VIRTIO_BLK_T_FLUSH => {
+                if self.acked & VIRTIO_BLK_F_FLUSH == 0 {
+                    return (Status::Unsupported, 0);
+                }
+                self.counters.flush_ops.fetch_add(1, Ordering::Relaxed);
+                match self.file.sync_data() {
+                    Ok(()) => (Status::Ok, 0),
+                    Err(_) => (Status::IoErr, 0),
+                }
+            }
+            VIRTIO_BLK_T_GET_ID => {
+                let n = (in_len as usize).min(DISK_ID_LEN);
+                match req.write_at(mem, 0, &self.id[..n]) {
+                    Ok(()) => (Status::Ok, n as u32),
+                    Err(_) => (Status::IoErr, 0),
+                }
+            }
+            VIRTIO_BLK_T_DISCARD => {
+                if self.acked & VIRTIO_BLK_F_DISCARD == 0 {
+                    return (Status::Unsupported, 0);
+                }
+                if self.read_only {
+                    return (Status::IoErr, 0);
+                }
+                self.discard(mem, req, out_len)
+            }
+            _ => (Status::Unsupported, 0),
+        }
+    }
+
+    /// The byte offset of `len` bytes at `sector`, if they are whole
+    /// sectors inside the disk.
+    fn range(&self, sector: u64, len: u64) -> Option<u64> {
+        if len % SECTOR_SIZE != 0 {
+            return None;
+        }
+        let end = sector.checked_add(len / SECTOR_SIZE)?;
+        (end <= self.capacity).then(|| sector * SECTOR_SIZE)
+    }
+
+    fn discard(&mut self, mem: &GuestMemoryMmap, req: &Buffers, len: u64) -> (Status, u32) {
+        if len == 0 || len % DISCARD_SEGMENT_LEN != 0 || len / DISCARD_SEGMENT_LEN > u64::from(MAX_DISCARD_SEG) {
+            return (Status::IoErr, 0);
+        }
+        for i in 0..len / DISCARD_SEGMENT_LEN {
+            let mut seg = [0u8; DISCARD_SEGMENT_LEN as usize];
+            if req.read_at(mem, HEADER_LEN + i * DISCARD_SEGMENT_LEN, &mut seg).is_err() {
+                return (Status::IoErr, 0);
+            }
+            let sector = u64::from_le_bytes(seg[0..8].try_into().unwrap_or([0; 8]));
+            let sectors = u64::from(u32::from_le_bytes(seg[8..12].try_into().unwrap_or([0; 4])));
+            let flags = u32::from_le_bytes(seg[12..16].try_into().unwrap_or([0; 4]));
+            // Bit 0 is "unmap", only meaningful for write-zeroes; others are reserved.
+            if flags != 0 {
+                return (Status::Unsupported, 0);
+            }
+            let Some(offset) = self.range(sector, sectors * SECTOR_SIZE) else { return (Status::IoErr, 0) };
+            if punch_hole(&self.file, offset, sectors * SECTOR_SIZE).is_err() {
+                return (Status::IoErr, 0);
+            }
+        }
+        self.counters.discard_ops.fetch_add(1, Ordering::Relaxed);
+        (Status::Ok, 0)
+    }
+}
+
+fn file_name(path: &Path) -> String {
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    // Keep the ID within 20 bytes without cutting a UTF-8 character.
+    let mut end = name.len().min(DISK_ID_LEN);
+    while !name.is_char_boundary(end) {
+        end -= 1;
+    }
+    name[..end].to_string()
+}
+
+/// Reads the file at `offset` into guest memory, slice after slice.
+fn read_file(file: &File, slices: &[VolatileSlice], mut offset: u64) -> std::io::Result<()> {
+    for slice in slices {
+        let guard = slice.ptr_guard_mut();
+        let mut done = 0;
+        while done < slice.len() {
+            let left = slice.len() - done;
+            // SAFETY: `done < slice.len()`, so the pointer stays inside the
+            // slice's guest memory mapping, which the guard keeps alive.
+            let dst = unsafe { guard.as_ptr().add(done) };
+            // SAFETY: pread writes at most `left` bytes at `dst`, all inside
+            // the slice; guest memory may change under us, which only
+            // affects the data the guest sees.
+            let n = unsafe { libc::pread64(file.as_raw_fd(), dst.cast(), left, (offset + done as u64) as i64) };
+            match n {
+                0 => return Err(std::io::ErrorKind::UnexpectedEof.into()),
+                n if n < 0 => {
+                    let err = std::io::Error::last_os_error();
+                    if err.kind() != std::io::ErrorKind::Interrupted {
+                        return Err(err);
+                    }
+                }
+                n => done += n as usize,
+            }
+        }
+        offset += slice.len() as u64;
+    }
+    Ok(())
+}
+
+/// Writes guest memory to the file at `offset`, slice after slice.
+fn write_file(file: &File, slices: &[VolatileSlice], mut offset: u64) -> std::io::Result<()> {
+    for slice in slices {
+        let guard = slice.ptr_guard();
+        let mut done = 0;
+        while done < slice.len() {
+            let left = slice.len() - done;
+            // SAFETY: `done < slice.len()`: inside the live mapping.
+            let src = unsafe { guard.as_ptr().add(done) };
+            // SAFETY: pwrite reads at most `left` bytes from `src`, inside
+            // the slice.
+            let n = unsafe { libc::pwrite64(file.as_raw_fd(), src.cast(), left, (offset + done as u64) as i64) };
+            match n {
+                0 => return Err(std::io::ErrorKind::WriteZero.into()),
+                n if n < 0 => {
+                    let err = std::io::Error::last_os_error();
+                    if err.kind() != std::io::ErrorKind::Interrupted {
+                        return Err(err);
+                    }
+                }
+                n => done += n as usize,
+            }
+        }
+        offset += slice.len() as u64;
+    }
+    Ok(())
+}
+
+fn punch_hole(file: &File, offset: u64, len: u64) -> std::io::Result<()> {
+    // SAFETY: fallocate on our own open file; no memory is passed.
+    let rc = unsafe {
+        libc::fallocate64(
+            file.as_raw_fd(),
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            offset as i64,
+            len as i64,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// Whether the file's filesystem can punch holes: punching at the end of the
+/// file (changing nothing) succeeds exactly where it can.
+fn supports_punch_hole(file: &File, size: u64) -> bool {
+    punch_hole(file, size, SECTOR_SIZE).is_ok()
+}
+
+impl VirtioBackend for Block {
+    fn device_type(&self) -> u32 {
+        device_type::BLOCK
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &[QUEUE_SIZE]
+    }
+
+    fn features(&self) -> u64 {
+        let mut f = VIRTIO_F_VERSION_1 | VIRTIO_BLK_F_FLUSH | VIRTIO_BLK_F_SEG_MAX;
+        if self.read_only {
+            f |= VIRTIO_BLK_F_RO;
+        }
+        if self.discard {
+            f |= VIRTIO_BLK_F_DISCARD;
+        }
+        f
+    }
+
+    fn set_acked_features(&mut self, features: u64) {
+        self.acked = features & self.features();
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        // struct virtio_blk_config, up to the discard fields.
+        let mut config = [0u8; 48];
+        config[0..8].copy_from_slice(&self.capacity.to_le_bytes());
+        // seg_max: the queue size less the header and status descriptors.
+        config[12..16].copy_from_slice(&u32::from(QUEUE_SIZE - 2).to_le_bytes());
+        if self.discard {
+            config[36..40].copy_from_slice(&u32::MAX.to_le_bytes()); // max_discard_sectors
+            config[40..44].copy_from_slice(&MAX_DISCARD_SEG.to_le_bytes());
+            config[44..48].copy_from_slice(&1u32.to_le_bytes()); // discard_sector_alignment
+        }
+        read_config_bytes(&config, offset, data);
+    }
+
+    fn process_queue(&mut self, _index: u16, queue: &mut Queue, mem: &GuestMemoryMmap) -> bool {
+        let chains: Vec<_> = match queue.iter(mem) {
+            Ok(iter) => iter.collect(),
+            Err(_) => {
+                self.counters.errors.fetch_add(1, Ordering::Relaxed);
+                return false;
+            }
+        };
+        let used = !chains.is_empty();
+        for chain in chains {
+            let head = chain.head_index();
+            let used_len = match Buffers::from_chain(mem, chain) {
+                // No room for a status byte, or no header: nothing can be
+                // reported, so the chain is returned untouched.
+                Ok(req) if req.writable_len() == 0 || req.readable_len() < HEADER_LEN => {
+                    self.counters.errors.fetch_add(1, Ordering::Relaxed);
+                    if req.writable_len() > 0 {
+                        let status_at = req.writable_len() - 1;
+                        let _ = req.write_at(mem, status_at, &[Status::IoErr as u8]);
+                        1
+                    } else {
+                        0
+                    }
+                }
+                Ok(req) => {
+                    let (status, written) = self.execute(mem, &req);
+                    if status != Status::Ok {
+                        self.counters.errors.fetch_add(1, Ordering::Relaxed);
+                    }
+                    match req.write_at(mem, req.writable_len() - 1, &[status as u8]) {
+                        Ok(()) => written + 1,
+                        Err(_) => 0,
+                    }
+                }
+                Err(_) => {
+                    self.counters.errors.fetch_add(1, Ordering::Relaxed);
+                    0
+                }
+            };
+            let _ = queue.add_used(mem, head, used_len);
+        }
+        used
+    }
+
+    fn reset(&mut self) {
+        self.acked = 0;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::virtio::chain::tests::{desc, memory, WRITE};
+    use std::io::{Read, Seek, SeekFrom, Write};
+    use virtio_queue::mock::MockSplitQueue;
+    use vm_memory::{Bytes, GuestAddress};
+
+    const HDR: u64 = 0x10_0000;
+    const DATA: u64 = 0x11_0000;
+    const STATUS: u64 = 0x12_0000;
+
+    fn disk(sectors: u64, read_only: bool) -> (Block, Arc<BlockCounters>, PathBuf) {
+        let path = std::env::temp_dir().join(format!(
+            "vessel-blk-{}-{:?}-{}",
+            std::process::id(),
+            std::thread::current().id(),
+            sectors
+        ));
+        let mut f = File::create(&path).unwrap();
+        let content: Vec<u8> = (0..sectors * SECTOR_SIZE).map(|i| (i % 251) as u8).collect();
+        f.write_all(&content).unwrap();
+        let (mut blk, counters) = Block::open(&BlockConfig { path: path.clone(), read_only, id: Some("disk-7".into()) }).unwrap();
+        blk.set_acked_features(blk.features());
+        (blk, counters, path)
+    }
+
+    fn header(mem: &GuestMemoryMmap, kind: u32, sector: u64) {
+        let mut h = [0u8; 16];
+        h[0..4].copy_from_slice(&kind.to_le_bytes());
+        h[8..16].copy_from_slice(&sector.to_le_bytes());
+        mem.write_slice(&h, GuestAddress(HDR)).unwrap();
+    }
+
+    /// Runs one request chain; returns (status byte, used length).
+    fn run(blk: &mut Block, mem: &GuestMemoryMmap, descs: &[virtio_queue::desc::RawDescriptor]) -> (u8, u32) {
+        mem.write_obj(0xeeu8, GuestAddress(STATUS)).unwrap();
+        let vq = MockSplitQueue::new(mem, 16);
+        vq.build_desc_chain(descs).unwrap();
+        let mut q: Queue = vq.create_queue().unwrap();
+        assert!(blk.process_queue(0, &mut q, mem));
+        let used = vq.used().ring().ref_at(0).unwrap().load();
+        (mem.read_obj(GuestAddress(STATUS)).unwrap(), used.len())
+    }
+
+    #[test]
+    fn reads_writes_flushes_and_reports_its_id() {
+        let mem = memory();
+        let (mut blk, counters, path) = disk(16, false);
+        header(&mem, VIRTIO_BLK_T_IN, 2);
+        let r = run(&mut blk, &mem, &[desc(HDR, 16, 0), desc(DATA, 1024, WRITE), desc(STATUS, 1, WRITE)]);
+        assert_eq!(r, (0, 1025));
+        let mut got = vec![0u8; 1024];
+        mem.read_slice(&mut got, GuestAddress(DATA)).unwrap();
+        let want: Vec<u8> = (1024..2048).map(|i| (i % 251) as u8).collect();
+        assert_eq!(got, want);
+
+        mem.write_slice(&[0xab; 512], GuestAddress(DATA)).unwrap();
+        header(&mem, VIRTIO_BLK_T_OUT, 15);
+        assert_eq!(run(&mut blk, &mem, &[desc(HDR, 16, 0), desc(DATA, 512, 0), desc(STATUS, 1, WRITE)]), (0, 1));
+        let mut f = File::open(&path).unwrap();
+        f.seek(SeekFrom::Start(15 * 512)).unwrap();
+        let mut back = [0u8; 512];
+        f.read_exact(&mut back).unwrap();
+        assert_eq!(back, [0xab; 512]);
+
+        header(&mem, VIRTIO_BLK_T_FLUSH, 0);
+        assert_eq!(run(&mut blk, &mem, &[desc(HDR, 16, 0), desc(STATUS, 1, WRITE)]), (0, 1));
+        header(&mem, VIRTIO_BLK_T_GET_ID, 0);
+        assert_eq!(run(&mut blk, &mem, &[desc(HDR, 16, 0), desc(DATA, 20, WRITE), desc(STATUS, 1, WRITE)]), (0, 21));
+        let mut id = [0u8; 20];
+        mem.read_slice(&mut id, GuestAddress(DATA)).unwrap();
+        assert_eq!(&id[..7], b"disk-7\0");
+        assert_eq!(counters.read_ops.load(Ordering::Relaxed), 1);
+        assert_eq!(counters.write_bytes.load(Ordering::Relaxed), 512);
+        assert_eq!(counters.flush_ops.load(Ordering::Relaxed), 1);
+        std::fs::remove_file(path).unwrap();
+    }
+
+    #[test]
+    fn a_header_split_across_descriptors_works() {
+        let mem = memory();
+        let (mut blk, _, path) = disk(4, false);
+        header(&mem, VIRTIO_BLK_T_IN, 1);
+        let r = run(&mut blk, &mem, &[desc(HDR, 5, 0), desc(HDR + 5, 11, 0), desc(DATA, 512, WRITE), desc(STATUS, 1, WRITE)]);
+        assert_eq!(r, (0, 513));
+        std::fs::remove_file(path).unwrap();
+    }
+
+    #[test]
+    fn bad_requests_get_an_error_status_not_a_panic() {
+        let mem = memory();
+        let (mut blk, counters, path) = disk(8, false);
+        let io = Status::IoErr as u8;
+        // Past the end of the disk.
+        header(&mem, VIRTIO_BLK_T_IN, 7);
+        assert_eq!(run(&mut blk, &mem, &[desc(HDR, 16, 0), desc(DATA, 1024, WRITE), desc(STATUS, 1, WRITE)]), (io, 1));
+        // A sector number that overflows.
+        header(&mem, VIRTIO_BLK_T_IN, u64::MAX);
+        assert_eq!(run(&mut blk, &mem, &[desc(HDR, 16, 0), desc(DATA, 512, WRITE), desc(STATUS, 1, WRITE)]), (io, 1));
+        // Not a whole number of sectors.
+        header(&mem, VIRTIO_BLK_T_OUT, 0);
+        assert_eq!(run(&mut blk, &mem, &[desc(HDR, 16, 0), desc(DATA, 100, 0), desc(STATUS, 1, WRITE)]), (io, 1));
+        // Read data in a device-readable buffer: no writable data room.
+        header(&mem, VIRTIO_BLK_T_IN, 0);
+        assert_eq!(run(&mut blk, &mem, &[desc(HDR, 16, 0), desc(DATA, 512, 0), desc(STATUS, 1, WRITE)]), (0, 1), "a zero-length read is valid");
+        // Unknown type.
+        header(&mem, 77, 0);
+        assert_eq!(run(&mut blk, &mem, &[desc(HDR, 16, 0), desc(STATUS, 1, WRITE)]), (Status::Unsupported as u8, 1));
+        // Short header: status still reported.
+        assert_eq!(run(&mut blk, &mem, &[desc(HDR, 8, 0), desc(STATUS, 1, WRITE)]), (io, 1));
+        // No status byte at all: returned with nothing written.
+        header(&mem, VIRTIO_BLK_T_FLUSH, 0);
+        assert_eq!(run(&mut blk, &mem, &[desc(HDR, 16, 0)]), (0xee, 0));
+        // Data outside guest memory.
+        header(&mem, VIRTIO_BLK_T_IN, 0);
+        assert_eq!(run(&mut blk, &mem, &[desc(HDR, 16, 0), desc(0x1f_ff00, 512, WRITE), desc(STATUS, 1, WRITE)]), (0xee, 0));
+        // Writable descriptor before the readable header.
+        assert_eq!(run(&mut blk, &mem, &[desc(DATA, 512, WRITE), desc(HDR, 16, 0), desc(STATUS, 1, WRITE)]), (0xee, 0));
+        assert!(counters.errors.load(Ordering::Relaxed) >= 8);
+        std::fs::remove_file(path).unwrap();
+    }
+
+    #[test]
+    fn read_only_disks_refuse_writes_and_discards() {
+        let mem = memory();
+        let (mut blk, _, path) = disk(8, true);
+        assert_ne!(blk.features() & VIRTIO_BLK_F_RO, 0);
+        assert_eq!(blk.features() & VIRTIO_BLK_F_DISCARD, 0);
+        header(&mem, VIRTIO_BLK_T_OUT, 0);
+        assert_eq!(run(&mut blk, &mem, &[desc(HDR, 16, 0), desc(DATA, 512, 0), desc(STATUS, 1, WRITE)]), (Status::IoErr as u8, 1));
+        header(&mem, VIRTIO_BLK_T_DISCARD, 0);
+        assert_eq!(run(&mut blk, &mem, &[desc(HDR, 16, 0), desc(DATA, 16, 0), desc(STATUS, 1, WRITE)]), (Status::Unsupported as u8, 1));
+        std::fs::remove_file(path).unwrap();
+    }
+
+    #[test]
+    fn discard_punches_a_hole_where_supported() {
+        let mem = memory();
+        let (mut blk, counters, path) = disk(64, false);
+        if blk.features() & VIRTIO_BLK_F_DISCARD == 0 {
+            // The temp filesystem cannot punch holes: discard must not be offered.
+            header(&mem, VIRTIO_BLK_T_DISCARD, 0);
+            assert_eq!(run(&mut blk, &mem, &[desc(HDR, 16, 0), desc(DATA, 16, 0), desc(STATUS, 1, WRITE)]), (Status::Unsupported as u8, 1));
+        } else {
+            let mut seg = [0u8; 16];
+            seg[0..8].copy_from_slice(&8u64.to_le_bytes());
+            seg[8..12].copy_from_slice(&16u32.to_le_bytes());
+            mem.write_slice(&seg, GuestAddress(DATA)).unwrap();
+            header(&mem, VIRTIO_BLK_T_DISCARD, 0);
+            assert_eq!(run(&mut blk, &mem, &[desc(HDR, 16, 0), desc(DATA, 16, 0), desc(STATUS, 1, WRITE)]), (0, 1));
+            let content = std::fs::read(&path).unwrap();
+            assert!(content[8 * 512..24 * 512].iter().all(|b| *b == 0));
+            assert_eq!(content[24 * 512], ((24 * 512) % 251) as u8);
+            assert_eq!(counters.discard_ops.load(Ordering::Relaxed), 1);
+        }
+        std::fs::remove_file(path).unwrap();
+    }
+
+    #[test]
+    fn config_space_has_capacity_and_limits() {
+        let (blk, _, path) = disk(10, false);
+        let mut cap = [0u8; 8];
+        blk.read_config(0, &mut cap);
+        assert_eq!(u64::from_le_bytes(cap), 10);
+        let mut seg_max = [0u8; 4];
+        blk.read_config(12, &mut seg_max);
+        assert_eq!(u32::from_le_bytes(seg_max), 254);
+        let mut past = [0xffu8; 4];
+        blk.read_config(300, &mut past);
+        assert_eq!(past, [0; 4]);
+        std::fs::remove_file(path).unwrap();
+    }
+}

@@ -1,0 +1,66 @@
+//! virtio devices. Each device's queue logic is a [`VirtioBackend`], written
+//! once against virtio-queue's `Queue`; two transports serve it: the
+//! in-process virtio-mmio transport ([`mmio`]) and a vhost-user socket
+//! ([`vhost_user`]).
+
+pub mod block;
+pub mod chain;
+pub mod mmio;
+pub mod rng;
+pub mod vhost_user;
+
+use virtio_queue::Queue;
+use vm_memory::GuestMemoryMmap;
+
+/// VIRTIO_F_VERSION_1: the device follows virtio 1.x (required by modern
+/// virtio-mmio and by vhost-user frontends).
+pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
+/// VIRTIO_RING_F_EVENT_IDX: notification suppression with event indexes.
+pub const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << 29;
+
+/// virtio device IDs (virtio spec 5).
+pub mod device_type {
+    /// Network card.
+    pub const NET: u32 = 1;
+    /// Block device.
+    pub const BLOCK: u32 = 2;
+    /// Entropy source.
+    pub const RNG: u32 = 4;
+    /// Socket device.
+    pub const VSOCK: u32 = 19;
+}
+
+/// A device's queue logic and configuration, independent of the transport.
+pub trait VirtioBackend: Send {
+    /// virtio device ID.
+    fn device_type(&self) -> u32;
+    /// Maximum size of each queue; the length is the number of queues.
+    fn queue_max_sizes(&self) -> &[u16];
+    /// Features the device offers.
+    fn features(&self) -> u64;
+    /// The features the driver accepted (a subset of `features`).
+    fn set_acked_features(&mut self, _features: u64) {}
+    /// Reads the device-specific configuration space.
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        data.fill(0);
+        let _ = offset;
+    }
+    /// Writes the device-specific configuration space (most devices ignore it).
+    fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
+    /// Processes the available buffers of queue `index`. Returns true when
+    /// buffers were used and the driver should be told.
+    fn process_queue(&mut self, index: u16, queue: &mut Queue, mem: &GuestMemoryMmap) -> bool;
+    /// Forgets per-driver state after a device reset.
+    fn reset(&mut self) {}
+}
+
+/// Reads `data.len()` bytes of a little-endian configuration structure
+/// `config` at `offset`; bytes past its end read as zero.
+pub fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
+    data.fill(0);
+    let Ok(start) = usize::try_from(offset) else { return };
+    if let Some(src) = config.get(start..) {
+        let n = src.len().min(data.len());
+        data[..n].copy_from_slice(&src[..n]);
+    }
+}
