@@ -1,6 +1,7 @@
 //! The `vessel` command line.
 
 mod bench;
+mod serve;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -23,6 +24,9 @@ enum Command {
     Vm(VmCommand),
     /// Measure launch time and memory overhead against QEMU microvm.
     Bench(bench::BenchArgs),
+    /// Serve a device backend to another VMM.
+    #[command(subcommand)]
+    Device(DeviceCommand),
     /// Write the bundled test guests (tiny kernels used by tests) to a directory.
     Guests {
         /// Directory to write them to (created if missing).
@@ -35,6 +39,14 @@ enum Command {
 enum VmCommand {
     /// Boot a kernel with the serial console on stdout; exit when the guest does.
     Boot(BootArgs),
+}
+
+#[derive(Subcommand, Debug)]
+enum DeviceCommand {
+    /// Serve a virtio device over vhost-user in the foreground, until the
+    /// frontend disconnects or SIGTERM.
+    #[command(subcommand)]
+    Serve(serve::ServeCommand),
 }
 
 #[derive(Args, Debug, Clone)]
@@ -70,6 +82,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Vm(VmCommand::Boot(args)) => boot(&args),
         Command::Bench(args) => bench::run(&args).map(|()| ExitCode::SUCCESS),
+        Command::Device(DeviceCommand::Serve(cmd)) => serve::run(cmd).map(|()| ExitCode::SUCCESS),
         Command::Guests { out } => write_guests(&out).map(|()| ExitCode::SUCCESS),
     };
     result.unwrap_or_else(|e| {

@@ -31,7 +31,7 @@ pub mod device_type {
 }
 
 /// A device's queue logic and configuration, independent of the transport.
-pub trait VirtioBackend: Send {
+pub trait VirtioBackend: Send + Sync {
     /// virtio device ID.
     fn device_type(&self) -> u32;
     /// Maximum size of each queue; the length is the number of queues.

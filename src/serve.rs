@@ -1,0 +1,74 @@
+//! `vessel device serve`: one virtio backend on a vhost-user socket.
+
+use std::ffi::CString;
+use std::os::raw::{c_int, c_void};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use anyhow::Context;
+use clap::Subcommand;
+use devices::virtio::block::{Block, BlockConfig};
+use devices::virtio::rng::Rng;
+use devices::virtio::vhost_user;
+
+#[derive(Subcommand, Debug)]
+pub(crate) enum ServeCommand {
+    /// A file-backed block device.
+    Blk {
+        /// The vhost-user socket to listen on.
+        #[arg(long)]
+        socket: PathBuf,
+        /// The disk image.
+        #[arg(long)]
+        file: PathBuf,
+        /// Refuse writes (and tell the driver so).
+        #[arg(long)]
+        read_only: bool,
+        /// The disk's ID (serial), at most 20 bytes; the file name by default.
+        #[arg(long)]
+        id: Option<String>,
+    },
+    /// An entropy device fed by the host's getrandom.
+    Rng {
+        /// The vhost-user socket to listen on.
+        #[arg(long)]
+        socket: PathBuf,
+    },
+}
+
+/// The socket to remove when SIGTERM arrives.
+static SOCKET: OnceLock<CString> = OnceLock::new();
+
+extern "C" fn on_sigterm(_num: c_int, _info: *mut libc::siginfo_t, _ctx: *mut c_void) {
+    if let Some(path) = SOCKET.get() {
+        // SAFETY: unlink(2) on a NUL-terminated path that lives forever;
+        // async-signal-safe.
+        unsafe { libc::unlink(path.as_ptr()) };
+    }
+    // SAFETY: _exit is async-signal-safe and runs no destructors.
+    unsafe { libc::_exit(0) };
+}
+
+fn remove_socket_on_sigterm(socket: &Path) -> anyhow::Result<()> {
+    let path = CString::new(socket.as_os_str().as_bytes()).context("socket path contains a NUL byte")?;
+    let _ = SOCKET.set(path);
+    vmm_sys_util::signal::register_signal_handler(libc::SIGTERM, on_sigterm)
+        .map_err(|e| anyhow::anyhow!("cannot handle SIGTERM: {e}"))
+}
+
+pub(crate) fn run(cmd: ServeCommand) -> anyhow::Result<()> {
+    match cmd {
+        ServeCommand::Blk { socket, file, read_only, id } => {
+            let (block, _counters) = Block::open(&BlockConfig { path: file, read_only, id })?;
+            remove_socket_on_sigterm(&socket)?;
+            vhost_user::serve("blk", Box::new(block), &socket)?;
+        }
+        ServeCommand::Rng { socket } => {
+            let (rng, _counters) = Rng::new();
+            remove_socket_on_sigterm(&socket)?;
+            vhost_user::serve("rng", Box::new(rng), &socket)?;
+        }
+    }
+    Ok(())
+}
