@@ -8,7 +8,8 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
-use vmm::{BootSourceConfig, ConsoleOutput, ExitReason, MachineConfig, PrebootAction, Vmm};
+use devices::virtio::block::BlockConfig;
+use vmm::{BootSourceConfig, ConsoleOutput, DeviceConfig, ExitReason, MachineConfig, PrebootAction, Vmm};
 
 #[derive(Parser, Debug)]
 #[command(name = "vessel", version, about = "Containers in KVM microVMs: a VMM and a sandbox runtime in one binary")]
@@ -72,6 +73,15 @@ pub(crate) struct BootArgs {
     /// Turn the seccomp filters off (debugging only).
     #[arg(long)]
     pub no_seccomp: bool,
+    /// Give the guest a virtio-rng device.
+    #[arg(long)]
+    pub rng: bool,
+    /// Give the guest a virtio-blk disk backed by this file (repeatable).
+    #[arg(long)]
+    pub disk: Vec<PathBuf>,
+    /// Give the guest a read-only virtio-blk disk backed by this file (repeatable).
+    #[arg(long)]
+    pub ro_disk: Vec<PathBuf>,
     /// Print the VM's counters to stderr when it ends, as key=value lines.
     #[arg(long)]
     pub stats: bool,
@@ -110,6 +120,15 @@ fn boot(args: &BootArgs) -> anyhow::Result<ExitCode> {
         initrd: args.initrd.clone(),
         cmdline: args.cmdline.clone(),
     }))?;
+    // Devices in slot order: the rng first, then the disks as given.
+    if args.rng {
+        vmm.handle(PrebootAction::AddDevice(DeviceConfig::Rng))?;
+    }
+    let disks = args.disk.iter().map(|p| (p, false)).chain(args.ro_disk.iter().map(|p| (p, true)));
+    for (path, read_only) in disks {
+        let config = BlockConfig { path: path.clone(), read_only, id: None };
+        vmm.handle(PrebootAction::AddDevice(DeviceConfig::Block(config)))?;
+    }
     let console = args.console.clone().map_or(ConsoleOutput::Stdout, ConsoleOutput::File);
     vmm.handle(PrebootAction::ConfigureConsole(console))?;
     let handle = vmm.start()?;

@@ -46,6 +46,21 @@ pub const MMIO_GAP_START: u64 = 0xc000_0000;
 pub const MMIO_GAP_END: u64 = 0x1_0000_0000;
 /// Virtio-mmio device windows are allocated from here.
 pub const DEVICE_MMIO_START: u64 = 0xd000_0000;
+/// First IOAPIC pin (GSI) given to virtio-mmio devices; 0-4 are the legacy
+/// PC's (timer, keyboard, cascade, COM2, COM1).
+pub const VIRTIO_IRQ_BASE: u32 = 5;
+/// Last IOAPIC pin: KVM's in-kernel IOAPIC has 24.
+pub const VIRTIO_IRQ_LAST: u32 = 23;
+/// virtio-mmio window of each device.
+pub const VIRTIO_MMIO_SIZE: u64 = 0x1000;
+
+/// The MMIO window and interrupt line of virtio-mmio slot `index`, if there
+/// is a free interrupt line for it.
+pub fn virtio_mmio_slot(index: usize) -> Option<(u64, u32)> {
+    let irq = VIRTIO_IRQ_BASE.checked_add(u32::try_from(index).ok()?)?;
+    (irq <= VIRTIO_IRQ_LAST).then(|| (DEVICE_MMIO_START + index as u64 * VIRTIO_MMIO_SIZE, irq))
+}
+
 /// IOAPIC register window.
 pub const IOAPIC_ADDR: u64 = 0xfec0_0000;
 /// Local APIC register window.
@@ -132,6 +147,14 @@ mod tests {
         assert_eq!(map[1], MemoryMapEntry { addr: 0x100000, size: (3 << 30) - 0x100000, kind: 1 });
         assert_eq!(map[2], MemoryMapEntry { addr: 4 << 30, size: 2 << 30, kind: 1 });
         assert_eq!(low_ram_end(mem), 3 << 30);
+    }
+
+    #[test]
+    fn virtio_slots_get_a_window_and_a_line_each() {
+        assert_eq!(virtio_mmio_slot(0), Some((0xd000_0000, 5)));
+        assert_eq!(virtio_mmio_slot(1), Some((0xd000_1000, 6)));
+        assert_eq!(virtio_mmio_slot(18), Some((0xd001_2000, 23)));
+        assert_eq!(virtio_mmio_slot(19), None);
     }
 
     #[test]

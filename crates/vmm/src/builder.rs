@@ -7,19 +7,24 @@ use std::path::Path;
 use std::sync::{mpsc, Arc, Mutex, OnceLock};
 use std::time::Instant;
 
-use boot::layout::{KVM_IDENTITY_MAP_ADDR, KVM_TSS_ADDR};
+use boot::layout::{virtio_mmio_slot, KVM_IDENTITY_MAP_ADDR, KVM_TSS_ADDR, VIRTIO_MMIO_SIZE};
 use devices::legacy::{
     BootTimer, EventFdTrigger, SerialConsole, BOOT_TIMER_PORT, COM1_IRQ, COM1_PORT, I8042,
     I8042_PORT_DATA,
 };
+use devices::virtio::block::Block;
+use devices::virtio::mmio::{MmioInterrupt, MmioQueueEvents, MmioTransport, QUEUE_NOTIFY_OFFSET};
+use devices::virtio::rng::Rng;
+use devices::virtio::VirtioBackend;
 use devices::Bus;
+use event_manager::MutEventSubscriber;
 use kvm_bindings::{kvm_cpuid_entry2, kvm_pit_config, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
-use kvm_ioctls::{Kvm, VmFd};
+use kvm_ioctls::{IoEventAddress, Kvm, VmFd};
 use tracing::info_span;
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::config::ConsoleOutput;
+use crate::config::{ConfigError, ConsoleOutput, DeviceConfig};
 use crate::control::{Vmm, VmmHandle};
 use crate::event_loop::{self, Runtime};
 use crate::stats::{VcpuCounters, VmCounters};
@@ -30,7 +35,7 @@ use crate::StartError;
 /// which the boot timer measures from.
 pub(crate) fn build_and_start(vmm: Vmm, started: Instant) -> Result<VmmHandle, StartError> {
     let _span = info_span!("start_vm").entered();
-    let Vmm { machine, boot: boot_source, console } = vmm;
+    let Vmm { machine, boot: boot_source, console, devices } = vmm;
     machine.validate()?;
     let boot_source = boot_source.ok_or(crate::config::ConfigError::NoBootSource)?;
     let mut kernel = open(&boot_source.kernel, StartError::OpenKernel)?;
@@ -61,12 +66,33 @@ pub(crate) fn build_and_start(vmm: Vmm, started: Instant) -> Result<VmmHandle, S
     let pit = kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() };
     vm.create_pit2(pit).map_err(setup("KVM_CREATE_PIT2"))?;
 
+    // virtio devices, each in a virtio-mmio slot the command line announces.
+    let mut mmio = Bus::new();
+    let mut cmdline = boot_source.cmdline.clone();
+    let mut device_events: Vec<Arc<Mutex<dyn MutEventSubscriber + Send>>> = Vec::new();
+    for (index, config) in devices.iter().enumerate() {
+        let (addr, irq) = virtio_mmio_slot(index).ok_or(ConfigError::TooManyDevices(devices.len()))?;
+        let backend = create_backend(config)?;
+        let irq_evt = EventFd::new(libc::EFD_NONBLOCK).map_err(StartError::EventFd)?;
+        vm.register_irqfd(&irq_evt, irq).map_err(setup("KVM_IRQFD (virtio)"))?;
+        let mut transport = MmioTransport::empty(mem.clone(), Arc::new(MmioInterrupt::new(irq_evt)));
+        let queue_evts = transport.attach(backend).map_err(|e| StartError::Device("virtio-mmio", Box::new(e)))?;
+        for (queue, evt) in queue_evts.iter().enumerate() {
+            let notify = IoEventAddress::Mmio(addr + QUEUE_NOTIFY_OFFSET);
+            vm.register_ioevent(evt, &notify, queue as u32).map_err(setup("KVM_IOEVENTFD"))?;
+        }
+        let transport = Arc::new(Mutex::new(transport));
+        mmio.insert(transport.clone(), addr, VIRTIO_MMIO_SIZE)?;
+        device_events.push(Arc::new(Mutex::new(MmioQueueEvents::new(transport, queue_evts))));
+        cmdline = format!("{cmdline} virtio_mmio.device={}K@{addr:#x}:{irq}", VIRTIO_MMIO_SIZE >> 10);
+    }
+
     // The software that goes in memory.
     let prepared = boot::prepare(
         &mem,
         mem_size,
         machine.vcpus,
-        boot::BootSource { kernel: &mut kernel, initrd: initrd.as_mut(), cmdline: &boot_source.cmdline },
+        boot::BootSource { kernel: &mut kernel, initrd: initrd.as_mut(), cmdline: cmdline.trim_start() },
     )?;
 
     // Legacy devices on the PIO bus.
@@ -80,7 +106,6 @@ pub(crate) fn build_and_start(vmm: Vmm, started: Instant) -> Result<VmmHandle, S
     pio.insert(Arc::new(Mutex::new(serial)), COM1_PORT, 8)?;
     pio.insert(Arc::new(Mutex::new(i8042)), I8042_PORT_DATA, 5)?;
     pio.insert(Arc::new(Mutex::new(boot_timer)), BOOT_TIMER_PORT, 1)?;
-    let mmio = Bus::new();
 
     // vCPUs.
     let supported = supported_cpuid(&kvm)?;
@@ -120,7 +145,7 @@ pub(crate) fn build_and_start(vmm: Vmm, started: Instant) -> Result<VmmHandle, S
     let seccomp = machine.seccomp;
     let event_loop = std::thread::Builder::new()
         .name("vmm-events".into())
-        .spawn(move || event_loop::run(runtime, seccomp))
+        .spawn(move || event_loop::run(runtime, device_events, seccomp))
         .map_err(StartError::Thread)?;
     Ok(VmmHandle { requests: requests_tx, wake, counters, event_loop: Some(event_loop) })
 }
@@ -138,6 +163,15 @@ fn supported_cpuid(kvm: &Kvm) -> Result<&'static [kvm_cpuid_entry2], StartError>
         .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
         .map_err(|e| StartError::VmSetup("KVM_GET_SUPPORTED_CPUID", e))?;
     Ok(SUPPORTED.get_or_init(|| cpuid.as_slice().to_vec()))
+}
+
+fn create_backend(config: &DeviceConfig) -> Result<Box<dyn VirtioBackend>, StartError> {
+    Ok(match config {
+        DeviceConfig::Rng => Box::new(Rng::new().0),
+        DeviceConfig::Block(block) => {
+            Box::new(Block::open(block).map_err(|e| StartError::Device("virtio-blk", Box::new(e)))?.0)
+        }
+    })
 }
 
 fn open(path: &Path, err: fn(std::path::PathBuf, std::io::Error) -> StartError) -> Result<File, StartError> {

@@ -37,6 +37,15 @@ pub struct BootSourceConfig {
     pub cmdline: String,
 }
 
+/// A virtio device to give the guest.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DeviceConfig {
+    /// Entropy from the host's getrandom.
+    Rng,
+    /// A file-backed disk.
+    Block(devices::virtio::block::BlockConfig),
+}
+
 /// Where the serial console's output goes.
 pub enum ConsoleOutput {
     /// The VMM process's standard output.
@@ -80,6 +89,9 @@ pub enum ConfigError {
         /// Host RAM in MiB.
         host: u64,
     },
+    /// More devices than interrupt lines.
+    #[error("{0} virtio devices requested; at most {max} fit", max = boot::layout::VIRTIO_IRQ_LAST - boot::layout::VIRTIO_IRQ_BASE + 1)]
+    TooManyDevices(usize),
     /// No boot source before start.
     #[error("no kernel configured: configure a boot source before starting the VM")]
     NoBootSource,

@@ -11,7 +11,7 @@ use std::time::Instant;
 
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::config::{BootSourceConfig, ConfigError, ConsoleOutput, MachineConfig};
+use crate::config::{BootSourceConfig, ConfigError, ConsoleOutput, DeviceConfig, MachineConfig};
 use crate::stats::{VmCounters, VmStats};
 use crate::vcpu::ExitReason;
 use crate::StartError;
@@ -25,6 +25,8 @@ pub enum PrebootAction {
     ConfigureMachine(MachineConfig),
     /// Set where the serial console writes.
     ConfigureConsole(ConsoleOutput),
+    /// Add a virtio device (virtio-mmio, in the order added).
+    AddDevice(DeviceConfig),
 }
 
 /// Actions on a running VM.
@@ -75,6 +77,7 @@ pub struct Vmm {
     pub(crate) machine: MachineConfig,
     pub(crate) boot: Option<BootSourceConfig>,
     pub(crate) console: Option<ConsoleOutput>,
+    pub(crate) devices: Vec<DeviceConfig>,
 }
 
 impl Vmm {
@@ -93,6 +96,12 @@ impl Vmm {
                 self.machine = machine;
             }
             PrebootAction::ConfigureConsole(console) => self.console = Some(console),
+            PrebootAction::AddDevice(device) => {
+                if boot::layout::virtio_mmio_slot(self.devices.len()).is_none() {
+                    return Err(ConfigError::TooManyDevices(self.devices.len() + 1).into());
+                }
+                self.devices.push(device);
+            }
         }
         Ok(VmmData::Empty)
     }

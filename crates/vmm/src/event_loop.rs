@@ -3,7 +3,7 @@
 //! named token.
 
 use std::sync::mpsc::Receiver;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
 use kvm_ioctls::VmFd;
@@ -102,27 +102,35 @@ impl MutEventSubscriber for Runtime {
     }
 }
 
+fn lock(runtime: &Mutex<Runtime>) -> std::sync::MutexGuard<'_, Runtime> {
+    runtime.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// A subscriber the event loop serves besides the runtime (device queues).
+pub(crate) type DeviceEvents = Arc<Mutex<dyn MutEventSubscriber + Send>>;
+
 /// Runs the loop until the VM ends; returns why it ended.
-pub(crate) fn run(runtime: Runtime, seccomp: bool) -> ExitReason {
-    let mut manager = match EventManager::<Runtime>::new() {
+pub(crate) fn run(runtime: Runtime, devices: Vec<DeviceEvents>, seccomp: bool) -> ExitReason {
+    let mut manager = match EventManager::<DeviceEvents>::new() {
         Ok(m) => m,
         Err(e) => return ExitReason::Error(format!("cannot create the event loop: {e:?}")),
     };
-    let id = manager.add_subscriber(runtime);
+    let runtime = Arc::new(Mutex::new(runtime));
+    manager.add_subscriber(runtime.clone());
+    for device in devices {
+        manager.add_subscriber(device);
+    }
     if seccomp {
         if let Err(e) = crate::seccomp::install(crate::seccomp::ThreadKind::EventLoop) {
-            let runtime = manager.subscriber_mut(id).expect("subscriber just added");
-            runtime.end(ExitReason::Error(e.to_string()));
+            lock(&runtime).end(ExitReason::Error(e.to_string()));
         }
     }
     loop {
-        let runtime = manager.subscriber_mut(id).expect("subscriber just added");
-        if let Some(reason) = runtime.exit.clone() {
+        if let Some(reason) = lock(&runtime).exit.clone() {
             return reason;
         }
         if let Err(e) = manager.run() {
-            let runtime = manager.subscriber_mut(id).expect("subscriber just added");
-            runtime.end(ExitReason::Error(format!("event loop failed: {e:?}")));
+            lock(&runtime).end(ExitReason::Error(format!("event loop failed: {e:?}")));
         }
     }
 }

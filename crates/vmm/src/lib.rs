@@ -18,7 +18,7 @@ pub mod vcpu;
 
 use std::path::PathBuf;
 
-pub use config::{BootSourceConfig, ConfigError, ConsoleOutput, MachineConfig};
+pub use config::{BootSourceConfig, ConfigError, ConsoleOutput, DeviceConfig, MachineConfig};
 pub use control::{PrebootAction, Vmm, VmmAction, VmmActionError, VmmData, VmmHandle};
 pub use stats::{VcpuExitStats, VmCounters, VmStats};
 pub use vcpu::ExitReason;
@@ -67,6 +67,9 @@ pub enum StartError {
     /// An EventFd could not be made.
     #[error("cannot create an eventfd")]
     EventFd(#[source] std::io::Error),
+    /// A device could not be made.
+    #[error("cannot create the {0} device")]
+    Device(&'static str, #[source] Box<dyn std::error::Error + Send + Sync>),
     /// Devices collide on a bus.
     #[error("cannot place a device")]
     Bus(#[from] devices::BusError),

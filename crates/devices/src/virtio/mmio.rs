@@ -1,0 +1,544 @@
+//! The virtio-mmio transport (virtio 1.x, register layout version 2), in
+//! process: the guest's driver programs it through MMIO exits on vCPU
+//! threads; queue notifications arrive as EventFds (ioeventfds registered by
+//! the VMM, or written here when a notify write reaches us) and are served
+//! on the VMM's event loop; interrupts leave through an irqfd.
+//!
+//! A transport with no backend is an empty hotplug slot: it reads as device
+//! ID 0, which Linux's driver skips, until a backend is attached.
+
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+
+use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
+use tracing::warn;
+use virtio_queue::{Queue, QueueT};
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::EventFd;
+
+use super::{VirtioBackend, VIRTIO_F_VERSION_1};
+use crate::bus::BusDevice;
+
+/// Size of one device's register window.
+pub const MMIO_WINDOW_SIZE: u64 = 0x1000;
+
+const MAGIC: u32 = 0x7472_6976; // "virt"
+const VERSION: u32 = 2;
+/// Our vendor ID: "VSSL".
+const VENDOR_ID: u32 = 0x4c53_5356;
+
+// Register offsets (virtio spec 4.2.2).
+const REG_MAGIC: u64 = 0x000;
+const REG_VERSION: u64 = 0x004;
+const REG_DEVICE_ID: u64 = 0x008;
+const REG_VENDOR_ID: u64 = 0x00c;
+const REG_DEVICE_FEATURES: u64 = 0x010;
+const REG_DEVICE_FEATURES_SEL: u64 = 0x014;
+const REG_DRIVER_FEATURES: u64 = 0x020;
+const REG_DRIVER_FEATURES_SEL: u64 = 0x024;
+const REG_QUEUE_SEL: u64 = 0x030;
+const REG_QUEUE_NUM_MAX: u64 = 0x034;
+const REG_QUEUE_NUM: u64 = 0x038;
+const REG_QUEUE_READY: u64 = 0x044;
+const REG_QUEUE_NOTIFY: u64 = 0x050;
+const REG_INTERRUPT_STATUS: u64 = 0x060;
+const REG_INTERRUPT_ACK: u64 = 0x064;
+const REG_STATUS: u64 = 0x070;
+const REG_QUEUE_DESC_LOW: u64 = 0x080;
+const REG_QUEUE_DESC_HIGH: u64 = 0x084;
+const REG_QUEUE_DRIVER_LOW: u64 = 0x090;
+const REG_QUEUE_DRIVER_HIGH: u64 = 0x094;
+const REG_QUEUE_DEVICE_LOW: u64 = 0x0a0;
+const REG_QUEUE_DEVICE_HIGH: u64 = 0x0a4;
+const REG_SHM_LEN_LOW: u64 = 0x0b0;
+const REG_SHM_LEN_HIGH: u64 = 0x0b4;
+const REG_CONFIG_GENERATION: u64 = 0x0fc;
+const REG_CONFIG: u64 = 0x100;
+
+/// Offset of the notify register, where the VMM puts the ioeventfds.
+pub const QUEUE_NOTIFY_OFFSET: u64 = REG_QUEUE_NOTIFY;
+
+// Device status bits (2.1).
+const STATUS_DRIVER: u32 = 2;
+const STATUS_DRIVER_OK: u32 = 4;
+const STATUS_FEATURES_OK: u32 = 8;
+const STATUS_DEVICE_NEEDS_RESET: u32 = 0x40;
+
+/// InterruptStatus bits.
+const INT_USED_RING: u32 = 1;
+const INT_CONFIG: u32 = 2;
+
+/// The interrupt line of one transport: the status bits the driver reads
+/// and acknowledges, and the irqfd that raises the line.
+pub struct MmioInterrupt {
+    status: AtomicU32,
+    irq: EventFd,
+}
+
+impl MmioInterrupt {
+    /// An interrupt raised by writing `irq` (registered as an irqfd).
+    pub fn new(irq: EventFd) -> Self {
+        Self { status: AtomicU32::new(0), irq }
+    }
+
+    fn raise(&self, bit: u32) {
+        self.status.fetch_or(bit, Ordering::SeqCst);
+        if let Err(e) = self.irq.write(1) {
+            warn!("cannot raise a virtio interrupt: {e}");
+        }
+    }
+}
+
+/// One virtio-mmio device (or empty slot).
+pub struct MmioTransport {
+    backend: Option<Box<dyn VirtioBackend>>,
+    mem: GuestMemoryMmap,
+    interrupt: Arc<MmioInterrupt>,
+    queues: Vec<Queue>,
+    queue_evts: Vec<EventFd>,
+    device_features_sel: u32,
+    driver_features_sel: u32,
+    driver_features: u64,
+    queue_sel: u32,
+    status: u32,
+    config_generation: u32,
+    active: bool,
+}
+
+/// Why a backend could not be attached.
+#[derive(Debug, thiserror::Error)]
+pub enum MmioError {
+    /// The slot holds a device already.
+    #[error("the virtio-mmio slot already holds a device")]
+    SlotInUse,
+    /// A queue could not be made.
+    #[error("invalid queue size {0}")]
+    Queue(u16),
+    /// An EventFd could not be made.
+    #[error("cannot create a queue eventfd")]
+    EventFd(#[source] std::io::Error),
+}
+
+impl MmioTransport {
+    /// An empty slot interrupting through `interrupt`.
+    pub fn empty(mem: GuestMemoryMmap, interrupt: Arc<MmioInterrupt>) -> Self {
+        Self {
+            backend: None,
+            mem,
+            interrupt,
+            queues: Vec::new(),
+            queue_evts: Vec::new(),
+            device_features_sel: 0,
+            driver_features_sel: 0,
+            driver_features: 0,
+            queue_sel: 0,
+            status: 0,
+            config_generation: 0,
+            active: false,
+        }
+    }
+
+    /// Puts `backend` in this slot. Returns the queue EventFds (in queue
+    /// order) for the VMM to register as ioeventfds and watch.
+    pub fn attach(&mut self, backend: Box<dyn VirtioBackend>) -> Result<Vec<EventFd>, MmioError> {
+        if self.backend.is_some() {
+            return Err(MmioError::SlotInUse);
+        }
+        let sizes = backend.queue_max_sizes().to_vec();
+        let queues = sizes
+            .iter()
+            .map(|s| Queue::new(*s).map_err(|_| MmioError::Queue(*s)))
+            .collect::<Result<Vec<_>, _>>()?;
+        let evts = sizes
+            .iter()
+            .map(|_| EventFd::new(libc::EFD_NONBLOCK).map_err(MmioError::EventFd))
+            .collect::<Result<Vec<_>, _>>()?;
+        let clones = evts.iter().map(|e| e.try_clone().map_err(MmioError::EventFd)).collect::<Result<Vec<_>, _>>()?;
+        self.reset();
+        self.queues = queues;
+        self.queue_evts = evts;
+        self.backend = Some(backend);
+        Ok(clones)
+    }
+
+    /// Removes the backend, leaving an empty slot.
+    pub fn detach(&mut self) -> Option<Box<dyn VirtioBackend>> {
+        self.reset();
+        self.queues.clear();
+        self.queue_evts.clear();
+        self.backend.take()
+    }
+
+    /// The device ID the slot shows (0 when empty).
+    pub fn device_id(&self) -> u32 {
+        self.backend.as_ref().map_or(0, |b| b.device_type())
+    }
+
+    /// Whether the driver has set DRIVER_OK and the queues are live.
+    pub fn is_active(&self) -> bool {
+        self.active
+    }
+
+    fn reset(&mut self) {
+        for q in &mut self.queues {
+            q.reset();
+        }
+        if let Some(b) = self.backend.as_mut() {
+            b.reset();
+        }
+        self.device_features_sel = 0;
+        self.driver_features_sel = 0;
+        self.driver_features = 0;
+        self.queue_sel = 0;
+        self.status = 0;
+        self.active = false;
+        self.interrupt.status.store(0, Ordering::SeqCst);
+    }
+
+    /// Serves queue `index` after a notification.
+    pub fn process_queue(&mut self, index: usize) {
+        if !self.active {
+            return;
+        }
+        let (Some(backend), Some(queue)) = (self.backend.as_mut(), self.queues.get_mut(index)) else { return };
+        if !queue.ready() {
+            return;
+        }
+        if backend.process_queue(index as u16, queue, &self.mem) {
+            self.interrupt.raise(INT_USED_RING);
+        }
+    }
+
+    fn selected_queue(&mut self) -> Option<&mut Queue> {
+        if self.active {
+            // Queue registers are frozen once the device is live.
+            return None;
+        }
+        self.queues.get_mut(self.queue_sel as usize)
+    }
+
+    fn read_register(&self, offset: u64) -> u32 {
+        let queue = self.queues.get(self.queue_sel as usize);
+        match offset {
+            REG_MAGIC => MAGIC,
+            REG_VERSION => VERSION,
+            REG_DEVICE_ID => self.device_id(),
+            REG_VENDOR_ID => VENDOR_ID,
+            REG_DEVICE_FEATURES => {
+                let features = self.backend.as_ref().map_or(0, |b| b.features());
+                match self.device_features_sel {
+                    0 => features as u32,
+                    1 => (features >> 32) as u32,
+                    _ => 0,
+                }
+            }
+            REG_QUEUE_NUM_MAX => queue.map_or(0, |q| u32::from(q.max_size())),
+            REG_QUEUE_READY => queue.map_or(0, |q| u32::from(q.ready())),
+            REG_INTERRUPT_STATUS => self.interrupt.status.load(Ordering::SeqCst),
+            REG_STATUS => self.status,
+            // No shared memory regions: length -1.
+            REG_SHM_LEN_LOW | REG_SHM_LEN_HIGH => u32::MAX,
+            REG_CONFIG_GENERATION => self.config_generation,
+            _ => 0,
+        }
+    }
+
+    fn write_register(&mut self, offset: u64, value: u32) {
+        match offset {
+            REG_DEVICE_FEATURES_SEL => self.device_features_sel = value,
+            REG_DRIVER_FEATURES_SEL => self.driver_features_sel = value,
+            // Features are written between DRIVER and FEATURES_OK only.
+            REG_DRIVER_FEATURES if self.status & STATUS_DRIVER != 0 && self.status & STATUS_FEATURES_OK == 0 => {
+                match self.driver_features_sel {
+                    0 => self.driver_features = (self.driver_features & !0xffff_ffff) | u64::from(value),
+                    1 => self.driver_features = (self.driver_features & 0xffff_ffff) | (u64::from(value) << 32),
+                    _ => {}
+                }
+            }
+            REG_QUEUE_SEL => self.queue_sel = value,
+            REG_QUEUE_NUM => {
+                if let (Some(q), Ok(size)) = (self.selected_queue(), u16::try_from(value)) {
+                    q.set_size(size);
+                }
+            }
+            REG_QUEUE_READY => {
+                if let Some(q) = self.selected_queue() {
+                    q.set_ready(value == 1);
+                }
+            }
+            REG_QUEUE_NOTIFY => {
+                // Reached only without an ioeventfd for this queue: pass the
+                // notification to the event loop the same way.
+                if let Some(evt) = self.queue_evts.get(value as usize) {
+                    let _ = evt.write(1);
+                }
+            }
+            REG_INTERRUPT_ACK => {
+                self.interrupt.status.fetch_and(!value, Ordering::SeqCst);
+            }
+            REG_STATUS => self.write_status(value),
+            REG_QUEUE_DESC_LOW => self.with_queue(|q| q.set_desc_table_address(Some(value), None)),
+            REG_QUEUE_DESC_HIGH => self.with_queue(|q| q.set_desc_table_address(None, Some(value))),
+            REG_QUEUE_DRIVER_LOW => self.with_queue(|q| q.set_avail_ring_address(Some(value), None)),
+            REG_QUEUE_DRIVER_HIGH => self.with_queue(|q| q.set_avail_ring_address(None, Some(value))),
+            REG_QUEUE_DEVICE_LOW => self.with_queue(|q| q.set_used_ring_address(Some(value), None)),
+            REG_QUEUE_DEVICE_HIGH => self.with_queue(|q| q.set_used_ring_address(None, Some(value))),
+            _ => {}
+        }
+    }
+
+    fn with_queue(&mut self, f: impl FnOnce(&mut Queue)) {
+        if let Some(q) = self.selected_queue() {
+            f(q);
+        }
+    }
+
+    fn write_status(&mut self, value: u32) {
+        if value == 0 {
+            self.reset();
+            return;
+        }
+        let Some(backend) = self.backend.as_mut() else { return };
+        // The driver only ever adds bits; anything else is ignored.
+        if value & self.status != self.status {
+            return;
+        }
+        let added = value & !self.status;
+        let mut status = value;
+        if added & STATUS_FEATURES_OK != 0 {
+            let offered = backend.features();
+            let acceptable = self.driver_features & !offered == 0 && self.driver_features & VIRTIO_F_VERSION_1 != 0;
+            if acceptable {
+                backend.set_acked_features(self.driver_features);
+            } else {
+                status &= !STATUS_FEATURES_OK;
+            }
+        }
+        if added & STATUS_DRIVER_OK != 0 {
+            if status & STATUS_FEATURES_OK == 0 {
+                status &= !STATUS_DRIVER_OK;
+            } else if self.queues.iter().all(|q| !q.ready() || q.is_valid(&self.mem)) {
+                self.active = true;
+            } else {
+                // A ready queue outside guest memory: the device cannot run.
+                status |= STATUS_DEVICE_NEEDS_RESET;
+                status &= !STATUS_DRIVER_OK;
+                self.status = status;
+                self.interrupt.raise(INT_CONFIG);
+                return;
+            }
+        }
+        self.status = status;
+    }
+}
+
+impl BusDevice for MmioTransport {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        if offset >= REG_CONFIG {
+            match self.backend.as_ref() {
+                Some(b) => b.read_config(offset - REG_CONFIG, data),
+                None => data.fill(0),
+            }
+            return;
+        }
+        // Registers are 32 bits wide and 32-bit aligned; other accesses
+        // read as zero.
+        if data.len() == 4 && offset % 4 == 0 {
+            data.copy_from_slice(&self.read_register(offset).to_le_bytes());
+        } else {
+            data.fill(0);
+        }
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        if offset >= REG_CONFIG {
+            if let Some(b) = self.backend.as_mut() {
+                b.write_config(offset - REG_CONFIG, data);
+            }
+            return;
+        }
+        if let (4, 0) = (data.len(), offset % 4) {
+            let value = u32::from_le_bytes([data[0], data[1], data[2], data[3]]);
+            self.write_register(offset, value);
+        }
+    }
+}
+
+/// Serves a transport's queue notifications on the VMM's event loop; the
+/// event token is the queue index.
+pub struct MmioQueueEvents {
+    transport: Arc<Mutex<MmioTransport>>,
+    evts: Vec<EventFd>,
+}
+
+impl MmioQueueEvents {
+    /// Watches `evts` (from [`MmioTransport::attach`]) for `transport`.
+    pub fn new(transport: Arc<Mutex<MmioTransport>>, evts: Vec<EventFd>) -> Self {
+        Self { transport, evts }
+    }
+}
+
+impl MutEventSubscriber for MmioQueueEvents {
+    fn process(&mut self, events: Events, _ops: &mut EventOps) {
+        let index = events.data() as usize;
+        if let Some(evt) = self.evts.get(index) {
+            // Drain the counter; one pass serves every pending buffer.
+            let _ = evt.read();
+            self.transport.lock().unwrap_or_else(|p| p.into_inner()).process_queue(index);
+        }
+    }
+
+    fn init(&mut self, ops: &mut EventOps) {
+        for (index, evt) in self.evts.iter().enumerate() {
+            if let Err(e) = ops.add(Events::with_data(evt, index as u32, EventSet::IN)) {
+                warn!("cannot watch virtio queue {index}: {e:?}");
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::virtio::chain::tests::{desc, memory, WRITE};
+    use crate::virtio::rng::Rng;
+    use virtio_queue::mock::MockSplitQueue;
+
+    const STATUS_ACKNOWLEDGE: u32 = 1;
+
+    fn read(t: &mut MmioTransport, offset: u64) -> u32 {
+        let mut b = [0u8; 4];
+        t.read(offset, &mut b);
+        u32::from_le_bytes(b)
+    }
+
+    fn write(t: &mut MmioTransport, offset: u64, value: u32) {
+        t.write(offset, &value.to_le_bytes());
+    }
+
+    fn rng_slot(mem: &GuestMemoryMmap) -> (MmioTransport, Vec<EventFd>, EventFd) {
+        let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let mut t = MmioTransport::empty(mem.clone(), Arc::new(MmioInterrupt::new(irq.try_clone().unwrap())));
+        let evts = t.attach(Box::new(Rng::new().0)).unwrap();
+        (t, evts, irq)
+    }
+
+    /// The driver's initialisation sequence up to DRIVER_OK (3.1.1).
+    fn init(t: &mut MmioTransport, vq: &MockSplitQueue<GuestMemoryMmap>, driver_features: u64) -> u32 {
+        write(t, REG_STATUS, 0);
+        write(t, REG_STATUS, STATUS_ACKNOWLEDGE);
+        write(t, REG_STATUS, STATUS_ACKNOWLEDGE | STATUS_DRIVER);
+        write(t, REG_DRIVER_FEATURES_SEL, 0);
+        write(t, REG_DRIVER_FEATURES, driver_features as u32);
+        write(t, REG_DRIVER_FEATURES_SEL, 1);
+        write(t, REG_DRIVER_FEATURES, (driver_features >> 32) as u32);
+        write(t, REG_STATUS, STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK);
+        if read(t, REG_STATUS) & STATUS_FEATURES_OK == 0 {
+            return read(t, REG_STATUS);
+        }
+        write(t, REG_QUEUE_SEL, 0);
+        write(t, REG_QUEUE_NUM, 16);
+        write(t, REG_QUEUE_DESC_LOW, vq.desc_table_addr().0 as u32);
+        write(t, REG_QUEUE_DRIVER_LOW, vq.avail_addr().0 as u32);
+        write(t, REG_QUEUE_DEVICE_LOW, vq.used_addr().0 as u32);
+        write(t, REG_QUEUE_READY, 1);
+        write(t, REG_STATUS, STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK);
+        read(t, REG_STATUS)
+    }
+
+    #[test]
+    fn identifies_itself_and_its_features() {
+        let mem = memory();
+        let (mut t, _, _) = rng_slot(&mem);
+        assert_eq!(read(&mut t, REG_MAGIC), 0x7472_6976);
+        assert_eq!(read(&mut t, REG_VERSION), 2);
+        assert_eq!(read(&mut t, REG_DEVICE_ID), 4);
+        write(&mut t, REG_DEVICE_FEATURES_SEL, 1);
+        assert_eq!(read(&mut t, REG_DEVICE_FEATURES), 1, "VERSION_1 is bit 32");
+        write(&mut t, REG_QUEUE_SEL, 0);
+        assert_eq!(read(&mut t, REG_QUEUE_NUM_MAX), 256);
+        write(&mut t, REG_QUEUE_SEL, 1);
+        assert_eq!(read(&mut t, REG_QUEUE_NUM_MAX), 0, "no second queue");
+        // Unaligned and narrow register accesses read as zero.
+        let mut b = [0u8; 2];
+        t.read(REG_MAGIC, &mut b);
+        assert_eq!(b, [0, 0]);
+    }
+
+    #[test]
+    fn a_driver_gets_its_request_served_and_an_interrupt() {
+        let mem = memory();
+        let (mut t, evts, irq) = rng_slot(&mem);
+        let vq = MockSplitQueue::new(&mem, 16);
+        assert_eq!(init(&mut t, &vq, VIRTIO_F_VERSION_1), 0xf);
+        assert!(t.is_active());
+        vq.build_desc_chain(&[desc(0x10_0000, 64, WRITE)]).unwrap();
+        write(&mut t, REG_QUEUE_NOTIFY, 0);
+        assert_eq!(evts[0].read().unwrap(), 1, "notify reaches the queue eventfd");
+        t.process_queue(0);
+        assert_eq!(vq.used().idx().load(), 1);
+        assert_eq!(vq.used().ring().ref_at(0).unwrap().load().len(), 64);
+        assert_eq!(irq.read().unwrap(), 1);
+        assert_eq!(read(&mut t, REG_INTERRUPT_STATUS), INT_USED_RING);
+        write(&mut t, REG_INTERRUPT_ACK, INT_USED_RING);
+        assert_eq!(read(&mut t, REG_INTERRUPT_STATUS), 0);
+        // Queue registers are frozen while the device runs.
+        write(&mut t, REG_QUEUE_NUM, 4);
+        assert_eq!(t.queues[0].size(), 16);
+        // Reset brings it all back.
+        write(&mut t, REG_STATUS, 0);
+        assert!(!t.is_active());
+        assert_eq!(read(&mut t, REG_QUEUE_READY), 0);
+    }
+
+    #[test]
+    fn features_the_device_never_offered_are_refused() {
+        let mem = memory();
+        let (mut t, _, _) = rng_slot(&mem);
+        let vq = MockSplitQueue::new(&mem, 16);
+        let status = init(&mut t, &vq, VIRTIO_F_VERSION_1 | (1 << 20));
+        assert_eq!(status & STATUS_FEATURES_OK, 0);
+        // A legacy driver (no VERSION_1) is refused too.
+        let status = init(&mut t, &vq, 0);
+        assert_eq!(status & STATUS_FEATURES_OK, 0);
+        assert!(!t.is_active());
+    }
+
+    #[test]
+    fn a_queue_outside_memory_needs_reset_instead_of_running() {
+        let mem = memory();
+        let (mut t, _, irq) = rng_slot(&mem);
+        write(&mut t, REG_STATUS, STATUS_ACKNOWLEDGE | STATUS_DRIVER);
+        write(&mut t, REG_DRIVER_FEATURES_SEL, 1);
+        write(&mut t, REG_DRIVER_FEATURES, 1);
+        write(&mut t, REG_STATUS, STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK);
+        write(&mut t, REG_QUEUE_NUM, 16);
+        write(&mut t, REG_QUEUE_DESC_LOW, 0xffff_0000);
+        write(&mut t, REG_QUEUE_DRIVER_LOW, 0x1000);
+        write(&mut t, REG_QUEUE_DEVICE_LOW, 0x2000);
+        write(&mut t, REG_QUEUE_READY, 1);
+        write(&mut t, REG_STATUS, 0xf);
+        assert!(!t.is_active());
+        assert_ne!(read(&mut t, REG_STATUS) & STATUS_DEVICE_NEEDS_RESET, 0);
+        assert_eq!(irq.read().unwrap(), 1);
+        assert_eq!(read(&mut t, REG_INTERRUPT_STATUS), INT_CONFIG);
+        // Notifications to a device that is not running do nothing.
+        t.process_queue(0);
+    }
+
+    #[test]
+    fn an_empty_slot_reads_as_device_zero_until_attached() {
+        let mem = memory();
+        let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let mut t = MmioTransport::empty(mem.clone(), Arc::new(MmioInterrupt::new(irq)));
+        assert_eq!(read(&mut t, REG_MAGIC), MAGIC);
+        assert_eq!(read(&mut t, REG_DEVICE_ID), 0);
+        write(&mut t, REG_STATUS, STATUS_ACKNOWLEDGE);
+        assert_eq!(read(&mut t, REG_STATUS), 0, "an empty slot takes no status");
+        t.attach(Box::new(Rng::new().0)).unwrap();
+        assert_eq!(read(&mut t, REG_DEVICE_ID), 4);
+        assert!(matches!(t.attach(Box::new(Rng::new().0)), Err(MmioError::SlotInUse)));
+        assert!(t.detach().is_some());
+        assert_eq!(read(&mut t, REG_DEVICE_ID), 0);
+    }
+}

@@ -35,14 +35,20 @@ const COMMON: &[i64] = &[
 /// vCPU threads: run the guest, emulate PIO/MMIO devices.
 const VCPU: &[i64] = &[];
 
-/// The event loop: wait on eventfds, kick and join vCPU threads, read stats.
+/// The event loop: wait on eventfds, kick and join vCPU threads, read stats,
+/// and serve virtio queues (disk I/O, entropy).
 const EVENT_LOOP: &[i64] = &[
     libc::SYS_epoll_ctl,
     libc::SYS_epoll_pwait,
     libc::SYS_epoll_wait,
+    libc::SYS_fallocate,
+    libc::SYS_fdatasync,
     libc::SYS_getpid,
+    libc::SYS_getrandom,
     libc::SYS_gettid,
     libc::SYS_mincore,
+    libc::SYS_pread64,
+    libc::SYS_pwrite64,
     libc::SYS_read,
     libc::SYS_tgkill,
 ];
