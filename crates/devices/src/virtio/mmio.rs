@@ -16,7 +16,7 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
-use super::{VirtioBackend, VIRTIO_F_VERSION_1};
+use super::{VirtioBackend, Wakeup, VIRTIO_F_VERSION_1};
 use crate::bus::BusDevice;
 
 /// Size of one device's register window.
@@ -195,18 +195,26 @@ impl MmioTransport {
         self.interrupt.status.store(0, Ordering::SeqCst);
     }
 
-    /// Serves queue `index` after a notification.
-    pub fn process_queue(&mut self, index: usize) {
+    /// Serves what woke the device: a queue notification or backend work.
+    pub fn process(&mut self, wakeup: Wakeup) {
         if !self.active {
             return;
         }
-        let (Some(backend), Some(queue)) = (self.backend.as_mut(), self.queues.get_mut(index)) else { return };
-        if !queue.ready() {
-            return;
+        let Some(backend) = self.backend.as_mut() else { return };
+        if let Wakeup::Queue(index) = wakeup {
+            if !self.queues.get(usize::from(index)).is_some_and(|q| q.ready()) {
+                return;
+            }
         }
-        if backend.process_queue(index as u16, queue, &self.mem) {
+        let mut queues: Vec<&mut Queue> = self.queues.iter_mut().collect();
+        if backend.process(wakeup, &mut queues, &self.mem) != 0 {
             self.interrupt.raise(INT_USED_RING);
         }
+    }
+
+    /// The backend's host-side file descriptor, if it has one.
+    pub fn backend_fd(&self) -> Option<std::os::fd::RawFd> {
+        self.backend.as_ref().and_then(|b| b.backend_fd())
     }
 
     fn selected_queue(&mut self) -> Option<&mut Queue> {
@@ -378,20 +386,38 @@ impl MmioQueueEvents {
     }
 }
 
+impl MmioQueueEvents {
+    /// The token of the backend's own fd: one past the last queue.
+    fn backend_token(&self) -> u32 {
+        self.evts.len() as u32
+    }
+}
+
 impl MutEventSubscriber for MmioQueueEvents {
     fn process(&mut self, events: Events, _ops: &mut EventOps) {
-        let index = events.data() as usize;
-        if let Some(evt) = self.evts.get(index) {
+        let token = events.data();
+        let wakeup = if token == self.backend_token() {
+            Wakeup::Backend
+        } else if let Some(evt) = self.evts.get(token as usize) {
             // Drain the counter; one pass serves every pending buffer.
             let _ = evt.read();
-            self.transport.lock().unwrap_or_else(|p| p.into_inner()).process_queue(index);
-        }
+            Wakeup::Queue(token as u16)
+        } else {
+            return;
+        };
+        self.transport.lock().unwrap_or_else(|p| p.into_inner()).process(wakeup);
     }
 
     fn init(&mut self, ops: &mut EventOps) {
         for (index, evt) in self.evts.iter().enumerate() {
             if let Err(e) = ops.add(Events::with_data(evt, index as u32, EventSet::IN)) {
                 warn!("cannot watch virtio queue {index}: {e:?}");
+            }
+        }
+        let backend_fd = self.transport.lock().unwrap_or_else(|p| p.into_inner()).backend_fd();
+        if let Some(fd) = backend_fd {
+            if let Err(e) = ops.add(Events::with_data_raw(fd, self.backend_token(), EventSet::IN)) {
+                warn!("cannot watch the virtio backend: {e:?}");
             }
         }
     }
@@ -475,7 +501,7 @@ mod tests {
         vq.build_desc_chain(&[desc(0x10_0000, 64, WRITE)]).unwrap();
         write(&mut t, REG_QUEUE_NOTIFY, 0);
         assert_eq!(evts[0].read().unwrap(), 1, "notify reaches the queue eventfd");
-        t.process_queue(0);
+        t.process(Wakeup::Queue(0));
         assert_eq!(vq.used().idx().load(), 1);
         assert_eq!(vq.used().ring().ref_at(0).unwrap().load().len(), 64);
         assert_eq!(irq.read().unwrap(), 1);
@@ -523,7 +549,7 @@ mod tests {
         assert_eq!(irq.read().unwrap(), 1);
         assert_eq!(read(&mut t, REG_INTERRUPT_STATUS), INT_CONFIG);
         // Notifications to a device that is not running do nothing.
-        t.process_queue(0);
+        t.process(Wakeup::Queue(0));
     }
 
     #[test]

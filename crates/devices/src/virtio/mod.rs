@@ -9,6 +9,8 @@ pub mod mmio;
 pub mod rng;
 pub mod vhost_user;
 
+use std::os::fd::RawFd;
+
 use virtio_queue::Queue;
 use vm_memory::GuestMemoryMmap;
 
@@ -30,6 +32,15 @@ pub mod device_type {
     pub const VSOCK: u32 = 19;
 }
 
+/// What woke a device up.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Wakeup {
+    /// The driver notified this queue.
+    Queue(u16),
+    /// The backend's own file descriptor is readable.
+    Backend,
+}
+
 /// A device's queue logic and configuration, independent of the transport.
 pub trait VirtioBackend: Send + Sync {
     /// virtio device ID.
@@ -48,8 +59,30 @@ pub trait VirtioBackend: Send + Sync {
     /// Writes the device-specific configuration space (most devices ignore it).
     fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
     /// Processes the available buffers of queue `index`. Returns true when
-    /// buffers were used and the driver should be told.
-    fn process_queue(&mut self, index: u16, queue: &mut Queue, mem: &GuestMemoryMmap) -> bool;
+    /// buffers were used and the driver should be told. Devices whose work
+    /// spans queues implement [`VirtioBackend::process`] instead.
+    fn process_queue(&mut self, _index: u16, _queue: &mut Queue, _mem: &GuestMemoryMmap) -> bool {
+        false
+    }
+    /// Serves whatever woke the device, with every queue at hand. Returns
+    /// the set of queues (bit i = queue i) that used buffers and need a
+    /// notification. The default hands a queue notification to
+    /// `process_queue`.
+    fn process(&mut self, wakeup: Wakeup, queues: &mut [&mut Queue], mem: &GuestMemoryMmap) -> u64 {
+        match wakeup {
+            Wakeup::Queue(index) => match queues.get_mut(usize::from(index)) {
+                Some(queue) => u64::from(self.process_queue(index, queue, mem)) << index,
+                None => 0,
+            },
+            Wakeup::Backend => 0,
+        }
+    }
+    /// A pollable file descriptor for work that arrives from the host side
+    /// (sockets, a tap device); when it is readable the transport calls
+    /// `process(Wakeup::Backend, ..)`.
+    fn backend_fd(&self) -> Option<RawFd> {
+        None
+    }
     /// Forgets per-driver state after a device reset.
     fn reset(&mut self) {}
 }

@@ -11,7 +11,9 @@ use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier};
 
-use super::VirtioBackend;
+use virtio_queue::Queue;
+
+use super::{VirtioBackend, Wakeup};
 
 /// Why serving stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -86,23 +88,35 @@ impl VhostUserBackendMut for Device {
         if evset != EventSet::IN {
             return Err(std::io::Error::other(format!("unexpected event set {evset:?}")));
         }
-        let vring = vrings
-            .get(usize::from(device_event))
-            .ok_or_else(|| std::io::Error::other(format!("event for unknown queue {device_event}")))?;
-        let mem = self
-            .mem
-            .as_ref()
-            .ok_or_else(|| std::io::Error::other("queue event before the frontend shared memory"))?
-            .memory();
-        let used = {
-            let mut state = vring.get_mut();
-            self.backend.process_queue(device_event, state.get_queue_mut(), &mem)
+        let wakeup = if usize::from(device_event) < vrings.len() {
+            Wakeup::Queue(device_event)
+        } else if u64::from(device_event) == backend_token(vrings.len()) {
+            Wakeup::Backend
+        } else {
+            return Err(std::io::Error::other(format!("event for unknown queue {device_event}")));
         };
-        if used {
-            vring.signal_used_queue()?;
+        let Some(mem) = self.mem.as_ref().map(|m| m.memory()) else {
+            // Nothing can be served before the frontend shares memory.
+            return Ok(());
+        };
+        let used = {
+            let mut guards: Vec<_> = vrings.iter().map(|v| v.get_mut()).collect();
+            let mut queues: Vec<&mut Queue> = guards.iter_mut().map(|g| g.get_queue_mut()).collect();
+            self.backend.process(wakeup, &mut queues, &mem)
+        };
+        for (index, vring) in vrings.iter().enumerate() {
+            if used & (1 << index) != 0 {
+                vring.signal_used_queue()?;
+            }
         }
         Ok(())
     }
+}
+
+/// The epoll token of the backend's fd: tokens up to the queue count are
+/// the library's (queues, then its exit event).
+fn backend_token(queues: usize) -> u64 {
+    queues as u64 + 1
 }
 
 /// Serves `backend` on a vhost-user socket at `socket` (created; an old one
@@ -110,12 +124,23 @@ impl VhostUserBackendMut for Device {
 pub fn serve(kind: &'static str, backend: Box<dyn VirtioBackend>, socket: &Path) -> Result<(), VhostUserError> {
     let err = |e: String| VhostUserError::Daemon(kind, socket.display().to_string(), e);
     let device = Arc::new(Mutex::new(Device { backend, mem: None }));
+    let backend_fd = device.lock().unwrap_or_else(|p| p.into_inner()).backend.backend_fd();
+    let queues = device.lock().unwrap_or_else(|p| p.into_inner()).backend.queue_max_sizes().len();
     let mut daemon = VhostUserDaemon::new(
         format!("vhost-user-{kind}"),
         device,
         GuestMemoryAtomic::new(GuestMemoryMmap::new()),
     )
     .map_err(|e| err(format!("{e:?}")))?;
+    if let Some(fd) = backend_fd {
+        // The backend's host-side events arrive on the queue worker, with a
+        // token past the queues (and the library's own exit token).
+        let handlers = daemon.get_epoll_handlers();
+        let handler = handlers.first().ok_or_else(|| err("no queue worker".into()))?;
+        handler
+            .register_listener(fd, EventSet::IN, backend_token(queues))
+            .map_err(|e| err(format!("cannot watch the backend: {e}")))?;
+    }
     let _ = std::fs::remove_file(socket);
     daemon.serve(socket).map_err(|e| err(format!("{e}")))
 }
