@@ -9,6 +9,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use devices::virtio::block::BlockConfig;
+use devices::virtio::vsock::VsockConfig;
 use vmm::{BootSourceConfig, ConsoleOutput, DeviceConfig, ExitReason, MachineConfig, PrebootAction, Vmm};
 
 #[derive(Parser, Debug)]
@@ -82,6 +83,12 @@ pub(crate) struct BootArgs {
     /// Give the guest a read-only virtio-blk disk backed by this file (repeatable).
     #[arg(long)]
     pub ro_disk: Vec<PathBuf>,
+    /// Give the guest a vsock device with this context ID (needs --vsock-uds).
+    #[arg(long, requires = "vsock_uds")]
+    pub vsock_cid: Option<u64>,
+    /// The host side of the vsock device: a Unix socket path (see README).
+    #[arg(long, requires = "vsock_cid")]
+    pub vsock_uds: Option<PathBuf>,
     /// Print the VM's counters to stderr when it ends, as key=value lines.
     #[arg(long)]
     pub stats: bool,
@@ -120,7 +127,7 @@ fn boot(args: &BootArgs) -> anyhow::Result<ExitCode> {
         initrd: args.initrd.clone(),
         cmdline: args.cmdline.clone(),
     }))?;
-    // Devices in slot order: the rng first, then the disks as given.
+    // Devices in slot order: the rng first, then the disks as given, then vsock.
     if args.rng {
         vmm.handle(PrebootAction::AddDevice(DeviceConfig::Rng))?;
     }
@@ -128,6 +135,9 @@ fn boot(args: &BootArgs) -> anyhow::Result<ExitCode> {
     for (path, read_only) in disks {
         let config = BlockConfig { path: path.clone(), read_only, id: None };
         vmm.handle(PrebootAction::AddDevice(DeviceConfig::Block(config)))?;
+    }
+    if let (Some(guest_cid), Some(uds_path)) = (args.vsock_cid, args.vsock_uds.clone()) {
+        vmm.handle(PrebootAction::AddDevice(DeviceConfig::Vsock(VsockConfig { guest_cid, uds_path })))?;
     }
     let console = args.console.clone().map_or(ConsoleOutput::Stdout, ConsoleOutput::File);
     vmm.handle(PrebootAction::ConfigureConsole(console))?;

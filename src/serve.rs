@@ -11,6 +11,7 @@ use clap::Subcommand;
 use devices::virtio::block::{Block, BlockConfig};
 use devices::virtio::rng::Rng;
 use devices::virtio::vhost_user;
+use devices::virtio::vsock::{Vsock, VsockConfig};
 
 #[derive(Subcommand, Debug)]
 pub(crate) enum ServeCommand {
@@ -28,6 +29,20 @@ pub(crate) enum ServeCommand {
         /// The disk's ID (serial), at most 20 bytes; the file name by default.
         #[arg(long)]
         id: Option<String>,
+    },
+    /// A vsock device whose host side is a Unix socket (hybrid convention:
+    /// `CONNECT <port>` to reach the guest; guest connections to port P go
+    /// to `<uds>_P`).
+    Vsock {
+        /// The vhost-user socket to listen on.
+        #[arg(long)]
+        socket: PathBuf,
+        /// The guest's context ID (3 or more).
+        #[arg(long)]
+        guest_cid: u64,
+        /// The host-side Unix socket.
+        #[arg(long)]
+        uds: PathBuf,
     },
     /// An entropy device fed by the host's getrandom.
     Rng {
@@ -63,6 +78,11 @@ pub(crate) fn run(cmd: ServeCommand) -> anyhow::Result<()> {
             let (block, _counters) = Block::open(&BlockConfig { path: file, read_only, id })?;
             remove_socket_on_sigterm(&socket)?;
             vhost_user::serve("blk", Box::new(block), &socket)?;
+        }
+        ServeCommand::Vsock { socket, guest_cid, uds } => {
+            let (vsock, _counters) = Vsock::new(&VsockConfig { guest_cid, uds_path: uds })?;
+            remove_socket_on_sigterm(&socket)?;
+            vhost_user::serve("vsock", Box::new(vsock), &socket)?;
         }
         ServeCommand::Rng { socket } => {
             let (rng, _counters) = Rng::new();

@@ -15,6 +15,7 @@ use devices::legacy::{
 use devices::virtio::block::Block;
 use devices::virtio::mmio::{MmioInterrupt, MmioQueueEvents, MmioTransport, QUEUE_NOTIFY_OFFSET};
 use devices::virtio::rng::Rng;
+use devices::virtio::vsock::Vsock;
 use devices::virtio::VirtioBackend;
 use devices::Bus;
 use event_manager::MutEventSubscriber;
@@ -170,6 +171,9 @@ fn create_backend(config: &DeviceConfig) -> Result<Box<dyn VirtioBackend>, Start
         DeviceConfig::Rng => Box::new(Rng::new().0),
         DeviceConfig::Block(block) => {
             Box::new(Block::open(block).map_err(|e| StartError::Device("virtio-blk", Box::new(e)))?.0)
+        }
+        DeviceConfig::Vsock(vsock) => {
+            Box::new(Vsock::new(vsock).map_err(|e| StartError::Device("virtio-vsock", Box::new(e)))?.0)
         }
     })
 }

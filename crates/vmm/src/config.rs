@@ -44,6 +44,8 @@ pub enum DeviceConfig {
     Rng,
     /// A file-backed disk.
     Block(devices::virtio::block::BlockConfig),
+    /// A vsock device with a Unix-socket host side.
+    Vsock(devices::virtio::vsock::VsockConfig),
 }
 
 /// Where the serial console's output goes.

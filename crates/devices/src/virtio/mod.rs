@@ -7,6 +7,7 @@ pub mod block;
 pub mod chain;
 pub mod mmio;
 pub mod rng;
+pub mod vsock;
 pub mod vhost_user;
 
 use std::os::fd::RawFd;

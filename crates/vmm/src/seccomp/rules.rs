@@ -11,6 +11,8 @@ use seccompiler::{
 
 /// KVM_RUN = _IO(KVMIO, 0x80).
 const KVM_RUN: u64 = 0xae80;
+/// FIONBIO: how the standard library makes a socket non-blocking.
+const FIONBIO: u64 = libc::FIONBIO;
 
 /// What every thread needs: memory, locks, signals, time, leaving.
 const COMMON: &[i64] = &[
@@ -36,8 +38,16 @@ const COMMON: &[i64] = &[
 const VCPU: &[i64] = &[];
 
 /// The event loop: wait on eventfds, kick and join vCPU threads, read stats,
-/// and serve virtio queues (disk I/O, entropy).
+/// and serve virtio queues (disk I/O, entropy, vsock's Unix sockets).
 const EVENT_LOOP: &[i64] = &[
+    libc::SYS_accept4,
+    libc::SYS_connect,
+    libc::SYS_recvfrom,
+    libc::SYS_recvmsg,
+    libc::SYS_sendmsg,
+    libc::SYS_sendto,
+    libc::SYS_shutdown,
+    libc::SYS_socket,
     libc::SYS_epoll_ctl,
     libc::SYS_epoll_pwait,
     libc::SYS_epoll_wait,
@@ -91,7 +101,7 @@ fn filter(allowed: &[&[i64]], ioctls: &[u64]) -> SeccompFilter {
 fn thread_filters() -> Vec<(&'static str, SeccompFilter)> {
     vec![
         ("vcpu", filter(&[COMMON, VCPU], &[KVM_RUN])),
-        ("event_loop", filter(&[COMMON, EVENT_LOOP], &[])),
+        ("event_loop", filter(&[COMMON, EVENT_LOOP], &[FIONBIO])),
         ("control", filter(&[COMMON, CONTROL], &[])),
     ]
 }

@@ -1,0 +1,266 @@
+//! The vsock device driven as a guest driver would drive it, through
+//! MockSplitQueue queues, against real Unix sockets on the host side.
+
+use std::io::{Read, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::time::Duration;
+
+use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
+use virtio_queue::mock::MockSplitQueue;
+use vm_memory::{Address, Bytes, GuestAddress};
+
+use super::*;
+use crate::virtio::chain::tests::{memory, WRITE};
+
+const GUEST_CID: u64 = 3;
+const NEXT: u16 = virtio_bindings::bindings::virtio_ring::VRING_DESC_F_NEXT as u16;
+
+/// A guest driver's view: rx and tx queues in guest memory.
+struct Driver<'m> {
+    mem: &'m GuestMemoryMmap,
+    rx: MockSplitQueue<'m, GuestMemoryMmap>,
+    tx: MockSplitQueue<'m, GuestMemoryMmap>,
+    queues: Vec<Queue>,
+    rx_next_desc: u16,
+    tx_next_desc: u16,
+    rx_used_seen: u16,
+    buf: u64,
+}
+
+impl<'m> Driver<'m> {
+    fn new(mem: &'m GuestMemoryMmap) -> Self {
+        let rx = MockSplitQueue::create(mem, GuestAddress(0), 64);
+        let tx = MockSplitQueue::create(mem, GuestAddress(0x8000), 64);
+        let ev = MockSplitQueue::create(mem, GuestAddress(0x10000), 64);
+        let queues = vec![rx.create_queue().unwrap(), tx.create_queue().unwrap(), ev.create_queue().unwrap()];
+        Driver { mem, rx, tx, queues, rx_next_desc: 0, tx_next_desc: 0, rx_used_seen: 0, buf: 0x10_0000 }
+    }
+
+    fn alloc(&mut self, len: u64) -> u64 {
+        let a = self.buf;
+        self.buf += len.next_multiple_of(0x1000);
+        a
+    }
+
+    fn process(&mut self, dev: &mut Vsock, wakeup: Wakeup) -> u64 {
+        let mut qs: Vec<&mut Queue> = self.queues.iter_mut().collect();
+        dev.process(wakeup, &mut qs, self.mem)
+    }
+
+    /// Posts `n` receive buffers of `size` bytes.
+    fn post_rx(&mut self, n: usize, size: u32) {
+        for _ in 0..n {
+            let addr = self.alloc(u64::from(size));
+            let d = RawDescriptor::from(SplitDescriptor::new(addr, size, WRITE, 0));
+            self.rx.add_desc_chains(&[d], self.rx_next_desc).unwrap();
+            self.rx_next_desc += 1;
+        }
+    }
+
+    /// Sends one packet (header and payload in two descriptors).
+    fn send(&mut self, dev: &mut Vsock, h: Header, payload: &[u8]) {
+        let hdr = self.alloc(HEADER_LEN as u64);
+        self.mem.write_slice(&h.to_bytes(), GuestAddress(hdr)).unwrap();
+        let mut descs = vec![RawDescriptor::from(SplitDescriptor::new(hdr, HEADER_LEN as u32, 0, 0))];
+        if !payload.is_empty() {
+            let data = self.alloc(payload.len() as u64);
+            self.mem.write_slice(payload, GuestAddress(data)).unwrap();
+            descs[0] = RawDescriptor::from(SplitDescriptor::new(hdr, HEADER_LEN as u32, NEXT, self.tx_next_desc + 1));
+            descs.push(RawDescriptor::from(SplitDescriptor::new(data, payload.len() as u32, 0, 0)));
+        }
+        self.tx.add_desc_chains(&descs, self.tx_next_desc).unwrap();
+        self.tx_next_desc += descs.len() as u16;
+        self.process(dev, Wakeup::Queue(TX as u16));
+    }
+
+    /// Packets the device has put in receive buffers since the last call.
+    fn received(&mut self) -> Vec<(Header, Vec<u8>)> {
+        let mut out = Vec::new();
+        let used_idx = self.rx.used().idx().load();
+        while self.rx_used_seen != used_idx {
+            let elem = self.rx.used().ring().ref_at(usize::from(self.rx_used_seen % 64)).unwrap().load();
+            self.rx_used_seen = self.rx_used_seen.wrapping_add(1);
+            let d = SplitDescriptor::from(self.rx.desc_table().load(elem.id() as u16).unwrap());
+            let mut raw = [0u8; HEADER_LEN];
+            self.mem.read_slice(&mut raw, d.addr()).unwrap();
+            let h = Header::parse(&raw);
+            let mut payload = vec![0u8; elem.len() as usize - HEADER_LEN];
+            self.mem.read_slice(&mut payload, d.addr().unchecked_add(HEADER_LEN as u64)).unwrap();
+            out.push((h, payload));
+        }
+        out
+    }
+}
+
+fn guest_header(src_port: u32, dst_port: u32, op: u16, len: u32) -> Header {
+    Header {
+        src_cid: GUEST_CID,
+        dst_cid: HOST_CID,
+        src_port,
+        dst_port,
+        len,
+        type_: TYPE_STREAM,
+        op,
+        flags: 0,
+        buf_alloc: 64 * 1024,
+        fwd_cnt: 0,
+    }
+}
+
+fn device(tag: &str) -> (Vsock, PathBuf) {
+    let path = std::env::temp_dir().join(format!("vessel-vsock-{tag}-{}", std::process::id()));
+    let (dev, _) = Vsock::new(&VsockConfig { guest_cid: GUEST_CID, uds_path: path.clone() }).unwrap();
+    (dev, path)
+}
+
+/// Waits for the host side to have an event, then serves it.
+fn serve_host(drv: &mut Driver, dev: &mut Vsock) {
+    // Wait (bounded) until the backend fd reports work, as the event loop would.
+    let mut poll = libc::pollfd { fd: dev.backend_fd().unwrap(), events: libc::POLLIN, revents: 0 };
+    // SAFETY: poll on one valid pollfd for at most 2 s.
+    unsafe { libc::poll(&mut poll, 1, 2000) };
+    drv.process(dev, Wakeup::Backend);
+}
+
+#[test]
+fn guest_connects_to_a_host_port_and_data_flows_both_ways() {
+    let mem = memory();
+    let mut drv = Driver::new(&mem);
+    let (mut dev, uds) = device("g2h");
+    let listener = UnixListener::bind(port_path(&uds, 1234)).unwrap();
+    drv.post_rx(8, 4096);
+
+    drv.send(&mut dev, guest_header(5000, 1234, op::REQUEST, 0), &[]);
+    let got = drv.received();
+    assert_eq!(got.len(), 1);
+    assert_eq!((got[0].0.op, got[0].0.src_port, got[0].0.dst_port, got[0].0.dst_cid), (op::RESPONSE, 1234, 5000, GUEST_CID));
+    assert_eq!(got[0].0.buf_alloc, BUF_ALLOC);
+    let (mut host, _) = listener.accept().unwrap();
+    host.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+
+    drv.send(&mut dev, guest_header(5000, 1234, op::RW, 5), b"hello");
+    let mut buf = [0u8; 5];
+    host.read_exact(&mut buf).unwrap();
+    assert_eq!(&buf, b"hello");
+
+    host.write_all(b"world").unwrap();
+    serve_host(&mut drv, &mut dev);
+    let got = drv.received();
+    assert_eq!(got.len(), 1);
+    assert_eq!((got[0].0.op, got[0].0.len, got[0].1.as_slice()), (op::RW, 5, &b"world"[..]));
+    assert_eq!(got[0].0.fwd_cnt, 5, "we forwarded the guest's 5 bytes");
+
+    // The guest shuts down both ways: the host sees EOF and the guest an RST.
+    let mut h = guest_header(5000, 1234, op::SHUTDOWN, 0);
+    h.flags = SHUTDOWN_SEND | SHUTDOWN_RCV;
+    drv.send(&mut dev, h, &[]);
+    assert_eq!(host.read(&mut buf).unwrap(), 0);
+    assert_eq!(drv.received().iter().map(|p| p.0.op).collect::<Vec<_>>(), vec![op::RST]);
+    assert!(dev.conns.is_empty());
+    std::fs::remove_file(port_path(&uds, 1234)).unwrap();
+}
+
+#[test]
+fn host_connects_with_the_connect_handshake() {
+    let mem = memory();
+    let mut drv = Driver::new(&mem);
+    let (mut dev, uds) = device("h2g");
+    drv.post_rx(8, 4096);
+    let mut host = UnixStream::connect(&uds).unwrap();
+    host.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    host.write_all(b"CONNECT 1024\n").unwrap();
+    serve_host(&mut drv, &mut dev); // accept
+    serve_host(&mut drv, &mut dev); // the line
+    let got = drv.received();
+    assert_eq!(got.len(), 1, "{got:?}");
+    let req = got[0].0;
+    assert_eq!((req.op, req.dst_port, req.dst_cid, req.src_cid), (op::REQUEST, 1024, GUEST_CID, HOST_CID));
+
+    drv.send(&mut dev, guest_header(1024, req.src_port, op::RESPONSE, 0), &[]);
+    let mut line = [0u8; 64];
+    let n = host.read(&mut line).unwrap();
+    assert_eq!(std::str::from_utf8(&line[..n]).unwrap(), format!("OK {}\n", req.src_port));
+
+    host.write_all(b"ping").unwrap();
+    serve_host(&mut drv, &mut dev);
+    let got = drv.received();
+    assert_eq!(got[0].1, b"ping");
+    assert_eq!(got[0].0.fwd_cnt, 0, "the OK line is not guest data");
+    let _ = std::fs::remove_file(&uds);
+}
+
+#[test]
+fn a_refused_guest_connection_gets_rst_and_bad_packets_do_no_harm() {
+    let mem = memory();
+    let mut drv = Driver::new(&mem);
+    let (mut dev, uds) = device("bad");
+    drv.post_rx(16, 4096);
+    // Nobody listens on port 9.
+    drv.send(&mut dev, guest_header(5000, 9, op::REQUEST, 0), &[]);
+    assert_eq!(drv.received()[0].0.op, op::RST);
+    // Spoofed source CID: dropped without answer.
+    let mut spoof = guest_header(5000, 9, op::REQUEST, 0);
+    spoof.src_cid = 7;
+    drv.send(&mut dev, spoof, &[]);
+    assert!(drv.received().is_empty());
+    // Length beyond the chain, unknown type, unknown op: RST.
+    drv.send(&mut dev, guest_header(5000, 9, op::RW, 4096), b"tiny");
+    let mut dgram = guest_header(5000, 9, op::REQUEST, 0);
+    dgram.type_ = 2;
+    drv.send(&mut dev, dgram, &[]);
+    drv.send(&mut dev, guest_header(5000, 9, 99, 0), &[]);
+    assert_eq!(drv.received().iter().map(|p| p.0.op).collect::<Vec<_>>(), vec![op::RST; 3]);
+    // Data for a connection that does not exist: RST.
+    drv.send(&mut dev, guest_header(5000, 9, op::RW, 3), b"abc");
+    assert_eq!(drv.received()[0].0.op, op::RST);
+    assert!(dev.counters.errors.load(Ordering::Relaxed) >= 4);
+    let _ = std::fs::remove_file(&uds);
+}
+
+#[test]
+fn host_data_respects_the_guest_credit() {
+    let mem = memory();
+    let mut drv = Driver::new(&mem);
+    let (mut dev, uds) = device("credit");
+    let listener = UnixListener::bind(port_path(&uds, 77)).unwrap();
+    drv.post_rx(32, 4096);
+    let mut req = guest_header(6000, 77, op::REQUEST, 0);
+    req.buf_alloc = 1000;
+    drv.send(&mut dev, req, &[]);
+    drv.received();
+    let (mut host, _) = listener.accept().unwrap();
+    host.write_all(&[7u8; 3000]).unwrap();
+    serve_host(&mut drv, &mut dev);
+    let total: usize = drv.received().iter().map(|p| p.1.len()).sum();
+    assert_eq!(total, 1000, "only the guest's buffer's worth");
+    // The guest consumed it all: 2000 more.
+    let mut update = guest_header(6000, 77, op::CREDIT_UPDATE, 0);
+    update.buf_alloc = 2000;
+    update.fwd_cnt = 1000;
+    drv.send(&mut dev, update, &[]);
+    let total: usize = drv.received().iter().map(|p| p.1.len()).sum();
+    assert_eq!(total, 2000);
+    std::fs::remove_file(port_path(&uds, 77)).unwrap();
+}
+
+#[test]
+fn a_guest_ignoring_our_credit_is_reset() {
+    let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 4 << 20)]).unwrap();
+    let mut drv = Driver::new(&mem);
+    let (mut dev, uds) = device("flood");
+    let listener = UnixListener::bind(port_path(&uds, 78)).unwrap();
+    drv.post_rx(32, 4096);
+    drv.send(&mut dev, guest_header(6001, 78, op::REQUEST, 0), &[]);
+    drv.received();
+    // The host never reads; the guest sends far past BUF_ALLOC.
+    let (_host, _) = listener.accept().unwrap();
+    let chunk = vec![1u8; 60 * 1024];
+    // The host socket buffer takes some first (about 200 KiB); then ours fills.
+    for _ in 0..14 {
+        drv.send(&mut dev, guest_header(6001, 78, op::RW, chunk.len() as u32), &chunk);
+    }
+    let ops: Vec<u16> = drv.received().iter().map(|p| p.0.op).collect();
+    assert!(ops.contains(&op::RST), "{ops:?}");
+    assert!(dev.conns.is_empty());
+    std::fs::remove_file(port_path(&uds, 78)).unwrap();
+}
