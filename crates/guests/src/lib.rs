@@ -1,7 +1,7 @@
 //! Tiny x86-64 test guests for vessel's VMM, built from assembly at build
 //! time (see `build.rs` and `src/asm/`).
 //!
-//! Three programs, each in three formats (PVH ELF, Linux 64-bit ELF,
+//! Four programs, each in three formats (PVH ELF, Linux 64-bit ELF,
 //! bzImage-shaped), all linked at 1 MiB:
 //!
 //! * [`Program::Hello`] writes `vessel test guest: hello\n` to COM1 (port
@@ -16,6 +16,17 @@
 //!   it uses (0x10000..0x11fff).
 //! * [`Program::Spin`] writes `vessel test guest: spin\n`, the boot-timer
 //!   byte, then an increasing byte to port 0x80 forever (never ends).
+//! * [`Program::Virtio`] drives one virtio-rng device over virtio-mmio
+//!   (modern, register layout version 2): the window and IOAPIC pin from
+//!   `virtio_mmio.device=<size>@<base>:<gsi>` on the command line (default
+//!   `4K@0xd0000000:5`), feature negotiation (VERSION_1 only), queue 0 with
+//!   one 64-byte device-writable buffer, a notify, and the used-buffer
+//!   interrupt (edge, active high, vector 0x30). It prints `virtio: magic`,
+//!   `virtio: features`, `virtio: queue max`, `virtio: status`,
+//!   `virtio: irq` (or `virtio: no interrupt` after about 2 s),
+//!   `virtio: used`, `virtio: data`, `done`, then the boot-timer byte and
+//!   reset. See `src/asm/virtio.S` for the exact format and the memory it
+//!   uses (only its own image, above 1 MiB).
 //!
 //! Entries: the 32-bit entry (PVH, and the bzImage's `code32_start`) is at
 //! 0x100000; the 64-bit entry of the Linux boot protocol is at 0x100200.
@@ -38,11 +49,19 @@ pub enum Program {
     /// Prints one line, signals the boot timer, then writes to port 0x80 in
     /// a loop forever: for pause, resume and stop tests.
     Spin,
+    /// Drives a virtio-rng device through the virtio-mmio transport: init
+    /// sequence, one request, its interrupt; reports each step.
+    Virtio,
 }
 
 impl Program {
     /// Every program.
-    pub const ALL: [Program; 3] = [Program::Hello, Program::Report, Program::Spin];
+    pub const ALL: [Program; 4] = [
+        Program::Hello,
+        Program::Report,
+        Program::Spin,
+        Program::Virtio,
+    ];
 }
 
 /// The file format (and so the boot protocol) of a guest image.
@@ -82,6 +101,9 @@ pub fn image(program: Program, format: Format) -> &'static [u8] {
         (Program::Spin, Format::Pvh) => guest!("spin-pvh.elf"),
         (Program::Spin, Format::Linux64Elf) => guest!("spin-linux64.elf"),
         (Program::Spin, Format::BzImage) => guest!("spin.bzimage"),
+        (Program::Virtio, Format::Pvh) => guest!("virtio-pvh.elf"),
+        (Program::Virtio, Format::Linux64Elf) => guest!("virtio-linux64.elf"),
+        (Program::Virtio, Format::BzImage) => guest!("virtio.bzimage"),
     }
 }
 
@@ -97,6 +119,9 @@ pub fn file_name(program: Program, format: Format) -> &'static str {
         (Program::Spin, Format::Pvh) => "spin-pvh.elf",
         (Program::Spin, Format::Linux64Elf) => "spin-linux64.elf",
         (Program::Spin, Format::BzImage) => "spin.bzimage",
+        (Program::Virtio, Format::Pvh) => "virtio-pvh.elf",
+        (Program::Virtio, Format::Linux64Elf) => "virtio-linux64.elf",
+        (Program::Virtio, Format::BzImage) => "virtio.bzimage",
     }
 }
 
@@ -177,6 +202,17 @@ mod tests {
             let load = load_segment(image);
             assert_eq!(load.paddr, LOAD_ADDR, "{program:?} {format:?}");
             assert!(load.memsz >= load.filesz);
+        }
+    }
+
+    /// Every guest, .bss included, lies in [1 MiB, 2 MiB): the VMM keeps
+    /// its own structures out of that range (the virtio guest's queues and
+    /// buffer live in its .bss).
+    #[test]
+    fn images_fit_below_2_mib() {
+        for (program, format) in elf_formats() {
+            let end = elf::load_end(image(program, format)).unwrap();
+            assert!(end <= 0x20_0000, "{program:?} {format:?} ends at {end:#x}");
         }
     }
 
@@ -307,6 +343,10 @@ mod tests {
         assert_eq!(names.len(), Program::ALL.len() * Format::ALL.len());
         assert_eq!(file_name(Program::Report, Format::Pvh), "report-pvh.elf");
         assert_eq!(file_name(Program::Hello, Format::BzImage), "hello.bzimage");
+        assert_eq!(
+            file_name(Program::Virtio, Format::Linux64Elf),
+            "virtio-linux64.elf"
+        );
     }
 
     #[test]

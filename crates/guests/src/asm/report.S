@@ -6,15 +6,11 @@
  * unhandled MMIO address. Ends with "done", the boot-timer byte and a
  * reset. Every number is printed as 0x + 16 lowercase hex digits.
  *
- * Both entries (see common.h) set up the same state, then run the one
- * 64-bit reporting routine, main64:
- *   - our own identity page tables for the first 4 GiB in 2 MiB pages (the
- *     VMM's map covers only 1 GiB; the local APIC and the MMIO probe live
- *     above 3 GiB; 1 GiB pages may be unavailable). They are built at
- *     assembly time, in .data, so entering costs no loop;
- *   - our own stack in .bss (nothing else lives there, so .bss needs no
- *     clearing: a bzImage's flat binary does not carry it);
- *   - RBX = boot_params or hvm_start_info, R12 = BOOT_* kind.
+ * Both entries (GUEST_ENTRIES, long-mode.h) set up the same state, then
+ * run the one 64-bit reporting routine, main64: our own identity page
+ * tables for the first 4 GiB (the local APIC and the MMIO probe live above
+ * 3 GiB), our own stack, RSI = boot_params or hvm_start_info, EBP = BOOT_*
+ * kind (main64 moves them to RBX and R12).
  *
  * Instruction count matters: on our nested "PVM" test hypervisor guest
  * code runs through an instruction emulator at roughly 1.5-2 million

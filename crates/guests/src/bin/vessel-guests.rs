@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 const USAGE: &str = "usage: vessel-guests --out DIR\n\
-                     Writes the test guest images (hello/report x pvh.elf/linux64.elf/bzimage) into DIR.";
+                     Writes the test guest images (hello/report/spin/virtio x pvh.elf/linux64.elf/bzimage) into DIR.";
 
 fn main() -> ExitCode {
     let mut out = None;

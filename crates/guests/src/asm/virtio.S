@@ -1,0 +1,648 @@
+/*
+ * virtio: a minimal virtio-mmio driver for one virtio-rng device, to prove
+ * the VMM's virtio-mmio transport end to end: register file, feature
+ * negotiation, queue setup, a notification, the device filling a
+ * device-writable buffer, and the used-buffer interrupt through the IOAPIC.
+ * Virtio 1.x ("modern"), MMIO register layout version 2 (virtio spec 4.2.2),
+ * split virtqueue.
+ *
+ * The device: `virtio_mmio.device=<size>@<base>:<gsi>` on the command line
+ * (the first one; Linux's syntax, base in hex with 0x or decimal, gsi in
+ * decimal); without it, base 0xd0000000 and GSI 5. The GSI is an IOAPIC pin,
+ * edge-triggered, active high; queue 0 is used with 8 entries (fewer if
+ * QueueNumMax is smaller).
+ *
+ * Output on COM1, every number as 0x + 16 lowercase hex digits:
+ *   virtio: magic <MagicValue> version <Version> device <DeviceID>
+ *   virtio: features <DeviceFeatures, 64 bits>
+ *   virtio: queue max <QueueNumMax of queue 0>
+ *   virtio: status <Status after DRIVER_OK>            (expected 0xf)
+ *   virtio: irq <interrupts taken> isr <InterruptStatus, ORed over them>
+ *     or, when none came within about 2 s:  virtio: no interrupt
+ *   virtio: used idx <used.idx> id <used.ring[0].id> len <used.ring[0].len>
+ *   virtio: data <buffer bytes 0..7> <bytes 8..15>     (little endian)
+ *   done
+ * then the boot-timer byte and a reset (FINISH). On a failed check it
+ * prints `virtio: error <what>` and goes straight to `done`; an unexpected
+ * CPU exception prints `virtio: exception <vector> rip <rip> error <code>`
+ * and finishes without `done`.
+ *
+ * Sequence (virtio spec 3.1.1 and 4.2.3): check magic, version 2 and a
+ * non-zero device ID; reset (Status = 0, wait for it to read 0);
+ * ACKNOWLEDGE; DRIVER; read the device features; accept only
+ * VIRTIO_F_VERSION_1; FEATURES_OK and check it stuck; set up queue 0
+ * (QueueSel, QueueNumMax, QueueNum, the three ring addresses, QueueReady);
+ * DRIVER_OK. Then: interrupts (IDT, 8259s masked, local APIC, IOAPIC
+ * entry), one 64-byte device-writable descriptor in the avail ring,
+ * avail.idx = 1, QueueNotify = 0, and `sti; hlt` until the interrupt
+ * handler has run. The handler reads InterruptStatus, writes it to
+ * InterruptACK, sends the local APIC EOI and counts. A periodic local-APIC
+ * timer (10 ms on KVM) wakes the wait so that it can give up after about
+ * 2 s of TSC (as report.S's AP wait), or after WAIT_WAKES wake-ups if the
+ * TSC does not advance.
+ *
+ * Register accesses to the device are all 32-bit, as virtio-mmio requires.
+ * Instruction count matters (see report.S): no loops but the command-line
+ * scan, the bounded waits and one `rep stosq`.
+ *
+ * Guest-physical memory written: only our own image (see guest.ld; .bss
+ * right after .data): the virtqueue, the buffer and the IDT in five
+ * 4 KiB-aligned .bss pages (virtq_desc, virtq_avail, virtq_used,
+ * virtio_buffer, idt, zeroed at start), the stack, and a few variables in
+ * .data. Nothing below 1 MiB is written. MMIO: the device window, the local
+ * APIC (0xfee00000), the IOAPIC (0xfec00000); ports: COM1, the 8259 masks
+ * (0x21, 0xa1) and FINISH's ports.
+ */
+#include "long-mode.h"
+
+    .intel_syntax noprefix
+
+/* The device, unless the command line says otherwise. */
+#define DEFAULT_BASE        0xd0000000
+#define DEFAULT_GSI         5
+#define MMIO_WINDOW         0x1000
+#define IOAPIC_PINS         24
+
+/* virtio-mmio registers (virtio spec 4.2.2), all 32-bit. */
+#define VIRTIO_MMIO_MAGIC_VALUE         0x000   /* "virt" */
+#define VIRTIO_MMIO_VERSION             0x004   /* 2 = modern */
+#define VIRTIO_MMIO_DEVICE_ID           0x008
+#define VIRTIO_MMIO_DEVICE_FEATURES     0x010
+#define VIRTIO_MMIO_DEVICE_FEATURES_SEL 0x014
+#define VIRTIO_MMIO_DRIVER_FEATURES     0x020
+#define VIRTIO_MMIO_DRIVER_FEATURES_SEL 0x024
+#define VIRTIO_MMIO_QUEUE_SEL           0x030
+#define VIRTIO_MMIO_QUEUE_NUM_MAX       0x034
+#define VIRTIO_MMIO_QUEUE_NUM           0x038
+#define VIRTIO_MMIO_QUEUE_READY         0x044
+#define VIRTIO_MMIO_QUEUE_NOTIFY        0x050
+#define VIRTIO_MMIO_INTERRUPT_STATUS    0x060
+#define VIRTIO_MMIO_INTERRUPT_ACK       0x064
+#define VIRTIO_MMIO_STATUS              0x070
+#define VIRTIO_MMIO_QUEUE_DESC_LOW      0x080
+#define VIRTIO_MMIO_QUEUE_DESC_HIGH     0x084
+#define VIRTIO_MMIO_QUEUE_DRIVER_LOW    0x090   /* the avail ring */
+#define VIRTIO_MMIO_QUEUE_DRIVER_HIGH   0x094
+#define VIRTIO_MMIO_QUEUE_DEVICE_LOW    0x0a0   /* the used ring */
+#define VIRTIO_MMIO_QUEUE_DEVICE_HIGH   0x0a4
+
+#define VIRTIO_MAGIC        0x74726976  /* "virt", little endian */
+#define VIRTIO_MMIO_MODERN  2
+
+/* Device status bits (virtio spec 2.1). */
+#define STATUS_ACKNOWLEDGE  1
+#define STATUS_DRIVER       2
+#define STATUS_DRIVER_OK    4
+#define STATUS_FEATURES_OK  8
+
+#define VIRTIO_F_VERSION_1  32          /* feature bit */
+
+/* Split virtqueue (virtio spec 2.7). */
+#define QUEUE_SIZE          8
+#define VIRTQ_DESC_F_WRITE  2
+#define DESC_ADDR           0           /* struct virtq_desc: u64 */
+#define DESC_LEN            8           /* u32 */
+#define DESC_FLAGS          12          /* u16 */
+#define DESC_NEXT           14          /* u16 */
+#define AVAIL_FLAGS         0           /* struct virtq_avail: u16 */
+#define AVAIL_IDX           2           /* u16 */
+#define AVAIL_RING          4           /* u16[queue size] */
+#define USED_IDX            2           /* struct virtq_used: flags u16, idx u16 */
+#define USED_RING           4           /* struct virtq_used_elem[]: id u32, len u32 */
+#define BUFFER_LEN          64
+
+/* Interrupts. */
+#define VECTOR_VIRTIO       0x30
+#define VECTOR_TIMER        0x31
+#define VECTOR_SPURIOUS     0xff
+#define IDT_ENTRIES         256
+#define GATE_INTERRUPT      0x8e00      /* present, DPL 0, 64-bit interrupt gate */
+#define EXCEPTIONS          32
+/* Exceptions that push an error code: 8, 10-14, 17, 21, 29, 30. */
+#define ERROR_CODE_VECTORS  0x60227d00
+#define PIC1_DATA           0x21        /* 8259 interrupt mask registers */
+#define PIC2_DATA           0xa1
+#define LAPIC_ID            0x020       /* bits 31:24 */
+#define LAPIC_TPR           0x080
+#define LAPIC_DIVIDE_BY_16  0x3
+#define TIMER_COUNT         625000      /* 10 ms at KVM's 1 GHz APIC bus / 16 */
+#define IOAPIC_BASE         0xfec00000
+#define IOAPIC_REGSEL       0x00
+#define IOAPIC_WINDOW       0x10
+#define IOAPIC_REDIRECTION  0x10        /* + 2 * pin: low dword; + 1: high */
+/* Redirection entry, low dword: vector, fixed delivery, physical
+ * destination, active high, edge, unmasked: the vector alone. */
+#define WAIT_TSC_TICKS      5000000000  /* about 2 s at 2.5 GHz */
+#define WAIT_WAKES          400         /* 4 s of 10 ms timer ticks */
+#define RESET_POLLS         1000
+
+/* Boot protocol fields for the command line (as in report.S). */
+#define BP_EXT_CMD_LINE_PTR 0x0c8       /* boot_params: u32, bits 63:32 */
+#define BP_CMD_LINE_PTR     0x228       /* boot_params: hdr.cmd_line_ptr, u32 */
+#define SI_CMDLINE_PADDR    24          /* hvm_start_info: u64 */
+#define CMDLINE_MAX         4096
+
+/* ERROR "text": print `virtio: error <text>` and end with `done`. */
+.macro ERROR text
+    PRINT   "virtio: error \text\n"
+    jmp     .Ldone
+.endm
+
+/* ------------------------------------------------------------------------ */
+    GUEST_ENTRIES main64
+
+/*
+ * main64: RSI = boot_params or hvm_start_info, EBP = BOOT_* kind.
+ * R15 = the device's register window throughout.
+ */
+main64:
+    mov     rbx, rsi
+    mov     r12d, ebp
+
+    /* Zero the virtqueue, the buffer and the IDT (.bss is not loaded). */
+    mov     edi, offset bss_pages
+    mov     ecx, (bss_pages_end - bss_pages) / 8
+    xor     eax, eax
+    rep stosq
+
+    call    parse_cmdline
+    jc      .Lbad_cmdline
+    mov     r15, [rip + virtio_base]
+
+/* --- identify: magic, version, device ID --------------------------------- */
+    PRINT   "virtio: magic "
+    mov     eax, [r15 + VIRTIO_MMIO_MAGIC_VALUE]
+    mov     r8d, eax
+    call    put_hex
+    PRINT   " version "
+    mov     eax, [r15 + VIRTIO_MMIO_VERSION]
+    mov     r9d, eax
+    call    put_hex
+    PRINT   " device "
+    mov     eax, [r15 + VIRTIO_MMIO_DEVICE_ID]
+    call    put_hex
+    call    put_newline
+    cmp     r8d, VIRTIO_MAGIC
+    jne     .Lno_device
+    cmp     r9d, VIRTIO_MMIO_MODERN
+    jne     .Lnot_modern
+    test    eax, eax
+    jz      .Lno_device
+
+/* --- reset, ACKNOWLEDGE, DRIVER ---------------------------------------- */
+    mov     dword ptr [r15 + VIRTIO_MMIO_STATUS], 0
+    mov     ecx, RESET_POLLS
+1:  mov     eax, [r15 + VIRTIO_MMIO_STATUS]
+    test    eax, eax
+    jz      2f
+    dec     ecx
+    jnz     1b
+    ERROR   "reset not complete"
+2:  mov     dword ptr [r15 + VIRTIO_MMIO_STATUS], STATUS_ACKNOWLEDGE
+    mov     dword ptr [r15 + VIRTIO_MMIO_STATUS], STATUS_ACKNOWLEDGE + STATUS_DRIVER
+
+/* --- features: read all 64, accept VERSION_1 only ----------------------- */
+    mov     dword ptr [r15 + VIRTIO_MMIO_DEVICE_FEATURES_SEL], 1
+    mov     eax, [r15 + VIRTIO_MMIO_DEVICE_FEATURES]
+    shl     rax, 32
+    mov     dword ptr [r15 + VIRTIO_MMIO_DEVICE_FEATURES_SEL], 0
+    mov     ecx, [r15 + VIRTIO_MMIO_DEVICE_FEATURES]
+    or      rax, rcx
+    PRINT   "virtio: features "
+    call    put_hex
+    call    put_newline
+    bt      rax, VIRTIO_F_VERSION_1
+    jnc     .Lno_version_1
+    mov     dword ptr [r15 + VIRTIO_MMIO_DRIVER_FEATURES_SEL], 0
+    mov     dword ptr [r15 + VIRTIO_MMIO_DRIVER_FEATURES], 0
+    mov     dword ptr [r15 + VIRTIO_MMIO_DRIVER_FEATURES_SEL], 1
+    mov     dword ptr [r15 + VIRTIO_MMIO_DRIVER_FEATURES], 1 << (VIRTIO_F_VERSION_1 - 32)
+    mov     dword ptr [r15 + VIRTIO_MMIO_STATUS], STATUS_ACKNOWLEDGE + STATUS_DRIVER + STATUS_FEATURES_OK
+    mov     eax, [r15 + VIRTIO_MMIO_STATUS]
+    test    eax, STATUS_FEATURES_OK
+    jz      .Lfeatures_rejected
+
+/* --- queue 0 ---------------------------------------------------------------- */
+    mov     dword ptr [r15 + VIRTIO_MMIO_QUEUE_SEL], 0
+    mov     eax, [r15 + VIRTIO_MMIO_QUEUE_NUM_MAX]
+    PRINT   "virtio: queue max "
+    call    put_hex
+    call    put_newline
+    test    eax, eax
+    jz      .Lno_queue
+    mov     ecx, QUEUE_SIZE
+    cmp     eax, ecx
+    cmovb   ecx, eax                    /* a smaller maximum: use it */
+    mov     [r15 + VIRTIO_MMIO_QUEUE_NUM], ecx
+    mov     eax, offset virtq_desc      /* all below 4 GiB: high halves 0 */
+    mov     [r15 + VIRTIO_MMIO_QUEUE_DESC_LOW], eax
+    mov     dword ptr [r15 + VIRTIO_MMIO_QUEUE_DESC_HIGH], 0
+    mov     eax, offset virtq_avail
+    mov     [r15 + VIRTIO_MMIO_QUEUE_DRIVER_LOW], eax
+    mov     dword ptr [r15 + VIRTIO_MMIO_QUEUE_DRIVER_HIGH], 0
+    mov     eax, offset virtq_used
+    mov     [r15 + VIRTIO_MMIO_QUEUE_DEVICE_LOW], eax
+    mov     dword ptr [r15 + VIRTIO_MMIO_QUEUE_DEVICE_HIGH], 0
+    mov     dword ptr [r15 + VIRTIO_MMIO_QUEUE_READY], 1
+
+/* --- DRIVER_OK ---------------------------------------------------------------- */
+    mov     dword ptr [r15 + VIRTIO_MMIO_STATUS], STATUS_ACKNOWLEDGE + STATUS_DRIVER + STATUS_FEATURES_OK + STATUS_DRIVER_OK
+    mov     eax, [r15 + VIRTIO_MMIO_STATUS]
+    PRINT   "virtio: status "
+    call    put_hex
+    call    put_newline
+
+/* --- interrupts: IDT, 8259s off, local APIC, IOAPIC pin -> VECTOR_VIRTIO -- */
+    call    setup_idt
+    mov     al, 0xff                    /* mask every 8259 input: the GSI */
+    out     PIC1_DATA, al               /* also reaches the master 8259, */
+    out     PIC2_DATA, al               /* which LINT0 (ExtINT) may pass on */
+    mov     edi, LAPIC_BASE
+    mov     dword ptr [rdi + LAPIC_TPR], 0
+    mov     eax, [rdi + LAPIC_SVR]
+    mov     al, VECTOR_SPURIOUS
+    or      eax, LAPIC_SVR_ENABLE
+    mov     [rdi + LAPIC_SVR], eax
+    mov     edx, [rdi + LAPIC_ID]       /* destination: ourselves */
+    and     edx, 0xff000000             /* bits 63:56 of the entry */
+    mov     ecx, [rip + virtio_gsi]
+    lea     ecx, [IOAPIC_REDIRECTION + 2 * rcx]
+    mov     edi, IOAPIC_BASE
+    lea     eax, [rcx + 1]              /* high dword first, while masked */
+    mov     [rdi + IOAPIC_REGSEL], eax
+    mov     [rdi + IOAPIC_WINDOW], edx
+    mov     [rdi + IOAPIC_REGSEL], ecx
+    mov     dword ptr [rdi + IOAPIC_WINDOW], VECTOR_VIRTIO
+
+/* --- one device-writable buffer, published and notified ------------------ */
+    mov     edi, offset virtq_desc      /* descriptor 0 */
+    mov     eax, offset virtio_buffer
+    mov     [rdi + DESC_ADDR], rax
+    mov     dword ptr [rdi + DESC_LEN], BUFFER_LEN
+    mov     word ptr [rdi + DESC_FLAGS], VIRTQ_DESC_F_WRITE
+    mov     word ptr [rdi + DESC_NEXT], 0
+    mov     edi, offset virtq_avail
+    mov     word ptr [rdi + AVAIL_RING], 0      /* ring[0] = descriptor 0 */
+    mfence                              /* the entry before the index */
+    mov     word ptr [rdi + AVAIL_IDX], 1
+    mfence                              /* the index before the notify */
+
+    /* The wake-up timer and the deadline, then the notify. */
+    mov     edi, LAPIC_BASE
+    mov     dword ptr [rdi + LAPIC_TIMER_DIVIDE], LAPIC_DIVIDE_BY_16
+    mov     dword ptr [rdi + LAPIC_LVT_TIMER], LVT_TIMER_PERIODIC + VECTOR_TIMER
+    mov     dword ptr [rdi + LAPIC_TIMER_INITIAL], TIMER_COUNT
+    rdtsc
+    shl     rdx, 32
+    or      rax, rdx
+    mov     r9, WAIT_TSC_TICKS
+    add     r9, rax                     /* R9 = deadline */
+    mov     r10d, WAIT_WAKES
+    mov     dword ptr [r15 + VIRTIO_MMIO_QUEUE_NOTIFY], 0
+
+/* --- wait for the interrupt ---------------------------------------------- */
+.Lwait:
+    cli
+    cmp     dword ptr [rip + irq_count], 0
+    jne     .Lwait_done
+    rdtsc
+    shl     rdx, 32
+    or      rax, rdx
+    cmp     rax, r9
+    jae     .Lwait_done
+    dec     r10d
+    jz      .Lwait_done
+    sti                                 /* sti; hlt: no interrupt slips */
+    hlt                                 /* in between (STI's shadow) */
+    jmp     .Lwait
+.Lwait_done:
+    mov     edi, LAPIC_BASE             /* interrupts are off: stop the timer */
+    mov     dword ptr [rdi + LAPIC_LVT_TIMER], LVT_MASKED + VECTOR_TIMER
+    mov     dword ptr [rdi + LAPIC_TIMER_INITIAL], 0
+
+    mov     eax, [rip + irq_count]
+    test    eax, eax
+    jnz     1f
+    PRINT   "virtio: no interrupt\n"
+    jmp     2f
+1:  PRINT   "virtio: irq "
+    call    put_hex
+    PRINT   " isr "
+    mov     eax, [rip + irq_isr]
+    call    put_hex
+    call    put_newline
+2:
+
+/* --- what the device did: the used ring and the buffer ------------------ */
+    mov     edi, offset virtq_used
+    PRINT   "virtio: used idx "
+    movzx   eax, word ptr [rdi + USED_IDX]
+    call    put_hex
+    PRINT   " id "
+    mov     eax, [rdi + USED_RING]      /* used.ring[0].id */
+    call    put_hex
+    PRINT   " len "
+    mov     eax, [rdi + USED_RING + 4]  /* used.ring[0].len */
+    call    put_hex
+    call    put_newline
+    mov     edi, offset virtio_buffer
+    PRINT   "virtio: data "
+    mov     rax, [rdi]
+    call    put_hex
+    call    put_space
+    mov     rax, [rdi + 8]
+    call    put_hex
+    call    put_newline
+
+.Ldone:
+    PRINT   "done\n"
+    FINISH
+
+.Lbad_cmdline:
+    ERROR   "bad virtio_mmio.device"
+.Lno_device:
+    ERROR   "no virtio device"
+.Lnot_modern:
+    ERROR   "not a version 2 (modern) device"
+.Lno_version_1:
+    ERROR   "VIRTIO_F_VERSION_1 not offered"
+.Lfeatures_rejected:
+    PRINT   "virtio: error FEATURES_OK not kept, status "
+    call    put_hex
+    call    put_newline
+    jmp     .Ldone
+.Lno_queue:
+    ERROR   "queue 0 not available"
+
+/* ------------------------------------------------------------------------ */
+/*
+ * parse_cmdline: RBX = boot pointer, R12 = BOOT_* kind. Finds the first
+ * `virtio_mmio.device=<size>@<base>:<gsi>` (at the start or after a space)
+ * and stores base and GSI in virtio_base and virtio_gsi; leaves the
+ * defaults there if the command line or the parameter is missing. Sets CF
+ * if the parameter is malformed or unusable (base 0, not 4-byte aligned or
+ * its 4 KiB not below 4 GiB, GSI not a pin of the first IOAPIC). The size
+ * is skipped: the registers we use all lie in the first 0x100 bytes.
+ */
+parse_cmdline:
+    cmp     r12d, BOOT_PVH
+    jne     1f
+    mov     rsi, [rbx + SI_CMDLINE_PADDR]
+    jmp     2f
+1:  mov     esi, [rbx + BP_CMD_LINE_PTR]
+    mov     eax, [rbx + BP_EXT_CMD_LINE_PTR]
+    shl     rax, 32
+    or      rsi, rax
+2:  test    rsi, rsi
+    jz      .Lparse_default
+    mov     rax, rsi
+    shr     rax, 32
+    jnz     .Lparse_default             /* not mapped: cannot read it */
+    lea     r8, [rsi + CMDLINE_MAX]     /* R8 = the end, at most */
+
+    /* RSI = the start of a word: does the key follow? */
+.Lparse_word:
+    lea     rdi, [rip + cmdline_key]
+    mov     rdx, rsi
+3:  mov     al, [rdi]
+    test    al, al
+    jz      .Lparse_value               /* the whole key matched */
+    cmp     rdx, r8
+    jae     .Lparse_default
+    cmp     al, [rdx]
+    jne     4f
+    inc     rdi
+    inc     rdx
+    jmp     3b
+4:  /* No: skip to after the next space. */
+    cmp     rsi, r8
+    jae     .Lparse_default
+    mov     al, [rsi]
+    inc     rsi
+    test    al, al
+    jz      .Lparse_default
+    cmp     al, ' '
+    jne     4b
+    jmp     .Lparse_word
+
+    /* RDX = the value: <size> '@' <base> ':' <gsi>. */
+.Lparse_value:
+    mov     rsi, rdx
+5:  cmp     rsi, r8                     /* skip the size */
+    jae     .Lparse_bad
+    lodsb
+    cmp     al, '@'
+    je      6f
+    cmp     al, ' '
+    jbe     .Lparse_bad
+    jmp     5b
+6:  call    parse_number
+    jc      .Lparse_bad
+    mov     rdx, rax                    /* RDX = base */
+    cmp     byte ptr [rsi], ':'
+    jne     .Lparse_bad
+    inc     rsi
+    call    parse_number
+    jc      .Lparse_bad
+    cmp     rax, IOAPIC_PINS
+    jae     .Lparse_bad
+    test    edx, 3                      /* 32-bit registers */
+    jnz     .Lparse_bad
+    test    rdx, rdx
+    jz      .Lparse_bad
+    mov     rcx, 0x100000000 - MMIO_WINDOW
+    cmp     rdx, rcx
+    ja      .Lparse_bad
+    mov     [rip + virtio_base], rdx
+    mov     [rip + virtio_gsi], eax
+.Lparse_default:
+    clc
+    ret
+.Lparse_bad:
+    stc
+    ret
+
+/*
+ * parse_number: RSI = text; RAX = the number there, hex after "0x",
+ * else decimal; RSI = after it. CF set if there are no digits.
+ */
+parse_number:
+    push    rcx
+    push    rdx
+    xor     eax, eax
+    mov     edx, 10                     /* RDX = base */
+    cmp     word ptr [rsi], 'x' << 8 | '0'
+    jne     1f
+    add     rsi, 2
+    mov     edx, 16
+1:  mov     r11, rsi                    /* R11 = where the digits start */
+2:  movzx   ecx, byte ptr [rsi]
+    sub     ecx, '0'
+    cmp     ecx, 9
+    jbe     3f
+    cmp     edx, 16
+    jne     4f
+    movzx   ecx, byte ptr [rsi]
+    or      ecx, 0x20                   /* lower case */
+    sub     ecx, 'a'
+    cmp     ecx, 5
+    ja      4f
+    add     ecx, 10
+3:  imul    rax, rdx
+    add     rax, rcx
+    inc     rsi
+    jmp     2b
+4:  cmp     rsi, r11                    /* CF = no digits (RSI == R11) */
+    je      5f
+    clc
+    pop     rdx
+    pop     rcx
+    ret
+5:  stc
+    pop     rdx
+    pop     rcx
+    ret
+
+/*
+ * setup_idt: gates for the exceptions (exception_stubs), VECTOR_VIRTIO,
+ * VECTOR_TIMER and VECTOR_SPURIOUS in the (zeroed) IDT, then LIDT. The
+ * gates use the code segment we run on (ours or the VMM's).
+ */
+setup_idt:
+    mov     edi, offset idt
+    mov     eax, offset exception_stubs
+    mov     ecx, EXCEPTIONS
+1:  call    set_gate
+    add     rdi, 16
+    add     eax, 8                      /* stubs are 8 bytes apart */
+    dec     ecx
+    jnz     1b
+    mov     edi, offset idt + 16 * VECTOR_VIRTIO
+    mov     eax, offset virtio_interrupt
+    call    set_gate
+    mov     edi, offset idt + 16 * VECTOR_TIMER
+    mov     eax, offset timer_interrupt
+    call    set_gate
+    mov     edi, offset idt + 16 * VECTOR_SPURIOUS
+    mov     eax, offset spurious_interrupt
+    call    set_gate
+    lidt    [rip + idt_descriptor]
+    ret
+
+/* set_gate: RDI = IDT entry, EAX = handler (below 4 GiB); keeps RAX. */
+set_gate:
+    push    rdx
+    mov     [rdi], ax                   /* offset 15:0 */
+    mov     dx, cs
+    mov     [rdi + 2], dx               /* selector */
+    mov     word ptr [rdi + 4], GATE_INTERRUPT
+    mov     edx, eax
+    shr     edx, 16
+    mov     [rdi + 6], dx               /* offset 31:16 */
+    mov     qword ptr [rdi + 8], 0      /* offset 63:32, reserved */
+    pop     rdx
+    ret
+
+/*
+ * virtio_interrupt: the device's interrupt. Reads InterruptStatus,
+ * acknowledges exactly those bits, ends the interrupt at the local APIC,
+ * counts it.
+ */
+virtio_interrupt:
+    push    rax
+    push    rdi
+    mov     rdi, [rip + virtio_base]
+    mov     eax, [rdi + VIRTIO_MMIO_INTERRUPT_STATUS]
+    mov     [rdi + VIRTIO_MMIO_INTERRUPT_ACK], eax
+    or      [rip + irq_isr], eax
+    inc     dword ptr [rip + irq_count]
+    mov     edi, LAPIC_BASE
+    mov     dword ptr [rdi + LAPIC_EOI], 0
+    pop     rdi
+    pop     rax
+    iretq
+
+/* timer_interrupt: only wakes the wait loop. */
+timer_interrupt:
+    push    rdi
+    mov     edi, LAPIC_BASE
+    mov     dword ptr [rdi + LAPIC_EOI], 0
+    pop     rdi
+    iretq
+
+/* spurious_interrupt: no EOI for the spurious vector. */
+spurious_interrupt:
+    iretq
+
+/*
+ * exception_stubs: one 8-byte stub per exception vector, pushing its
+ * number. exception_common prints it with the faulting RIP and the error
+ * code (0 if the exception has none) and finishes.
+ */
+    .balign 8
+exception_stubs:
+    .set    vector, 0
+    .rept   EXCEPTIONS
+    .balign 8
+    push    vector
+    jmp     exception_common
+    .set    vector, vector + 1
+    .endr
+
+exception_common:
+    pop     rax                         /* the vector */
+    xor     edx, edx
+    mov     ecx, ERROR_CODE_VECTORS
+    bt      ecx, eax
+    jnc     1f
+    pop     rdx                         /* the error code */
+1:  PRINT   "virtio: exception "
+    call    put_hex
+    PRINT   " rip "
+    mov     rax, [rsp]
+    call    put_hex
+    PRINT   " error "
+    mov     rax, rdx
+    call    put_hex
+    call    put_newline
+    FINISH
+
+    PRINT_ROUTINES
+
+    .section .rodata
+cmdline_key:
+    .asciz  "virtio_mmio.device="
+
+/* ------------------------------------------------------------------------ */
+    LONG_MODE_DATA
+
+    .data
+    .balign 8
+virtio_base:                            /* the device's register window */
+    .quad   DEFAULT_BASE
+virtio_gsi:                             /* its IOAPIC pin */
+    .long   DEFAULT_GSI
+irq_count:                              /* virtio interrupts taken */
+    .long   0
+irq_isr:                                /* InterruptStatus, ORed */
+    .long   0
+    .balign 8
+idt_descriptor:
+    .word   IDT_ENTRIES * 16 - 1
+    .quad   idt
+
+/* Zeroed by main64: the virtqueue, the buffer, the IDT. */
+    .bss
+    .balign 4096
+bss_pages:
+virtq_desc:                             /* struct virtq_desc[QUEUE_SIZE] */
+    .skip   4096
+virtq_avail:                            /* struct virtq_avail */
+    .skip   4096
+virtq_used:                             /* struct virtq_used */
+    .skip   4096
+virtio_buffer:                          /* the device-writable buffer */
+    .skip   4096
+idt:
+    .skip   IDT_ENTRIES * 16
+bss_pages_end:
