@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use virtio_queue::{Queue, QueueT};
 use vm_memory::{GuestMemoryMmap, VolatileSlice};
 
 use super::chain::Buffers;
@@ -387,15 +387,9 @@ impl VirtioBackend for Block {
     }
 
     fn process_queue(&mut self, _index: u16, queue: &mut Queue, mem: &GuestMemoryMmap) -> bool {
-        let chains: Vec<_> = match queue.iter(mem) {
-            Ok(iter) => iter.collect(),
-            Err(_) => {
-                self.counters.errors.fetch_add(1, Ordering::Relaxed);
-                return false;
-            }
-        };
-        let used = !chains.is_empty();
-        for chain in chains {
+        let mut used = false;
+        while let Some(chain) = queue.pop_descriptor_chain(mem) {
+            used = true;
             let head = chain.head_index();
             let used_len = match Buffers::from_chain(mem, chain) {
                 // No room for a status byte, or no header: nothing can be

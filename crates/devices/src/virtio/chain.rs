@@ -3,6 +3,7 @@
 //! memory segments. Everything here treats the chain as guest-controlled:
 //! segments must lie in guest memory and keep the order the spec demands.
 
+use smallvec::SmallVec;
 use virtio_queue::DescriptorChain;
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, VolatileSlice};
 
@@ -35,15 +36,21 @@ pub enum ChainError {
     },
 }
 
+/// Segments of one direction; most requests have a few, kept inline.
+pub type Segments = SmallVec<[(GuestAddress, u32); 4]>;
+
+/// Guest memory slices covering a range of a chain, usually one or two.
+pub type Slices<'m> = SmallVec<[VolatileSlice<'m>; 4]>;
+
 /// A chain split into its readable and writable segments.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Buffers {
     /// Head index, for `add_used`.
     pub head: u16,
     /// Device-readable segments, in order.
-    pub readable: Vec<(GuestAddress, u32)>,
+    pub readable: Segments,
     /// Device-writable segments, in order.
-    pub writable: Vec<(GuestAddress, u32)>,
+    pub writable: Segments,
 }
 
 impl Buffers {
@@ -90,25 +97,25 @@ impl Buffers {
     /// Reads `out.len()` readable bytes starting at logical `offset`.
     pub fn read_at(&self, mem: &GuestMemoryMmap, offset: u64, out: &mut [u8]) -> Result<(), ChainError> {
         let mut done = 0;
-        for (addr, slice_off, n) in ranges(&self.readable, offset, out.len() as u64, "readable")? {
+        for_each_range(&self.readable, offset, out.len() as u64, "readable", |addr, n| {
             let n = n as usize;
-            mem.read_slice(&mut out[done..done + n], addr.unchecked_add(slice_off))
+            mem.read_slice(&mut out[done..done + n], addr)
                 .map_err(|_| ChainError::OutOfMemory { addr: addr.raw_value(), len: n as u32 })?;
             done += n;
-        }
-        Ok(())
+            Ok(())
+        })
     }
 
     /// Writes `data` into the writable bytes starting at logical `offset`.
     pub fn write_at(&self, mem: &GuestMemoryMmap, offset: u64, data: &[u8]) -> Result<(), ChainError> {
         let mut done = 0;
-        for (addr, slice_off, n) in ranges(&self.writable, offset, data.len() as u64, "writable")? {
+        for_each_range(&self.writable, offset, data.len() as u64, "writable", |addr, n| {
             let n = n as usize;
-            mem.write_slice(&data[done..done + n], addr.unchecked_add(slice_off))
+            mem.write_slice(&data[done..done + n], addr)
                 .map_err(|_| ChainError::OutOfMemory { addr: addr.raw_value(), len: n as u32 })?;
             done += n;
-        }
-        Ok(())
+            Ok(())
+        })
     }
 
     /// The readable bytes `[offset, offset+len)` as guest memory slices.
@@ -117,7 +124,7 @@ impl Buffers {
         mem: &'m GuestMemoryMmap,
         offset: u64,
         len: u64,
-    ) -> Result<Vec<VolatileSlice<'m>>, ChainError> {
+    ) -> Result<Slices<'m>, ChainError> {
         slices(mem, &self.readable, offset, len, "readable")
     }
 
@@ -127,41 +134,41 @@ impl Buffers {
         mem: &'m GuestMemoryMmap,
         offset: u64,
         len: u64,
-    ) -> Result<Vec<VolatileSlice<'m>>, ChainError> {
+    ) -> Result<Slices<'m>, ChainError> {
         slices(mem, &self.writable, offset, len, "writable")
     }
 }
 
-/// The (segment address, offset in segment, length) pieces covering the
-/// logical range `[offset, offset+len)` of `segments`.
-fn ranges(
+/// Calls `f(address, length)` for each piece of `segments` covering the
+/// logical range `[offset, offset+len)`, in order.
+fn for_each_range(
     segments: &[(GuestAddress, u32)],
     offset: u64,
     len: u64,
     what: &'static str,
-) -> Result<Vec<(GuestAddress, u64, u64)>, ChainError> {
+    mut f: impl FnMut(GuestAddress, u64) -> Result<(), ChainError>,
+) -> Result<(), ChainError> {
     let available: u64 = segments.iter().map(|s| u64::from(s.1)).sum();
     let wanted = offset.checked_add(len).ok_or(ChainError::TooLong)?;
     if wanted > available {
         return Err(ChainError::Short { what, available, wanted });
     }
-    let mut out = Vec::new();
     let (mut skip, mut left) = (offset, len);
     for &(addr, seg_len) in segments {
+        if left == 0 {
+            break;
+        }
         let seg_len = u64::from(seg_len);
         if skip >= seg_len {
             skip -= seg_len;
             continue;
         }
-        if left == 0 {
-            break;
-        }
         let n = (seg_len - skip).min(left);
-        out.push((addr, skip, n));
+        f(addr.unchecked_add(skip), n)?;
         left -= n;
         skip = 0;
     }
-    Ok(out)
+    Ok(())
 }
 
 fn slices<'m>(
@@ -170,14 +177,16 @@ fn slices<'m>(
     offset: u64,
     len: u64,
     what: &'static str,
-) -> Result<Vec<VolatileSlice<'m>>, ChainError> {
-    ranges(segments, offset, len, what)?
-        .into_iter()
-        .map(|(addr, off, n)| {
-            mem.get_slice(addr.unchecked_add(off), n as usize)
-                .map_err(|_| ChainError::OutOfMemory { addr: addr.raw_value(), len: n as u32 })
-        })
-        .collect()
+) -> Result<Slices<'m>, ChainError> {
+    let mut out = Slices::new();
+    for_each_range(segments, offset, len, what, |addr, n| {
+        let slice = mem
+            .get_slice(addr, n as usize)
+            .map_err(|_| ChainError::OutOfMemory { addr: addr.raw_value(), len: n as u32 })?;
+        out.push(slice);
+        Ok(())
+    })?;
+    Ok(out)
 }
 
 #[cfg(test)]
@@ -210,8 +219,8 @@ pub(crate) mod tests {
     fn splits_readable_then_writable_segments() {
         let mem = memory();
         let b = one_chain(&mem, &[desc(0x10_0000, 16, 0), desc(0x10_1000, 0, 0), desc(0x10_2000, 512, WRITE), desc(0x10_3000, 1, WRITE)]);
-        assert_eq!(b.readable, vec![(GuestAddress(0x10_0000), 16)]);
-        assert_eq!(b.writable, vec![(GuestAddress(0x10_2000), 512), (GuestAddress(0x10_3000), 1)]);
+        assert_eq!(b.readable.as_slice(), [(GuestAddress(0x10_0000), 16)]);
+        assert_eq!(b.writable.as_slice(), [(GuestAddress(0x10_2000), 512), (GuestAddress(0x10_3000), 1)]);
         assert_eq!((b.readable_len(), b.writable_len()), (16, 513));
     }
 
