@@ -148,7 +148,7 @@ fn run_on(path: &std::path::Path, passes: usize) -> anyhow::Result<()> {
     println!(
         "vessel bench blk: {} ({} MiB, page cache warm), 4 KiB reads into {DEPTH} rotating buffers, {passes} passes each",
         path.display(),
-        blocks * BLOCK >> 20
+        (blocks * BLOCK) >> 20
     );
     for (name, order) in [("sequential", (0..blocks).collect::<Vec<_>>()), ("random", random_order(blocks))] {
         // Warm the page cache so both sides read memory, not the disk.
