@@ -12,6 +12,9 @@ trap 'rm -f "$log"' EXIT
 status=0
 cargo test --workspace --all-targets --no-fail-fast 2>&1 | tee "$log" || status=$?
 
+# Every parser of guest-controlled data, fuzzed for a bounded time.
+./scripts/fuzz.sh || status=$?
+
 # Sum every harness's "test result:" line ("ignored" = skipped here: tests
 # that cannot run on this machine say why above).
 awk '/^test result:/ {
