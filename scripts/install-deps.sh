@@ -9,6 +9,8 @@ command -v cc >/dev/null || need+=(gcc)
 command -v ld >/dev/null && command -v objcopy >/dev/null || need+=(binutils)
 command -v qemu-system-x86_64 >/dev/null || need+=(qemu-system-x86)
 command -v unshare >/dev/null || need+=(util-linux)
+# A static busybox for the test guests' initramfs (the dynamic one cannot run there).
+dpkg -s busybox-static >/dev/null 2>&1 || need+=(busybox-static)
 
 if [ ${#need[@]} -gt 0 ]; then
     sudo=""
@@ -16,6 +18,13 @@ if [ ${#need[@]} -gt 0 ]; then
     echo "install-deps: installing ${need[*]}"
     $sudo apt-get update -qq
     DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+
+# The guest kernel is fetched with apt-get download, which needs package lists.
+if ! ls /var/lib/apt/lists/*_Packages* >/dev/null 2>&1; then
+    sudo=""
+    [ "$(id -u)" -eq 0 ] || sudo="sudo"
+    $sudo apt-get update -qq
 fi
 
 if ! command -v cargo >/dev/null; then

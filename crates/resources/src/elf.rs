@@ -33,7 +33,7 @@ pub(crate) fn section<'a>(b: &'a [u8], name: &str) -> Option<&'a [u8]> {
     }
     let header = |i: usize| -> Option<(usize, usize, usize)> {
         let h = shoff.checked_add(i.checked_mul(shentsize)?)?;
-        Some((u32_at(b, h)? as usize, u64_at(b, h + 24)?, u64_at(b, h + 32)?))
+        Some((u32_at(b, h)? as usize, u64_at(b, h.checked_add(24)?)?, u64_at(b, h.checked_add(32)?)?))
     };
     let data = |off: usize, size: usize| b.get(off..off.checked_add(size)?);
     let (_, str_off, str_size) = header(shstrndx)?;

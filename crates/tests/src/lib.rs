@@ -2,6 +2,8 @@
 //! explain a skip, booting a bundled test guest in-process, and parsing
 //! what the report guest prints.
 
+pub mod tier3;
+
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -9,7 +11,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use guests::{Format, Program};
-use vmm::{BootSourceConfig, ConsoleOutput, ExitReason, MachineConfig, PrebootAction, VmStats, Vmm, VmmHandle};
+use vmm::{BootSourceConfig, ConsoleOutput, DeviceConfig, ExitReason, MachineConfig, PrebootAction, VmStats, Vmm, VmmHandle};
 
 /// Why KVM tests cannot run on this machine, or None if they can.
 pub fn kvm_unavailable() -> Option<String> {
@@ -128,6 +130,15 @@ pub fn start_guest(program: Program, format: Format, opts: &BootOptions) -> anyh
 
 /// Starts `kernel` in this process.
 pub fn start_kernel(kernel: &Path, initrd: Option<PathBuf>, opts: &BootOptions) -> anyhow::Result<RunningGuest> {
+    start(kernel, initrd, opts, &[])
+}
+
+/// Starts `kernel` in this process with virtio `devices` (initrd from opts ignored).
+pub fn start_kernel_with(kernel: &Path, opts: &BootOptions, devices: &[DeviceConfig]) -> anyhow::Result<RunningGuest> {
+    start(kernel, None, opts, devices)
+}
+
+fn start(kernel: &Path, initrd: Option<PathBuf>, opts: &BootOptions, devices: &[DeviceConfig]) -> anyhow::Result<RunningGuest> {
     let console = Console::default();
     let mut vmm = Vmm::new();
     vmm.handle(PrebootAction::ConfigureMachine(MachineConfig {
@@ -141,6 +152,9 @@ pub fn start_kernel(kernel: &Path, initrd: Option<PathBuf>, opts: &BootOptions) 
         cmdline: opts.cmdline.clone(),
     }))?;
     vmm.handle(PrebootAction::ConfigureConsole(ConsoleOutput::Writer(Box::new(console.clone()))))?;
+    for device in devices {
+        vmm.handle(PrebootAction::AddDevice(device.clone()))?;
+    }
     let handle = vmm.start()?;
     Ok(RunningGuest { handle, console, _dir: None })
 }

@@ -6,6 +6,7 @@
 pub mod block;
 pub mod chain;
 pub mod mmio;
+pub mod net;
 pub mod rng;
 pub mod vsock;
 pub mod vhost_user;

@@ -1,0 +1,281 @@
+//! virtio-net backed by a TAP device (`/dev/net/tun`, IFF_VNET_HDR). No
+//! offloads are negotiated (no checksum or segmentation offload on either
+//! side), so every frame is a plain Ethernet frame behind a zeroed virtio
+//! header; the TAP's vnet header carries the same 12 bytes.
+
+use std::fs::{File, OpenOptions};
+use std::io::{ErrorKind, Read, Write};
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::fs::OpenOptionsExt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use virtio_queue::{Queue, QueueT};
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+
+use super::chain::Buffers;
+use super::{device_type, read_config_bytes, VirtioBackend, Wakeup, VIRTIO_F_VERSION_1};
+
+const RX: usize = 0;
+const TX: usize = 1;
+const QUEUE_SIZES: [u16; 2] = [256, 256];
+/// VIRTIO_NET_F_MAC: the config space holds the MAC address.
+const VIRTIO_NET_F_MAC: u64 = 1 << 5;
+/// VIRTIO_NET_F_STATUS: the config space holds the link status.
+const VIRTIO_NET_F_STATUS: u64 = 1 << 16;
+const VIRTIO_NET_S_LINK_UP: u16 = 1;
+/// `struct virtio_net_hdr_v1`: flags, gso_type, hdr_len, gso_size,
+/// csum_start, csum_offset, num_buffers.
+pub const NET_HDR_LEN: usize = 12;
+/// Largest frame we move: a 64 KiB packet plus Ethernet and vnet headers.
+const MAX_FRAME: usize = 65_562 + NET_HDR_LEN;
+const TAP_TOKEN: u64 = 1;
+
+/// How to make a network device.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NetConfig {
+    /// TAP interface name (created if missing, up to 15 bytes).
+    pub tap: String,
+    /// The guest's MAC address.
+    pub mac: [u8; 6],
+}
+
+/// Why a network device could not be made.
+#[derive(Debug, thiserror::Error)]
+pub enum NetError {
+    /// The name does not fit an interface name.
+    #[error("TAP name {0:?} is empty or longer than 15 bytes")]
+    TapName(String),
+    /// /dev/net/tun could not be opened.
+    #[error("cannot open /dev/net/tun")]
+    OpenTun(#[source] std::io::Error),
+    /// A TUN ioctl failed.
+    #[error("cannot set up TAP device {0}: {1} failed")]
+    Ioctl(String, &'static str, #[source] std::io::Error),
+    /// epoll failed.
+    #[error("cannot set up the network event queue")]
+    Epoll(#[source] std::io::Error),
+}
+
+/// Counters a stats call reads.
+#[derive(Debug, Default)]
+pub struct NetCounters {
+    /// Frames the guest sent.
+    pub tx_packets: AtomicU64,
+    /// Bytes the guest sent.
+    pub tx_bytes: AtomicU64,
+    /// Frames delivered to the guest.
+    pub rx_packets: AtomicU64,
+    /// Bytes delivered to the guest.
+    pub rx_bytes: AtomicU64,
+    /// Frames dropped (malformed, too large for the buffer, TAP errors).
+    pub dropped: AtomicU64,
+}
+
+/// The network device.
+pub struct Net {
+    tap: File,
+    epoll: Epoll,
+    mac: [u8; 6],
+    /// A frame read from the TAP that found no receive buffer yet.
+    pending: Option<Vec<u8>>,
+    /// The TAP may hold frames (edge-triggered: true until EAGAIN).
+    tap_readable: bool,
+    frame: Vec<u8>,
+    counters: Arc<NetCounters>,
+}
+
+/// Opens (creating if needed) the TAP `name` with virtio-net headers and
+/// no offloads, non-blocking.
+pub fn open_tap(name: &str) -> Result<File, NetError> {
+    if name.is_empty() || name.len() >= libc::IFNAMSIZ {
+        return Err(NetError::TapName(name.into()));
+    }
+    let tap = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open("/dev/net/tun")
+        .map_err(NetError::OpenTun)?;
+    let ioctl_err = |what| move |e| NetError::Ioctl(name.into(), what, e);
+    // struct ifreq: the name, then the flags as a short.
+    let mut ifreq = [0u8; 40];
+    ifreq[..name.len()].copy_from_slice(name.as_bytes());
+    let flags = (libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR) as i16;
+    ifreq[16..18].copy_from_slice(&flags.to_ne_bytes());
+    // SAFETY: TUNSETIFF reads and writes a struct ifreq, which `ifreq` is
+    // big enough to hold (40 bytes).
+    let rc = unsafe { libc::ioctl(tap.as_raw_fd(), libc::TUNSETIFF, ifreq.as_mut_ptr()) };
+    if rc < 0 {
+        return Err(ioctl_err("TUNSETIFF")(std::io::Error::last_os_error()));
+    }
+    let hdr_len = NET_HDR_LEN as libc::c_int;
+    // SAFETY: TUNSETVNETHDRSZ reads one int from the pointer.
+    let rc = unsafe { libc::ioctl(tap.as_raw_fd(), libc::TUNSETVNETHDRSZ, &hdr_len) };
+    if rc < 0 {
+        return Err(ioctl_err("TUNSETVNETHDRSZ")(std::io::Error::last_os_error()));
+    }
+    // No offloads: the kernel hands us whole, checksummed frames.
+    // SAFETY: TUNSETOFFLOAD takes its argument by value.
+    let rc = unsafe { libc::ioctl(tap.as_raw_fd(), libc::TUNSETOFFLOAD, 0 as libc::c_ulong) };
+    if rc < 0 {
+        return Err(ioctl_err("TUNSETOFFLOAD")(std::io::Error::last_os_error()));
+    }
+    Ok(tap)
+}
+
+impl Net {
+    /// Opens the TAP `config` names.
+    pub fn new(config: &NetConfig) -> Result<(Self, Arc<NetCounters>), NetError> {
+        let tap = open_tap(&config.tap)?;
+        let epoll = Epoll::new().map_err(NetError::Epoll)?;
+        epoll
+            .ctl(
+                ControlOperation::Add,
+                tap.as_raw_fd(),
+                EpollEvent::new(EventSet::IN | EventSet::EDGE_TRIGGERED, TAP_TOKEN),
+            )
+            .map_err(NetError::Epoll)?;
+        let counters = Arc::new(NetCounters::default());
+        let net = Net {
+            tap,
+            epoll,
+            mac: config.mac,
+            pending: None,
+            tap_readable: true,
+            frame: vec![0u8; MAX_FRAME],
+            counters: counters.clone(),
+        };
+        Ok((net, counters))
+    }
+
+    fn process_tx(&mut self, queue: &mut Queue, mem: &GuestMemoryMmap) -> bool {
+        let mut used = false;
+        while let Some(chain) = queue.pop_descriptor_chain(mem) {
+            let head = chain.head_index();
+            let sent = Buffers::from_chain(mem, chain).ok().and_then(|b| {
+                let len = b.readable_len() as usize;
+                if !(NET_HDR_LEN..=MAX_FRAME).contains(&len) {
+                    return None;
+                }
+                b.read_at(mem, 0, &mut self.frame[..len]).ok()?;
+                // Nothing was negotiated that the header could ask for:
+                // pass it on zeroed, the frame as is.
+                self.frame[..NET_HDR_LEN].fill(0);
+                self.tap.write(&self.frame[..len]).ok().filter(|n| *n == len)
+            });
+            match sent {
+                Some(n) => {
+                    self.counters.tx_packets.fetch_add(1, Ordering::Relaxed);
+                    self.counters.tx_bytes.fetch_add((n - NET_HDR_LEN) as u64, Ordering::Relaxed);
+                }
+                None => {
+                    self.counters.dropped.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            let _ = queue.add_used(mem, head, 0);
+            used = true;
+        }
+        used
+    }
+
+    /// Moves frames from the TAP into receive buffers while both last.
+    fn process_rx(&mut self, queue: &mut Queue, mem: &GuestMemoryMmap) -> bool {
+        let mut used = false;
+        loop {
+            let frame = match self.pending.take() {
+                Some(f) => f,
+                None if self.tap_readable => match self.tap.read(&mut self.frame) {
+                    Ok(n) if n >= NET_HDR_LEN => self.frame[..n].to_vec(),
+                    Ok(_) => {
+                        self.counters.dropped.fetch_add(1, Ordering::Relaxed);
+                        continue;
+                    }
+                    Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                    Err(_) => {
+                        // EAGAIN: drained until the next edge.
+                        self.tap_readable = false;
+                        return used;
+                    }
+                },
+                None => return used,
+            };
+            let Some(chain) = queue.pop_descriptor_chain(mem) else {
+                // No buffer: keep the frame until the guest posts one.
+                self.pending = Some(frame);
+                return used;
+            };
+            let head = chain.head_index();
+            let written = Buffers::from_chain(mem, chain).ok().and_then(|b| {
+                (b.writable_len() >= frame.len() as u64).then_some(())?;
+                let mut frame = frame;
+                // num_buffers = 1; everything else as the TAP gave it (zero).
+                frame[10..12].copy_from_slice(&1u16.to_le_bytes());
+                b.write_at(mem, 0, &frame).ok().map(|()| frame.len())
+            });
+            match written {
+                Some(n) => {
+                    self.counters.rx_packets.fetch_add(1, Ordering::Relaxed);
+                    self.counters.rx_bytes.fetch_add((n - NET_HDR_LEN) as u64, Ordering::Relaxed);
+                    let _ = queue.add_used(mem, head, n as u32);
+                }
+                None => {
+                    self.counters.dropped.fetch_add(1, Ordering::Relaxed);
+                    let _ = queue.add_used(mem, head, 0);
+                }
+            }
+            used = true;
+        }
+    }
+}
+
+impl VirtioBackend for Net {
+    fn device_type(&self) -> u32 {
+        device_type::NET
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &QUEUE_SIZES
+    }
+
+    fn features(&self) -> u64 {
+        VIRTIO_F_VERSION_1 | VIRTIO_NET_F_MAC | VIRTIO_NET_F_STATUS
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        // struct virtio_net_config: mac[6], status u16.
+        let mut config = [0u8; 8];
+        config[..6].copy_from_slice(&self.mac);
+        config[6..8].copy_from_slice(&VIRTIO_NET_S_LINK_UP.to_le_bytes());
+        read_config_bytes(&config, offset, data);
+    }
+
+    fn process(&mut self, wakeup: Wakeup, queues: &mut [&mut Queue], mem: &GuestMemoryMmap) -> u64 {
+        if queues.len() < 2 {
+            return 0;
+        }
+        let mut used = 0;
+        if wakeup == Wakeup::Backend {
+            let mut events = [EpollEvent::default(); 4];
+            if self.epoll.wait(0, &mut events).is_ok_and(|n| n > 0) {
+                self.tap_readable = true;
+            }
+        }
+        if wakeup == Wakeup::Queue(TX as u16) && queues[TX].ready() && self.process_tx(queues[TX], mem) {
+            used |= 1 << TX;
+        }
+        if queues[RX].ready() && self.process_rx(queues[RX], mem) {
+            used |= 1 << RX;
+        }
+        used
+    }
+
+    fn backend_fd(&self) -> Option<RawFd> {
+        Some(self.epoll.as_raw_fd())
+    }
+
+    fn reset(&mut self) {
+        self.pending = None;
+    }
+}
