@@ -4,7 +4,13 @@
 //! busybox or the kernel cannot be had, every test here is reported as
 //! skipped, with the reason; none passes without running.
 
+use std::io::{Read, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::time::Duration;
+
+use devices::virtio::block::{Block, BlockConfig};
+use devices::virtio::vhost_user;
+use devices::virtio::vsock::{Vsock, VsockConfig};
 
 use anyhow::{ensure, Context};
 use libtest_mimic::{Arguments, Failed, Trial};
@@ -13,6 +19,7 @@ use sha2::{Digest, Sha256};
 use vessel_tests::tier3::{
     boot_linux_tcg, qemu_tcg_unavailable, test_kernel, LinuxOptions, LinuxRun, Verdict, VIRTIO_MMIO,
 };
+use vessel_tests::pattern::Pattern;
 use vessel_tests::TempDir;
 
 type TestResult = anyhow::Result<()>;
@@ -67,6 +74,21 @@ echo "VESSEL-TEST-RESULT: ok"
 /// `vhost_user_setup`, on the machine set-up vhost-user devices need
 /// (shared memfd RAM, modern virtio-mmio).
 fn qemu_virtio_blk_roundtrip(vhost_user_setup: bool) -> TestResult {
+    blk_roundtrip(if vhost_user_setup { BlkBackend::QemuOnVhostUserSetup } else { BlkBackend::Qemu })
+}
+
+/// Which virtio-blk device the guest gets.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum BlkBackend {
+    /// QEMU's own virtio-blk-device.
+    Qemu,
+    /// QEMU's own, on the machine set-up vhost-user needs.
+    QemuOnVhostUserSetup,
+    /// vessel's virtio-blk backend served over vhost-user.
+    Vessel,
+}
+
+fn blk_roundtrip(backend: BlkBackend) -> TestResult {
     let kernel = test_kernel()?;
     let dir = TempDir::new("blk")?;
     let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_nanos() as u64;
@@ -81,18 +103,35 @@ fn qemu_virtio_blk_roundtrip(vhost_user_setup: bool) -> TestResult {
     let initrd = test_initramfs(&kernel, &[VIRTIO_MMIO, "virtio_blk"], &script, &extra)?;
 
     let mut opts = LinuxOptions::new(&kernel.image, &initrd);
-    opts.vhost_user = vhost_user_setup;
-    opts.extra_args = ["-drive", &format!("file={},if=none,id=d0,format=raw", disk_path.display())]
-        .into_iter()
-        .map(String::from)
-        .chain(["-device".into(), "virtio-blk-device,drive=d0".into()])
-        .collect();
+    opts.vhost_user = backend != BlkBackend::Qemu;
+    let mut served = None;
+    opts.extra_args = match backend {
+        BlkBackend::Qemu | BlkBackend::QemuOnVhostUserSetup => {
+            ["-drive", &format!("file={},if=none,id=d0,format=raw", disk_path.display())]
+                .into_iter()
+                .map(String::from)
+                .chain(["-device".into(), "virtio-blk-device,drive=d0".into()])
+                .collect()
+        }
+        BlkBackend::Vessel => {
+            let socket = dir.path().join("blk.sock");
+            let config = BlockConfig { path: disk_path.clone(), read_only: false, id: Some("vessel-test".into()) };
+            let (block, counters) = Block::open(&config)?;
+            served = Some((serve_vhost_user("blk", Box::new(block), &socket)?, counters));
+            vhost_user_device_args(&socket, "vhost-user-blk")
+        }
+    };
     let run = boot_linux_tcg(&opts)?;
     eprintln!(
-        "qemu_virtio_blk_roundtrip (vhost-user set-up: {vhost_user_setup}): init after {:?} \
-         (guest uptime {:?} s), QEMU ran {:?}",
+        "blk_roundtrip ({backend:?}): init after {:?} (guest uptime {:?} s), QEMU ran {:?}",
         run.init_after, run.guest_uptime_at_init, run.elapsed
     );
+    if let Some((server, counters)) = served {
+        server.join().map_err(|_| anyhow::anyhow!("the vhost-user server panicked"))??;
+        let reads = counters.read_ops.load(std::sync::atomic::Ordering::Relaxed);
+        let writes = counters.write_ops.load(std::sync::atomic::Ordering::Relaxed);
+        ensure!(reads > 0 && writes > 0, "our backend served {reads} reads and {writes} writes: not ours?{}", run.context());
+    }
     run.ensure_ok()?;
     let ctx = || run.context();
 
@@ -111,6 +150,222 @@ fn qemu_virtio_blk_roundtrip(vhost_user_setup: bool) -> TestResult {
     ensure!(after == want, "the disk file changed outside the region the guest wrote");
     let got = run.expect_value("disk-after-sha256")?;
     ensure!(got == sha256_hex(&after), "guest hashed the written disk as {got}, host {}", sha256_hex(&after));
+    Ok(())
+}
+
+/// Serves `backend` over vhost-user on `socket` in a thread (until QEMU
+/// disconnects); returns once the socket is there to connect to.
+fn serve_vhost_user(
+    kind: &'static str,
+    backend: Box<dyn devices::virtio::VirtioBackend>,
+    socket: &std::path::Path,
+) -> anyhow::Result<std::thread::JoinHandle<anyhow::Result<()>>> {
+    let path = socket.to_path_buf();
+    let server = std::thread::spawn(move || vhost_user::serve(kind, backend, &path).map_err(anyhow::Error::from));
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !socket.exists() {
+        ensure!(std::time::Instant::now() < deadline, "the vhost-user {kind} socket never appeared");
+        ensure!(!server.is_finished(), "the vhost-user {kind} server ended before listening");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    Ok(server)
+}
+
+/// QEMU arguments attaching the vhost-user device `model` served on `socket`.
+fn vhost_user_device_args(socket: &std::path::Path, model: &str) -> Vec<String> {
+    let id = model.replace('-', "");
+    vec![
+        "-chardev".into(),
+        format!("socket,id={id},path={}", socket.display()),
+        "-device".into(),
+        format!("{model},chardev={id}"),
+    ]
+}
+
+/// Bytes each vsock stream carries each way.
+const VSOCK_BYTES: u64 = 64 << 20;
+/// Connections in the concurrent phase, and the bytes each echoes.
+const VSOCK_PARALLEL: u64 = 32;
+const VSOCK_PARALLEL_BYTES: u64 = 256 << 10;
+const GUEST_CID: u64 = 3;
+
+/// The guest side of the vsock test: a guest-initiated stream, a
+/// host-initiated stream, then 32 concurrent echoed connections.
+const VSOCK_SCRIPT: &str = r#"set -e
+echo "VESSEL-VALUE: phase guest-initiated"
+/bin/vsock-probe connect 2 5000 __BYTES__ 1 | sed 's/VESSEL-VALUE: /VESSEL-VALUE: g2h-/'
+echo "VESSEL-VALUE: phase host-initiated"
+/bin/vsock-probe listen 6000 __BYTES__ 3 | sed 's/VESSEL-VALUE: /VESSEL-VALUE: h2g-/'
+echo "VESSEL-VALUE: phase parallel"
+/bin/vsock-probe parallel 2 7000 __N__ __PBYTES__
+echo "VESSEL-TEST-RESULT: ok"
+"#;
+
+/// Reads a stream to its end, hashing it; returns (sha, bytes).
+fn drain(stream: &mut UnixStream) -> std::io::Result<(String, u64)> {
+    let mut hash = Sha256::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut total = 0u64;
+    loop {
+        let n = stream.read(&mut buf)?;
+        if n == 0 {
+            return Ok((hex(&hash.finalize()), total));
+        }
+        hash.update(&buf[..n]);
+        total += n as u64;
+    }
+}
+
+/// Writes `bytes` of `Pattern(seed)`, then shuts down the write side;
+/// returns the sha of what was sent.
+fn send_pattern(stream: &mut UnixStream, bytes: u64, seed: u64) -> std::io::Result<String> {
+    let mut pattern = Pattern::new(seed);
+    let mut hash = Sha256::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut left = bytes;
+    while left > 0 {
+        let n = left.min(buf.len() as u64) as usize;
+        pattern.fill(&mut buf[..n]);
+        hash.update(&buf[..n]);
+        stream.write_all(&buf[..n])?;
+        left -= n as u64;
+    }
+    stream.shutdown(std::net::Shutdown::Write)?;
+    Ok(hex(&hash.finalize()))
+}
+
+/// Both directions of one stream at once; returns (sent sha, received sha, received bytes).
+fn exchange(stream: UnixStream, bytes: u64, seed: u64) -> anyhow::Result<(String, String, u64)> {
+    let mut writer = stream.try_clone()?;
+    let sender = std::thread::spawn(move || send_pattern(&mut writer, bytes, seed));
+    let mut reader = stream;
+    let (got, n) = drain(&mut reader)?;
+    let sent = sender.join().map_err(|_| anyhow::anyhow!("sender panicked"))??;
+    Ok((sent, got, n))
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn pattern_sha(bytes: u64, seed: u64) -> String {
+    let mut pattern = Pattern::new(seed);
+    let mut hash = Sha256::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut left = bytes;
+    while left > 0 {
+        let n = left.min(buf.len() as u64) as usize;
+        pattern.fill(&mut buf[..n]);
+        hash.update(&buf[..n]);
+        left -= n as u64;
+    }
+    hex(&hash.finalize())
+}
+
+/// What the host side of the vsock test saw.
+#[derive(Debug, Default)]
+struct HostSide {
+    g2h: Option<(String, String, u64)>,
+    h2g: Option<(String, String, u64)>,
+    echoed: u64,
+}
+
+/// Our vsock backend over vhost-user under Linux's vsock drivers: 64 MiB
+/// each way guest-initiated and host-initiated, checked by SHA-256 on both
+/// ends, then 32 concurrent echoed connections.
+fn vessel_vhost_user_vsock() -> TestResult {
+    let kernel = test_kernel()?;
+    let dir = TempDir::new("vsock")?;
+    let probe = std::fs::read(env!("CARGO_BIN_EXE_vsock-probe")).context("reading vsock-probe")?;
+    let script = VSOCK_SCRIPT
+        .replace("__BYTES__", &VSOCK_BYTES.to_string())
+        .replace("__N__", &VSOCK_PARALLEL.to_string())
+        .replace("__PBYTES__", &VSOCK_PARALLEL_BYTES.to_string());
+    let extra = [ExtraFile { path: "/bin/vsock-probe".into(), mode: 0o755, contents: probe }];
+    let initrd = test_initramfs(&kernel, &[VIRTIO_MMIO, "vmw_vsock_virtio_transport"], &script, &extra)?;
+
+    let uds = dir.path().join("vsock.sock");
+    let socket = dir.path().join("vhost-vsock.sock");
+    let (vsock, counters) = Vsock::new(&VsockConfig { guest_cid: GUEST_CID, uds_path: uds.clone() })?;
+    let server = serve_vhost_user("vsock", Box::new(vsock), &socket)?;
+
+    // The host side, in its own threads.
+    let g2h = UnixListener::bind(format!("{}_5000", uds.display()))?;
+    let echo = UnixListener::bind(format!("{}_7000", uds.display()))?;
+    let host = std::thread::spawn(move || -> anyhow::Result<HostSide> {
+        let mut side = HostSide::default();
+        let (stream, _) = g2h.accept()?;
+        side.g2h = Some(exchange(stream, VSOCK_BYTES, 2)?);
+        // Host-initiated: retry until the guest listens.
+        let deadline = std::time::Instant::now() + Duration::from_secs(300);
+        let stream = loop {
+            ensure!(std::time::Instant::now() < deadline, "the guest never accepted CONNECT 6000");
+            let mut s = UnixStream::connect(&uds)?;
+            s.write_all(b"CONNECT 6000\n")?;
+            let mut line = Vec::new();
+            let mut byte = [0u8; 1];
+            while s.read(&mut byte)? == 1 && byte[0] != b'\n' {
+                line.push(byte[0]);
+            }
+            if line.starts_with(b"OK ") {
+                break s;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        };
+        side.h2g = Some(exchange(stream, VSOCK_BYTES, 4)?);
+        let echoes: Vec<_> = (0..VSOCK_PARALLEL)
+            .map(|_| {
+                let (stream, _) = echo.accept()?;
+                Ok(std::thread::spawn(move || -> std::io::Result<u64> {
+                    let mut reader = stream.try_clone()?;
+                    let mut writer = stream;
+                    let n = std::io::copy(&mut reader, &mut writer)?;
+                    writer.shutdown(std::net::Shutdown::Write)?;
+                    Ok(n)
+                }))
+            })
+            .collect::<anyhow::Result<_>>()?;
+        for t in echoes {
+            if t.join().map_err(|_| anyhow::anyhow!("echo panicked"))?? == VSOCK_PARALLEL_BYTES {
+                side.echoed += 1;
+            }
+        }
+        Ok(side)
+    });
+
+    let mut opts = LinuxOptions::new(&kernel.image, &initrd);
+    opts.vhost_user = true;
+    opts.timeout = Duration::from_secs(600);
+    opts.extra_args = vhost_user_device_args(&socket, "vhost-user-vsock-device");
+    let run = boot_linux_tcg(&opts)?;
+    eprintln!("vessel_vhost_user_vsock: init after {:?}, QEMU ran {:?}", run.init_after, run.elapsed);
+    run.ensure_ok()?;
+    server.join().map_err(|_| anyhow::anyhow!("the vhost-user server panicked"))??;
+    let side = host.join().map_err(|_| anyhow::anyhow!("the host side panicked"))??;
+    let ctx = || run.context();
+
+    let want_g2h = pattern_sha(VSOCK_BYTES, 1);
+    let want_h2g = pattern_sha(VSOCK_BYTES, 2);
+    let (host_sent, host_got, host_n) = side.g2h.clone().context("no guest-initiated stream")?;
+    ensure!(run.expect_value("g2h-sent-sha256")? == want_g2h, "guest sent something else{}", ctx());
+    ensure!(host_got == want_g2h && host_n == VSOCK_BYTES, "host received {host_n} bytes, sha {host_got}, want {want_g2h}");
+    ensure!(host_sent == want_h2g, "host side pattern mismatch");
+    ensure!(run.expect_value("g2h-recv-sha256")? == want_h2g, "guest received something else{}", ctx());
+    ensure!(run.expect_value("g2h-recv-bytes")? == VSOCK_BYTES.to_string(), "guest got a short stream{}", ctx());
+
+    let (h_sent, h_got, h_n) = side.h2g.clone().context("no host-initiated stream")?;
+    ensure!(h_got == pattern_sha(VSOCK_BYTES, 3) && h_n == VSOCK_BYTES, "host-initiated: host received {h_n} bytes, sha {h_got}");
+    ensure!(run.expect_value("h2g-recv-sha256")? == h_sent, "host-initiated: guest received something else{}", ctx());
+
+    ensure!(run.expect_value("parallel-ok")? == VSOCK_PARALLEL.to_string(), "concurrent connections failed{}", ctx());
+    ensure!(side.echoed == VSOCK_PARALLEL, "host echoed {} of {VSOCK_PARALLEL} connections in full", side.echoed);
+    let moved = counters.tx_bytes.load(std::sync::atomic::Ordering::Relaxed);
+    ensure!(moved >= 2 * VSOCK_BYTES, "our backend moved only {moved} bytes guest to host");
+    eprintln!(
+        "vessel_vhost_user_vsock: {} MiB each way in {:?} of QEMU run time (TCG)",
+        VSOCK_BYTES >> 20,
+        run.elapsed
+    );
     Ok(())
 }
 
@@ -168,11 +423,30 @@ fn trial(name: &'static str, f: impl FnOnce() -> TestResult + Send + 'static) ->
     Trial::test(name, move || f().map_err(|e| Failed::from(format!("{e:#}"))))
 }
 
+/// Prints the vhost-user libraries' log records (errors and warnings) to
+/// stderr, so a failing device negotiation says why.
+struct StderrLog;
+
+impl log::Log for StderrLog {
+    fn enabled(&self, m: &log::Metadata) -> bool {
+        m.level() <= log::Level::Warn
+    }
+    fn log(&self, r: &log::Record) {
+        if self.enabled(r.metadata()) {
+            eprintln!("[{} {}] {}", r.level(), r.target(), r.args());
+        }
+    }
+    fn flush(&self) {}
+}
+
 fn main() {
+    let _ = log::set_logger(&StderrLog).map(|()| log::set_max_level(log::LevelFilter::Warn));
     let args = Arguments::from_args();
     let mut trials = vec![
         trial("qemu_virtio_blk_roundtrip", || qemu_virtio_blk_roundtrip(false)),
         trial("qemu_virtio_blk_roundtrip_modern_mmio_shared_memory", || qemu_virtio_blk_roundtrip(true)),
+        trial("vessel_vhost_user_blk_roundtrip", || blk_roundtrip(BlkBackend::Vessel)),
+        trial("vessel_vhost_user_vsock", vessel_vhost_user_vsock),
         trial("harness_reports_script_failures", harness_reports_script_failures),
         trial("harness_kernel_panic_ends_qemu", harness_kernel_panic_ends_qemu),
         trial("harness_timeout_kills_qemu", harness_timeout_kills_qemu),

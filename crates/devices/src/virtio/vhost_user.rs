@@ -15,6 +15,9 @@ use virtio_queue::Queue;
 
 use super::{VirtioBackend, Wakeup};
 
+/// Largest split virtqueue the virtio spec allows.
+const MAX_QUEUE_SIZE: usize = 32768;
+
 /// Why serving stopped with an error.
 #[derive(Debug, thiserror::Error)]
 pub enum VhostUserError {
@@ -38,7 +41,10 @@ impl VhostUserBackendMut for Device {
     }
 
     fn max_queue_size(&self) -> usize {
-        self.backend.queue_max_sizes().iter().copied().max().map_or(0, usize::from)
+        // The frontend picks the ring size (QEMU's vhost-user-blk uses
+        // 1024) without asking; nothing here is sized by it, so accept any
+        // size virtio allows.
+        MAX_QUEUE_SIZE
     }
 
     fn features(&self) -> u64 {

@@ -1,0 +1,173 @@
+//! vsock-probe: a guest-side tool for the tier-3 tests. It moves
+//! deterministic byte streams over AF_VSOCK and prints their SHA-256, so a
+//! test on the host can check every byte arrived.
+//!
+//! ```text
+//! vsock-probe connect CID PORT SEND_BYTES SEED     # guest-initiated
+//! vsock-probe listen PORT SEND_BYTES SEED          # host-initiated
+//! vsock-probe parallel CID PORT CONNECTIONS BYTES  # many at once, each echoed
+//! ```
+//! Each stream connection sends SEND_BYTES of `vessel_tests::pattern(SEED)`,
+//! shuts down its write side, reads to end of file, and prints
+//! `VESSEL-VALUE: sent-sha256 <hex>`, `recv-sha256 <hex>` and `recv-bytes <n>`.
+
+use std::io::{Read, Write};
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::unix::net::UnixStream;
+
+use sha2::{Digest, Sha256};
+use vessel_tests::pattern::Pattern;
+
+fn vsock_addr(cid: u32, port: u32) -> libc::sockaddr_vm {
+    // SAFETY: sockaddr_vm is plain data; all-zero is a valid value.
+    let mut addr: libc::sockaddr_vm = unsafe { std::mem::zeroed() };
+    addr.svm_family = libc::AF_VSOCK as libc::sa_family_t;
+    addr.svm_cid = cid;
+    addr.svm_port = port;
+    addr
+}
+
+fn socket() -> std::io::Result<OwnedFd> {
+    // SAFETY: socket(2) with constant arguments.
+    let fd = unsafe { libc::socket(libc::AF_VSOCK, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: a fresh descriptor nobody else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// A connected vsock stream, used through UnixStream's Read/Write (both
+/// are plain stream sockets to the standard library).
+fn connect(cid: u32, port: u32) -> std::io::Result<UnixStream> {
+    let fd = socket()?;
+    let addr = vsock_addr(cid, port);
+    // SAFETY: `addr` is a valid sockaddr_vm of the size passed.
+    let rc = unsafe {
+        libc::connect(
+            std::os::fd::AsRawFd::as_raw_fd(&fd),
+            (&addr as *const libc::sockaddr_vm).cast(),
+            std::mem::size_of::<libc::sockaddr_vm>() as libc::socklen_t,
+        )
+    };
+    if rc < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(UnixStream::from(fd))
+}
+
+fn listen_accept(port: u32) -> std::io::Result<UnixStream> {
+    let fd = socket()?;
+    let raw = std::os::fd::AsRawFd::as_raw_fd(&fd);
+    let addr = vsock_addr(libc::VMADDR_CID_ANY, port);
+    // SAFETY: `addr` is a valid sockaddr_vm of the size passed.
+    let rc = unsafe {
+        libc::bind(raw, (&addr as *const libc::sockaddr_vm).cast(), std::mem::size_of::<libc::sockaddr_vm>() as libc::socklen_t)
+    };
+    if rc < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: listen on our own socket.
+    if unsafe { libc::listen(raw, 1) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    println!("VESSEL-VALUE: listening {port}");
+    // SAFETY: accept with no peer address wanted.
+    let conn = unsafe { libc::accept4(raw, std::ptr::null_mut(), std::ptr::null_mut(), libc::SOCK_CLOEXEC) };
+    if conn < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: a fresh descriptor nobody else owns.
+    Ok(UnixStream::from(unsafe { OwnedFd::from_raw_fd(conn) }))
+}
+
+/// Sends `bytes` of the pattern on one thread while reading to EOF on this
+/// one; returns (sent sha, received sha, received bytes).
+fn exchange(stream: UnixStream, bytes: u64, seed: u64) -> std::io::Result<(String, String, u64)> {
+    let mut writer = stream.try_clone()?;
+    let sender = std::thread::spawn(move || -> std::io::Result<String> {
+        let mut pattern = Pattern::new(seed);
+        let mut hash = Sha256::new();
+        let mut buf = vec![0u8; 64 * 1024];
+        let mut left = bytes;
+        while left > 0 {
+            let n = left.min(buf.len() as u64) as usize;
+            pattern.fill(&mut buf[..n]);
+            hash.update(&buf[..n]);
+            writer.write_all(&buf[..n])?;
+            left -= n as u64;
+        }
+        writer.shutdown(std::net::Shutdown::Write)?;
+        Ok(hex(&hash.finalize()))
+    });
+    let mut reader = stream;
+    let mut hash = Sha256::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut total = 0u64;
+    loop {
+        let n = reader.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        hash.update(&buf[..n]);
+        total += n as u64;
+    }
+    let sent = sender.join().map_err(|_| std::io::Error::other("sender panicked"))??;
+    Ok((sent, hex(&hash.finalize()), total))
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn num<T: std::str::FromStr>(args: &[String], i: usize, what: &str) -> T {
+    args.get(i).and_then(|s| s.parse().ok()).unwrap_or_else(|| {
+        eprintln!("vsock-probe: argument {i} ({what}) missing or invalid");
+        std::process::exit(2)
+    })
+}
+
+fn report(tag: &str, (sent, recv, bytes): (String, String, u64)) {
+    println!("VESSEL-VALUE: {tag}sent-sha256 {sent}");
+    println!("VESSEL-VALUE: {tag}recv-sha256 {recv}");
+    println!("VESSEL-VALUE: {tag}recv-bytes {bytes}");
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let result = match args.get(1).map(String::as_str) {
+        Some("connect") => connect(num(&args, 2, "cid"), num(&args, 3, "port"))
+            .and_then(|s| exchange(s, num(&args, 4, "bytes"), num(&args, 5, "seed")))
+            .map(|r| report("", r)),
+        Some("listen") => listen_accept(num(&args, 2, "port"))
+            .and_then(|s| exchange(s, num(&args, 3, "bytes"), num(&args, 4, "seed")))
+            .map(|r| report("", r)),
+        Some("parallel") => {
+            let (cid, port, n, bytes): (u32, u32, u64, u64) =
+                (num(&args, 2, "cid"), num(&args, 3, "port"), num(&args, 4, "connections"), num(&args, 5, "bytes"));
+            let threads: Vec<_> = (0..n)
+                .map(|i| std::thread::spawn(move || connect(cid, port).and_then(|s| exchange(s, bytes, i))))
+                .collect();
+            let mut ok = 0;
+            for (i, t) in threads.into_iter().enumerate() {
+                match t.join() {
+                    // The host echoes: what came back must be what went out.
+                    Ok(Ok((sent, recv, got))) if sent == recv && got == bytes => ok += 1,
+                    Ok(Ok((_, _, got))) => eprintln!("vsock-probe: connection {i}: {got} bytes back, or different"),
+                    Ok(Err(e)) => eprintln!("vsock-probe: connection {i}: {e}"),
+                    Err(_) => eprintln!("vsock-probe: connection {i} panicked"),
+                }
+            }
+            println!("VESSEL-VALUE: parallel-ok {ok}");
+            Ok(())
+        }
+        _ => {
+            eprintln!("usage: vsock-probe connect CID PORT BYTES SEED | listen PORT BYTES SEED | parallel CID PORT N BYTES");
+            std::process::exit(2)
+        }
+    };
+    if let Err(e) = result {
+        println!("VESSEL-TEST-RESULT: fail vsock-probe: {e}");
+        std::process::exit(1);
+    }
+}
