@@ -7,6 +7,7 @@ use acpi_tables::madt::{EnabledStatus, IoApic, LocalInterruptController, Process
 use acpi_tables::rsdp::Rsdp;
 use acpi_tables::sdt::Sdt;
 use acpi_tables::xsdt::XSDT;
+use acpi_tables::aml::{Device, Interrupt, Memory32Fixed, Name, Path, ResourceTemplate, Scope};
 use acpi_tables::Aml;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
@@ -42,12 +43,54 @@ pub fn madt(vcpus: u8) -> Vec<u8> {
     to_bytes(&madt)
 }
 
+/// A virtio-mmio device (or empty slot) to describe in the DSDT.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct VirtioMmioDevice {
+    /// Register window.
+    pub addr: u64,
+    /// Window length.
+    pub len: u64,
+    /// Interrupt line (GSI).
+    pub irq: u32,
+}
+
+/// ACPI hardware ID Linux's virtio_mmio driver matches.
+const VIRTIO_MMIO_HID: &str = "LNRO0005";
+
+/// The DSDT: one `LNRO0005` device per virtio-mmio window, with its memory
+/// and (edge-triggered, active-high) interrupt. Kernels built without
+/// `virtio_mmio.device=` support (Debian's cloud kernel) find devices only
+/// this way. HW-reduced ACPI means no PM timer or SCI blocks.
+pub fn dsdt(devices: &[VirtioMmioDevice]) -> Vec<u8> {
+    let mut sdt = Sdt::new(*b"DSDT", 36, 6, OEM_ID, OEM_TABLE_ID, OEM_REVISION);
+    if devices.is_empty() {
+        return sdt.as_slice().to_vec();
+    }
+    let names: Vec<String> = (0..devices.len()).map(|i| format!("VR{i:02X}")).collect();
+    let hid = Name::new("_HID".into(), &VIRTIO_MMIO_HID);
+    let uids: Vec<Name> = (0..devices.len()).map(|i| Name::new("_UID".into(), &(i as u32))).collect();
+    let resources: Vec<(Memory32Fixed, Interrupt)> = devices
+        .iter()
+        .map(|d| (Memory32Fixed::new(true, d.addr as u32, d.len as u32), Interrupt::new(true, true, false, false, d.irq)))
+        .collect();
+    let templates: Vec<ResourceTemplate> =
+        resources.iter().map(|(m, i)| ResourceTemplate::new(vec![m as &dyn Aml, i as &dyn Aml])).collect();
+    let crs: Vec<Name> = templates.iter().map(|t| Name::new("_CRS".into(), t)).collect();
+    let aml_devices: Vec<Device> = names
+        .iter()
+        .enumerate()
+        .map(|(i, n)| Device::new(Path::new(n), vec![&hid, &uids[i], &crs[i]]))
+        .collect();
+    let children: Vec<&dyn Aml> = aml_devices.iter().map(|d| d as &dyn Aml).collect();
+    let mut body = Vec::new();
+    Scope::new("\\_SB_".into(), children).to_aml_bytes(&mut body);
+    sdt.append_slice(&body);
+    sdt.as_slice().to_vec()
+}
+
 /// Writes the tables from `ACPI_START` up and returns the RSDP's address.
-pub fn write_acpi_tables(mem: &GuestMemoryMmap, vcpus: u8) -> Result<u64, BootError> {
-    // An empty DSDT: no AML devices yet (virtio-mmio devices are announced on
-    // the command line). HW-reduced ACPI means no PM timer or SCI blocks.
-    let dsdt = Sdt::new(*b"DSDT", 36, 6, OEM_ID, OEM_TABLE_ID, OEM_REVISION);
-    let dsdt = dsdt.as_slice().to_vec();
+pub fn write_acpi_tables(mem: &GuestMemoryMmap, vcpus: u8, virtio: &[VirtioMmioDevice]) -> Result<u64, BootError> {
+    let dsdt = dsdt(virtio);
     let madt = madt(vcpus);
 
     // Layout: RSDP, then each table, 16-byte aligned.
@@ -121,9 +164,33 @@ mod tests {
     }
 
     #[test]
+    fn dsdt_describes_each_virtio_mmio_window() {
+        let devices = [
+            VirtioMmioDevice { addr: 0xd000_0000, len: 0x1000, irq: 5 },
+            VirtioMmioDevice { addr: 0xd000_1000, len: 0x1000, irq: 6 },
+        ];
+        let table = dsdt(&devices);
+        assert_eq!(&table[0..4], b"DSDT");
+        assert_eq!(u32::from_le_bytes(table[4..8].try_into().unwrap()) as usize, table.len());
+        assert_eq!(sum(&table), 0, "checksum");
+        let body = &table[36..];
+        let find = |needle: &[u8]| body.windows(needle.len()).filter(|w| *w == needle).count();
+        assert_eq!(find(b"LNRO0005\0"), 2);
+        assert_eq!(find(b"VR00") + find(b"VR01"), 2);
+        // Memory32Fixed: tag 0x86, length 9, read-write, base, length.
+        let mut mem0 = vec![0x86, 9, 0, 1];
+        mem0.extend_from_slice(&0xd000_0000u32.to_le_bytes());
+        mem0.extend_from_slice(&0x1000u32.to_le_bytes());
+        assert_eq!(find(&mem0), 1);
+        // Extended interrupt: tag 0x89, length 6, consumer|edge, one, GSI 6.
+        assert_eq!(find(&[0x89, 6, 0, 0b0011, 1, 6, 0, 0, 0]), 1);
+        assert_eq!(dsdt(&[]).len(), 36);
+    }
+
+    #[test]
     fn tables_chain_from_the_rsdp_with_valid_checksums() {
         let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
-        let rsdp_addr = write_acpi_tables(&mem, 2).unwrap();
+        let rsdp_addr = write_acpi_tables(&mem, 2, &[]).unwrap();
         assert_eq!(rsdp_addr, 0xe0000);
         let rsdp = read(&mem, rsdp_addr, 36);
         assert_eq!(&rsdp[0..8], b"RSD PTR ");

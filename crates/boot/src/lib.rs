@@ -77,6 +77,8 @@ pub struct BootSource<'a> {
     pub initrd: Option<&'a mut File>,
     /// The kernel command line.
     pub cmdline: &'a str,
+    /// virtio-mmio windows to describe in the DSDT.
+    pub virtio: &'a [acpi::VirtioMmioDevice],
 }
 
 /// The result of preparing memory: where to enter, and what was told.
@@ -102,7 +104,7 @@ pub fn prepare(
         None => None,
     };
     loader::write_cmdline(mem, source.cmdline, kernel.cmdline_max())?;
-    let rsdp = acpi::write_acpi_tables(mem, vcpus)?;
+    let rsdp = acpi::write_acpi_tables(mem, vcpus, source.virtio)?;
     let info = BootInfo { mem_size, initrd, rsdp };
     match kernel.entry {
         EntryPoint::Linux64(_) => {

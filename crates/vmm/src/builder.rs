@@ -7,6 +7,7 @@ use std::path::Path;
 use std::sync::{mpsc, Arc, Mutex, OnceLock};
 use std::time::Instant;
 
+use boot::acpi::VirtioMmioDevice;
 use boot::layout::{virtio_mmio_slot, KVM_IDENTITY_MAP_ADDR, KVM_TSS_ADDR, VIRTIO_MMIO_SIZE};
 use devices::legacy::{
     BootTimer, EventFdTrigger, SerialConsole, BOOT_TIMER_PORT, COM1_IRQ, COM1_PORT, I8042,
@@ -71,6 +72,7 @@ pub(crate) fn build_and_start(vmm: Vmm, started: Instant) -> Result<VmmHandle, S
     let mut mmio = Bus::new();
     let mut cmdline = boot_source.cmdline.clone();
     let mut device_events: Vec<Arc<Mutex<dyn MutEventSubscriber + Send>>> = Vec::new();
+    let mut acpi_devices = Vec::with_capacity(devices.len());
     for (index, config) in devices.iter().enumerate() {
         let (addr, irq) = virtio_mmio_slot(index).ok_or(ConfigError::TooManyDevices(devices.len()))?;
         let backend = create_backend(config)?;
@@ -85,7 +87,10 @@ pub(crate) fn build_and_start(vmm: Vmm, started: Instant) -> Result<VmmHandle, S
         let transport = Arc::new(Mutex::new(transport));
         mmio.insert(transport.clone(), addr, VIRTIO_MMIO_SIZE)?;
         device_events.push(Arc::new(Mutex::new(MmioQueueEvents::new(transport, queue_evts))));
+        // Announced twice: on the command line for kernels built with
+        // virtio_mmio.device= support, in the DSDT for the others.
         cmdline = format!("{cmdline} virtio_mmio.device={}K@{addr:#x}:{irq}", VIRTIO_MMIO_SIZE >> 10);
+        acpi_devices.push(VirtioMmioDevice { addr, len: VIRTIO_MMIO_SIZE, irq });
     }
 
     // The software that goes in memory.
@@ -93,7 +98,12 @@ pub(crate) fn build_and_start(vmm: Vmm, started: Instant) -> Result<VmmHandle, S
         &mem,
         mem_size,
         machine.vcpus,
-        boot::BootSource { kernel: &mut kernel, initrd: initrd.as_mut(), cmdline: cmdline.trim_start() },
+        boot::BootSource {
+            kernel: &mut kernel,
+            initrd: initrd.as_mut(),
+            cmdline: cmdline.trim_start(),
+            virtio: &acpi_devices,
+        },
     )?;
 
     // Legacy devices on the PIO bus.
