@@ -10,6 +10,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use devices::virtio::block::BlockConfig;
+use devices::virtio::net::NetConfig;
 use devices::virtio::vsock::VsockConfig;
 use vmm::{BootSourceConfig, ConsoleOutput, DeviceConfig, ExitReason, MachineConfig, PrebootAction, Vmm};
 
@@ -93,6 +94,12 @@ pub(crate) struct BootArgs {
     /// Give the guest a read-only virtio-blk disk backed by this file (repeatable).
     #[arg(long)]
     pub ro_disk: Vec<PathBuf>,
+    /// Give the guest a network card on this TAP device (created if missing).
+    #[arg(long)]
+    pub tap: Option<String>,
+    /// The guest's MAC address for --tap.
+    #[arg(long, value_parser = serve::parse_mac, default_value = "52:54:00:12:34:56")]
+    pub mac: [u8; 6],
     /// Give the guest a vsock device with this context ID (needs --vsock-uds).
     #[arg(long, requires = "vsock_uds")]
     pub vsock_cid: Option<u64>,
@@ -138,7 +145,7 @@ fn boot(args: &BootArgs) -> anyhow::Result<ExitCode> {
         initrd: args.initrd.clone(),
         cmdline: args.cmdline.clone(),
     }))?;
-    // Devices in slot order: the rng first, then the disks as given, then vsock.
+    // Devices in slot order: the rng, the disks as given, the network card, vsock.
     if args.rng {
         vmm.handle(PrebootAction::AddDevice(DeviceConfig::Rng))?;
     }
@@ -146,6 +153,9 @@ fn boot(args: &BootArgs) -> anyhow::Result<ExitCode> {
     for (path, read_only) in disks {
         let config = BlockConfig { path: path.clone(), read_only, id: None };
         vmm.handle(PrebootAction::AddDevice(DeviceConfig::Block(config)))?;
+    }
+    if let Some(tap) = args.tap.clone() {
+        vmm.handle(PrebootAction::AddDevice(DeviceConfig::Net(NetConfig { tap, mac: args.mac })))?;
     }
     if let (Some(guest_cid), Some(uds_path)) = (args.vsock_cid, args.vsock_uds.clone()) {
         vmm.handle(PrebootAction::AddDevice(DeviceConfig::Vsock(VsockConfig { guest_cid, uds_path })))?;

@@ -9,6 +9,7 @@ use std::sync::OnceLock;
 use anyhow::Context;
 use clap::Subcommand;
 use devices::virtio::block::{Block, BlockConfig};
+use devices::virtio::net::{Net, NetConfig};
 use devices::virtio::rng::Rng;
 use devices::virtio::vhost_user;
 use devices::virtio::vsock::{Vsock, VsockConfig};
@@ -43,6 +44,18 @@ pub(crate) enum ServeCommand {
         /// The host-side Unix socket.
         #[arg(long)]
         uds: PathBuf,
+    },
+    /// A network card on a TAP device (created if missing).
+    Net {
+        /// The vhost-user socket to listen on.
+        #[arg(long)]
+        socket: PathBuf,
+        /// The TAP interface.
+        #[arg(long)]
+        tap: String,
+        /// The guest's MAC address (aa:bb:cc:dd:ee:ff); a fixed local one by default.
+        #[arg(long, value_parser = parse_mac, default_value = "52:54:00:12:34:56")]
+        mac: [u8; 6],
     },
     /// An entropy device fed by the host's getrandom.
     Rng {
@@ -84,6 +97,11 @@ pub(crate) fn run(cmd: ServeCommand) -> anyhow::Result<()> {
             remove_socket_on_sigterm(&socket)?;
             vhost_user::serve("vsock", Box::new(vsock), &socket)?;
         }
+        ServeCommand::Net { socket, tap, mac } => {
+            let (net, _counters) = Net::new(&NetConfig { tap, mac })?;
+            remove_socket_on_sigterm(&socket)?;
+            vhost_user::serve("net", Box::new(net), &socket)?;
+        }
         ServeCommand::Rng { socket } => {
             let (rng, _counters) = Rng::new();
             remove_socket_on_sigterm(&socket)?;
@@ -91,4 +109,28 @@ pub(crate) fn run(cmd: ServeCommand) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Parses a MAC address written as six colon-separated hex bytes.
+pub(crate) fn parse_mac(text: &str) -> Result<[u8; 6], String> {
+    let parts: Vec<&str> = text.split(':').collect();
+    let bytes: Result<Vec<u8>, _> = parts.iter().map(|p| u8::from_str_radix(p, 16)).collect();
+    match bytes {
+        Ok(b) if b.len() == 6 && parts.iter().all(|p| p.len() == 2) => Ok([b[0], b[1], b[2], b[3], b[4], b[5]]),
+        _ => Err(format!("{text:?} is not a MAC address like 52:54:00:12:34:56")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_mac;
+
+    #[test]
+    fn mac_addresses_parse_strictly() {
+        assert_eq!(parse_mac("52:54:00:12:34:5f"), Ok([0x52, 0x54, 0, 0x12, 0x34, 0x5f]));
+        assert!(parse_mac("52:54:00:12:34").is_err());
+        assert!(parse_mac("52:54:00:12:34:5f:00").is_err());
+        assert!(parse_mac("5:54:00:12:34:5f").is_err());
+        assert!(parse_mac("zz:54:00:12:34:5f").is_err());
+    }
 }

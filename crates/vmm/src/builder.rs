@@ -15,6 +15,7 @@ use devices::legacy::{
 };
 use devices::virtio::block::Block;
 use devices::virtio::mmio::{MmioInterrupt, MmioQueueEvents, MmioTransport, QUEUE_NOTIFY_OFFSET};
+use devices::virtio::net::Net;
 use devices::virtio::rng::Rng;
 use devices::virtio::vsock::Vsock;
 use devices::virtio::VirtioBackend;
@@ -181,6 +182,9 @@ fn create_backend(config: &DeviceConfig) -> Result<Box<dyn VirtioBackend>, Start
         DeviceConfig::Rng => Box::new(Rng::new().0),
         DeviceConfig::Block(block) => {
             Box::new(Block::open(block).map_err(|e| StartError::Device("virtio-blk", Box::new(e)))?.0)
+        }
+        DeviceConfig::Net(net) => {
+            Box::new(Net::new(net).map_err(|e| StartError::Device("virtio-net", Box::new(e)))?.0)
         }
         DeviceConfig::Vsock(vsock) => {
             Box::new(Vsock::new(vsock).map_err(|e| StartError::Device("virtio-vsock", Box::new(e)))?.0)

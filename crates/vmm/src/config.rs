@@ -46,6 +46,8 @@ pub enum DeviceConfig {
     Block(devices::virtio::block::BlockConfig),
     /// A vsock device with a Unix-socket host side.
     Vsock(devices::virtio::vsock::VsockConfig),
+    /// A network card on a TAP device.
+    Net(devices::virtio::net::NetConfig),
 }
 
 /// Where the serial console's output goes.
