@@ -203,7 +203,7 @@ fn qemu_command(qemu: &str, kernel: &Path, mem: u64) -> Command {
 /// time from `start` to the guest's boot-timer write.
 fn in_process_launch(kernel: &Path, mem: u64) -> anyhow::Result<(Duration, Duration)> {
     let mut vmm = Vmm::new();
-    vmm.handle(PrebootAction::ConfigureMachine(MachineConfig { vcpus: 1, mem_mib: mem, seccomp: true }))?;
+    vmm.handle(PrebootAction::ConfigureMachine(MachineConfig { vcpus: 1, mem_mib: mem, seccomp: true, hotplug_slots: 0 }))?;
     vmm.handle(PrebootAction::ConfigureBootSource(BootSourceConfig {
         kernel: PathBuf::from(kernel),
         initrd: None,

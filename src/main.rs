@@ -85,6 +85,9 @@ pub(crate) struct BootArgs {
     /// Turn the seccomp filters off (debugging only).
     #[arg(long)]
     pub no_seccomp: bool,
+    /// Reserve this many empty virtio-mmio slots for devices attached later.
+    #[arg(long, default_value_t = 0)]
+    pub hotplug_slots: u8,
     /// Give the guest a virtio-rng device.
     #[arg(long)]
     pub rng: bool,
@@ -139,6 +142,7 @@ fn boot(args: &BootArgs) -> anyhow::Result<ExitCode> {
         vcpus: args.vcpus,
         mem_mib: args.mem,
         seccomp: !args.no_seccomp,
+        hotplug_slots: args.hotplug_slots,
     }))?;
     vmm.handle(PrebootAction::ConfigureBootSource(BootSourceConfig {
         kernel: args.kernel.clone(),

@@ -88,11 +88,13 @@ pub struct BootOptions {
     pub initrd: Option<Vec<u8>>,
     /// Seccomp on.
     pub seccomp: bool,
+    /// Empty virtio-mmio slots for hotplug.
+    pub hotplug_slots: u8,
 }
 
 impl Default for BootOptions {
     fn default() -> Self {
-        Self { vcpus: 1, mem_mib: 64, cmdline: String::new(), initrd: None, seccomp: true }
+        Self { vcpus: 1, mem_mib: 64, cmdline: String::new(), initrd: None, seccomp: true, hotplug_slots: 0 }
     }
 }
 
@@ -146,6 +148,7 @@ fn start(kernel: &Path, initrd: Option<PathBuf>, opts: &BootOptions, devices: &[
         vcpus: opts.vcpus,
         mem_mib: opts.mem_mib,
         seccomp: opts.seccomp,
+        hotplug_slots: opts.hotplug_slots,
     }))?;
     vmm.handle(PrebootAction::ConfigureBootSource(BootSourceConfig {
         kernel: kernel.to_path_buf(),

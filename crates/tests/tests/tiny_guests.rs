@@ -237,6 +237,43 @@ fn stop_while_paused() -> TestResult {
     Ok(())
 }
 
+/// Hotplug on a running VM: devices go into the reserved empty slots in
+/// order, a full set of slots says so, a detached slot takes a new device,
+/// and the guest keeps running throughout.
+fn hotplug_attach_and_detach() -> TestResult {
+    let opts = BootOptions { hotplug_slots: 2, ..Default::default() };
+    let guest = start_guest(Program::Spin, Format::Pvh, &opts)?;
+    let h = &guest.handle;
+    ensure!(wait_until(Duration::from_secs(10), || h.stats().boot_time.is_some()), "the guest never started");
+    let attach = |d| h.request(VmmAction::AttachDevice(d));
+    ensure!(
+        attach(vmm::DeviceConfig::Rng)? == VmmData::Attached { slot: 0, addr: 0xd000_0000, irq: 5 },
+        "first attach"
+    );
+    ensure!(
+        attach(vmm::DeviceConfig::Rng)? == VmmData::Attached { slot: 1, addr: 0xd000_1000, irq: 6 },
+        "second attach"
+    );
+    ensure!(attach(vmm::DeviceConfig::Rng) == Err(VmmActionError::NoFreeSlot), "a third device found a slot");
+    h.request(VmmAction::DetachDevice(0))?;
+    ensure!(h.request(VmmAction::DetachDevice(0)) == Err(VmmActionError::NoSuchSlot(0)), "detached twice");
+    ensure!(attach(vmm::DeviceConfig::Rng)? == VmmData::Attached { slot: 0, addr: 0xd000_0000, irq: 5 }, "reattach");
+    let dir = TempDir::new("hotplug")?;
+    let missing = vmm::DeviceConfig::Block(devices::virtio::block::BlockConfig {
+        path: dir.path().join("missing.img"),
+        read_only: false,
+        id: None,
+    });
+    h.request(VmmAction::DetachDevice(1))?;
+    match attach(missing) {
+        Err(VmmActionError::Attach(msg)) if msg.contains("missing.img") => {}
+        other => anyhow::bail!("attaching a missing disk gave {other:?}"),
+    }
+    let before = h.stats().vcpus[0].io_out;
+    ensure!(wait_until(Duration::from_secs(10), || h.stats().vcpus[0].io_out > before + 100), "the guest stopped");
+    Ok(())
+}
+
 /// Runs in a child process (see `seccomp_refuses_forbidden_syscall`): a thread
 /// with the vCPU filter does what vCPU threads do, then makes a syscall no
 /// vCPU thread needs. The filter must kill the process with its report.
@@ -303,6 +340,7 @@ fn main() {
         trial("virtio_mmio_rng_bzimage", || virtio_mmio_rng(Format::BzImage)),
         trial("pause_resume_stop", pause_resume_stop),
         trial("stop_while_paused", stop_while_paused),
+        trial("hotplug_attach_and_detach", hotplug_attach_and_detach),
         trial("bad_kernels_get_clear_errors", bad_kernels),
         trial("bad_machine_and_boot_source_get_clear_errors", bad_machine_and_boot_source),
     ];

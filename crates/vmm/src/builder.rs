@@ -29,7 +29,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::config::{ConfigError, ConsoleOutput, DeviceConfig};
 use crate::control::{Vmm, VmmHandle};
-use crate::event_loop::{self, Runtime};
+use crate::event_loop::{self, HotplugSlot, Runtime};
 use crate::stats::{VcpuCounters, VmCounters};
 use crate::vcpu::{self, VcpuSet, VcpuThreadConfig};
 use crate::StartError;
@@ -94,6 +94,19 @@ pub(crate) fn build_and_start(vmm: Vmm, started: Instant) -> Result<VmmHandle, S
         acpi_devices.push(VirtioMmioDevice { addr, len: VIRTIO_MMIO_SIZE, irq });
     }
 
+    // Empty slots for devices attached later, announced the same way.
+    let mut hotplug = Vec::with_capacity(usize::from(machine.hotplug_slots));
+    for index in devices.len()..devices.len() + usize::from(machine.hotplug_slots) {
+        let (addr, irq) = virtio_mmio_slot(index).ok_or(ConfigError::TooManyDevices(index + 1))?;
+        let irq_evt = EventFd::new(libc::EFD_NONBLOCK).map_err(StartError::EventFd)?;
+        vm.register_irqfd(&irq_evt, irq).map_err(setup("KVM_IRQFD (virtio)"))?;
+        let transport = Arc::new(Mutex::new(MmioTransport::empty(mem.clone(), Arc::new(MmioInterrupt::new(irq_evt)))));
+        mmio.insert(transport.clone(), addr, VIRTIO_MMIO_SIZE)?;
+        cmdline = format!("{cmdline} virtio_mmio.device={}K@{addr:#x}:{irq}", VIRTIO_MMIO_SIZE >> 10);
+        acpi_devices.push(VirtioMmioDevice { addr, len: VIRTIO_MMIO_SIZE, irq });
+        hotplug.push(HotplugSlot { transport, addr, irq, queue_evts: Vec::new(), backend_fd: None });
+    }
+
     // The software that goes in memory.
     let prepared = boot::prepare(
         &mem,
@@ -152,7 +165,8 @@ pub(crate) fn build_and_start(vmm: Vmm, started: Instant) -> Result<VmmHandle, S
         vcpus,
         counters: counters.clone(),
         exit: None,
-        _vm: vm,
+        hotplug,
+        vm,
     };
     let seccomp = machine.seccomp;
     let event_loop = std::thread::Builder::new()
@@ -177,7 +191,7 @@ fn supported_cpuid(kvm: &Kvm) -> Result<&'static [kvm_cpuid_entry2], StartError>
     Ok(SUPPORTED.get_or_init(|| cpuid.as_slice().to_vec()))
 }
 
-fn create_backend(config: &DeviceConfig) -> Result<Box<dyn VirtioBackend>, StartError> {
+pub(crate) fn create_backend(config: &DeviceConfig) -> Result<Box<dyn VirtioBackend>, StartError> {
     Ok(match config {
         DeviceConfig::Rng => Box::new(Rng::new().0),
         DeviceConfig::Block(block) => {

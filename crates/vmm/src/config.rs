@@ -18,11 +18,14 @@ pub struct MachineConfig {
     pub mem_mib: u64,
     /// Install the per-thread seccomp filters (turn off only to debug).
     pub seccomp: bool,
+    /// Empty virtio-mmio slots reserved for devices attached while the VM
+    /// runs (announced at boot, device ID 0 until filled).
+    pub hotplug_slots: u8,
 }
 
 impl Default for MachineConfig {
     fn default() -> Self {
-        Self { vcpus: 1, mem_mib: DEFAULT_MEM_MIB, seccomp: true }
+        Self { vcpus: 1, mem_mib: DEFAULT_MEM_MIB, seccomp: true, hotplug_slots: 0 }
     }
 }
 

@@ -30,7 +30,7 @@ pub enum PrebootAction {
 }
 
 /// Actions on a running VM.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum VmmAction {
     /// Stop all vCPUs where they are.
     Pause,
@@ -40,6 +40,11 @@ pub enum VmmAction {
     Stop,
     /// Read the VM's counters.
     GetStats,
+    /// Put a device in the first empty hotplug slot (see
+    /// `MachineConfig::hotplug_slots`); the guest then rebinds the slot.
+    AttachDevice(DeviceConfig),
+    /// Take the device out of a hotplug slot (the guest unbound it first).
+    DetachDevice(usize),
 }
 
 /// A successful answer.
@@ -49,6 +54,15 @@ pub enum VmmData {
     Empty,
     /// The counters.
     Stats(VmStats),
+    /// Where a hot-plugged device went.
+    Attached {
+        /// Hotplug slot index.
+        slot: usize,
+        /// Its virtio-mmio window.
+        addr: u64,
+        /// Its interrupt line.
+        irq: u32,
+    },
 }
 
 /// A refused or failed action.
@@ -63,6 +77,15 @@ pub enum VmmActionError {
     /// Pause did not complete.
     #[error("cannot pause the VM: {0}")]
     Pause(String),
+    /// Every hotplug slot holds a device (or none were reserved).
+    #[error("no free hotplug slot (reserve more with MachineConfig::hotplug_slots)")]
+    NoFreeSlot,
+    /// No device in that slot.
+    #[error("hotplug slot {0} holds no device")]
+    NoSuchSlot(usize),
+    /// The device could not be attached.
+    #[error("cannot attach the device: {0}")]
+    Attach(String),
 }
 
 /// A request as the event loop receives it.

@@ -13,6 +13,11 @@ use seccompiler::{
 const KVM_RUN: u64 = 0xae80;
 /// FIONBIO: how the standard library makes a socket non-blocking.
 const FIONBIO: u64 = libc::FIONBIO;
+/// KVM_IOEVENTFD = _IOW(KVMIO, 0x79, struct kvm_ioeventfd): a hot-plugged
+/// device's queue notifications.
+const KVM_IOEVENTFD: u64 = 0x4040_ae79;
+/// TUNSETIFF, TUNSETOFFLOAD, TUNSETVNETHDRSZ: opening a hot-plugged TAP.
+const TUN_IOCTLS: [u64; 3] = [0x4004_54ca, 0x4004_54d0, 0x4004_54d8];
 
 /// What every thread needs: memory, locks, signals, time, leaving.
 const COMMON: &[i64] = &[
@@ -38,9 +43,20 @@ const COMMON: &[i64] = &[
 const VCPU: &[i64] = &[];
 
 /// The event loop: wait on eventfds, kick and join vCPU threads, read stats,
-/// and serve virtio queues (disk I/O, entropy, vsock's Unix sockets).
+/// serve virtio queues (disk I/O, entropy, vsock's Unix sockets, the TAP),
+/// and hot-plug devices (open their files and sockets, make eventfds).
 const EVENT_LOOP: &[i64] = &[
     libc::SYS_accept4,
+    libc::SYS_bind,
+    libc::SYS_epoll_create1,
+    libc::SYS_eventfd2,
+    libc::SYS_fstat,
+    libc::SYS_listen,
+    libc::SYS_newfstatat,
+    libc::SYS_openat,
+    libc::SYS_statx,
+    libc::SYS_unlink,
+    libc::SYS_unlinkat,
     libc::SYS_connect,
     libc::SYS_recvfrom,
     libc::SYS_recvmsg,
@@ -67,8 +83,9 @@ const EVENT_LOOP: &[i64] = &[
 const CONTROL: &[i64] = &[libc::SYS_getrusage, libc::SYS_mincore, libc::SYS_read];
 
 /// fcntl(fd, F_GETFD): Rust's standard library checks an fd is open before
-/// closing it (in debug builds); nothing else uses fcntl after start.
-const FCNTL_GETFD: &[u64] = &[libc::F_GETFD as u64];
+/// closing it (in debug builds); F_DUPFD_CLOEXEC: `try_clone` of a file or
+/// eventfd.
+const FCNTL_ALLOWED: &[u64] = &[libc::F_GETFD as u64, libc::F_DUPFD_CLOEXEC as u64];
 
 /// A rule allowing `nr` when its second argument (the ioctl request, the
 /// fcntl command) is one of `values`.
@@ -89,7 +106,7 @@ fn filter(allowed: &[&[i64]], ioctls: &[u64]) -> SeccompFilter {
         .flat_map(|list| list.iter())
         .map(|nr| (*nr, vec![]))
         .collect();
-    rules.insert(libc::SYS_fcntl, second_arg_in(FCNTL_GETFD));
+    rules.insert(libc::SYS_fcntl, second_arg_in(FCNTL_ALLOWED));
     if !ioctls.is_empty() {
         rules.insert(libc::SYS_ioctl, second_arg_in(ioctls));
     }
@@ -101,7 +118,7 @@ fn filter(allowed: &[&[i64]], ioctls: &[u64]) -> SeccompFilter {
 fn thread_filters() -> Vec<(&'static str, SeccompFilter)> {
     vec![
         ("vcpu", filter(&[COMMON, VCPU], &[KVM_RUN])),
-        ("event_loop", filter(&[COMMON, EVENT_LOOP], &[FIONBIO])),
+        ("event_loop", filter(&[COMMON, EVENT_LOOP], &[FIONBIO, KVM_IOEVENTFD, TUN_IOCTLS[0], TUN_IOCTLS[1], TUN_IOCTLS[2]])),
         ("control", filter(&[COMMON, CONTROL], &[])),
     ]
 }
