@@ -5,7 +5,7 @@
 
 use smallvec::SmallVec;
 use virtio_queue::DescriptorChain;
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, VolatileSlice};
+use vm_memory::{Address, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, VolatileSlice};
 
 /// Why a chain cannot be used.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -64,7 +64,9 @@ impl Buffers {
             if len == 0 {
                 continue;
             }
-            if !mem.check_range(addr, len as usize) {
+            // Inside one memory region: our regions are never adjacent, so a
+            // segment crossing one's end leaves guest memory.
+            if mem.get_slice(addr, len as usize).is_err() {
                 return Err(ChainError::OutOfMemory { addr: addr.raw_value(), len });
             }
             if desc.is_write_only() {
@@ -99,8 +101,10 @@ impl Buffers {
         let mut done = 0;
         for_each_range(&self.readable, offset, out.len() as u64, "readable", |addr, n| {
             let n = n as usize;
-            mem.read_slice(&mut out[done..done + n], addr)
+            let slice = mem
+                .get_slice(addr, n)
                 .map_err(|_| ChainError::OutOfMemory { addr: addr.raw_value(), len: n as u32 })?;
+            slice.copy_to(&mut out[done..done + n]);
             done += n;
             Ok(())
         })
@@ -111,8 +115,10 @@ impl Buffers {
         let mut done = 0;
         for_each_range(&self.writable, offset, data.len() as u64, "writable", |addr, n| {
             let n = n as usize;
-            mem.write_slice(&data[done..done + n], addr)
+            let slice = mem
+                .get_slice(addr, n)
                 .map_err(|_| ChainError::OutOfMemory { addr: addr.raw_value(), len: n as u32 })?;
+            slice.copy_from(&data[done..done + n]);
             done += n;
             Ok(())
         })
@@ -192,6 +198,7 @@ fn slices<'m>(
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+    use vm_memory::Bytes;
     use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
     use virtio_queue::mock::MockSplitQueue;
     use virtio_queue::{Queue, QueueOwnedT};
