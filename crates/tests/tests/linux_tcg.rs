@@ -19,7 +19,7 @@ use sha2::{Digest, Sha256};
 use vessel_tests::tier3::{
     boot_linux_tcg, qemu_tcg_unavailable, test_kernel, LinuxOptions, LinuxRun, Verdict, VIRTIO_MMIO,
 };
-use vessel_tests::pattern::Pattern;
+use vessel_tests::pattern::{exchange, hex, pattern_sha256};
 use vessel_tests::TempDir;
 
 type TestResult = anyhow::Result<()>;
@@ -31,7 +31,7 @@ const PATTERN_SECTOR: usize = 2051;
 const PATTERN_SECTORS: usize = 128;
 
 fn sha256_hex(bytes: &[u8]) -> String {
-    Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
+    hex(&Sha256::digest(bytes))
 }
 
 /// Pseudo-random bytes (xorshift64*), different for each seed.
@@ -203,67 +203,6 @@ echo "VESSEL-VALUE: phase parallel"
 echo "VESSEL-TEST-RESULT: ok"
 "#;
 
-/// Reads a stream to its end, hashing it; returns (sha, bytes).
-fn drain(stream: &mut UnixStream) -> std::io::Result<(String, u64)> {
-    let mut hash = Sha256::new();
-    let mut buf = vec![0u8; 64 * 1024];
-    let mut total = 0u64;
-    loop {
-        let n = stream.read(&mut buf)?;
-        if n == 0 {
-            return Ok((hex(&hash.finalize()), total));
-        }
-        hash.update(&buf[..n]);
-        total += n as u64;
-    }
-}
-
-/// Writes `bytes` of `Pattern(seed)`, then shuts down the write side;
-/// returns the sha of what was sent.
-fn send_pattern(stream: &mut UnixStream, bytes: u64, seed: u64) -> std::io::Result<String> {
-    let mut pattern = Pattern::new(seed);
-    let mut hash = Sha256::new();
-    let mut buf = vec![0u8; 64 * 1024];
-    let mut left = bytes;
-    while left > 0 {
-        let n = left.min(buf.len() as u64) as usize;
-        pattern.fill(&mut buf[..n]);
-        hash.update(&buf[..n]);
-        stream.write_all(&buf[..n])?;
-        left -= n as u64;
-    }
-    stream.shutdown(std::net::Shutdown::Write)?;
-    Ok(hex(&hash.finalize()))
-}
-
-/// Both directions of one stream at once; returns (sent sha, received sha, received bytes).
-fn exchange(stream: UnixStream, bytes: u64, seed: u64) -> anyhow::Result<(String, String, u64)> {
-    let mut writer = stream.try_clone()?;
-    let sender = std::thread::spawn(move || send_pattern(&mut writer, bytes, seed));
-    let mut reader = stream;
-    let (got, n) = drain(&mut reader)?;
-    let sent = sender.join().map_err(|_| anyhow::anyhow!("sender panicked"))??;
-    Ok((sent, got, n))
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-fn pattern_sha(bytes: u64, seed: u64) -> String {
-    let mut pattern = Pattern::new(seed);
-    let mut hash = Sha256::new();
-    let mut buf = vec![0u8; 64 * 1024];
-    let mut left = bytes;
-    while left > 0 {
-        let n = left.min(buf.len() as u64) as usize;
-        pattern.fill(&mut buf[..n]);
-        hash.update(&buf[..n]);
-        left -= n as u64;
-    }
-    hex(&hash.finalize())
-}
-
 /// What the host side of the vsock test saw.
 #[derive(Debug, Default)]
 struct HostSide {
@@ -346,8 +285,8 @@ fn vessel_vhost_user_vsock() -> TestResult {
     let side = host.join().map_err(|_| anyhow::anyhow!("the host side panicked"))??;
     let ctx = || run.context();
 
-    let want_g2h = pattern_sha(VSOCK_BYTES, 1);
-    let want_h2g = pattern_sha(VSOCK_BYTES, 2);
+    let want_g2h = pattern_sha256(VSOCK_BYTES, 1);
+    let want_h2g = pattern_sha256(VSOCK_BYTES, 2);
     let (host_sent, host_got, host_n) = side.g2h.clone().context("no guest-initiated stream")?;
     ensure!(run.expect_value("g2h-sent-sha256")? == want_g2h, "guest sent something else{}", ctx());
     ensure!(host_got == want_g2h && host_n == VSOCK_BYTES, "host received {host_n} bytes, sha {host_got}, want {want_g2h}");
@@ -356,7 +295,7 @@ fn vessel_vhost_user_vsock() -> TestResult {
     ensure!(run.expect_value("g2h-recv-bytes")? == VSOCK_BYTES.to_string(), "guest got a short stream{}", ctx());
 
     let (h_sent, h_got, h_n) = side.h2g.clone().context("no host-initiated stream")?;
-    ensure!(h_got == pattern_sha(VSOCK_BYTES, 3) && h_n == VSOCK_BYTES, "host-initiated: host received {h_n} bytes, sha {h_got}");
+    ensure!(h_got == pattern_sha256(VSOCK_BYTES, 3) && h_n == VSOCK_BYTES, "host-initiated: host received {h_n} bytes, sha {h_got}");
     ensure!(run.expect_value("h2g-recv-sha256")? == h_sent, "host-initiated: guest received something else{}", ctx());
 
     ensure!(run.expect_value("parallel-ok")? == VSOCK_PARALLEL.to_string(), "concurrent connections failed{}", ctx());

@@ -162,7 +162,7 @@ impl Block {
                 Some(offset) => match req
                     .writable_slices(mem, 0, in_len)
                     .ok()
-                    .and_then(|slices| read_file(&self.file, &slices, offset).ok())
+                    .and_then(|slices| file_io(&self.file, &slices, offset, Direction::FileToGuest).ok())
                 {
                     Some(()) => {
                         self.counters.read_ops.fetch_add(1, Ordering::Relaxed);
@@ -181,7 +181,7 @@ impl Block {
                 match req
                     .readable_slices(mem, HEADER_LEN, out_len)
                     .ok()
-                    .and_then(|slices| write_file(&self.file, &slices, offset).ok())
+                    .and_then(|slices| file_io(&self.file, &slices, offset, Direction::GuestToFile).ok())
                 {
                     Some(()) => {
                         self.counters.write_ops.fetch_add(1, Ordering::Relaxed);
@@ -267,8 +267,18 @@ fn file_name(path: &Path) -> String {
     name[..end].to_string()
 }
 
-/// Reads the file at `offset` into guest memory, slice after slice.
-fn read_file(file: &File, slices: &[VolatileSlice], mut offset: u64) -> std::io::Result<()> {
+/// Which way data moves between the file and guest memory.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Direction {
+    /// pread: file to guest memory.
+    FileToGuest,
+    /// pwrite: guest memory to file.
+    GuestToFile,
+}
+
+/// Moves the bytes of `slices` to or from the file at `offset`, slice after
+/// slice, straight between the file and guest memory.
+fn file_io(file: &File, slices: &[VolatileSlice], mut offset: u64, dir: Direction) -> std::io::Result<()> {
     for slice in slices {
         let guard = slice.ptr_guard_mut();
         let mut done = 0;
@@ -276,40 +286,19 @@ fn read_file(file: &File, slices: &[VolatileSlice], mut offset: u64) -> std::io:
             let left = slice.len() - done;
             // SAFETY: `done < slice.len()`, so the pointer stays inside the
             // slice's guest memory mapping, which the guard keeps alive.
-            let dst = unsafe { guard.as_ptr().add(done) };
-            // SAFETY: pread writes at most `left` bytes at `dst`, all inside
-            // the slice; guest memory may change under us, which only
-            // affects the data the guest sees.
-            let n = unsafe { libc::pread64(file.as_raw_fd(), dst.cast(), left, (offset + done as u64) as i64) };
+            let ptr = unsafe { guard.as_ptr().add(done) };
+            let at = (offset + done as u64) as i64;
+            let n = match dir {
+                // SAFETY: pread writes at most `left` bytes at `ptr`, all
+                // inside the slice; the guest changing that memory under us
+                // only changes what the guest reads.
+                Direction::FileToGuest => unsafe { libc::pread64(file.as_raw_fd(), ptr.cast(), left, at) },
+                // SAFETY: pwrite reads at most `left` bytes from `ptr`, all
+                // inside the slice.
+                Direction::GuestToFile => unsafe { libc::pwrite64(file.as_raw_fd(), ptr.cast(), left, at) },
+            };
             match n {
-                0 => return Err(std::io::ErrorKind::UnexpectedEof.into()),
-                n if n < 0 => {
-                    let err = std::io::Error::last_os_error();
-                    if err.kind() != std::io::ErrorKind::Interrupted {
-                        return Err(err);
-                    }
-                }
-                n => done += n as usize,
-            }
-        }
-        offset += slice.len() as u64;
-    }
-    Ok(())
-}
-
-/// Writes guest memory to the file at `offset`, slice after slice.
-fn write_file(file: &File, slices: &[VolatileSlice], mut offset: u64) -> std::io::Result<()> {
-    for slice in slices {
-        let guard = slice.ptr_guard();
-        let mut done = 0;
-        while done < slice.len() {
-            let left = slice.len() - done;
-            // SAFETY: `done < slice.len()`: inside the live mapping.
-            let src = unsafe { guard.as_ptr().add(done) };
-            // SAFETY: pwrite reads at most `left` bytes from `src`, inside
-            // the slice.
-            let n = unsafe { libc::pwrite64(file.as_raw_fd(), src.cast(), left, (offset + done as u64) as i64) };
-            match n {
+                0 if dir == Direction::FileToGuest => return Err(std::io::ErrorKind::UnexpectedEof.into()),
                 0 => return Err(std::io::ErrorKind::WriteZero.into()),
                 n if n < 0 => {
                     let err = std::io::Error::last_os_error();

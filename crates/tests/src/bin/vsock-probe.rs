@@ -11,12 +11,10 @@
 //! shuts down its write side, reads to end of file, and prints
 //! `VESSEL-VALUE: sent-sha256 <hex>`, `recv-sha256 <hex>` and `recv-bytes <n>`.
 
-use std::io::{Read, Write};
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 
-use sha2::{Digest, Sha256};
-use vessel_tests::pattern::Pattern;
+use vessel_tests::pattern::exchange;
 
 fn vsock_addr(cid: u32, port: u32) -> libc::sockaddr_vm {
     // SAFETY: sockaddr_vm is plain data; all-zero is a valid value.
@@ -79,45 +77,6 @@ fn listen_accept(port: u32) -> std::io::Result<UnixStream> {
     }
     // SAFETY: a fresh descriptor nobody else owns.
     Ok(UnixStream::from(unsafe { OwnedFd::from_raw_fd(conn) }))
-}
-
-/// Sends `bytes` of the pattern on one thread while reading to EOF on this
-/// one; returns (sent sha, received sha, received bytes).
-fn exchange(stream: UnixStream, bytes: u64, seed: u64) -> std::io::Result<(String, String, u64)> {
-    let mut writer = stream.try_clone()?;
-    let sender = std::thread::spawn(move || -> std::io::Result<String> {
-        let mut pattern = Pattern::new(seed);
-        let mut hash = Sha256::new();
-        let mut buf = vec![0u8; 64 * 1024];
-        let mut left = bytes;
-        while left > 0 {
-            let n = left.min(buf.len() as u64) as usize;
-            pattern.fill(&mut buf[..n]);
-            hash.update(&buf[..n]);
-            writer.write_all(&buf[..n])?;
-            left -= n as u64;
-        }
-        writer.shutdown(std::net::Shutdown::Write)?;
-        Ok(hex(&hash.finalize()))
-    });
-    let mut reader = stream;
-    let mut hash = Sha256::new();
-    let mut buf = vec![0u8; 64 * 1024];
-    let mut total = 0u64;
-    loop {
-        let n = reader.read(&mut buf)?;
-        if n == 0 {
-            break;
-        }
-        hash.update(&buf[..n]);
-        total += n as u64;
-    }
-    let sent = sender.join().map_err(|_| std::io::Error::other("sender panicked"))??;
-    Ok((sent, hex(&hash.finalize()), total))
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 fn num<T: std::str::FromStr>(args: &[String], i: usize, what: &str) -> T {
