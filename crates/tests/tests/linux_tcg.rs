@@ -305,7 +305,7 @@ fn vessel_vhost_user_vsock() -> TestResult {
     let g2h_ns: f64 = run.expect_value("g2h-ns")?.parse()?;
     eprintln!(
         "vessel_vhost_user_vsock: guest-initiated stream, {} MiB each way at once, took {:.1} s in the guest \
-         ({:.1} MiB/s per direction, TCG: the guest's hashing dominates); QEMU ran {:?}",
+         ({:.1} MiB/s per direction under TCG, hashing both streams in the guest included); QEMU ran {:?}",
         VSOCK_BYTES >> 20,
         g2h_ns / 1e9,
         (VSOCK_BYTES >> 20) as f64 / (g2h_ns / 1e9),

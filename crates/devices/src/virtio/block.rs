@@ -12,7 +12,7 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::{GuestMemoryMmap, VolatileSlice};
 
 use super::chain::Buffers;
-use super::{device_type, read_config_bytes, VirtioBackend, VIRTIO_F_VERSION_1};
+use super::{device_type, read_config_bytes, VirtioBackend, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX};
 
 /// Sector size the protocol counts in.
 pub const SECTOR_SIZE: u64 = 512;
@@ -347,7 +347,7 @@ impl VirtioBackend for Block {
     }
 
     fn features(&self) -> u64 {
-        let mut f = VIRTIO_F_VERSION_1 | VIRTIO_BLK_F_FLUSH | VIRTIO_BLK_F_SEG_MAX;
+        let mut f = VIRTIO_F_VERSION_1 | VIRTIO_RING_F_EVENT_IDX | VIRTIO_BLK_F_FLUSH | VIRTIO_BLK_F_SEG_MAX;
         if self.read_only {
             f |= VIRTIO_BLK_F_RO;
         }

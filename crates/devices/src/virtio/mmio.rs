@@ -16,7 +16,7 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
-use super::{VirtioBackend, Wakeup, VIRTIO_F_VERSION_1};
+use super::{settle, VirtioBackend, Wakeup, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX};
 use crate::bus::BusDevice;
 
 /// Size of one device's register window.
@@ -207,7 +207,8 @@ impl MmioTransport {
             }
         }
         let mut queues: Vec<&mut Queue> = self.queues.iter_mut().collect();
-        if backend.process(wakeup, &mut queues, &self.mem) != 0 {
+        let used = backend.process(wakeup, &mut queues, &self.mem);
+        if settle(backend.as_mut(), &mut queues, &self.mem, used) != 0 {
             self.interrupt.raise(INT_USED_RING);
         }
     }
@@ -326,6 +327,10 @@ impl MmioTransport {
             if status & STATUS_FEATURES_OK == 0 {
                 status &= !STATUS_DRIVER_OK;
             } else if self.queues.iter().all(|q| !q.ready() || q.is_valid(&self.mem)) {
+                let event_idx = self.driver_features & VIRTIO_RING_F_EVENT_IDX != 0;
+                for q in &mut self.queues {
+                    q.set_event_idx(event_idx);
+                }
                 self.active = true;
             } else {
                 // A ready queue outside guest memory: the device cannot run.

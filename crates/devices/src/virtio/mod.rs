@@ -13,7 +13,7 @@ pub mod vhost_user;
 
 use std::os::fd::RawFd;
 
-use virtio_queue::Queue;
+use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 
 /// VIRTIO_F_VERSION_1: the device follows virtio 1.x (required by modern
@@ -87,6 +87,52 @@ pub trait VirtioBackend: Send + Sync {
     }
     /// Forgets per-driver state after a device reset.
     fn reset(&mut self) {}
+}
+
+/// After a backend ran: re-arms every ready queue's notifications (with
+/// VIRTIO_RING_F_EVENT_IDX this tells the driver how far we have read, so
+/// it kicks again only past that point), runs the backend again for a queue
+/// it had drained when more buffers arrived meanwhile (the race notification
+/// suppression opens), and says which of the `used` queues the driver wants
+/// interrupted (with EVENT_IDX, only those whose used_event was passed).
+pub fn settle(
+    backend: &mut dyn VirtioBackend,
+    queues: &mut [&mut Queue],
+    mem: &GuestMemoryMmap,
+    mut used: u64,
+) -> u64 {
+    // Bounded: a driver adding buffers as fast as we take them is served on
+    // the next kick instead.
+    for _ in 0..8 {
+        let mut again = 0u64;
+        for (i, q) in queues.iter_mut().enumerate() {
+            if !q.ready() {
+                continue;
+            }
+            let drained = q
+                .avail_idx(mem, std::sync::atomic::Ordering::Acquire)
+                .is_ok_and(|avail| avail.0 == q.next_avail());
+            let more = q.enable_notification(mem).unwrap_or(false);
+            if drained && more {
+                again |= 1 << i;
+            }
+        }
+        if again == 0 {
+            break;
+        }
+        for i in 0..queues.len() {
+            if again & (1 << i) != 0 {
+                used |= backend.process(Wakeup::Queue(i as u16), queues, mem);
+            }
+        }
+    }
+    let mut notify = 0;
+    for (i, q) in queues.iter_mut().enumerate() {
+        if used & (1 << i) != 0 && q.needs_notification(mem).unwrap_or(true) {
+            notify |= 1 << i;
+        }
+    }
+    notify
 }
 
 /// Reads `data.len()` bytes of a little-endian configuration structure

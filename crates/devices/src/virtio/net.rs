@@ -15,7 +15,7 @@ use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
 use super::chain::Buffers;
-use super::{device_type, read_config_bytes, VirtioBackend, Wakeup, VIRTIO_F_VERSION_1};
+use super::{device_type, read_config_bytes, VirtioBackend, Wakeup, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX};
 
 const RX: usize = 0;
 const TX: usize = 1;
@@ -240,7 +240,7 @@ impl VirtioBackend for Net {
     }
 
     fn features(&self) -> u64 {
-        VIRTIO_F_VERSION_1 | VIRTIO_NET_F_MAC | VIRTIO_NET_F_STATUS
+        VIRTIO_F_VERSION_1 | VIRTIO_RING_F_EVENT_IDX | VIRTIO_NET_F_MAC | VIRTIO_NET_F_STATUS
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {

@@ -8,7 +8,7 @@ use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::GuestMemoryMmap;
 
 use super::chain::Buffers;
-use super::{device_type, VirtioBackend, VIRTIO_F_VERSION_1};
+use super::{device_type, VirtioBackend, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX};
 
 /// Queue size offered.
 const QUEUE_SIZE: u16 = 256;
@@ -69,7 +69,7 @@ impl VirtioBackend for Rng {
     }
 
     fn features(&self) -> u64 {
-        VIRTIO_F_VERSION_1
+        VIRTIO_F_VERSION_1 | VIRTIO_RING_F_EVENT_IDX
     }
 
     fn process_queue(&mut self, _index: u16, queue: &mut Queue, mem: &GuestMemoryMmap) -> bool {

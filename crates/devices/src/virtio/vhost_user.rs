@@ -13,7 +13,7 @@ use vmm_sys_util::event::{new_event_consumer_and_notifier, EventConsumer, EventF
 
 use virtio_queue::Queue;
 
-use super::{VirtioBackend, Wakeup};
+use super::{settle, VirtioBackend, Wakeup};
 
 /// Largest split virtqueue the virtio spec allows.
 const MAX_QUEUE_SIZE: usize = 32768;
@@ -70,7 +70,7 @@ impl VhostUserBackendMut for Device {
     }
 
     fn set_event_idx(&mut self, _enabled: bool) {
-        // EVENT_IDX is not offered; the frontend cannot turn it on.
+        // The library sets it on each vring's queue; `settle` follows it.
     }
 
     fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
@@ -105,13 +105,14 @@ impl VhostUserBackendMut for Device {
             // Nothing can be served before the frontend shares memory.
             return Ok(());
         };
-        let used = {
+        let notify = {
             let mut guards: Vec<_> = vrings.iter().map(|v| v.get_mut()).collect();
             let mut queues: Vec<&mut Queue> = guards.iter_mut().map(|g| g.get_queue_mut()).collect();
-            self.backend.process(wakeup, &mut queues, &mem)
+            let used = self.backend.process(wakeup, &mut queues, &mem);
+            settle(self.backend.as_mut(), &mut queues, &mem, used)
         };
         for (index, vring) in vrings.iter().enumerate() {
-            if used & (1 << index) != 0 {
+            if notify & (1 << index) != 0 {
                 vring.signal_used_queue()?;
             }
         }

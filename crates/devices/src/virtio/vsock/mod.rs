@@ -28,7 +28,7 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
 use self::packet::{op, Header, HEADER_LEN, SHUTDOWN_RCV, SHUTDOWN_SEND, TYPE_STREAM};
 use super::chain::Buffers;
-use super::{device_type, read_config_bytes, VirtioBackend, Wakeup, VIRTIO_F_VERSION_1};
+use super::{device_type, read_config_bytes, VirtioBackend, Wakeup, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX};
 
 /// The host's context ID.
 pub const HOST_CID: u64 = 2;
@@ -616,7 +616,7 @@ impl VirtioBackend for Vsock {
     }
 
     fn features(&self) -> u64 {
-        VIRTIO_F_VERSION_1
+        VIRTIO_F_VERSION_1 | VIRTIO_RING_F_EVENT_IDX
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
