@@ -29,6 +29,9 @@ enum Command {
     /// Benchmarks (they print figures; they are not tests).
     #[command(subcommand)]
     Bench(BenchCommand),
+    /// Build guest images.
+    #[command(subcommand)]
+    Image(ImageCommand),
     /// Serve a device backend to another VMM.
     #[command(subcommand)]
     Device(DeviceCommand),
@@ -44,6 +47,28 @@ enum Command {
 enum VmCommand {
     /// Boot a kernel with the serial console on stdout; exit when the guest does.
     Boot(BootArgs),
+}
+
+#[derive(Subcommand, Debug)]
+enum ImageCommand {
+    /// A container root filesystem: an ext4 image of a directory.
+    Rootfs {
+        /// The directory to pack.
+        #[arg(long)]
+        from: PathBuf,
+        /// The image to write.
+        #[arg(long)]
+        out: PathBuf,
+        /// Image size in MiB (default: the contents plus 25% and 16 MiB).
+        #[arg(long)]
+        size_mib: Option<u64>,
+    },
+    /// A demo root filesystem around the host's static busybox, as ext4.
+    DemoRootfs {
+        /// The image to write.
+        #[arg(long)]
+        out: PathBuf,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -122,11 +147,30 @@ fn main() -> ExitCode {
         Command::Bench(BenchCommand::Blk(args)) => bench_blk::run(&args).map(|()| ExitCode::SUCCESS),
         Command::Device(DeviceCommand::Serve(cmd)) => serve::run(cmd).map(|()| ExitCode::SUCCESS),
         Command::Guests { out } => write_guests(&out).map(|()| ExitCode::SUCCESS),
+        Command::Image(cmd) => image(cmd).map(|()| ExitCode::SUCCESS),
     };
     result.unwrap_or_else(|e| {
         eprintln!("vessel: error: {e:#}");
         ExitCode::FAILURE
     })
+}
+
+fn image(cmd: ImageCommand) -> anyhow::Result<()> {
+    match cmd {
+        ImageCommand::Rootfs { from, out, size_mib } => {
+            resources::rootfs::build_ext4(&from, &out, size_mib.map(|m| m << 20))?;
+            println!("{}", out.display());
+        }
+        ImageCommand::DemoRootfs { out } => {
+            let tree = std::env::temp_dir().join(format!("vessel-demo-rootfs-{}", std::process::id()));
+            let built = resources::rootfs::busybox_tree(&tree)
+                .and_then(|()| resources::rootfs::build_ext4(&tree, &out, None));
+            let _ = std::fs::remove_dir_all(&tree);
+            built?;
+            println!("{}", out.display());
+        }
+    }
+    Ok(())
 }
 
 fn write_guests(out: &std::path::Path) -> anyhow::Result<()> {

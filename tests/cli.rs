@@ -123,6 +123,34 @@ fn inaccessible_dev_kvm_is_a_clear_error() -> TestResult {
     Ok(())
 }
 
+/// `vessel image rootfs` packs a directory into an ext4 image whose files
+/// e2fsprogs reads back; a bad source is a clear error.
+fn image_rootfs_packs_a_directory() -> TestResult {
+    let dir = TempDir::new("cli-rootfs")?;
+    let tree = dir.path().join("tree");
+    std::fs::create_dir_all(tree.join("etc"))?;
+    std::fs::write(tree.join("etc/hello"), "hello from the rootfs\n")?;
+    let img = dir.path().join("rootfs.ext4");
+    let out = vessel(&["image", "rootfs", "--from", &tree.to_string_lossy(), "--out", &img.to_string_lossy()])?;
+    ensure!(out.status.success(), "exit {:?}: {}", out.status, text(&out.stderr));
+    let check = Command::new("e2fsck").args(["-fn"]).arg(&img).output()?;
+    ensure!(check.status.success(), "e2fsck: {}", text(&check.stdout));
+    let cat = Command::new("debugfs").args(["-R", "cat /etc/hello"]).arg(&img).output()?;
+    ensure!(text(&cat.stdout) == "hello from the rootfs\n", "debugfs read {:?}", text(&cat.stdout));
+    let out = vessel(&["image", "rootfs", "--from", "/nonexistent/dir", "--out", &img.to_string_lossy()])?;
+    ensure!(out.status.code() == Some(1) && text(&out.stderr).contains("/nonexistent/dir is not a directory"), "{}", text(&out.stderr));
+    Ok(())
+}
+
+/// Why `vessel image` tests cannot run here.
+fn e2fsprogs_unavailable() -> Option<String> {
+    ["mkfs.ext4", "e2fsck", "debugfs"].iter().find_map(|tool| {
+        let found = std::env::var_os("PATH")
+            .is_some_and(|paths| std::env::split_paths(&paths).any(|p| Path::new(&p).join(tool).exists()));
+        (!found).then(|| format!("`{tool}` (e2fsprogs) is not installed"))
+    })
+}
+
 /// Why tests that need root, `unshare` and `setpriv` cannot run here.
 fn root_tools_unavailable() -> Option<String> {
     // SAFETY: geteuid has no preconditions.
@@ -173,6 +201,10 @@ fn main() {
             trial("boot_prints_the_console_and_exits_with_the_guest", boot_prints_the_console_and_exits_with_the_guest),
             trial("boot_with_console_file_initrd_and_stats", boot_with_console_file_initrd_and_stats),
         ],
+    ));
+    trials.extend(gate(
+        e2fsprogs_unavailable(),
+        vec![trial("image_rootfs_packs_a_directory", image_rootfs_packs_a_directory)],
     ));
     trials.extend(gate(
         root_tools_unavailable(),

@@ -8,9 +8,11 @@
 //! - [`initramfs`]: a newc cpio writer.
 //! - [`test_image`]: initramfs images for the tier-3 tests (busybox, modules
 //!   and a test script), cached by content.
+//! - [`rootfs`]: container root filesystems as ext4 images from a directory
+//!   (`mkfs.ext4 -d`), and a demo busybox tree.
 //!
-//! Not built yet: the agent's initramfs and container rootfs images
-//! (ext4 from a directory or an OCI image layout).
+//! Not built yet: the agent's initramfs and rootfs images from an OCI image
+//! layout.
 
 pub mod cache;
 mod command;
@@ -18,6 +20,7 @@ mod elf;
 pub mod initramfs;
 pub mod kernel;
 pub mod modules;
+pub mod rootfs;
 pub mod test_image;
 
 pub use command::CommandError;

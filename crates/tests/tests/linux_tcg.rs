@@ -314,6 +314,36 @@ fn vessel_vhost_user_vsock() -> TestResult {
     Ok(())
 }
 
+const ROOTFS_SCRIPT: &str = r#"set -e
+mkdir -p /mnt
+mount -t ext4 -o ro /dev/vda /mnt
+chroot /mnt /bin/sh -c 'echo "VESSEL-VALUE: chroot $(cat /etc/passwd | cut -d: -f1)"'
+echo "VESSEL-TEST-RESULT: ok"
+"#;
+
+/// The demo busybox root filesystem (`vessel image demo-rootfs`), served
+/// read-only by our vhost-user-blk, mounts as ext4 in Linux and runs.
+fn vessel_blk_demo_rootfs_mounts() -> TestResult {
+    let kernel = test_kernel()?;
+    let dir = TempDir::new("rootfs")?;
+    let tree = dir.path().join("tree");
+    resources::rootfs::busybox_tree(&tree)?;
+    let image = dir.path().join("rootfs.ext4");
+    resources::rootfs::build_ext4(&tree, &image, None)?;
+    let initrd = test_initramfs(&kernel, &[VIRTIO_MMIO, "virtio_blk", "ext4"], ROOTFS_SCRIPT, &[])?;
+    let socket = dir.path().join("blk.sock");
+    let config = BlockConfig { path: image, read_only: true, id: Some("rootfs".into()) };
+    let server = serve_vhost_user("blk", Box::new(Block::open(&config)?.0), &socket)?;
+    let mut opts = LinuxOptions::new(&kernel.image, &initrd);
+    opts.vhost_user = true;
+    opts.extra_args = vhost_user_device_args(&socket, "vhost-user-blk");
+    let run = boot_linux_tcg(&opts)?;
+    server.join().map_err(|_| anyhow::anyhow!("the vhost-user server panicked"))??;
+    run.ensure_ok()?;
+    ensure!(run.expect_value("chroot")? == "root", "the rootfs's /etc/passwd{}", run.context());
+    Ok(())
+}
+
 /// The guest side of the blk benchmark: direct 1 MiB reads of the whole
 /// disk, then 4 KiB reads, each timed inside the guest (10 ms resolution,
 /// /proc/uptime: busybox's date has no nanoseconds).
@@ -464,6 +494,7 @@ fn main() {
         trial("qemu_virtio_blk_roundtrip_modern_mmio_shared_memory", || qemu_virtio_blk_roundtrip(true)),
         trial("vessel_vhost_user_blk_roundtrip", || blk_roundtrip(BlkBackend::Vessel)),
         trial("vessel_vhost_user_vsock", vessel_vhost_user_vsock),
+        trial("vessel_blk_demo_rootfs_mounts", vessel_blk_demo_rootfs_mounts),
         trial("harness_reports_script_failures", harness_reports_script_failures),
         trial("harness_kernel_panic_ends_qemu", harness_kernel_panic_ends_qemu),
         trial("harness_timeout_kills_qemu", harness_timeout_kills_qemu),

@@ -1,0 +1,131 @@
+//! Container root filesystems as ext4 disk images, made from a directory
+//! with `mkfs.ext4 -d` (e2fsprogs): no loop mounts, no root needed. The
+//! image is written to a temporary file and renamed into place, so a
+//! failed build never leaves a half-written image behind.
+
+use std::fs;
+use std::os::unix::fs::{symlink, MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use crate::command::{run, CommandError};
+
+/// Room added to the contents for ext4's own metadata and some free space.
+const SLACK: u64 = 16 << 20;
+
+/// Why a root filesystem could not be made.
+#[derive(Debug, thiserror::Error)]
+pub enum RootfsError {
+    /// The source is not a directory.
+    #[error("{0} is not a directory")]
+    NotADirectory(PathBuf),
+    /// Walking the source failed.
+    #[error("cannot read {0}")]
+    Read(PathBuf, #[source] std::io::Error),
+    /// The image file could not be written.
+    #[error("cannot write {0}")]
+    Write(PathBuf, #[source] std::io::Error),
+    /// The size asked for cannot hold the contents.
+    #[error("{size} bytes cannot hold {needed} bytes of contents plus ext4 metadata")]
+    TooSmall {
+        /// Requested size.
+        size: u64,
+        /// Bytes the directory holds.
+        needed: u64,
+    },
+    /// mkfs.ext4 failed or is missing (e2fsprogs).
+    #[error("cannot make the ext4 image")]
+    Mkfs(#[source] CommandError),
+    /// No static busybox for the demo rootfs.
+    #[error("no static busybox (install busybox-static, or set VESSEL_BUSYBOX)")]
+    NoBusybox,
+}
+
+/// Bytes the files under `dir` take (apparent sizes, rounded up to 4 KiB,
+/// plus a block per directory and symlink).
+pub fn content_size(dir: &Path) -> Result<u64, RootfsError> {
+    let mut total = 0u64;
+    let entries = fs::read_dir(dir).map_err(|e| RootfsError::Read(dir.to_path_buf(), e))?;
+    for entry in entries {
+        let entry = entry.map_err(|e| RootfsError::Read(dir.to_path_buf(), e))?;
+        let path = entry.path();
+        let meta = fs::symlink_metadata(&path).map_err(|e| RootfsError::Read(path.clone(), e))?;
+        total += meta.size().next_multiple_of(4096).max(4096);
+        if meta.is_dir() {
+            total += content_size(&path)?;
+        }
+    }
+    Ok(total)
+}
+
+/// Makes an ext4 image of `from` at `out`. `size` defaults to the contents
+/// plus 25% and 16 MiB.
+pub fn build_ext4(from: &Path, out: &Path, size: Option<u64>) -> Result<(), RootfsError> {
+    if !from.is_dir() {
+        return Err(RootfsError::NotADirectory(from.to_path_buf()));
+    }
+    let needed = content_size(from)?;
+    let size = match size {
+        Some(s) if s < needed + SLACK / 4 => return Err(RootfsError::TooSmall { size: s, needed }),
+        Some(s) => s,
+        None => (needed + needed / 4 + SLACK).next_multiple_of(1 << 20),
+    };
+    let tmp = out.with_extension(format!("tmp-{}", std::process::id()));
+    let file = fs::File::create(&tmp).map_err(|e| RootfsError::Write(tmp.clone(), e))?;
+    file.set_len(size).map_err(|e| RootfsError::Write(tmp.clone(), e))?;
+    drop(file);
+    let made = run(Command::new("mkfs.ext4")
+        .args(["-q", "-F", "-L", "rootfs", "-E", "root_owner=0:0", "-d"])
+        .arg(from)
+        .arg(&tmp))
+    .map_err(RootfsError::Mkfs)
+    .and_then(|_| fs::rename(&tmp, out).map_err(|e| RootfsError::Write(out.to_path_buf(), e)));
+    if made.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    made
+}
+
+/// Fills `dir` with a minimal root filesystem around the host's static
+/// busybox: /bin/busybox and its applets as symlinks, the usual empty
+/// mount points, /etc/passwd and /etc/group for root.
+pub fn busybox_tree(dir: &Path) -> Result<(), RootfsError> {
+    let busybox = crate::test_image::find_busybox().map_err(|_| RootfsError::NoBusybox)?;
+    let w = |p: &Path, e| RootfsError::Write(p.to_path_buf(), e);
+    for sub in ["bin", "dev", "etc", "proc", "sys", "tmp", "root", "run", "var"] {
+        fs::create_dir_all(dir.join(sub)).map_err(|e| w(&dir.join(sub), e))?;
+    }
+    fs::set_permissions(dir.join("tmp"), fs::Permissions::from_mode(0o1777)).map_err(|e| w(&dir.join("tmp"), e))?;
+    let target = dir.join("bin/busybox");
+    fs::copy(&busybox, &target).map_err(|e| w(&target, e))?;
+    fs::set_permissions(&target, fs::Permissions::from_mode(0o755)).map_err(|e| w(&target, e))?;
+    let list = run(Command::new(&busybox).arg("--list")).map_err(RootfsError::Mkfs)?;
+    for applet in String::from_utf8_lossy(&list.stdout).lines().filter(|a| !a.is_empty() && *a != "busybox") {
+        let link = dir.join("bin").join(applet);
+        if !link.exists() {
+            symlink("busybox", &link).map_err(|e| w(&link, e))?;
+        }
+    }
+    fs::write(dir.join("etc/passwd"), "root:x:0:0:root:/root:/bin/sh\n").map_err(|e| w(&dir.join("etc/passwd"), e))?;
+    fs::write(dir.join("etc/group"), "root:x:0:\n").map_err(|e| w(&dir.join("etc/group"), e))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn content_size_counts_files_dirs_and_links() {
+        let dir = std::env::temp_dir().join(format!("vessel-rootfs-size-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(dir.join("a/b")).unwrap();
+        fs::write(dir.join("a/b/f"), vec![1u8; 5000]).unwrap();
+        symlink("f", dir.join("a/b/l")).unwrap();
+        // a, b: a block each; f: 8 KiB; l: a block.
+        assert_eq!(content_size(&dir).unwrap(), 4096 + 4096 + 8192 + 4096);
+        assert!(matches!(build_ext4(&dir.join("a/b/f"), &dir.join("x.img"), None), Err(RootfsError::NotADirectory(_))));
+        assert!(matches!(build_ext4(&dir, &dir.join("x.img"), Some(4096)), Err(RootfsError::TooSmall { .. })));
+        fs::remove_dir_all(&dir).unwrap();
+    }
+}
