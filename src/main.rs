@@ -248,6 +248,10 @@ fn print_stats(stats: &vmm::VmStats) {
     eprintln!("mem_resident={}", stats.mem_resident);
     eprintln!("peak_rss={max_rss}");
     eprintln!("vmm_overhead={}", max_rss.saturating_sub(stats.mem_resident));
+    for d in &stats.devices {
+        let counters: Vec<String> = d.counters.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        eprintln!("device {}: {}", d.name, counters.join(" "));
+    }
     for (i, v) in stats.vcpus.iter().enumerate() {
         eprintln!(
             "vcpu{i}_exits io_in={} io_out={} mmio_read={} mmio_write={} hlt={} shutdown={} interrupted={} other={}",

@@ -188,6 +188,12 @@ fn virtio_mmio_rng(format: Format) -> TestResult {
     ensure!(!data.is_empty() && !data.contains("0x0000000000000000 0x0000000000000000"), "no entropy: {data}");
     let irq_exits: u64 = run.stats.vcpus.iter().map(|v| v.mmio_write).sum();
     ensure!(irq_exits > 0, "no MMIO exits at all? {:?}", run.stats);
+    let rng = run.stats.devices.iter().find(|d| d.name == "rng").context("no rng in the stats")?;
+    ensure!(
+        rng.counters.contains(&("requests", 1)) && rng.counters.contains(&("bytes", 64)),
+        "rng counters {:?}",
+        rng.counters
+    );
     Ok(())
 }
 

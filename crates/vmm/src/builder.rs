@@ -18,7 +18,7 @@ use devices::virtio::mmio::{MmioInterrupt, MmioQueueEvents, MmioTransport, QUEUE
 use devices::virtio::net::Net;
 use devices::virtio::rng::Rng;
 use devices::virtio::vsock::Vsock;
-use devices::virtio::VirtioBackend;
+use devices::virtio::{CounterSet, VirtioBackend};
 use devices::Bus;
 use event_manager::MutEventSubscriber;
 use kvm_bindings::{kvm_cpuid_entry2, kvm_pit_config, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
@@ -74,9 +74,11 @@ pub(crate) fn build_and_start(vmm: Vmm, started: Instant) -> Result<VmmHandle, S
     let mut cmdline = boot_source.cmdline.clone();
     let mut device_events: Vec<Arc<Mutex<dyn MutEventSubscriber + Send>>> = Vec::new();
     let mut acpi_devices = Vec::with_capacity(devices.len());
+    let mut device_counters = Vec::with_capacity(devices.len());
     for (index, config) in devices.iter().enumerate() {
         let (addr, irq) = virtio_mmio_slot(index).ok_or(ConfigError::TooManyDevices(devices.len()))?;
-        let backend = create_backend(config)?;
+        let (backend, counters) = create_backend(config)?;
+        device_counters.push(counters);
         let irq_evt = EventFd::new(libc::EFD_NONBLOCK).map_err(StartError::EventFd)?;
         vm.register_irqfd(&irq_evt, irq).map_err(setup("KVM_IRQFD (virtio)"))?;
         let mut transport = MmioTransport::empty(mem.clone(), Arc::new(MmioInterrupt::new(irq_evt)));
@@ -149,6 +151,7 @@ pub(crate) fn build_and_start(vmm: Vmm, started: Instant) -> Result<VmmHandle, S
         started,
         mem,
         mem_size,
+        devices: Mutex::new(device_counters),
     });
 
     // Go: vCPU threads first (the guest starts here), then the event loop.
@@ -191,18 +194,24 @@ fn supported_cpuid(kvm: &Kvm) -> Result<&'static [kvm_cpuid_entry2], StartError>
     Ok(SUPPORTED.get_or_init(|| cpuid.as_slice().to_vec()))
 }
 
-pub(crate) fn create_backend(config: &DeviceConfig) -> Result<Box<dyn VirtioBackend>, StartError> {
+/// A device's backend, and its counters under the name stats report.
+pub(crate) type CreatedDevice = (Box<dyn VirtioBackend>, (String, Arc<dyn CounterSet>));
+
+pub(crate) fn create_backend(config: &DeviceConfig) -> Result<CreatedDevice, StartError> {
+    fn named<B: VirtioBackend + 'static, C: CounterSet + 'static>(name: String, (b, c): (B, Arc<C>)) -> CreatedDevice {
+        (Box::new(b), (name, c))
+    }
+    let err = |kind| move |e: Box<dyn std::error::Error + Send + Sync>| StartError::Device(kind, e);
     Ok(match config {
-        DeviceConfig::Rng => Box::new(Rng::new().0),
+        DeviceConfig::Rng => named("rng".into(), Rng::new()),
         DeviceConfig::Block(block) => {
-            Box::new(Block::open(block).map_err(|e| StartError::Device("virtio-blk", Box::new(e)))?.0)
+            named(format!("blk {}", block.path.display()), Block::open(block).map_err(|e| err("virtio-blk")(Box::new(e)))?)
         }
-        DeviceConfig::Net(net) => {
-            Box::new(Net::new(net).map_err(|e| StartError::Device("virtio-net", Box::new(e)))?.0)
-        }
-        DeviceConfig::Vsock(vsock) => {
-            Box::new(Vsock::new(vsock).map_err(|e| StartError::Device("virtio-vsock", Box::new(e)))?.0)
-        }
+        DeviceConfig::Net(net) => named(format!("net {}", net.tap), Net::new(net).map_err(|e| err("virtio-net")(Box::new(e)))?),
+        DeviceConfig::Vsock(vsock) => named(
+            format!("vsock cid {}", vsock.guest_cid),
+            Vsock::new(vsock).map_err(|e| err("virtio-vsock")(Box::new(e)))?,
+        ),
     })
 }
 

@@ -87,7 +87,8 @@ impl Runtime {
             .iter()
             .position(|s| s.queue_evts.is_empty() && lock_transport(&s.transport).device_id() == 0)
             .ok_or(VmmActionError::NoFreeSlot)?;
-        let backend = crate::builder::create_backend(config).map_err(|e| VmmActionError::Attach(error_chain(&e)))?;
+        let (backend, counters) =
+            crate::builder::create_backend(config).map_err(|e| VmmActionError::Attach(error_chain(&e)))?;
         let slot = &mut self.hotplug[index];
         let evts = lock_transport(&slot.transport)
             .attach(backend)
@@ -110,6 +111,7 @@ impl Runtime {
             let _ = ops.add(Events::with_data_raw(fd, base + BACKEND_TOKEN_OFFSET, EventSet::IN));
         }
         slot.queue_evts = evts;
+        self.counters.devices.lock().unwrap_or_else(|p| p.into_inner()).push(counters);
         Ok(VmmData::Attached { slot: index, addr: slot.addr, irq: slot.irq })
     }
 

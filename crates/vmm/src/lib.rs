@@ -20,7 +20,7 @@ use std::path::PathBuf;
 
 pub use config::{BootSourceConfig, ConfigError, ConsoleOutput, DeviceConfig, MachineConfig};
 pub use control::{PrebootAction, Vmm, VmmAction, VmmActionError, VmmData, VmmHandle};
-pub use stats::{VcpuExitStats, VmCounters, VmStats};
+pub use stats::{DeviceStats, VcpuExitStats, VmCounters, VmStats};
 pub use vcpu::ExitReason;
 
 /// Why a VM could not be started.

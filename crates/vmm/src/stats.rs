@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use devices::legacy::{BootTimer, SerialCounters};
+use devices::virtio::CounterSet;
 use vm_memory::GuestMemoryMmap;
 
 /// Why a vCPU left KVM_RUN, as counted.
@@ -97,6 +98,17 @@ pub struct VmStats {
     pub mem_size: u64,
     /// RAM resident in host memory.
     pub mem_resident: u64,
+    /// Each virtio device's counters, in slot order (hot-plugged ones last).
+    pub devices: Vec<DeviceStats>,
+}
+
+/// One device's counters.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DeviceStats {
+    /// What the device is ("blk /path/disk.img", "vsock cid 3", ...).
+    pub name: String,
+    /// (counter, value).
+    pub counters: Vec<(&'static str, u64)>,
 }
 
 /// The live counters of a running VM, shared with its threads.
@@ -107,6 +119,8 @@ pub struct VmCounters {
     pub(crate) started: Instant,
     pub(crate) mem: GuestMemoryMmap,
     pub(crate) mem_size: u64,
+    /// Device counters by name; hotplug appends.
+    pub(crate) devices: std::sync::Mutex<Vec<(String, Arc<dyn CounterSet>)>>,
 }
 
 impl VmCounters {
@@ -119,6 +133,13 @@ impl VmCounters {
             boot_time: BootTimer::read(&self.boot_time_ns).map(Duration::from_nanos),
             mem_size: self.mem_size,
             mem_resident: crate::memory::resident_bytes(&self.mem),
+            devices: self
+                .devices
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .iter()
+                .map(|(name, c)| DeviceStats { name: name.clone(), counters: c.snapshot() })
+                .collect(),
         }
     }
 

@@ -97,6 +97,8 @@ pub struct BlockCounters {
     pub errors: AtomicU64,
 }
 
+super::counter_set!(BlockCounters { read_ops, read_bytes, write_ops, write_bytes, flush_ops, discard_ops, errors });
+
 /// The block device.
 pub struct Block {
     file: File,

@@ -34,6 +34,24 @@ pub mod device_type {
     pub const VSOCK: u32 = 19;
 }
 
+/// A device's counters, read by name for a stats call.
+pub trait CounterSet: Send + Sync {
+    /// (name, value) of every counter, now.
+    fn snapshot(&self) -> Vec<(&'static str, u64)>;
+}
+
+/// Implements [`CounterSet`] for a struct of `AtomicU64` fields.
+macro_rules! counter_set {
+    ($ty:ty { $($field:ident),+ $(,)? }) => {
+        impl $crate::virtio::CounterSet for $ty {
+            fn snapshot(&self) -> Vec<(&'static str, u64)> {
+                vec![$((stringify!($field), self.$field.load(std::sync::atomic::Ordering::Relaxed))),+]
+            }
+        }
+    };
+}
+pub(crate) use counter_set;
+
 /// What woke a device up.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Wakeup {

@@ -73,6 +73,8 @@ pub struct NetCounters {
     pub dropped: AtomicU64,
 }
 
+super::counter_set!(NetCounters { tx_packets, tx_bytes, rx_packets, rx_bytes, dropped });
+
 /// The network device.
 pub struct Net {
     tap: File,

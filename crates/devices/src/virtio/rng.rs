@@ -27,6 +27,8 @@ pub struct RngCounters {
     pub errors: AtomicU64,
 }
 
+super::counter_set!(RngCounters { requests, bytes, errors });
+
 /// The entropy device.
 #[derive(Default)]
 pub struct Rng {

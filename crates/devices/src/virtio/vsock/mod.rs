@@ -86,6 +86,8 @@ pub struct VsockCounters {
     pub errors: AtomicU64,
 }
 
+super::counter_set!(VsockCounters { connections, tx_bytes, rx_bytes, errors });
+
 /// Ports identifying a connection: ours (host side) and the guest's.
 #[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
 struct Key {
