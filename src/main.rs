@@ -51,9 +51,10 @@ enum VmCommand {
 
 #[derive(Subcommand, Debug)]
 enum ImageCommand {
-    /// A container root filesystem: an ext4 image of a directory.
+    /// A container root filesystem: an ext4 image of a directory or of an
+    /// OCI image layout (skopeo/umoci output).
     Rootfs {
-        /// The directory to pack.
+        /// The directory, or OCI image layout, to pack.
         #[arg(long)]
         from: PathBuf,
         /// The image to write.
@@ -158,7 +159,18 @@ fn main() -> ExitCode {
 fn image(cmd: ImageCommand) -> anyhow::Result<()> {
     match cmd {
         ImageCommand::Rootfs { from, out, size_mib } => {
-            resources::rootfs::build_ext4(&from, &out, size_mib.map(|m| m << 20))?;
+            let size = size_mib.map(|m| m << 20);
+            if resources::oci::is_layout(&from) {
+                // An OCI image layout: its layers, unpacked, are the rootfs.
+                let tree = std::env::temp_dir().join(format!("vessel-oci-rootfs-{}", std::process::id()));
+                let built = resources::oci::unpack_layout(&from, &tree)
+                    .map_err(anyhow::Error::from)
+                    .and_then(|()| resources::rootfs::build_ext4(&tree, &out, size).map_err(anyhow::Error::from));
+                let _ = std::fs::remove_dir_all(&tree);
+                built?;
+            } else {
+                resources::rootfs::build_ext4(&from, &out, size)?;
+            }
             println!("{}", out.display());
         }
         ImageCommand::DemoRootfs { out } => {

@@ -142,6 +142,41 @@ fn image_rootfs_packs_a_directory() -> TestResult {
     Ok(())
 }
 
+/// `vessel image rootfs` also takes an OCI image layout: the layer's files
+/// end up in the ext4 image.
+fn image_rootfs_from_an_oci_layout() -> TestResult {
+    let dir = TempDir::new("cli-oci")?;
+    let layer_dir = dir.path().join("layer");
+    std::fs::create_dir_all(layer_dir.join("etc"))?;
+    std::fs::write(layer_dir.join("etc/os-release"), "NAME=vessel-test\n")?;
+    let layer = dir.path().join("layer.tar");
+    let tar = Command::new("tar").arg("-C").arg(&layer_dir).arg("-cf").arg(&layer).arg("etc").status()?;
+    ensure!(tar.success(), "tar failed");
+    let oci = dir.path().join("oci");
+    std::fs::create_dir_all(oci.join("blobs/sha256"))?;
+    let sha = |path: &Path| -> anyhow::Result<String> {
+        let out = Command::new("sha256sum").arg(path).output()?;
+        Ok(text(&out.stdout).split_whitespace().next().unwrap_or_default().to_string())
+    };
+    let layer_sha = sha(&layer)?;
+    std::fs::copy(&layer, oci.join("blobs/sha256").join(&layer_sha))?;
+    let manifest = format!(
+        r#"{{"schemaVersion":2,"layers":[{{"mediaType":"application/vnd.oci.image.layer.v1.tar","digest":"sha256:{layer_sha}","size":1}}]}}"#
+    );
+    let manifest_path = dir.path().join("manifest.json");
+    std::fs::write(&manifest_path, &manifest)?;
+    let manifest_sha = sha(&manifest_path)?;
+    std::fs::write(oci.join("blobs/sha256").join(&manifest_sha), &manifest)?;
+    std::fs::write(oci.join("index.json"), format!(r#"{{"schemaVersion":2,"manifests":[{{"digest":"sha256:{manifest_sha}"}}]}}"#))?;
+    std::fs::write(oci.join("oci-layout"), r#"{"imageLayoutVersion":"1.0.0"}"#)?;
+    let img = dir.path().join("rootfs.ext4");
+    let out = vessel(&["image", "rootfs", "--from", &oci.to_string_lossy(), "--out", &img.to_string_lossy()])?;
+    ensure!(out.status.success(), "exit {:?}: {}", out.status, text(&out.stderr));
+    let cat = Command::new("debugfs").args(["-R", "cat /etc/os-release"]).arg(&img).output()?;
+    ensure!(text(&cat.stdout) == "NAME=vessel-test\n", "debugfs read {:?}", text(&cat.stdout));
+    Ok(())
+}
+
 /// Why `vessel image` tests cannot run here.
 fn e2fsprogs_unavailable() -> Option<String> {
     ["mkfs.ext4", "e2fsck", "debugfs"].iter().find_map(|tool| {
@@ -204,7 +239,10 @@ fn main() {
     ));
     trials.extend(gate(
         e2fsprogs_unavailable(),
-        vec![trial("image_rootfs_packs_a_directory", image_rootfs_packs_a_directory)],
+        vec![
+            trial("image_rootfs_packs_a_directory", image_rootfs_packs_a_directory),
+            trial("image_rootfs_from_an_oci_layout", image_rootfs_from_an_oci_layout),
+        ],
     ));
     trials.extend(gate(
         root_tools_unavailable(),

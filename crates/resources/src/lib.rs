@@ -10,9 +10,10 @@
 //!   and a test script), cached by content.
 //! - [`rootfs`]: container root filesystems as ext4 images from a directory
 //!   (`mkfs.ext4 -d`), and a demo busybox tree.
+//! - [`oci`]: unpacking an OCI image layout (skopeo/umoci output) into a
+//!   directory, layer by layer with whiteouts, digests verified.
 //!
-//! Not built yet: the agent's initramfs and rootfs images from an OCI image
-//! layout.
+//! Not built yet: the agent's initramfs.
 
 pub mod cache;
 mod command;
@@ -20,6 +21,7 @@ mod elf;
 pub mod initramfs;
 pub mod kernel;
 pub mod modules;
+pub mod oci;
 pub mod rootfs;
 pub mod test_image;
 
