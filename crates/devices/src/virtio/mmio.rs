@@ -206,7 +206,8 @@ impl MmioTransport {
                 return;
             }
         }
-        let mut queues: Vec<&mut Queue> = self.queues.iter_mut().collect();
+        // No allocation per notification: devices have a few queues.
+        let mut queues: smallvec::SmallVec<[&mut Queue; 4]> = self.queues.iter_mut().collect();
         let used = backend.process(wakeup, &mut queues, &self.mem);
         if settle(backend.as_mut(), &mut queues, &self.mem, used) != 0 {
             self.interrupt.raise(INT_USED_RING);

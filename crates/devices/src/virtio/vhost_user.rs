@@ -106,8 +106,8 @@ impl VhostUserBackendMut for Device {
             return Ok(());
         };
         let notify = {
-            let mut guards: Vec<_> = vrings.iter().map(|v| v.get_mut()).collect();
-            let mut queues: Vec<&mut Queue> = guards.iter_mut().map(|g| g.get_queue_mut()).collect();
+            let mut guards: smallvec::SmallVec<[_; 4]> = vrings.iter().map(|v| v.get_mut()).collect();
+            let mut queues: smallvec::SmallVec<[&mut Queue; 4]> = guards.iter_mut().map(|g| g.get_queue_mut()).collect();
             let used = self.backend.process(wakeup, &mut queues, &mem);
             settle(self.backend.as_mut(), &mut queues, &mem, used)
         };
