@@ -32,6 +32,9 @@ pub enum InitramfsError {
         /// The parent that is a file, link or device.
         parent: String,
     },
+    /// newc stores sizes in 32 bits.
+    #[error("{0:?} is 4 GiB or larger; an initramfs entry must be smaller")]
+    TooLarge(String),
     /// Writing the image failed.
     #[error("cannot write the initramfs")]
     Write(#[source] CacheError),
@@ -122,7 +125,11 @@ impl Initramfs {
 
     /// A regular file with permission bits `perm` (e.g. 0o755).
     pub fn file(&mut self, path: &str, perm: u32, contents: impl Into<Vec<u8>>) -> Result<&mut Self, InitramfsError> {
-        self.add(path, perm & 0o7777, Kind::File(contents.into()))
+        let contents = contents.into();
+        if u32::try_from(contents.len()).is_err() {
+            return Err(InitramfsError::TooLarge(path.to_string()));
+        }
+        self.add(path, perm & 0o7777, Kind::File(contents))
     }
 
     /// A symbolic link at `path` pointing to `target`.
@@ -196,9 +203,10 @@ fn pad4(out: &mut Vec<u8>) {
 }
 
 fn push_entry(out: &mut Vec<u8>, h: &Header, name: &str, data: &[u8]) {
-    // The format stores sizes in 32 bits; nothing we pack comes near 4 GiB.
-    let filesize = u32::try_from(data.len()).expect("initramfs entry over 4 GiB");
-    let namesize = u32::try_from(name.len() + 1).expect("initramfs name over 4 GiB");
+    // `file` refused contents of 4 GiB or more; names and link targets are
+    // short paths, so the saturation never happens.
+    let filesize = u32::try_from(data.len()).unwrap_or(u32::MAX);
+    let namesize = u32::try_from(name.len() + 1).unwrap_or(u32::MAX);
     let fields = [h.ino, h.mode, 0, 0, h.nlink, 0, filesize, 0, 0, h.rdev.0, h.rdev.1, namesize, 0];
     out.extend_from_slice(MAGIC);
     for f in fields {
