@@ -60,8 +60,31 @@
 
 /* hvm_start_info offsets used by the entry (see report.S for the rest). */
 #define SI_MAGIC            0           /* u32 PVH_START_MAGIC */
+#define SI_CMDLINE_PADDR    24          /* u64 */
+
+/* boot_params offsets of the command line pointer. */
+#define BP_EXT_CMD_LINE_PTR 0x0c8       /* u32, bits 63:32 of cmd_line_ptr */
+#define BP_CMD_LINE_PTR     0x228       /* hdr.cmd_line_ptr, u32 */
 
 #ifdef __ASSEMBLER__
+
+/*
+ * CMDLINE_POINTER: rsi = the command line's guest-physical address (0 when
+ * none), read from hvm_start_info or boot_params. Expects r12d = boot kind
+ * and rbx = the boot structure, as the entries leave them; clobbers rax.
+ */
+.macro CMDLINE_POINTER
+    cmp     r12d, BOOT_PVH
+    jne     .Lcmdline_bp\@
+    mov     rsi, [rbx + SI_CMDLINE_PADDR]
+    jmp     .Lcmdline_done\@
+.Lcmdline_bp\@:
+    mov     esi, [rbx + BP_CMD_LINE_PTR]
+    mov     eax, [rbx + BP_EXT_CMD_LINE_PTR]
+    shl     rax, 32
+    or      rsi, rax
+.Lcmdline_done\@:
+.endm
 
 /* PRINT "text": write a literal string to COM1; preserves all registers. */
 .macro PRINT text

@@ -55,11 +55,9 @@
 #define BP_ACPI_RSDP_ADDR   0x070       /* u64 */
 #define BP_EXT_RAMDISK_IMAGE 0x0c0      /* u32, bits 63:32 of ramdisk_image */
 #define BP_EXT_RAMDISK_SIZE 0x0c4       /* u32, bits 63:32 of ramdisk_size */
-#define BP_EXT_CMD_LINE_PTR 0x0c8       /* u32, bits 63:32 of cmd_line_ptr */
 #define BP_E820_ENTRIES     0x1e8       /* u8 */
 #define BP_RAMDISK_IMAGE    0x218       /* hdr.ramdisk_image, u32 */
 #define BP_RAMDISK_SIZE     0x21c       /* hdr.ramdisk_size, u32 */
-#define BP_CMD_LINE_PTR     0x228       /* hdr.cmd_line_ptr, u32 */
 #define BP_E820_TABLE       0x2d0       /* struct boot_e820_entry[128] */
 #define BP_E820_MAX         128
 #define E820_ENTRY_SIZE     20          /* addr u64, size u64, type u32 (packed) */
@@ -68,7 +66,6 @@
 #define SI_VERSION          4           /* u32; memmap fields need version >= 1 */
 #define SI_NR_MODULES       12          /* u32 */
 #define SI_MODLIST_PADDR    16          /* u64 -> hvm_modlist_entry[] */
-#define SI_CMDLINE_PADDR    24          /* u64 */
 #define SI_RSDP_PADDR       32          /* u64 */
 #define SI_MEMMAP_PADDR     40          /* u64 -> hvm_memmap_table_entry[] */
 #define SI_MEMMAP_ENTRIES   48          /* u32 */
@@ -128,15 +125,8 @@ main64:
 
 /* --- cmdline: NUL-terminated string --------------------------------------- */
     PRINT   "cmdline: "
-    cmp     r12d, BOOT_PVH
-    jne     1f
-    mov     rsi, [rbx + SI_CMDLINE_PADDR]
-    jmp     2f
-1:  mov     esi, [rbx + BP_CMD_LINE_PTR]
-    mov     eax, [rbx + BP_EXT_CMD_LINE_PTR]
-    shl     rax, 32
-    or      rsi, rax
-2:  test    rsi, rsi
+    CMDLINE_POINTER
+    test    rsi, rsi
     jz      .Lcmdline_done
     IF_ABOVE_4G rsi, .Lcmdline_unmapped
     mov     ecx, CMDLINE_MAX

@@ -136,10 +136,6 @@
 #define WAIT_WAKES          400         /* 4 s of 10 ms timer ticks */
 #define RESET_POLLS         1000
 
-/* Boot protocol fields for the command line (as in report.S). */
-#define BP_EXT_CMD_LINE_PTR 0x0c8       /* boot_params: u32, bits 63:32 */
-#define BP_CMD_LINE_PTR     0x228       /* boot_params: hdr.cmd_line_ptr, u32 */
-#define SI_CMDLINE_PADDR    24          /* hvm_start_info: u64 */
 #define CMDLINE_MAX         4096
 
 /* ERROR "text": print `virtio: error <text>` and end with `done`. */
@@ -385,15 +381,8 @@ main64:
  * is skipped: the registers we use all lie in the first 0x100 bytes.
  */
 parse_cmdline:
-    cmp     r12d, BOOT_PVH
-    jne     1f
-    mov     rsi, [rbx + SI_CMDLINE_PADDR]
-    jmp     2f
-1:  mov     esi, [rbx + BP_CMD_LINE_PTR]
-    mov     eax, [rbx + BP_EXT_CMD_LINE_PTR]
-    shl     rax, 32
-    or      rsi, rax
-2:  test    rsi, rsi
+    CMDLINE_POINTER
+    test    rsi, rsi
     jz      .Lparse_default
     mov     rax, rsi
     shr     rax, 32
