@@ -179,10 +179,15 @@ fn image_rootfs_from_an_oci_layout() -> TestResult {
 
 /// Why `vessel image` tests cannot run here.
 fn e2fsprogs_unavailable() -> Option<String> {
-    ["mkfs.ext4", "e2fsck", "debugfs"].iter().find_map(|tool| {
+    missing_tool(&["mkfs.ext4", "e2fsck", "debugfs"], "e2fsprogs")
+}
+
+/// The first of `tools` not on PATH, as a skip reason naming `package`.
+fn missing_tool(tools: &[&str], package: &str) -> Option<String> {
+    tools.iter().find_map(|tool| {
         let found = std::env::var_os("PATH")
             .is_some_and(|paths| std::env::split_paths(&paths).any(|p| Path::new(&p).join(tool).exists()));
-        (!found).then(|| format!("`{tool}` (e2fsprogs) is not installed"))
+        (!found).then(|| format!("`{tool}` ({package}) is not installed"))
     })
 }
 
@@ -192,12 +197,8 @@ fn root_tools_unavailable() -> Option<String> {
     if unsafe { libc::geteuid() } != 0 {
         return Some("needs root (mount namespaces, changing user)".into());
     }
-    for tool in ["unshare", "setpriv"] {
-        let found = std::env::var_os("PATH")
-            .is_some_and(|paths| std::env::split_paths(&paths).any(|p| Path::new(&p).join(tool).exists()));
-        if !found {
-            return Some(format!("`{tool}` (util-linux) is not installed"));
-        }
+    if let Some(reason) = missing_tool(&["unshare", "setpriv"], "util-linux") {
+        return Some(reason);
     }
     if std::fs::metadata("/dev/kvm").is_ok_and(|m| std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o006 != 0) {
         return Some("/dev/kvm is open to every user here, so access cannot be denied".into());
