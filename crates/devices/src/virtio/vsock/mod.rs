@@ -106,8 +106,10 @@ enum State {
 struct Connection {
     stream: UnixStream,
     state: State,
-    /// Guest data not yet taken by the host socket.
+    /// Bytes not yet taken by the host socket: guest data, after the first
+    /// `own_bytes`, which are ours (the `OK <port>` reply).
     to_host: Vec<u8>,
+    own_bytes: usize,
     /// Bytes we have sent the guest.
     tx_cnt: u32,
     /// The guest's receive buffer and how much of it it has consumed.
@@ -132,6 +134,7 @@ impl Connection {
             stream,
             state,
             to_host: Vec::new(),
+            own_bytes: 0,
             tx_cnt: 0,
             peer_buf_alloc: 0,
             peer_fwd_cnt: 0,
@@ -163,7 +166,10 @@ impl Connection {
             }
         }
         self.to_host.drain(..written);
-        self.fwd_cnt = self.fwd_cnt.wrapping_add(written as u32);
+        // Only guest data counts towards the credit we give back.
+        let own = written.min(self.own_bytes);
+        self.own_bytes -= own;
+        self.fwd_cnt = self.fwd_cnt.wrapping_add((written - own) as u32);
         Ok(written)
     }
 }
@@ -319,8 +325,7 @@ impl Vsock {
                     c.state = State::Established;
                     let reply = format!("OK {}\n", key.local_port);
                     c.to_host.extend_from_slice(reply.as_bytes());
-                    // The reply is ours, not the guest's: not counted as forwarded.
-                    c.fwd_cnt = c.fwd_cnt.wrapping_sub(reply.len() as u32);
+                    c.own_bytes = reply.len();
                     if c.flush_to_host().is_err() {
                         self.reset(key);
                     } else {
