@@ -45,8 +45,6 @@ pub type Slices<'m> = SmallVec<[VolatileSlice<'m>; 4]>;
 /// A chain split into its readable and writable segments.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Buffers {
-    /// Head index, for `add_used`.
-    pub head: u16,
     /// Device-readable segments, in order.
     pub readable: Segments,
     /// Device-writable segments, in order.
@@ -57,7 +55,7 @@ impl Buffers {
     /// Splits `chain`, checking each segment lies in `mem`. Zero-length
     /// descriptors are dropped (they carry nothing).
     pub fn from_chain(mem: &GuestMemoryMmap, chain: DescriptorChain<&GuestMemoryMmap>) -> Result<Self, ChainError> {
-        let mut buffers = Buffers { head: chain.head_index(), ..Default::default() };
+        let mut buffers = Buffers::default();
         let (mut readable_total, mut writable_total) = (0u64, 0u64);
         for desc in chain {
             let (addr, len) = (desc.addr(), desc.len());
