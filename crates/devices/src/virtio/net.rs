@@ -10,7 +10,7 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
@@ -80,8 +80,6 @@ pub struct Net {
     tap: File,
     epoll: Epoll,
     mac: [u8; 6],
-    /// A frame read from the TAP that found no receive buffer yet.
-    pending: Option<Vec<u8>>,
     /// The TAP may hold frames (edge-triggered: true until EAGAIN).
     tap_readable: bool,
     frame: Vec<u8>,
@@ -144,7 +142,6 @@ impl Net {
             tap,
             epoll,
             mac: config.mac,
-            pending: None,
             tap_readable: true,
             frame: vec![0u8; MAX_FRAME],
             counters: counters.clone(),
@@ -185,50 +182,46 @@ impl Net {
     /// Moves frames from the TAP into receive buffers while both last.
     fn process_rx(&mut self, queue: &mut Queue, mem: &GuestMemoryMmap) -> bool {
         let mut used = false;
-        loop {
-            let frame = match self.pending.take() {
-                Some(f) => f,
-                None if self.tap_readable => match self.tap.read(&mut self.frame) {
-                    Ok(n) if n >= NET_HDR_LEN => self.frame[..n].to_vec(),
-                    Ok(_) => {
-                        self.counters.dropped.fetch_add(1, Ordering::Relaxed);
-                        continue;
-                    }
-                    Err(e) if e.kind() == ErrorKind::Interrupted => continue,
-                    Err(_) => {
-                        // EAGAIN: drained until the next edge.
-                        self.tap_readable = false;
-                        return used;
-                    }
-                },
-                None => return used,
-            };
-            let Some(chain) = queue.pop_descriptor_chain(mem) else {
-                // No buffer: keep the frame until the guest posts one.
-                self.pending = Some(frame);
-                return used;
-            };
+        // A frame is read from the TAP only once a buffer waits for it, so
+        // nothing is held here while the guest has no buffers.
+        while self.tap_readable {
+            let Some(chain) = queue.pop_descriptor_chain(mem) else { return used };
             let head = chain.head_index();
-            let written = Buffers::from_chain(mem, chain).ok().and_then(|b| {
-                (b.writable_len() >= frame.len() as u64).then_some(())?;
-                let mut frame = frame;
-                // num_buffers = 1; everything else as the TAP gave it (zero).
-                frame[10..12].copy_from_slice(&1u16.to_le_bytes());
-                b.write_at(mem, 0, &frame).ok().map(|()| frame.len())
-            });
+            let n = match self.tap.read(&mut self.frame) {
+                Ok(n) => n,
+                Err(e) => {
+                    // EAGAIN: drained until the next edge. The buffer stays
+                    // available for the next frame.
+                    self.tap_readable = e.kind() == ErrorKind::Interrupted;
+                    queue.go_to_previous_position();
+                    continue;
+                }
+            };
+            let frame = &mut self.frame[..n];
+            let written = (n >= NET_HDR_LEN)
+                .then_some(())
+                .and_then(|()| Buffers::from_chain(mem, chain).ok())
+                .filter(|b| b.writable_len() >= n as u64)
+                .and_then(|b| {
+                    // num_buffers = 1; everything else as the TAP gave it (zero).
+                    frame[10..12].copy_from_slice(&1u16.to_le_bytes());
+                    b.write_at(mem, 0, frame).ok()
+                });
             match written {
-                Some(n) => {
+                Some(()) => {
                     self.counters.rx_packets.fetch_add(1, Ordering::Relaxed);
                     self.counters.rx_bytes.fetch_add((n - NET_HDR_LEN) as u64, Ordering::Relaxed);
                     let _ = queue.add_used(mem, head, n as u32);
                 }
                 None => {
+                    // Runt frame, bad chain or a buffer too small: dropped.
                     self.counters.dropped.fetch_add(1, Ordering::Relaxed);
                     let _ = queue.add_used(mem, head, 0);
                 }
             }
             used = true;
         }
+        used
     }
 }
 
@@ -277,7 +270,4 @@ impl VirtioBackend for Net {
         Some(self.epoll.as_raw_fd())
     }
 
-    fn reset(&mut self) {
-        self.pending = None;
-    }
 }
