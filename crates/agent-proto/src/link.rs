@@ -1,0 +1,137 @@
+//! How the host and the agent reach each other.
+//!
+//! In a guest the agent listens for ttrpc on vsock port [`DEFAULT_PORT`]
+//! (or `vessel.agent_port=N` from the kernel command line), then dials the
+//! host (CID 2) on the same port and writes one readiness line
+//! ([`ready_line`]). The host, which accepted that connection on its
+//! hybrid vsock socket (`<uds>_<port>`), then connects to the agent's
+//! port through the same socket (`CONNECT <port>`). The host never
+//! connects before the guest said it listens: a connect to a port nobody
+//! listens on yet costs Linux a 2 s timeout.
+//!
+//! Run on the host (the agent's container logic as a plain process), the
+//! agent listens on a Unix socket instead, and "dialing the host on port P"
+//! means connecting to `<prefix>_P`, the same names the hybrid vsock
+//! device gives guest-initiated connections. Host code therefore handles
+//! both the same way: listen on `<prefix>_P`, accept.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+
+/// The agent's port: its ttrpc listener, and the host port it dials to say
+/// it is ready.
+pub const DEFAULT_PORT: u32 = 1024;
+
+/// The kernel command-line key that overrides [`DEFAULT_PORT`].
+pub const CMDLINE_PORT_KEY: &str = "vessel.agent_port";
+
+/// The host's vsock CID.
+pub const HOST_CID: u32 = 2;
+
+/// How a readiness line starts: `VESSEL-AGENT-READY <agent version>\n`.
+pub const READY_PREFIX: &str = "VESSEL-AGENT-READY";
+
+/// The longest readiness line accepted; the agent is guest code, so the
+/// host bounds what it reads.
+pub const MAX_READY_LINE: usize = 256;
+
+/// A link that went wrong.
+#[derive(Debug, thiserror::Error)]
+pub enum LinkError {
+    /// Connecting or talking to a socket failed.
+    #[error("{what} {path}")]
+    Io {
+        /// What was being done.
+        what: &'static str,
+        /// The socket.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The peer sent something that is not the expected line.
+    #[error("expected {expected:?} from {path}, got {got:?}")]
+    Protocol {
+        /// What was expected.
+        expected: String,
+        /// What came (lossy, bounded).
+        got: String,
+        /// The socket.
+        path: PathBuf,
+    },
+}
+
+/// The readiness line the agent writes after it dials the host.
+pub fn ready_line(agent_version: &str) -> String {
+    format!("{READY_PREFIX} {agent_version}\n")
+}
+
+/// Reads the readiness line from a connection the agent made, returning the
+/// agent's version. At most [`MAX_READY_LINE`] bytes are read.
+pub fn read_ready(conn: &mut UnixStream, path: &Path) -> Result<String, LinkError> {
+    let line = read_line(conn, path)?;
+    match line.strip_prefix(READY_PREFIX).and_then(|rest| rest.strip_prefix(' ')) {
+        Some(version) if !version.is_empty() => Ok(version.to_string()),
+        _ => Err(LinkError::Protocol { expected: format!("{READY_PREFIX} <version>"), got: line, path: path.into() }),
+    }
+}
+
+/// Host side: connects to a guest port through a hybrid vsock socket
+/// (`CONNECT <port>`, then `OK <host port>`), returning the stream.
+pub fn connect_hybrid(uds: &Path, port: u32) -> Result<UnixStream, LinkError> {
+    let io = |what| move |source| LinkError::Io { what, path: uds.into(), source };
+    let mut stream = UnixStream::connect(uds).map_err(io("cannot connect to"))?;
+    stream.write_all(format!("CONNECT {port}\n").as_bytes()).map_err(io("cannot write CONNECT to"))?;
+    let line = read_line(&mut stream, uds)?;
+    match line.strip_prefix("OK ").map(str::parse::<u32>) {
+        Some(Ok(_)) => Ok(stream),
+        _ => Err(LinkError::Protocol { expected: format!("OK <port> for CONNECT {port}"), got: line, path: uds.into() }),
+    }
+}
+
+/// The path a Unix-socket "dial port P" goes to: `<prefix>_P`.
+pub fn port_path(prefix: &Path, port: u32) -> PathBuf {
+    let mut name = prefix.as_os_str().to_owned();
+    name.push(format!("_{port}"));
+    PathBuf::from(name)
+}
+
+/// Reads one `\n`-terminated line byte by byte (nothing past it is
+/// consumed, so the stream can be handed on), bounded by
+/// [`MAX_READY_LINE`].
+fn read_line(conn: &mut UnixStream, path: &Path) -> Result<String, LinkError> {
+    let mut line = Vec::new();
+    let mut reader = BufReader::with_capacity(1, Read::by_ref(conn).take(MAX_READY_LINE as u64));
+    reader
+        .read_until(b'\n', &mut line)
+        .map_err(|source| LinkError::Io { what: "cannot read a line from", path: path.into(), source })?;
+    let got = String::from_utf8_lossy(&line).into_owned();
+    match got.strip_suffix('\n') {
+        Some(text) => Ok(text.to_string()),
+        None => Err(LinkError::Protocol { expected: "a line ending in \\n".into(), got, path: path.into() }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ready_line_round_trips_and_bad_lines_are_named() {
+        let (mut a, mut b) = UnixStream::pair().unwrap();
+        a.write_all(ready_line("0.1.0").as_bytes()).unwrap();
+        assert_eq!(read_ready(&mut b, Path::new("pair")).unwrap(), "0.1.0");
+        a.write_all(b"HELLO\n").unwrap();
+        let err = read_ready(&mut b, Path::new("pair")).unwrap_err().to_string();
+        assert!(err.contains("VESSEL-AGENT-READY") && err.contains("HELLO"), "{err}");
+        a.write_all(&[b'x'; 300]).unwrap();
+        let err = read_ready(&mut b, Path::new("pair")).unwrap_err().to_string();
+        assert!(err.contains("a line ending"), "{err}");
+    }
+
+    #[test]
+    fn port_paths_follow_the_hybrid_convention() {
+        assert_eq!(port_path(Path::new("/run/v.sock"), 1024), PathBuf::from("/run/v.sock_1024"));
+    }
+}
