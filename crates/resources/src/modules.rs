@@ -28,11 +28,11 @@ pub enum ModuleError {
         #[source]
         source: std::io::Error,
     },
-    /// No module file of that name, and it is not built in.
-    #[error("module {name} is neither in {dir} nor built into the kernel")]
+    /// No module file of these names, and they are not built in.
+    #[error("{} neither in {dir} nor built into the kernel", module_list(names))]
     NotFound {
-        /// The module name.
-        name: String,
+        /// The module names, each once, in the order they were met.
+        names: Vec<String>,
         /// The modules directory.
         dir: PathBuf,
     },
@@ -60,6 +60,14 @@ pub enum ModuleError {
     /// A module file that is not a kernel module.
     #[error("{0} is not a kernel module (no .modinfo section)")]
     NotAModule(PathBuf),
+}
+
+/// "module a is" or "modules a, b are", for messages.
+fn module_list(names: &[String]) -> String {
+    match names {
+        [one] => format!("module {one} is"),
+        many => format!("modules {} are", many.join(", ")),
+    }
 }
 
 /// A module file to load.
@@ -94,22 +102,35 @@ fn module_name(file: &str) -> Option<String> {
 /// `names` and everything they depend on, from the modules directory
 /// `dir` (the guest's `/lib/modules/$(uname -r)`), in an order `insmod`
 /// can follow: each module after all of its dependencies, otherwise in the
-/// order asked.
+/// order asked. If some are neither there nor built in, the error names
+/// all of them.
 pub fn resolve(dir: &Path, names: &[&str]) -> Result<Resolved, ModuleError> {
     let index = Index::open(dir)?;
-    let mut out = Resolved::default();
-    let mut done = HashSet::new();
-    let mut path = Vec::new();
+    let mut walk = DepWalk::default();
     for name in names {
-        index.visit(&canonical(name), &mut done, &mut path, &mut out)?;
+        index.visit(&canonical(name), &mut walk)?;
     }
-    Ok(out)
+    if !walk.missing.is_empty() {
+        return Err(ModuleError::NotFound { names: walk.missing, dir: dir.to_path_buf() });
+    }
+    Ok(walk.out)
+}
+
+/// Where a dependency walk stands.
+#[derive(Default)]
+struct DepWalk {
+    /// Modules placed (or found built in, or missing): not visited again.
+    done: HashSet<String>,
+    /// The chain of modules being visited, to report a cycle.
+    path: Vec<String>,
+    /// Names neither in the directory nor built in.
+    missing: Vec<String>,
+    out: Resolved,
 }
 
 /// What a modules directory holds: files by name, built-in names, and the
 /// dependencies from `modules.dep` if present.
 struct Index {
-    dir: PathBuf,
     files: BTreeMap<String, PathBuf>,
     builtin: HashSet<String>,
     dep: Option<HashMap<String, Vec<String>>>,
@@ -133,7 +154,7 @@ impl Index {
             }
             dep
         });
-        Ok(Self { dir: dir.to_path_buf(), files, builtin, dep })
+        Ok(Self { files, builtin, dep })
     }
 
     fn depends(&self, name: &str, path: &Path) -> Result<Vec<String>, ModuleError> {
@@ -145,35 +166,30 @@ impl Index {
         Ok(modinfo_depends(info))
     }
 
-    fn visit(
-        &self,
-        name: &str,
-        done: &mut HashSet<String>,
-        path: &mut Vec<String>,
-        out: &mut Resolved,
-    ) -> Result<(), ModuleError> {
-        if done.contains(name) {
+    fn visit(&self, name: &str, walk: &mut DepWalk) -> Result<(), ModuleError> {
+        if walk.done.contains(name) {
             return Ok(());
         }
-        if path.iter().any(|p| p == name) {
-            path.push(name.to_string());
-            return Err(ModuleError::Cycle(path.join(" -> ")));
+        if walk.path.iter().any(|p| p == name) {
+            walk.path.push(name.to_string());
+            return Err(ModuleError::Cycle(walk.path.join(" -> ")));
         }
         let Some(file) = self.files.get(name) else {
+            walk.done.insert(name.to_string());
             if self.builtin.contains(name) {
-                done.insert(name.to_string());
-                out.builtin.push(name.to_string());
-                return Ok(());
+                walk.out.builtin.push(name.to_string());
+            } else {
+                walk.missing.push(name.to_string());
             }
-            return Err(ModuleError::NotFound { name: name.to_string(), dir: self.dir.clone() });
+            return Ok(());
         };
-        path.push(name.to_string());
+        walk.path.push(name.to_string());
         for dep in self.depends(name, file)? {
-            self.visit(&dep, done, path, out)?;
+            self.visit(&dep, walk)?;
         }
-        path.pop();
-        done.insert(name.to_string());
-        out.load_order.push(Module { name: name.to_string(), path: file.clone() });
+        walk.path.pop();
+        walk.done.insert(name.to_string());
+        walk.out.load_order.push(Module { name: name.to_string(), path: file.clone() });
         Ok(())
     }
 }
@@ -310,6 +326,11 @@ mod tests {
         assert_eq!(
             err.to_string(),
             format!("module nope is neither in {} nor built into the kernel", dir.path().display())
+        );
+        let err = resolve(dir.path(), &["virtio_blk", "nope", "virtio", "gone", "nope"]).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            format!("modules nope, gone are neither in {} nor built into the kernel", dir.path().display())
         );
         let err = resolve(dir.path(), &["loop_a"]).unwrap_err();
         assert_eq!(err.to_string(), "modules depend on each other in a cycle: loop_a -> loop_b -> loop_a");
