@@ -1,6 +1,6 @@
 //! Just enough of 64-bit little-endian ELF to read a section by name (a
-//! kernel module's `.modinfo`) and to tell a static executable from a
-//! dynamic one. Every offset read from the file is bounds-checked.
+//! kernel module's `.modinfo`) and to tell a static x86_64 executable from
+//! anything else. Every offset read from the file is bounds-checked.
 
 fn u16_at(b: &[u8], off: usize) -> Option<u16> {
     Some(u16::from_le_bytes(b.get(off..off.checked_add(2)?)?.try_into().ok()?))
@@ -64,15 +64,45 @@ pub(crate) fn has_interpreter(b: &[u8]) -> Option<bool> {
     Some(found)
 }
 
+/// Why a file cannot run as a guest's `/init` (no dynamic loader in the
+/// initramfs, no other architecture), or Ok if it is a static x86_64
+/// executable: `ET_EXEC`, or `ET_DYN` with an entry point (static-pie, what
+/// Rust builds with `crt-static`), and no program interpreter.
+pub(crate) fn check_static_x86_64(b: &[u8]) -> Result<(), &'static str> {
+    const ET_EXEC: u16 = 2;
+    const ET_DYN: u16 = 3;
+    const EM_X86_64: u16 = 62;
+    if !is_elf64le(b) {
+        return Err("it is not a 64-bit little-endian ELF file");
+    }
+    if u16_at(b, 0x12) != Some(EM_X86_64) {
+        return Err("it is built for another machine than x86_64");
+    }
+    let entry = u64_at(b, 0x18).unwrap_or(0);
+    match u16_at(b, 0x10) {
+        Some(ET_EXEC) => {}
+        Some(ET_DYN) if entry != 0 => {}
+        _ => return Err("it is not an executable"),
+    }
+    match has_interpreter(b) {
+        Some(false) => Ok(()),
+        Some(true) => Err("it is dynamically linked (it asks for a program interpreter)"),
+        None => Err("its program headers cannot be read"),
+    }
+}
+
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
 
-    /// A minimal ELF64 with the given sections (name, contents) and, if
-    /// `interp`, one PT_INTERP program header.
+    /// A minimal x86_64 ELF64 executable (`ET_EXEC`) with the given
+    /// sections (name, contents) and, if `interp`, one PT_INTERP program
+    /// header.
     pub(crate) fn build(sections: &[(&str, &[u8])], interp: bool) -> Vec<u8> {
         let mut b = vec![0u8; 64];
         b[..6].copy_from_slice(b"\x7fELF\x02\x01");
+        b[0x10..0x12].copy_from_slice(&2u16.to_le_bytes());
+        b[0x12..0x14].copy_from_slice(&62u16.to_le_bytes());
         // Program header table right after the ELF header.
         b[0x20..0x28].copy_from_slice(&64u64.to_le_bytes());
         b[0x36..0x38].copy_from_slice(&56u16.to_le_bytes());
@@ -120,6 +150,26 @@ pub(crate) mod tests {
         assert_eq!(has_interpreter(&elf), Some(true));
         assert_eq!(has_interpreter(&build(&[], false)), Some(false));
         assert_eq!(has_interpreter(b"#!/bin/sh\n"), None);
+    }
+
+    #[test]
+    fn static_x86_64_executables() {
+        assert_eq!(check_static_x86_64(&build(&[], false)), Ok(()));
+        let err = check_static_x86_64(&build(&[], true)).unwrap_err();
+        assert!(err.contains("dynamically linked"), "{err}");
+        assert!(check_static_x86_64(b"#!/bin/sh\n").unwrap_err().contains("not a 64-bit little-endian ELF"));
+        let mut arm = build(&[], false);
+        arm[0x12..0x14].copy_from_slice(&183u16.to_le_bytes()); // EM_AARCH64
+        assert!(check_static_x86_64(&arm).unwrap_err().contains("another machine"));
+        // ET_DYN: a static-pie executable has an entry point, a library none.
+        let mut pie = build(&[], false);
+        pie[0x10..0x12].copy_from_slice(&3u16.to_le_bytes());
+        assert!(check_static_x86_64(&pie).unwrap_err().contains("not an executable"));
+        pie[0x18..0x20].copy_from_slice(&0x1000u64.to_le_bytes());
+        assert_eq!(check_static_x86_64(&pie), Ok(()));
+        let mut object = build(&[], false);
+        object[0x10..0x12].copy_from_slice(&1u16.to_le_bytes()); // ET_REL
+        assert!(check_static_x86_64(&object).unwrap_err().contains("not an executable"));
     }
 
     #[test]

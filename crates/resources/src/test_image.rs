@@ -135,7 +135,7 @@ pub fn build_test_image(
     extra: &[ExtraFile],
 ) -> Result<Initramfs, TestImageError> {
     let bb = std::fs::read(busybox).map_err(|source| TestImageError::Read { path: busybox.to_path_buf(), source })?;
-    if elf::has_interpreter(&bb) != Some(false) {
+    if elf::check_static_x86_64(&bb).is_err() {
         return Err(TestImageError::NotStatic(busybox.to_path_buf()));
     }
     let list = run(Command::new(busybox).arg("--list")).map_err(TestImageError::Applets)?;
