@@ -220,9 +220,54 @@ fn push_entry(out: &mut Vec<u8>, h: &Header, name: &str, data: &[u8]) {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::cache::test_util::TempDir;
+
+    /// One entry read back from an archive.
+    #[derive(Debug, PartialEq, Eq)]
+    pub(crate) struct ReadEntry {
+        pub name: String,
+        pub mode: u32,
+        pub rdev: (u32, u32),
+        pub data: Vec<u8>,
+    }
+
+    /// The entries of a newc archive, trailer excluded; panics on anything
+    /// malformed (tests only).
+    pub(crate) fn read_newc(mut b: &[u8]) -> Vec<ReadEntry> {
+        let field = |h: &[u8], i: usize| {
+            u32::from_str_radix(std::str::from_utf8(&h[6 + 8 * i..14 + 8 * i]).unwrap(), 16).unwrap()
+        };
+        let padded = |n: usize| n.next_multiple_of(4);
+        let mut entries = Vec::new();
+        loop {
+            assert_eq!(&b[..6], MAGIC);
+            let (mode, filesize, namesize) = (field(b, 1), field(b, 6) as usize, field(b, 11) as usize);
+            let rdev = (field(b, 9), field(b, 10));
+            let name = std::str::from_utf8(&b[110..110 + namesize - 1]).unwrap().to_string();
+            let data_at = padded(110 + namesize);
+            let data = b[data_at..data_at + filesize].to_vec();
+            b = &b[padded(data_at + filesize)..];
+            if name == TRAILER {
+                assert!(b.is_empty(), "bytes after the trailer");
+                return entries;
+            }
+            entries.push(ReadEntry { name, mode, rdev, data });
+        }
+    }
+
+    #[test]
+    fn reads_back_what_was_written() {
+        let mut img = Initramfs::new();
+        img.file("bin/x", 0o755, b"abcde".to_vec()).unwrap();
+        img.char_device("dev/console", 0o600, 5, 1).unwrap();
+        let entries = read_newc(&img.to_bytes());
+        let names: Vec<&str> = entries.iter().map(|e| e.name.as_str()).collect();
+        assert_eq!(names, ["bin", "bin/x", "dev", "dev/console"]);
+        assert_eq!((entries[1].mode, entries[1].data.as_slice()), (S_IFREG | 0o755, &b"abcde"[..]));
+        assert_eq!((entries[3].mode, entries[3].rdev), (S_IFCHR | 0o600, (5, 1)));
+    }
 
     /// A header from its 13 fields, written out by hand.
     fn header(fields: [&str; 13]) -> Vec<u8> {

@@ -12,12 +12,14 @@
 //!   (`mkfs.ext4 -d`), and a demo busybox tree.
 //! - [`oci`]: unpacking an OCI image layout (skopeo/umoci output) into a
 //!   directory, layer by layer with whiteouts, digests verified.
-//!
-//! Not built yet: the agent's initramfs.
+//! - [`guest_image`]: the sandbox guest's boot files: the kernel and an
+//!   initramfs with the agent as `/init` and the modules it loads (listed
+//!   in `modules.load`, a contract with the agent), cached by content.
 
 pub mod cache;
 mod command;
 mod elf;
+pub mod guest_image;
 pub mod initramfs;
 pub mod kernel;
 pub mod modules;
