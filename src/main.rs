@@ -70,6 +70,27 @@ enum ImageCommand {
         #[arg(long)]
         out: PathBuf,
     },
+    /// A sandbox guest's boot files: DIR/kernel and DIR/initrd.img, an
+    /// initramfs with the agent as /init and the kernel modules it loads.
+    Build(BuildArgs),
+}
+
+#[derive(Args, Debug)]
+struct BuildArgs {
+    /// Directory to write `kernel` and `initrd.img` to (created if missing).
+    #[arg(long, value_name = "DIR")]
+    out: PathBuf,
+    /// The kernel, a bzImage (default: the distribution's cloud kernel,
+    /// fetched with apt-get and cached).
+    #[arg(long, value_name = "FILE")]
+    kernel: Option<PathBuf>,
+    /// The modules directory of --kernel (its /lib/modules/RELEASE).
+    #[arg(long, value_name = "DIR", requires = "kernel")]
+    modules: Option<PathBuf>,
+    /// The agent, a static x86_64 executable (default: vessel-agent next to
+    /// this vessel binary).
+    #[arg(long, value_name = "FILE")]
+    agent: Option<PathBuf>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -181,8 +202,67 @@ fn image(cmd: ImageCommand) -> anyhow::Result<()> {
             built?;
             println!("{}", out.display());
         }
+        ImageCommand::Build(args) => image_build(&args)?,
     }
     Ok(())
+}
+
+/// `vessel image build`: progress on stderr, the written files on stdout.
+fn image_build(args: &BuildArgs) -> anyhow::Result<()> {
+    use resources::{guest_image, kernel};
+
+    // The agent first: a wrong one fails before any download.
+    let agent_path = match &args.agent {
+        Some(path) => path.clone(),
+        None => default_agent()?,
+    };
+    let agent = guest_image::read_agent(&agent_path)?;
+    eprintln!("vessel: [1/4] agent {} ({} bytes)", agent_path.display(), agent.len());
+
+    let kernel = match &args.kernel {
+        Some(image) => kernel::Kernel::from_files(image, args.modules.as_deref())?,
+        None => {
+            let cache = resources::cache::dir()?;
+            eprintln!(
+                "vessel: [2/4] kernel {}: fetching the package with apt-get unless cached in {}",
+                kernel::DEBIAN_CLOUD_KERNEL,
+                cache.join("kernels").display()
+            );
+            kernel::distro_kernel(&cache, kernel::DEBIAN_CLOUD_KERNEL)?
+        }
+    };
+    let from = kernel.package.as_ref().map(|p| format!(" from {} {}", p.name, p.version)).unwrap_or_default();
+    let release = kernel.release.as_deref().unwrap_or("release unknown");
+    eprintln!("vessel: [2/4] kernel {} ({release}{from})", kernel.image.display());
+
+    eprintln!("vessel: [3/4] collecting the kernel modules: {}", guest_image::AGENT_MODULES.join(", "));
+    let modules = guest_image::agent_modules(&kernel)?;
+    let load = guest_image::modules_load(&modules);
+    let built_in = if modules.builtin.is_empty() { "none".to_string() } else { modules.builtin.join(", ") };
+    eprintln!("vessel: [3/4] modules to load: {}; built in: {built_in}", load.lines().collect::<Vec<_>>().join(" "));
+
+    eprintln!("vessel: [4/4] writing the image");
+    let initrd = guest_image::build_agent_initramfs(agent, &modules)?.to_bytes();
+    let cached = guest_image::cache_initramfs(&initrd)?;
+    let written = guest_image::write_guest_image(&args.out, &kernel.image, &initrd)?;
+    eprintln!("vessel: [4/4] initramfs cached as {}", cached.display());
+    for path in [&written.kernel, &written.initrd] {
+        let size = std::fs::metadata(path).with_context(|| format!("cannot read {}", path.display()))?.len();
+        println!("{} {size} bytes", path.display());
+    }
+    Ok(())
+}
+
+/// `vessel-agent` next to the running vessel binary, where cargo builds it.
+fn default_agent() -> anyhow::Result<PathBuf> {
+    let exe = std::env::current_exe().context("cannot tell where the vessel binary is")?;
+    let agent = exe.with_file_name("vessel-agent");
+    anyhow::ensure!(
+        agent.is_file(),
+        "no agent at {}: build it with `cargo build -p agent` (it lands next to vessel), or pass --agent FILE",
+        agent.display()
+    );
+    Ok(agent)
 }
 
 fn write_guests(out: &std::path::Path) -> anyhow::Result<()> {

@@ -177,6 +177,111 @@ fn image_rootfs_from_an_oci_layout() -> TestResult {
     Ok(())
 }
 
+/// The entries of a newc cpio archive as (name, data), or an error saying
+/// where it is not one.
+fn newc_entries(mut b: &[u8]) -> anyhow::Result<Vec<(String, Vec<u8>)>> {
+    let mut entries = Vec::new();
+    loop {
+        ensure!(b.len() >= 110 && b[..6] == *b"070701", "no newc header at byte {}", b.len());
+        let field = |i: usize| -> anyhow::Result<usize> {
+            Ok(usize::from_str_radix(std::str::from_utf8(&b[6 + 8 * i..14 + 8 * i])?, 16)?)
+        };
+        let (filesize, namesize) = (field(6)?, field(11)?);
+        let data_at = (110 + namesize).next_multiple_of(4);
+        let next = (data_at + filesize).next_multiple_of(4);
+        ensure!(namesize > 0 && next <= b.len(), "a truncated entry");
+        let name = String::from_utf8(b[110..110 + namesize - 1].to_vec())?;
+        if name == "TRAILER!!!" {
+            return Ok(entries);
+        }
+        entries.push((name, b[data_at..data_at + filesize].to_vec()));
+        b = &b[next..];
+    }
+}
+
+/// `vessel image build` writes the kernel and an initramfs whose `/init`
+/// is the agent and whose modules.load names modules it holds.
+fn image_build_writes_the_boot_files() -> TestResult {
+    let dir = TempDir::new("cli-image-build")?;
+    let out_dir = dir.path().join("guest");
+    let agent = resources::test_image::find_busybox()?;
+    let kernel = vessel_tests::tier3::test_kernel()?;
+    let mut args = vec!["image".to_string(), "build".into(), "--agent".into(), agent.to_string_lossy().into()];
+    args.extend(["--out".into(), out_dir.to_string_lossy().into()]);
+    // The distribution kernel is the default; a kernel from
+    // $VESSEL_TEST_KERNEL is passed on.
+    if kernel.package.is_none() {
+        args.extend(["--kernel".into(), kernel.image.to_string_lossy().into()]);
+        if let Some(modules) = &kernel.modules {
+            args.extend(["--modules".into(), modules.to_string_lossy().into()]);
+        }
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = vessel(&args)?;
+    let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+    ensure!(out.status.success(), "exit {:?}: {stderr}", out.status);
+    let (kernel_out, initrd_out) = (out_dir.join("kernel"), out_dir.join("initrd.img"));
+    for path in [&kernel_out, &initrd_out] {
+        let line = format!("{} {} bytes", path.display(), std::fs::metadata(path)?.len());
+        ensure!(stdout.lines().any(|l| l == line), "{line:?} not in stdout {stdout:?}");
+    }
+    let copied = std::fs::read(&kernel_out)? == std::fs::read(&kernel.image)?;
+    ensure!(copied, "{} is not a copy of {}", kernel_out.display(), kernel.image.display());
+
+    let initrd = std::fs::read(&initrd_out)?;
+    let entries = newc_entries(&initrd)?;
+    let file = |name: &str| entries.iter().find(|(n, _)| n == name).map(|(_, d)| d);
+    ensure!(file("init") == Some(&std::fs::read(&agent)?), "init is not the agent");
+    let load = text(file("lib/modules/vessel/modules.load").ok_or_else(|| anyhow::anyhow!("no modules.load"))?);
+    for module in load.lines() {
+        let present = file(&format!("lib/modules/vessel/{module}")).is_some();
+        ensure!(present, "modules.load names {module}, which the image lacks");
+    }
+    ensure!(stderr.contains("[3/4] modules to load:"), "no progress on stderr: {stderr:?}");
+
+    // Built again from the same inputs: the same bytes.
+    let again = vessel(&args)?;
+    ensure!(again.status.success(), "second build: {}", text(&again.stderr));
+    ensure!(std::fs::read(&initrd_out)? == initrd, "a second build gave other bytes");
+    Ok(())
+}
+
+/// The agent is checked before anything is fetched: one that is not a
+/// static x86_64 executable, or none at all, is a clear error.
+fn image_build_refuses_a_bad_or_missing_agent() -> TestResult {
+    let dir = TempDir::new("cli-image-agent")?;
+    let script = dir.write("agent.sh", b"#!/bin/sh\necho hi\n")?;
+    let out_dir = dir.path().join("guest");
+    let out = vessel(&["image", "build", "--agent", &script.to_string_lossy(), "--out", &out_dir.to_string_lossy()])?;
+    let stderr = text(&out.stderr);
+    ensure!(out.status.code() == Some(1), "exit {:?}: {stderr}", out.status);
+    let want = format!("the agent {} is not a static x86_64 executable: it is not a 64-bit", script.display());
+    ensure!(stderr.contains(&want), "stderr {stderr:?}");
+    ensure!(!out_dir.exists(), "{} written after an error", out_dir.display());
+
+    // A vessel binary with no vessel-agent next to it.
+    let exe = dir.path().join("vessel");
+    if std::fs::hard_link(env!("CARGO_BIN_EXE_vessel"), &exe).is_err() {
+        std::fs::copy(env!("CARGO_BIN_EXE_vessel"), &exe)?;
+    }
+    let out = Command::new(&exe).args(["image", "build", "--out", &out_dir.to_string_lossy()]).output()?;
+    let stderr = text(&out.stderr);
+    ensure!(out.status.code() == Some(1), "exit {:?}: {stderr}", out.status);
+    let beside = dir.path().join("vessel-agent");
+    let want = format!("no agent at {}: build it with `cargo build -p agent`", beside.display());
+    ensure!(stderr.contains(&want) && stderr.contains("--agent FILE"), "stderr {stderr:?}");
+    Ok(())
+}
+
+/// Why `vessel image build` cannot be tried here with the host's busybox
+/// as the agent and the test kernel.
+fn image_build_unavailable() -> Option<String> {
+    if let Err(e) = resources::test_image::find_busybox() {
+        return Some(e.to_string());
+    }
+    vessel_tests::tier3::test_kernel().err().map(|e| format!("no guest kernel: {e:#}"))
+}
+
 /// Why `vessel image` tests cannot run here.
 fn e2fsprogs_unavailable() -> Option<String> {
     missing_tool(&["mkfs.ext4", "e2fsck", "debugfs"], "e2fsprogs")
@@ -230,7 +335,12 @@ fn main() {
         trial("bad_arguments_are_usage_errors", bad_arguments_are_usage_errors),
         trial("missing_kernel_is_a_clear_error", missing_kernel_is_a_clear_error),
         trial("guests_are_written_out", guests_are_written_out),
+        trial("image_build_refuses_a_bad_or_missing_agent", image_build_refuses_a_bad_or_missing_agent),
     ];
+    trials.extend(gate(
+        image_build_unavailable(),
+        vec![trial("image_build_writes_the_boot_files", image_build_writes_the_boot_files)],
+    ));
     trials.extend(gate(
         kvm_unavailable(),
         vec![
