@@ -1,5 +1,27 @@
-//! The guest agent (PID 1 inside the sandbox VM): mounts, module loading,
-//! child reaping, the vsock link to the host, and the containers.
+//! The guest agent: PID 1 inside the sandbox VM. It mounts the guest's
+//! filesystems, loads the modules shipped in the initramfs, seeds entropy,
+//! reaps every child, dials the host over vsock, and runs the containers
+//! the host asks for through `agent-proto`.
 //!
-//! Not built yet. It will be a static binary
-//! (`-C target-feature=+crt-static`). Nothing here pretends to work.
+//! The same binary runs on the host as a plain process (`--listen`), which
+//! is how its container logic is tested without a guest kernel.
+//!
+//! - [`launch`]: the single-threaded helper that sets up and execs a
+//!   container process (namespaces, mounts, `pivot_root`, user, limits).
+//! - [`spec`]: OCI runtime spec checking and translation.
+//! - [`container`]: the containers and their processes.
+//! - [`cgroup`]: cgroup v2 limits, stats and freezer.
+//! - [`stdio`]: process stdio over streams to the host.
+//! - [`service`]: the ttrpc service.
+//! - [`guest`]: PID 1 duties in a guest.
+//! - [`link`], [`reaper`]: dialing the host; collecting children.
+
+pub mod cgroup;
+pub mod container;
+pub mod guest;
+pub mod launch;
+pub mod link;
+pub mod reaper;
+pub mod service;
+pub mod spec;
+pub mod stdio;

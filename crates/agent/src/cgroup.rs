@@ -1,0 +1,202 @@
+//! cgroup v2: one cgroup per container under the agent's root (in a guest,
+//! `/sys/fs/cgroup/vessel`), its limits, statistics and freezer.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use crate::spec::Limits;
+
+/// The controllers the agent enables for containers.
+const CONTROLLERS: [&str; 4] = ["cpu", "memory", "pids", "io"];
+
+/// How long pause waits for the kernel to report the cgroup frozen.
+const FREEZE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The parent of every container's cgroup.
+#[derive(Clone, Debug)]
+pub struct CgroupRoot {
+    dir: PathBuf,
+}
+
+/// Statistics read from a container's cgroup.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// cpu.stat usage_usec, user_usec, system_usec.
+    pub cpu_usage_usec: u64,
+    /// User time.
+    pub cpu_user_usec: u64,
+    /// System time.
+    pub cpu_system_usec: u64,
+    /// memory.current.
+    pub memory_usage: u64,
+    /// memory.max (None: unlimited).
+    pub memory_limit: Option<u64>,
+    /// pids.current.
+    pub pids_current: u64,
+    /// pids.max (None: unlimited).
+    pub pids_limit: Option<u64>,
+    /// cpu.max (None: unlimited).
+    pub cpu_limit: Option<(u64, u64)>,
+    /// io.stat rbytes over every device.
+    pub io_read_bytes: u64,
+    /// io.stat wbytes over every device.
+    pub io_write_bytes: u64,
+}
+
+fn read(path: &Path) -> Result<String, String> {
+    std::fs::read_to_string(path).map_err(|e| format!("reading {}: {e}", path.display()))
+}
+
+fn write(path: &Path, value: &str) -> Result<(), String> {
+    std::fs::write(path, value).map_err(|e| format!("writing {value:?} to {}: {e}", path.display()))
+}
+
+/// "max" or a number.
+fn parse_max(text: &str) -> Result<Option<u64>, String> {
+    match text.trim() {
+        "max" => Ok(None),
+        n => n.parse().map(Some).map_err(|_| format!("{n:?} is neither a number nor \"max\"")),
+    }
+}
+
+impl CgroupRoot {
+    /// Sets up `dir` (created if missing) below a cgroup v2 mount, with the
+    /// container controllers enabled for the cgroups under it. `dir`'s
+    /// parent must be in a cgroup2 filesystem that has those controllers.
+    pub fn new(dir: &Path) -> Result<Self, String> {
+        let parent = dir.parent().ok_or_else(|| format!("{} has no parent", dir.display()))?;
+        let available = read(&parent.join("cgroup.controllers"))
+            .map_err(|e| format!("{e} (is {} in a cgroup v2 filesystem?)", parent.display()))?;
+        let missing: Vec<&str> =
+            CONTROLLERS.iter().copied().filter(|c| !available.split_whitespace().any(|a| a == *c)).collect();
+        if !missing.is_empty() {
+            return Err(format!("cgroup v2 at {} lacks the controllers {}", parent.display(), missing.join(", ")));
+        }
+        let enable: String = CONTROLLERS.iter().map(|c| format!("+{c} ")).collect();
+        write(&parent.join("cgroup.subtree_control"), enable.trim_end())?;
+        std::fs::create_dir_all(dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
+        write(&dir.join("cgroup.subtree_control"), enable.trim_end())?;
+        Ok(CgroupRoot { dir: dir.to_path_buf() })
+    }
+
+    /// Creates a container's cgroup with its limits.
+    pub fn create(&self, id: &str, limits: &Limits) -> Result<PathBuf, String> {
+        let path = self.dir.join(id);
+        std::fs::create_dir(&path).map_err(|e| format!("creating cgroup {}: {e}", path.display()))?;
+        if let Err(e) = apply(&path, limits) {
+            let _ = std::fs::remove_dir(&path);
+            return Err(e);
+        }
+        Ok(path)
+    }
+}
+
+/// Writes the limits that are set.
+pub fn apply(cgroup: &Path, limits: &Limits) -> Result<(), String> {
+    if let Some(bytes) = limits.memory {
+        write(&cgroup.join("memory.max"), &bytes.to_string())?;
+    }
+    if let Some((quota, period)) = limits.cpu {
+        write(&cgroup.join("cpu.max"), &format!("{quota} {period}"))?;
+    }
+    if let Some(pids) = limits.pids {
+        write(&cgroup.join("pids.max"), &pids.to_string())?;
+    }
+    Ok(())
+}
+
+/// Moves a process into the cgroup.
+pub fn add(cgroup: &Path, pid: i32) -> Result<(), String> {
+    write(&cgroup.join("cgroup.procs"), &pid.to_string())
+}
+
+/// Reads the container's statistics.
+pub fn stats(cgroup: &Path) -> Result<Stats, String> {
+    let mut stats = Stats::default();
+    for line in read(&cgroup.join("cpu.stat"))?.lines() {
+        let mut words = line.split_whitespace();
+        let (Some(key), Some(value)) = (words.next(), words.next().and_then(|v| v.parse().ok())) else { continue };
+        match key {
+            "usage_usec" => stats.cpu_usage_usec = value,
+            "user_usec" => stats.cpu_user_usec = value,
+            "system_usec" => stats.cpu_system_usec = value,
+            _ => {}
+        }
+    }
+    let number = |name: &str| -> Result<u64, String> {
+        let text = read(&cgroup.join(name))?;
+        text.trim().parse().map_err(|_| format!("{name} holds {:?}, not a number", text.trim()))
+    };
+    stats.memory_usage = number("memory.current")?;
+    stats.memory_limit = parse_max(&read(&cgroup.join("memory.max"))?)?;
+    stats.pids_current = number("pids.current")?;
+    stats.pids_limit = parse_max(&read(&cgroup.join("pids.max"))?)?;
+    let cpu_max = read(&cgroup.join("cpu.max"))?;
+    let mut cpu = cpu_max.split_whitespace();
+    if let (Some(quota), Some(period)) = (cpu.next(), cpu.next()) {
+        let period = period.parse().map_err(|_| format!("cpu.max holds {cpu_max:?}"))?;
+        stats.cpu_limit = parse_max(quota)?.map(|q| (q, period));
+    }
+    for line in read(&cgroup.join("io.stat"))?.lines() {
+        for field in line.split_whitespace().skip(1) {
+            let Some((key, value)) = field.split_once('=') else { continue };
+            let value: u64 = value.parse().unwrap_or(0);
+            match key {
+                "rbytes" => stats.io_read_bytes += value,
+                "wbytes" => stats.io_write_bytes += value,
+                _ => {}
+            }
+        }
+    }
+    Ok(stats)
+}
+
+/// Freezes (true) or thaws the cgroup, waiting until the kernel says it
+/// is done.
+pub fn freeze(cgroup: &Path, frozen: bool) -> Result<(), String> {
+    write(&cgroup.join("cgroup.freeze"), if frozen { "1" } else { "0" })?;
+    let want = if frozen { "frozen 1" } else { "frozen 0" };
+    let start = Instant::now();
+    loop {
+        if read(&cgroup.join("cgroup.events"))?.lines().any(|l| l == want) {
+            return Ok(());
+        }
+        if start.elapsed() > FREEZE_TIMEOUT {
+            return Err(format!("{} did not report {want:?} within {FREEZE_TIMEOUT:?}", cgroup.display()));
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Kills every process in the cgroup (`cgroup.kill`, Linux 5.14+).
+pub fn kill_all(cgroup: &Path) -> Result<(), String> {
+    write(&cgroup.join("cgroup.kill"), "1")
+}
+
+/// Removes the cgroup once its processes are gone (they may take a moment
+/// to leave after being killed).
+pub fn remove(cgroup: &Path) -> Result<(), String> {
+    let start = Instant::now();
+    loop {
+        match std::fs::remove_dir(cgroup) {
+            Ok(()) => return Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) if start.elapsed() > Duration::from_secs(5) => {
+                return Err(format!("removing cgroup {}: {e}", cgroup.display()))
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(10)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn max_values_parse() {
+        assert_eq!(parse_max("max\n"), Ok(None));
+        assert_eq!(parse_max("1048576\n"), Ok(Some(1 << 20)));
+        assert!(parse_max("lots").unwrap_err().contains("lots"));
+    }
+}

@@ -1,0 +1,608 @@
+//! The containers: create, start, exec, signal, wait, list processes,
+//! cgroup limits, stats, pause/resume and remove.
+//!
+//! Each process is started by the launch helper (see [`crate::launch`]);
+//! the agent keeps the helper's exit (the process's status) and the
+//! process's own PID (for signals and `ps`).
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::net::UnixStream;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use agent_proto::agent::{Rootfs, Stdio as StdioPorts};
+use agent_proto::agent::rootfs::Source;
+
+use crate::cgroup::{self, CgroupRoot, Stats};
+use crate::launch::{self, Kind, Launch};
+use crate::link::HostLink;
+use crate::reaper::{Exit, Reaper};
+use crate::spec::{self, Limits};
+
+/// Why a request failed, with the kind of reply it gets.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Error {
+    /// The request is wrong (bad spec, duplicate ID, wrong state).
+    Invalid(String),
+    /// An ID names nothing.
+    NotFound(String),
+    /// The agent could not do what was asked.
+    Failed(String),
+}
+
+impl std::fmt::Display for Error {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Error::Invalid(m) | Error::NotFound(m) | Error::Failed(m) => f.write_str(m),
+        }
+    }
+}
+
+type Result<T> = std::result::Result<T, Error>;
+
+/// Where a container is in its life.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum State {
+    /// Set up, waiting for StartContainer.
+    Created,
+    /// Its first process runs.
+    Running,
+    /// Frozen.
+    Paused,
+    /// Its first process exited.
+    Stopped,
+}
+
+/// One process of a container.
+struct Process {
+    /// The process as the agent sees it.
+    pid: i32,
+    /// Its exit status, from the helper.
+    exit: Arc<Exit>,
+    /// The sync socket, until the process is let go.
+    sync: Mutex<Option<UnixStream>>,
+}
+
+struct Container {
+    state: State,
+    /// The first process; its exec ID is "".
+    init: Arc<Process>,
+    execs: HashMap<String, Arc<Process>>,
+    cgroup: Option<PathBuf>,
+    /// A disk the agent mounted for the root (unmounted on remove).
+    mounted_root: Option<PathBuf>,
+}
+
+impl Container {
+    fn state(&mut self) -> State {
+        if matches!(self.state, State::Running | State::Paused) && self.init.exit.get().is_some() {
+            self.state = State::Stopped;
+        }
+        self.state
+    }
+
+    fn process(&self, exec_id: &str, container_id: &str) -> Result<Arc<Process>> {
+        match exec_id {
+            "" => Ok(self.init.clone()),
+            id => self.execs.get(id).cloned().ok_or_else(|| {
+                Error::NotFound(format!("container {container_id:?} has no process with exec ID {id:?}"))
+            }),
+        }
+    }
+}
+
+/// One row of `ps`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ProcessRow {
+    /// PID as the agent sees it.
+    pub pid: i32,
+    /// PID inside the container.
+    pub ns_pid: i32,
+    /// Real UID.
+    pub uid: u32,
+    /// User name from the container's /etc/passwd, else the UID.
+    pub user: String,
+    /// Command line.
+    pub command: String,
+}
+
+/// Where the agent keeps its things, and how it reaches the host.
+pub struct Config {
+    /// The host link for stdio streams.
+    pub link: HostLink,
+    /// The cgroup v2 parent of container cgroups, if there is one.
+    pub cgroups: Option<CgroupRoot>,
+    /// Where disk roots are mounted (`<run_dir>/<id>/rootfs`).
+    pub run_dir: PathBuf,
+    /// The agent binary, re-executed as the launch helper.
+    pub self_exe: PathBuf,
+}
+
+/// Every container.
+pub struct Containers {
+    config: Config,
+    reaper: Arc<Reaper>,
+    containers: Mutex<HashMap<String, Container>>,
+}
+
+/// An ID the agent accepts for a container or process: what fits in a
+/// path component and a cgroup name.
+fn check_id(what: &str, id: &str) -> Result<()> {
+    let ok = !id.is_empty()
+        && id.len() <= 128
+        && id.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+        && !id.starts_with('.');
+    match ok {
+        true => Ok(()),
+        false => Err(Error::Invalid(format!(
+            "{what} {id:?} is not 1-128 characters of letters, digits, '-', '_' or '.' (not starting with '.')"
+        ))),
+    }
+}
+
+impl Containers {
+    /// An empty set of containers.
+    pub fn new(config: Config, reaper: Arc<Reaper>) -> Self {
+        Containers { config, reaper, containers: Mutex::new(HashMap::new()) }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, HashMap<String, Container>> {
+        self.containers.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn with<T>(&self, id: &str, f: impl FnOnce(&mut Container) -> Result<T>) -> Result<T> {
+        let mut containers = self.lock();
+        let c = containers.get_mut(id).ok_or_else(|| Error::NotFound(format!("no container with ID {id:?}")))?;
+        f(c)
+    }
+
+    /// Creates a container: its root, cgroup and first process, stopped
+    /// just before `exec`.
+    pub fn create(&self, id: &str, spec_json: &[u8], rootfs: &Rootfs, stdio: &StdioPorts) -> Result<()> {
+        check_id("container ID", id)?;
+        if self.lock().contains_key(id) {
+            return Err(Error::Invalid(format!("a container with ID {id:?} already exists")));
+        }
+        let (root, mounted_root) = self.prepare_root(id, rootfs)?;
+        let undo_root = |mounted: &Option<PathBuf>| {
+            if let Some(dir) = mounted {
+                unmount(dir);
+            }
+        };
+        let checked = match spec::parse_spec(spec_json, &root) {
+            Ok(c) => c,
+            Err(e) => {
+                undo_root(&mounted_root);
+                return Err(Error::Invalid(e));
+            }
+        };
+        let cgroup = match self.make_cgroup(id, &checked.limits) {
+            Ok(c) => c,
+            Err(e) => {
+                undo_root(&mounted_root);
+                return Err(e);
+            }
+        };
+        let launch = Launch { kind: Kind::Init(checked.init), process: checked.process };
+        let process = match self.launch(&launch, stdio, cgroup.as_deref()) {
+            Ok(p) => p,
+            Err(e) => {
+                if let Some(cg) = &cgroup {
+                    let _ = cgroup::remove(cg);
+                }
+                undo_root(&mounted_root);
+                return Err(e);
+            }
+        };
+        let mut containers = self.lock();
+        if containers.contains_key(id) {
+            // Another create with the same ID won the race.
+            drop(containers);
+            kill(process.pid, libc::SIGKILL);
+            return Err(Error::Invalid(format!("a container with ID {id:?} already exists")));
+        }
+        containers.insert(
+            id.to_string(),
+            Container { state: State::Created, init: process, execs: HashMap::new(), cgroup, mounted_root },
+        );
+        Ok(())
+    }
+
+    fn prepare_root(&self, id: &str, rootfs: &Rootfs) -> Result<(PathBuf, Option<PathBuf>)> {
+        match &rootfs.source {
+            Some(Source::Path(path)) => {
+                let path = PathBuf::from(path);
+                if !path.is_absolute() || !path.is_dir() {
+                    return Err(Error::Invalid(format!("rootfs path {} is not an existing directory", path.display())));
+                }
+                Ok((path, None))
+            }
+            Some(Source::DiskSerial(serial)) => {
+                let device = find_disk(serial)?;
+                let dir = self.config.run_dir.join(id).join("rootfs");
+                std::fs::create_dir_all(&dir)
+                    .map_err(|e| Error::Failed(format!("creating {}: {e}", dir.display())))?;
+                let fstype = if rootfs.fstype.is_empty() { "ext4" } else { rootfs.fstype.as_str() };
+                let flags = if rootfs.read_only { libc::MS_RDONLY } else { 0 };
+                mount_disk(&device, &dir, fstype, flags).map_err(Error::Failed)?;
+                Ok((dir.clone(), Some(dir)))
+            }
+            // Unknown to this agent: a field from a newer protocol.
+            Some(_) | None => Err(Error::Invalid("the request names no rootfs (disk_serial or path)".into())),
+        }
+    }
+
+    fn make_cgroup(&self, id: &str, limits: &Limits) -> Result<Option<PathBuf>> {
+        match &self.config.cgroups {
+            Some(root) => root.create(id, limits).map(Some).map_err(Error::Failed),
+            None if limits.any() => Err(Error::Invalid(
+                "the spec sets cgroup limits, but this agent has no cgroup v2 hierarchy".into(),
+            )),
+            None => Ok(None),
+        }
+    }
+
+    /// Runs the helper and waits until the process is set up.
+    fn launch(&self, launch: &Launch, ports: &StdioPorts, cgroup: Option<&Path>) -> Result<Arc<Process>> {
+        let plumbing = crate::stdio::plumb(&self.config.link, ports, launch.process.terminal).map_err(Error::Failed)?;
+        let json = serde_json::to_vec(launch).map_err(|e| Error::Failed(format!("encoding the launch: {e}")))?;
+        let (config_read, config_write) = pipe().map_err(Error::Failed)?;
+        let (sync_agent, sync_helper) =
+            UnixStream::pair().map_err(|e| Error::Failed(format!("socketpair: {e}")))?;
+        let sync_helper = OwnedFd::from(sync_helper);
+        let [stdin, stdout, stderr] = plumbing_child(&plumbing)?;
+        let mut command = Command::new(&self.config.self_exe);
+        command.arg(launch::LAUNCH_ARG).env_clear().stdin(stdin).stdout(stdout).stderr(stderr);
+        let (config_fd, sync_fd) = (config_read.as_raw_fd(), sync_helper.as_raw_fd());
+        // SAFETY: the closure only calls dup2, which is async-signal-safe;
+        // dup2 onto fds 3 and 4 also clears their close-on-exec flag.
+        unsafe {
+            command.pre_exec(move || {
+                if libc::dup2(config_fd, launch::CONFIG_FD) < 0 || libc::dup2(sync_fd, launch::SYNC_FD) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let (helper, exit) = {
+            let mut registry = self.reaper.lock();
+            let child = command
+                .spawn()
+                .map_err(|e| Error::Failed(format!("starting {}: {e}", self.config.self_exe.display())))?;
+            let pid = child.id() as i32;
+            (pid, registry.watch(pid))
+        };
+        drop(command);
+        drop((config_read, sync_helper));
+        let mut config_write = std::fs::File::from(config_write);
+        let written = config_write.write_all(&json);
+        drop(config_write);
+        let mut reader = BufReader::new(sync_agent.try_clone().map_err(|e| Error::Failed(format!("dup: {e}")))?);
+        let failed = |e: Error| {
+            kill(helper, libc::SIGKILL);
+            e
+        };
+        if let Err(e) = written {
+            return Err(failed(Error::Failed(format!("sending the launch config: {e}"))));
+        }
+        let pid = match read_line(&mut reader).map_err(failed)?.strip_prefix("pid ").map(str::parse::<i32>) {
+            Some(Ok(pid)) if pid > 0 => pid,
+            _ => return Err(failed(Error::Failed("the launch helper sent no pid".into()))),
+        };
+        if let Some(cg) = cgroup {
+            cgroup::add(cg, pid).map_err(|e| failed(Error::Failed(e)))?;
+        }
+        match read_line(&mut reader).map_err(failed)?.as_str() {
+            "ready" => {}
+            other => return Err(failed(Error::Failed(format!("the helper said {other:?}")))),
+        }
+        plumbing.start();
+        Ok(Arc::new(Process { pid, exit, sync: Mutex::new(Some(sync_agent)) }))
+    }
+
+    /// Lets the container's first process `exec`.
+    pub fn start(&self, id: &str) -> Result<()> {
+        let init = self.with(id, |c| match c.state() {
+            State::Created => Ok(c.init.clone()),
+            other => Err(Error::Invalid(format!("container {id:?} is {other:?}, not Created"))),
+        })?;
+        release(&init)?;
+        self.with(id, |c| {
+            c.state = State::Running;
+            Ok(())
+        })
+    }
+
+    /// Starts another process in a running container.
+    pub fn exec(&self, id: &str, exec_id: &str, process_json: &[u8], stdio: &StdioPorts) -> Result<()> {
+        check_id("exec ID", exec_id)?;
+        let process = spec::parse_process(process_json).map_err(Error::Invalid)?;
+        let (init_pid, cgroup) = self.with(id, |c| match c.state() {
+            State::Running if c.execs.contains_key(exec_id) => {
+                Err(Error::Invalid(format!("container {id:?} already has a process with exec ID {exec_id:?}")))
+            }
+            State::Running => Ok((c.init.pid, c.cgroup.clone())),
+            other => Err(Error::Invalid(format!("container {id:?} is {other:?}, not Running"))),
+        })?;
+        let launch = Launch { kind: Kind::Exec { init_pid }, process };
+        let started = self.launch(&launch, stdio, cgroup.as_deref())?;
+        release(&started)?;
+        self.with(id, |c| {
+            c.execs.insert(exec_id.to_string(), started);
+            Ok(())
+        })
+    }
+
+    /// Sends a signal to one process, or to every process of the container.
+    pub fn signal(&self, id: &str, exec_id: &str, signal: u32, all: bool) -> Result<()> {
+        let signal = i32::try_from(signal)
+            .ok()
+            .filter(|s| (1..=64).contains(s))
+            .ok_or_else(|| Error::Invalid(format!("signal {signal} is not between 1 and 64")))?;
+        let (process, init_pid, cgroup) = self.with(id, |c| Ok((c.process(exec_id, id)?, c.init.pid, c.cgroup.clone())))?;
+        if !all {
+            if process.exit.get().is_none() {
+                kill(process.pid, signal);
+            }
+            return Ok(());
+        }
+        match cgroup {
+            Some(cg) if signal == libc::SIGKILL => cgroup::kill_all(&cg).map_err(Error::Failed),
+            _ => {
+                for row in self.processes_of(init_pid) {
+                    kill(row.pid, signal);
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Waits for a process to exit; returns its status.
+    pub fn wait(&self, id: &str, exec_id: &str) -> Result<i32> {
+        let process = self.with(id, |c| c.process(exec_id, id))?;
+        Ok(process.exit.wait())
+    }
+
+    /// The container's processes.
+    pub fn ps(&self, id: &str) -> Result<Vec<ProcessRow>> {
+        let init = self.with(id, |c| match c.state() {
+            State::Stopped => Ok(None),
+            _ => Ok(Some(c.init.pid)),
+        })?;
+        Ok(init.map(|pid| self.processes_of(pid)).unwrap_or_default())
+    }
+
+    /// Every process in the PID namespace of `init_pid`.
+    fn processes_of(&self, init_pid: i32) -> Vec<ProcessRow> {
+        let Ok(ns) = std::fs::read_link(format!("/proc/{init_pid}/ns/pid")) else { return Vec::new() };
+        let users = read_passwd(Path::new(&format!("/proc/{init_pid}/root/etc/passwd")));
+        let mut rows = Vec::new();
+        for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+            let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else { continue };
+            if std::fs::read_link(entry.path().join("ns/pid")).ok().as_ref() != Some(&ns) {
+                continue;
+            }
+            let Ok(status) = std::fs::read_to_string(entry.path().join("status")) else { continue };
+            let field = |name: &str| status.lines().find_map(|l| l.strip_prefix(name)).unwrap_or("").trim().to_string();
+            let ns_pid = field("NSpid:").split_whitespace().last().and_then(|p| p.parse().ok()).unwrap_or(0);
+            let uid: u32 = field("Uid:").split_whitespace().next().and_then(|u| u.parse().ok()).unwrap_or(0);
+            let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+            let command = cmdline
+                .split(|&b| b == 0)
+                .filter(|a| !a.is_empty())
+                .map(|a| String::from_utf8_lossy(a).into_owned())
+                .collect::<Vec<_>>()
+                .join(" ");
+            let command = if command.is_empty() { format!("[{}]", field("Name:")) } else { command };
+            let user = users.get(&uid).cloned().unwrap_or_else(|| uid.to_string());
+            rows.push(ProcessRow { pid, ns_pid, uid, user, command });
+        }
+        rows.sort_by_key(|r| r.ns_pid);
+        rows
+    }
+
+    fn cgroup_of(&self, id: &str) -> Result<PathBuf> {
+        self.with(id, |c| {
+            c.cgroup.clone().ok_or_else(|| {
+                Error::Failed(format!("container {id:?} has no cgroup: this agent has no cgroup v2 hierarchy"))
+            })
+        })
+    }
+
+    /// Changes the container's limits.
+    pub fn update(&self, id: &str, limits: &Limits) -> Result<()> {
+        let cg = self.cgroup_of(id)?;
+        cgroup::apply(&cg, limits).map_err(Error::Failed)
+    }
+
+    /// The container's cgroup statistics.
+    pub fn stats(&self, id: &str) -> Result<Stats> {
+        let cg = self.cgroup_of(id)?;
+        cgroup::stats(&cg).map_err(Error::Failed)
+    }
+
+    /// Freezes (pause) or thaws (resume) the container.
+    pub fn freeze(&self, id: &str, frozen: bool) -> Result<()> {
+        let cg = self.cgroup_of(id)?;
+        let (from, to) = if frozen { (State::Running, State::Paused) } else { (State::Paused, State::Running) };
+        self.with(id, |c| match c.state() {
+            s if s == from => Ok(()),
+            other => Err(Error::Invalid(format!("container {id:?} is {other:?}, not {from:?}"))),
+        })?;
+        cgroup::freeze(&cg, frozen).map_err(Error::Failed)?;
+        self.with(id, |c| {
+            c.state = to;
+            Ok(())
+        })
+    }
+
+    /// Removes a container, killing what still runs in it.
+    pub fn remove(&self, id: &str) -> Result<()> {
+        let container = self
+            .lock()
+            .remove(id)
+            .ok_or_else(|| Error::NotFound(format!("no container with ID {id:?}")))?;
+        if let Some(cg) = &container.cgroup {
+            // Frozen processes cannot die.
+            let _ = cgroup::freeze(cg, false);
+        }
+        // Closing the sync socket of a created, never started container
+        // makes its process exit; a running one is killed. Killing the
+        // first process of a PID namespace kills all of it.
+        drop(container.init.sync.lock().unwrap_or_else(|e| e.into_inner()).take());
+        if container.init.exit.get().is_none() {
+            kill(container.init.pid, libc::SIGKILL);
+        }
+        container.init.exit.wait();
+        for exec in container.execs.values() {
+            if exec.exit.get().is_none() {
+                kill(exec.pid, libc::SIGKILL);
+            }
+        }
+        let mut errors = Vec::new();
+        if let Some(cg) = &container.cgroup {
+            if let Err(e) = cgroup::remove(cg) {
+                errors.push(e);
+            }
+        }
+        if let Some(dir) = &container.mounted_root {
+            unmount(dir);
+        }
+        match errors.is_empty() {
+            true => Ok(()),
+            false => Err(Error::Failed(errors.join("; "))),
+        }
+    }
+
+    /// Kills and removes every container (sandbox teardown).
+    pub fn remove_all(&self) {
+        let ids: Vec<String> = self.lock().keys().cloned().collect();
+        for id in ids {
+            let _ = self.remove(&id);
+        }
+    }
+}
+
+fn plumbing_child(plumbing: &crate::stdio::Plumbing) -> Result<[OwnedFd; 3]> {
+    let dup = |fd: &OwnedFd| fd.try_clone().map_err(|e| Error::Failed(format!("dup: {e}")));
+    Ok([dup(&plumbing.child[0])?, dup(&plumbing.child[1])?, dup(&plumbing.child[2])?])
+}
+
+/// Lets a set-up process `exec` and reports whether the exec worked.
+fn release(process: &Process) -> Result<()> {
+    let sync = process.sync.lock().unwrap_or_else(|e| e.into_inner()).take();
+    let Some(mut sync) = sync else {
+        return Err(Error::Invalid("the process was already started".into()));
+    };
+    sync.write_all(b"S").map_err(|e| Error::Failed(format!("starting the process: {e}")))?;
+    let mut reply = String::new();
+    let _ = BufReader::new(&mut sync).take(4096).read_line(&mut reply);
+    match reply.strip_prefix("error ") {
+        Some(why) => Err(Error::Failed(why.trim_end().to_string())),
+        None => Ok(()),
+    }
+}
+
+fn read_line(reader: &mut impl BufRead) -> Result<String> {
+    let mut line = String::new();
+    reader
+        .take(4096)
+        .read_line(&mut line)
+        .map_err(|e| Error::Failed(format!("reading from the launch helper: {e}")))?;
+    match line.strip_suffix('\n') {
+        Some(l) => match l.strip_prefix("error ") {
+            Some(why) => Err(Error::Failed(why.to_string())),
+            None => Ok(l.to_string()),
+        },
+        None => Err(Error::Failed("the launch helper exited without a word".into())),
+    }
+}
+
+fn pipe() -> std::result::Result<(OwnedFd, OwnedFd), String> {
+    let mut fds = [0; 2];
+    // SAFETY: fds has room for two descriptors.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(format!("pipe: {}", std::io::Error::last_os_error()));
+    }
+    // SAFETY: two new descriptors nothing else owns.
+    Ok(unsafe { (std::os::fd::FromRawFd::from_raw_fd(fds[0]), std::os::fd::FromRawFd::from_raw_fd(fds[1])) })
+}
+
+fn kill(pid: i32, signal: i32) {
+    // SAFETY: kill takes integers.
+    unsafe { libc::kill(pid, signal) };
+}
+
+fn read_passwd(path: &Path) -> HashMap<u32, String> {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    text.lines()
+        .filter_map(|l| {
+            let mut f = l.split(':');
+            let name = f.next()?;
+            let uid = f.nth(1)?.parse().ok()?;
+            Some((uid, name.to_string()))
+        })
+        .collect()
+}
+
+/// The block device whose virtio serial is `serial`.
+fn find_disk(serial: &str) -> Result<PathBuf> {
+    let mut seen = Vec::new();
+    for entry in std::fs::read_dir("/sys/block").into_iter().flatten().flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Ok(s) = std::fs::read_to_string(entry.path().join("serial")) else { continue };
+        if s.trim() == serial {
+            return Ok(PathBuf::from("/dev").join(name));
+        }
+        seen.push(format!("{name}={:?}", s.trim()));
+    }
+    Err(Error::Invalid(format!("no disk has serial {serial:?} (disks: {})", seen.join(", "))))
+}
+
+fn mount_disk(device: &Path, dir: &Path, fstype: &str, flags: libc::c_ulong) -> std::result::Result<(), String> {
+    let c = |p: &std::ffi::OsStr| std::ffi::CString::new(std::os::unix::ffi::OsStrExt::as_bytes(p)).map_err(|_| "NUL in path".to_string());
+    let (dev, target, fs) = (c(device.as_os_str())?, c(dir.as_os_str())?, c(std::ffi::OsStr::new(fstype))?);
+    // SAFETY: valid NUL-terminated strings; no data.
+    if unsafe { libc::mount(dev.as_ptr(), target.as_ptr(), fs.as_ptr(), flags, std::ptr::null()) } != 0 {
+        return Err(format!("mounting {} ({fstype}) on {}: {}", device.display(), dir.display(), std::io::Error::last_os_error()));
+    }
+    Ok(())
+}
+
+fn unmount(dir: &Path) {
+    if let Ok(c) = std::ffi::CString::new(std::os::unix::ffi::OsStrExt::as_bytes(dir.as_os_str())) {
+        // SAFETY: a valid NUL-terminated path.
+        unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_must_fit_a_path_component() {
+        assert!(check_id("container ID", "web-1.a_b").is_ok());
+        for bad in ["", "..", ".hidden", "a/b", "a b", &"x".repeat(129)] {
+            let err = check_id("container ID", bad).unwrap_err().to_string();
+            assert!(err.contains("container ID"), "{err}");
+        }
+    }
+
+    #[test]
+    fn passwd_names_users() {
+        let dir = std::env::temp_dir().join(format!("vessel-passwd-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("passwd");
+        std::fs::write(&path, "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534::/:/bin/false\nbroken\n").unwrap();
+        let users = read_passwd(&path);
+        assert_eq!(users.get(&0).map(String::as_str), Some("root"));
+        assert_eq!(users.get(&65534).map(String::as_str), Some("nobody"));
+        assert_eq!(users.len(), 2);
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}

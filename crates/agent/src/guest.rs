@@ -1,0 +1,218 @@
+//! What the agent does as a guest's PID 1 before it serves: the
+//! filesystems, the kernel modules shipped in the initramfs, entropy, and
+//! the guest's details; and CPU onlining and power-off later.
+
+use std::ffi::CString;
+use std::os::fd::AsRawFd;
+use std::path::Path;
+
+use agent_proto::agent::GuestDetails;
+
+/// The initramfs's module directory and its load list (written by
+/// `resources::guest_image`: one `<name>.ko` per line, dependencies first).
+pub const MODULES_DIR: &str = "/lib/modules/vessel";
+/// See [`MODULES_DIR`].
+pub const MODULES_LOAD: &str = "/lib/modules/vessel/modules.load";
+
+/// Where the agent's container cgroups live in a guest.
+pub const CGROUP_DIR: &str = "/sys/fs/cgroup/vessel";
+
+fn cstr(s: &str) -> CString {
+    CString::new(s).expect("a constant without NUL")
+}
+
+fn mount(source: &str, target: &str, fstype: &str, flags: libc::c_ulong, data: &str) -> Result<(), String> {
+    std::fs::create_dir_all(target).map_err(|e| format!("creating {target}: {e}"))?;
+    let (source_c, target_c, fstype_c, data_c) = (cstr(source), cstr(target), cstr(fstype), cstr(data));
+    // SAFETY: valid NUL-terminated strings that live across the call.
+    let r = unsafe { libc::mount(source_c.as_ptr(), target_c.as_ptr(), fstype_c.as_ptr(), flags, data_c.as_ptr().cast()) };
+    if r != 0 {
+        let e = std::io::Error::last_os_error();
+        // Mounted already (by the kernel, say): fine.
+        if e.raw_os_error() != Some(libc::EBUSY) {
+            return Err(format!("mounting {fstype} on {target}: {e}"));
+        }
+    }
+    Ok(())
+}
+
+/// Mounts the filesystems every guest needs (cgroup v2 only).
+pub fn mount_filesystems() -> Result<(), String> {
+    let nosuid_nodev_noexec = libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC;
+    mount("proc", "/proc", "proc", nosuid_nodev_noexec, "")?;
+    mount("sysfs", "/sys", "sysfs", nosuid_nodev_noexec, "")?;
+    mount("devtmpfs", "/dev", "devtmpfs", libc::MS_NOSUID, "mode=0755")?;
+    mount("devpts", "/dev/pts", "devpts", libc::MS_NOSUID | libc::MS_NOEXEC, "newinstance,ptmxmode=0666,mode=0620")?;
+    mount("shm", "/dev/shm", "tmpfs", libc::MS_NOSUID | libc::MS_NODEV, "mode=1777")?;
+    mount("tmpfs", "/run", "tmpfs", libc::MS_NOSUID | libc::MS_NODEV, "mode=0755")?;
+    mount("tmpfs", "/tmp", "tmpfs", libc::MS_NOSUID | libc::MS_NODEV, "mode=1777")?;
+    mount("cgroup2", "/sys/fs/cgroup", "cgroup2", nosuid_nodev_noexec, "")?;
+    if !Path::new("/dev/ptmx").exists() {
+        let _ = std::os::unix::fs::symlink("pts/ptmx", "/dev/ptmx");
+    }
+    Ok(())
+}
+
+/// Loads the modules listed in [`MODULES_LOAD`], in order. A module the
+/// kernel already has (built in or loaded) is fine.
+pub fn load_modules() -> Result<Vec<String>, String> {
+    let list = match std::fs::read_to_string(MODULES_LOAD) {
+        Ok(list) => list,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(format!("reading {MODULES_LOAD}: {e}")),
+    };
+    let mut loaded = Vec::new();
+    for name in list.lines().map(str::trim).filter(|l| !l.is_empty()) {
+        if name.contains('/') {
+            return Err(format!("{MODULES_LOAD} names {name:?}, which is not a file name"));
+        }
+        let path = Path::new(MODULES_DIR).join(name);
+        let file = std::fs::File::open(&path).map_err(|e| format!("opening {}: {e}", path.display()))?;
+        let params = cstr("");
+        // SAFETY: a valid module fd and an empty parameter string.
+        let r = unsafe { libc::syscall(libc::SYS_finit_module, file.as_raw_fd(), params.as_ptr(), 0) };
+        if r != 0 {
+            let e = std::io::Error::last_os_error();
+            if e.raw_os_error() != Some(libc::EEXIST) {
+                return Err(format!("loading {}: {e}", path.display()));
+            }
+        }
+        loaded.push(name.to_string());
+    }
+    Ok(loaded)
+}
+
+/// Credits the kernel's pool with bytes from the hardware RNG (virtio-rng)
+/// so that early getrandom() callers do not block. Returns the bytes added.
+pub fn seed_entropy() -> Result<usize, String> {
+    const BYTES: usize = 64;
+    let mut hwrng = match std::fs::File::open("/dev/hwrng") {
+        Ok(f) => f,
+        Err(e) => return Err(format!("opening /dev/hwrng: {e}")),
+    };
+    let mut seed = [0u8; BYTES];
+    std::io::Read::read_exact(&mut hwrng, &mut seed).map_err(|e| format!("reading /dev/hwrng: {e}"))?;
+    #[repr(C)]
+    struct RandPoolInfo {
+        entropy_count: libc::c_int,
+        buf_size: libc::c_int,
+        buf: [u8; BYTES],
+    }
+    let info = RandPoolInfo { entropy_count: (BYTES * 8) as libc::c_int, buf_size: BYTES as libc::c_int, buf: seed };
+    let urandom = std::fs::OpenOptions::new().write(true).open("/dev/urandom").map_err(|e| format!("opening /dev/urandom: {e}"))?;
+    // RNDADDENTROPY = _IOW('R', 0x03, int[2])
+    const RNDADDENTROPY: libc::c_ulong = 0x4008_5203;
+    // SAFETY: info is a valid rand_pool_info with buf_size bytes after the
+    // header; the ioctl only reads it.
+    if unsafe { libc::ioctl(urandom.as_raw_fd(), RNDADDENTROPY, &info) } != 0 {
+        return Err(format!("RNDADDENTROPY: {}", std::io::Error::last_os_error()));
+    }
+    Ok(BYTES)
+}
+
+/// `vessel.agent_port=N` from the kernel command line.
+pub fn cmdline_port(cmdline: &str) -> Result<Option<u32>, String> {
+    let key = format!("{}=", agent_proto::link::CMDLINE_PORT_KEY);
+    match cmdline.split_whitespace().filter_map(|w| w.strip_prefix(&key)).last() {
+        None => Ok(None),
+        Some(v) => match v.parse::<u32>() {
+            Ok(port) if port > 0 => Ok(Some(port)),
+            _ => Err(format!("{key}{v} on the kernel command line is not a port number")),
+        },
+    }
+}
+
+/// Milliseconds since the kernel started.
+pub fn uptime_ms() -> u64 {
+    let text = std::fs::read_to_string("/proc/uptime").unwrap_or_default();
+    let secs: f64 = text.split_whitespace().next().and_then(|s| s.parse().ok()).unwrap_or(0.0);
+    (secs * 1000.0) as u64
+}
+
+fn cpu_count(list: &str) -> u32 {
+    list.trim()
+        .split(',')
+        .filter(|r| !r.is_empty())
+        .map(|r| match r.split_once('-') {
+            Some((a, b)) => b.parse::<u32>().unwrap_or(0).saturating_sub(a.parse().unwrap_or(0)) + 1,
+            None => 1,
+        })
+        .sum()
+}
+
+/// The guest's kernel, memory and CPUs.
+pub fn details(ready_after_boot_ms: u64) -> GuestDetails {
+    // SAFETY: utsname is plain data; uname fills it.
+    let mut uts: libc::utsname = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid out-pointer.
+    unsafe { libc::uname(&mut uts) };
+    // SAFETY: uname NUL-terminates release.
+    let release = unsafe { std::ffi::CStr::from_ptr(uts.release.as_ptr()) }.to_string_lossy().into_owned();
+    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    let mem_kib: u64 = meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0);
+    let read = |p: &str| std::fs::read_to_string(p).unwrap_or_default();
+    GuestDetails {
+        kernel_release: release,
+        mem_total_bytes: mem_kib * 1024,
+        online_cpus: cpu_count(&read("/sys/devices/system/cpu/online")),
+        possible_cpus: cpu_count(&read("/sys/devices/system/cpu/possible")),
+        agent_version: env!("CARGO_PKG_VERSION").into(),
+        ready_after_boot_ms,
+        ..Default::default()
+    }
+}
+
+/// Brings CPUs 1..n online and the rest offline (CPU 0 always stays).
+pub fn online_cpus(n: u32) -> Result<(), crate::container::Error> {
+    use crate::container::Error;
+    let possible = cpu_count(&std::fs::read_to_string("/sys/devices/system/cpu/possible").unwrap_or_default());
+    if n == 0 || n > possible {
+        return Err(Error::Invalid(format!("nb_cpus {n} is not between 1 and the {possible} possible CPUs")));
+    }
+    for cpu in 1..possible {
+        let path = format!("/sys/devices/system/cpu/cpu{cpu}/online");
+        let want = if cpu < n { "1" } else { "0" };
+        if std::fs::read_to_string(&path).map(|s| s.trim() == want).unwrap_or(false) {
+            continue;
+        }
+        std::fs::write(&path, want).map_err(|e| Error::Failed(format!("writing {want} to {path}: {e}")))?;
+    }
+    Ok(())
+}
+
+/// Syncs and powers the guest off.
+pub fn power_off() -> ! {
+    // SAFETY: sync and reboot take no pointers.
+    unsafe {
+        libc::sync();
+    }
+    // SAFETY: as above.
+    unsafe {
+        libc::reboot(libc::RB_POWER_OFF);
+    }
+    std::process::exit(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpu_lists_count() {
+        assert_eq!(cpu_count("0\n"), 1);
+        assert_eq!(cpu_count("0-3\n"), 4);
+        assert_eq!(cpu_count("0,2-3"), 3);
+        assert_eq!(cpu_count(""), 0);
+    }
+
+    #[test]
+    fn the_port_comes_from_the_command_line() {
+        assert_eq!(cmdline_port("console=ttyS0 quiet"), Ok(None));
+        assert_eq!(cmdline_port("vessel.agent_port=2000 x"), Ok(Some(2000)));
+        assert!(cmdline_port("vessel.agent_port=abc").unwrap_err().contains("abc"));
+    }
+}

@@ -1,0 +1,563 @@
+//! Launching a container process.
+//!
+//! The agent is multi-threaded (its ttrpc server), and `unshare`/`setns`
+//! of a mount namespace, `pivot_root` and most of what happens between
+//! `fork` and `exec` are unsafe there. So the agent re-executes itself as
+//! a single-threaded helper, `vessel-agent __launch`, with:
+//! - fd 0, 1, 2: the process's stdio (pipes, a terminal, or /dev/null);
+//! - fd 3: a pipe carrying the [`Launch`] as JSON, read to its end;
+//! - fd 4: the sync socket (a stream socketpair) to the agent.
+//!
+//! The helper enters or creates the namespaces, then forks the process
+//! (which, for a new PID namespace, becomes its PID 1) and reports on the
+//! sync socket, one line each:
+//! 1. helper: `pid <pid>` (the process as the agent sees it), or `error <why>`;
+//! 2. process, once set up (mounts, `pivot_root`, user, cwd...): `ready`
+//!    or `error <why>`;
+//! 3. the agent writes one byte to let the process `exec`; the socket is
+//!    close-on-exec, so a successful exec reads as end-of-file and a
+//!    failed one as `error <why>`.
+//!
+//! The helper then waits for the process and exits with its exit code, or
+//! 128 + the signal that killed it, which is what the agent reports.
+
+use std::ffi::{CString, OsStr};
+use std::io::{Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::net::UnixStream;
+use std::path::{Component, Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// The helper's argument (argv[1]).
+pub const LAUNCH_ARG: &str = "__launch";
+/// The fd the [`Launch`] arrives on.
+pub const CONFIG_FD: i32 = 3;
+/// The fd of the sync socket.
+pub const SYNC_FD: i32 = 4;
+
+/// `PATH` when the process's environment has none.
+const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// What the helper is asked to start.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Launch {
+    /// A container's first process, or a process joining it.
+    pub kind: Kind,
+    /// The process itself.
+    pub process: ProcessConfig,
+}
+
+/// Which kind of process.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub enum Kind {
+    /// The container's first process: new namespaces and its root.
+    Init(InitConfig),
+    /// A process entering the namespaces of the first process, `init_pid`.
+    Exec {
+        /// The container's first process, as the agent sees it.
+        init_pid: i32,
+    },
+}
+
+/// A namespace kind.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Namespace {
+    /// Mounts.
+    Mount,
+    /// PIDs.
+    Pid,
+    /// Hostname.
+    Uts,
+    /// System V IPC and POSIX message queues.
+    Ipc,
+    /// Network.
+    Net,
+    /// The cgroup root.
+    Cgroup,
+}
+
+impl Namespace {
+    fn clone_flag(self) -> libc::c_int {
+        match self {
+            Namespace::Mount => libc::CLONE_NEWNS,
+            Namespace::Pid => libc::CLONE_NEWPID,
+            Namespace::Uts => libc::CLONE_NEWUTS,
+            Namespace::Ipc => libc::CLONE_NEWIPC,
+            Namespace::Net => libc::CLONE_NEWNET,
+            Namespace::Cgroup => libc::CLONE_NEWCGROUP,
+        }
+    }
+
+    /// The name under `/proc/<pid>/ns/`.
+    pub fn proc_name(self) -> &'static str {
+        match self {
+            Namespace::Mount => "mnt",
+            Namespace::Pid => "pid",
+            Namespace::Uts => "uts",
+            Namespace::Ipc => "ipc",
+            Namespace::Net => "net",
+            Namespace::Cgroup => "cgroup",
+        }
+    }
+}
+
+/// The first process's namespaces and filesystem.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct InitConfig {
+    /// The container's root directory, as the agent sees it.
+    pub rootfs: PathBuf,
+    /// Namespaces created for the container.
+    pub new_namespaces: Vec<Namespace>,
+    /// Existing namespaces the container joins (the spec gave a path).
+    pub join_namespaces: Vec<(Namespace, PathBuf)>,
+    /// Mounts, in order, relative to the root.
+    pub mounts: Vec<MountConfig>,
+    /// Default device nodes to bind from the agent's /dev when the
+    /// container's /dev is a fresh tmpfs.
+    pub default_devices: bool,
+    /// The hostname (needs a new UTS namespace).
+    pub hostname: Option<String>,
+    /// Paths hidden from the container.
+    pub masked_paths: Vec<String>,
+    /// Paths made read-only.
+    pub readonly_paths: Vec<String>,
+    /// Remount the root read-only.
+    pub root_readonly: bool,
+}
+
+/// One mount.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct MountConfig {
+    /// An absolute path inside the container, without `..`.
+    pub destination: PathBuf,
+    /// The filesystem type; empty for a bind mount.
+    pub fstype: String,
+    /// The source (a device, a path for a bind mount, or a name).
+    pub source: PathBuf,
+    /// `MS_*` flags.
+    pub flags: u64,
+    /// Filesystem-specific options (`mode=755,size=65536k`).
+    pub data: String,
+}
+
+/// How the process runs.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ProcessConfig {
+    /// argv; never empty.
+    pub args: Vec<String>,
+    /// `KEY=value` pairs.
+    pub env: Vec<String>,
+    /// The working directory inside the container.
+    pub cwd: PathBuf,
+    /// User ID.
+    pub uid: u32,
+    /// Group ID.
+    pub gid: u32,
+    /// Supplementary groups.
+    pub additional_gids: Vec<u32>,
+    /// The file mode creation mask.
+    pub umask: Option<u32>,
+    /// `(RLIMIT_* number, soft, hard)`.
+    pub rlimits: Vec<(u32, u64, u64)>,
+    /// The process has a terminal (its stdio is a pty's slave side).
+    pub terminal: bool,
+    /// `PR_SET_NO_NEW_PRIVS`.
+    pub no_new_privileges: bool,
+}
+
+impl ProcessConfig {
+    /// The program path: argv[0] if it has a `/`, else looked up in the
+    /// process's `PATH` (under `root`) the way a shell would.
+    fn program(&self, root: &Path) -> Result<PathBuf, String> {
+        let name = self.args.first().ok_or("the process has no args")?;
+        if name.contains('/') {
+            return Ok(PathBuf::from(name));
+        }
+        let path = self.env.iter().find_map(|e| e.strip_prefix("PATH=")).unwrap_or(DEFAULT_PATH);
+        path.split(':')
+            .filter(|dir| !dir.is_empty())
+            .map(|dir| Path::new(dir).join(name))
+            .find(|candidate| is_executable(&join_inside(root, candidate)))
+            .ok_or_else(|| format!("{name:?} not found in PATH {path:?}"))
+    }
+}
+
+fn is_executable(path: &Path) -> bool {
+    let Ok(c) = CString::new(path.as_os_str().as_bytes()) else { return false };
+    // SAFETY: a valid NUL-terminated path; access() only reads it.
+    unsafe { libc::access(c.as_ptr(), libc::X_OK) == 0 }
+}
+
+/// `root` joined with an absolute path inside it.
+pub fn join_inside(root: &Path, inside: &Path) -> PathBuf {
+    let relative: PathBuf = inside.components().filter(|c| matches!(c, Component::Normal(_))).collect();
+    root.join(relative)
+}
+
+/// Whether a path is absolute and has no `..` (so joining it to a root
+/// cannot climb out of it lexically).
+pub fn is_clean_absolute(path: &Path) -> bool {
+    path.is_absolute() && !path.components().any(|c| c == Component::ParentDir)
+}
+
+/// The helper's main: never returns.
+pub fn helper_main() -> ! {
+    // SAFETY: SYNC_FD was set up by the agent for this process and is
+    // owned by nothing else here.
+    let mut sync = unsafe { UnixStream::from_raw_fd(SYNC_FD) };
+    let launch = match read_config() {
+        Ok(launch) => launch,
+        Err(e) => fail(&mut sync, &e),
+    };
+    if let Err(e) = enter_namespaces(&launch.kind) {
+        fail(&mut sync, &e);
+    }
+    // The process waits on this pipe until the helper has reported its pid.
+    let (gate_read, gate_write) = match pipe() {
+        Ok(p) => p,
+        Err(e) => fail(&mut sync, &format!("pipe: {e}")),
+    };
+    // SAFETY: the helper is single-threaded, so the child may do anything.
+    let pid = unsafe { libc::fork() };
+    if pid < 0 {
+        fail(&mut sync, &format!("fork: {}", std::io::Error::last_os_error()));
+    }
+    if pid == 0 {
+        drop(gate_write);
+        wait_gate(gate_read);
+        let err = match run_process(&launch, &mut sync) {
+            Ok(never) => match never {},
+            Err(e) => e,
+        };
+        fail(&mut sync, &err);
+    }
+    drop(gate_read);
+    let _ = sync.write_all(format!("pid {pid}\n").as_bytes());
+    drop(sync);
+    drop(gate_write);
+    std::process::exit(wait_exit_code(pid))
+}
+
+/// Reports `error <why>` on the sync socket and exits.
+fn fail(sync: &mut UnixStream, why: &str) -> ! {
+    let line = format!("error {}\n", why.replace('\n', " "));
+    let _ = sync.write_all(line.as_bytes());
+    // SAFETY: _exit ends this process without running atexit handlers,
+    // which after fork belong to the parent.
+    unsafe { libc::_exit(1) }
+}
+
+fn read_config() -> Result<Launch, String> {
+    // SAFETY: CONFIG_FD was set up by the agent for this process.
+    let mut file = unsafe { std::fs::File::from_raw_fd(CONFIG_FD) };
+    let mut bytes = Vec::new();
+    file.read_to_end(&mut bytes).map_err(|e| format!("reading the launch config: {e}"))?;
+    serde_json::from_slice(&bytes).map_err(|e| format!("decoding the launch config: {e}"))
+}
+
+fn pipe() -> std::io::Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0; 2];
+    // SAFETY: fds has room for the two descriptors pipe2 writes.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: pipe2 returned two new descriptors that nothing else owns.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
+fn wait_gate(gate: OwnedFd) {
+    let mut file = std::fs::File::from(gate);
+    let mut byte = [0u8; 1];
+    while matches!(file.read(&mut byte), Ok(n) if n > 0) {}
+}
+
+/// Waits for `pid` and turns its end into an exit code.
+fn wait_exit_code(pid: libc::pid_t) -> i32 {
+    loop {
+        let mut status = 0;
+        // SAFETY: status is a valid out-pointer.
+        let r = unsafe { libc::waitpid(pid, &mut status, 0) };
+        if r == pid {
+            if libc::WIFEXITED(status) {
+                return libc::WEXITSTATUS(status);
+            }
+            if libc::WIFSIGNALED(status) {
+                return 128 + libc::WTERMSIG(status);
+            }
+        } else if r < 0 && std::io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
+            return 255;
+        }
+    }
+}
+
+fn errno(what: impl std::fmt::Display) -> String {
+    format!("{what}: {}", std::io::Error::last_os_error())
+}
+
+fn cstring(path: impl AsRef<OsStr>) -> Result<CString, String> {
+    CString::new(path.as_ref().as_bytes()).map_err(|_| format!("{:?} contains a NUL byte", path.as_ref()))
+}
+
+fn setns_path(path: &Path, flag: libc::c_int) -> Result<(), String> {
+    let file = std::fs::File::open(path).map_err(|e| format!("opening namespace {}: {e}", path.display()))?;
+    // SAFETY: a valid namespace fd; setns only changes this process.
+    if unsafe { libc::setns(file.as_raw_fd(), flag) } != 0 {
+        return Err(errno(format_args!("setns {}", path.display())));
+    }
+    Ok(())
+}
+
+fn enter_namespaces(kind: &Kind) -> Result<(), String> {
+    match kind {
+        Kind::Init(init) => {
+            for (ns, path) in &init.join_namespaces {
+                setns_path(path, ns.clone_flag())?;
+            }
+            let flags = init.new_namespaces.iter().fold(0, |acc, ns| acc | ns.clone_flag());
+            // SAFETY: unshare takes flags only; the helper is single-threaded.
+            if flags != 0 && unsafe { libc::unshare(flags) } != 0 {
+                return Err(errno("unshare"));
+            }
+            Ok(())
+        }
+        Kind::Exec { init_pid } => {
+            // Open them all first: once in the container's mount namespace,
+            // /proc is the container's.
+            let order = [Namespace::Cgroup, Namespace::Ipc, Namespace::Uts, Namespace::Net, Namespace::Pid, Namespace::Mount];
+            let mut opened = Vec::new();
+            for ns in order {
+                let path = PathBuf::from(format!("/proc/{init_pid}/ns/{}", ns.proc_name()));
+                let own = PathBuf::from(format!("/proc/self/ns/{}", ns.proc_name()));
+                // Joining the namespace we are already in is skipped (and
+                // setns to our own mount namespace would reset our root).
+                if std::fs::read_link(&path).ok() == std::fs::read_link(&own).ok() {
+                    continue;
+                }
+                let file = std::fs::File::open(&path).map_err(|e| format!("opening {}: {e}", path.display()))?;
+                opened.push((ns, file));
+            }
+            for (ns, file) in opened {
+                // SAFETY: a valid namespace fd; the helper is single-threaded.
+                if unsafe { libc::setns(file.as_raw_fd(), ns.clone_flag()) } != 0 {
+                    return Err(errno(format_args!("setns {} of pid {init_pid}", ns.proc_name())));
+                }
+            }
+            Ok(())
+        }
+    }
+}
+
+/// In the forked process: set up, report ready, wait for the go, exec.
+fn run_process(launch: &Launch, sync: &mut UnixStream) -> Result<std::convert::Infallible, String> {
+    // If the helper dies, so does the process (the agent could not wait
+    // for it any more).
+    // SAFETY: prctl with integer arguments.
+    unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) };
+    let process = &launch.process;
+    // SAFETY: setsid takes no arguments.
+    if unsafe { libc::setsid() } < 0 {
+        return Err(errno("setsid"));
+    }
+    // SAFETY: TIOCSCTTY on fd 0 with an integer argument.
+    if process.terminal && unsafe { libc::ioctl(0, libc::TIOCSCTTY, 0) } != 0 {
+        return Err(errno("making the terminal the controlling terminal"));
+    }
+    if let Kind::Init(init) = &launch.kind {
+        set_up_root(init)?;
+    }
+    for &(resource, soft, hard) in &process.rlimits {
+        let limit = libc::rlimit { rlim_cur: soft, rlim_max: hard };
+        // SAFETY: a valid rlimit; the resource number came from our own
+        // table of RLIMIT_* names.
+        if unsafe { libc::setrlimit(resource as _, &limit) } != 0 {
+            return Err(errno(format_args!("setrlimit {resource}")));
+        }
+    }
+    if let Some(mask) = process.umask {
+        // SAFETY: umask takes an integer.
+        unsafe { libc::umask(mask as libc::mode_t) };
+    }
+    let program = process.program(Path::new("/"))?;
+    let program_c = cstring(&program)?;
+    let argv: Vec<CString> = process.args.iter().map(cstring).collect::<Result<_, _>>()?;
+    let envp: Vec<CString> = process.env.iter().map(cstring).collect::<Result<_, _>>()?;
+    let cwd = cstring(&process.cwd)?;
+    // SAFETY: the gid list outlives the call; length matches.
+    if unsafe { libc::setgroups(process.additional_gids.len(), process.additional_gids.as_ptr()) } != 0 {
+        return Err(errno("setgroups"));
+    }
+    // SAFETY: setgid/setuid take integers.
+    if unsafe { libc::setgid(process.gid) } != 0 {
+        return Err(errno(format_args!("setgid {}", process.gid)));
+    }
+    // SAFETY: as above.
+    if unsafe { libc::setuid(process.uid) } != 0 {
+        return Err(errno(format_args!("setuid {}", process.uid)));
+    }
+    // SAFETY: a valid NUL-terminated path.
+    if unsafe { libc::chdir(cwd.as_ptr()) } != 0 {
+        return Err(errno(format_args!("chdir {}", process.cwd.display())));
+    }
+    if process.no_new_privileges {
+        // SAFETY: prctl with integer arguments.
+        if unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } != 0 {
+            return Err(errno("PR_SET_NO_NEW_PRIVS"));
+        }
+    }
+    sync.write_all(b"ready\n").map_err(|e| format!("reporting ready: {e}"))?;
+    let mut go = [0u8; 1];
+    match sync.read(&mut go) {
+        Ok(1) => {}
+        // The agent closed the socket: the container was removed before it
+        // started.
+        _ => {
+            // SAFETY: _exit after fork.
+            unsafe { libc::_exit(1) }
+        }
+    }
+    // The sync socket must close on exec, so the agent reads end-of-file
+    // for a successful exec.
+    // SAFETY: fcntl on our own descriptor.
+    unsafe { libc::fcntl(SYNC_FD, libc::F_SETFD, libc::FD_CLOEXEC) };
+    let mut argv_ptrs: Vec<*const libc::c_char> = argv.iter().map(|a| a.as_ptr()).collect();
+    argv_ptrs.push(std::ptr::null());
+    let mut envp_ptrs: Vec<*const libc::c_char> = envp.iter().map(|e| e.as_ptr()).collect();
+    envp_ptrs.push(std::ptr::null());
+    // SAFETY: NUL-terminated strings in NULL-terminated arrays that live
+    // across the call.
+    unsafe { libc::execve(program_c.as_ptr(), argv_ptrs.as_ptr(), envp_ptrs.as_ptr()) };
+    Err(errno(format_args!("exec {}", program.display())))
+}
+
+fn mount(source: Option<&Path>, target: &Path, fstype: Option<&str>, flags: u64, data: &str) -> Result<(), String> {
+    let source_c = source.map(cstring).transpose()?;
+    let target_c = cstring(target)?;
+    let fstype_c = fstype.map(cstring).transpose()?;
+    let data_c = (!data.is_empty()).then(|| cstring(data)).transpose()?;
+    let ptr = |c: &Option<CString>| c.as_ref().map_or(std::ptr::null(), |c| c.as_ptr());
+    // SAFETY: every pointer is NULL or a valid NUL-terminated string that
+    // lives across the call.
+    let r = unsafe {
+        libc::mount(ptr(&source_c), target_c.as_ptr(), ptr(&fstype_c), flags as libc::c_ulong, ptr(&data_c).cast())
+    };
+    if r != 0 {
+        return Err(errno(format_args!(
+            "mount {} on {} (type {})",
+            source.map_or("none".into(), |s| s.display().to_string()),
+            target.display(),
+            fstype.unwrap_or("bind")
+        )));
+    }
+    Ok(())
+}
+
+const BIND: u64 = libc::MS_BIND as u64;
+const REC: u64 = libc::MS_REC as u64;
+const REMOUNT: u64 = libc::MS_REMOUNT as u64;
+const RDONLY: u64 = libc::MS_RDONLY as u64;
+const PROPAGATION: u64 = (libc::MS_PRIVATE | libc::MS_SLAVE | libc::MS_SHARED | libc::MS_UNBINDABLE) as u64;
+
+/// The container's filesystem: mounts, devices, `pivot_root`, masks.
+fn set_up_root(init: &InitConfig) -> Result<(), String> {
+    let root = &init.rootfs;
+    // Nothing we mount may leak back into the agent's namespace.
+    mount(None, Path::new("/"), None, REC | libc::MS_PRIVATE as u64, "")?;
+    // pivot_root needs the new root to be a mount point.
+    mount(Some(root), root, None, BIND | REC, "")?;
+    for m in &init.mounts {
+        let target = join_inside(root, &m.destination);
+        let is_bind = m.flags & BIND != 0;
+        if is_bind && m.source.is_file() {
+            if let Some(parent) = target.parent() {
+                std::fs::create_dir_all(parent).map_err(|e| format!("creating {}: {e}", parent.display()))?;
+            }
+            if !target.exists() {
+                std::fs::File::create(&target).map_err(|e| format!("creating {}: {e}", target.display()))?;
+            }
+        } else {
+            std::fs::create_dir_all(&target).map_err(|e| format!("creating {}: {e}", target.display()))?;
+        }
+        if is_bind {
+            mount(Some(&m.source), &target, None, m.flags & (BIND | REC), "")?;
+            let rest = m.flags & !(BIND | REC | PROPAGATION);
+            if rest != 0 {
+                mount(None, &target, None, BIND | REMOUNT | rest, "")?;
+            }
+        } else {
+            let fstype = if m.fstype == "cgroup" { "cgroup2" } else { m.fstype.as_str() };
+            mount(Some(&m.source), &target, Some(fstype), m.flags & !PROPAGATION, &m.data)?;
+        }
+        if m.flags & PROPAGATION != 0 {
+            mount(None, &target, None, m.flags & (PROPAGATION | REC), "")?;
+        }
+    }
+    if init.default_devices {
+        for dev in ["null", "zero", "full", "random", "urandom", "tty"] {
+            let target = root.join("dev").join(dev);
+            if !target.exists() {
+                std::fs::File::create(&target).map_err(|e| format!("creating {}: {e}", target.display()))?;
+            }
+            mount(Some(&Path::new("/dev").join(dev)), &target, None, BIND, "")?;
+        }
+        for (link, to) in [
+            ("fd", "/proc/self/fd"),
+            ("stdin", "/proc/self/fd/0"),
+            ("stdout", "/proc/self/fd/1"),
+            ("stderr", "/proc/self/fd/2"),
+            ("ptmx", "pts/ptmx"),
+        ] {
+            let path = root.join("dev").join(link);
+            if std::fs::symlink_metadata(&path).is_err() {
+                std::os::unix::fs::symlink(to, &path).map_err(|e| format!("linking {}: {e}", path.display()))?;
+            }
+        }
+    }
+    let root_c = cstring(root)?;
+    // SAFETY: a valid NUL-terminated path.
+    if unsafe { libc::chdir(root_c.as_ptr()) } != 0 {
+        return Err(errno(format_args!("chdir {}", root.display())));
+    }
+    // pivot_root(".", "."): the old root ends up stacked on the new one,
+    // and is then detached.
+    let dot = cstring(".")?;
+    // SAFETY: valid NUL-terminated paths.
+    if unsafe { libc::syscall(libc::SYS_pivot_root, dot.as_ptr(), dot.as_ptr()) } != 0 {
+        return Err(errno(format_args!("pivot_root into {}", root.display())));
+    }
+    // SAFETY: as above.
+    if unsafe { libc::umount2(dot.as_ptr(), libc::MNT_DETACH) } != 0 {
+        return Err(errno("detaching the old root"));
+    }
+    let slash = cstring("/")?;
+    // SAFETY: as above.
+    if unsafe { libc::chdir(slash.as_ptr()) } != 0 {
+        return Err(errno("chdir /"));
+    }
+    for path in &init.masked_paths {
+        let path = Path::new(path);
+        match std::fs::metadata(path) {
+            Ok(meta) if meta.is_dir() => mount(Some(Path::new("tmpfs")), path, Some("tmpfs"), RDONLY, "")?,
+            Ok(_) => mount(Some(Path::new("/dev/null")), path, None, BIND, "")?,
+            Err(_) => {}
+        }
+    }
+    for path in &init.readonly_paths {
+        let path = Path::new(path);
+        if path.exists() {
+            mount(Some(path), path, None, BIND | REC, "")?;
+            mount(None, path, None, BIND | REC | REMOUNT | RDONLY, "")?;
+        }
+    }
+    if init.root_readonly {
+        mount(None, Path::new("/"), None, BIND | REMOUNT | RDONLY, "")?;
+    }
+    if let Some(name) = &init.hostname {
+        // SAFETY: the pointer and length describe the name's bytes.
+        if unsafe { libc::sethostname(name.as_ptr().cast(), name.len()) } != 0 {
+            return Err(errno(format_args!("sethostname {name:?}")));
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,174 @@
+//! `vessel-agent`: as PID 1 in a guest, the sandbox agent; on the host,
+//! `vessel-agent --listen PATH --host-prefix PREFIX` runs the same
+//! container logic behind a Unix socket.
+
+use std::io::Write;
+use std::os::fd::{IntoRawFd, OwnedFd};
+use std::os::unix::net::UnixListener;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use agent::cgroup::CgroupRoot;
+use agent::container::{Config, Containers};
+use agent::link::HostLink;
+use agent::reaper::Reaper;
+use agent::service::Service;
+use agent::{guest, launch};
+use agent_proto::link::{ready_line, DEFAULT_PORT, HOST_CID};
+
+const USAGE: &str = "usage: vessel-agent (as a guest's PID 1, no arguments)
+       vessel-agent --listen PATH --host-prefix PREFIX [--port N] [--cgroup-root DIR] [--run-dir DIR]";
+
+fn log(message: &str) {
+    let _ = writeln!(std::io::stderr(), "vessel-agent: {message}");
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.first().map(String::as_str) == Some(launch::LAUNCH_ARG) {
+        launch::helper_main();
+    }
+    // SAFETY: getpid takes no arguments.
+    if unsafe { libc::getpid() } == 1 {
+        guest_main();
+    }
+    match host_main(&args) {
+        Ok(()) => {}
+        Err(e) => {
+            log(&e);
+            std::process::exit(2);
+        }
+    }
+}
+
+fn serve(listener: OwnedFd, service: Service) -> Result<agent_proto::ttrpc::Server, String> {
+    let service = agent_proto::agent_ttrpc::create_agent(Arc::new(service));
+    let mut server = agent_proto::ttrpc::Server::new()
+        .add_listener(listener.into_raw_fd())
+        .map_err(|e| format!("ttrpc listener: {e}"))?
+        .register_service(service)
+        // WaitProcess blocks a thread per waiting process.
+        .set_thread_count_max(256);
+    server.start().map_err(|e| format!("starting the ttrpc server: {e}"))?;
+    Ok(server)
+}
+
+/// Dials the host and says the agent is ready, retrying while the host's
+/// side is not there yet.
+fn announce(link: &HostLink, port: u32) -> Result<(), String> {
+    let start = Instant::now();
+    let mut last = String::new();
+    while start.elapsed() < Duration::from_secs(30) {
+        match link.dial(port) {
+            Ok(fd) => {
+                let mut stream = std::fs::File::from(fd);
+                return stream
+                    .write_all(ready_line(env!("CARGO_PKG_VERSION")).as_bytes())
+                    .map_err(|e| format!("writing the ready line: {e}"));
+            }
+            Err(e) => last = e.to_string(),
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Err(format!("could not reach the host: {last}"))
+}
+
+fn guest_main() -> ! {
+    let mut ok = true;
+    let mut step = |what: &str, r: Result<String, String>| match r {
+        Ok(detail) if detail.is_empty() => {}
+        Ok(detail) => log(&format!("{what}: {detail}")),
+        Err(e) => {
+            ok = false;
+            log(&format!("{what} failed: {e}"));
+        }
+    };
+    step("mounts", guest::mount_filesystems().map(|()| String::new()));
+    step("modules", guest::load_modules().map(|m| format!("loaded {}", m.len())));
+    step("entropy", guest::seed_entropy().map(|n| format!("{n} bytes from /dev/hwrng")));
+    let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
+    let port = match guest::cmdline_port(&cmdline) {
+        Ok(p) => p.unwrap_or(DEFAULT_PORT),
+        Err(e) => {
+            log(&format!("{e}; using port {DEFAULT_PORT}"));
+            DEFAULT_PORT
+        }
+    };
+    let reaper = Reaper::start();
+    let cgroups = match CgroupRoot::new(std::path::Path::new(guest::CGROUP_DIR)) {
+        Ok(root) => Some(root),
+        Err(e) => {
+            log(&format!("no container cgroups: {e}"));
+            None
+        }
+    };
+    let link = HostLink::Vsock { cid: HOST_CID };
+    let self_exe = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("/init"));
+    let config = Config { link: link.clone(), cgroups, run_dir: PathBuf::from("/run/vessel"), self_exe };
+    let containers = Arc::new(Containers::new(config, reaper));
+    // Listen first, then tell the host: it connects only once told.
+    let _server = loop {
+        let served = agent::link::vsock_listen(port).and_then(|fd| {
+            let service =
+                Service { containers: containers.clone(), guest: true, ready_after_boot_ms: guest::uptime_ms(), started: Instant::now() };
+            serve(fd, service).map_err(std::io::Error::other)
+        });
+        match served {
+            Ok(server) => break server,
+            Err(e) => {
+                log(&format!("cannot serve on vsock port {port}: {e}; retrying"));
+                std::thread::sleep(Duration::from_secs(1));
+            }
+        }
+    };
+    match announce(&link, port) {
+        Ok(()) => log(&format!("ready after {} ms{}", guest::uptime_ms(), if ok { "" } else { " (with errors above)" })),
+        Err(e) => log(&e),
+    }
+    loop {
+        std::thread::park();
+    }
+}
+
+fn host_main(args: &[String]) -> Result<(), String> {
+    let mut listen = None;
+    let mut prefix = None;
+    let mut port = DEFAULT_PORT;
+    let mut cgroup_root = None;
+    let mut run_dir = std::env::temp_dir().join(format!("vessel-agent-{}", std::process::id()));
+    let mut it = args.iter();
+    while let Some(arg) = it.next() {
+        let mut value = || it.next().cloned().ok_or_else(|| format!("{arg} needs a value\n{USAGE}"));
+        match arg.as_str() {
+            "--listen" => listen = Some(PathBuf::from(value()?)),
+            "--host-prefix" => prefix = Some(PathBuf::from(value()?)),
+            "--port" => {
+                let v = value()?;
+                port = v.parse().map_err(|_| format!("--port {v:?} is not a port number"))?;
+            }
+            "--cgroup-root" => cgroup_root = Some(PathBuf::from(value()?)),
+            "--run-dir" => run_dir = PathBuf::from(value()?),
+            "-h" | "--help" => {
+                println!("{USAGE}");
+                return Ok(());
+            }
+            other => return Err(format!("unknown argument {other:?}\n{USAGE}")),
+        }
+    }
+    let (Some(listen), Some(prefix)) = (listen, prefix) else {
+        return Err(format!("not PID 1, so --listen and --host-prefix are needed\n{USAGE}"));
+    };
+    let cgroups = cgroup_root.map(|dir| CgroupRoot::new(&dir)).transpose()?;
+    let reaper = Reaper::start();
+    let link = HostLink::Unix { prefix };
+    let self_exe = std::env::current_exe().map_err(|e| format!("finding our own binary: {e}"))?;
+    let containers = Arc::new(Containers::new(Config { link: link.clone(), cgroups, run_dir, self_exe }, reaper));
+    let listener = UnixListener::bind(&listen).map_err(|e| format!("listening on {}: {e}", listen.display()))?;
+    let service = Service { containers, guest: false, ready_after_boot_ms: 0, started: Instant::now() };
+    let _server = serve(OwnedFd::from(listener), service)?;
+    announce(&link, port)?;
+    loop {
+        std::thread::park();
+    }
+}

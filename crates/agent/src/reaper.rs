@@ -1,0 +1,109 @@
+//! Collecting every child's exit.
+//!
+//! The agent is PID 1 in a guest, so every orphan becomes its child: one
+//! thread waits for any child and hands the statuses of the ones the agent
+//! started (its launch helpers) to whoever waits for them; the others are
+//! just reaped. Spawning happens under the same lock as the hand-off, so a
+//! child that exits at once is never reaped before it is registered.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+
+/// A child's exit status, once known: its exit code, or 128 + the signal.
+#[derive(Debug, Default)]
+pub struct Exit {
+    status: Mutex<Option<i32>>,
+    done: Condvar,
+}
+
+impl Exit {
+    /// Blocks until the child exited, returning its status.
+    pub fn wait(&self) -> i32 {
+        let mut status = self.status.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            if let Some(s) = *status {
+                return s;
+            }
+            status = self.done.wait(status).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+
+    /// The status if the child has exited.
+    pub fn get(&self) -> Option<i32> {
+        *self.status.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn set(&self, status: i32) {
+        *self.status.lock().unwrap_or_else(|e| e.into_inner()) = Some(status);
+        self.done.notify_all();
+    }
+}
+
+/// The reaper.
+#[derive(Default)]
+pub struct Reaper {
+    waiting: Mutex<HashMap<i32, Arc<Exit>>>,
+    /// Signalled when a child is registered, for a reaper that found no
+    /// children to wait for.
+    spawned: Condvar,
+}
+
+impl Reaper {
+    /// Starts the reaping thread.
+    pub fn start() -> Arc<Reaper> {
+        let reaper = Arc::new(Reaper::default());
+        let r = reaper.clone();
+        std::thread::Builder::new().name("reaper".into()).spawn(move || r.run()).expect("spawn the reaper thread");
+        reaper
+    }
+
+    /// Locks the registry: spawn while holding it, then [`Registry::watch`].
+    pub fn lock(&self) -> Registry<'_> {
+        Registry(self.waiting.lock().unwrap_or_else(|e| e.into_inner()), &self.spawned)
+    }
+
+    fn run(&self) {
+        loop {
+            let mut status = 0;
+            // SAFETY: status is a valid out-pointer.
+            let pid = unsafe { libc::waitpid(-1, &mut status, 0) };
+            if pid < 0 {
+                // ECHILD: no children right now. Wait for the agent to
+                // start one; an orphan handed to PID 1 meanwhile is reaped
+                // within a second.
+                // A child registered since waitpid looked is waited for at once.
+                let registry = self.lock();
+                if registry.0.is_empty() {
+                    let _ = self.spawned.wait_timeout(registry.0, std::time::Duration::from_secs(1));
+                } else {
+                    drop(registry);
+                    std::thread::sleep(std::time::Duration::from_millis(1));
+                }
+                continue;
+            }
+            let code = if libc::WIFEXITED(status) {
+                libc::WEXITSTATUS(status)
+            } else if libc::WIFSIGNALED(status) {
+                128 + libc::WTERMSIG(status)
+            } else {
+                continue;
+            };
+            if let Some(exit) = self.lock().0.remove(&pid) {
+                exit.set(code);
+            }
+        }
+    }
+}
+
+/// The locked registry.
+pub struct Registry<'a>(MutexGuard<'a, HashMap<i32, Arc<Exit>>>, &'a Condvar);
+
+impl Registry<'_> {
+    /// Hands `pid`'s exit to the returned [`Exit`].
+    pub fn watch(&mut self, pid: i32) -> Arc<Exit> {
+        let exit = Arc::new(Exit::default());
+        self.0.insert(pid, exit.clone());
+        self.1.notify_all();
+        exit
+    }
+}

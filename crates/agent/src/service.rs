@@ -1,0 +1,165 @@
+//! The ttrpc `Agent` service: requests in, [`Containers`] and the guest's
+//! facilities underneath, clear error replies out. A bad request never
+//! takes the agent down: it is PID 1, and its death is the VM's.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use agent_proto::agent::{
+    ContainerRequest, CreateContainerRequest, Empty, ExecProcessRequest, GuestDetails, HealthCheckResponse,
+    ListProcessesResponse, OnlineCPUMemRequest, ProcessInfo, Resources, SignalProcessRequest, StatsContainerResponse,
+    UpdateContainerRequest, WaitProcessRequest, WaitProcessResponse,
+};
+use agent_proto::ttrpc::{self, Code, TtrpcContext};
+
+use crate::container::{Containers, Error};
+use crate::spec::Limits;
+
+/// What the service needs besides the containers.
+pub struct Service {
+    /// The containers.
+    pub containers: Arc<Containers>,
+    /// Running as a guest's PID 1 (DestroySandbox powers off; CPU online
+    /// is allowed) rather than as a host process.
+    pub guest: bool,
+    /// When the agent became ready, in milliseconds since the kernel
+    /// started (0 on the host).
+    pub ready_after_boot_ms: u64,
+    /// When the agent started (for `GetGuestDetails` on the host).
+    pub started: Instant,
+}
+
+fn status(code: Code, message: String) -> ttrpc::Error {
+    ttrpc::Error::RpcStatus(ttrpc::get_status(code, message))
+}
+
+fn reply<T>(r: Result<T, Error>) -> ttrpc::Result<T> {
+    r.map_err(|e| match e {
+        Error::Invalid(m) => status(Code::INVALID_ARGUMENT, m),
+        Error::NotFound(m) => status(Code::NOT_FOUND, m),
+        Error::Failed(m) => status(Code::INTERNAL, m),
+    })
+}
+
+fn limits_from(r: &Resources) -> Result<Limits, Error> {
+    let cpu = match (r.cpu_quota, r.cpu_period) {
+        (0, _) => None,
+        (_, 0) => return Err(Error::Invalid("cpu_quota set with a cpu_period of 0".into())),
+        (q, p) => Some((q, p)),
+    };
+    let nonzero = |v: u64| (v != 0).then_some(v);
+    Ok(Limits { memory: nonzero(r.memory_limit), cpu, pids: nonzero(r.pids_limit) })
+}
+
+impl agent_proto::agent_ttrpc::Agent for Service {
+    fn create_container(&self, _: &TtrpcContext, req: CreateContainerRequest) -> ttrpc::Result<Empty> {
+        let rootfs = req.rootfs.clone().unwrap_or_default();
+        let stdio = req.stdio.clone().unwrap_or_default();
+        reply(self.containers.create(&req.container_id, &req.oci_spec_json, &rootfs, &stdio)).map(|()| Empty::new())
+    }
+
+    fn start_container(&self, _: &TtrpcContext, req: ContainerRequest) -> ttrpc::Result<Empty> {
+        reply(self.containers.start(&req.container_id)).map(|()| Empty::new())
+    }
+
+    fn exec_process(&self, _: &TtrpcContext, req: ExecProcessRequest) -> ttrpc::Result<Empty> {
+        let stdio = req.stdio.clone().unwrap_or_default();
+        reply(self.containers.exec(&req.container_id, &req.exec_id, &req.oci_process_json, &stdio))
+            .map(|()| Empty::new())
+    }
+
+    fn signal_process(&self, _: &TtrpcContext, req: SignalProcessRequest) -> ttrpc::Result<Empty> {
+        reply(self.containers.signal(&req.container_id, &req.exec_id, req.signal, req.all)).map(|()| Empty::new())
+    }
+
+    fn wait_process(&self, _: &TtrpcContext, req: WaitProcessRequest) -> ttrpc::Result<WaitProcessResponse> {
+        let status = reply(self.containers.wait(&req.container_id, &req.exec_id))?;
+        Ok(WaitProcessResponse { status, ..Default::default() })
+    }
+
+    fn list_processes(&self, _: &TtrpcContext, req: ContainerRequest) -> ttrpc::Result<ListProcessesResponse> {
+        let rows = reply(self.containers.ps(&req.container_id))?;
+        let processes = rows
+            .into_iter()
+            .map(|r| ProcessInfo { pid: r.pid, ns_pid: r.ns_pid, uid: r.uid, user: r.user, command: r.command, ..Default::default() })
+            .collect();
+        Ok(ListProcessesResponse { processes, ..Default::default() })
+    }
+
+    fn update_container(&self, _: &TtrpcContext, req: UpdateContainerRequest) -> ttrpc::Result<Empty> {
+        let limits = reply(limits_from(&req.resources))?;
+        if !limits.any() {
+            return Err(status(Code::INVALID_ARGUMENT, "the update sets no limit".into()));
+        }
+        reply(self.containers.update(&req.container_id, &limits)).map(|()| Empty::new())
+    }
+
+    fn stats_container(&self, _: &TtrpcContext, req: ContainerRequest) -> ttrpc::Result<StatsContainerResponse> {
+        let s = reply(self.containers.stats(&req.container_id))?;
+        let (cpu_quota, cpu_period) = s.cpu_limit.unwrap_or((0, 0));
+        Ok(StatsContainerResponse {
+            cpu_usage_usec: s.cpu_usage_usec,
+            cpu_user_usec: s.cpu_user_usec,
+            cpu_system_usec: s.cpu_system_usec,
+            memory_usage: s.memory_usage,
+            memory_limit: s.memory_limit.unwrap_or(0),
+            pids_current: s.pids_current,
+            pids_limit: s.pids_limit.unwrap_or(0),
+            io_read_bytes: s.io_read_bytes,
+            io_write_bytes: s.io_write_bytes,
+            limits: Some(Resources {
+                memory_limit: s.memory_limit.unwrap_or(0),
+                cpu_quota,
+                cpu_period,
+                pids_limit: s.pids_limit.unwrap_or(0),
+                ..Default::default()
+            })
+            .into(),
+            ..Default::default()
+        })
+    }
+
+    fn pause_container(&self, _: &TtrpcContext, req: ContainerRequest) -> ttrpc::Result<Empty> {
+        reply(self.containers.freeze(&req.container_id, true)).map(|()| Empty::new())
+    }
+
+    fn resume_container(&self, _: &TtrpcContext, req: ContainerRequest) -> ttrpc::Result<Empty> {
+        reply(self.containers.freeze(&req.container_id, false)).map(|()| Empty::new())
+    }
+
+    fn remove_container(&self, _: &TtrpcContext, req: ContainerRequest) -> ttrpc::Result<Empty> {
+        reply(self.containers.remove(&req.container_id)).map(|()| Empty::new())
+    }
+
+    fn online_cpu_mem(&self, _: &TtrpcContext, req: OnlineCPUMemRequest) -> ttrpc::Result<Empty> {
+        if !self.guest {
+            return Err(status(Code::FAILED_PRECONDITION, "CPUs are onlined only by an agent in a guest".into()));
+        }
+        reply(crate::guest::online_cpus(req.nb_cpus)).map(|()| Empty::new())
+    }
+
+    fn get_guest_details(&self, _: &TtrpcContext, _: Empty) -> ttrpc::Result<GuestDetails> {
+        let details = crate::guest::details(self.ready_after_boot_ms);
+        Ok(details)
+    }
+
+    fn destroy_sandbox(&self, _: &TtrpcContext, _: Empty) -> ttrpc::Result<Empty> {
+        self.containers.remove_all();
+        let guest = self.guest;
+        // Reply first, then go.
+        let _ = std::thread::Builder::new().name("destroy".into()).spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            if guest {
+                crate::guest::power_off();
+            } else {
+                std::process::exit(0);
+            }
+        });
+        Ok(Empty::new())
+    }
+
+    fn check(&self, _: &TtrpcContext, _: Empty) -> ttrpc::Result<HealthCheckResponse> {
+        let _ = self.started;
+        Ok(HealthCheckResponse { serving: true, ..Default::default() })
+    }
+}

@@ -1,0 +1,333 @@
+//! From an OCI runtime spec to what the launch helper runs: everything the
+//! host sent is checked here, and anything the agent cannot honour is
+//! refused with an error that names it (never silently ignored).
+
+use std::path::{Path, PathBuf};
+
+use oci_spec::runtime::{LinuxNamespaceType, Mount, Process, Spec};
+
+use crate::launch::{is_clean_absolute, InitConfig, MountConfig, Namespace, ProcessConfig};
+
+/// cgroup v2 limits asked for by a spec or an update.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Limits {
+    /// memory.max in bytes.
+    pub memory: Option<u64>,
+    /// cpu.max: (quota, period) in microseconds.
+    pub cpu: Option<(u64, u64)>,
+    /// pids.max.
+    pub pids: Option<u64>,
+}
+
+impl Limits {
+    /// Whether any limit is set.
+    pub fn any(&self) -> bool {
+        self.memory.is_some() || self.cpu.is_some() || self.pids.is_some()
+    }
+}
+
+/// A spec, checked.
+#[derive(Clone, Debug)]
+pub struct Checked {
+    /// The first process's filesystem and namespaces (`rootfs` filled in by
+    /// the caller).
+    pub init: InitConfig,
+    /// The first process.
+    pub process: ProcessConfig,
+    /// cgroup limits.
+    pub limits: Limits,
+}
+
+/// Parses and checks a spec (config.json bytes).
+pub fn parse_spec(json: &[u8], rootfs: &Path) -> Result<Checked, String> {
+    let spec: Spec = serde_json::from_slice(json).map_err(|e| format!("invalid OCI spec: {e}"))?;
+    let process = spec.process().as_ref().ok_or("the OCI spec has no process")?;
+    let process = check_process(process)?;
+    let linux = spec.linux().as_ref();
+
+    let mut new_namespaces = Vec::new();
+    let mut join_namespaces = Vec::new();
+    for ns in linux.and_then(|l| l.namespaces().as_ref()).into_iter().flatten() {
+        let kind = match ns.typ() {
+            LinuxNamespaceType::Mount => Namespace::Mount,
+            LinuxNamespaceType::Pid => Namespace::Pid,
+            LinuxNamespaceType::Uts => Namespace::Uts,
+            LinuxNamespaceType::Ipc => Namespace::Ipc,
+            LinuxNamespaceType::Network => Namespace::Net,
+            LinuxNamespaceType::Cgroup => Namespace::Cgroup,
+            other => return Err(format!("namespace {other:?} is not supported")),
+        };
+        match ns.path() {
+            Some(path) => join_namespaces.push((kind, path.clone())),
+            None => new_namespaces.push(kind),
+        }
+    }
+    // The agent always gives a container its own mount namespace: the
+    // root is pivoted, and that must not happen to the agent.
+    if !new_namespaces.contains(&Namespace::Mount) {
+        if join_namespaces.iter().any(|(ns, _)| *ns == Namespace::Mount) {
+            return Err("joining an existing mount namespace is not supported".into());
+        }
+        new_namespaces.push(Namespace::Mount);
+    }
+    if spec.hostname().is_some() && !new_namespaces.contains(&Namespace::Uts) {
+        return Err("the spec sets a hostname without a new uts namespace".into());
+    }
+    if linux.is_some_and(|l| l.uid_mappings().as_ref().is_some_and(|m| !m.is_empty())) {
+        return Err("user namespaces (uidMappings) are not supported".into());
+    }
+
+    let mut mounts = Vec::new();
+    let mut default_devices = false;
+    for m in spec.mounts().as_ref().into_iter().flatten() {
+        let config = check_mount(m)?;
+        if config.destination == Path::new("/dev") && config.fstype == "tmpfs" {
+            default_devices = true;
+        }
+        mounts.push(config);
+    }
+    let paths = |list: Option<&Vec<String>>, what: &str| -> Result<Vec<String>, String> {
+        let list = list.cloned().unwrap_or_default();
+        match list.iter().find(|p| !is_clean_absolute(Path::new(p))) {
+            Some(bad) => Err(format!("{what} entry {bad:?} is not an absolute path without \"..\"")),
+            None => Ok(list),
+        }
+    };
+    let masked_paths = paths(linux.and_then(|l| l.masked_paths().as_ref()), "maskedPaths")?;
+    let readonly_paths = paths(linux.and_then(|l| l.readonly_paths().as_ref()), "readonlyPaths")?;
+    let limits = linux.and_then(|l| l.resources().as_ref()).map(check_resources).transpose()?.unwrap_or_default();
+
+    Ok(Checked {
+        init: InitConfig {
+            rootfs: rootfs.to_path_buf(),
+            new_namespaces,
+            join_namespaces,
+            mounts,
+            default_devices,
+            hostname: spec.hostname().clone(),
+            masked_paths,
+            readonly_paths,
+            root_readonly: spec.root().as_ref().is_some_and(|r| r.readonly().unwrap_or(false)),
+        },
+        process,
+        limits,
+    })
+}
+
+/// Parses and checks an OCI `process` object (for an exec).
+pub fn parse_process(json: &[u8]) -> Result<ProcessConfig, String> {
+    let process: Process = serde_json::from_slice(json).map_err(|e| format!("invalid OCI process: {e}"))?;
+    check_process(&process)
+}
+
+fn check_process(p: &Process) -> Result<ProcessConfig, String> {
+    let args = p.args().clone().unwrap_or_default();
+    if args.is_empty() || args[0].is_empty() {
+        return Err("the process has no args".into());
+    }
+    if !is_clean_absolute(p.cwd()) {
+        return Err(format!("the process cwd {:?} is not an absolute path without \"..\"", p.cwd()));
+    }
+    let env = p.env().clone().unwrap_or_default();
+    if let Some(bad) = env.iter().find(|e| !e.contains('=') || e.starts_with('=')) {
+        return Err(format!("environment entry {bad:?} is not KEY=value"));
+    }
+    let mut rlimits = Vec::new();
+    for r in p.rlimits().as_ref().into_iter().flatten() {
+        if r.soft() > r.hard() {
+            return Err(format!("rlimit {}: soft {} is above hard {}", r.typ(), r.soft(), r.hard()));
+        }
+        rlimits.push((rlimit_number(&r.typ().to_string())?, r.soft(), r.hard()));
+    }
+    let user = p.user();
+    Ok(ProcessConfig {
+        args,
+        env,
+        cwd: p.cwd().clone(),
+        uid: user.uid(),
+        gid: user.gid(),
+        additional_gids: user.additional_gids().clone().unwrap_or_default(),
+        umask: user.umask(),
+        rlimits,
+        terminal: p.terminal().unwrap_or(false),
+        no_new_privileges: p.no_new_privileges().unwrap_or(false),
+    })
+}
+
+fn rlimit_number(name: &str) -> Result<u32, String> {
+    let n = match name {
+        "RLIMIT_CPU" => libc::RLIMIT_CPU,
+        "RLIMIT_FSIZE" => libc::RLIMIT_FSIZE,
+        "RLIMIT_DATA" => libc::RLIMIT_DATA,
+        "RLIMIT_STACK" => libc::RLIMIT_STACK,
+        "RLIMIT_CORE" => libc::RLIMIT_CORE,
+        "RLIMIT_RSS" => libc::RLIMIT_RSS,
+        "RLIMIT_NPROC" => libc::RLIMIT_NPROC,
+        "RLIMIT_NOFILE" => libc::RLIMIT_NOFILE,
+        "RLIMIT_MEMLOCK" => libc::RLIMIT_MEMLOCK,
+        "RLIMIT_AS" => libc::RLIMIT_AS,
+        "RLIMIT_LOCKS" => libc::RLIMIT_LOCKS,
+        "RLIMIT_SIGPENDING" => libc::RLIMIT_SIGPENDING,
+        "RLIMIT_MSGQUEUE" => libc::RLIMIT_MSGQUEUE,
+        "RLIMIT_NICE" => libc::RLIMIT_NICE,
+        "RLIMIT_RTPRIO" => libc::RLIMIT_RTPRIO,
+        "RLIMIT_RTTIME" => libc::RLIMIT_RTTIME,
+        other => return Err(format!("unknown rlimit {other:?}")),
+    };
+    Ok(n)
+}
+
+/// Mount options: flags they set, flags they clear, or data for the
+/// filesystem.
+fn mount_option(option: &str) -> Option<(u64, bool)> {
+    let (flag, clear) = match option {
+        "ro" => (libc::MS_RDONLY, false),
+        "rw" => (libc::MS_RDONLY, true),
+        "nosuid" => (libc::MS_NOSUID, false),
+        "suid" => (libc::MS_NOSUID, true),
+        "nodev" => (libc::MS_NODEV, false),
+        "dev" => (libc::MS_NODEV, true),
+        "noexec" => (libc::MS_NOEXEC, false),
+        "exec" => (libc::MS_NOEXEC, true),
+        "sync" => (libc::MS_SYNCHRONOUS, false),
+        "async" => (libc::MS_SYNCHRONOUS, true),
+        "noatime" => (libc::MS_NOATIME, false),
+        "nodiratime" => (libc::MS_NODIRATIME, false),
+        "relatime" => (libc::MS_RELATIME, false),
+        "strictatime" => (libc::MS_STRICTATIME, false),
+        "bind" => (libc::MS_BIND, false),
+        "rbind" => (libc::MS_BIND | libc::MS_REC, false),
+        "private" => (libc::MS_PRIVATE, false),
+        "rprivate" => (libc::MS_PRIVATE | libc::MS_REC, false),
+        "slave" => (libc::MS_SLAVE, false),
+        "rslave" => (libc::MS_SLAVE | libc::MS_REC, false),
+        "shared" => (libc::MS_SHARED, false),
+        "rshared" => (libc::MS_SHARED | libc::MS_REC, false),
+        "unbindable" => (libc::MS_UNBINDABLE, false),
+        "runbindable" => (libc::MS_UNBINDABLE | libc::MS_REC, false),
+        _ => return None,
+    };
+    Some((flag as u64, clear))
+}
+
+fn check_mount(m: &Mount) -> Result<MountConfig, String> {
+    let destination = m.destination();
+    if !is_clean_absolute(destination) || destination == Path::new("/") {
+        return Err(format!("mount destination {destination:?} is not an absolute path below / without \"..\""));
+    }
+    let mut flags = 0;
+    let mut data = Vec::new();
+    for option in m.options().as_ref().into_iter().flatten() {
+        match mount_option(option) {
+            Some((flag, false)) => flags |= flag,
+            Some((flag, true)) => flags &= !flag,
+            None => data.push(option.as_str()),
+        }
+    }
+    let fstype = m.typ().clone().unwrap_or_default();
+    let source = m.source().clone().unwrap_or_else(|| PathBuf::from(if fstype.is_empty() { "none" } else { &fstype }));
+    if fstype == "bind" || fstype.is_empty() {
+        flags |= libc::MS_BIND as u64;
+    }
+    if flags & libc::MS_BIND as u64 != 0 {
+        if !source.is_absolute() {
+            return Err(format!("bind mount source {source:?} for {destination:?} is not an absolute path"));
+        }
+        if !source.exists() {
+            return Err(format!("bind mount source {} for {destination:?} does not exist", source.display()));
+        }
+    }
+    Ok(MountConfig {
+        destination: destination.clone(),
+        fstype: if flags & libc::MS_BIND as u64 != 0 { String::new() } else { fstype },
+        source,
+        flags,
+        data: data.join(","),
+    })
+}
+
+fn check_resources(r: &oci_spec::runtime::LinuxResources) -> Result<Limits, String> {
+    let positive = |what: &str, v: i64| -> Result<Option<u64>, String> {
+        match v {
+            v if v > 0 => Ok(Some(v as u64)),
+            // -1 is the spec's "unlimited".
+            -1 => Ok(None),
+            v => Err(format!("{what} {v} is neither positive nor -1 (unlimited)")),
+        }
+    };
+    let memory = match r.memory().as_ref().and_then(|m| m.limit()) {
+        Some(v) => positive("memory limit", v)?,
+        None => None,
+    };
+    let pids = match r.pids().as_ref().map(|p| p.limit()) {
+        Some(v) => positive("pids limit", v)?,
+        None => None,
+    };
+    let cpu = match r.cpu().as_ref().and_then(|c| c.quota().map(|q| (q, c.period().unwrap_or(100_000)))) {
+        Some((quota, period)) => match positive("cpu quota", quota)? {
+            Some(quota) if period == 0 => return Err(format!("cpu quota {quota} with a period of 0")),
+            Some(quota) => Some((quota, period)),
+            None => None,
+        },
+        None => None,
+    };
+    Ok(Limits { memory, cpu, pids })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(process: &str, extra: &str) -> Vec<u8> {
+        format!(r#"{{"ociVersion":"1.0.2","process":{process},"root":{{"path":"rootfs"}}{extra}}}"#).into_bytes()
+    }
+
+    const ECHO: &str = r#"{"args":["echo","hi"],"cwd":"/","user":{"uid":0,"gid":0},"env":["PATH=/bin"]}"#;
+
+    #[test]
+    fn a_minimal_spec_gets_its_own_mount_namespace() {
+        let checked = parse_spec(&spec(ECHO, ""), Path::new("/r")).unwrap();
+        assert_eq!(checked.init.new_namespaces, vec![Namespace::Mount]);
+        assert_eq!(checked.process.args, ["echo", "hi"]);
+        assert!(!checked.limits.any());
+    }
+
+    #[test]
+    fn namespaces_mounts_and_limits_are_translated() {
+        let extra = r#","hostname":"box","mounts":[{"destination":"/proc","type":"proc","source":"proc"},
+            {"destination":"/dev","type":"tmpfs","source":"tmpfs","options":["nosuid","strictatime","mode=755","size=65536k"]}],
+            "linux":{"namespaces":[{"type":"pid"},{"type":"uts"},{"type":"mount"}],
+            "resources":{"memory":{"limit":67108864},"pids":{"limit":32},"cpu":{"quota":50000,"period":100000}},
+            "maskedPaths":["/proc/kcore"],"readonlyPaths":["/proc/sys"]}"#;
+        let checked = parse_spec(&spec(ECHO, extra), Path::new("/r")).unwrap();
+        assert_eq!(checked.init.new_namespaces, vec![Namespace::Pid, Namespace::Uts, Namespace::Mount]);
+        assert_eq!(checked.init.hostname.as_deref(), Some("box"));
+        let dev = &checked.init.mounts[1];
+        assert_eq!(dev.fstype, "tmpfs");
+        assert_eq!(dev.data, "mode=755,size=65536k");
+        assert_eq!(dev.flags, (libc::MS_NOSUID | libc::MS_STRICTATIME) as u64);
+        assert!(checked.init.default_devices);
+        assert_eq!(checked.limits, Limits { memory: Some(64 << 20), cpu: Some((50_000, 100_000)), pids: Some(32) });
+    }
+
+    #[test]
+    fn bad_specs_are_refused_by_name() {
+        let cases = [
+            (spec(r#"{"args":[],"cwd":"/","user":{"uid":0,"gid":0}}"#, ""), "no args"),
+            (spec(r#"{"args":["x"],"cwd":"rel","user":{"uid":0,"gid":0}}"#, ""), "cwd"),
+            (spec(r#"{"args":["x"],"cwd":"/","env":["NOEQUALS"],"user":{"uid":0,"gid":0}}"#, ""), "NOEQUALS"),
+            (spec(ECHO, r#","mounts":[{"destination":"/a/../../etc","type":"tmpfs"}]"#), "/a/../../etc"),
+            (spec(ECHO, r#","mounts":[{"destination":"/x","type":"bind","source":"/no/such/dir"}]"#), "/no/such/dir"),
+            (spec(ECHO, r#","hostname":"h""#), "uts"),
+            (spec(ECHO, r#","linux":{"namespaces":[{"type":"user"}]}"#), "User"),
+            (spec(ECHO, r#","linux":{"resources":{"memory":{"limit":-5}}}"#), "memory limit -5"),
+            (spec(ECHO, r#","linux":{"maskedPaths":["relative"]}"#), "maskedPaths"),
+            (b"{not json".to_vec(), "invalid OCI spec"),
+            (br#"{"ociVersion":"1.0.2"}"#.to_vec(), "no process"),
+        ];
+        for (json, want) in cases {
+            let err = parse_spec(&json, Path::new("/r")).unwrap_err();
+            assert!(err.contains(want), "{want:?} not in {err:?}");
+        }
+    }
+}

@@ -1,0 +1,143 @@
+//! A process's stdio: streams to the host (one per port the request
+//! named), joined to the process by pipes or a terminal, with a thread
+//! copying each way.
+
+use std::fs::File;
+use std::io::{Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+
+use agent_proto::agent::Stdio as StdioPorts;
+
+use crate::link::HostLink;
+
+/// The process's ends (fds 0, 1, 2) and the copying to start once it runs.
+pub struct Plumbing {
+    /// What the process gets as stdin, stdout, stderr.
+    pub child: [OwnedFd; 3],
+    copies: Vec<(File, File, bool)>,
+    /// The terminal's master side, kept open while the process runs so
+    /// that its output is not cut off.
+    _master: Option<OwnedFd>,
+}
+
+fn dev_null() -> Result<OwnedFd, String> {
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/null")
+        .map(OwnedFd::from)
+        .map_err(|e| format!("opening /dev/null: {e}"))
+}
+
+fn pipe() -> Result<(OwnedFd, OwnedFd), String> {
+    let mut fds = [0; 2];
+    // SAFETY: fds has room for two descriptors.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(format!("pipe: {}", std::io::Error::last_os_error()));
+    }
+    // SAFETY: two new descriptors nothing else owns.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
+fn dup(fd: &OwnedFd) -> Result<OwnedFd, String> {
+    fd.try_clone().map_err(|e| format!("dup: {e}"))
+}
+
+fn dial(link: &HostLink, port: u32, what: &str) -> Result<Option<File>, String> {
+    match port {
+        0 => Ok(None),
+        port => link.dial(port).map(|fd| Some(File::from(fd))).map_err(|e| format!("{what} stream: {e}")),
+    }
+}
+
+/// Dials the host for each stream and builds the process's ends.
+pub fn plumb(link: &HostLink, ports: &StdioPorts, terminal: bool) -> Result<Plumbing, String> {
+    let stdin = dial(link, ports.stdin_port, "stdin")?;
+    let stdout = dial(link, ports.stdout_port, "stdout")?;
+    if terminal {
+        let (master, slave) = open_pty()?;
+        let mut copies = Vec::new();
+        if let Some(stream) = stdin {
+            copies.push((stream, File::from(dup(&master)?), false));
+        }
+        if let Some(stream) = stdout {
+            copies.push((File::from(dup(&master)?), stream, true));
+        }
+        let child = [dup(&slave)?, dup(&slave)?, slave];
+        return Ok(Plumbing { child, copies, _master: Some(master) });
+    }
+    let stderr = dial(link, ports.stderr_port, "stderr")?;
+    let mut copies = Vec::new();
+    let child_in = match stdin {
+        Some(stream) => {
+            let (read, write) = pipe()?;
+            copies.push((stream, File::from(write), false));
+            read
+        }
+        None => dev_null()?,
+    };
+    let mut output = |stream: Option<File>| -> Result<OwnedFd, String> {
+        match stream {
+            Some(stream) => {
+                let (read, write) = pipe()?;
+                copies.push((File::from(read), stream, true));
+                Ok(write)
+            }
+            None => dev_null(),
+        }
+    };
+    let child_out = output(stdout)?;
+    let child_err = output(stderr)?;
+    Ok(Plumbing { child: [child_in, child_out, child_err], copies, _master: None })
+}
+
+impl Plumbing {
+    /// Starts copying, after the process's ends have been handed over
+    /// (and closed here: a pipe reads end-of-file only once every write
+    /// end is closed).
+    pub fn start(self) {
+        let master = self._master;
+        let copies = self.copies;
+        let count = copies.len();
+        let master = std::sync::Arc::new(master);
+        for (i, (mut from, mut to, to_host)) in copies.into_iter().enumerate() {
+            let master = master.clone();
+            let _ = std::thread::Builder::new().name(format!("stdio-{i}/{count}")).spawn(move || {
+                let mut buf = vec![0u8; 32 * 1024];
+                loop {
+                    // A terminal reads EIO once the process side is closed.
+                    let n = match from.read(&mut buf) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => n,
+                    };
+                    if to.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                }
+                if to_host {
+                    // SAFETY: shutdown on a descriptor we own.
+                    unsafe { libc::shutdown(to.as_raw_fd(), libc::SHUT_WR) };
+                }
+                drop(master);
+            });
+        }
+    }
+}
+
+fn open_pty() -> Result<(OwnedFd, OwnedFd), String> {
+    let (mut master, mut slave) = (0, 0);
+    // SAFETY: out-pointers to two ints; no name, termios or winsize.
+    let r = unsafe {
+        libc::openpty(&mut master, &mut slave, std::ptr::null_mut(), std::ptr::null(), std::ptr::null())
+    };
+    if r != 0 {
+        return Err(format!("openpty: {}", std::io::Error::last_os_error()));
+    }
+    // SAFETY: two new descriptors nothing else owns.
+    let (master, slave) = unsafe { (OwnedFd::from_raw_fd(master), OwnedFd::from_raw_fd(slave)) };
+    for fd in [&master, &slave] {
+        // SAFETY: fcntl on our own descriptor.
+        unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFD, libc::FD_CLOEXEC) };
+    }
+    Ok((master, slave))
+}
