@@ -66,7 +66,9 @@ pub fn plumb(link: &HostLink, ports: &StdioPorts, terminal: bool) -> Result<Plum
         let child = [dup(&slave)?, dup(&slave)?, slave];
         return Ok(Plumbing { child, copies, _master: Some(master) });
     }
-    let stderr = dial(link, ports.stderr_port, "stderr")?;
+    // The same port for both: one stream, like `2>&1`.
+    let shared = ports.stderr_port != 0 && ports.stderr_port == ports.stdout_port;
+    let stderr = if shared { None } else { dial(link, ports.stderr_port, "stderr")? };
     let mut copies = Vec::new();
     let child_in = match stdin {
         Some(stream) => {
@@ -76,7 +78,7 @@ pub fn plumb(link: &HostLink, ports: &StdioPorts, terminal: bool) -> Result<Plum
         }
         None => dev_null()?,
     };
-    let mut output = |stream: Option<File>| -> Result<OwnedFd, String> {
+    let output = |copies: &mut Vec<(File, File, bool)>, stream: Option<File>| -> Result<OwnedFd, String> {
         match stream {
             Some(stream) => {
                 let (read, write) = pipe()?;
@@ -86,8 +88,8 @@ pub fn plumb(link: &HostLink, ports: &StdioPorts, terminal: bool) -> Result<Plum
             None => dev_null(),
         }
     };
-    let child_out = output(stdout)?;
-    let child_err = output(stderr)?;
+    let child_out = output(&mut copies, stdout)?;
+    let child_err = if shared { dup(&child_out)? } else { output(&mut copies, stderr)? };
     Ok(Plumbing { child: [child_in, child_out, child_err], copies, _master: None })
 }
 

@@ -2,6 +2,7 @@
 //! explain a skip, booting a bundled test guest in-process, and parsing
 //! what the report guest prints.
 
+pub mod agent;
 pub mod pattern;
 pub mod tier3;
 

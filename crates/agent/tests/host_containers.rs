@@ -1,0 +1,287 @@
+//! The agent's container logic on the host: `vessel-agent --listen` as
+//! root, real containers (busybox root, new PID/UTS/IPC/mount namespaces,
+//! `pivot_root`), driven through agent-proto exactly as the runtime drives
+//! an agent in a guest. cgroup v2 limits, stats and the freezer need a
+//! cgroup v2 host, which ours is not (MACHINE-NOTES.md); they are tested in
+//! a guest kernel (guest_tcg.rs).
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use agent_proto::agent::{Empty, ExecProcessRequest, SignalProcessRequest, Stdio};
+use anyhow::{bail, ensure, Context};
+use libtest_mimic::{Arguments, Failed, Trial};
+use vessel_tests::agent::{
+    collected, container, create_request, ctx, output_ports, process_json, rpc_error, spec_json, start_host_agent,
+    wait_for, HostAgent, SpecOptions,
+};
+
+const AGENT: &str = env!("CARGO_BIN_EXE_vessel-agent");
+
+/// Why these tests cannot run here, if they cannot.
+fn unavailable() -> Option<String> {
+    // SAFETY: geteuid takes no arguments.
+    if unsafe { libc::geteuid() } != 0 {
+        return Some("containers need root (namespaces, mounts, pivot_root)".into());
+    }
+    rootfs().as_ref().err().map(|e| format!("no busybox root filesystem: {e}"))
+}
+
+/// One busybox root for every test (containers never write to it).
+fn rootfs() -> &'static Result<PathBuf, String> {
+    static ROOT: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    ROOT.get_or_init(|| {
+        let dir = std::env::temp_dir().join(format!("vessel-agent-rootfs-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        resources::rootfs::busybox_tree(&dir).map_err(|e| e.to_string())?;
+        Ok(dir)
+    })
+}
+
+fn root() -> &'static Path {
+    rootfs().as_ref().expect("checked by unavailable()")
+}
+
+fn agent(tag: &str) -> anyhow::Result<HostAgent> {
+    start_host_agent(Path::new(AGENT), tag)
+}
+
+/// Creates, starts and waits for a container, returning (status, stdout).
+fn run(a: &HostAgent, id: &str, args: &[&str], o: &SpecOptions) -> anyhow::Result<(i32, String)> {
+    let (out, handle) = a.host.capture()?;
+    let create = create_request(id, spec_json(args, o), root(), output_ports(out, out));
+    a.client.create_container(ctx(), &create).map_err(rpc_error)?;
+    a.client.start_container(ctx(), &container(id)).map_err(rpc_error)?;
+    let status = a.client.wait_process(ctx(), &wait_for(id, "")).map_err(rpc_error)?.status;
+    let output = collected(handle)?;
+    a.client.remove_container(ctx(), &container(id)).map_err(rpc_error)?;
+    Ok((status, output))
+}
+
+fn echo_runs_in_its_own_namespaces() -> anyhow::Result<()> {
+    let a = agent("echo")?;
+    let script = "echo hello; hostname; readlink /proc/self/ns/pid; echo pid=$$; id -u; ls -A /sys/firmware | wc -l; \
+                  touch /proc/sysrq-trigger 2>/dev/null || echo sysrq-ro";
+    let o = SpecOptions { hostname: Some("box1".into()), ..Default::default() };
+    let (status, out) = run(&a, "echo-1", &["sh", "-c", script], &o)?;
+    ensure!(status == 0, "exit status {status}, output {out:?}");
+    let lines: Vec<&str> = out.lines().collect();
+    ensure!(lines.len() == 7, "unexpected output {out:?}");
+    ensure!(lines[0] == "hello" && lines[1] == "box1", "{out:?}");
+    let host_ns = std::fs::read_link("/proc/self/ns/pid")?;
+    ensure!(lines[2].starts_with("pid:[") && Path::new(lines[2]) != host_ns, "pid namespace {} vs host {host_ns:?}", lines[2]);
+    ensure!(lines[3] == "pid=1", "the container's process is not PID 1 of its namespace: {out:?}");
+    ensure!(lines[4] == "0", "{out:?}");
+    ensure!(
+        std::fs::read_dir("/sys/firmware").map(|d| d.count() > 0).unwrap_or(false),
+        "the host's /sys/firmware is empty: nothing to show its masking"
+    );
+    ensure!(lines[5].trim() == "0", "/sys/firmware is not masked: {out:?}");
+    ensure!(lines[6] == "sysrq-ro", "/proc/sysrq-trigger is writable: {out:?}");
+    // The agent's own hostname is untouched.
+    ensure!(std::fs::read_to_string("/proc/sys/kernel/hostname")?.trim() != "box1");
+    Ok(())
+}
+
+fn exit_codes_and_signals() -> anyhow::Result<()> {
+    let a = agent("exit")?;
+    let (status, _) = run(&a, "exit-3", &["sh", "-c", "exit 3"], &SpecOptions::default())?;
+    ensure!(status == 3, "sh -c 'exit 3' gave {status}");
+
+    let create = create_request("long", spec_json(&["sleep", "1000"], &SpecOptions::default()), root(), Stdio::new());
+    a.client.create_container(ctx(), &create).map_err(rpc_error)?;
+    a.client.start_container(ctx(), &container("long")).map_err(rpc_error)?;
+    let signal = |exec_id: &str, signal: u32, all: bool| SignalProcessRequest {
+        container_id: "long".into(),
+        exec_id: exec_id.into(),
+        signal,
+        all,
+        ..Default::default()
+    };
+    // An exec'd process is not its namespace's init: SIGTERM kills it.
+    let exec = ExecProcessRequest {
+        container_id: "long".into(),
+        exec_id: "e1".into(),
+        oci_process_json: process_json(&["sleep", "500"], &SpecOptions::default()).into_bytes(),
+        ..Default::default()
+    };
+    a.client.exec_process(ctx(), &exec).map_err(rpc_error)?;
+    a.client.signal_process(ctx(), &signal("e1", libc::SIGTERM as u32, false)).map_err(rpc_error)?;
+    let status = a.client.wait_process(ctx(), &wait_for("long", "e1")).map_err(rpc_error)?.status;
+    ensure!(status == 128 + libc::SIGTERM, "SIGTERM gave {status}");
+    a.client.signal_process(ctx(), &signal("", libc::SIGKILL as u32, true)).map_err(rpc_error)?;
+    let status = a.client.wait_process(ctx(), &wait_for("long", "")).map_err(rpc_error)?.status;
+    ensure!(status == 128 + libc::SIGKILL, "SIGKILL gave {status}");
+    a.client.remove_container(ctx(), &container("long")).map_err(rpc_error)?;
+    Ok(())
+}
+
+fn exec_ps_stdin_and_users() -> anyhow::Result<()> {
+    let a = agent("exec")?;
+    let create = create_request("svc", spec_json(&["sleep", "1000"], &SpecOptions::default()), root(), Stdio::new());
+    a.client.create_container(ctx(), &create).map_err(rpc_error)?;
+    // Created, not started: nothing runs the command yet.
+    let ps = a.client.list_processes(ctx(), &container("svc")).map_err(rpc_error)?;
+    ensure!(ps.processes.iter().all(|p| !p.command.contains("sleep")), "sleep runs before start: {:?}", ps.processes);
+    a.client.start_container(ctx(), &container("svc")).map_err(rpc_error)?;
+
+    // stdin in, stdout out.
+    let (stdin_port, stdin) = a.host.stdin()?;
+    let (out, handle) = a.host.capture()?;
+    let exec = |id: &str, args: &[&str], o: &SpecOptions, stdio: Stdio| ExecProcessRequest {
+        container_id: "svc".into(),
+        exec_id: id.into(),
+        oci_process_json: process_json(args, o).into_bytes(),
+        stdio: Some(stdio).into(),
+        ..Default::default()
+    };
+    let stdio = Stdio { stdin_port, stdout_port: out, ..Default::default() };
+    a.client.exec_process(ctx(), &exec("cat", &["cat"], &SpecOptions::default(), stdio)).map_err(rpc_error)?;
+    let mut conn = stdin.join().map_err(|_| anyhow::anyhow!("stdin thread"))??;
+    conn.write_all(b"ping\n")?;
+    conn.shutdown(std::net::Shutdown::Write)?;
+    ensure!(collected(handle)? == "ping\n", "cat did not echo its stdin");
+    let status = a.client.wait_process(ctx(), &wait_for("svc", "cat")).map_err(rpc_error)?.status;
+    ensure!(status == 0, "cat exited {status}");
+
+    // A process as another user, seen by ps and by itself.
+    let (out, handle) = a.host.capture()?;
+    let user = SpecOptions { uid: 1000, gid: 1000, ..Default::default() };
+    let stdio = output_ports(out, out);
+    a.client
+        .exec_process(ctx(), &exec("user", &["sh", "-c", "id -u; id -g; exec sleep 600"], &user, stdio))
+        .map_err(rpc_error)?;
+    let ps = a.client.list_processes(ctx(), &container("svc")).map_err(rpc_error)?.processes;
+    let init = ps.iter().find(|p| p.ns_pid == 1).context("no PID 1 in ps")?;
+    ensure!(init.command == "sleep 1000" && init.user == "root", "PID 1 is {init:?}");
+    // The exec'd shell replaces itself with sleep; give it the moment.
+    let mut found = None;
+    for _ in 0..200 {
+        let ps = a.client.list_processes(ctx(), &container("svc")).map_err(rpc_error)?.processes;
+        found = ps.into_iter().find(|p| p.command == "sleep 600");
+        if found.is_some() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    let found = found.context("the exec'd sleep 600 is not in ps")?;
+    ensure!(found.uid == 1000 && found.user == "1000" && found.ns_pid > 1, "{found:?}");
+    a.client
+        .signal_process(
+            ctx(),
+            &SignalProcessRequest { container_id: "svc".into(), signal: libc::SIGKILL as u32, all: true, ..Default::default() },
+        )
+        .map_err(rpc_error)?;
+    ensure!(collected(handle)? == "1000\n1000\n", "id in the container");
+    let status = a.client.wait_process(ctx(), &wait_for("svc", "user")).map_err(rpc_error)?.status;
+    ensure!(status == 137, "the user's process exited {status} after SIGKILL to all");
+    a.client.remove_container(ctx(), &container("svc")).map_err(rpc_error)?;
+    let err = a.client.list_processes(ctx(), &container("svc")).map(|_| ()).map_err(rpc_error);
+    ensure!(err.is_err(), "a removed container is still listed");
+    Ok(())
+}
+
+fn a_terminal_when_asked() -> anyhow::Result<()> {
+    let a = agent("tty")?;
+    let o = SpecOptions { terminal: true, ..Default::default() };
+    let (status, out) = run(&a, "tty", &["sh", "-c", "test -t 0 && test -t 1 && echo is-a-tty"], &o)?;
+    ensure!(status == 0 && out == "is-a-tty\r\n", "status {status}, output {out:?}");
+    let (status, out) = run(&a, "pipes", &["sh", "-c", "test -t 1 || echo not-a-tty"], &SpecOptions::default())?;
+    ensure!(status == 0 && out == "not-a-tty\n", "status {status}, output {out:?}");
+    Ok(())
+}
+
+fn bad_requests_get_clear_errors_and_the_agent_stays() -> anyhow::Result<()> {
+    let a = agent("bad")?;
+    let expect_err = |what: &str, r: Result<(), anyhow::Error>, want: &str| -> anyhow::Result<()> {
+        match r {
+            Ok(()) => bail!("{what}: accepted"),
+            Err(e) if e.to_string().contains(want) => Ok(()),
+            Err(e) => bail!("{what}: error {e:#} does not say {want:?}"),
+        }
+    };
+    let ok_spec = || spec_json(&["true"], &SpecOptions::default());
+    let create = |id: &str, spec: Vec<u8>, root: &Path| {
+        a.client.create_container(ctx(), &create_request(id, spec, root, Stdio::new())).map(|_| ()).map_err(rpc_error)
+    };
+    expect_err("invalid JSON", create("c", b"{nope".to_vec(), root()), "invalid OCI spec")?;
+    expect_err("no such rootfs", create("c", ok_spec(), Path::new("/no/such/root")), "/no/such/root")?;
+    expect_err("bad ID", create("../x", ok_spec(), root()), "container ID")?;
+    expect_err("missing program", create("c", spec_json(&["no-such-program"], &SpecOptions::default()), root()), "no-such-program")?;
+    expect_err(
+        "cgroup limits without cgroup v2",
+        create("c", spec_json(&["true"], &SpecOptions { resources: Some(r#"{"memory":{"limit":1048576}}"#.into()), ..Default::default() }), root()),
+        "cgroup",
+    )?;
+    create("c", ok_spec(), root())?;
+    expect_err("duplicate", create("c", ok_spec(), root()), "already exists")?;
+    let unknown = |r: Result<(), anyhow::Error>| expect_err("unknown container", r, "\"ghost\"");
+    unknown(a.client.start_container(ctx(), &container("ghost")).map(|_| ()).map_err(rpc_error))?;
+    unknown(a.client.wait_process(ctx(), &wait_for("ghost", "")).map(|_| ()).map_err(rpc_error))?;
+    unknown(a.client.remove_container(ctx(), &container("ghost")).map(|_| ()).map_err(rpc_error))?;
+    expect_err(
+        "unknown exec ID",
+        a.client.wait_process(ctx(), &wait_for("c", "nope")).map(|_| ()).map_err(rpc_error),
+        "\"nope\"",
+    )?;
+    expect_err(
+        "exec before start",
+        a.client
+            .exec_process(
+                ctx(),
+                &ExecProcessRequest {
+                    container_id: "c".into(),
+                    exec_id: "x".into(),
+                    oci_process_json: process_json(&["true"], &SpecOptions::default()).into_bytes(),
+                    ..Default::default()
+                },
+            )
+            .map(|_| ())
+            .map_err(rpc_error),
+        "not Running",
+    )?;
+    expect_err("stats on a v1 host", a.client.stats_container(ctx(), &container("c")).map(|_| ()).map_err(rpc_error), "cgroup v2")?;
+    expect_err(
+        "a bad signal",
+        a.client
+            .signal_process(ctx(), &SignalProcessRequest { container_id: "c".into(), signal: 999, ..Default::default() })
+            .map(|_| ())
+            .map_err(rpc_error),
+        "999",
+    )?;
+    a.client.remove_container(ctx(), &container("c")).map_err(rpc_error)?;
+    ensure!(a.client.check(ctx(), &Empty::new()).map_err(rpc_error)?.serving, "the agent stopped serving");
+    Ok(())
+}
+
+fn main() {
+    let args = Arguments::from_args();
+    let skip = unavailable();
+    type Test = fn() -> anyhow::Result<()>;
+    let tests: [(&str, Test); 5] = [
+        ("echo_runs_in_its_own_namespaces", echo_runs_in_its_own_namespaces),
+        ("exit_codes_and_signals", exit_codes_and_signals),
+        ("exec_ps_stdin_and_users", exec_ps_stdin_and_users),
+        ("a_terminal_when_asked", a_terminal_when_asked),
+        ("bad_requests_get_clear_errors_and_the_agent_stays", bad_requests_get_clear_errors_and_the_agent_stays),
+    ];
+    let trials = tests
+        .into_iter()
+        .map(|(name, test)| {
+            let trial = Trial::test(name, move || test().map_err(|e| Failed::from(format!("{e:#}"))));
+            match &skip {
+                Some(reason) => {
+                    eprintln!("skipped {name}: {reason}");
+                    trial.with_ignored_flag(true)
+                }
+                None => trial,
+            }
+        })
+        .collect();
+    let conclusion = libtest_mimic::run(&args, trials);
+    if let Ok(dir) = rootfs() {
+        let _ = std::fs::remove_dir_all(dir);
+    }
+    conclusion.exit();
+}

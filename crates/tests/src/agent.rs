@@ -1,0 +1,253 @@
+//! The host's side of the agent for tests: the sockets the agent dials
+//! (`<prefix>_<port>`: its readiness line and process stdio), the ttrpc
+//! client, and OCI specs for busybox containers.
+//!
+//! The same code serves an agent running as a host process (`--listen`)
+//! and one in a guest behind the hybrid vsock socket, whose
+//! guest-initiated connections arrive on the same `<uds>_<port>` names.
+
+use std::io::Read;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use agent_proto::agent::{ContainerRequest, CreateContainerRequest, Rootfs, Stdio as StdioPorts, WaitProcessRequest};
+use agent_proto::agent_ttrpc::AgentClient;
+use agent_proto::link;
+use agent_proto::ttrpc;
+use anyhow::{anyhow, bail, Context};
+
+/// How long an RPC may take before the test gives up (WaitProcess for a
+/// process the test killed, a create under TCG).
+pub const RPC_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// A ttrpc context with [`RPC_TIMEOUT`].
+pub fn ctx() -> ttrpc::context::Context {
+    ttrpc::context::with_timeout(RPC_TIMEOUT.as_nanos() as i64)
+}
+
+/// The host's end of the agent's dials.
+pub struct HostSide {
+    /// The socket name prefix (`<prefix>_<port>`).
+    pub prefix: PathBuf,
+    next_port: std::sync::atomic::AtomicU32,
+}
+
+impl HostSide {
+    /// Host sockets named `<prefix>_<port>`.
+    pub fn new(prefix: PathBuf) -> Self {
+        HostSide { prefix, next_port: std::sync::atomic::AtomicU32::new(5000) }
+    }
+
+    /// Listens on `<prefix>_<port>`.
+    pub fn listen(&self, port: u32) -> anyhow::Result<UnixListener> {
+        let path = link::port_path(&self.prefix, port);
+        let _ = std::fs::remove_file(&path);
+        UnixListener::bind(&path).with_context(|| format!("listening on {}", path.display()))
+    }
+
+    /// A fresh port number for a stream.
+    pub fn port(&self) -> u32 {
+        self.next_port.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Listens on a fresh port and collects everything the one connection
+    /// to it sends, until end-of-file. Returns the port and the collector.
+    pub fn capture(&self) -> anyhow::Result<(u32, JoinHandle<anyhow::Result<Vec<u8>>>)> {
+        let port = self.port();
+        let listener = self.listen(port)?;
+        let handle = std::thread::spawn(move || {
+            let (mut conn, _) = listener.accept().context("accepting a stdio stream")?;
+            conn.set_read_timeout(Some(RPC_TIMEOUT))?;
+            let mut out = Vec::new();
+            conn.read_to_end(&mut out).context("reading a stdio stream")?;
+            Ok(out)
+        });
+        Ok((port, handle))
+    }
+
+    /// Listens on a fresh port for a stdin stream; the handle gives the
+    /// connection once the agent dialed it.
+    pub fn stdin(&self) -> anyhow::Result<(u32, JoinHandle<anyhow::Result<UnixStream>>)> {
+        let port = self.port();
+        let listener = self.listen(port)?;
+        Ok((port, std::thread::spawn(move || Ok(listener.accept().context("accepting a stdin stream")?.0))))
+    }
+
+    /// Waits for the agent's readiness line on `port`, returning its
+    /// version.
+    pub fn wait_ready(&self, listener: &UnixListener, timeout: Duration) -> anyhow::Result<String> {
+        listener.set_nonblocking(true)?;
+        let start = std::time::Instant::now();
+        let mut conn = loop {
+            match listener.accept() {
+                Ok((conn, _)) => break conn,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && start.elapsed() < timeout => {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                Err(e) => bail!("no readiness line from the agent within {timeout:?}: {e}"),
+            }
+        };
+        conn.set_nonblocking(false)?;
+        conn.set_read_timeout(Some(timeout))?;
+        Ok(link::read_ready(&mut conn, &self.prefix)?)
+    }
+}
+
+/// The agent as a host process with its client.
+pub struct HostAgent {
+    /// The agent process.
+    pub child: Child,
+    /// The client.
+    pub client: AgentClient,
+    /// The host's sockets.
+    pub host: HostSide,
+    /// A directory of the test's own, removed on drop.
+    pub dir: PathBuf,
+}
+
+impl Drop for HostAgent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Starts `vessel-agent --listen` in a fresh directory and connects.
+pub fn start_host_agent(agent: &Path, tag: &str) -> anyhow::Result<HostAgent> {
+    let dir = std::env::temp_dir().join(format!("vessel-agent-test-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    let host = HostSide::new(dir.join("host"));
+    let ready = host.listen(link::DEFAULT_PORT)?;
+    let socket = dir.join("agent.sock");
+    let child = Command::new(agent)
+        .arg("--listen")
+        .arg(&socket)
+        .arg("--host-prefix")
+        .arg(&host.prefix)
+        .arg("--run-dir")
+        .arg(dir.join("run"))
+        .stdin(Stdio::null())
+        .spawn()
+        .with_context(|| format!("starting {}", agent.display()))?;
+    let mut agent = HostAgent { child, client: AgentClient::new(dummy_client()?), host, dir };
+    let version = agent.host.wait_ready(&ready, Duration::from_secs(10))?;
+    if version.is_empty() {
+        bail!("the agent sent an empty version");
+    }
+    let client = ttrpc::Client::connect(&format!("unix://{}", socket.display()))
+        .map_err(|e| anyhow!("connecting to the agent at {}: {e}", socket.display()))?;
+    agent.client = AgentClient::new(client);
+    Ok(agent)
+}
+
+/// A client on a socket pair nobody serves, to fill the field until the
+/// real one is connected.
+fn dummy_client() -> anyhow::Result<ttrpc::Client> {
+    let (a, _b) = UnixStream::pair()?;
+    use std::os::fd::IntoRawFd;
+    ttrpc::Client::new(a.into_raw_fd()).map_err(|e| anyhow!("ttrpc client: {e}"))
+}
+
+/// What a test container looks like.
+#[derive(Clone, Debug, Default)]
+pub struct SpecOptions {
+    /// The hostname (a new UTS namespace is asked for anyway).
+    pub hostname: Option<String>,
+    /// User ID and group ID.
+    pub uid: u32,
+    /// Group ID.
+    pub gid: u32,
+    /// A terminal.
+    pub terminal: bool,
+    /// `linux.resources` as JSON, if any.
+    pub resources: Option<String>,
+    /// Environment entries beyond PATH.
+    pub env: Vec<String>,
+}
+
+fn json_strings(items: &[&str]) -> String {
+    let quoted: Vec<String> = items.iter().map(|s| format!("{s:?}")).collect();
+    format!("[{}]", quoted.join(","))
+}
+
+/// The OCI `process` object.
+pub fn process_json(args: &[&str], o: &SpecOptions) -> String {
+    let mut env = vec!["PATH=/bin:/sbin:/usr/bin:/usr/sbin"];
+    env.extend(o.env.iter().map(String::as_str));
+    format!(
+        r#"{{"terminal":{},"user":{{"uid":{},"gid":{}}},"args":{},"env":{},"cwd":"/","noNewPrivileges":true,
+            "rlimits":[{{"type":"RLIMIT_NOFILE","hard":1024,"soft":1024}}]}}"#,
+        o.terminal,
+        o.uid,
+        o.gid,
+        json_strings(args),
+        json_strings(&env)
+    )
+}
+
+/// A runtime spec in the shape containerd's defaults have: new PID, UTS,
+/// IPC and mount namespaces, proc/dev/devpts/shm/sysfs mounts, masked and
+/// read-only paths.
+pub fn spec_json(args: &[&str], o: &SpecOptions) -> Vec<u8> {
+    let hostname = o.hostname.as_deref().unwrap_or("vessel");
+    let resources = o.resources.as_ref().map(|r| format!(r#","resources":{r}"#)).unwrap_or_default();
+    format!(
+        r#"{{"ociVersion":"1.0.2","process":{},"root":{{"path":"rootfs"}},"hostname":"{hostname}",
+        "mounts":[
+          {{"destination":"/proc","type":"proc","source":"proc","options":["nosuid","noexec","nodev"]}},
+          {{"destination":"/dev","type":"tmpfs","source":"tmpfs","options":["nosuid","strictatime","mode=755","size=65536k"]}},
+          {{"destination":"/dev/pts","type":"devpts","source":"devpts","options":["nosuid","noexec","newinstance","ptmxmode=0666","mode=0620"]}},
+          {{"destination":"/dev/shm","type":"tmpfs","source":"shm","options":["nosuid","noexec","nodev","mode=1777","size=65536k"]}},
+          {{"destination":"/sys","type":"sysfs","source":"sysfs","options":["nosuid","noexec","nodev","ro"]}}
+        ],
+        "linux":{{"namespaces":[{{"type":"pid"}},{{"type":"ipc"}},{{"type":"uts"}},{{"type":"mount"}}],
+          "maskedPaths":["/proc/kcore","/proc/keys","/sys/firmware"],
+          "readonlyPaths":["/proc/sys","/proc/sysrq-trigger"]{resources}}}}}"#,
+        process_json(args, o)
+    )
+    .into_bytes()
+}
+
+/// A CreateContainer request for a directory root.
+pub fn create_request(id: &str, spec: Vec<u8>, rootfs: &Path, stdio: StdioPorts) -> CreateContainerRequest {
+    let mut root = Rootfs::new();
+    root.set_path(rootfs.display().to_string());
+    CreateContainerRequest {
+        container_id: id.into(),
+        oci_spec_json: spec,
+        rootfs: Some(root).into(),
+        stdio: Some(stdio).into(),
+        ..Default::default()
+    }
+}
+
+/// Stdout (and stderr) to the given ports.
+pub fn output_ports(stdout: u32, stderr: u32) -> StdioPorts {
+    StdioPorts { stdout_port: stdout, stderr_port: stderr, ..Default::default() }
+}
+
+/// A container ID request.
+pub fn container(id: &str) -> ContainerRequest {
+    ContainerRequest { container_id: id.into(), ..Default::default() }
+}
+
+/// A WaitProcess request.
+pub fn wait_for(id: &str, exec_id: &str) -> WaitProcessRequest {
+    WaitProcessRequest { container_id: id.into(), exec_id: exec_id.into(), ..Default::default() }
+}
+
+/// A ttrpc error as one line.
+pub fn rpc_error(err: ttrpc::Error) -> anyhow::Error {
+    anyhow!(agent_proto::error_message(&err))
+}
+
+/// The collected output of a capture, as text.
+pub fn collected(handle: JoinHandle<anyhow::Result<Vec<u8>>>) -> anyhow::Result<String> {
+    let bytes = handle.join().map_err(|_| anyhow!("the capture thread panicked"))??;
+    Ok(String::from_utf8_lossy(&bytes).into_owned())
+}
