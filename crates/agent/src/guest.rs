@@ -36,6 +36,85 @@ fn mount(source: &str, target: &str, fstype: &str, flags: libc::c_ulong, data: &
     Ok(())
 }
 
+/// Moves the agent off the initramfs onto a tmpfs, as `switch_root` does.
+///
+/// The initramfs is the kernel's first mount, and `pivot_root` refuses to
+/// move that one away; containers need `pivot_root` (a `chroot` can be
+/// escaped). So at boot the agent copies the initramfs into a tmpfs,
+/// deletes the originals, moves the tmpfs over `/` and enters it. Done
+/// before anything else is mounted.
+pub fn leave_initramfs() -> Result<(), String> {
+    const RAMFS_MAGIC: i64 = 0x8584_58f6;
+    const TMPFS_MAGIC: i64 = 0x0102_1994;
+    // SAFETY: statfs is plain data; all-zero is a valid value.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    let slash = cstr("/");
+    // SAFETY: a valid path and out-pointer.
+    if unsafe { libc::statfs(slash.as_ptr(), &mut st) } != 0 {
+        return Err(format!("statfs /: {}", std::io::Error::last_os_error()));
+    }
+    let kind = st.f_type as i64;
+    if kind != RAMFS_MAGIC && kind != TMPFS_MAGIC {
+        return Ok(());
+    }
+    let new_root = Path::new("/.vessel-root");
+    mount("tmpfs", "/.vessel-root", "tmpfs", 0, "mode=0755")?;
+    for entry in std::fs::read_dir("/").map_err(|e| format!("reading /: {e}"))? {
+        let entry = entry.map_err(|e| format!("reading /: {e}"))?;
+        if entry.path() == new_root {
+            continue;
+        }
+        copy_tree(&entry.path(), &new_root.join(entry.file_name()))?;
+        let removed = match entry.file_type() {
+            Ok(t) if t.is_dir() => std::fs::remove_dir_all(entry.path()),
+            _ => std::fs::remove_file(entry.path()),
+        };
+        removed.map_err(|e| format!("removing {} from the initramfs: {e}", entry.path().display()))?;
+    }
+    let (dot, root_c) = (cstr("."), cstr("/.vessel-root"));
+    // SAFETY: valid NUL-terminated paths; MS_MOVE takes no data.
+    let moved = unsafe {
+        libc::chdir(root_c.as_ptr()) == 0
+            && libc::mount(dot.as_ptr(), slash.as_ptr(), std::ptr::null(), libc::MS_MOVE, std::ptr::null()) == 0
+    };
+    // SAFETY: as above.
+    if !moved || unsafe { libc::chroot(dot.as_ptr()) } != 0 || unsafe { libc::chdir(slash.as_ptr()) } != 0 {
+        return Err(format!("moving the tmpfs root over /: {}", std::io::Error::last_os_error()));
+    }
+    Ok(())
+}
+
+/// Copies a file, directory, symlink or device node, with its mode.
+fn copy_tree(from: &Path, to: &Path) -> Result<(), String> {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+    let meta = std::fs::symlink_metadata(from).map_err(|e| format!("reading {}: {e}", from.display()))?;
+    let kind = meta.file_type();
+    let failed = |e: std::io::Error| format!("copying {} to {}: {e}", from.display(), to.display());
+    if kind.is_dir() {
+        std::fs::create_dir(to).map_err(failed)?;
+        for entry in std::fs::read_dir(from).map_err(failed)? {
+            let entry = entry.map_err(failed)?;
+            copy_tree(&entry.path(), &to.join(entry.file_name()))?;
+        }
+    } else if kind.is_symlink() {
+        let target = std::fs::read_link(from).map_err(failed)?;
+        std::os::unix::fs::symlink(target, to).map_err(failed)?;
+        return Ok(());
+    } else if kind.is_file() {
+        std::fs::copy(from, to).map_err(failed)?;
+    } else if kind.is_char_device() || kind.is_block_device() {
+        let path = CString::new(std::os::unix::ffi::OsStrExt::as_bytes(to.as_os_str())).map_err(|_| "NUL in a path".to_string())?;
+        // SAFETY: a valid path; mode and rdev come from the original node.
+        if unsafe { libc::mknod(path.as_ptr(), meta.mode(), meta.rdev()) } != 0 {
+            return Err(failed(std::io::Error::last_os_error()));
+        }
+    } else {
+        // Sockets and FIFOs have no place in an initramfs.
+        return Ok(());
+    }
+    std::fs::set_permissions(to, std::fs::Permissions::from_mode(meta.mode() & 0o7777)).map_err(failed)
+}
+
 /// Mounts the filesystems every guest needs (cgroup v2 only).
 pub fn mount_filesystems() -> Result<(), String> {
     let nosuid_nodev_noexec = libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC;

@@ -84,6 +84,7 @@ fn guest_main() -> ! {
             log(&format!("{what} failed: {e}"));
         }
     };
+    step("leaving the initramfs", guest::leave_initramfs().map(|()| String::new()));
     step("mounts", guest::mount_filesystems().map(|()| String::new()));
     step("modules", guest::load_modules().map(|m| format!("loaded {}", m.len())));
     step("entropy", guest::seed_entropy().map(|n| format!("{n} bytes from /dev/hwrng")));
@@ -104,7 +105,9 @@ fn guest_main() -> ! {
         }
     };
     let link = HostLink::Vsock { cid: HOST_CID };
-    let self_exe = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("/init"));
+    // Not current_exe(): after leaving the initramfs it names a deleted file;
+    // /proc/self/exe still execs it.
+    let self_exe = PathBuf::from("/proc/self/exe");
     let config = Config { link: link.clone(), cgroups, run_dir: PathBuf::from("/run/vessel"), self_exe };
     let containers = Arc::new(Containers::new(config, reaper));
     // Listen first, then tell the host: it connects only once told.

@@ -15,7 +15,7 @@ use std::sync::mpsc;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context};
+use anyhow::{bail, ensure, Context};
 use resources::kernel::{self, Kernel};
 use resources::test_image::{self, INIT_MARKER, RESULT_MARKER, VALUE_MARKER};
 
@@ -57,6 +57,8 @@ pub struct LinuxOptions {
     pub extra_args: Vec<String>,
     /// How long the guest may run before QEMU is killed.
     pub timeout: Duration,
+    /// Set it to kill QEMU early (a test whose host side already failed).
+    pub abort: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl LinuxOptions {
@@ -71,6 +73,7 @@ impl LinuxOptions {
             vhost_user: false,
             extra_args: Vec::new(),
             timeout: Duration::from_secs(120),
+            abort: Default::default(),
         }
     }
 
@@ -262,7 +265,8 @@ pub fn boot_linux_tcg(opts: &LinuxOptions) -> anyhow::Result<LinuxRun> {
     let mut init_after = None;
     let mut timed_out = false;
     loop {
-        match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+        let wait = deadline.saturating_duration_since(Instant::now()).min(Duration::from_millis(200));
+        match rx.recv_timeout(wait) {
             Ok((at, chunk)) => {
                 raw.extend_from_slice(&chunk);
                 if init_after.is_none() && contains(&raw, INIT_MARKER.as_bytes()) {
@@ -271,9 +275,12 @@ pub fn boot_linux_tcg(opts: &LinuxOptions) -> anyhow::Result<LinuxRun> {
             }
             Err(mpsc::RecvTimeoutError::Disconnected) => break,
             Err(mpsc::RecvTimeoutError::Timeout) => {
-                timed_out = true;
-                let _ = qemu.0.kill();
-                break;
+                let aborted = opts.abort.load(std::sync::atomic::Ordering::Relaxed);
+                if aborted || Instant::now() >= deadline {
+                    timed_out = true;
+                    let _ = qemu.0.kill();
+                    break;
+                }
             }
         }
     }
@@ -323,6 +330,35 @@ pub fn qemu_tcg_unavailable() -> Option<String> {
         return Some(e.to_string());
     }
     test_kernel().err().map(|e| format!("no guest kernel: {e:#}"))
+}
+
+/// Serves `backend` over vhost-user on `socket` in a thread (until QEMU
+/// disconnects); returns once the socket is there to connect to.
+pub fn serve_vhost_user(
+    kind: &'static str,
+    backend: Box<dyn devices::virtio::VirtioBackend>,
+    socket: &std::path::Path,
+) -> anyhow::Result<std::thread::JoinHandle<anyhow::Result<()>>> {
+    let path = socket.to_path_buf();
+    let server = std::thread::spawn(move || devices::virtio::vhost_user::serve(kind, backend, &path).map_err(anyhow::Error::from));
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !socket.exists() {
+        ensure!(std::time::Instant::now() < deadline, "the vhost-user {kind} socket never appeared");
+        ensure!(!server.is_finished(), "the vhost-user {kind} server ended before listening");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    Ok(server)
+}
+
+/// QEMU arguments attaching the vhost-user device `model` served on `socket`.
+pub fn vhost_user_device_args(socket: &std::path::Path, model: &str) -> Vec<String> {
+    let id = model.replace('-', "");
+    vec![
+        "-chardev".into(),
+        format!("socket,id={id},path={}", socket.display()),
+        "-device".into(),
+        format!("{model},chardev={id}"),
+    ]
 }
 
 #[cfg(test)]

@@ -9,7 +9,6 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::time::Duration;
 
 use devices::virtio::block::{Block, BlockConfig};
-use devices::virtio::vhost_user;
 use devices::virtio::vsock::{Vsock, VsockConfig};
 
 use anyhow::{ensure, Context};
@@ -17,7 +16,8 @@ use libtest_mimic::{Arguments, Failed, Trial};
 use resources::test_image::{test_initramfs, ExtraFile};
 use sha2::{Digest, Sha256};
 use vessel_tests::tier3::{
-    boot_linux_tcg, qemu_tcg_unavailable, test_kernel, LinuxOptions, LinuxRun, Verdict, VIRTIO_MMIO,
+    boot_linux_tcg, qemu_tcg_unavailable, serve_vhost_user, test_kernel, vhost_user_device_args, LinuxOptions, LinuxRun,
+    Verdict, VIRTIO_MMIO,
 };
 use vessel_tests::pattern::{exchange, hex, pattern_sha256};
 use vessel_tests::TempDir;
@@ -151,35 +151,6 @@ fn blk_roundtrip(backend: BlkBackend) -> TestResult {
     let got = run.expect_value("disk-after-sha256")?;
     ensure!(got == sha256_hex(&after), "guest hashed the written disk as {got}, host {}", sha256_hex(&after));
     Ok(())
-}
-
-/// Serves `backend` over vhost-user on `socket` in a thread (until QEMU
-/// disconnects); returns once the socket is there to connect to.
-fn serve_vhost_user(
-    kind: &'static str,
-    backend: Box<dyn devices::virtio::VirtioBackend>,
-    socket: &std::path::Path,
-) -> anyhow::Result<std::thread::JoinHandle<anyhow::Result<()>>> {
-    let path = socket.to_path_buf();
-    let server = std::thread::spawn(move || vhost_user::serve(kind, backend, &path).map_err(anyhow::Error::from));
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while !socket.exists() {
-        ensure!(std::time::Instant::now() < deadline, "the vhost-user {kind} socket never appeared");
-        ensure!(!server.is_finished(), "the vhost-user {kind} server ended before listening");
-        std::thread::sleep(Duration::from_millis(2));
-    }
-    Ok(server)
-}
-
-/// QEMU arguments attaching the vhost-user device `model` served on `socket`.
-fn vhost_user_device_args(socket: &std::path::Path, model: &str) -> Vec<String> {
-    let id = model.replace('-', "");
-    vec![
-        "-chardev".into(),
-        format!("socket,id={id},path={}", socket.display()),
-        "-device".into(),
-        format!("{model},chardev={id}"),
-    ]
 }
 
 /// Bytes each vsock stream carries each way.

@@ -1,0 +1,197 @@
+//! The agent as PID 1 of a real guest kernel (DESIGN.md tier 3): the
+//! distribution's cloud kernel under QEMU TCG, booted with the initramfs
+//! `vessel image build` makes (this agent as /init, its modules), our
+//! vsock backend over vhost-user as the agent's link, and our blk backend
+//! holding a busybox ext4 root. The host drives real containers through
+//! agent-proto: output, exec, cgroup v2 stats, a limit update read back,
+//! pause (no progress) and resume, kill and exit codes, then power-off.
+//!
+//! Skipped, with the reason, where QEMU, busybox or the kernel cannot be
+//! had.
+
+use std::os::fd::IntoRawFd;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use agent_proto::agent::{
+    ContainerRequest, Empty, ExecProcessRequest, Resources, Rootfs, SignalProcessRequest, Stdio,
+    UpdateContainerRequest,
+};
+use agent_proto::agent_ttrpc::AgentClient;
+use agent_proto::{link, ttrpc};
+use anyhow::{anyhow, ensure, Context};
+use devices::virtio::block::{Block, BlockConfig};
+use devices::virtio::vsock::{Vsock, VsockConfig};
+use libtest_mimic::{Arguments, Failed, Trial};
+use vessel_tests::agent::{collected, container, ctx, output_ports, process_json, rpc_error, spec_json, wait_for, HostSide, SpecOptions};
+use vessel_tests::tier3::{
+    boot_linux_tcg, qemu_tcg_unavailable, serve_vhost_user, test_kernel, vhost_user_device_args, LinuxOptions,
+};
+use vessel_tests::TempDir;
+
+const AGENT: &str = env!("CARGO_BIN_EXE_vessel-agent");
+const GUEST_CID: u64 = 3;
+const DISK_SERIAL: &str = "rootfs";
+const MEMORY_LIMIT: u64 = 64 << 20;
+const PIDS_LIMIT: u64 = 32;
+
+fn request(id: &str, args: &[&str], o: &SpecOptions, stdio: Stdio) -> agent_proto::agent::CreateContainerRequest {
+    let mut root = Rootfs::new();
+    root.set_disk_serial(DISK_SERIAL.into());
+    agent_proto::agent::CreateContainerRequest {
+        container_id: id.into(),
+        oci_spec_json: spec_json(args, o),
+        rootfs: Some(root).into(),
+        stdio: Some(stdio).into(),
+        ..Default::default()
+    }
+}
+
+fn cpu_usage(client: &AgentClient, id: &str) -> anyhow::Result<u64> {
+    Ok(client.stats_container(ctx(), &container(id)).map_err(rpc_error)?.cpu_usage_usec)
+}
+
+fn containers_in_a_guest() -> anyhow::Result<()> {
+    let kernel = test_kernel()?;
+    let dir = TempDir::new("agent-guest")?;
+    let agent = resources::guest_image::read_agent(Path::new(AGENT))?;
+    let modules = resources::guest_image::agent_modules(&kernel)?;
+    let initrd = dir.path().join("initrd.img");
+    resources::guest_image::build_agent_initramfs(agent, &modules)?.write_atomic(&initrd)?;
+    let tree = dir.path().join("tree");
+    resources::rootfs::busybox_tree(&tree)?;
+    let image = dir.path().join("rootfs.ext4");
+    resources::rootfs::build_ext4(&tree, &image, Some(32 << 20))?;
+
+    let uds = dir.path().join("vsock.sock");
+    let (vsock, _) = Vsock::new(&VsockConfig { guest_cid: GUEST_CID, uds_path: uds.clone() })?;
+    let vsock_socket = dir.path().join("vhost-vsock.sock");
+    let vsock_server = serve_vhost_user("vsock", Box::new(vsock), &vsock_socket)?;
+    let blk_socket = dir.path().join("vhost-blk.sock");
+    let config = BlockConfig { path: image, read_only: false, id: Some(DISK_SERIAL.into()) };
+    let blk_server = serve_vhost_user("blk", Box::new(Block::open(&config)?.0), &blk_socket)?;
+
+    let host = HostSide::new(uds.clone());
+    let ready = host.listen(link::DEFAULT_PORT)?;
+    let mut opts = LinuxOptions::new(&kernel.image, &initrd);
+    opts.vhost_user = true;
+    opts.timeout = Duration::from_secs(300);
+    opts.extra_args = vhost_user_device_args(&vsock_socket, "vhost-user-vsock-device");
+    opts.extra_args.extend(vhost_user_device_args(&blk_socket, "vhost-user-blk"));
+    // Entropy from the first boot (QEMU's own virtio-rng here; ours is
+    // tested in-process).
+    opts.extra_args.extend(["-device".to_string(), "virtio-rng-device".to_string()]);
+    let started = Instant::now();
+    let abort = opts.abort.clone();
+    let qemu = std::thread::spawn(move || boot_linux_tcg(&opts));
+
+    let outcome = drive(&host, &ready, &uds, started);
+    if outcome.is_err() {
+        abort.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+    // Whatever happened, the guest must go: DestroySandbox powers it off;
+    // if the link never came up, QEMU's timeout ends it.
+    let run = qemu.join().map_err(|_| anyhow!("the QEMU thread panicked"))??;
+    let _ = vsock_server.join();
+    let _ = blk_server.join();
+    let report = outcome.with_context(|| format!("guest console:\n{}", run.console))?;
+    ensure!(run.console.contains("vessel-agent: ready after"), "no readiness in the console{}", run.context());
+    eprintln!("{report}");
+    Ok(())
+}
+
+/// The host's part: returns the figures to print.
+fn drive(host: &HostSide, ready: &std::os::unix::net::UnixListener, uds: &Path, started: Instant) -> anyhow::Result<String> {
+    let version = host.wait_ready(ready, Duration::from_secs(240))?;
+    let ready_after = started.elapsed();
+    let conn = link::connect_hybrid(uds, link::DEFAULT_PORT)?;
+    let client = AgentClient::new(ttrpc::Client::new(conn.into_raw_fd()).map_err(|e| anyhow!("ttrpc client: {e}"))?);
+    let details = client.get_guest_details(ctx(), &Empty::new()).map_err(rpc_error)?;
+    ensure!(details.agent_version == version && details.kernel_release.starts_with("6."), "{details:?}");
+    ensure!(details.online_cpus >= 1 && details.mem_total_bytes > 100 << 20, "{details:?}");
+
+    // echo: create to output.
+    let (out, handle) = host.capture()?;
+    let t0 = Instant::now();
+    client
+        .create_container(ctx(), &request("hello", &["echo", "hello from vessel"], &SpecOptions::default(), output_ports(out, out)))
+        .map_err(rpc_error)?;
+    client.start_container(ctx(), &container("hello")).map_err(rpc_error)?;
+    let output = collected(handle)?;
+    let create_to_output = t0.elapsed();
+    ensure!(output == "hello from vessel\n", "echo printed {output:?}");
+    let status = client.wait_process(ctx(), &wait_for("hello", "")).map_err(rpc_error)?.status;
+    ensure!(status == 0, "echo exited {status}");
+    client.remove_container(ctx(), &container("hello")).map_err(rpc_error)?;
+
+    // A long-running container with limits.
+    let resources = format!(r#"{{"memory":{{"limit":{MEMORY_LIMIT}}},"pids":{{"limit":{PIDS_LIMIT}}}}}"#);
+    let o = SpecOptions { hostname: Some("guestbox".into()), resources: Some(resources), ..Default::default() };
+    let looping = "while :; do echo x > /tmp/beat; sleep 0.05; done";
+    client.create_container(ctx(), &request("svc", &["sh", "-c", looping], &o, Stdio::new())).map_err(rpc_error)?;
+    client.start_container(ctx(), &container("svc")).map_err(rpc_error)?;
+
+    let (out, handle) = host.capture()?;
+    let exec = ExecProcessRequest {
+        container_id: "svc".into(),
+        exec_id: "probe".into(),
+        oci_process_json: process_json(&["sh", "-c", "hostname; cat /tmp/beat"], &SpecOptions::default()).into_bytes(),
+        stdio: Some(output_ports(out, out)).into(),
+        ..Default::default()
+    };
+    client.exec_process(ctx(), &exec).map_err(rpc_error)?;
+    ensure!(collected(handle)? == "guestbox\nx\n", "exec in the container");
+    ensure!(client.wait_process(ctx(), &wait_for("svc", "probe")).map_err(rpc_error)?.status == 0, "exec status");
+
+    let stats = client.stats_container(ctx(), &container("svc")).map_err(rpc_error)?;
+    ensure!(stats.memory_limit == MEMORY_LIMIT && stats.pids_limit == PIDS_LIMIT, "limits in stats: {stats:?}");
+    ensure!(stats.memory_usage > 0 && stats.memory_usage < MEMORY_LIMIT, "memory usage {}", stats.memory_usage);
+    ensure!((1..=PIDS_LIMIT).contains(&stats.pids_current), "pids {}", stats.pids_current);
+
+    let update = UpdateContainerRequest {
+        container_id: "svc".into(),
+        resources: Some(Resources { memory_limit: 2 * MEMORY_LIMIT, ..Default::default() }).into(),
+        ..Default::default()
+    };
+    client.update_container(ctx(), &update).map_err(rpc_error)?;
+    let stats = client.stats_container(ctx(), &container("svc")).map_err(rpc_error)?;
+    ensure!(stats.memory_limit == 2 * MEMORY_LIMIT, "memory.max after the update: {}", stats.memory_limit);
+
+    // Paused: no CPU time goes by; resumed: it does again.
+    let settle = Duration::from_millis(700);
+    client.pause_container(ctx(), &container("svc")).map_err(rpc_error)?;
+    let a = cpu_usage(&client, "svc")?;
+    std::thread::sleep(settle);
+    let b = cpu_usage(&client, "svc")?;
+    ensure!(a == b, "a paused container used {} us of CPU", b - a);
+    client.resume_container(ctx(), &container("svc")).map_err(rpc_error)?;
+    let c = cpu_usage(&client, "svc")?;
+    std::thread::sleep(settle);
+    let d = cpu_usage(&client, "svc")?;
+    ensure!(d > c, "a resumed container made no progress ({c} us, then {d} us)");
+
+    let kill = SignalProcessRequest { container_id: "svc".into(), signal: libc::SIGKILL as u32, all: true, ..Default::default() };
+    client.signal_process(ctx(), &kill).map_err(rpc_error)?;
+    let status = client.wait_process(ctx(), &wait_for("svc", "")).map_err(rpc_error)?.status;
+    ensure!(status == 137, "killed container exited {status}");
+    client.remove_container(ctx(), &container("svc")).map_err(rpc_error)?;
+    let gone = client.stats_container(ctx(), &ContainerRequest { container_id: "svc".into(), ..Default::default() });
+    ensure!(gone.is_err(), "a removed container still has stats");
+
+    client.destroy_sandbox(ctx(), &Empty::new()).map_err(rpc_error)?;
+    Ok(format!(
+        "containers_in_a_guest: QEMU spawn to agent ready {ready_after:?} (guest uptime at ready {} ms); \
+         create to output {create_to_output:?} (echo, under TCG)",
+        details.ready_after_boot_ms
+    ))
+}
+
+fn main() {
+    let args = Arguments::from_args();
+    let mut trial = Trial::test("containers_in_a_guest", || containers_in_a_guest().map_err(|e| Failed::from(format!("{e:#}"))));
+    if let Some(reason) = qemu_tcg_unavailable() {
+        eprintln!("skipped containers_in_a_guest: {reason}");
+        trial = trial.with_ignored_flag(true);
+    }
+    libtest_mimic::run(&args, vec![trial]).exit();
+}
