@@ -250,7 +250,7 @@ impl Containers {
     fn launch(&self, launch: &Launch, ports: &StdioPorts, cgroup: Option<&Path>) -> Result<Arc<Process>> {
         let plumbing = crate::stdio::plumb(&self.config.link, ports, launch.process.terminal).map_err(Error::Failed)?;
         let json = serde_json::to_vec(launch).map_err(|e| Error::Failed(format!("encoding the launch: {e}")))?;
-        let (config_read, config_write) = pipe().map_err(Error::Failed)?;
+        let (config_read, config_write) = launch::pipe().map_err(|e| Error::Failed(format!("pipe: {e}")))?;
         let (sync_agent, sync_helper) =
             UnixStream::pair().map_err(|e| Error::Failed(format!("socketpair: {e}")))?;
         let sync_helper = OwnedFd::from(sync_helper);
@@ -258,16 +258,19 @@ impl Containers {
         let mut command = Command::new(&self.config.self_exe);
         command.arg(launch::LAUNCH_ARG).env_clear().stdin(stdin).stdout(stdout).stderr(stderr);
         let (config_fd, sync_fd) = (config_read.as_raw_fd(), sync_helper.as_raw_fd());
-        // SAFETY: the closure only calls dup2, which is async-signal-safe;
-        // dup2 onto fds 3 and 4 also clears their close-on-exec flag.
-        unsafe {
-            command.pre_exec(move || {
-                if libc::dup2(config_fd, launch::CONFIG_FD) < 0 || libc::dup2(sync_fd, launch::SYNC_FD) < 0 {
+        let move_fds = move || {
+            for (from, to) in [(config_fd, launch::CONFIG_FD), (sync_fd, launch::SYNC_FD)] {
+                // SAFETY: dup2 takes integers and is async-signal-safe; onto
+                // fds 3 and 4 it also clears their close-on-exec flag.
+                if unsafe { libc::dup2(from, to) } < 0 {
                     return Err(std::io::Error::last_os_error());
                 }
-                Ok(())
-            });
-        }
+            }
+            Ok(())
+        };
+        // SAFETY: the hook only calls dup2 (see above), which is safe
+        // between fork and exec.
+        unsafe { command.pre_exec(move_fds) };
         let (helper, exit) = {
             let mut registry = self.reaper.lock();
             let child = command
@@ -520,16 +523,6 @@ fn read_line(reader: &mut impl BufRead) -> Result<String> {
         },
         None => Err(Error::Failed("the launch helper exited without a word".into())),
     }
-}
-
-fn pipe() -> std::result::Result<(OwnedFd, OwnedFd), String> {
-    let mut fds = [0; 2];
-    // SAFETY: fds has room for two descriptors.
-    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
-        return Err(format!("pipe: {}", std::io::Error::last_os_error()));
-    }
-    // SAFETY: two new descriptors nothing else owns.
-    Ok(unsafe { (std::os::fd::FromRawFd::from_raw_fd(fds[0]), std::os::fd::FromRawFd::from_raw_fd(fds[1])) })
 }
 
 fn kill(pid: i32, signal: i32) {

@@ -72,11 +72,11 @@ pub fn leave_initramfs() -> Result<(), String> {
         removed.map_err(|e| format!("removing {} from the initramfs: {e}", entry.path().display()))?;
     }
     let (dot, root_c) = (cstr("."), cstr("/.vessel-root"));
-    // SAFETY: valid NUL-terminated paths; MS_MOVE takes no data.
-    let moved = unsafe {
-        libc::chdir(root_c.as_ptr()) == 0
-            && libc::mount(dot.as_ptr(), slash.as_ptr(), std::ptr::null(), libc::MS_MOVE, std::ptr::null()) == 0
-    };
+    // SAFETY: a valid NUL-terminated path.
+    let entered = unsafe { libc::chdir(root_c.as_ptr()) } == 0;
+    // SAFETY: valid NUL-terminated paths; MS_MOVE takes no type or data.
+    let moved = entered
+        && unsafe { libc::mount(dot.as_ptr(), slash.as_ptr(), std::ptr::null(), libc::MS_MOVE, std::ptr::null()) } == 0;
     // SAFETY: as above.
     if !moved || unsafe { libc::chroot(dot.as_ptr()) } != 0 || unsafe { libc::chdir(slash.as_ptr()) } != 0 {
         return Err(format!("moving the tmpfs root over /: {}", std::io::Error::last_os_error()));
@@ -192,7 +192,7 @@ pub fn seed_entropy() -> Result<usize, String> {
 /// `vessel.agent_port=N` from the kernel command line.
 pub fn cmdline_port(cmdline: &str) -> Result<Option<u32>, String> {
     let key = format!("{}=", agent_proto::link::CMDLINE_PORT_KEY);
-    match cmdline.split_whitespace().filter_map(|w| w.strip_prefix(&key)).last() {
+    match cmdline.split_whitespace().filter_map(|w| w.strip_prefix(&key)).next_back() {
         None => Ok(None),
         Some(v) => match v.parse::<u32>() {
             Ok(port) if port > 0 => Ok(Some(port)),

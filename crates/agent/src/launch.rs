@@ -257,14 +257,18 @@ fn read_config() -> Result<Launch, String> {
     serde_json::from_slice(&bytes).map_err(|e| format!("decoding the launch config: {e}"))
 }
 
-fn pipe() -> std::io::Result<(OwnedFd, OwnedFd)> {
+/// A close-on-exec pipe: (read end, write end).
+pub fn pipe() -> std::io::Result<(OwnedFd, OwnedFd)> {
     let mut fds = [0; 2];
     // SAFETY: fds has room for the two descriptors pipe2 writes.
     if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
         return Err(std::io::Error::last_os_error());
     }
-    // SAFETY: pipe2 returned two new descriptors that nothing else owns.
-    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+    // SAFETY: pipe2 returned a new descriptor that nothing else owns.
+    let read = unsafe { OwnedFd::from_raw_fd(fds[0]) };
+    // SAFETY: as above.
+    let write = unsafe { OwnedFd::from_raw_fd(fds[1]) };
+    Ok((read, write))
 }
 
 fn wait_gate(gate: OwnedFd) {
@@ -453,17 +457,17 @@ fn mount(source: Option<&Path>, target: &Path, fstype: Option<&str>, flags: u64,
     Ok(())
 }
 
-const BIND: u64 = libc::MS_BIND as u64;
-const REC: u64 = libc::MS_REC as u64;
-const REMOUNT: u64 = libc::MS_REMOUNT as u64;
-const RDONLY: u64 = libc::MS_RDONLY as u64;
-const PROPAGATION: u64 = (libc::MS_PRIVATE | libc::MS_SLAVE | libc::MS_SHARED | libc::MS_UNBINDABLE) as u64;
+const BIND: u64 = libc::MS_BIND;
+const REC: u64 = libc::MS_REC;
+const REMOUNT: u64 = libc::MS_REMOUNT;
+const RDONLY: u64 = libc::MS_RDONLY;
+const PROPAGATION: u64 = libc::MS_PRIVATE | libc::MS_SLAVE | libc::MS_SHARED | libc::MS_UNBINDABLE;
 
 /// The container's filesystem: mounts, devices, `pivot_root`, masks.
 fn set_up_root(init: &InitConfig) -> Result<(), String> {
     let root = &init.rootfs;
     // Nothing we mount may leak back into the agent's namespace.
-    mount(None, Path::new("/"), None, REC | libc::MS_PRIVATE as u64, "")?;
+    mount(None, Path::new("/"), None, REC | libc::MS_PRIVATE, "")?;
     // pivot_root needs the new root to be a mount point.
     mount(Some(root), root, None, BIND | REC, "")?;
     for m in &init.mounts {

@@ -207,7 +207,7 @@ fn mount_option(option: &str) -> Option<(u64, bool)> {
         "runbindable" => (libc::MS_UNBINDABLE | libc::MS_REC, false),
         _ => return None,
     };
-    Some((flag as u64, clear))
+    Some((flag, clear))
 }
 
 fn check_mount(m: &Mount) -> Result<MountConfig, String> {
@@ -227,9 +227,9 @@ fn check_mount(m: &Mount) -> Result<MountConfig, String> {
     let fstype = m.typ().clone().unwrap_or_default();
     let source = m.source().clone().unwrap_or_else(|| PathBuf::from(if fstype.is_empty() { "none" } else { &fstype }));
     if fstype == "bind" || fstype.is_empty() {
-        flags |= libc::MS_BIND as u64;
+        flags |= libc::MS_BIND;
     }
-    if flags & libc::MS_BIND as u64 != 0 {
+    if flags & libc::MS_BIND != 0 {
         if !source.is_absolute() {
             return Err(format!("bind mount source {source:?} for {destination:?} is not an absolute path"));
         }
@@ -239,7 +239,7 @@ fn check_mount(m: &Mount) -> Result<MountConfig, String> {
     }
     Ok(MountConfig {
         destination: destination.clone(),
-        fstype: if flags & libc::MS_BIND as u64 != 0 { String::new() } else { fstype },
+        fstype: if flags & libc::MS_BIND != 0 { String::new() } else { fstype },
         source,
         flags,
         data: data.join(","),
@@ -305,7 +305,7 @@ mod tests {
         let dev = &checked.init.mounts[1];
         assert_eq!(dev.fstype, "tmpfs");
         assert_eq!(dev.data, "mode=755,size=65536k");
-        assert_eq!(dev.flags, (libc::MS_NOSUID | libc::MS_STRICTATIME) as u64);
+        assert_eq!(dev.flags, libc::MS_NOSUID | libc::MS_STRICTATIME);
         assert!(checked.init.default_devices);
         assert_eq!(checked.limits, Limits { memory: Some(64 << 20), cpu: Some((50_000, 100_000)), pids: Some(32) });
     }

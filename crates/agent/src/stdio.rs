@@ -30,13 +30,7 @@ fn dev_null() -> Result<OwnedFd, String> {
 }
 
 fn pipe() -> Result<(OwnedFd, OwnedFd), String> {
-    let mut fds = [0; 2];
-    // SAFETY: fds has room for two descriptors.
-    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
-        return Err(format!("pipe: {}", std::io::Error::last_os_error()));
-    }
-    // SAFETY: two new descriptors nothing else owns.
-    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+    crate::launch::pipe().map_err(|e| format!("pipe: {e}"))
 }
 
 fn dup(fd: &OwnedFd) -> Result<OwnedFd, String> {
@@ -135,8 +129,10 @@ fn open_pty() -> Result<(OwnedFd, OwnedFd), String> {
     if r != 0 {
         return Err(format!("openpty: {}", std::io::Error::last_os_error()));
     }
-    // SAFETY: two new descriptors nothing else owns.
-    let (master, slave) = unsafe { (OwnedFd::from_raw_fd(master), OwnedFd::from_raw_fd(slave)) };
+    // SAFETY: a new descriptor nothing else owns.
+    let master = unsafe { OwnedFd::from_raw_fd(master) };
+    // SAFETY: as above.
+    let slave = unsafe { OwnedFd::from_raw_fd(slave) };
     for fd in [&master, &slave] {
         // SAFETY: fcntl on our own descriptor.
         unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFD, libc::FD_CLOEXEC) };
