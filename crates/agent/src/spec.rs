@@ -1,6 +1,12 @@
 //! From an OCI runtime spec to what the launch helper runs: everything the
-//! host sent is checked here, and anything the agent cannot honour is
-//! refused with an error that names it (never silently ignored).
+//! host sent is checked here, and a bad value is refused with an error
+//! that names it.
+//!
+//! Not applied yet, and accepted so that ordinary specs (containerd's
+//! defaults carry them) still run: `process.capabilities` (a non-root
+//! user loses every capability at `setuid`; root keeps the agent's),
+//! `linux.seccomp`, `linux.sysctl`, `linux.resources.devices`, hooks.
+//! User namespaces are refused.
 
 use std::path::{Path, PathBuf};
 
