@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs the system packages vessel's build, tests and benchmark use, on
 # Debian or Ubuntu: an assembler and linker for the test guests (binutils,
-# gcc), and QEMU for the benchmark and the tier-3 tests.
+# gcc), QEMU for the benchmark and the tier-3 tests, iproute2 for the
+# network tests.
 set -euo pipefail
 
 need=()
@@ -9,6 +10,8 @@ command -v cc >/dev/null || need+=(gcc)
 command -v ld >/dev/null && command -v objcopy >/dev/null || need+=(binutils)
 command -v qemu-system-x86_64 >/dev/null || need+=(qemu-system-x86)
 command -v unshare >/dev/null || need+=(util-linux)
+# ip (network namespaces, veth) for the TAP and agent network tests.
+command -v ip >/dev/null || need+=(iproute2)
 # A static busybox for the test guests' initramfs (the dynamic one cannot run there).
 dpkg -s busybox-static >/dev/null 2>&1 || need+=(busybox-static)
 

@@ -14,6 +14,7 @@
 //! - [`stdio`]: process stdio over streams to the host.
 //! - [`service`]: the ttrpc service.
 //! - [`guest`]: PID 1 duties in a guest.
+//! - [`network`] over [`netlink`]: guest interfaces and routes.
 //! - [`link`], [`reaper`]: dialing the host; collecting children.
 
 pub mod cgroup;
@@ -21,6 +22,8 @@ pub mod container;
 pub mod guest;
 pub mod launch;
 pub mod link;
+pub mod netlink;
+pub mod network;
 pub mod reaper;
 pub mod service;
 pub mod spec;

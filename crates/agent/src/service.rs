@@ -6,9 +6,10 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use agent_proto::agent::{
-    ContainerRequest, CreateContainerRequest, Empty, ExecProcessRequest, GuestDetails, HealthCheckResponse,
-    ListProcessesResponse, OnlineCPUMemRequest, ProcessInfo, Resources, SignalProcessRequest, StatsContainerResponse,
-    UpdateContainerRequest, WaitProcessRequest, WaitProcessResponse,
+    ContainerRequest, CreateContainerRequest, Empty, ExecProcessRequest, GuestDetails, HealthCheckResponse, Interface,
+    Interfaces, ListProcessesResponse, OnlineCPUMemRequest, ProcessInfo, Resources, Routes, SignalProcessRequest,
+    StatsContainerResponse, UpdateContainerRequest, UpdateInterfaceRequest, UpdateRoutesRequest, WaitProcessRequest,
+    WaitProcessResponse,
 };
 use agent_proto::ttrpc::{self, Code, TtrpcContext};
 
@@ -129,6 +130,27 @@ impl agent_proto::agent_ttrpc::Agent for Service {
 
     fn remove_container(&self, _: &TtrpcContext, req: ContainerRequest) -> ttrpc::Result<Empty> {
         reply(self.containers.remove(&req.container_id)).map(|()| Empty::new())
+    }
+
+    fn update_interface(&self, _: &TtrpcContext, req: UpdateInterfaceRequest) -> ttrpc::Result<Interface> {
+        let want = req.interface.into_option().ok_or_else(|| status(Code::INVALID_ARGUMENT, "no interface given".into()))?;
+        reply(crate::network::update_interface(&want))
+    }
+
+    fn update_routes(&self, _: &TtrpcContext, req: UpdateRoutesRequest) -> ttrpc::Result<Routes> {
+        let want = req.routes.into_option().map(|r| r.routes).unwrap_or_default();
+        let routes = reply(crate::network::update_routes(&want))?;
+        Ok(Routes { routes, ..Default::default() })
+    }
+
+    fn list_interfaces(&self, _: &TtrpcContext, _: Empty) -> ttrpc::Result<Interfaces> {
+        let interfaces = reply(crate::network::list_interfaces())?;
+        Ok(Interfaces { interfaces, ..Default::default() })
+    }
+
+    fn list_routes(&self, _: &TtrpcContext, _: Empty) -> ttrpc::Result<Routes> {
+        let routes = reply(crate::network::list_routes())?;
+        Ok(Routes { routes, ..Default::default() })
     }
 
     fn online_cpu_mem(&self, _: &TtrpcContext, req: OnlineCPUMemRequest) -> ttrpc::Result<Empty> {

@@ -9,12 +9,15 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
-use agent_proto::agent::{Empty, ExecProcessRequest, SignalProcessRequest, Stdio};
+use agent_proto::agent::{
+    Empty, ExecProcessRequest, IPAddress, Interface, Route, Routes, SignalProcessRequest, Stdio, UpdateInterfaceRequest,
+    UpdateRoutesRequest,
+};
 use anyhow::{bail, ensure, Context};
 use libtest_mimic::{Arguments, Failed, Trial};
 use vessel_tests::agent::{
     collected, container, create_request, ctx, output_ports, process_json, rpc_error, spec_json, start_host_agent,
-    wait_for, HostAgent, SpecOptions,
+    start_host_agent_in, wait_for, HostAgent, SpecOptions,
 };
 
 const AGENT: &str = env!("CARGO_BIN_EXE_vessel-agent");
@@ -255,16 +258,109 @@ fn bad_requests_get_clear_errors_and_the_agent_stays() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A network namespace of the test's own, deleted on drop.
+struct Netns(String);
+
+impl Netns {
+    fn new(tag: &str) -> anyhow::Result<Self> {
+        let ns = Netns(format!("vessel-{tag}-{}", std::process::id()));
+        ip(&["netns", "add", &ns.0])?;
+        Ok(ns)
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = ip(&["netns", "del", &self.0]);
+    }
+}
+
+fn ip(args: &[&str]) -> anyhow::Result<String> {
+    let out = std::process::Command::new("ip").args(args).output().context("running ip (iproute2)")?;
+    ensure!(out.status.success(), "ip {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+const MAC: &str = "02:00:00:00:00:10";
+
+fn interfaces_and_routes_through_netlink() -> anyhow::Result<()> {
+    let ns = Netns::new("net")?;
+    ip(&["-n", &ns.0, "link", "add", "vt0", "type", "veth", "peer", "name", "vt1"])?;
+    ip(&["-n", &ns.0, "link", "set", "vt0", "address", MAC])?;
+    ip(&["-n", &ns.0, "link", "set", "vt1", "up"])?;
+    let a = start_host_agent_in(Path::new(AGENT), "net", Some(&ns.0))?;
+    let address = |ip: &str, len: u32| IPAddress { address: ip.into(), prefix_len: len, ..Default::default() };
+    let update = |addresses: Vec<IPAddress>, mtu: u32| UpdateInterfaceRequest {
+        interface: Some(Interface { name: "eth0".into(), hw_addr: MAC.into(), addresses, mtu, up: true, ..Default::default() })
+            .into(),
+        ..Default::default()
+    };
+
+    // Found by MAC, renamed, addressed, MTU set, up.
+    let got = a
+        .client
+        .update_interface(ctx(), &update(vec![address("10.9.8.7", 24), address("fd00::7", 64)], 1400))
+        .map_err(rpc_error)?;
+    ensure!(got.name == "eth0" && got.mtu == 1400 && got.up && got.hw_addr == MAC, "{got:?}");
+    let addrs: Vec<String> = got.addresses.iter().map(|a| format!("{}/{}", a.address, a.prefix_len)).collect();
+    ensure!(addrs.contains(&"10.9.8.7/24".into()) && addrs.contains(&"fd00::7/64".into()), "{addrs:?}");
+    let shown = ip(&["-n", &ns.0, "addr", "show", "dev", "eth0"])?;
+    ensure!(shown.contains("mtu 1400") && shown.contains("inet 10.9.8.7/24") && shown.contains("UP"), "{shown}");
+
+    // Routes: a default and a subnet through gateways.
+    let route = |dest: &str, gateway: &str| Route { dest: dest.into(), gateway: gateway.into(), device: "eth0".into(), ..Default::default() };
+    let routes = |list: Vec<Route>| UpdateRoutesRequest { routes: Some(Routes { routes: list, ..Default::default() }).into(), ..Default::default() };
+    let got = a
+        .client
+        .update_routes(ctx(), &routes(vec![route("default", "10.9.8.1"), route("192.168.50.0/24", "10.9.8.2")]))
+        .map_err(rpc_error)?
+        .routes;
+    ensure!(got.iter().any(|r| r.dest == "default" && r.gateway == "10.9.8.1" && r.device == "eth0"), "{got:?}");
+    let shown = ip(&["-n", &ns.0, "route"])?;
+    ensure!(shown.contains("default via 10.9.8.1 dev eth0") && shown.contains("192.168.50.0/24 via 10.9.8.2 dev eth0"), "{shown}");
+
+    // Replacing: the default route goes, the other stays; the old address
+    // goes, the new one comes.
+    a.client.update_routes(ctx(), &routes(vec![route("192.168.50.0/24", "10.9.8.2")])).map_err(rpc_error)?;
+    let shown = ip(&["-n", &ns.0, "route"])?;
+    ensure!(!shown.contains("default") && shown.contains("192.168.50.0/24"), "{shown}");
+    a.client.update_interface(ctx(), &update(vec![address("10.9.8.8", 24)], 0)).map_err(rpc_error)?;
+    let listed = a.client.list_interfaces(ctx(), &Empty::new()).map_err(rpc_error)?.interfaces;
+    let eth0 = listed.iter().find(|i| i.name == "eth0").context("eth0 not listed")?;
+    let v4: Vec<&str> = eth0.addresses.iter().filter(|a| !a.address.contains(':')).map(|a| a.address.as_str()).collect();
+    ensure!(v4 == ["10.9.8.8"] && eth0.mtu == 1400, "{eth0:?}");
+    ensure!(listed.iter().any(|i| i.name == "lo"), "lo not listed: {listed:?}");
+    let listed = a.client.list_routes(ctx(), &Empty::new()).map_err(rpc_error)?.routes;
+    ensure!(listed.iter().any(|r| r.dest == "10.9.8.0/24" && r.device == "eth0"), "{listed:?}");
+
+    // Bad input.
+    let err = |r: Result<(), anyhow::Error>, want: &str| -> anyhow::Result<()> {
+        let e = r.err().with_context(|| format!("accepted, wanted an error saying {want:?}"))?.to_string();
+        ensure!(e.contains(want), "{e:?} does not say {want:?}");
+        Ok(())
+    };
+    err(a.client.update_interface(ctx(), &update(vec![address("999.1.1.1", 24)], 0)).map(|_| ()).map_err(rpc_error), "999.1.1.1")?;
+    err(a.client.update_interface(ctx(), &update(vec![address("10.1.1.1", 40)], 0)).map(|_| ()).map_err(rpc_error), "prefix length 40")?;
+    let mut ghost = update(vec![], 0);
+    ghost.interface.as_mut().context("interface")?.hw_addr = "02:00:00:00:00:99".into();
+    err(a.client.update_interface(ctx(), &ghost).map(|_| ()).map_err(rpc_error), "02:00:00:00:00:99")?;
+    let mut bad = route("default", "10.9.8.1");
+    bad.device = "nope0".into();
+    err(a.client.update_routes(ctx(), &routes(vec![bad])).map(|_| ()).map_err(rpc_error), "nope0")?;
+    Ok(())
+}
+
 fn main() {
     let args = Arguments::from_args();
     let skip = unavailable();
     type Test = fn() -> anyhow::Result<()>;
-    let tests: [(&str, Test); 5] = [
+    let tests: [(&str, Test); 6] = [
         ("echo_runs_in_its_own_namespaces", echo_runs_in_its_own_namespaces),
         ("exit_codes_and_signals", exit_codes_and_signals),
         ("exec_ps_stdin_and_users", exec_ps_stdin_and_users),
         ("a_terminal_when_asked", a_terminal_when_asked),
         ("bad_requests_get_clear_errors_and_the_agent_stays", bad_requests_get_clear_errors_and_the_agent_stays),
+        ("interfaces_and_routes_through_netlink", interfaces_and_routes_through_netlink),
     ];
     let trials = tests
         .into_iter()

@@ -118,13 +118,27 @@ impl Drop for HostAgent {
 
 /// Starts `vessel-agent --listen` in a fresh directory and connects.
 pub fn start_host_agent(agent: &Path, tag: &str) -> anyhow::Result<HostAgent> {
+    start_host_agent_in(agent, tag, None)
+}
+
+/// [`start_host_agent`], with the agent in a network namespace made by
+/// `ip netns add` (the sockets are files, so they work across it).
+pub fn start_host_agent_in(agent: &Path, tag: &str, netns: Option<&str>) -> anyhow::Result<HostAgent> {
     let dir = std::env::temp_dir().join(format!("vessel-agent-test-{tag}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir)?;
     let host = HostSide::new(dir.join("host"));
     let ready = host.listen(link::DEFAULT_PORT)?;
     let socket = dir.join("agent.sock");
-    let child = Command::new(agent)
+    let mut command = match netns {
+        Some(ns) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", ns]).arg(agent);
+            c
+        }
+        None => Command::new(agent),
+    };
+    let child = command
         .arg("--listen")
         .arg(&socket)
         .arg("--host-prefix")
