@@ -15,6 +15,7 @@
 //! - [`service`]: the ttrpc service.
 //! - [`guest`]: PID 1 duties in a guest.
 //! - [`network`] over [`netlink`]: guest interfaces and routes.
+//! - [`slots`]: binding hot-plugged virtio-mmio slots.
 //! - [`link`], [`reaper`]: dialing the host; collecting children.
 
 pub mod cgroup;
@@ -26,5 +27,6 @@ pub mod netlink;
 pub mod network;
 pub mod reaper;
 pub mod service;
+pub mod slots;
 pub mod spec;
 pub mod stdio;

@@ -8,8 +8,8 @@ use std::time::Instant;
 use agent_proto::agent::{
     ContainerRequest, CreateContainerRequest, Empty, ExecProcessRequest, GuestDetails, HealthCheckResponse, Interface,
     Interfaces, ListProcessesResponse, OnlineCPUMemRequest, ProcessInfo, Resources, Routes, SignalProcessRequest,
-    StatsContainerResponse, UpdateContainerRequest, UpdateInterfaceRequest, UpdateRoutesRequest, WaitProcessRequest,
-    WaitProcessResponse,
+    StatsContainerResponse, UpdateContainerRequest, UpdateInterfaceRequest, UpdateRoutesRequest, VirtioSlot, VirtioSlotRequest,
+    VirtioSlots, WaitProcessRequest, WaitProcessResponse,
 };
 use agent_proto::ttrpc::{self, Code, TtrpcContext};
 
@@ -158,6 +158,18 @@ impl agent_proto::agent_ttrpc::Agent for Service {
             return Err(status(Code::FAILED_PRECONDITION, "CPUs are onlined only by an agent in a guest".into()));
         }
         reply(crate::guest::online_cpus(req.nb_cpus)).map(|()| Empty::new())
+    }
+
+    fn list_virtio_slots(&self, _: &TtrpcContext, _: Empty) -> ttrpc::Result<VirtioSlots> {
+        let slots = reply(crate::slots::list())?;
+        Ok(VirtioSlots { slots, ..Default::default() })
+    }
+
+    fn update_virtio_slot(&self, _: &TtrpcContext, req: VirtioSlotRequest) -> ttrpc::Result<VirtioSlot> {
+        if !self.guest {
+            return Err(status(Code::FAILED_PRECONDITION, "virtio slots are bound only by an agent in a guest".into()));
+        }
+        reply(crate::slots::update(req.address, req.bind))
     }
 
     fn get_guest_details(&self, _: &TtrpcContext, _: Empty) -> ttrpc::Result<GuestDetails> {

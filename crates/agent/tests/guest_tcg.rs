@@ -14,8 +14,8 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use agent_proto::agent::{
-    ContainerRequest, Empty, ExecProcessRequest, Resources, Rootfs, SignalProcessRequest, Stdio,
-    UpdateContainerRequest,
+    ContainerRequest, Empty, ExecProcessRequest, OnlineCPUMemRequest, Resources, Rootfs, SignalProcessRequest, Stdio,
+    UpdateContainerRequest, VirtioSlotRequest,
 };
 use agent_proto::agent_ttrpc::AgentClient;
 use agent_proto::{link, ttrpc};
@@ -75,6 +75,7 @@ fn containers_in_a_guest() -> anyhow::Result<()> {
     let ready = host.listen(link::DEFAULT_PORT)?;
     let mut opts = LinuxOptions::new(&kernel.image, &initrd);
     opts.vhost_user = true;
+    opts.vcpus = 2;
     opts.timeout = Duration::from_secs(300);
     opts.extra_args = vhost_user_device_args(&vsock_socket, "vhost-user-vsock-device");
     opts.extra_args.extend(vhost_user_device_args(&blk_socket, "vhost-user-blk"));
@@ -109,6 +110,29 @@ fn drive(host: &HostSide, ready: &std::os::unix::net::UnixListener, uds: &Path, 
     let details = client.get_guest_details(ctx(), &Empty::new()).map_err(rpc_error)?;
     ensure!(details.agent_version == version && details.kernel_release.starts_with("6."), "{details:?}");
     ensure!(details.online_cpus >= 1 && details.mem_total_bytes > 100 << 20, "{details:?}");
+
+    // CPUs: the guest boots with two; offline one, online it again.
+    ensure!(details.online_cpus == 2 && details.possible_cpus == 2, "{details:?}");
+    for n in [1, 2] {
+        client.online_cpu_mem(ctx(), &OnlineCPUMemRequest { nb_cpus: n, ..Default::default() }).map_err(rpc_error)?;
+        let online = client.get_guest_details(ctx(), &Empty::new()).map_err(rpc_error)?.online_cpus;
+        ensure!(online == n, "asked for {n} CPUs online, the guest has {online}");
+    }
+
+    // virtio-mmio slots: blk, vsock and rng are found; rng is unbound (no
+    // device left behind) and bound again (probed again).
+    let slots = client.list_virtio_slots(ctx(), &Empty::new()).map_err(rpc_error)?.slots;
+    for id in [2, 4, 19] {
+        ensure!(slots.iter().any(|s| s.device_id == id && s.bound), "no bound slot with device {id}: {slots:?}");
+    }
+    let rng = slots.iter().find(|s| s.device_id == 4).map(|s| s.address).context("no rng slot")?;
+    let slot = |bind| VirtioSlotRequest { address: rng, bind, ..Default::default() };
+    let unbound = client.update_virtio_slot(ctx(), &slot(false)).map_err(rpc_error)?;
+    ensure!(!unbound.bound && unbound.device_id == 0, "after unbind: {unbound:?}");
+    let bound = client.update_virtio_slot(ctx(), &slot(true)).map_err(rpc_error)?;
+    ensure!(bound.bound && bound.device_id == 4, "after bind: {bound:?}");
+    let missing = client.update_virtio_slot(ctx(), &VirtioSlotRequest { address: 0x1234, bind: true, ..Default::default() });
+    ensure!(missing.map_err(rpc_error).err().is_some_and(|e| e.to_string().contains("0x1234")), "a slot at 0x1234");
 
     // echo: create to output.
     let (out, handle) = host.capture()?;
