@@ -213,8 +213,11 @@ fn fetch(kernels: &Path, entry: &Path, package: &Package) -> Result<(), KernelEr
 
 fn fetch_into(tmp: &Path, entry: &Path, package: &Package) -> Result<(), KernelError> {
     let spec = format!("{}={}", package.name, package.version);
-    run(Command::new("apt-get").args(["download", "-q", &spec]).current_dir(tmp))
-        .map_err(|source| KernelError::Download { package: spec.clone(), source })?;
+    let size = package_size(&spec);
+    let watch = crate::progress::DirWatch::start(&format!("vessel: downloading {spec}"), tmp, size);
+    let downloaded = run(Command::new("apt-get").args(["download", "-q", &spec]).current_dir(tmp));
+    drop(watch);
+    downloaded.map_err(|source| KernelError::Download { package: spec.clone(), source })?;
     let deb = std::fs::read_dir(tmp)
         .map_err(io_err(tmp))?
         .filter_map(|e| e.ok().map(|e| e.path()))
@@ -333,6 +336,14 @@ pub fn resolve(metapackage: &str) -> Result<Package, KernelError> {
             Ok(Package { name: metapackage.to_string(), version })
         }
     }
+}
+
+/// The download size of `name=version` from `apt-cache show`, for the
+/// progress bar (None if apt does not say).
+fn package_size(spec: &str) -> Option<u64> {
+    let out = run(Command::new("apt-cache").args(["show", "--no-all-versions", spec])).ok()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.lines().find_map(|l| l.strip_prefix("Size:")).and_then(|v| v.trim().parse().ok())
 }
 
 /// The fields of one `apt-cache show` stanza that matter here.

@@ -10,6 +10,7 @@
 //!   and a test script), cached by content.
 //! - [`rootfs`]: container root filesystems as ext4 images from a directory
 //!   (`mkfs.ext4 -d`), and a demo busybox tree.
+//! - [`progress`]: a progress bar on stderr for the long steps.
 //! - [`oci`]: unpacking an OCI image layout (skopeo/umoci output) into a
 //!   directory, layer by layer with whiteouts, digests verified.
 //! - [`guest_image`]: the sandbox guest's boot files: the kernel and an
@@ -24,6 +25,7 @@ pub mod initramfs;
 pub mod kernel;
 pub mod modules;
 pub mod oci;
+pub mod progress;
 pub mod rootfs;
 pub mod test_image;
 
