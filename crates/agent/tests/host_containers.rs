@@ -15,6 +15,7 @@ use agent_proto::agent::{
 };
 use anyhow::{bail, ensure, Context};
 use libtest_mimic::{Arguments, Failed, Trial};
+use vessel_tests::netns::NetNs;
 use vessel_tests::agent::{
     collected, container, create_request, ctx, output_ports, process_json, rpc_error, spec_json, start_host_agent,
     start_host_agent_in, wait_for, HostAgent, SpecOptions,
@@ -258,36 +259,13 @@ fn bad_requests_get_clear_errors_and_the_agent_stays() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// A network namespace of the test's own, deleted on drop.
-struct Netns(String);
-
-impl Netns {
-    fn new(tag: &str) -> anyhow::Result<Self> {
-        let ns = Netns(format!("vessel-{tag}-{}", std::process::id()));
-        ip(&["netns", "add", &ns.0])?;
-        Ok(ns)
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = ip(&["netns", "del", &self.0]);
-    }
-}
-
-fn ip(args: &[&str]) -> anyhow::Result<String> {
-    let out = std::process::Command::new("ip").args(args).output().context("running ip (iproute2)")?;
-    ensure!(out.status.success(), "ip {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
 const MAC: &str = "02:00:00:00:00:10";
 
 fn interfaces_and_routes_through_netlink() -> anyhow::Result<()> {
-    let ns = Netns::new("net")?;
-    ip(&["-n", &ns.0, "link", "add", "vt0", "type", "veth", "peer", "name", "vt1"])?;
-    ip(&["-n", &ns.0, "link", "set", "vt0", "address", MAC])?;
-    ip(&["-n", &ns.0, "link", "set", "vt1", "up"])?;
+    let ns = NetNs::new("agent-net")?;
+    ns.ip(&["link", "add", "vt0", "type", "veth", "peer", "name", "vt1"])?;
+    ns.ip(&["link", "set", "vt0", "address", MAC])?;
+    ns.ip(&["link", "set", "vt1", "up"])?;
     let a = start_host_agent_in(Path::new(AGENT), "net", Some(&ns.0))?;
     let address = |ip: &str, len: u32| IPAddress { address: ip.into(), prefix_len: len, ..Default::default() };
     let update = |addresses: Vec<IPAddress>, mtu: u32| UpdateInterfaceRequest {
@@ -304,7 +282,7 @@ fn interfaces_and_routes_through_netlink() -> anyhow::Result<()> {
     ensure!(got.name == "eth0" && got.mtu == 1400 && got.up && got.hw_addr == MAC, "{got:?}");
     let addrs: Vec<String> = got.addresses.iter().map(|a| format!("{}/{}", a.address, a.prefix_len)).collect();
     ensure!(addrs.contains(&"10.9.8.7/24".into()) && addrs.contains(&"fd00::7/64".into()), "{addrs:?}");
-    let shown = ip(&["-n", &ns.0, "addr", "show", "dev", "eth0"])?;
+    let shown = ns.ip(&["addr", "show", "dev", "eth0"])?;
     ensure!(shown.contains("mtu 1400") && shown.contains("inet 10.9.8.7/24") && shown.contains("UP"), "{shown}");
 
     // Routes: a default and a subnet through gateways.
@@ -316,13 +294,13 @@ fn interfaces_and_routes_through_netlink() -> anyhow::Result<()> {
         .map_err(rpc_error)?
         .routes;
     ensure!(got.iter().any(|r| r.dest == "default" && r.gateway == "10.9.8.1" && r.device == "eth0"), "{got:?}");
-    let shown = ip(&["-n", &ns.0, "route"])?;
+    let shown = ns.ip(&["route"])?;
     ensure!(shown.contains("default via 10.9.8.1 dev eth0") && shown.contains("192.168.50.0/24 via 10.9.8.2 dev eth0"), "{shown}");
 
     // Replacing: the default route goes, the other stays; the old address
     // goes, the new one comes.
     a.client.update_routes(ctx(), &routes(vec![route("192.168.50.0/24", "10.9.8.2")])).map_err(rpc_error)?;
-    let shown = ip(&["-n", &ns.0, "route"])?;
+    let shown = ns.ip(&["route"])?;
     ensure!(!shown.contains("default") && shown.contains("192.168.50.0/24"), "{shown}");
     a.client.update_interface(ctx(), &update(vec![address("10.9.8.8", 24)], 0)).map_err(rpc_error)?;
     let listed = a.client.list_interfaces(ctx(), &Empty::new()).map_err(rpc_error)?.interfaces;

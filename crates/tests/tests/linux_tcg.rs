@@ -9,6 +9,7 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::time::Duration;
 
 use devices::virtio::block::{Block, BlockConfig};
+use devices::virtio::net::{Net, NetConfig};
 use devices::virtio::vsock::{Vsock, VsockConfig};
 
 use anyhow::{ensure, Context};
@@ -20,6 +21,7 @@ use vessel_tests::tier3::{
     Verdict, VIRTIO_MMIO,
 };
 use vessel_tests::pattern::{exchange, hex, pattern_sha256};
+use vessel_tests::netns::NetNs;
 use vessel_tests::TempDir;
 
 type TestResult = anyhow::Result<()>;
@@ -457,6 +459,63 @@ impl log::Log for StderrLog {
     fn flush(&self) {}
 }
 
+const NET_GUEST_MAC: [u8; 6] = [0x52, 0x54, 0x00, 0x76, 0x73, 0x6e];
+
+fn mac_string(mac: &[u8; 6]) -> String {
+    mac.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
+}
+
+/// The guest side of the net test: Linux's virtio_net driver brings eth0
+/// up, pings the host's end of the TAP with small and full-size frames,
+/// and reports how many replies came back.
+const NET_SCRIPT: &str = r#"set -e
+ip link set eth0 up
+ip addr add 10.78.0.2/24 dev eth0
+echo "VESSEL-VALUE: mac $(cat /sys/class/net/eth0/address)"
+small=$(ping -c 3 -W 10 10.78.0.1 | grep -o '[0-9]* packets received' | cut -d' ' -f1)
+large=$(ping -c 3 -W 10 -s 1472 10.78.0.1 | grep -o '[0-9]* packets received' | cut -d' ' -f1)
+echo "VESSEL-VALUE: small $small"
+echo "VESSEL-VALUE: large $large"
+echo "VESSEL-TEST-RESULT: ok"
+"#;
+
+/// Our TAP-backed virtio-net over vhost-user (`vessel device serve net`'s
+/// code) against Linux's virtio_net driver: the guest pings the host's end
+/// of the TAP, inside a network namespace of the test's own.
+fn vessel_vhost_user_net_ping() -> TestResult {
+    let kernel = test_kernel()?;
+    let dir = TempDir::new("net")?;
+    let ns = NetNs::new("tcg-net")?;
+    let (net, counters) = ns.within(|| Ok(Net::new(&NetConfig { tap: "vtap1".into(), mac: NET_GUEST_MAC })?))?;
+    ns.ip(&["addr", "add", "10.78.0.1/24", "dev", "vtap1"])?;
+    ns.ip(&["link", "set", "vtap1", "up"])?;
+    let initrd = test_initramfs(&kernel, &[VIRTIO_MMIO, "virtio_net"], NET_SCRIPT, &[])?;
+    let socket = dir.path().join("vhost-net.sock");
+    let server = serve_vhost_user("net", Box::new(net), &socket)?;
+    let mut opts = LinuxOptions::new(&kernel.image, &initrd);
+    opts.vhost_user = true;
+    opts.extra_args = vec![
+        "-chardev".into(),
+        format!("socket,id=vnet,path={}", socket.display()),
+        "-netdev".into(),
+        "vhost-user,id=n0,chardev=vnet".into(),
+        "-device".into(),
+        // QEMU's vhost-user-net takes the MAC from its own property, not
+        // from the backend's config space.
+        format!("virtio-net-device,netdev=n0,mac={}", mac_string(&NET_GUEST_MAC)),
+    ];
+    let run = boot_linux_tcg(&opts)?;
+    server.join().map_err(|_| anyhow::anyhow!("the vhost-user server panicked"))??;
+    run.ensure_ok()?;
+    ensure!(run.expect_value("mac")? == mac_string(&NET_GUEST_MAC), "the guest has another MAC{}", run.context());
+    ensure!(run.expect_value("small")? == "3", "small pings answered{}", run.context());
+    ensure!(run.expect_value("large")? == "3", "1500-byte pings answered{}", run.context());
+    let rx = counters.rx_packets.load(std::sync::atomic::Ordering::Relaxed);
+    let tx = counters.tx_packets.load(std::sync::atomic::Ordering::Relaxed);
+    ensure!(rx >= 6 && tx >= 6, "our backend moved {tx} frames out, {rx} in");
+    Ok(())
+}
+
 fn main() {
     let _ = log::set_logger(&StderrLog).map(|()| log::set_max_level(log::LevelFilter::Warn));
     let args = Arguments::from_args();
@@ -470,6 +529,14 @@ fn main() {
         trial("harness_kernel_panic_ends_qemu", harness_kernel_panic_ends_qemu),
         trial("harness_timeout_kills_qemu", harness_timeout_kills_qemu),
     ];
+    let net = trial("vessel_vhost_user_net_ping", vessel_vhost_user_net_ping);
+    trials.push(match vessel_tests::netns::unavailable() {
+        Some(reason) if !args.list => {
+            eprintln!("skipped {}: {reason}", net.name());
+            net.with_ignored_flag(true)
+        }
+        _ => net,
+    });
     // Listing the tests must not fetch a kernel.
     if !args.list {
         if let Some(reason) = qemu_tcg_unavailable() {

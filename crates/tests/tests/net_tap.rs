@@ -14,51 +14,12 @@ use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
 use virtio_queue::mock::MockSplitQueue;
 use virtio_queue::Queue;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vessel_tests::netns::{unavailable, NetNs};
 
 const GUEST_MAC: [u8; 6] = [0x52, 0x54, 0x00, 0x76, 0x73, 0x6c];
 const GUEST_IP: [u8; 4] = [10, 77, 0, 2];
 const HOST_IP: [u8; 4] = [10, 77, 0, 1];
 const WRITE: u16 = 2;
-
-/// A network namespace of our own, deleted on drop: the only place this
-/// test's addresses exist.
-struct NetNs(String);
-
-impl NetNs {
-    fn new() -> anyhow::Result<Self> {
-        let name = format!("vessel-net-{}", std::process::id());
-        let status = std::process::Command::new("ip").args(["netns", "add", &name]).status()?;
-        ensure!(status.success(), "ip netns add {name} failed");
-        Ok(NetNs(name))
-    }
-
-    fn exec(&self, args: &[&str]) -> anyhow::Result<()> {
-        let out = std::process::Command::new("ip").args(["netns", "exec", &self.0]).args(args).output()?;
-        ensure!(out.status.success(), "{args:?} in {}: {}", self.0, String::from_utf8_lossy(&out.stderr));
-        Ok(())
-    }
-
-    /// Opens the device's TAP inside the namespace, from a thread that
-    /// enters it (the rest of the process stays where it is).
-    fn open_net(&self, config: NetConfig) -> anyhow::Result<Net> {
-        let path = format!("/var/run/netns/{}", self.0);
-        std::thread::spawn(move || -> anyhow::Result<Net> {
-            let ns = std::fs::File::open(&path)?;
-            // SAFETY: setns on this thread only, with a namespace fd we hold.
-            let rc = unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&ns), libc::CLONE_NEWNET) };
-            ensure!(rc == 0, "setns {path}: {}", std::io::Error::last_os_error());
-            Ok(Net::new(&config)?.0)
-        })
-        .join()
-        .map_err(|_| anyhow::anyhow!("the namespace thread panicked"))?
-    }
-}
-
-impl Drop for NetNs {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("ip").args(["netns", "del", &self.0]).status();
-    }
-}
 
 fn arp_request() -> Vec<u8> {
     let mut f = vec![0u8; NET_HDR_LEN];
@@ -85,10 +46,10 @@ fn is_arp_reply(frame: &[u8]) -> bool {
 }
 
 fn arp_round_trip() -> anyhow::Result<()> {
-    let ns = NetNs::new()?;
-    let mut net = ns.open_net(NetConfig { tap: "vtap0".into(), mac: GUEST_MAC })?;
-    ns.exec(&["ip", "addr", "add", "10.77.0.1/24", "dev", "vtap0"])?;
-    ns.exec(&["ip", "link", "set", "vtap0", "up"])?;
+    let ns = NetNs::new("net")?;
+    let mut net = ns.within(|| Ok(Net::new(&NetConfig { tap: "vtap0".into(), mac: GUEST_MAC })?.0))?;
+    ns.ip(&["addr", "add", "10.77.0.1/24", "dev", "vtap0"])?;
+    ns.ip(&["link", "set", "vtap0", "up"])?;
 
     let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 4 << 20)])?;
     let rxq = MockSplitQueue::create(&mem, GuestAddress(0), 16);
@@ -136,20 +97,6 @@ fn arp_round_trip() -> anyhow::Result<()> {
         }
         ensure!(std::time::Instant::now() < deadline, "no ARP reply from the host kernel ({seen} other frames)");
     }
-}
-
-fn unavailable() -> Option<String> {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        return Some("needs root (a network namespace and a TAP device)".into());
-    }
-    if !std::path::Path::new("/dev/net/tun").exists() {
-        return Some("/dev/net/tun is missing".into());
-    }
-    if std::process::Command::new("ip").arg("-V").output().is_err() {
-        return Some("`ip` (iproute2) is not installed".into());
-    }
-    None
 }
 
 fn main() {

@@ -2,6 +2,7 @@
 //! any vhost-user frontend) drives our device code: the frontend owns the
 //! transport and shares guest memory; we process the queues.
 
+use std::os::unix::net::UnixListener;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
@@ -14,6 +15,8 @@ use vmm_sys_util::event::{new_event_consumer_and_notifier, EventConsumer, EventF
 use virtio_queue::Queue;
 
 use super::{settle, VirtioBackend, Wakeup};
+
+mod reorder;
 
 /// Largest split virtqueue the virtio spec allows.
 const MAX_QUEUE_SIZE: usize = 32768;
@@ -30,6 +33,10 @@ pub enum VhostUserError {
 struct Device {
     backend: Box<dyn VirtioBackend>,
     mem: Option<GuestMemoryAtomic<GuestMemoryMmap>>,
+    /// Our copies of the queue workers' exit notifiers, for a daemon whose
+    /// connection we ran ourselves (the proxied path), which must tell its
+    /// workers to end.
+    exits: Mutex<Vec<EventNotifier>>,
 }
 
 impl VhostUserBackendMut for Device {
@@ -66,7 +73,11 @@ impl VhostUserBackendMut for Device {
     fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
         // Without one, the queue worker never ends and serving never
         // returns after the frontend disconnects.
-        new_event_consumer_and_notifier(EventFlag::empty()).ok()
+        let (consumer, notifier) = new_event_consumer_and_notifier(EventFlag::empty()).ok()?;
+        if let Ok(copy) = notifier.try_clone() {
+            self.exits.lock().unwrap_or_else(|p| p.into_inner()).push(copy);
+        }
+        Some((consumer, notifier))
     }
 
     fn set_event_idx(&mut self, _enabled: bool) {
@@ -130,12 +141,12 @@ fn backend_token(queues: usize) -> u64 {
 /// is replaced) until the frontend disconnects.
 pub fn serve(kind: &'static str, backend: Box<dyn VirtioBackend>, socket: &Path) -> Result<(), VhostUserError> {
     let err = |e: String| VhostUserError::Daemon(kind, socket.display().to_string(), e);
-    let device = Arc::new(Mutex::new(Device { backend, mem: None }));
+    let device = Arc::new(Mutex::new(Device { backend, mem: None, exits: Mutex::new(Vec::new()) }));
     let backend_fd = device.lock().unwrap_or_else(|p| p.into_inner()).backend.backend_fd();
     let queues = device.lock().unwrap_or_else(|p| p.into_inner()).backend.queue_max_sizes().len();
     let mut daemon = VhostUserDaemon::new(
         format!("vhost-user-{kind}"),
-        device,
+        device.clone(),
         GuestMemoryAtomic::new(GuestMemoryMmap::new()),
     )
     .map_err(|e| err(format!("{e:?}")))?;
@@ -149,5 +160,32 @@ pub fn serve(kind: &'static str, backend: Box<dyn VirtioBackend>, socket: &Path)
             .map_err(|e| err(format!("cannot watch the backend: {e}")))?;
     }
     let _ = std::fs::remove_file(socket);
-    daemon.serve(socket).map_err(|e| err(format!("{e}")))
+    if kind != "net" {
+        return daemon.serve(socket).map_err(|e| err(format!("{e}")));
+    }
+    // net: QEMU enables rings before it acks features (see reorder.rs), so
+    // the daemon is reached through the reordering proxy.
+    let io = |what: &'static str| move |e: std::io::Error| err(format!("{what}: {e}"));
+    let listener = UnixListener::bind(socket).map_err(io("listening"))?;
+    let private = socket.with_extension(format!("daemon-{}", std::process::id()));
+    let _ = std::fs::remove_file(&private);
+    let inner = UnixListener::bind(&private).map_err(io("listening for the daemon"))?;
+    let private_str = private.to_str().ok_or_else(|| err("the socket path is not UTF-8".into()))?.to_string();
+    let connect = std::thread::spawn(move || inner.accept().map(|(conn, _)| conn));
+    let started = daemon.start_client(&private_str).map_err(|e| err(format!("{e}")));
+    let _ = std::fs::remove_file(&private);
+    started?;
+    let daemon_conn = connect.join().map_err(|_| err("the accepting thread panicked".into()))?.map_err(io("accepting the daemon"))?;
+    let (frontend, _) = listener.accept().map_err(io("accepting the frontend"))?;
+    let proxied = reorder::run(frontend, daemon_conn);
+    let waited = daemon.wait();
+    for exit in device.lock().unwrap_or_else(|p| p.into_inner()).exits.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+        let _ = exit.notify();
+    }
+    proxied.map_err(io("proxying the frontend"))?;
+    match waited {
+        Ok(()) | Err(vhost_user_backend::Error::HandleRequest(vhost::vhost_user::Error::Disconnected))
+        | Err(vhost_user_backend::Error::HandleRequest(vhost::vhost_user::Error::PartialMessage)) => Ok(()),
+        Err(e) => Err(err(format!("{e}"))),
+    }
 }

@@ -1,0 +1,279 @@
+//! A control-plane proxy between a vhost-user frontend and our daemon that
+//! holds back `SET_VRING_ENABLE` until `SET_FEATURES` has gone through.
+//!
+//! QEMU's vhost-user-net frontend enables its rings as soon as the guest
+//! driver picks its queue pairs, before it sends `SET_FEATURES`. The vhost
+//! crate refuses `SET_VRING_ENABLE` until `VHOST_USER_F_PROTOCOL_FEATURES`
+//! has been acked, and drops the connection; without that feature QEMU
+//! refuses the device. So for net, the daemon talks to this proxy over a
+//! socket pair, and the proxy forwards every message both ways unchanged
+//! (with its file descriptors), except that an early `SET_VRING_ENABLE` is
+//! kept until `SET_FEATURES` has been forwarded, then forwarded in order.
+//! If the frontend asked for a reply to it, the proxy acknowledges it at
+//! once, and forwards it with the request for a reply cleared.
+//!
+//! Only control messages pass here; the queues (shared memory, eventfds)
+//! never do.
+
+use std::io::Write;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::net::UnixStream;
+use std::sync::{Arc, Mutex};
+
+const SET_FEATURES: u32 = 2;
+const SET_VRING_ENABLE: u32 = 18;
+const VERSION: u32 = 0x1;
+const REPLY_FLAG: u32 = 0x4;
+const NEED_REPLY_FLAG: u32 = 0x8;
+const HEADER_LEN: usize = 12;
+/// Larger than any vhost-user message (a memory table of 8 regions, a
+/// config space): anything bigger is a broken peer.
+const MAX_PAYLOAD: usize = 64 * 1024;
+/// File descriptors per message (a memory table sends one per region).
+const MAX_FDS: usize = 32;
+
+/// One message: header fields, payload, and the fds that came with it.
+pub(super) struct Message {
+    pub request: u32,
+    pub flags: u32,
+    pub payload: Vec<u8>,
+    pub fds: Vec<OwnedFd>,
+}
+
+/// Receives one message; None at end of stream.
+pub(super) fn recv(sock: &UnixStream) -> std::io::Result<Option<Message>> {
+    let mut header = [0u8; HEADER_LEN];
+    let mut fds = Vec::new();
+    let mut got = 0;
+    while got < HEADER_LEN {
+        let n = recv_with_fds(sock, &mut header[got..], &mut fds)?;
+        if n == 0 {
+            if got == 0 {
+                return Ok(None);
+            }
+            return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "a vhost-user header cut short"));
+        }
+        got += n;
+    }
+    let word = |i: usize| u32::from_le_bytes([header[i], header[i + 1], header[i + 2], header[i + 3]]);
+    let (request, flags, size) = (word(0), word(4), word(8) as usize);
+    if size > MAX_PAYLOAD {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("a vhost-user message of {size} bytes (request {request})"),
+        ));
+    }
+    let mut payload = vec![0u8; size];
+    let mut got = 0;
+    while got < size {
+        let n = recv_with_fds(sock, &mut payload[got..], &mut fds)?;
+        if n == 0 {
+            return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "a vhost-user message cut short"));
+        }
+        got += n;
+    }
+    Ok(Some(Message { request, flags, payload, fds }))
+}
+
+/// recvmsg into `buf`, collecting any SCM_RIGHTS descriptors.
+fn recv_with_fds(sock: &UnixStream, buf: &mut [u8], fds: &mut Vec<OwnedFd>) -> std::io::Result<usize> {
+    let mut iov = libc::iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: buf.len() };
+    // Room for MAX_FDS descriptors, aligned for cmsghdr.
+    let mut control = [0u64; (MAX_FDS * 4 + 32) / 8];
+    // SAFETY: msghdr is plain data; all-zero is a valid value.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.as_mut_ptr().cast();
+    msg.msg_controllen = std::mem::size_of_val(&control);
+    // SAFETY: msg points at a live iovec and control buffer of the sizes given.
+    let n = unsafe { libc::recvmsg(sock.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC) };
+    if n < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    if msg.msg_flags & libc::MSG_CTRUNC != 0 {
+        return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, "more descriptors than a vhost-user message carries"));
+    }
+    // SAFETY: msg was filled in by recvmsg; the CMSG macros walk the control
+    // buffer within msg_controllen.
+    let mut cmsg = unsafe { libc::CMSG_FIRSTHDR(&msg) };
+    while !cmsg.is_null() {
+        // SAFETY: cmsg points at a complete header inside the control buffer.
+        let header = unsafe { &*cmsg };
+        if header.cmsg_level == libc::SOL_SOCKET && header.cmsg_type == libc::SCM_RIGHTS {
+            // SAFETY: CMSG_LEN(0) is the header size; a pure computation.
+            let data_len = header.cmsg_len as usize - unsafe { libc::CMSG_LEN(0) } as usize;
+            // SAFETY: cmsg is a complete control message; CMSG_DATA is its data.
+            let data = unsafe { libc::CMSG_DATA(cmsg) };
+            // SAFETY: the message's data is data_len bytes inside the buffer.
+            let bytes = unsafe { std::slice::from_raw_parts(data, data_len) };
+            for chunk in bytes.chunks_exact(std::mem::size_of::<RawFd>()) {
+                let fd = RawFd::from_ne_bytes(chunk.try_into().unwrap_or_default());
+                // SAFETY: the kernel just gave us this descriptor.
+                fds.push(unsafe { OwnedFd::from_raw_fd(fd) });
+            }
+        }
+        // SAFETY: as for CMSG_FIRSTHDR.
+        cmsg = unsafe { libc::CMSG_NXTHDR(&msg, cmsg) };
+    }
+    Ok(n as usize)
+}
+
+/// Sends one message with its descriptors.
+pub(super) fn send(sock: &UnixStream, m: &Message) -> std::io::Result<()> {
+    let mut bytes = Vec::with_capacity(HEADER_LEN + m.payload.len());
+    bytes.extend_from_slice(&m.request.to_le_bytes());
+    bytes.extend_from_slice(&m.flags.to_le_bytes());
+    bytes.extend_from_slice(&(m.payload.len() as u32).to_le_bytes());
+    bytes.extend_from_slice(&m.payload);
+    if m.fds.is_empty() {
+        let mut s = sock;
+        return s.write_all(&bytes);
+    }
+    let mut iov = libc::iovec { iov_base: bytes.as_mut_ptr().cast(), iov_len: bytes.len() };
+    let fd_bytes = m.fds.len() * std::mem::size_of::<RawFd>();
+    let mut control = [0u64; (MAX_FDS * 4 + 32) / 8];
+    // SAFETY: msghdr is plain data; all-zero is a valid value.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.as_mut_ptr().cast();
+    // SAFETY: a pure size computation.
+    msg.msg_controllen = unsafe { libc::CMSG_SPACE(fd_bytes as u32) } as usize;
+    // SAFETY: the control buffer is larger than CMSG_SPACE for MAX_FDS, and
+    // recv never yields more than MAX_FDS descriptors for one message.
+    let cmsg = unsafe { libc::CMSG_FIRSTHDR(&msg) };
+    // SAFETY: a pure size computation.
+    let cmsg_len = unsafe { libc::CMSG_LEN(fd_bytes as u32) } as usize;
+    // SAFETY: cmsg points at the start of our zeroed control buffer.
+    let header = unsafe { &mut *cmsg };
+    header.cmsg_level = libc::SOL_SOCKET;
+    header.cmsg_type = libc::SCM_RIGHTS;
+    header.cmsg_len = cmsg_len;
+    // SAFETY: CMSG_DATA points inside the control buffer, with room for the fds.
+    let data = unsafe { libc::CMSG_DATA(cmsg) };
+    let raw: Vec<u8> = m.fds.iter().flat_map(|fd| fd.as_raw_fd().to_ne_bytes()).collect();
+    // SAFETY: raw holds fd_bytes bytes; the data area has room for them.
+    unsafe { std::ptr::copy_nonoverlapping(raw.as_ptr(), data, raw.len()) };
+    // SAFETY: msg points at live buffers of the sizes given.
+    let n = unsafe { libc::sendmsg(sock.as_raw_fd(), &msg, libc::MSG_NOSIGNAL) };
+    if n < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // The descriptors went with the first byte; the rest is plain data.
+    let mut s = sock;
+    s.write_all(&bytes[n as usize..])
+}
+
+/// Forwards between `frontend` and `backend` until either side closes.
+pub(super) fn run(frontend: UnixStream, backend: UnixStream) -> std::io::Result<()> {
+    let frontend_out = Arc::new(Mutex::new(frontend.try_clone()?));
+    let backend_in = backend.try_clone()?;
+    // Replies (and anything else) from our daemon go straight back.
+    let to_frontend = frontend_out.clone();
+    let replies = std::thread::Builder::new().name("vhost-user-proxy".into()).spawn(move || {
+        while let Ok(Some(m)) = recv(&backend_in) {
+            let out = to_frontend.lock().unwrap_or_else(|e| e.into_inner());
+            if send(&out, &m).is_err() {
+                break;
+            }
+        }
+        let _ = to_frontend.lock().unwrap_or_else(|e| e.into_inner()).shutdown(std::net::Shutdown::Both);
+    })?;
+    let mut features_forwarded = false;
+    let mut held: Vec<Message> = Vec::new();
+    let result = loop {
+        let mut m = match recv(&frontend) {
+            Ok(Some(m)) => m,
+            Ok(None) => break Ok(()),
+            Err(e) => break Err(e),
+        };
+        if m.request == SET_VRING_ENABLE && !features_forwarded {
+            if m.flags & NEED_REPLY_FLAG != 0 {
+                let ack = Message {
+                    request: m.request,
+                    flags: VERSION | REPLY_FLAG,
+                    payload: 0u64.to_le_bytes().to_vec(),
+                    fds: Vec::new(),
+                };
+                if let Err(e) = send(&frontend_out.lock().unwrap_or_else(|e| e.into_inner()), &ack) {
+                    break Err(e);
+                }
+                m.flags &= !NEED_REPLY_FLAG;
+            }
+            held.push(m);
+            continue;
+        }
+        let is_features = m.request == SET_FEATURES;
+        if let Err(e) = send(&backend, &m) {
+            break Err(e);
+        }
+        if is_features && !features_forwarded {
+            features_forwarded = true;
+            if let Some(e) = held.drain(..).find_map(|h| send(&backend, &h).err()) {
+                break Err(e);
+            }
+        }
+    };
+    let _ = backend.shutdown(std::net::Shutdown::Both);
+    let _ = replies.join();
+    result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Read;
+
+    fn message(request: u32, flags: u32, payload: &[u8]) -> Message {
+        Message { request, flags, payload: payload.to_vec(), fds: Vec::new() }
+    }
+
+    #[test]
+    fn an_early_ring_enable_waits_for_set_features_and_fds_travel() {
+        let (frontend, proxy_front) = UnixStream::pair().unwrap();
+        let (proxy_back, backend) = UnixStream::pair().unwrap();
+        let proxy = std::thread::spawn(move || run(proxy_front, proxy_back));
+
+        // An fd travels with its message.
+        let (r, mut w) = UnixStream::pair().unwrap();
+        let mut with_fd = message(5, VERSION, &[1, 2, 3]);
+        with_fd.fds.push(OwnedFd::from(r));
+        send(&frontend, &with_fd).unwrap();
+        let got = recv(&backend).unwrap().unwrap();
+        assert_eq!((got.request, got.payload.as_slice(), got.fds.len()), (5, &[1u8, 2, 3][..], 1));
+        w.write_all(b"x").unwrap();
+        let mut passed = UnixStream::from(got.fds.into_iter().next().unwrap());
+        let mut byte = [0u8; 1];
+        passed.read_exact(&mut byte).unwrap();
+        assert_eq!(&byte, b"x");
+
+        // Enable before features: acked at once, delivered after features.
+        send(&frontend, &message(SET_VRING_ENABLE, VERSION | NEED_REPLY_FLAG, &[0, 0, 0, 0, 1, 0, 0, 0])).unwrap();
+        let ack = recv(&frontend).unwrap().unwrap();
+        assert_eq!((ack.request, ack.flags & REPLY_FLAG, ack.payload), (SET_VRING_ENABLE, REPLY_FLAG, vec![0; 8]));
+        send(&frontend, &message(SET_FEATURES, VERSION, &[0; 8])).unwrap();
+        assert_eq!(recv(&backend).unwrap().unwrap().request, SET_FEATURES);
+        let enable = recv(&backend).unwrap().unwrap();
+        assert_eq!((enable.request, enable.flags & NEED_REPLY_FLAG), (SET_VRING_ENABLE, 0));
+
+        // Replies flow back; closing the frontend ends the proxy.
+        send(&backend, &message(1, VERSION | REPLY_FLAG, &[9; 8])).unwrap();
+        assert_eq!(recv(&frontend).unwrap().unwrap().payload, vec![9; 8]);
+        drop(frontend);
+        proxy.join().unwrap().unwrap();
+        assert!(recv(&backend).unwrap().is_none());
+    }
+
+    #[test]
+    fn oversized_messages_are_refused() {
+        let (a, b) = UnixStream::pair().unwrap();
+        let mut header = Vec::new();
+        for word in [1u32, VERSION, (MAX_PAYLOAD + 1) as u32] {
+            header.extend_from_slice(&word.to_le_bytes());
+        }
+        (&a).write_all(&header).unwrap();
+        let err = recv(&b).err().expect("refused");
+        assert!(err.to_string().contains("65537"), "{err}");
+    }
+}

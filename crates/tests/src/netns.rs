@@ -1,0 +1,68 @@
+//! Network namespaces of a test's own (`ip netns add`), deleted on drop:
+//! the only place the test's interfaces and addresses exist.
+
+use anyhow::{ensure, Context};
+
+/// A named network namespace.
+pub struct NetNs(pub String);
+
+impl NetNs {
+    /// `ip netns add vessel-<tag>-<pid>`.
+    pub fn new(tag: &str) -> anyhow::Result<Self> {
+        let ns = NetNs(format!("vessel-{tag}-{}", std::process::id()));
+        let _ = std::process::Command::new("ip").args(["netns", "del", &ns.0]).output();
+        ip(&["netns", "add", &ns.0])?;
+        Ok(ns)
+    }
+
+    /// Runs `ip -n <ns> <args>`, returning its output.
+    pub fn ip(&self, args: &[&str]) -> anyhow::Result<String> {
+        let mut all = vec!["-n", self.0.as_str()];
+        all.extend_from_slice(args);
+        ip(&all)
+    }
+
+    /// Runs `f` on a thread that entered the namespace (the rest of the
+    /// process stays where it is): what it opens, a TAP say, lives there.
+    pub fn within<T: Send + 'static>(&self, f: impl FnOnce() -> anyhow::Result<T> + Send + 'static) -> anyhow::Result<T> {
+        let path = format!("/var/run/netns/{}", self.0);
+        std::thread::spawn(move || -> anyhow::Result<T> {
+            let ns = std::fs::File::open(&path).with_context(|| format!("opening {path}"))?;
+            // SAFETY: setns on this thread only, with a namespace fd we hold.
+            let rc = unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&ns), libc::CLONE_NEWNET) };
+            ensure!(rc == 0, "setns {path}: {}", std::io::Error::last_os_error());
+            f()
+        })
+        .join()
+        .map_err(|_| anyhow::anyhow!("the namespace thread panicked"))?
+    }
+}
+
+impl Drop for NetNs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("ip").args(["netns", "del", &self.0]).output();
+    }
+}
+
+/// Runs `ip <args>`, returning its output; a failure names the command
+/// and says what ip said.
+pub fn ip(args: &[&str]) -> anyhow::Result<String> {
+    let out = std::process::Command::new("ip").args(args).output().context("running ip (iproute2)")?;
+    ensure!(out.status.success(), "ip {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Why network namespace and TAP tests cannot run here, if they cannot.
+pub fn unavailable() -> Option<String> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return Some("needs root (a network namespace and a TAP device)".into());
+    }
+    if !std::path::Path::new("/dev/net/tun").exists() {
+        return Some("/dev/net/tun is missing".into());
+    }
+    if std::process::Command::new("ip").arg("-V").output().is_err() {
+        return Some("`ip` (iproute2) is not installed".into());
+    }
+    None
+}
