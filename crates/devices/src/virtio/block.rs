@@ -499,6 +499,74 @@ mod tests {
         std::fs::remove_file(path).unwrap();
     }
 
+    /// Descriptors for chains laid out one after another from index 0:
+    /// each inner list is a chain of (address, length, flags).
+    fn chains(list: &[&[(u64, u32, u16)]]) -> Vec<virtio_queue::desc::RawDescriptor> {
+        use virtio_queue::desc::split::Descriptor as SplitDescriptor;
+        const NEXT: u16 = 1;
+        let mut out = Vec::new();
+        for chain in list {
+            for (i, &(addr, len, flags)) in chain.iter().enumerate() {
+                let index = out.len() as u16;
+                let last = i + 1 == chain.len();
+                let (flags, next) = if last { (flags, 0) } else { (flags | NEXT, index + 1) };
+                out.push(virtio_queue::desc::RawDescriptor::from(SplitDescriptor::new(addr, len, flags, next)));
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn a_queue_of_mixed_requests_is_served_in_one_pass() {
+        let mem = memory();
+        let (mut blk, counters, path) = disk(8, false);
+        let (hdr, data, status) = (|i: u64| HDR + 16 * i, |i: u64| DATA + 0x1000 * i, |i: u64| STATUS + i);
+        let put_header = |i: u64, kind: u32, sector: u64| {
+            let mut h = [0u8; 16];
+            h[0..4].copy_from_slice(&kind.to_le_bytes());
+            h[8..16].copy_from_slice(&sector.to_le_bytes());
+            mem.write_slice(&h, GuestAddress(hdr(i))).unwrap();
+        };
+        put_header(0, VIRTIO_BLK_T_IN, 1);
+        put_header(1, VIRTIO_BLK_T_OUT, 3);
+        put_header(2, VIRTIO_BLK_T_FLUSH, 0);
+        put_header(3, VIRTIO_BLK_T_IN, 3);
+        put_header(4, VIRTIO_BLK_T_IN, 2);
+        put_header(5, VIRTIO_BLK_T_IN, 100);
+        mem.write_slice(&[0xcd; 512], GuestAddress(data(1))).unwrap();
+        let descs = chains(&[
+            &[(hdr(0), 16, 0), (data(0), 512, WRITE), (status(0), 1, WRITE)],
+            &[(hdr(1), 16, 0), (data(1), 512, 0), (status(1), 1, WRITE)],
+            &[(hdr(2), 16, 0), (status(2), 1, WRITE)],
+            &[(hdr(3), 16, 0), (data(3), 512, WRITE), (status(3), 1, WRITE)],
+            &[(hdr(4), 16, 0), (data(4), 256, WRITE), (data(5), 256, WRITE), (status(4), 1, WRITE)],
+            &[(hdr(5), 16, 0), (data(6), 512, WRITE), (status(5), 1, WRITE)],
+        ]);
+        let vq = MockSplitQueue::new(&mem, 32);
+        vq.add_desc_chains(&descs, 0).unwrap();
+        let mut q: Queue = vq.create_queue().unwrap();
+        assert!(blk.process_queue(0, &mut q, &mem));
+        assert_eq!(vq.used().idx().load(), 6);
+        let statuses: Vec<u8> = (0..6).map(|i| mem.read_obj(GuestAddress(status(i))).unwrap()).collect();
+        assert_eq!(statuses, [0, 0, 0, 0, 0, Status::IoErr as u8]);
+        let read = |addr: u64, len: usize| {
+            let mut v = vec![0u8; len];
+            mem.read_slice(&mut v, GuestAddress(addr)).unwrap();
+            v
+        };
+        let file_bytes = |from: u64, len: u64| (from..from + len).map(|i| (i % 251) as u8).collect::<Vec<u8>>();
+        assert_eq!(read(data(0), 512), file_bytes(512, 512));
+        // The read after the flush sees the write before it.
+        assert_eq!(read(data(3), 512), vec![0xcd; 512]);
+        let mut split = read(data(4), 256);
+        split.extend(read(data(5), 256));
+        assert_eq!(split, file_bytes(1024, 512));
+        assert_eq!(counters.read_ops.load(Ordering::Relaxed), 3);
+        assert_eq!(counters.write_ops.load(Ordering::Relaxed), 1);
+        assert_eq!(counters.errors.load(Ordering::Relaxed), 1);
+        std::fs::remove_file(path).unwrap();
+    }
+
     #[test]
     fn a_header_split_across_descriptors_works() {
         let mem = memory();
