@@ -13,15 +13,20 @@ use std::os::fd::IntoRawFd;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use std::sync::atomic::Ordering;
+
 use agent_proto::agent::{
-    ContainerRequest, Empty, ExecProcessRequest, OnlineCPUMemRequest, Resources, Rootfs, SignalProcessRequest, Stdio,
-    UpdateContainerRequest, VirtioSlotRequest,
+    ContainerRequest, Empty, ExecProcessRequest, IPAddress, Interface, OnlineCPUMemRequest, Resources, Rootfs, Route,
+    Routes, SignalProcessRequest, Stdio, UpdateContainerRequest, UpdateInterfaceRequest, UpdateRoutesRequest,
+    VirtioSlotRequest,
 };
 use agent_proto::agent_ttrpc::AgentClient;
 use agent_proto::{link, ttrpc};
 use anyhow::{anyhow, ensure, Context};
 use devices::virtio::block::{Block, BlockConfig};
+use devices::virtio::net::{Net, NetConfig};
 use devices::virtio::vsock::{Vsock, VsockConfig};
+use vessel_tests::netns::NetNs;
 use libtest_mimic::{Arguments, Failed, Trial};
 use vessel_tests::agent::{collected, container, ctx, output_ports, process_json, rpc_error, spec_json, wait_for, HostSide, SpecOptions};
 use vessel_tests::tier3::{
@@ -51,9 +56,26 @@ fn cpu_usage(client: &AgentClient, id: &str) -> anyhow::Result<u64> {
     Ok(client.stats_container(ctx(), &container(id)).map_err(rpc_error)?.cpu_usage_usec)
 }
 
-fn containers_in_a_guest() -> anyhow::Result<()> {
+/// What a scenario gets: the host's sockets, the readiness listener, the
+/// hybrid vsock socket, and when QEMU was started.
+struct Guest<'a> {
+    host: &'a HostSide,
+    ready: &'a std::os::unix::net::UnixListener,
+    uds: &'a Path,
+    started: Instant,
+}
+
+/// Boots the agent's guest (our vsock and blk over vhost-user, QEMU's rng,
+/// and our net on `net` when given), runs `scenario` against it, and
+/// makes sure the guest is gone afterwards. Returns what the scenario
+/// reports.
+fn with_guest(
+    tag: &str,
+    net: Option<devices::virtio::net::Net>,
+    scenario: impl FnOnce(&Guest) -> anyhow::Result<String>,
+) -> anyhow::Result<String> {
     let kernel = test_kernel()?;
-    let dir = TempDir::new("agent-guest")?;
+    let dir = TempDir::new(tag)?;
     let agent = resources::guest_image::read_agent(Path::new(AGENT))?;
     let modules = resources::guest_image::agent_modules(&kernel)?;
     let initrd = dir.path().join("initrd.img");
@@ -66,10 +88,10 @@ fn containers_in_a_guest() -> anyhow::Result<()> {
     let uds = dir.path().join("vsock.sock");
     let (vsock, _) = Vsock::new(&VsockConfig { guest_cid: GUEST_CID, uds_path: uds.clone() })?;
     let vsock_socket = dir.path().join("vhost-vsock.sock");
-    let vsock_server = serve_vhost_user("vsock", Box::new(vsock), &vsock_socket)?;
+    let mut servers = vec![serve_vhost_user("vsock", Box::new(vsock), &vsock_socket)?];
     let blk_socket = dir.path().join("vhost-blk.sock");
     let config = BlockConfig { path: image, read_only: false, id: Some(DISK_SERIAL.into()) };
-    let blk_server = serve_vhost_user("blk", Box::new(Block::open(&config)?.0), &blk_socket)?;
+    servers.push(serve_vhost_user("blk", Box::new(Block::open(&config)?.0), &blk_socket)?);
 
     let host = HostSide::new(uds.clone());
     let ready = host.listen(link::DEFAULT_PORT)?;
@@ -82,31 +104,107 @@ fn containers_in_a_guest() -> anyhow::Result<()> {
     // Entropy from the first boot (QEMU's own virtio-rng here; ours is
     // tested in-process).
     opts.extra_args.extend(["-device".to_string(), "virtio-rng-device".to_string()]);
+    if let Some(net) = net {
+        let net_socket = dir.path().join("vhost-net.sock");
+        servers.push(serve_vhost_user("net", Box::new(net), &net_socket)?);
+        opts.extra_args.extend([
+            "-chardev".to_string(),
+            format!("socket,id=vnet,path={}", net_socket.display()),
+            "-netdev".to_string(),
+            "vhost-user,id=n0,chardev=vnet".to_string(),
+            "-device".to_string(),
+            format!("virtio-net-device,netdev=n0,mac={GUEST_MAC}"),
+        ]);
+    }
     let started = Instant::now();
     let abort = opts.abort.clone();
     let qemu = std::thread::spawn(move || boot_linux_tcg(&opts));
 
-    let outcome = drive(&host, &ready, &uds, started);
+    let outcome = scenario(&Guest { host: &host, ready: &ready, uds: &uds, started });
     if outcome.is_err() {
         abort.store(true, std::sync::atomic::Ordering::Relaxed);
     }
     // Whatever happened, the guest must go: DestroySandbox powers it off;
     // if the link never came up, QEMU's timeout ends it.
     let run = qemu.join().map_err(|_| anyhow!("the QEMU thread panicked"))??;
-    let _ = vsock_server.join();
-    let _ = blk_server.join();
+    for server in servers {
+        let _ = server.join();
+    }
     let report = outcome.with_context(|| format!("guest console:\n{}", run.console))?;
     ensure!(run.console.contains("vessel-agent: ready after"), "no readiness in the console{}", run.context());
+    Ok(report)
+}
+
+/// Waits for the agent and connects to it.
+fn connect(g: &Guest) -> anyhow::Result<(AgentClient, String, Duration)> {
+    let version = g.host.wait_ready(g.ready, Duration::from_secs(240))?;
+    let ready_after = g.started.elapsed();
+    let conn = link::connect_hybrid(g.uds, link::DEFAULT_PORT)?;
+    let client = AgentClient::new(ttrpc::Client::new(conn.into_raw_fd()).map_err(|e| anyhow!("ttrpc client: {e}"))?);
+    Ok((client, version, ready_after))
+}
+
+fn containers_in_a_guest() -> anyhow::Result<()> {
+    let report = with_guest("agent-guest", None, drive)?;
     eprintln!("{report}");
     Ok(())
 }
 
+const GUEST_MAC: &str = "52:54:00:76:73:61";
+
+/// The guest's network set up through the agent (netlink in a real guest
+/// kernel, on Linux's virtio_net driver over our TAP backend), and a
+/// container sharing it reaching the host.
+fn container_network_in_a_guest() -> anyhow::Result<()> {
+    let ns = NetNs::new("agent-guest-net")?;
+    let mac = [0x52, 0x54, 0x00, 0x76, 0x73, 0x61];
+    let (net, counters) = ns.within(move || Ok(Net::new(&NetConfig { tap: "vtap2".into(), mac })?))?;
+    ns.ip(&["addr", "add", "10.79.0.1/24", "dev", "vtap2"])?;
+    ns.ip(&["link", "set", "vtap2", "up"])?;
+    let report = with_guest("agent-guest-net", Some(net), |g| {
+        let (client, _, _) = connect(g)?;
+        let iface = Interface {
+            name: "eth0".into(),
+            hw_addr: GUEST_MAC.into(),
+            addresses: vec![IPAddress { address: "10.79.0.2".into(), prefix_len: 24, ..Default::default() }],
+            mtu: 1500,
+            up: true,
+            ..Default::default()
+        };
+        let got = client
+            .update_interface(ctx(), &UpdateInterfaceRequest { interface: Some(iface).into(), ..Default::default() })
+            .map_err(rpc_error)?;
+        ensure!(got.up && got.addresses.iter().any(|a| a.address == "10.79.0.2"), "{got:?}");
+        let route = Route { dest: "default".into(), gateway: "10.79.0.1".into(), device: "eth0".into(), ..Default::default() };
+        let routes = UpdateRoutesRequest { routes: Some(Routes { routes: vec![route], ..Default::default() }).into(), ..Default::default() };
+        client.update_routes(ctx(), &routes).map_err(rpc_error)?;
+        let listed = client.list_routes(ctx(), &Empty::new()).map_err(rpc_error)?.routes;
+        ensure!(listed.iter().any(|r| r.dest == "default" && r.gateway == "10.79.0.1"), "{listed:?}");
+
+        // No network namespace in the spec: the container shares the guest's.
+        let (out, handle) = g.host.capture()?;
+        let ping = ["ping", "-c", "3", "-W", "10", "10.79.0.1"];
+        client
+            .create_container(ctx(), &request("pinger", &ping, &SpecOptions::default(), output_ports(out, out)))
+            .map_err(rpc_error)?;
+        client.start_container(ctx(), &container("pinger")).map_err(rpc_error)?;
+        let output = collected(handle)?;
+        let status = client.wait_process(ctx(), &wait_for("pinger", "")).map_err(rpc_error)?.status;
+        ensure!(status == 0 && output.contains("3 packets received"), "ping exited {status}: {output}");
+        client.remove_container(ctx(), &container("pinger")).map_err(rpc_error)?;
+        client.destroy_sandbox(ctx(), &Empty::new()).map_err(rpc_error)?;
+        Ok("eth0 configured through the agent; a container pinged the host 3/3".into())
+    })?;
+    let (rx, tx) = (counters.rx_packets.load(Ordering::Relaxed), counters.tx_packets.load(Ordering::Relaxed));
+    ensure!(rx >= 3 && tx >= 3, "our net backend moved {tx} frames out and {rx} in");
+    eprintln!("container_network_in_a_guest: {report}");
+    Ok(())
+}
+
 /// The host's part: returns the figures to print.
-fn drive(host: &HostSide, ready: &std::os::unix::net::UnixListener, uds: &Path, started: Instant) -> anyhow::Result<String> {
-    let version = host.wait_ready(ready, Duration::from_secs(240))?;
-    let ready_after = started.elapsed();
-    let conn = link::connect_hybrid(uds, link::DEFAULT_PORT)?;
-    let client = AgentClient::new(ttrpc::Client::new(conn.into_raw_fd()).map_err(|e| anyhow!("ttrpc client: {e}"))?);
+fn drive(g: &Guest) -> anyhow::Result<String> {
+    let (client, version, ready_after) = connect(g)?;
+    let host = g.host;
     let details = client.get_guest_details(ctx(), &Empty::new()).map_err(rpc_error)?;
     ensure!(details.agent_version == version && details.kernel_release.starts_with("6."), "{details:?}");
     ensure!(details.online_cpus >= 1 && details.mem_total_bytes > 100 << 20, "{details:?}");
@@ -211,11 +309,29 @@ fn drive(host: &HostSide, ready: &std::os::unix::net::UnixListener, uds: &Path, 
 }
 
 fn main() {
-    let args = Arguments::from_args();
-    let mut trial = Trial::test("containers_in_a_guest", || containers_in_a_guest().map_err(|e| Failed::from(format!("{e:#}"))));
-    if let Some(reason) = qemu_tcg_unavailable() {
-        eprintln!("skipped containers_in_a_guest: {reason}");
-        trial = trial.with_ignored_flag(true);
-    }
-    libtest_mimic::run(&args, vec![trial]).exit();
+    let mut args = Arguments::from_args();
+    // One guest at a time: each has 2 vCPUs, and the boot figure printed
+    // should not include another guest's share of the machine.
+    args.test_threads.get_or_insert(1);
+    let tcg = if args.list { None } else { qemu_tcg_unavailable() };
+    let net = tcg.clone().or_else(vessel_tests::netns::unavailable);
+    type Test = fn() -> anyhow::Result<()>;
+    let tests: [(&str, Test, Option<String>); 2] = [
+        ("containers_in_a_guest", containers_in_a_guest, tcg),
+        ("container_network_in_a_guest", container_network_in_a_guest, net),
+    ];
+    let trials = tests
+        .into_iter()
+        .map(|(name, test, skip)| {
+            let trial = Trial::test(name, move || test().map_err(|e| Failed::from(format!("{e:#}"))));
+            match skip {
+                Some(reason) => {
+                    eprintln!("skipped {name}: {reason}");
+                    trial.with_ignored_flag(true)
+                }
+                None => trial,
+            }
+        })
+        .collect();
+    libtest_mimic::run(&args, trials).exit();
 }
