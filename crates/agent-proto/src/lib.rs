@@ -6,6 +6,7 @@
 //! - [`link`]: how the agent and the host reach each other (ports, the
 //!   readiness line, the vsock/Unix socket addresses).
 //! - [`mock`]: an in-process mock agent for host-side unit tests.
+//! - [`spec`]: OCI runtime specs for the host side to send.
 
 #[allow(warnings, clippy::all, clippy::pedantic, clippy::undocumented_unsafe_blocks, missing_docs)]
 pub mod agent {
@@ -19,6 +20,7 @@ pub mod agent_ttrpc {
 
 pub mod link;
 pub mod mock;
+pub mod spec;
 
 pub use ttrpc;
 pub use protobuf;

@@ -107,14 +107,7 @@ fn with_guest(
     if let Some(net) = net {
         let net_socket = dir.path().join("vhost-net.sock");
         servers.push(serve_vhost_user("net", Box::new(net), &net_socket)?);
-        opts.extra_args.extend([
-            "-chardev".to_string(),
-            format!("socket,id=vnet,path={}", net_socket.display()),
-            "-netdev".to_string(),
-            "vhost-user,id=n0,chardev=vnet".to_string(),
-            "-device".to_string(),
-            format!("virtio-net-device,netdev=n0,mac={GUEST_MAC}"),
-        ]);
+        opts.extra_args.extend(runtime_api::qemu::vhost_user_net_args(&net_socket, GUEST_MAC));
     }
     let started = Instant::now();
     let abort = opts.abort.clone();

@@ -1,5 +1,8 @@
 //! The sandbox API (Kata's virtcontainers API in Rust): sandboxes,
 //! containers, devices, network; state persistence and locking.
 //!
-//! Not built yet. The VMM it will drive is the `vmm` crate; the agent
-//! protocol it will speak is `agent-proto`. Nothing here pretends to work.
+//! Built so far: [`qemu`], the QEMU TCG fallback hypervisor's command line
+//! (used by `vessel sandbox run` and the tier-3 tests). The sandbox and
+//! container API itself is not built yet; nothing here pretends it is.
+
+pub mod qemu;

@@ -167,65 +167,7 @@ fn dummy_client() -> anyhow::Result<ttrpc::Client> {
     ttrpc::Client::new(a.into_raw_fd()).map_err(|e| anyhow!("ttrpc client: {e}"))
 }
 
-/// What a test container looks like.
-#[derive(Clone, Debug, Default)]
-pub struct SpecOptions {
-    /// The hostname (a new UTS namespace is asked for anyway).
-    pub hostname: Option<String>,
-    /// User ID and group ID.
-    pub uid: u32,
-    /// Group ID.
-    pub gid: u32,
-    /// A terminal.
-    pub terminal: bool,
-    /// `linux.resources` as JSON, if any.
-    pub resources: Option<String>,
-    /// Environment entries beyond PATH.
-    pub env: Vec<String>,
-}
-
-fn json_strings(items: &[&str]) -> String {
-    let quoted: Vec<String> = items.iter().map(|s| format!("{s:?}")).collect();
-    format!("[{}]", quoted.join(","))
-}
-
-/// The OCI `process` object.
-pub fn process_json(args: &[&str], o: &SpecOptions) -> String {
-    let mut env = vec!["PATH=/bin:/sbin:/usr/bin:/usr/sbin"];
-    env.extend(o.env.iter().map(String::as_str));
-    format!(
-        r#"{{"terminal":{},"user":{{"uid":{},"gid":{}}},"args":{},"env":{},"cwd":"/","noNewPrivileges":true,
-            "rlimits":[{{"type":"RLIMIT_NOFILE","hard":1024,"soft":1024}}]}}"#,
-        o.terminal,
-        o.uid,
-        o.gid,
-        json_strings(args),
-        json_strings(&env)
-    )
-}
-
-/// A runtime spec in the shape containerd's defaults have: new PID, UTS,
-/// IPC and mount namespaces, proc/dev/devpts/shm/sysfs mounts, masked and
-/// read-only paths.
-pub fn spec_json(args: &[&str], o: &SpecOptions) -> Vec<u8> {
-    let hostname = o.hostname.as_deref().unwrap_or("vessel");
-    let resources = o.resources.as_ref().map(|r| format!(r#","resources":{r}"#)).unwrap_or_default();
-    format!(
-        r#"{{"ociVersion":"1.0.2","process":{},"root":{{"path":"rootfs"}},"hostname":"{hostname}",
-        "mounts":[
-          {{"destination":"/proc","type":"proc","source":"proc","options":["nosuid","noexec","nodev"]}},
-          {{"destination":"/dev","type":"tmpfs","source":"tmpfs","options":["nosuid","strictatime","mode=755","size=65536k"]}},
-          {{"destination":"/dev/pts","type":"devpts","source":"devpts","options":["nosuid","noexec","newinstance","ptmxmode=0666","mode=0620"]}},
-          {{"destination":"/dev/shm","type":"tmpfs","source":"shm","options":["nosuid","noexec","nodev","mode=1777","size=65536k"]}},
-          {{"destination":"/sys","type":"sysfs","source":"sysfs","options":["nosuid","noexec","nodev","ro"]}}
-        ],
-        "linux":{{"namespaces":[{{"type":"pid"}},{{"type":"ipc"}},{{"type":"uts"}},{{"type":"mount"}}],
-          "maskedPaths":["/proc/kcore","/proc/keys","/sys/firmware"],
-          "readonlyPaths":["/proc/sys","/proc/sysrq-trigger"]{resources}}}}}"#,
-        process_json(args, o)
-    )
-    .into_bytes()
-}
+pub use agent_proto::spec::{process_json, spec_json, SpecOptions};
 
 /// A CreateContainer request for a directory root.
 pub fn create_request(id: &str, spec: Vec<u8>, rootfs: &Path, stdio: StdioPorts) -> CreateContainerRequest {

@@ -19,16 +19,7 @@ use anyhow::{bail, ensure, Context};
 use resources::kernel::{self, Kernel};
 use resources::test_image::{self, INIT_MARKER, RESULT_MARKER, VALUE_MARKER};
 
-/// The QEMU binary (Debian: `qemu-system-x86`).
-pub const QEMU: &str = "qemu-system-x86_64";
-
-/// What every tier-3 guest gets on its command line. Without the TSC
-/// options this kernel can hang calibrating the TSC under TCG. `panic=-1`
-/// reboots at once on a panic, which `-no-reboot` turns into QEMU exiting;
-/// `reboot=t` makes that reboot a triple fault: the default (the ACPI reset
-/// register, then the keyboard controller, then the BIOS) left about 3
-/// panics in 10 hanging on microvm here.
-pub const BASE_CMDLINE: &str = "console=ttyS0 tsc_early_khz=2000000 tsc=reliable no_timer_check panic=-1 reboot=t";
+pub use runtime_api::qemu::{vhost_user_device_args, BASE_CMDLINE, QEMU};
 
 /// The virtio modules a test image loads for virtio-mmio devices: the
 /// transport (its dependencies virtio_ring and virtio come with it).
@@ -79,39 +70,16 @@ impl LinuxOptions {
 
     /// The full QEMU command line, program excluded.
     pub fn qemu_args(&self) -> Vec<String> {
-        let mut machine = "microvm,x-option-roms=off,isa-serial=on,rtc=on".to_string();
-        let mut args: Vec<String> = Vec::new();
-        if self.vhost_user {
-            machine.push_str(",memory-backend=mem");
-            args.extend([
-                "-object".into(),
-                format!("memory-backend-memfd,id=mem,size={}M,share=on", self.mem_mib),
-                "-global".into(),
-                "virtio-mmio.force-legacy=false".into(),
-            ]);
+        runtime_api::qemu::TcgMachine {
+            kernel: self.kernel.clone(),
+            initrd: self.initrd.clone(),
+            vcpus: self.vcpus,
+            mem_mib: self.mem_mib,
+            cmdline: self.cmdline.clone(),
+            vhost_user: self.vhost_user,
+            extra_args: self.extra_args.clone(),
         }
-        let cmdline = format!("{BASE_CMDLINE} {}", self.cmdline).trim_end().to_string();
-        let (mem, smp) = (format!("{}M", self.mem_mib), self.vcpus.to_string());
-        let kernel = self.kernel.display().to_string();
-        let initrd = self.initrd.display().to_string();
-        let mut all: Vec<String> = vec![];
-        for pair in [
-            ["-M", &machine],
-            ["-accel", "tcg"],
-            ["-cpu", "qemu64"],
-            ["-m", &mem],
-            ["-smp", &smp],
-            ["-serial", "stdio"],
-            ["-kernel", &kernel],
-            ["-initrd", &initrd],
-            ["-append", &cmdline],
-        ] {
-            all.extend(pair.map(String::from));
-        }
-        all.extend(["-nodefaults", "-no-user-config", "-nographic", "-no-reboot"].map(String::from));
-        all.extend(args);
-        all.extend(self.extra_args.iter().cloned());
-        all
+        .args()
     }
 }
 
@@ -350,16 +318,6 @@ pub fn serve_vhost_user(
     Ok(server)
 }
 
-/// QEMU arguments attaching the vhost-user device `model` served on `socket`.
-pub fn vhost_user_device_args(socket: &std::path::Path, model: &str) -> Vec<String> {
-    let id = model.replace('-', "");
-    vec![
-        "-chardev".into(),
-        format!("socket,id={id},path={}", socket.display()),
-        "-device".into(),
-        format!("{model},chardev={id}"),
-    ]
-}
 
 #[cfg(test)]
 mod tests {

@@ -494,16 +494,7 @@ fn vessel_vhost_user_net_ping() -> TestResult {
     let server = serve_vhost_user("net", Box::new(net), &socket)?;
     let mut opts = LinuxOptions::new(&kernel.image, &initrd);
     opts.vhost_user = true;
-    opts.extra_args = vec![
-        "-chardev".into(),
-        format!("socket,id=vnet,path={}", socket.display()),
-        "-netdev".into(),
-        "vhost-user,id=n0,chardev=vnet".into(),
-        "-device".into(),
-        // QEMU's vhost-user-net takes the MAC from its own property, not
-        // from the backend's config space.
-        format!("virtio-net-device,netdev=n0,mac={}", mac_string(&NET_GUEST_MAC)),
-    ];
+    opts.extra_args = runtime_api::qemu::vhost_user_net_args(&socket, &mac_string(&NET_GUEST_MAC));
     let run = boot_linux_tcg(&opts)?;
     server.join().map_err(|_| anyhow::anyhow!("the vhost-user server panicked"))??;
     run.ensure_ok()?;

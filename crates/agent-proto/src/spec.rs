@@ -1,0 +1,93 @@
+//! OCI runtime specs for the host side: the shape containerd's defaults
+//! have (new PID, UTS, IPC and mount namespaces; proc, dev, devpts, shm and
+//! sysfs mounts; masked and read-only paths), as JSON for CreateContainer
+//! and ExecProcess.
+
+/// What a container looks like, beyond its command.
+#[derive(Clone, Debug, Default)]
+pub struct SpecOptions {
+    /// The hostname (a new UTS namespace is asked for anyway).
+    pub hostname: Option<String>,
+    /// User ID and group ID.
+    pub uid: u32,
+    /// Group ID.
+    pub gid: u32,
+    /// A terminal.
+    pub terminal: bool,
+    /// `linux.resources` as JSON, if any.
+    pub resources: Option<String>,
+    /// Environment entries beyond PATH.
+    pub env: Vec<String>,
+}
+
+/// A JSON string literal (RFC 8259 escaping).
+pub fn json_string(text: &str) -> String {
+    let mut out = String::with_capacity(text.len() + 2);
+    out.push('"');
+    for c in text.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
+fn json_strings(items: &[&str]) -> String {
+    let quoted: Vec<String> = items.iter().map(|s| json_string(s)).collect();
+    format!("[{}]", quoted.join(","))
+}
+
+/// The OCI `process` object.
+pub fn process_json(args: &[&str], o: &SpecOptions) -> String {
+    let mut env = vec!["PATH=/bin:/sbin:/usr/bin:/usr/sbin"];
+    env.extend(o.env.iter().map(String::as_str));
+    format!(
+        r#"{{"terminal":{},"user":{{"uid":{},"gid":{}}},"args":{},"env":{},"cwd":"/","noNewPrivileges":true,
+            "rlimits":[{{"type":"RLIMIT_NOFILE","hard":1024,"soft":1024}}]}}"#,
+        o.terminal,
+        o.uid,
+        o.gid,
+        json_strings(args),
+        json_strings(&env)
+    )
+}
+
+/// A runtime spec in the shape containerd's defaults have: new PID, UTS,
+/// IPC and mount namespaces, proc/dev/devpts/shm/sysfs mounts, masked and
+/// read-only paths.
+pub fn spec_json(args: &[&str], o: &SpecOptions) -> Vec<u8> {
+    let hostname = json_string(o.hostname.as_deref().unwrap_or("vessel"));
+    let resources = o.resources.as_ref().map(|r| format!(r#","resources":{r}"#)).unwrap_or_default();
+    format!(
+        r#"{{"ociVersion":"1.0.2","process":{},"root":{{"path":"rootfs"}},"hostname":{hostname},
+        "mounts":[
+          {{"destination":"/proc","type":"proc","source":"proc","options":["nosuid","noexec","nodev"]}},
+          {{"destination":"/dev","type":"tmpfs","source":"tmpfs","options":["nosuid","strictatime","mode=755","size=65536k"]}},
+          {{"destination":"/dev/pts","type":"devpts","source":"devpts","options":["nosuid","noexec","newinstance","ptmxmode=0666","mode=0620"]}},
+          {{"destination":"/dev/shm","type":"tmpfs","source":"shm","options":["nosuid","noexec","nodev","mode=1777","size=65536k"]}},
+          {{"destination":"/sys","type":"sysfs","source":"sysfs","options":["nosuid","noexec","nodev","ro"]}}
+        ],
+        "linux":{{"namespaces":[{{"type":"pid"}},{{"type":"ipc"}},{{"type":"uts"}},{{"type":"mount"}}],
+          "maskedPaths":["/proc/kcore","/proc/keys","/sys/firmware"],
+          "readonlyPaths":["/proc/sys","/proc/sysrq-trigger"]{resources}}}}}"#,
+        process_json(args, o)
+    )
+    .into_bytes()
+}
+
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn strings_are_escaped_for_json() {
+        assert_eq!(json_string("a\"b\\c\n\u{1}"), r#""a\"b\\c\u000a\u0001""#);
+        let spec = String::from_utf8(spec_json(&["echo", "say \"hi\""], &SpecOptions::default())).unwrap();
+        assert!(spec.contains(r#""args":["echo","say \"hi\""]"#), "{spec}");
+    }
+}
