@@ -15,6 +15,10 @@ vessel=target/x86_64-unknown-linux-gnu/release/vessel
 # The sandbox guest's boot files: the distribution kernel (fetched once,
 # then cached) and an initramfs with the agent next to vessel as /init.
 "$vessel" image build --out target/guest-image
+# The main job: a container in a sandbox VM (QEMU TCG here, our devices
+# over vhost-user), with the demo busybox root.
+echo "setup: running a container in a sandbox VM:"
+"$vessel" sandbox run --hostname demo -- sh -c 'echo "hello from a container on $(hostname), kernel $(uname -r)"'
 
 if [ ! -r /dev/kvm ] || [ ! -w /dev/kvm ]; then
     echo "setup: /dev/kvm is missing or not accessible to $(id -un); vessel is built but cannot boot a VM here" >&2

@@ -2,6 +2,7 @@
 
 mod bench;
 mod bench_blk;
+mod sandbox;
 mod serve;
 
 use std::path::PathBuf;
@@ -35,12 +36,23 @@ enum Command {
     /// Serve a device backend to another VMM.
     #[command(subcommand)]
     Device(DeviceCommand),
+    /// Run containers in sandbox VMs.
+    #[command(subcommand)]
+    Sandbox(SandboxCommand),
     /// Write the bundled test guests (tiny kernels used by tests) to a directory.
     Guests {
         /// Directory to write them to (created if missing).
         #[arg(long)]
         out: PathBuf,
     },
+}
+
+#[derive(Subcommand, Debug)]
+enum SandboxCommand {
+    /// Run one command in a container in a fresh sandbox VM (QEMU TCG with
+    /// our devices over vhost-user); its output is ours, and so is its
+    /// exit status.
+    Run(sandbox::RunArgs),
 }
 
 #[derive(Subcommand, Debug)]
@@ -170,6 +182,7 @@ fn main() -> ExitCode {
         Command::Device(DeviceCommand::Serve(cmd)) => serve::run(cmd).map(|()| ExitCode::SUCCESS),
         Command::Guests { out } => write_guests(&out).map(|()| ExitCode::SUCCESS),
         Command::Image(cmd) => image(cmd).map(|()| ExitCode::SUCCESS),
+        Command::Sandbox(SandboxCommand::Run(args)) => sandbox::run(&args),
     };
     result.unwrap_or_else(|e| {
         eprintln!("vessel: error: {e:#}");

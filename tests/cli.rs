@@ -329,6 +329,50 @@ fn gate(reason: Option<String>, trials: Vec<Trial>) -> Vec<Trial> {
     }
 }
 
+/// The agent binary cargo built next to `vessel` (same workspace, same
+/// profile).
+fn built_agent() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_BIN_EXE_vessel")).with_file_name("vessel-agent")
+}
+
+/// Why `vessel sandbox run` cannot be tried here.
+fn sandbox_unavailable() -> Option<String> {
+    if !built_agent().is_file() {
+        return Some(format!("{} is not built (cargo build -p agent)", built_agent().display()));
+    }
+    vessel_tests::tier3::qemu_tcg_unavailable()
+}
+
+/// The README's container: a command in a sandbox VM, its output on our
+/// stdout, its exit status ours.
+fn sandbox_run_is_the_containers_output_and_status() -> TestResult {
+    let dir = TempDir::new("cli-sandbox")?;
+    let image = dir.path().join("guest");
+    let kernel = vessel_tests::tier3::test_kernel()?;
+    let agent = built_agent();
+    let mut build = vec!["image".to_string(), "build".into(), "--agent".into(), agent.to_string_lossy().into()];
+    build.extend(["--out".into(), image.to_string_lossy().into()]);
+    if kernel.package.is_none() {
+        build.extend(["--kernel".into(), kernel.image.to_string_lossy().into()]);
+        if let Some(modules) = &kernel.modules {
+            build.extend(["--modules".into(), modules.to_string_lossy().into()]);
+        }
+    }
+    let build: Vec<&str> = build.iter().map(String::as_str).collect();
+    let out = vessel(&build)?;
+    ensure!(out.status.success(), "image build: {}", text(&out.stderr));
+    let image = image.to_string_lossy().into_owned();
+    let script = "echo out from $(hostname); echo err >&2; test $$ = 1 && echo pid-1; exit 7";
+    let out = vessel(&["sandbox", "run", "--image", &image, "--hostname", "box", "--", "sh", "-c", script])?;
+    let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+    ensure!(out.status.code() == Some(7), "exit {:?}; stderr {stderr}", out.status);
+    ensure!(stdout == "out from box\npid-1\n", "stdout {stdout:?}; stderr {stderr}");
+    ensure!(stderr.starts_with("err\n") && stderr.contains("container exited 7"), "stderr {stderr:?}");
+    let missing = vessel(&["sandbox", "run", "--image", "/nonexistent", "--", "true"])?;
+    ensure!(text(&missing.stderr).contains("vessel image build"), "{}", text(&missing.stderr));
+    Ok(())
+}
+
 fn main() {
     let args = Arguments::from_args();
     let mut trials = vec![
@@ -340,6 +384,10 @@ fn main() {
     trials.extend(gate(
         image_build_unavailable(),
         vec![trial("image_build_writes_the_boot_files", image_build_writes_the_boot_files)],
+    ));
+    trials.extend(gate(
+        if args.list { None } else { sandbox_unavailable() },
+        vec![trial("sandbox_run_is_the_containers_output_and_status", sandbox_run_is_the_containers_output_and_status)],
     ));
     trials.extend(gate(
         kvm_unavailable(),
