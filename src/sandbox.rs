@@ -138,7 +138,9 @@ pub(crate) fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
             .with_context(|| format!("starting {QEMU}"))?,
     );
 
-    let outcome = drive(args, &uds, &ready, stdout, stderr, start);
+    let mut qemu = qemu;
+    let mut qemu_exited = || !matches!(qemu.0.try_wait(), Ok(None));
+    let outcome = drive(args, &uds, &ready, stdout, stderr, start, &mut qemu_exited);
     if outcome.is_err() {
         let log = std::fs::read_to_string(&console_path).unwrap_or_default();
         let tail: Vec<&str> = log.lines().rev().take(20).collect::<Vec<_>>().into_iter().rev().collect();
@@ -146,7 +148,6 @@ pub(crate) fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
     }
     // DestroySandbox powers the guest off; give QEMU a moment to see it.
     let deadline = Instant::now() + Duration::from_secs(5);
-    let mut qemu = qemu;
     while Instant::now() < deadline && matches!(qemu.0.try_wait(), Ok(None)) {
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -196,12 +197,16 @@ fn drive(
     stdout: UnixListener,
     stderr: UnixListener,
     start: Instant,
+    qemu_exited: &mut dyn FnMut() -> bool,
 ) -> anyhow::Result<ExitCode> {
     ready.set_nonblocking(true)?;
     let mut conn = loop {
         match ready.accept() {
             Ok((conn, _)) => break conn,
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && start.elapsed() < READY_TIMEOUT => {
+                if qemu_exited() {
+                    bail!("QEMU exited before the guest's agent was ready");
+                }
                 std::thread::sleep(Duration::from_millis(5));
             }
             Err(e) => bail!("the guest's agent did not say it was ready within {READY_TIMEOUT:?}: {e}"),
