@@ -29,6 +29,7 @@ use runtime_api::qemu::{vhost_user_device_args, TcgMachine, QEMU};
 /// The disk serial the container's root is found by.
 const ROOT_SERIAL: &str = "rootfs";
 const GUEST_CID: u64 = 3;
+const STDIN_PORT: u32 = 2000;
 const STDOUT_PORT: u32 = 2001;
 const STDERR_PORT: u32 = 2002;
 /// How long the guest may take to boot to its agent under TCG.
@@ -49,6 +50,9 @@ pub(crate) struct RunArgs {
     /// The container's hostname.
     #[arg(long, default_value = "vessel")]
     hostname: String,
+    /// Give the container our stdin (without it, its stdin is /dev/null).
+    #[arg(short, long)]
+    interactive: bool,
     /// The command and its arguments.
     #[arg(required = true, last = true)]
     command: Vec<String>,
@@ -113,6 +117,16 @@ pub(crate) fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
     let ready = UnixListener::bind(link::port_path(&uds, link::DEFAULT_PORT))?;
     let stdout = UnixListener::bind(link::port_path(&uds, STDOUT_PORT))?;
     let stderr = UnixListener::bind(link::port_path(&uds, STDERR_PORT))?;
+    if args.interactive {
+        let stdin = UnixListener::bind(link::port_path(&uds, STDIN_PORT))?;
+        // Our stdin to the container's, until our end-of-file.
+        std::thread::spawn(move || {
+            if let Ok((mut conn, _)) = stdin.accept() {
+                let _ = std::io::copy(&mut std::io::stdin().lock(), &mut conn);
+                let _ = conn.shutdown(std::net::Shutdown::Write);
+            }
+        });
+    }
 
     let mut extra_args = vhost_user_device_args(&vsock_socket, "vhost-user-vsock-device");
     extra_args.extend(vhost_user_device_args(&blk_socket, "vhost-user-blk"));
@@ -233,7 +247,13 @@ fn drive(
         container_id: "run".into(),
         oci_spec_json: spec,
         rootfs: Some(root).into(),
-        stdio: Some(StdioPorts { stdout_port: STDOUT_PORT, stderr_port: STDERR_PORT, ..Default::default() }).into(),
+        stdio: Some(StdioPorts {
+            stdin_port: if args.interactive { STDIN_PORT } else { 0 },
+            stdout_port: STDOUT_PORT,
+            stderr_port: STDERR_PORT,
+            ..Default::default()
+        })
+        .into(),
         ..Default::default()
     };
     let created = Instant::now();

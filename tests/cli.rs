@@ -4,7 +4,7 @@
 use std::path::Path;
 use std::process::{Command, Output};
 
-use anyhow::ensure;
+use anyhow::{ensure, Context};
 use guests::{Format, Program};
 use libtest_mimic::{Arguments, Failed, Trial};
 use vessel_tests::{kvm_unavailable, TempDir};
@@ -368,6 +368,16 @@ fn sandbox_run_is_the_containers_output_and_status() -> TestResult {
     ensure!(out.status.code() == Some(7), "exit {:?}; stderr {stderr}", out.status);
     ensure!(stdout == "out from box\npid-1\n", "stdout {stdout:?}; stderr {stderr}");
     ensure!(stderr.starts_with("err\n") && stderr.contains("container exited 7"), "stderr {stderr:?}");
+    // -i: our stdin is the container's.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_vessel"))
+        .args(["sandbox", "run", "-i", "--image", &image, "--", "sh", "-c", "tr a-z A-Z"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    std::io::Write::write_all(&mut child.stdin.take().context("stdin")?, b"shout\n")?;
+    let out = child.wait_with_output()?;
+    ensure!(out.status.success() && text(&out.stdout) == "SHOUT\n", "-i: {:?} {}", text(&out.stdout), text(&out.stderr));
     let missing = vessel(&["sandbox", "run", "--image", "/nonexistent", "--", "true"])?;
     ensure!(text(&missing.stderr).contains("vessel image build"), "{}", text(&missing.stderr));
     Ok(())
