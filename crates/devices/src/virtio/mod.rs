@@ -110,28 +110,31 @@ pub trait VirtioBackend: Send + Sync {
 /// After a backend ran: re-arms every ready queue's notifications (with
 /// VIRTIO_RING_F_EVENT_IDX this tells the driver how far we have read, so
 /// it kicks again only past that point), runs the backend again for a queue
-/// it had drained when more buffers arrived meanwhile (the race notification
-/// suppression opens), and says which of the `used` queues the driver wants
-/// interrupted (with EVENT_IDX, only those whose used_event was passed).
+/// that has buffers once notifications are back on (the race notification
+/// suppression opens: the driver did not kick for them), and says which of
+/// the `used` queues the driver wants interrupted (with EVENT_IDX, only
+/// those whose used_event was passed).
 pub fn settle(
     backend: &mut dyn VirtioBackend,
     queues: &mut [&mut Queue],
     mem: &GuestMemoryMmap,
     mut used: u64,
 ) -> u64 {
+    // A queue is served again when buffers are there once notifications
+    // are back on: the driver does not kick for buffers it added while we
+    // had them off, so nobody else would. Where a pass takes nothing (a
+    // receive queue whose buffers wait for host data), that queue is left
+    // for the backend's own wakeup, so a waiting queue does not spin.
     // Bounded: a driver adding buffers as fast as we take them is served on
     // the next kick instead.
+    let mut stalled = 0u64;
     for _ in 0..8 {
         let mut again = 0u64;
         for (i, q) in queues.iter_mut().enumerate() {
-            if !q.ready() {
+            if !q.ready() || stalled & (1 << i) != 0 {
                 continue;
             }
-            let drained = q
-                .avail_idx(mem, std::sync::atomic::Ordering::Acquire)
-                .is_ok_and(|avail| avail.0 == q.next_avail());
-            let more = q.enable_notification(mem).unwrap_or(false);
-            if drained && more {
+            if q.enable_notification(mem).unwrap_or(false) {
                 again |= 1 << i;
             }
         }
@@ -140,7 +143,11 @@ pub fn settle(
         }
         for i in 0..queues.len() {
             if again & (1 << i) != 0 {
+                let before = queues[i].next_avail();
                 used |= backend.process(Wakeup::Queue(i as u16), queues, mem);
+                if queues[i].next_avail() == before {
+                    stalled |= 1 << i;
+                }
             }
         }
     }
@@ -161,5 +168,64 @@ pub fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
     if let Some(src) = config.get(start..) {
         let n = src.len().min(data.len());
         data[..n].copy_from_slice(&src[..n]);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::virtio::chain::tests::{desc, memory, WRITE};
+    use crate::virtio::rng::Rng;
+    use virtio_queue::mock::MockSplitQueue;
+    use virtio_queue::QueueT;
+
+    /// With EVENT_IDX the driver does not kick for buffers it adds while
+    /// notifications are off; a buffer added after the backend drained the
+    /// queue, but before notifications came back on, must still be served.
+    #[test]
+    fn a_buffer_added_during_processing_is_served_without_a_kick() {
+        let mem = memory();
+        let vq = MockSplitQueue::new(&mem, 16);
+        vq.add_desc_chains(&[desc(0x10_0000, 64, WRITE)], 0).unwrap();
+        let mut q: Queue = vq.create_queue().unwrap();
+        q.set_event_idx(true);
+        let (mut rng, _) = Rng::new();
+        let used = rng.process(Wakeup::Queue(0), &mut [&mut q], &mem);
+        assert_eq!(vq.used().idx().load(), 1);
+        // The driver adds another buffer now: it sees notifications off
+        // (avail_event not yet moved past its old index) and does not kick.
+        vq.add_desc_chains(&[desc(0x10_1000, 64, WRITE)], 1).unwrap();
+        settle(&mut rng, &mut [&mut q], &mem, used);
+        assert_eq!(vq.used().idx().load(), 2, "the second buffer was left behind");
+    }
+
+    /// A queue whose buffers the backend leaves for later (receive buffers
+    /// waiting for host data) is not served over and over.
+    #[test]
+    fn a_queue_the_backend_leaves_alone_does_not_spin() {
+        struct Idle(u32);
+        impl VirtioBackend for Idle {
+            fn device_type(&self) -> u32 {
+                device_type::RNG
+            }
+            fn queue_max_sizes(&self) -> &[u16] {
+                &[16]
+            }
+            fn features(&self) -> u64 {
+                VIRTIO_F_VERSION_1
+            }
+            fn process_queue(&mut self, _: u16, _: &mut Queue, _: &GuestMemoryMmap) -> bool {
+                self.0 += 1;
+                false
+            }
+        }
+        let mem = memory();
+        let vq = MockSplitQueue::new(&mem, 16);
+        vq.add_desc_chains(&[desc(0x10_0000, 64, WRITE)], 0).unwrap();
+        let mut q: Queue = vq.create_queue().unwrap();
+        q.set_event_idx(true);
+        let mut idle = Idle(0);
+        assert_eq!(settle(&mut idle, &mut [&mut q], &mem, 0), 0);
+        assert_eq!(idle.0, 1, "served {} times", idle.0);
     }
 }
