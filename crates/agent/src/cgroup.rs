@@ -43,19 +43,68 @@ pub struct Stats {
     pub io_write_bytes: u64,
 }
 
-fn read(path: &Path) -> Result<String, String> {
-    std::fs::read_to_string(path).map_err(|e| format!("reading {}: {e}", path.display()))
+/// A cgroup operation that failed.
+#[derive(Debug, thiserror::Error)]
+pub enum CgroupError {
+    /// A cgroup file could not be read.
+    #[error("cannot read {0}")]
+    Read(PathBuf, #[source] std::io::Error),
+    /// A value could not be written to a cgroup file.
+    #[error("cannot write {value:?} to {path}")]
+    Write {
+        /// The file.
+        path: PathBuf,
+        /// What was written.
+        value: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A cgroup directory could not be made.
+    #[error("cannot create cgroup {0}")]
+    Create(PathBuf, #[source] std::io::Error),
+    /// A cgroup directory could not be removed.
+    #[error("cannot remove cgroup {0}")]
+    Remove(PathBuf, #[source] std::io::Error),
+    /// The parent directory is not a cgroup v2 one.
+    #[error("{0} is not in a cgroup v2 filesystem")]
+    NotCgroup2(PathBuf, #[source] std::io::Error),
+    /// The cgroup v2 hierarchy lacks controllers the agent needs.
+    #[error("cgroup v2 at {path} lacks the controllers {missing}")]
+    MissingControllers {
+        /// The parent cgroup.
+        path: PathBuf,
+        /// The controllers missing, comma separated.
+        missing: String,
+    },
+    /// A cgroup file held something other than a number or "max".
+    #[error("{0:?} is neither a number nor \"max\"")]
+    NotANumber(String),
+    /// The kernel did not report the freezer state in time.
+    #[error("{path} did not report {want:?} within {timeout:?}")]
+    FreezeTimeout {
+        /// The cgroup.
+        path: PathBuf,
+        /// The `cgroup.events` line waited for.
+        want: &'static str,
+        /// How long it waited.
+        timeout: Duration,
+    },
 }
 
-fn write(path: &Path, value: &str) -> Result<(), String> {
-    std::fs::write(path, value).map_err(|e| format!("writing {value:?} to {}: {e}", path.display()))
+fn read(path: &Path) -> Result<String, CgroupError> {
+    std::fs::read_to_string(path).map_err(|e| CgroupError::Read(path.into(), e))
+}
+
+fn write(path: &Path, value: &str) -> Result<(), CgroupError> {
+    std::fs::write(path, value).map_err(|source| CgroupError::Write { path: path.into(), value: value.into(), source })
 }
 
 /// "max" or a number.
-fn parse_max(text: &str) -> Result<Option<u64>, String> {
+fn parse_max(text: &str) -> Result<Option<u64>, CgroupError> {
     match text.trim() {
         "max" => Ok(None),
-        n => n.parse().map(Some).map_err(|_| format!("{n:?} is neither a number nor \"max\"")),
+        n => n.parse().map(Some).map_err(|_| CgroupError::NotANumber(n.into())),
     }
 }
 
@@ -63,26 +112,26 @@ impl CgroupRoot {
     /// Sets up `dir` (created if missing) below a cgroup v2 mount, with the
     /// container controllers enabled for the cgroups under it. `dir`'s
     /// parent must be in a cgroup2 filesystem that has those controllers.
-    pub fn new(dir: &Path) -> Result<Self, String> {
-        let parent = dir.parent().ok_or_else(|| format!("{} has no parent", dir.display()))?;
-        let available = read(&parent.join("cgroup.controllers"))
-            .map_err(|e| format!("{e} (is {} in a cgroup v2 filesystem?)", parent.display()))?;
+    pub fn new(dir: &Path) -> Result<Self, CgroupError> {
+        let parent = dir.parent().unwrap_or(Path::new("/"));
+        let available = std::fs::read_to_string(parent.join("cgroup.controllers"))
+            .map_err(|e| CgroupError::NotCgroup2(parent.into(), e))?;
         let missing: Vec<&str> =
             CONTROLLERS.iter().copied().filter(|c| !available.split_whitespace().any(|a| a == *c)).collect();
         if !missing.is_empty() {
-            return Err(format!("cgroup v2 at {} lacks the controllers {}", parent.display(), missing.join(", ")));
+            return Err(CgroupError::MissingControllers { path: parent.into(), missing: missing.join(", ") });
         }
         let enable: String = CONTROLLERS.iter().map(|c| format!("+{c} ")).collect();
         write(&parent.join("cgroup.subtree_control"), enable.trim_end())?;
-        std::fs::create_dir_all(dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
+        std::fs::create_dir_all(dir).map_err(|e| CgroupError::Create(dir.into(), e))?;
         write(&dir.join("cgroup.subtree_control"), enable.trim_end())?;
         Ok(CgroupRoot { dir: dir.to_path_buf() })
     }
 
     /// Creates a container's cgroup with its limits.
-    pub fn create(&self, id: &str, limits: &Limits) -> Result<PathBuf, String> {
+    pub fn create(&self, id: &str, limits: &Limits) -> Result<PathBuf, CgroupError> {
         let path = self.dir.join(id);
-        std::fs::create_dir(&path).map_err(|e| format!("creating cgroup {}: {e}", path.display()))?;
+        std::fs::create_dir(&path).map_err(|e| CgroupError::Create(path.clone(), e))?;
         if let Err(e) = apply(&path, limits) {
             let _ = std::fs::remove_dir(&path);
             return Err(e);
@@ -92,7 +141,7 @@ impl CgroupRoot {
 }
 
 /// Writes the limits that are set.
-pub fn apply(cgroup: &Path, limits: &Limits) -> Result<(), String> {
+pub fn apply(cgroup: &Path, limits: &Limits) -> Result<(), CgroupError> {
     if let Some(bytes) = limits.memory {
         write(&cgroup.join("memory.max"), &bytes.to_string())?;
     }
@@ -106,12 +155,12 @@ pub fn apply(cgroup: &Path, limits: &Limits) -> Result<(), String> {
 }
 
 /// Moves a process into the cgroup.
-pub fn add(cgroup: &Path, pid: i32) -> Result<(), String> {
+pub fn add(cgroup: &Path, pid: i32) -> Result<(), CgroupError> {
     write(&cgroup.join("cgroup.procs"), &pid.to_string())
 }
 
 /// Reads the container's statistics.
-pub fn stats(cgroup: &Path) -> Result<Stats, String> {
+pub fn stats(cgroup: &Path) -> Result<Stats, CgroupError> {
     let mut stats = Stats::default();
     for line in read(&cgroup.join("cpu.stat"))?.lines() {
         let mut words = line.split_whitespace();
@@ -123,9 +172,9 @@ pub fn stats(cgroup: &Path) -> Result<Stats, String> {
             _ => {}
         }
     }
-    let number = |name: &str| -> Result<u64, String> {
+    let number = |name: &str| -> Result<u64, CgroupError> {
         let text = read(&cgroup.join(name))?;
-        text.trim().parse().map_err(|_| format!("{name} holds {:?}, not a number", text.trim()))
+        text.trim().parse().map_err(|_| CgroupError::NotANumber(text.trim().into()))
     };
     stats.memory_usage = number("memory.current")?;
     stats.memory_limit = parse_max(&read(&cgroup.join("memory.max"))?)?;
@@ -134,7 +183,7 @@ pub fn stats(cgroup: &Path) -> Result<Stats, String> {
     let cpu_max = read(&cgroup.join("cpu.max"))?;
     let mut cpu = cpu_max.split_whitespace();
     if let (Some(quota), Some(period)) = (cpu.next(), cpu.next()) {
-        let period = period.parse().map_err(|_| format!("cpu.max holds {cpu_max:?}"))?;
+        let period = period.parse().map_err(|_| CgroupError::NotANumber(cpu_max.trim().into()))?;
         stats.cpu_limit = parse_max(quota)?.map(|q| (q, period));
     }
     for line in read(&cgroup.join("io.stat"))?.lines() {
@@ -153,7 +202,7 @@ pub fn stats(cgroup: &Path) -> Result<Stats, String> {
 
 /// Freezes (true) or thaws the cgroup, waiting until the kernel says it
 /// is done.
-pub fn freeze(cgroup: &Path, frozen: bool) -> Result<(), String> {
+pub fn freeze(cgroup: &Path, frozen: bool) -> Result<(), CgroupError> {
     write(&cgroup.join("cgroup.freeze"), if frozen { "1" } else { "0" })?;
     let want = if frozen { "frozen 1" } else { "frozen 0" };
     let start = Instant::now();
@@ -162,28 +211,26 @@ pub fn freeze(cgroup: &Path, frozen: bool) -> Result<(), String> {
             return Ok(());
         }
         if start.elapsed() > FREEZE_TIMEOUT {
-            return Err(format!("{} did not report {want:?} within {FREEZE_TIMEOUT:?}", cgroup.display()));
+            return Err(CgroupError::FreezeTimeout { path: cgroup.into(), want, timeout: FREEZE_TIMEOUT });
         }
         std::thread::sleep(Duration::from_millis(5));
     }
 }
 
 /// Kills every process in the cgroup (`cgroup.kill`, Linux 5.14+).
-pub fn kill_all(cgroup: &Path) -> Result<(), String> {
+pub fn kill_all(cgroup: &Path) -> Result<(), CgroupError> {
     write(&cgroup.join("cgroup.kill"), "1")
 }
 
 /// Removes the cgroup once its processes are gone (they may take a moment
 /// to leave after being killed).
-pub fn remove(cgroup: &Path) -> Result<(), String> {
+pub fn remove(cgroup: &Path) -> Result<(), CgroupError> {
     let start = Instant::now();
     loop {
         match std::fs::remove_dir(cgroup) {
             Ok(()) => return Ok(()),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-            Err(e) if start.elapsed() > Duration::from_secs(5) => {
-                return Err(format!("removing cgroup {}: {e}", cgroup.display()))
-            }
+            Err(e) if start.elapsed() > Duration::from_secs(5) => return Err(CgroupError::Remove(cgroup.into(), e)),
             Err(_) => std::thread::sleep(Duration::from_millis(10)),
         }
     }
@@ -195,8 +242,8 @@ mod tests {
 
     #[test]
     fn max_values_parse() {
-        assert_eq!(parse_max("max\n"), Ok(None));
-        assert_eq!(parse_max("1048576\n"), Ok(Some(1 << 20)));
-        assert!(parse_max("lots").unwrap_err().contains("lots"));
+        assert_eq!(parse_max("max\n").ok(), Some(None));
+        assert_eq!(parse_max("1048576\n").ok(), Some(Some(1 << 20)));
+        assert!(parse_max("lots").unwrap_err().to_string().contains("lots"));
     }
 }

@@ -44,6 +44,26 @@ impl std::fmt::Display for Error {
 
 type Result<T> = std::result::Result<T, Error>;
 
+/// An error and its sources as one line (`cannot read X: No such file`):
+/// the text a reply carries to the host.
+pub fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(e) = source {
+        text.push_str(": ");
+        text.push_str(&e.to_string());
+        source = e.source();
+    }
+    text
+}
+
+impl Error {
+    /// A failure of something the agent tried, with its causes.
+    pub fn failed(err: impl std::error::Error) -> Self {
+        Error::Failed(error_chain(&err))
+    }
+}
+
 /// Where a container is in its life.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum State {
@@ -238,7 +258,7 @@ impl Containers {
 
     fn make_cgroup(&self, id: &str, limits: &Limits) -> Result<Option<PathBuf>> {
         match &self.config.cgroups {
-            Some(root) => root.create(id, limits).map(Some).map_err(Error::Failed),
+            Some(root) => root.create(id, limits).map(Some).map_err(Error::failed),
             None if limits.any() => Err(Error::Invalid(
                 "the spec sets cgroup limits, but this agent has no cgroup v2 hierarchy".into(),
             )),
@@ -297,7 +317,7 @@ impl Containers {
             _ => return Err(failed(Error::Failed("the launch helper sent no pid".into()))),
         };
         if let Some(cg) = cgroup {
-            cgroup::add(cg, pid).map_err(|e| failed(Error::Failed(e)))?;
+            cgroup::add(cg, pid).map_err(|e| failed(Error::failed(e)))?;
         }
         match read_line(&mut reader).map_err(failed)?.as_str() {
             "ready" => {}
@@ -354,7 +374,7 @@ impl Containers {
             return Ok(());
         }
         match cgroup {
-            Some(cg) if signal == libc::SIGKILL => cgroup::kill_all(&cg).map_err(Error::Failed),
+            Some(cg) if signal == libc::SIGKILL => cgroup::kill_all(&cg).map_err(Error::failed),
             _ => {
                 for row in self.processes_of(init_pid) {
                     kill(row.pid, signal);
@@ -419,13 +439,13 @@ impl Containers {
     /// Changes the container's limits.
     pub fn update(&self, id: &str, limits: &Limits) -> Result<()> {
         let cg = self.cgroup_of(id)?;
-        cgroup::apply(&cg, limits).map_err(Error::Failed)
+        cgroup::apply(&cg, limits).map_err(Error::failed)
     }
 
     /// The container's cgroup statistics.
     pub fn stats(&self, id: &str) -> Result<Stats> {
         let cg = self.cgroup_of(id)?;
-        cgroup::stats(&cg).map_err(Error::Failed)
+        cgroup::stats(&cg).map_err(Error::failed)
     }
 
     /// Freezes (pause) or thaws (resume) the container.
@@ -436,7 +456,7 @@ impl Containers {
             s if s == from => Ok(()),
             other => Err(Error::Invalid(format!("container {id:?} is {other:?}, not {from:?}"))),
         })?;
-        cgroup::freeze(&cg, frozen).map_err(Error::Failed)?;
+        cgroup::freeze(&cg, frozen).map_err(Error::failed)?;
         self.with(id, |c| {
             c.state = to;
             Ok(())
@@ -469,7 +489,7 @@ impl Containers {
         let mut errors = Vec::new();
         if let Some(cg) = &container.cgroup {
             if let Err(e) = cgroup::remove(cg) {
-                errors.push(e);
+                errors.push(error_chain(&e));
             }
         }
         if let Some(dir) = &container.mounted_root {

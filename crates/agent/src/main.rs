@@ -100,7 +100,7 @@ fn guest_main() -> ! {
     let cgroups = match CgroupRoot::new(std::path::Path::new(guest::CGROUP_DIR)) {
         Ok(root) => Some(root),
         Err(e) => {
-            log(&format!("no container cgroups: {e}"));
+            log(&format!("no container cgroups: {}", agent::container::error_chain(&e)));
             None
         }
     };
@@ -162,7 +162,8 @@ fn host_main(args: &[String]) -> Result<(), String> {
     let (Some(listen), Some(prefix)) = (listen, prefix) else {
         return Err(format!("not PID 1, so --listen and --host-prefix are needed\n{USAGE}"));
     };
-    let cgroups = cgroup_root.map(|dir| CgroupRoot::new(&dir)).transpose()?;
+    let cgroups =
+        cgroup_root.map(|dir| CgroupRoot::new(&dir)).transpose().map_err(|e| agent::container::error_chain(&e))?;
     let reaper = Reaper::start();
     let link = HostLink::Unix { prefix };
     let self_exe = std::env::current_exe().map_err(|e| format!("finding our own binary: {e}"))?;

@@ -46,6 +46,41 @@ const RTN_UNICAST: u8 = 1;
 
 const HEADER: usize = 16;
 
+/// A netlink exchange that failed.
+#[derive(Debug, thiserror::Error)]
+pub enum NetlinkError {
+    /// The socket could not be opened, or sending or receiving failed.
+    #[error("netlink {0} failed")]
+    Io(&'static str, #[source] std::io::Error),
+    /// The kernel's reply did not parse.
+    #[error("a malformed netlink reply: {0}")]
+    Malformed(String),
+    /// The kernel refused a request.
+    #[error("{what}")]
+    Refused {
+        /// The request ("adding 10.0.0.2/24").
+        what: String,
+        /// The errno the kernel answered with.
+        #[source]
+        source: Box<NetlinkError>,
+    },
+    /// The errno in a kernel's error reply.
+    #[error(transparent)]
+    Errno(std::io::Error),
+}
+
+fn malformed(what: impl Into<String>) -> NetlinkError {
+    NetlinkError::Malformed(what.into())
+}
+
+fn refused(what: String) -> impl FnOnce(NetlinkError) -> NetlinkError {
+    move |source| NetlinkError::Refused { what, source: Box::new(source) }
+}
+
+fn last_os_error(op: &'static str) -> NetlinkError {
+    NetlinkError::Io(op, std::io::Error::last_os_error())
+}
+
 /// A network interface.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Link {
@@ -129,14 +164,14 @@ fn parse_ip(family: u8, data: &[u8]) -> Option<IpAddr> {
 }
 
 /// The attributes after a fixed-size header, as (type, data) pairs.
-pub fn attributes(payload: &[u8], fixed: usize) -> Result<Vec<(u16, &[u8])>, String> {
-    let mut rest = payload.get(fixed..).ok_or("a netlink message shorter than its header")?;
+pub fn attributes(payload: &[u8], fixed: usize) -> Result<Vec<(u16, &[u8])>, NetlinkError> {
+    let mut rest = payload.get(fixed..).ok_or_else(|| malformed("a message shorter than its header"))?;
     let mut out = Vec::new();
     while rest.len() >= 4 {
         let len = u16::from_ne_bytes([rest[0], rest[1]]) as usize;
         let kind = u16::from_ne_bytes([rest[2], rest[3]]) & 0x3fff;
         if len < 4 || len > rest.len() {
-            return Err(format!("a netlink attribute of length {len} with {} bytes left", rest.len()));
+            return Err(malformed(format!("an attribute of length {len} with {} bytes left", rest.len())));
         }
         out.push((kind, &rest[4..len]));
         rest = rest.get(align(len)..).unwrap_or(&[]);
@@ -145,14 +180,14 @@ pub fn attributes(payload: &[u8], fixed: usize) -> Result<Vec<(u16, &[u8])>, Str
 }
 
 /// Splits a receive buffer into messages: (type, payload).
-pub fn messages(buf: &[u8]) -> Result<Vec<(u16, &[u8])>, String> {
+pub fn messages(buf: &[u8]) -> Result<Vec<(u16, &[u8])>, NetlinkError> {
     let mut rest = buf;
     let mut out = Vec::new();
     while rest.len() >= HEADER {
         let len = u32::from_ne_bytes([rest[0], rest[1], rest[2], rest[3]]) as usize;
         let kind = u16::from_ne_bytes([rest[4], rest[5]]);
         if len < HEADER || len > rest.len() {
-            return Err(format!("a netlink message of length {len} with {} bytes left", rest.len()));
+            return Err(malformed(format!("a message of length {len} with {} bytes left", rest.len())));
         }
         out.push((kind, &rest[HEADER..len]));
         rest = rest.get(align(len)..).unwrap_or(&[]);
@@ -165,8 +200,8 @@ fn mac_string(data: &[u8]) -> String {
 }
 
 /// Parses a link message.
-pub fn parse_link(payload: &[u8]) -> Result<Link, String> {
-    let fixed = payload.get(..16).ok_or("a link message shorter than ifinfomsg")?;
+pub fn parse_link(payload: &[u8]) -> Result<Link, NetlinkError> {
+    let fixed = payload.get(..16).ok_or_else(|| malformed("a link message shorter than ifinfomsg"))?;
     let index = i32::from_ne_bytes([fixed[4], fixed[5], fixed[6], fixed[7]]) as u32;
     let flags = u32::from_ne_bytes([fixed[8], fixed[9], fixed[10], fixed[11]]);
     let mut link = Link { index, name: String::new(), mac: String::new(), mtu: 0, up: flags & libc::IFF_UP as u32 != 0 };
@@ -182,8 +217,8 @@ pub fn parse_link(payload: &[u8]) -> Result<Link, String> {
 }
 
 /// Parses an address message.
-pub fn parse_address(payload: &[u8]) -> Result<Option<Address>, String> {
-    let fixed = payload.get(..8).ok_or("an address message shorter than ifaddrmsg")?;
+pub fn parse_address(payload: &[u8]) -> Result<Option<Address>, NetlinkError> {
+    let fixed = payload.get(..8).ok_or_else(|| malformed("an address message shorter than ifaddrmsg"))?;
     let (fam, prefix) = (fixed[0], fixed[1]);
     let index = u32::from_ne_bytes([fixed[4], fixed[5], fixed[6], fixed[7]]);
     let attrs = attributes(payload, 8)?;
@@ -195,8 +230,8 @@ pub fn parse_address(payload: &[u8]) -> Result<Option<Address>, String> {
 
 /// Parses a route message; None for a route outside the main table or not
 /// unicast.
-pub fn parse_route(payload: &[u8]) -> Result<Option<Route>, String> {
-    let fixed = payload.get(..12).ok_or("a route message shorter than rtmsg")?;
+pub fn parse_route(payload: &[u8]) -> Result<Option<Route>, NetlinkError> {
+    let fixed = payload.get(..12).ok_or_else(|| malformed("a route message shorter than rtmsg"))?;
     let (fam, dst_len, table, protocol, kind) = (fixed[0], fixed[1], fixed[4], fixed[5], fixed[7]);
     let mut route = Route { dest: None, gateway: None, oif: 0, source: None, protocol };
     let mut table = u32::from(table);
@@ -215,11 +250,11 @@ pub fn parse_route(payload: &[u8]) -> Result<Option<Route>, String> {
 
 impl Netlink {
     /// Opens a route socket.
-    pub fn open() -> Result<Self, String> {
+    pub fn open() -> Result<Self, NetlinkError> {
         // SAFETY: socket() takes integers.
         let fd = unsafe { libc::socket(libc::AF_NETLINK, libc::SOCK_RAW | libc::SOCK_CLOEXEC, libc::NETLINK_ROUTE) };
         if fd < 0 {
-            return Err(format!("netlink socket: {}", std::io::Error::last_os_error()));
+            return Err(last_os_error("socket"));
         }
         // SAFETY: a new descriptor nothing else owns.
         let fd = unsafe { OwnedFd::from_raw_fd(fd) };
@@ -232,14 +267,14 @@ impl Netlink {
             libc::bind(fd.as_raw_fd(), (&addr as *const libc::sockaddr_nl).cast(), std::mem::size_of::<libc::sockaddr_nl>() as _)
         };
         if r != 0 {
-            return Err(format!("netlink bind: {}", std::io::Error::last_os_error()));
+            return Err(last_os_error("bind"));
         }
         Ok(Netlink { fd, seq: 0 })
     }
 
     /// Sends one request and collects the replies' payloads until the
     /// acknowledgement or the end of a dump.
-    fn request(&mut self, kind: u16, flags: u16, body: &[u8]) -> Result<Vec<(u16, Vec<u8>)>, String> {
+    fn request(&mut self, kind: u16, flags: u16, body: &[u8]) -> Result<Vec<(u16, Vec<u8>)>, NetlinkError> {
         self.seq = self.seq.wrapping_add(1);
         let mut msg = Vec::with_capacity(HEADER + body.len());
         msg.extend_from_slice(&((HEADER + body.len()) as u32).to_ne_bytes());
@@ -250,7 +285,7 @@ impl Netlink {
         msg.extend_from_slice(body);
         // SAFETY: msg is a valid buffer of its length.
         if unsafe { libc::send(self.fd.as_raw_fd(), msg.as_ptr().cast(), msg.len(), 0) } < 0 {
-            return Err(format!("netlink send: {}", std::io::Error::last_os_error()));
+            return Err(last_os_error("send"));
         }
         let mut replies = Vec::new();
         let mut buf = vec![0u8; 64 * 1024];
@@ -258,17 +293,17 @@ impl Netlink {
             // SAFETY: buf is a valid writable buffer of its length.
             let n = unsafe { libc::recv(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
             if n < 0 {
-                return Err(format!("netlink recv: {}", std::io::Error::last_os_error()));
+                return Err(last_os_error("recv"));
             }
             for (kind, payload) in messages(&buf[..n as usize])? {
                 match kind {
                     NLMSG_DONE => return Ok(replies),
                     NLMSG_ERROR => {
-                        let code = payload.get(..4).ok_or("a truncated netlink error")?;
+                        let code = payload.get(..4).ok_or_else(|| malformed("a truncated error reply"))?;
                         let errno = -i32::from_ne_bytes([code[0], code[1], code[2], code[3]]);
                         return match errno {
                             0 => Ok(replies),
-                            e => Err(std::io::Error::from_raw_os_error(e).to_string()),
+                            e => Err(NetlinkError::Errno(std::io::Error::from_raw_os_error(e))),
                         };
                     }
                     other => replies.push((other, payload.to_vec())),
@@ -278,16 +313,16 @@ impl Netlink {
     }
 
     /// Every interface.
-    pub fn links(&mut self) -> Result<Vec<Link>, String> {
+    pub fn links(&mut self) -> Result<Vec<Link>, NetlinkError> {
         let body = [0u8; 16];
-        let replies = self.request(RTM_GETLINK, NLM_F_DUMP, &body).map_err(|e| format!("listing links: {e}"))?;
+        let replies = self.request(RTM_GETLINK, NLM_F_DUMP, &body).map_err(refused("listing links".into()))?;
         replies.iter().filter(|(k, _)| *k == RTM_NEWLINK).map(|(_, p)| parse_link(p)).collect()
     }
 
     /// Every address.
-    pub fn addresses(&mut self) -> Result<Vec<Address>, String> {
+    pub fn addresses(&mut self) -> Result<Vec<Address>, NetlinkError> {
         let body = [0u8; 8];
-        let replies = self.request(RTM_GETADDR, NLM_F_DUMP, &body).map_err(|e| format!("listing addresses: {e}"))?;
+        let replies = self.request(RTM_GETADDR, NLM_F_DUMP, &body).map_err(refused("listing addresses".into()))?;
         let mut out = Vec::new();
         for (_, p) in replies.iter().filter(|(k, _)| *k == RTM_NEWADDR) {
             out.extend(parse_address(p)?);
@@ -296,9 +331,9 @@ impl Netlink {
     }
 
     /// Every unicast route of the main table.
-    pub fn routes(&mut self) -> Result<Vec<Route>, String> {
+    pub fn routes(&mut self) -> Result<Vec<Route>, NetlinkError> {
         let body = [0u8; 12];
-        let replies = self.request(RTM_GETROUTE, NLM_F_DUMP, &body).map_err(|e| format!("listing routes: {e}"))?;
+        let replies = self.request(RTM_GETROUTE, NLM_F_DUMP, &body).map_err(refused("listing routes".into()))?;
         let mut out = Vec::new();
         for (_, p) in replies.iter().filter(|(k, _)| *k == RTM_NEWROUTE) {
             out.extend(parse_route(p)?);
@@ -307,7 +342,7 @@ impl Netlink {
     }
 
     /// Sets a link's state, MTU (when Some) and name (when Some).
-    pub fn set_link(&mut self, index: u32, up: bool, mtu: Option<u32>, name: Option<&str>) -> Result<(), String> {
+    pub fn set_link(&mut self, index: u32, up: bool, mtu: Option<u32>, name: Option<&str>) -> Result<(), NetlinkError> {
         let mut body = Vec::with_capacity(64);
         body.extend_from_slice(&[libc::AF_UNSPEC as u8, 0, 0, 0]);
         body.extend_from_slice(&(index as i32).to_ne_bytes());
@@ -322,7 +357,7 @@ impl Netlink {
             bytes.push(0);
             attr(&mut body, IFLA_IFNAME, &bytes);
         }
-        self.request(RTM_NEWLINK, 0, &body).map(|_| ()).map_err(|e| format!("setting link {index}: {e}"))
+        self.request(RTM_NEWLINK, 0, &body).map(|_| ()).map_err(refused(format!("setting link {index}")))
     }
 
     fn address_message(address: &Address) -> Vec<u8> {
@@ -335,17 +370,17 @@ impl Netlink {
     }
 
     /// Adds an address.
-    pub fn add_address(&mut self, address: &Address) -> Result<(), String> {
+    pub fn add_address(&mut self, address: &Address) -> Result<(), NetlinkError> {
         let body = Self::address_message(address);
         self.request(RTM_NEWADDR, NLM_F_CREATE | NLM_F_EXCL, &body)
             .map(|_| ())
-            .map_err(|e| format!("adding {}/{}: {e}", address.ip, address.prefix))
+            .map_err(refused(format!("adding {}/{}", address.ip, address.prefix)))
     }
 
     /// Removes an address.
-    pub fn delete_address(&mut self, address: &Address) -> Result<(), String> {
+    pub fn delete_address(&mut self, address: &Address) -> Result<(), NetlinkError> {
         let body = Self::address_message(address);
-        self.request(RTM_DELADDR, 0, &body).map(|_| ()).map_err(|e| format!("removing {}/{}: {e}", address.ip, address.prefix))
+        self.request(RTM_DELADDR, 0, &body).map(|_| ()).map_err(refused(format!("removing {}/{}", address.ip, address.prefix)))
     }
 
     fn route_message(route: &Route) -> Vec<u8> {
@@ -369,15 +404,15 @@ impl Netlink {
     }
 
     /// Adds a route.
-    pub fn add_route(&mut self, route: &Route) -> Result<(), String> {
+    pub fn add_route(&mut self, route: &Route) -> Result<(), NetlinkError> {
         let body = Self::route_message(route);
-        self.request(RTM_NEWROUTE, NLM_F_CREATE | NLM_F_EXCL, &body).map(|_| ()).map_err(|e| format!("adding route {route:?}: {e}"))
+        self.request(RTM_NEWROUTE, NLM_F_CREATE | NLM_F_EXCL, &body).map(|_| ()).map_err(refused(format!("adding route {route:?}")))
     }
 
     /// Removes a route.
-    pub fn delete_route(&mut self, route: &Route) -> Result<(), String> {
+    pub fn delete_route(&mut self, route: &Route) -> Result<(), NetlinkError> {
         let body = Self::route_message(route);
-        self.request(RTM_DELROUTE, 0, &body).map(|_| ()).map_err(|e| format!("removing route {route:?}: {e}"))
+        self.request(RTM_DELROUTE, 0, &body).map(|_| ()).map_err(refused(format!("removing route {route:?}")))
     }
 }
 
@@ -401,9 +436,9 @@ mod tests {
         assert_eq!((link.name.as_str(), link.mtu), ("eth0", 1500));
         let mut bad = vec![0u8; 16];
         bad.extend_from_slice(&[200, 0, 3, 0, b'x']);
-        assert!(attributes(&bad, 16).unwrap_err().contains("length 200"));
+        assert!(attributes(&bad, 16).unwrap_err().to_string().contains("length 200"));
         assert!(parse_link(&[0u8; 3]).is_err());
-        assert!(messages(&[255, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]).unwrap_err().contains("length 255"));
+        assert!(messages(&[255, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]).unwrap_err().to_string().contains("length 255"));
     }
 
     #[test]

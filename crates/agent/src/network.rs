@@ -8,8 +8,8 @@ use agent_proto::agent::{IPAddress, Interface, Route as ProtoRoute};
 use crate::container::Error;
 use crate::netlink::{is_kernel_route, Address, Link, Netlink, Route};
 
-fn failed(e: String) -> Error {
-    Error::Failed(e)
+fn failed(e: crate::netlink::NetlinkError) -> Error {
+    Error::failed(e)
 }
 
 fn parse_ip(text: &str, what: &str) -> Result<IpAddr, Error> {

@@ -53,7 +53,7 @@ fn request(id: &str, args: &[&str], o: &SpecOptions, stdio: Stdio) -> agent_prot
 }
 
 fn cpu_usage(client: &AgentClient, id: &str) -> anyhow::Result<u64> {
-    Ok(client.stats_container(ctx(), &container(id)).map_err(rpc_error)?.cpu_usage_usec)
+    Ok(client.stats_container(ctx(), &container(id)).map_err(rpc_error).context("stats_container")?.cpu_usage_usec)
 }
 
 /// What a scenario gets: the host's sockets, the readiness listener, the
@@ -166,12 +166,12 @@ fn container_network_in_a_guest() -> anyhow::Result<()> {
         };
         let got = client
             .update_interface(ctx(), &UpdateInterfaceRequest { interface: Some(iface).into(), ..Default::default() })
-            .map_err(rpc_error)?;
+            .map_err(rpc_error).context("update_interface")?;
         ensure!(got.up && got.addresses.iter().any(|a| a.address == "10.79.0.2"), "{got:?}");
         let route = Route { dest: "default".into(), gateway: "10.79.0.1".into(), device: "eth0".into(), ..Default::default() };
         let routes = UpdateRoutesRequest { routes: Some(Routes { routes: vec![route], ..Default::default() }).into(), ..Default::default() };
-        client.update_routes(ctx(), &routes).map_err(rpc_error)?;
-        let listed = client.list_routes(ctx(), &Empty::new()).map_err(rpc_error)?.routes;
+        client.update_routes(ctx(), &routes).map_err(rpc_error).context("update_routes")?;
+        let listed = client.list_routes(ctx(), &Empty::new()).map_err(rpc_error).context("list_routes")?.routes;
         ensure!(listed.iter().any(|r| r.dest == "default" && r.gateway == "10.79.0.1"), "{listed:?}");
 
         // No network namespace in the spec: the container shares the guest's.
@@ -180,12 +180,12 @@ fn container_network_in_a_guest() -> anyhow::Result<()> {
         client
             .create_container(ctx(), &request("pinger", &ping, &SpecOptions::default(), output_ports(out, out)))
             .map_err(rpc_error)?;
-        client.start_container(ctx(), &container("pinger")).map_err(rpc_error)?;
+        client.start_container(ctx(), &container("pinger")).map_err(rpc_error).context("start_container")?;
         let output = collected(handle)?;
-        let status = client.wait_process(ctx(), &wait_for("pinger", "")).map_err(rpc_error)?.status;
+        let status = client.wait_process(ctx(), &wait_for("pinger", "")).map_err(rpc_error).context("wait_process")?.status;
         ensure!(status == 0 && output.contains("3 packets received"), "ping exited {status}: {output}");
-        client.remove_container(ctx(), &container("pinger")).map_err(rpc_error)?;
-        client.destroy_sandbox(ctx(), &Empty::new()).map_err(rpc_error)?;
+        client.remove_container(ctx(), &container("pinger")).map_err(rpc_error).context("remove_container")?;
+        client.destroy_sandbox(ctx(), &Empty::new()).map_err(rpc_error).context("destroy_sandbox")?;
         Ok("eth0 configured through the agent; a container pinged the host 3/3".into())
     })?;
     let (rx, tx) = (counters.rx_packets.load(Ordering::Relaxed), counters.tx_packets.load(Ordering::Relaxed));
@@ -198,29 +198,29 @@ fn container_network_in_a_guest() -> anyhow::Result<()> {
 fn drive(g: &Guest) -> anyhow::Result<String> {
     let (client, version, ready_after) = connect(g)?;
     let host = g.host;
-    let details = client.get_guest_details(ctx(), &Empty::new()).map_err(rpc_error)?;
+    let details = client.get_guest_details(ctx(), &Empty::new()).map_err(rpc_error).context("get_guest_details")?;
     ensure!(details.agent_version == version && details.kernel_release.starts_with("6."), "{details:?}");
     ensure!(details.online_cpus >= 1 && details.mem_total_bytes > 100 << 20, "{details:?}");
 
     // CPUs: the guest boots with two; offline one, online it again.
     ensure!(details.online_cpus == 2 && details.possible_cpus == 2, "{details:?}");
     for n in [1, 2] {
-        client.online_cpu_mem(ctx(), &OnlineCPUMemRequest { nb_cpus: n, ..Default::default() }).map_err(rpc_error)?;
-        let online = client.get_guest_details(ctx(), &Empty::new()).map_err(rpc_error)?.online_cpus;
+        client.online_cpu_mem(ctx(), &OnlineCPUMemRequest { nb_cpus: n, ..Default::default() }).map_err(rpc_error).context("online_cpu_mem")?;
+        let online = client.get_guest_details(ctx(), &Empty::new()).map_err(rpc_error).context("get_guest_details")?.online_cpus;
         ensure!(online == n, "asked for {n} CPUs online, the guest has {online}");
     }
 
     // virtio-mmio slots: blk, vsock and rng are found; rng is unbound (no
     // device left behind) and bound again (probed again).
-    let slots = client.list_virtio_slots(ctx(), &Empty::new()).map_err(rpc_error)?.slots;
+    let slots = client.list_virtio_slots(ctx(), &Empty::new()).map_err(rpc_error).context("list_virtio_slots")?.slots;
     for id in [2, 4, 19] {
         ensure!(slots.iter().any(|s| s.device_id == id && s.bound), "no bound slot with device {id}: {slots:?}");
     }
     let rng = slots.iter().find(|s| s.device_id == 4).map(|s| s.address).context("no rng slot")?;
     let slot = |bind| VirtioSlotRequest { address: rng, bind, ..Default::default() };
-    let unbound = client.update_virtio_slot(ctx(), &slot(false)).map_err(rpc_error)?;
+    let unbound = client.update_virtio_slot(ctx(), &slot(false)).map_err(rpc_error).context("update_virtio_slot")?;
     ensure!(!unbound.bound && unbound.device_id == 0, "after unbind: {unbound:?}");
-    let bound = client.update_virtio_slot(ctx(), &slot(true)).map_err(rpc_error)?;
+    let bound = client.update_virtio_slot(ctx(), &slot(true)).map_err(rpc_error).context("update_virtio_slot")?;
     ensure!(bound.bound && bound.device_id == 4, "after bind: {bound:?}");
     let missing = client.update_virtio_slot(ctx(), &VirtioSlotRequest { address: 0x1234, bind: true, ..Default::default() });
     ensure!(missing.map_err(rpc_error).err().is_some_and(|e| e.to_string().contains("0x1234")), "a slot at 0x1234");
@@ -231,20 +231,21 @@ fn drive(g: &Guest) -> anyhow::Result<String> {
     client
         .create_container(ctx(), &request("hello", &["echo", "hello from vessel"], &SpecOptions::default(), output_ports(out, out)))
         .map_err(rpc_error)?;
-    client.start_container(ctx(), &container("hello")).map_err(rpc_error)?;
+    client.start_container(ctx(), &container("hello")).map_err(rpc_error).context("start_container")?;
     let output = collected(handle)?;
     let create_to_output = t0.elapsed();
     ensure!(output == "hello from vessel\n", "echo printed {output:?}");
-    let status = client.wait_process(ctx(), &wait_for("hello", "")).map_err(rpc_error)?.status;
+    let status = client.wait_process(ctx(), &wait_for("hello", "")).map_err(rpc_error).context("wait_process")?.status;
     ensure!(status == 0, "echo exited {status}");
-    client.remove_container(ctx(), &container("hello")).map_err(rpc_error)?;
+    client.remove_container(ctx(), &container("hello")).map_err(rpc_error).context("remove_container")?;
 
     // A long-running container with limits.
     let resources = format!(r#"{{"memory":{{"limit":{MEMORY_LIMIT}}},"pids":{{"limit":{PIDS_LIMIT}}}}}"#);
     let o = SpecOptions { hostname: Some("guestbox".into()), resources: Some(resources), ..Default::default() };
-    let looping = "while :; do echo x > /tmp/beat; sleep 0.05; done";
-    client.create_container(ctx(), &request("svc", &["sh", "-c", looping], &o, Stdio::new())).map_err(rpc_error)?;
-    client.start_container(ctx(), &container("svc")).map_err(rpc_error)?;
+    // The beat file is replaced by a rename, so a reader never sees it empty.
+    let looping = "while :; do echo x > /tmp/beat.new && mv /tmp/beat.new /tmp/beat; sleep 0.05; done";
+    client.create_container(ctx(), &request("svc", &["sh", "-c", looping], &o, Stdio::new())).map_err(rpc_error).context("create_container")?;
+    client.start_container(ctx(), &container("svc")).map_err(rpc_error).context("start_container")?;
 
     let (out, handle) = host.capture()?;
     let exec = ExecProcessRequest {
@@ -254,11 +255,11 @@ fn drive(g: &Guest) -> anyhow::Result<String> {
         stdio: Some(output_ports(out, out)).into(),
         ..Default::default()
     };
-    client.exec_process(ctx(), &exec).map_err(rpc_error)?;
+    client.exec_process(ctx(), &exec).map_err(rpc_error).context("exec_process")?;
     ensure!(collected(handle)? == "guestbox\nx\n", "exec in the container");
-    ensure!(client.wait_process(ctx(), &wait_for("svc", "probe")).map_err(rpc_error)?.status == 0, "exec status");
+    ensure!(client.wait_process(ctx(), &wait_for("svc", "probe")).map_err(rpc_error).context("wait_process")?.status == 0, "exec status");
 
-    let stats = client.stats_container(ctx(), &container("svc")).map_err(rpc_error)?;
+    let stats = client.stats_container(ctx(), &container("svc")).map_err(rpc_error).context("stats_container")?;
     ensure!(stats.memory_limit == MEMORY_LIMIT && stats.pids_limit == PIDS_LIMIT, "limits in stats: {stats:?}");
     ensure!(stats.memory_usage > 0 && stats.memory_usage < MEMORY_LIMIT, "memory usage {}", stats.memory_usage);
     ensure!((1..=PIDS_LIMIT).contains(&stats.pids_current), "pids {}", stats.pids_current);
@@ -268,32 +269,32 @@ fn drive(g: &Guest) -> anyhow::Result<String> {
         resources: Some(Resources { memory_limit: 2 * MEMORY_LIMIT, ..Default::default() }).into(),
         ..Default::default()
     };
-    client.update_container(ctx(), &update).map_err(rpc_error)?;
-    let stats = client.stats_container(ctx(), &container("svc")).map_err(rpc_error)?;
+    client.update_container(ctx(), &update).map_err(rpc_error).context("update_container")?;
+    let stats = client.stats_container(ctx(), &container("svc")).map_err(rpc_error).context("stats_container")?;
     ensure!(stats.memory_limit == 2 * MEMORY_LIMIT, "memory.max after the update: {}", stats.memory_limit);
 
     // Paused: no CPU time goes by; resumed: it does again.
     let settle = Duration::from_millis(700);
-    client.pause_container(ctx(), &container("svc")).map_err(rpc_error)?;
+    client.pause_container(ctx(), &container("svc")).map_err(rpc_error).context("pause_container")?;
     let a = cpu_usage(&client, "svc")?;
     std::thread::sleep(settle);
     let b = cpu_usage(&client, "svc")?;
     ensure!(a == b, "a paused container used {} us of CPU", b - a);
-    client.resume_container(ctx(), &container("svc")).map_err(rpc_error)?;
+    client.resume_container(ctx(), &container("svc")).map_err(rpc_error).context("resume_container")?;
     let c = cpu_usage(&client, "svc")?;
     std::thread::sleep(settle);
     let d = cpu_usage(&client, "svc")?;
     ensure!(d > c, "a resumed container made no progress ({c} us, then {d} us)");
 
     let kill = SignalProcessRequest { container_id: "svc".into(), signal: libc::SIGKILL as u32, all: true, ..Default::default() };
-    client.signal_process(ctx(), &kill).map_err(rpc_error)?;
-    let status = client.wait_process(ctx(), &wait_for("svc", "")).map_err(rpc_error)?.status;
+    client.signal_process(ctx(), &kill).map_err(rpc_error).context("signal_process")?;
+    let status = client.wait_process(ctx(), &wait_for("svc", "")).map_err(rpc_error).context("wait_process")?.status;
     ensure!(status == 137, "killed container exited {status}");
-    client.remove_container(ctx(), &container("svc")).map_err(rpc_error)?;
+    client.remove_container(ctx(), &container("svc")).map_err(rpc_error).context("remove_container")?;
     let gone = client.stats_container(ctx(), &ContainerRequest { container_id: "svc".into(), ..Default::default() });
     ensure!(gone.is_err(), "a removed container still has stats");
 
-    client.destroy_sandbox(ctx(), &Empty::new()).map_err(rpc_error)?;
+    client.destroy_sandbox(ctx(), &Empty::new()).map_err(rpc_error).context("destroy_sandbox")?;
     Ok(format!(
         "containers_in_a_guest: QEMU spawn to agent ready {ready_after:?} (guest uptime at ready {} ms); \
          create to output {create_to_output:?} (echo, under TCG)",
