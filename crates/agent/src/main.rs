@@ -55,23 +55,33 @@ fn serve(listener: OwnedFd, service: Service) -> Result<agent_proto::ttrpc::Serv
 }
 
 /// Dials the host and says the agent is ready, retrying while the host's
-/// side is not there yet.
-fn announce(link: &HostLink, port: u32) -> Result<(), String> {
+/// side is not there yet: quickly at first, then once a second, for as
+/// long as `patience` allows (None: for ever, as a guest's PID 1 has
+/// nothing better to do).
+fn announce(link: &HostLink, port: u32, patience: Option<Duration>) -> Result<(), String> {
     let start = Instant::now();
-    let mut last = String::new();
-    while start.elapsed() < Duration::from_secs(30) {
-        match link.dial(port) {
+    let mut delay = Duration::from_millis(20);
+    let mut told = false;
+    loop {
+        let last = match link.dial(port) {
             Ok(fd) => {
                 let mut stream = std::fs::File::from(fd);
                 return stream
                     .write_all(ready_line(env!("CARGO_PKG_VERSION")).as_bytes())
                     .map_err(|e| format!("writing the ready line: {e}"));
             }
-            Err(e) => last = e.to_string(),
+            Err(e) => e.to_string(),
+        };
+        if patience.is_some_and(|p| start.elapsed() > p) {
+            return Err(format!("could not reach the host: {last}"));
         }
-        std::thread::sleep(Duration::from_millis(20));
+        if !told && start.elapsed() > Duration::from_secs(5) {
+            log(&format!("still trying to reach the host: {last}"));
+            told = true;
+        }
+        std::thread::sleep(delay);
+        delay = (delay * 2).min(Duration::from_secs(1));
     }
-    Err(format!("could not reach the host: {last}"))
 }
 
 fn guest_main() -> ! {
@@ -125,7 +135,7 @@ fn guest_main() -> ! {
             }
         }
     };
-    match announce(&link, port) {
+    match announce(&link, port, None) {
         Ok(()) => log(&format!("ready after {} ms{}", guest::uptime_ms(), if ok { "" } else { " (with errors above)" })),
         Err(e) => log(&e),
     }
@@ -171,7 +181,7 @@ fn host_main(args: &[String]) -> Result<(), String> {
     let listener = UnixListener::bind(&listen).map_err(|e| format!("listening on {}: {e}", listen.display()))?;
     let service = Service { containers, guest: false, ready_after_boot_ms: 0, started: Instant::now() };
     let _server = serve(OwnedFd::from(listener), service)?;
-    announce(&link, port)?;
+    announce(&link, port, Some(Duration::from_secs(30)))?;
     loop {
         std::thread::park();
     }
