@@ -197,7 +197,7 @@ impl Containers {
             Ok(c) => c,
             Err(e) => {
                 undo_root(&mounted_root);
-                return Err(Error::Invalid(e));
+                return Err(Error::Invalid(error_chain(&e)));
             }
         };
         let cgroup = match self.make_cgroup(id, &checked.limits) {
@@ -343,7 +343,7 @@ impl Containers {
     /// Starts another process in a running container.
     pub fn exec(&self, id: &str, exec_id: &str, process_json: &[u8], stdio: &StdioPorts) -> Result<()> {
         check_id("exec ID", exec_id)?;
-        let process = spec::parse_process(process_json).map_err(Error::Invalid)?;
+        let process = spec::parse_process(process_json).map_err(|e| Error::Invalid(error_chain(&e)))?;
         let (init_pid, cgroup) = self.with(id, |c| match c.state() {
             State::Running if c.execs.contains_key(exec_id) => {
                 Err(Error::Invalid(format!("container {id:?} already has a process with exec ID {exec_id:?}")))

@@ -14,6 +14,86 @@ use oci_spec::runtime::{LinuxNamespaceType, Mount, Process, Spec};
 
 use crate::launch::{is_clean_absolute, InitConfig, MountConfig, Namespace, ProcessConfig};
 
+/// What is wrong with a spec or a process (the reply says it).
+#[derive(Debug, thiserror::Error)]
+pub enum SpecError {
+    /// The spec is not valid OCI runtime spec JSON.
+    #[error("invalid OCI spec")]
+    Spec(#[source] serde_json::Error),
+    /// The process is not a valid OCI process object.
+    #[error("invalid OCI process")]
+    Process(#[source] serde_json::Error),
+    /// The spec has no process.
+    #[error("the OCI spec has no process")]
+    NoProcess,
+    /// A namespace kind the agent does not handle.
+    #[error("namespace {0} is not supported")]
+    UnsupportedNamespace(String),
+    /// Joining another mount namespace (the root would be pivoted there).
+    #[error("joining an existing mount namespace is not supported")]
+    JoinMountNamespace,
+    /// A hostname with the agent's own UTS namespace.
+    #[error("the spec sets a hostname without a new uts namespace")]
+    HostnameWithoutUts,
+    /// uidMappings.
+    #[error("user namespaces (uidMappings) are not supported")]
+    UserNamespaces,
+    /// A path that must be absolute and free of `..` is not.
+    #[error("{what} {path:?} is not an absolute path without \"..\"")]
+    BadPath {
+        /// What the path is ("the process cwd", "maskedPaths entry").
+        what: &'static str,
+        /// The path.
+        path: String,
+    },
+    /// No args.
+    #[error("the process has no args")]
+    NoArgs,
+    /// An environment entry without `=`.
+    #[error("environment entry {0:?} is not KEY=value")]
+    BadEnv(String),
+    /// A soft rlimit above its hard one.
+    #[error("rlimit {name}: soft {soft} is above hard {hard}")]
+    Rlimit {
+        /// RLIMIT_*.
+        name: String,
+        /// Soft limit.
+        soft: u64,
+        /// Hard limit.
+        hard: u64,
+    },
+    /// An rlimit name the agent does not know.
+    #[error("unknown rlimit {0:?}")]
+    UnknownRlimit(String),
+    /// A bind mount's source is relative.
+    #[error("bind mount source {from:?} for {destination:?} is not an absolute path")]
+    RelativeBindSource {
+        /// The source.
+        from: PathBuf,
+        /// The mount's destination.
+        destination: PathBuf,
+    },
+    /// A bind mount's source does not exist.
+    #[error("bind mount source {} for {destination:?} does not exist", from.display())]
+    MissingBindSource {
+        /// The source.
+        from: PathBuf,
+        /// The mount's destination.
+        destination: PathBuf,
+    },
+    /// A limit that is neither positive nor -1.
+    #[error("{what} {value} is neither positive nor -1 (unlimited)")]
+    BadLimit {
+        /// Which limit.
+        what: &'static str,
+        /// Its value.
+        value: i64,
+    },
+    /// A CPU quota with a zero period.
+    #[error("cpu quota {0} with a period of 0")]
+    ZeroCpuPeriod(u64),
+}
+
 /// cgroup v2 limits asked for by a spec or an update.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Limits {
@@ -45,9 +125,9 @@ pub struct Checked {
 }
 
 /// Parses and checks a spec (config.json bytes).
-pub fn parse_spec(json: &[u8], rootfs: &Path) -> Result<Checked, String> {
-    let spec: Spec = serde_json::from_slice(json).map_err(|e| format!("invalid OCI spec: {e}"))?;
-    let process = spec.process().as_ref().ok_or("the OCI spec has no process")?;
+pub fn parse_spec(json: &[u8], rootfs: &Path) -> Result<Checked, SpecError> {
+    let spec: Spec = serde_json::from_slice(json).map_err(SpecError::Spec)?;
+    let process = spec.process().as_ref().ok_or(SpecError::NoProcess)?;
     let process = check_process(process)?;
     let linux = spec.linux().as_ref();
 
@@ -61,7 +141,7 @@ pub fn parse_spec(json: &[u8], rootfs: &Path) -> Result<Checked, String> {
             LinuxNamespaceType::Ipc => Namespace::Ipc,
             LinuxNamespaceType::Network => Namespace::Net,
             LinuxNamespaceType::Cgroup => Namespace::Cgroup,
-            other => return Err(format!("namespace {other:?} is not supported")),
+            other => return Err(SpecError::UnsupportedNamespace(format!("{other:?}"))),
         };
         match ns.path() {
             Some(path) => join_namespaces.push((kind, path.clone())),
@@ -72,15 +152,15 @@ pub fn parse_spec(json: &[u8], rootfs: &Path) -> Result<Checked, String> {
     // root is pivoted, and that must not happen to the agent.
     if !new_namespaces.contains(&Namespace::Mount) {
         if join_namespaces.iter().any(|(ns, _)| *ns == Namespace::Mount) {
-            return Err("joining an existing mount namespace is not supported".into());
+            return Err(SpecError::JoinMountNamespace);
         }
         new_namespaces.push(Namespace::Mount);
     }
     if spec.hostname().is_some() && !new_namespaces.contains(&Namespace::Uts) {
-        return Err("the spec sets a hostname without a new uts namespace".into());
+        return Err(SpecError::HostnameWithoutUts);
     }
     if linux.is_some_and(|l| l.uid_mappings().as_ref().is_some_and(|m| !m.is_empty())) {
-        return Err("user namespaces (uidMappings) are not supported".into());
+        return Err(SpecError::UserNamespaces);
     }
 
     let mut mounts = Vec::new();
@@ -92,15 +172,15 @@ pub fn parse_spec(json: &[u8], rootfs: &Path) -> Result<Checked, String> {
         }
         mounts.push(config);
     }
-    let paths = |list: Option<&Vec<String>>, what: &str| -> Result<Vec<String>, String> {
+    let paths = |list: Option<&Vec<String>>, what: &'static str| -> Result<Vec<String>, SpecError> {
         let list = list.cloned().unwrap_or_default();
         match list.iter().find(|p| !is_clean_absolute(Path::new(p))) {
-            Some(bad) => Err(format!("{what} entry {bad:?} is not an absolute path without \"..\"")),
+            Some(bad) => Err(SpecError::BadPath { what, path: bad.clone() }),
             None => Ok(list),
         }
     };
-    let masked_paths = paths(linux.and_then(|l| l.masked_paths().as_ref()), "maskedPaths")?;
-    let readonly_paths = paths(linux.and_then(|l| l.readonly_paths().as_ref()), "readonlyPaths")?;
+    let masked_paths = paths(linux.and_then(|l| l.masked_paths().as_ref()), "maskedPaths entry")?;
+    let readonly_paths = paths(linux.and_then(|l| l.readonly_paths().as_ref()), "readonlyPaths entry")?;
     let limits = linux.and_then(|l| l.resources().as_ref()).map(check_resources).transpose()?.unwrap_or_default();
 
     Ok(Checked {
@@ -121,27 +201,27 @@ pub fn parse_spec(json: &[u8], rootfs: &Path) -> Result<Checked, String> {
 }
 
 /// Parses and checks an OCI `process` object (for an exec).
-pub fn parse_process(json: &[u8]) -> Result<ProcessConfig, String> {
-    let process: Process = serde_json::from_slice(json).map_err(|e| format!("invalid OCI process: {e}"))?;
+pub fn parse_process(json: &[u8]) -> Result<ProcessConfig, SpecError> {
+    let process: Process = serde_json::from_slice(json).map_err(SpecError::Process)?;
     check_process(&process)
 }
 
-fn check_process(p: &Process) -> Result<ProcessConfig, String> {
+fn check_process(p: &Process) -> Result<ProcessConfig, SpecError> {
     let args = p.args().clone().unwrap_or_default();
     if args.is_empty() || args[0].is_empty() {
-        return Err("the process has no args".into());
+        return Err(SpecError::NoArgs);
     }
     if !is_clean_absolute(p.cwd()) {
-        return Err(format!("the process cwd {:?} is not an absolute path without \"..\"", p.cwd()));
+        return Err(SpecError::BadPath { what: "the process cwd", path: p.cwd().display().to_string() });
     }
     let env = p.env().clone().unwrap_or_default();
     if let Some(bad) = env.iter().find(|e| !e.contains('=') || e.starts_with('=')) {
-        return Err(format!("environment entry {bad:?} is not KEY=value"));
+        return Err(SpecError::BadEnv(bad.clone()));
     }
     let mut rlimits = Vec::new();
     for r in p.rlimits().as_ref().into_iter().flatten() {
         if r.soft() > r.hard() {
-            return Err(format!("rlimit {}: soft {} is above hard {}", r.typ(), r.soft(), r.hard()));
+            return Err(SpecError::Rlimit { name: r.typ().to_string(), soft: r.soft(), hard: r.hard() });
         }
         rlimits.push((rlimit_number(&r.typ().to_string())?, r.soft(), r.hard()));
     }
@@ -160,7 +240,7 @@ fn check_process(p: &Process) -> Result<ProcessConfig, String> {
     })
 }
 
-fn rlimit_number(name: &str) -> Result<u32, String> {
+fn rlimit_number(name: &str) -> Result<u32, SpecError> {
     let n = match name {
         "RLIMIT_CPU" => libc::RLIMIT_CPU,
         "RLIMIT_FSIZE" => libc::RLIMIT_FSIZE,
@@ -178,7 +258,7 @@ fn rlimit_number(name: &str) -> Result<u32, String> {
         "RLIMIT_NICE" => libc::RLIMIT_NICE,
         "RLIMIT_RTPRIO" => libc::RLIMIT_RTPRIO,
         "RLIMIT_RTTIME" => libc::RLIMIT_RTTIME,
-        other => return Err(format!("unknown rlimit {other:?}")),
+        other => return Err(SpecError::UnknownRlimit(other.into())),
     };
     Ok(n)
 }
@@ -216,10 +296,10 @@ fn mount_option(option: &str) -> Option<(u64, bool)> {
     Some((flag, clear))
 }
 
-fn check_mount(m: &Mount) -> Result<MountConfig, String> {
+fn check_mount(m: &Mount) -> Result<MountConfig, SpecError> {
     let destination = m.destination();
     if !is_clean_absolute(destination) || destination == Path::new("/") {
-        return Err(format!("mount destination {destination:?} is not an absolute path below / without \"..\""));
+        return Err(SpecError::BadPath { what: "mount destination (below /)", path: destination.display().to_string() });
     }
     let mut flags = 0;
     let mut data = Vec::new();
@@ -237,10 +317,10 @@ fn check_mount(m: &Mount) -> Result<MountConfig, String> {
     }
     if flags & libc::MS_BIND != 0 {
         if !source.is_absolute() {
-            return Err(format!("bind mount source {source:?} for {destination:?} is not an absolute path"));
+            return Err(SpecError::RelativeBindSource { from: source, destination: destination.clone() });
         }
         if !source.exists() {
-            return Err(format!("bind mount source {} for {destination:?} does not exist", source.display()));
+            return Err(SpecError::MissingBindSource { from: source, destination: destination.clone() });
         }
     }
     Ok(MountConfig {
@@ -252,13 +332,13 @@ fn check_mount(m: &Mount) -> Result<MountConfig, String> {
     })
 }
 
-fn check_resources(r: &oci_spec::runtime::LinuxResources) -> Result<Limits, String> {
-    let positive = |what: &str, v: i64| -> Result<Option<u64>, String> {
+fn check_resources(r: &oci_spec::runtime::LinuxResources) -> Result<Limits, SpecError> {
+    let positive = |what: &'static str, v: i64| -> Result<Option<u64>, SpecError> {
         match v {
             v if v > 0 => Ok(Some(v as u64)),
             // -1 is the spec's "unlimited".
             -1 => Ok(None),
-            v => Err(format!("{what} {v} is neither positive nor -1 (unlimited)")),
+            value => Err(SpecError::BadLimit { what, value }),
         }
     };
     let memory = match r.memory().as_ref().and_then(|m| m.limit()) {
@@ -271,7 +351,7 @@ fn check_resources(r: &oci_spec::runtime::LinuxResources) -> Result<Limits, Stri
     };
     let cpu = match r.cpu().as_ref().and_then(|c| c.quota().map(|q| (q, c.period().unwrap_or(100_000)))) {
         Some((quota, period)) => match positive("cpu quota", quota)? {
-            Some(quota) if period == 0 => return Err(format!("cpu quota {quota} with a period of 0")),
+            Some(quota) if period == 0 => return Err(SpecError::ZeroCpuPeriod(quota)),
             Some(quota) => Some((quota, period)),
             None => None,
         },
@@ -332,7 +412,7 @@ mod tests {
             (br#"{"ociVersion":"1.0.2"}"#.to_vec(), "no process"),
         ];
         for (json, want) in cases {
-            let err = parse_spec(&json, Path::new("/r")).unwrap_err();
+            let err = crate::container::error_chain(&parse_spec(&json, Path::new("/r")).unwrap_err());
             assert!(err.contains(want), "{want:?} not in {err:?}");
         }
     }
