@@ -4,7 +4,7 @@
 
 use std::ffi::CString;
 use std::os::fd::AsRawFd;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use agent_proto::agent::GuestDetails;
 
@@ -17,12 +17,44 @@ pub const MODULES_LOAD: &str = "/lib/modules/vessel/modules.load";
 /// Where the agent's container cgroups live in a guest.
 pub const CGROUP_DIR: &str = "/sys/fs/cgroup/vessel";
 
+/// A boot step that failed.
+#[derive(Debug, thiserror::Error)]
+pub enum GuestError {
+    /// A system call or file operation failed.
+    #[error("cannot {what}")]
+    Io {
+        /// What was being done ("mount proc on /proc").
+        what: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// `modules.load` names something that is not a plain file name.
+    #[error("{MODULES_LOAD} names {0:?}, which is not a file name")]
+    ModuleName(String),
+    /// `vessel.agent_port=` is not a port.
+    #[error("{0} on the kernel command line is not a port number")]
+    BadPort(String),
+    /// A path with a NUL byte.
+    #[error("{0:?} contains a NUL byte")]
+    Nul(PathBuf),
+}
+
+fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> GuestError {
+    let what = what.into();
+    move |source| GuestError::Io { what, source }
+}
+
+fn last_os_error(what: impl Into<String>) -> GuestError {
+    io(what)(std::io::Error::last_os_error())
+}
+
 fn cstr(s: &str) -> CString {
     CString::new(s).expect("a constant without NUL")
 }
 
-fn mount(source: &str, target: &str, fstype: &str, flags: libc::c_ulong, data: &str) -> Result<(), String> {
-    std::fs::create_dir_all(target).map_err(|e| format!("creating {target}: {e}"))?;
+fn mount(source: &str, target: &str, fstype: &str, flags: libc::c_ulong, data: &str) -> Result<(), GuestError> {
+    std::fs::create_dir_all(target).map_err(io(format!("create {target}")))?;
     let (source_c, target_c, fstype_c, data_c) = (cstr(source), cstr(target), cstr(fstype), cstr(data));
     // SAFETY: valid NUL-terminated strings that live across the call.
     let r = unsafe { libc::mount(source_c.as_ptr(), target_c.as_ptr(), fstype_c.as_ptr(), flags, data_c.as_ptr().cast()) };
@@ -30,7 +62,7 @@ fn mount(source: &str, target: &str, fstype: &str, flags: libc::c_ulong, data: &
         let e = std::io::Error::last_os_error();
         // Mounted already (by the kernel, say): fine.
         if e.raw_os_error() != Some(libc::EBUSY) {
-            return Err(format!("mounting {fstype} on {target}: {e}"));
+            return Err(io(format!("mount {fstype} on {target}"))(e));
         }
     }
     Ok(())
@@ -43,7 +75,7 @@ fn mount(source: &str, target: &str, fstype: &str, flags: libc::c_ulong, data: &
 /// escaped). So at boot the agent copies the initramfs into a tmpfs,
 /// deletes the originals, moves the tmpfs over `/` and enters it. Done
 /// before anything else is mounted.
-pub fn leave_initramfs() -> Result<(), String> {
+pub fn leave_initramfs() -> Result<(), GuestError> {
     const RAMFS_MAGIC: i64 = 0x8584_58f6;
     const TMPFS_MAGIC: i64 = 0x0102_1994;
     // SAFETY: statfs is plain data; all-zero is a valid value.
@@ -51,7 +83,7 @@ pub fn leave_initramfs() -> Result<(), String> {
     let slash = cstr("/");
     // SAFETY: a valid path and out-pointer.
     if unsafe { libc::statfs(slash.as_ptr(), &mut st) } != 0 {
-        return Err(format!("statfs /: {}", std::io::Error::last_os_error()));
+        return Err(last_os_error("statfs /"));
     }
     let kind = st.f_type as i64;
     if kind != RAMFS_MAGIC && kind != TMPFS_MAGIC {
@@ -59,8 +91,8 @@ pub fn leave_initramfs() -> Result<(), String> {
     }
     let new_root = Path::new("/.vessel-root");
     mount("tmpfs", "/.vessel-root", "tmpfs", 0, "mode=0755")?;
-    for entry in std::fs::read_dir("/").map_err(|e| format!("reading /: {e}"))? {
-        let entry = entry.map_err(|e| format!("reading /: {e}"))?;
+    for entry in std::fs::read_dir("/").map_err(io("read /"))? {
+        let entry = entry.map_err(io("read /"))?;
         if entry.path() == new_root {
             continue;
         }
@@ -69,7 +101,7 @@ pub fn leave_initramfs() -> Result<(), String> {
             Ok(t) if t.is_dir() => std::fs::remove_dir_all(entry.path()),
             _ => std::fs::remove_file(entry.path()),
         };
-        removed.map_err(|e| format!("removing {} from the initramfs: {e}", entry.path().display()))?;
+        removed.map_err(io(format!("remove {} from the initramfs", entry.path().display())))?;
     }
     let (dot, root_c) = (cstr("."), cstr("/.vessel-root"));
     // SAFETY: a valid NUL-terminated path.
@@ -79,17 +111,17 @@ pub fn leave_initramfs() -> Result<(), String> {
         && unsafe { libc::mount(dot.as_ptr(), slash.as_ptr(), std::ptr::null(), libc::MS_MOVE, std::ptr::null()) } == 0;
     // SAFETY: as above.
     if !moved || unsafe { libc::chroot(dot.as_ptr()) } != 0 || unsafe { libc::chdir(slash.as_ptr()) } != 0 {
-        return Err(format!("moving the tmpfs root over /: {}", std::io::Error::last_os_error()));
+        return Err(last_os_error("move the tmpfs root over /"));
     }
     Ok(())
 }
 
 /// Copies a file, directory, symlink or device node, with its mode.
-fn copy_tree(from: &Path, to: &Path) -> Result<(), String> {
+fn copy_tree(from: &Path, to: &Path) -> Result<(), GuestError> {
     use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
-    let meta = std::fs::symlink_metadata(from).map_err(|e| format!("reading {}: {e}", from.display()))?;
+    let meta = std::fs::symlink_metadata(from).map_err(io(format!("read {}", from.display())))?;
     let kind = meta.file_type();
-    let failed = |e: std::io::Error| format!("copying {} to {}: {e}", from.display(), to.display());
+    let failed = |e: std::io::Error| io(format!("copy {} to {}", from.display(), to.display()))(e);
     if kind.is_dir() {
         std::fs::create_dir(to).map_err(failed)?;
         for entry in std::fs::read_dir(from).map_err(failed)? {
@@ -103,7 +135,8 @@ fn copy_tree(from: &Path, to: &Path) -> Result<(), String> {
     } else if kind.is_file() {
         std::fs::copy(from, to).map_err(failed)?;
     } else if kind.is_char_device() || kind.is_block_device() {
-        let path = CString::new(std::os::unix::ffi::OsStrExt::as_bytes(to.as_os_str())).map_err(|_| "NUL in a path".to_string())?;
+        let path = CString::new(std::os::unix::ffi::OsStrExt::as_bytes(to.as_os_str()))
+            .map_err(|_| GuestError::Nul(to.to_path_buf()))?;
         // SAFETY: a valid path; mode and rdev come from the original node.
         if unsafe { libc::mknod(path.as_ptr(), meta.mode(), meta.rdev()) } != 0 {
             return Err(failed(std::io::Error::last_os_error()));
@@ -116,7 +149,7 @@ fn copy_tree(from: &Path, to: &Path) -> Result<(), String> {
 }
 
 /// Mounts the filesystems every guest needs (cgroup v2 only).
-pub fn mount_filesystems() -> Result<(), String> {
+pub fn mount_filesystems() -> Result<(), GuestError> {
     let nosuid_nodev_noexec = libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC;
     mount("proc", "/proc", "proc", nosuid_nodev_noexec, "")?;
     mount("sysfs", "/sys", "sysfs", nosuid_nodev_noexec, "")?;
@@ -134,26 +167,26 @@ pub fn mount_filesystems() -> Result<(), String> {
 
 /// Loads the modules listed in [`MODULES_LOAD`], in order. A module the
 /// kernel already has (built in or loaded) is fine.
-pub fn load_modules() -> Result<Vec<String>, String> {
+pub fn load_modules() -> Result<Vec<String>, GuestError> {
     let list = match std::fs::read_to_string(MODULES_LOAD) {
         Ok(list) => list,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(e) => return Err(format!("reading {MODULES_LOAD}: {e}")),
+        Err(e) => return Err(io(format!("read {MODULES_LOAD}"))(e)),
     };
     let mut loaded = Vec::new();
     for name in list.lines().map(str::trim).filter(|l| !l.is_empty()) {
         if name.contains('/') {
-            return Err(format!("{MODULES_LOAD} names {name:?}, which is not a file name"));
+            return Err(GuestError::ModuleName(name.into()));
         }
         let path = Path::new(MODULES_DIR).join(name);
-        let file = std::fs::File::open(&path).map_err(|e| format!("opening {}: {e}", path.display()))?;
+        let file = std::fs::File::open(&path).map_err(io(format!("open {}", path.display())))?;
         let params = cstr("");
         // SAFETY: a valid module fd and an empty parameter string.
         let r = unsafe { libc::syscall(libc::SYS_finit_module, file.as_raw_fd(), params.as_ptr(), 0) };
         if r != 0 {
             let e = std::io::Error::last_os_error();
             if e.raw_os_error() != Some(libc::EEXIST) {
-                return Err(format!("loading {}: {e}", path.display()));
+                return Err(io(format!("load {}", path.display()))(e));
             }
         }
         loaded.push(name.to_string());
@@ -163,14 +196,14 @@ pub fn load_modules() -> Result<Vec<String>, String> {
 
 /// Credits the kernel's pool with bytes from the hardware RNG (virtio-rng)
 /// so that early getrandom() callers do not block. Returns the bytes added.
-pub fn seed_entropy() -> Result<usize, String> {
+pub fn seed_entropy() -> Result<usize, GuestError> {
     const BYTES: usize = 64;
     let mut hwrng = match std::fs::File::open("/dev/hwrng") {
         Ok(f) => f,
-        Err(e) => return Err(format!("opening /dev/hwrng: {e}")),
+        Err(e) => return Err(io("open /dev/hwrng")(e)),
     };
     let mut seed = [0u8; BYTES];
-    std::io::Read::read_exact(&mut hwrng, &mut seed).map_err(|e| format!("reading /dev/hwrng: {e}"))?;
+    std::io::Read::read_exact(&mut hwrng, &mut seed).map_err(io("read /dev/hwrng"))?;
     #[repr(C)]
     struct RandPoolInfo {
         entropy_count: libc::c_int,
@@ -178,25 +211,25 @@ pub fn seed_entropy() -> Result<usize, String> {
         buf: [u8; BYTES],
     }
     let info = RandPoolInfo { entropy_count: (BYTES * 8) as libc::c_int, buf_size: BYTES as libc::c_int, buf: seed };
-    let urandom = std::fs::OpenOptions::new().write(true).open("/dev/urandom").map_err(|e| format!("opening /dev/urandom: {e}"))?;
+    let urandom = std::fs::OpenOptions::new().write(true).open("/dev/urandom").map_err(io("open /dev/urandom"))?;
     // RNDADDENTROPY = _IOW('R', 0x03, int[2])
     const RNDADDENTROPY: libc::c_ulong = 0x4008_5203;
     // SAFETY: info is a valid rand_pool_info with buf_size bytes after the
     // header; the ioctl only reads it.
     if unsafe { libc::ioctl(urandom.as_raw_fd(), RNDADDENTROPY, &info) } != 0 {
-        return Err(format!("RNDADDENTROPY: {}", std::io::Error::last_os_error()));
+        return Err(last_os_error("add entropy (RNDADDENTROPY)"));
     }
     Ok(BYTES)
 }
 
 /// `vessel.agent_port=N` from the kernel command line.
-pub fn cmdline_port(cmdline: &str) -> Result<Option<u32>, String> {
+pub fn cmdline_port(cmdline: &str) -> Result<Option<u32>, GuestError> {
     let key = format!("{}=", agent_proto::link::CMDLINE_PORT_KEY);
     match cmdline.split_whitespace().filter_map(|w| w.strip_prefix(&key)).next_back() {
         None => Ok(None),
         Some(v) => match v.parse::<u32>() {
             Ok(port) if port > 0 => Ok(Some(port)),
-            _ => Err(format!("{key}{v} on the kernel command line is not a port number")),
+            _ => Err(GuestError::BadPort(format!("{key}{v}"))),
         },
     }
 }
@@ -290,8 +323,8 @@ mod tests {
 
     #[test]
     fn the_port_comes_from_the_command_line() {
-        assert_eq!(cmdline_port("console=ttyS0 quiet"), Ok(None));
-        assert_eq!(cmdline_port("vessel.agent_port=2000 x"), Ok(Some(2000)));
-        assert!(cmdline_port("vessel.agent_port=abc").unwrap_err().contains("abc"));
+        assert_eq!(cmdline_port("console=ttyS0 quiet").ok(), Some(None));
+        assert_eq!(cmdline_port("vessel.agent_port=2000 x").ok(), Some(Some(2000)));
+        assert!(cmdline_port("vessel.agent_port=abc").unwrap_err().to_string().contains("abc"));
     }
 }

@@ -86,12 +86,12 @@ fn announce(link: &HostLink, port: u32, patience: Option<Duration>) -> Result<()
 
 fn guest_main() -> ! {
     let mut ok = true;
-    let mut step = |what: &str, r: Result<String, String>| match r {
+    let mut step = |what: &str, r: Result<String, guest::GuestError>| match r {
         Ok(detail) if detail.is_empty() => {}
         Ok(detail) => log(&format!("{what}: {detail}")),
         Err(e) => {
             ok = false;
-            log(&format!("{what} failed: {e}"));
+            log(&format!("{what} failed: {}", agent::container::error_chain(&e)));
         }
     };
     step("leaving the initramfs", guest::leave_initramfs().map(|()| String::new()));
