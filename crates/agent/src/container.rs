@@ -268,7 +268,7 @@ impl Containers {
 
     /// Runs the helper and waits until the process is set up.
     fn launch(&self, launch: &Launch, ports: &StdioPorts, cgroup: Option<&Path>) -> Result<Arc<Process>> {
-        let plumbing = crate::stdio::plumb(&self.config.link, ports, launch.process.terminal).map_err(Error::Failed)?;
+        let plumbing = crate::stdio::plumb(&self.config.link, ports, launch.process.terminal).map_err(Error::failed)?;
         let json = serde_json::to_vec(launch).map_err(|e| Error::Failed(format!("encoding the launch: {e}")))?;
         let (config_read, config_write) = launch::pipe().map_err(|e| Error::Failed(format!("pipe: {e}")))?;
         let (sync_agent, sync_helper) =

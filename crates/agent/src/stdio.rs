@@ -10,6 +10,17 @@ use agent_proto::agent::Stdio as StdioPorts;
 
 use crate::link::HostLink;
 
+/// Setting up a process's stdio failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StdioError {
+    /// The host's end of a stream could not be reached.
+    #[error("cannot open the {0} stream")]
+    Dial(&'static str, #[source] std::io::Error),
+    /// A pipe, a terminal, /dev/null or a descriptor copy could not be had.
+    #[error("cannot make the process's {0}")]
+    Local(&'static str, #[source] std::io::Error),
+}
+
 /// The process's ends (fds 0, 1, 2) and the copying to start once it runs.
 pub struct Plumbing {
     /// What the process gets as stdin, stdout, stderr.
@@ -20,32 +31,32 @@ pub struct Plumbing {
     _master: Option<OwnedFd>,
 }
 
-fn dev_null() -> Result<OwnedFd, String> {
+fn dev_null() -> Result<OwnedFd, StdioError> {
     std::fs::OpenOptions::new()
         .read(true)
         .write(true)
         .open("/dev/null")
         .map(OwnedFd::from)
-        .map_err(|e| format!("opening /dev/null: {e}"))
+        .map_err(|e| StdioError::Local("/dev/null", e))
 }
 
-fn pipe() -> Result<(OwnedFd, OwnedFd), String> {
-    crate::launch::pipe().map_err(|e| format!("pipe: {e}"))
+fn pipe() -> Result<(OwnedFd, OwnedFd), StdioError> {
+    crate::launch::pipe().map_err(|e| StdioError::Local("pipe", e))
 }
 
-fn dup(fd: &OwnedFd) -> Result<OwnedFd, String> {
-    fd.try_clone().map_err(|e| format!("dup: {e}"))
+fn dup(fd: &OwnedFd) -> Result<OwnedFd, StdioError> {
+    fd.try_clone().map_err(|e| StdioError::Local("descriptor copy", e))
 }
 
-fn dial(link: &HostLink, port: u32, what: &str) -> Result<Option<File>, String> {
+fn dial(link: &HostLink, port: u32, what: &'static str) -> Result<Option<File>, StdioError> {
     match port {
         0 => Ok(None),
-        port => link.dial(port).map(|fd| Some(File::from(fd))).map_err(|e| format!("{what} stream: {e}")),
+        port => link.dial(port).map(|fd| Some(File::from(fd))).map_err(|e| StdioError::Dial(what, e)),
     }
 }
 
 /// Dials the host for each stream and builds the process's ends.
-pub fn plumb(link: &HostLink, ports: &StdioPorts, terminal: bool) -> Result<Plumbing, String> {
+pub fn plumb(link: &HostLink, ports: &StdioPorts, terminal: bool) -> Result<Plumbing, StdioError> {
     let stdin = dial(link, ports.stdin_port, "stdin")?;
     let stdout = dial(link, ports.stdout_port, "stdout")?;
     if terminal {
@@ -72,7 +83,7 @@ pub fn plumb(link: &HostLink, ports: &StdioPorts, terminal: bool) -> Result<Plum
         }
         None => dev_null()?,
     };
-    let output = |copies: &mut Vec<(File, File, bool)>, stream: Option<File>| -> Result<OwnedFd, String> {
+    let output = |copies: &mut Vec<(File, File, bool)>, stream: Option<File>| -> Result<OwnedFd, StdioError> {
         match stream {
             Some(stream) => {
                 let (read, write) = pipe()?;
@@ -120,14 +131,14 @@ impl Plumbing {
     }
 }
 
-fn open_pty() -> Result<(OwnedFd, OwnedFd), String> {
+fn open_pty() -> Result<(OwnedFd, OwnedFd), StdioError> {
     let (mut master, mut slave) = (0, 0);
     // SAFETY: out-pointers to two ints; no name, termios or winsize.
     let r = unsafe {
         libc::openpty(&mut master, &mut slave, std::ptr::null_mut(), std::ptr::null(), std::ptr::null())
     };
     if r != 0 {
-        return Err(format!("openpty: {}", std::io::Error::last_os_error()));
+        return Err(StdioError::Local("terminal", std::io::Error::last_os_error()));
     }
     // SAFETY: a new descriptor nothing else owns.
     let master = unsafe { OwnedFd::from_raw_fd(master) };
