@@ -237,6 +237,18 @@ fn image_build_writes_the_boot_files() -> TestResult {
         let present = file(&format!("lib/modules/vessel/{module}")).is_some();
         ensure!(present, "modules.load names {module}, which the image lacks");
     }
+    // Dependencies first: the virtio core before the transport.
+    let at = |name: &str| load.lines().position(|l| l == name);
+    if let (Some(ring), Some(virtio), Some(mmio)) = (at("virtio_ring.ko"), at("virtio.ko"), at("virtio_mmio.ko")) {
+        ensure!(ring < virtio && virtio < mmio, "modules.load out of order: {load:?}");
+    }
+    // Every driver the agent needs is loaded or built in.
+    let listed = stderr.lines().find(|l| l.contains("[3/4] modules to load:")).unwrap_or("");
+    for wanted in resources::guest_image::AGENT_MODULES {
+        let file = format!("{}.ko", wanted.replace('-', "_"));
+        let built_in = listed.split("built in:").nth(1).is_some_and(|b| b.split([',', ' ']).any(|m| m == wanted));
+        ensure!(at(&file).is_some() || built_in, "{wanted} is neither in modules.load nor built in: {listed}");
+    }
     ensure!(stderr.contains("[3/4] modules to load:"), "no progress on stderr: {stderr:?}");
 
     // Built again from the same inputs: the same bytes.

@@ -313,6 +313,14 @@ pub fn power_off() -> ! {
 mod tests {
     use super::*;
 
+    /// The initramfs layout is a contract with `resources::guest_image`,
+    /// which writes it (the agent does not link the host's builder).
+    #[test]
+    fn the_module_paths_are_the_image_builders() {
+        assert_eq!(MODULES_DIR, resources::guest_image::MODULES_DIR);
+        assert_eq!(MODULES_LOAD, resources::guest_image::MODULES_LOAD);
+    }
+
     #[test]
     fn cpu_lists_count() {
         assert_eq!(cpu_count("0\n"), 1);

@@ -421,48 +421,4 @@ mod tests {
         let err = write_guest_image(&out, &dir.path().join("none"), b"x").unwrap_err().to_string();
         assert!(err.starts_with("cannot read the kernel image "), "{err}");
     }
-
-    /// The cached Debian cloud kernel, if an earlier run fetched it (unit
-    /// tests do not download).
-    fn cached_distro_kernel() -> Option<Kernel> {
-        let kernels = cache::dir().ok()?.join("kernels");
-        let mut entries: Vec<PathBuf> = std::fs::read_dir(kernels).ok()?.filter_map(|e| Some(e.ok()?.path())).collect();
-        entries.sort();
-        entries.into_iter().rev().find_map(|entry| {
-            let name = entry.file_name()?.to_string_lossy().into_owned();
-            let (image, modules) = (entry.join("vmlinuz"), entry.join("modules"));
-            (name.starts_with("linux-image-") && image.is_file() && modules.is_dir()).then_some(Kernel {
-                image,
-                modules: Some(modules),
-                release: None,
-                package: None,
-            })
-        })
-    }
-
-    /// Against the real cloud kernel's modules: the same contract, and the
-    /// drivers that are modules there end up in the image.
-    #[test]
-    fn with_the_cached_distribution_kernel() {
-        let Some(kernel) = cached_distro_kernel() else {
-            eprintln!(
-                "skipped: no distribution kernel in the cache (run the tier-3 tests or `vessel image build` once)"
-            );
-            return;
-        };
-        let modules = agent_modules(&kernel).unwrap();
-        let img = build_agent_initramfs(build_elf(&[], false), &modules).unwrap();
-        let files = check_modules_load(&read_newc(&img.to_bytes()));
-        eprintln!("{}: load {files:?}, built in {:?}", kernel.image.display(), modules.builtin);
-        let at = |f: &str| files.iter().position(|x| x == f);
-        for wanted in AGENT_MODULES {
-            assert!(
-                at(&module_file(wanted)).is_some() || modules.builtin.iter().any(|b| b == wanted),
-                "{wanted} neither loaded nor built in"
-            );
-        }
-        if let (Some(ring), Some(virtio), Some(mmio)) = (at("virtio_ring.ko"), at("virtio.ko"), at("virtio_mmio.ko")) {
-            assert!(ring < virtio && virtio < mmio, "{files:?}");
-        }
-    }
 }
