@@ -268,13 +268,13 @@ impl Containers {
 
     /// Runs the helper and waits until the process is set up.
     fn launch(&self, launch: &Launch, ports: &StdioPorts, cgroup: Option<&Path>) -> Result<Arc<Process>> {
-        let plumbing = crate::stdio::plumb(&self.config.link, ports, launch.process.terminal).map_err(Error::failed)?;
+        let ([stdin, stdout, stderr], copier) =
+            crate::stdio::plumb(&self.config.link, ports, launch.process.terminal).map_err(Error::failed)?;
         let json = serde_json::to_vec(launch).map_err(|e| Error::Failed(format!("encoding the launch: {e}")))?;
         let (config_read, config_write) = launch::pipe().map_err(|e| Error::Failed(format!("pipe: {e}")))?;
         let (sync_agent, sync_helper) =
             UnixStream::pair().map_err(|e| Error::Failed(format!("socketpair: {e}")))?;
         let sync_helper = OwnedFd::from(sync_helper);
-        let [stdin, stdout, stderr] = plumbing_child(&plumbing)?;
         let mut command = Command::new(&self.config.self_exe);
         command.arg(launch::LAUNCH_ARG).env_clear().stdin(stdin).stdout(stdout).stderr(stderr);
         let (config_fd, sync_fd) = (config_read.as_raw_fd(), sync_helper.as_raw_fd());
@@ -323,7 +323,7 @@ impl Containers {
             "ready" => {}
             other => return Err(failed(Error::Failed(format!("the helper said {other:?}")))),
         }
-        plumbing.start();
+        copier.start();
         Ok(Arc::new(Process { pid, exit, sync: Mutex::new(Some(sync_agent)) }))
     }
 
@@ -508,11 +508,6 @@ impl Containers {
             let _ = self.remove(&id);
         }
     }
-}
-
-fn plumbing_child(plumbing: &crate::stdio::Plumbing) -> Result<[OwnedFd; 3]> {
-    let dup = |fd: &OwnedFd| fd.try_clone().map_err(|e| Error::Failed(format!("dup: {e}")));
-    Ok([dup(&plumbing.child[0])?, dup(&plumbing.child[1])?, dup(&plumbing.child[2])?])
 }
 
 /// Lets a set-up process `exec` and reports whether the exec worked.

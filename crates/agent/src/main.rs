@@ -124,7 +124,7 @@ fn guest_main() -> ! {
     let _server = loop {
         let served = agent::link::vsock_listen(port).and_then(|fd| {
             let service =
-                Service { containers: containers.clone(), guest: true, ready_after_boot_ms: guest::uptime_ms(), started: Instant::now() };
+                Service { containers: containers.clone(), guest: true, ready_after_boot_ms: guest::uptime_ms() };
             serve(fd, service).map_err(std::io::Error::other)
         });
         match served {
@@ -179,7 +179,7 @@ fn host_main(args: &[String]) -> Result<(), String> {
     let self_exe = std::env::current_exe().map_err(|e| format!("finding our own binary: {e}"))?;
     let containers = Arc::new(Containers::new(Config { link: link.clone(), cgroups, run_dir, self_exe }, reaper));
     let listener = UnixListener::bind(&listen).map_err(|e| format!("listening on {}: {e}", listen.display()))?;
-    let service = Service { containers, guest: false, ready_after_boot_ms: 0, started: Instant::now() };
+    let service = Service { containers, guest: false, ready_after_boot_ms: 0 };
     let _server = serve(OwnedFd::from(listener), service)?;
     announce(&link, port, Some(Duration::from_secs(30)))?;
     loop {

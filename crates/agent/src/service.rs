@@ -3,7 +3,6 @@
 //! takes the agent down: it is PID 1, and its death is the VM's.
 
 use std::sync::Arc;
-use std::time::Instant;
 
 use agent_proto::agent::{
     ContainerRequest, CreateContainerRequest, Empty, ExecProcessRequest, GuestDetails, HealthCheckResponse, Interface,
@@ -26,8 +25,6 @@ pub struct Service {
     /// When the agent became ready, in milliseconds since the kernel
     /// started (0 on the host).
     pub ready_after_boot_ms: u64,
-    /// When the agent started (for `GetGuestDetails` on the host).
-    pub started: Instant,
 }
 
 fn status(code: Code, message: String) -> ttrpc::Error {
@@ -50,6 +47,16 @@ fn limits_from(r: &Resources) -> Result<Limits, Error> {
     };
     let nonzero = |v: u64| (v != 0).then_some(v);
     Ok(Limits { memory: nonzero(r.memory_limit), cpu, pids: nonzero(r.pids_limit) })
+}
+
+impl Service {
+    /// Refuses what only a guest's agent may do (`what` is "CPUs are onlined").
+    fn guest_only(&self, what: &str) -> ttrpc::Result<()> {
+        match self.guest {
+            true => Ok(()),
+            false => Err(status(Code::FAILED_PRECONDITION, format!("{what} only by an agent in a guest"))),
+        }
+    }
 }
 
 impl agent_proto::agent_ttrpc::Agent for Service {
@@ -154,9 +161,7 @@ impl agent_proto::agent_ttrpc::Agent for Service {
     }
 
     fn online_cpu_mem(&self, _: &TtrpcContext, req: OnlineCPUMemRequest) -> ttrpc::Result<Empty> {
-        if !self.guest {
-            return Err(status(Code::FAILED_PRECONDITION, "CPUs are onlined only by an agent in a guest".into()));
-        }
+        self.guest_only("CPUs are onlined")?;
         reply(crate::guest::online_cpus(req.nb_cpus)).map(|()| Empty::new())
     }
 
@@ -166,9 +171,7 @@ impl agent_proto::agent_ttrpc::Agent for Service {
     }
 
     fn update_virtio_slot(&self, _: &TtrpcContext, req: VirtioSlotRequest) -> ttrpc::Result<VirtioSlot> {
-        if !self.guest {
-            return Err(status(Code::FAILED_PRECONDITION, "virtio slots are bound only by an agent in a guest".into()));
-        }
+        self.guest_only("virtio slots are bound")?;
         reply(crate::slots::update(req.address, req.bind))
     }
 
@@ -193,7 +196,6 @@ impl agent_proto::agent_ttrpc::Agent for Service {
     }
 
     fn check(&self, _: &TtrpcContext, _: Empty) -> ttrpc::Result<HealthCheckResponse> {
-        let _ = self.started;
         Ok(HealthCheckResponse { serving: true, ..Default::default() })
     }
 }

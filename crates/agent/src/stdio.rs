@@ -21,15 +21,17 @@ pub enum StdioError {
     Local(&'static str, #[source] std::io::Error),
 }
 
-/// The process's ends (fds 0, 1, 2) and the copying to start once it runs.
-pub struct Plumbing {
-    /// What the process gets as stdin, stdout, stderr.
-    pub child: [OwnedFd; 3],
+/// The copying between a process's stdio and the host's streams, to start
+/// once the process has its ends.
+pub struct Copier {
     copies: Vec<(File, File, bool)>,
-    /// The terminal's master side, kept open while the process runs so
-    /// that its output is not cut off.
-    _master: Option<OwnedFd>,
+    /// The terminal's master side, kept open while copying runs so that
+    /// the process's output is not cut off.
+    master: Option<OwnedFd>,
 }
+
+/// The process's ends: what it gets as stdin, stdout and stderr.
+pub type ChildEnds = [OwnedFd; 3];
 
 fn dev_null() -> Result<OwnedFd, StdioError> {
     std::fs::OpenOptions::new()
@@ -56,7 +58,7 @@ fn dial(link: &HostLink, port: u32, what: &'static str) -> Result<Option<File>, 
 }
 
 /// Dials the host for each stream and builds the process's ends.
-pub fn plumb(link: &HostLink, ports: &StdioPorts, terminal: bool) -> Result<Plumbing, StdioError> {
+pub fn plumb(link: &HostLink, ports: &StdioPorts, terminal: bool) -> Result<(ChildEnds, Copier), StdioError> {
     let stdin = dial(link, ports.stdin_port, "stdin")?;
     let stdout = dial(link, ports.stdout_port, "stdout")?;
     if terminal {
@@ -69,7 +71,7 @@ pub fn plumb(link: &HostLink, ports: &StdioPorts, terminal: bool) -> Result<Plum
             copies.push((File::from(dup(&master)?), stream, true));
         }
         let child = [dup(&slave)?, dup(&slave)?, slave];
-        return Ok(Plumbing { child, copies, _master: Some(master) });
+        return Ok((child, Copier { copies, master: Some(master) }));
     }
     // The same port for both: one stream, like `2>&1`.
     let shared = ports.stderr_port != 0 && ports.stderr_port == ports.stdout_port;
@@ -95,15 +97,15 @@ pub fn plumb(link: &HostLink, ports: &StdioPorts, terminal: bool) -> Result<Plum
     };
     let child_out = output(&mut copies, stdout)?;
     let child_err = if shared { dup(&child_out)? } else { output(&mut copies, stderr)? };
-    Ok(Plumbing { child: [child_in, child_out, child_err], copies, _master: None })
+    Ok(([child_in, child_out, child_err], Copier { copies, master: None }))
 }
 
-impl Plumbing {
-    /// Starts copying, after the process's ends have been handed over
-    /// (and closed here: a pipe reads end-of-file only once every write
-    /// end is closed).
+impl Copier {
+    /// Starts copying. Call it once the process's ends are handed over and
+    /// closed here: a pipe reads end-of-file only once every write end is
+    /// closed.
     pub fn start(self) {
-        let master = self._master;
+        let master = self.master;
         let copies = self.copies;
         let count = copies.len();
         let master = std::sync::Arc::new(master);
