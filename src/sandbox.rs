@@ -107,11 +107,11 @@ pub(crate) fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
     let uds = dir.0.join("vsock.sock");
     let (vsock, _) = Vsock::new(&VsockConfig { guest_cid: GUEST_CID, uds_path: uds.clone() })?;
     let vsock_socket = dir.0.join("vhost-vsock.sock");
-    serve("vsock", Box::new(vsock), &vsock_socket)?;
+    vhost_user::spawn("vsock", Box::new(vsock), &vsock_socket)?;
     let (blk, _) = Block::open(&BlockConfig { path: rootfs.clone(), read_only: false, id: Some(ROOT_SERIAL.into()) })
         .with_context(|| format!("opening {}", rootfs.display()))?;
     let blk_socket = dir.0.join("vhost-blk.sock");
-    serve("blk", Box::new(blk), &blk_socket)?;
+    vhost_user::spawn("blk", Box::new(blk), &blk_socket)?;
 
     // The host's ends of what the agent dials.
     let ready = UnixListener::bind(link::port_path(&uds, link::DEFAULT_PORT))?;
@@ -167,27 +167,6 @@ pub(crate) fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
     }
     drop(qemu);
     outcome
-}
-
-/// Serves a backend over vhost-user in a thread; returns once the socket
-/// is there.
-fn serve(kind: &'static str, backend: Box<dyn devices::virtio::VirtioBackend>, socket: &Path) -> anyhow::Result<()> {
-    let path = socket.to_path_buf();
-    let thread = std::thread::spawn(move || vhost_user::serve(kind, backend, &path));
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !socket.exists() {
-        if thread.is_finished() {
-            return match thread.join() {
-                Ok(Err(e)) => Err(e.into()),
-                _ => Err(anyhow!("the vhost-user {kind} server ended before listening")),
-            };
-        }
-        if Instant::now() > deadline {
-            bail!("the vhost-user {kind} socket never appeared");
-        }
-        std::thread::sleep(Duration::from_millis(2));
-    }
-    Ok(())
 }
 
 /// Copies the one connection `listener` gets to `out`, in a thread.

@@ -30,7 +30,7 @@ use vessel_tests::netns::NetNs;
 use libtest_mimic::{Arguments, Failed, Trial};
 use vessel_tests::agent::{collected, container, ctx, output_ports, process_json, rpc_error, spec_json, wait_for, HostSide, SpecOptions};
 use vessel_tests::tier3::{
-    boot_linux_tcg, qemu_tcg_unavailable, serve_vhost_user, test_kernel, vhost_user_device_args, LinuxOptions,
+    boot_linux_tcg, qemu_tcg_unavailable, test_kernel, vhost_user_device_args, LinuxOptions,
 };
 use vessel_tests::TempDir;
 
@@ -88,10 +88,10 @@ fn with_guest(
     let uds = dir.path().join("vsock.sock");
     let (vsock, _) = Vsock::new(&VsockConfig { guest_cid: GUEST_CID, uds_path: uds.clone() })?;
     let vsock_socket = dir.path().join("vhost-vsock.sock");
-    let mut servers = vec![serve_vhost_user("vsock", Box::new(vsock), &vsock_socket)?];
+    let mut servers = vec![devices::virtio::vhost_user::spawn("vsock", Box::new(vsock), &vsock_socket)?];
     let blk_socket = dir.path().join("vhost-blk.sock");
     let config = BlockConfig { path: image, read_only: false, id: Some(DISK_SERIAL.into()) };
-    servers.push(serve_vhost_user("blk", Box::new(Block::open(&config)?.0), &blk_socket)?);
+    servers.push(devices::virtio::vhost_user::spawn("blk", Box::new(Block::open(&config)?.0), &blk_socket)?);
 
     let host = HostSide::new(uds.clone());
     let ready = host.listen(link::DEFAULT_PORT)?;
@@ -106,7 +106,7 @@ fn with_guest(
     opts.extra_args.extend(["-device".to_string(), "virtio-rng-device".to_string()]);
     if let Some(net) = net {
         let net_socket = dir.path().join("vhost-net.sock");
-        servers.push(serve_vhost_user("net", Box::new(net), &net_socket)?);
+        servers.push(devices::virtio::vhost_user::spawn("net", Box::new(net), &net_socket)?);
         opts.extra_args.extend(runtime_api::qemu::vhost_user_net_args(&net_socket, GUEST_MAC));
     }
     let started = Instant::now();

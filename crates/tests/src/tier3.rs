@@ -15,7 +15,7 @@ use std::sync::mpsc;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, ensure, Context};
+use anyhow::{bail, Context};
 use resources::kernel::{self, Kernel};
 use resources::test_image::{self, INIT_MARKER, RESULT_MARKER, VALUE_MARKER};
 
@@ -299,25 +299,6 @@ pub fn qemu_tcg_unavailable() -> Option<String> {
     }
     test_kernel().err().map(|e| format!("no guest kernel: {e:#}"))
 }
-
-/// Serves `backend` over vhost-user on `socket` in a thread (until QEMU
-/// disconnects); returns once the socket is there to connect to.
-pub fn serve_vhost_user(
-    kind: &'static str,
-    backend: Box<dyn devices::virtio::VirtioBackend>,
-    socket: &std::path::Path,
-) -> anyhow::Result<std::thread::JoinHandle<anyhow::Result<()>>> {
-    let path = socket.to_path_buf();
-    let server = std::thread::spawn(move || devices::virtio::vhost_user::serve(kind, backend, &path).map_err(anyhow::Error::from));
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while !socket.exists() {
-        ensure!(std::time::Instant::now() < deadline, "the vhost-user {kind} socket never appeared");
-        ensure!(!server.is_finished(), "the vhost-user {kind} server ended before listening");
-        std::thread::sleep(Duration::from_millis(2));
-    }
-    Ok(server)
-}
-
 
 #[cfg(test)]
 mod tests {

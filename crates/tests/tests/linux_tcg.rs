@@ -17,7 +17,7 @@ use libtest_mimic::{Arguments, Failed, Trial};
 use resources::test_image::{test_initramfs, ExtraFile};
 use sha2::{Digest, Sha256};
 use vessel_tests::tier3::{
-    boot_linux_tcg, qemu_tcg_unavailable, serve_vhost_user, test_kernel, vhost_user_device_args, LinuxOptions, LinuxRun,
+    boot_linux_tcg, qemu_tcg_unavailable, test_kernel, vhost_user_device_args, LinuxOptions, LinuxRun,
     Verdict, VIRTIO_MMIO,
 };
 use vessel_tests::pattern::{exchange, hex, pattern_sha256};
@@ -119,7 +119,7 @@ fn blk_roundtrip(backend: BlkBackend) -> TestResult {
             let socket = dir.path().join("blk.sock");
             let config = BlockConfig { path: disk_path.clone(), read_only: false, id: Some("vessel-test".into()) };
             let (block, counters) = Block::open(&config)?;
-            served = Some((serve_vhost_user("blk", Box::new(block), &socket)?, counters));
+            served = Some((devices::virtio::vhost_user::spawn("blk", Box::new(block), &socket)?, counters));
             vhost_user_device_args(&socket, "vhost-user-blk")
         }
     };
@@ -201,7 +201,7 @@ fn vessel_vhost_user_vsock() -> TestResult {
     let uds = dir.path().join("vsock.sock");
     let socket = dir.path().join("vhost-vsock.sock");
     let (vsock, counters) = Vsock::new(&VsockConfig { guest_cid: GUEST_CID, uds_path: uds.clone() })?;
-    let server = serve_vhost_user("vsock", Box::new(vsock), &socket)?;
+    let server = devices::virtio::vhost_user::spawn("vsock", Box::new(vsock), &socket)?;
 
     // The host side, in its own threads.
     let g2h = UnixListener::bind(format!("{}_5000", uds.display()))?;
@@ -306,7 +306,7 @@ fn vessel_blk_demo_rootfs_mounts() -> TestResult {
     let initrd = test_initramfs(&kernel, &[VIRTIO_MMIO, "virtio_blk", "ext4"], ROOTFS_SCRIPT, &[])?;
     let socket = dir.path().join("blk.sock");
     let config = BlockConfig { path: image, read_only: true, id: Some("rootfs".into()) };
-    let server = serve_vhost_user("blk", Box::new(Block::open(&config)?.0), &socket)?;
+    let server = devices::virtio::vhost_user::spawn("blk", Box::new(Block::open(&config)?.0), &socket)?;
     let mut opts = LinuxOptions::new(&kernel.image, &initrd);
     opts.vhost_user = true;
     opts.extra_args = vhost_user_device_args(&socket, "vhost-user-blk");
@@ -346,7 +346,7 @@ fn bench_vhost_user_blk() -> anyhow::Result<u64> {
         let mut server = None;
         if backend == "vessel" {
             let config = BlockConfig { path: disk.clone(), read_only: true, id: None };
-            server = Some(serve_vhost_user("blk", Box::new(Block::open(&config)?.0), &socket)?);
+            server = Some(devices::virtio::vhost_user::spawn("blk", Box::new(Block::open(&config)?.0), &socket)?);
         } else {
             let child = std::process::Command::new("qemu-storage-daemon")
                 .arg("--blockdev")
@@ -491,7 +491,7 @@ fn vessel_vhost_user_net_ping() -> TestResult {
     ns.ip(&["link", "set", "vtap1", "up"])?;
     let initrd = test_initramfs(&kernel, &[VIRTIO_MMIO, "virtio_net"], NET_SCRIPT, &[])?;
     let socket = dir.path().join("vhost-net.sock");
-    let server = serve_vhost_user("net", Box::new(net), &socket)?;
+    let server = devices::virtio::vhost_user::spawn("net", Box::new(net), &socket)?;
     let mut opts = LinuxOptions::new(&kernel.image, &initrd);
     opts.vhost_user = true;
     opts.extra_args = runtime_api::qemu::vhost_user_net_args(&socket, &mac_string(&NET_GUEST_MAC));

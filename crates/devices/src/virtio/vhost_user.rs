@@ -33,9 +33,8 @@ pub enum VhostUserError {
 struct Device {
     backend: Box<dyn VirtioBackend>,
     mem: Option<GuestMemoryAtomic<GuestMemoryMmap>>,
-    /// Our copies of the queue workers' exit notifiers, for a daemon whose
-    /// connection we ran ourselves (the proxied path), which must tell its
-    /// workers to end.
+    /// Our copies of the queue workers' exit notifiers: we run the
+    /// connection ourselves (through the proxy), so we tell them to end.
     exits: Mutex<Vec<EventNotifier>>,
 }
 
@@ -140,6 +139,41 @@ fn backend_token(queues: usize) -> u64 {
 /// Serves `backend` on a vhost-user socket at `socket` (created; an old one
 /// is replaced) until the frontend disconnects.
 pub fn serve(kind: &'static str, backend: Box<dyn VirtioBackend>, socket: &Path) -> Result<(), VhostUserError> {
+    let listener = listen(kind, socket)?;
+    serve_on(kind, backend, listener, socket)
+}
+
+/// [`serve`] in a thread of its own; returns once the socket is there for
+/// a frontend to connect to.
+pub fn spawn(
+    kind: &'static str,
+    backend: Box<dyn VirtioBackend>,
+    socket: &Path,
+) -> Result<std::thread::JoinHandle<Result<(), VhostUserError>>, VhostUserError> {
+    let listener = listen(kind, socket)?;
+    let path = socket.to_path_buf();
+    Ok(std::thread::spawn(move || serve_on(kind, backend, listener, &path)))
+}
+
+fn listen(kind: &'static str, socket: &Path) -> Result<UnixListener, VhostUserError> {
+    let _ = std::fs::remove_file(socket);
+    UnixListener::bind(socket)
+        .map_err(|e| VhostUserError::Daemon(kind, socket.display().to_string(), format!("listening: {e}")))
+}
+
+/// Serves the first frontend that connects to `listener`.
+///
+/// The daemon is always reached through the reordering proxy (see
+/// reorder.rs): QEMU's vhost-user-net enables rings before it acks
+/// features, which the vhost crate refuses; other frontends pass through
+/// unchanged.
+fn serve_on(
+    kind: &'static str,
+    backend: Box<dyn VirtioBackend>,
+    listener: UnixListener,
+    socket: &Path,
+) -> Result<(), VhostUserError> {
+    static DAEMONS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
     let err = |e: String| VhostUserError::Daemon(kind, socket.display().to_string(), e);
     let device = Arc::new(Mutex::new(Device { backend, mem: None, exits: Mutex::new(Vec::new()) }));
     let backend_fd = device.lock().unwrap_or_else(|p| p.into_inner()).backend.backend_fd();
@@ -159,15 +193,12 @@ pub fn serve(kind: &'static str, backend: Box<dyn VirtioBackend>, socket: &Path)
             .register_listener(fd, EventSet::IN, backend_token(queues))
             .map_err(|e| err(format!("cannot watch the backend: {e}")))?;
     }
-    let _ = std::fs::remove_file(socket);
-    if kind != "net" {
-        return daemon.serve(socket).map_err(|e| err(format!("{e}")));
-    }
-    // net: QEMU enables rings before it acks features (see reorder.rs), so
-    // the daemon is reached through the reordering proxy.
     let io = |what: &'static str| move |e: std::io::Error| err(format!("{what}: {e}"));
-    let listener = UnixListener::bind(socket).map_err(io("listening"))?;
-    let private = socket.with_extension(format!("daemon-{}", std::process::id()));
+    // The daemon connects to a socket of ours that exists only until it has.
+    let n = DAEMONS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let mut private = socket.as_os_str().to_owned();
+    private.push(format!(".daemon-{}-{n}", std::process::id()));
+    let private = std::path::PathBuf::from(private);
     let _ = std::fs::remove_file(&private);
     let inner = UnixListener::bind(&private).map_err(io("listening for the daemon"))?;
     let private_str = private.to_str().ok_or_else(|| err("the socket path is not UTF-8".into()))?.to_string();
@@ -179,6 +210,7 @@ pub fn serve(kind: &'static str, backend: Box<dyn VirtioBackend>, socket: &Path)
     let (frontend, _) = listener.accept().map_err(io("accepting the frontend"))?;
     let proxied = reorder::run(frontend, daemon_conn);
     let waited = daemon.wait();
+    // Our own connection handling: the queue workers are told to end here.
     for exit in device.lock().unwrap_or_else(|p| p.into_inner()).exits.lock().unwrap_or_else(|p| p.into_inner()).iter() {
         let _ = exit.notify();
     }

@@ -5,8 +5,9 @@
 //! driver picks its queue pairs, before it sends `SET_FEATURES`. The vhost
 //! crate refuses `SET_VRING_ENABLE` until `VHOST_USER_F_PROTOCOL_FEATURES`
 //! has been acked, and drops the connection; without that feature QEMU
-//! refuses the device. So for net, the daemon talks to this proxy over a
-//! socket pair, and the proxy forwards every message both ways unchanged
+//! refuses the device. So the daemon talks to this proxy over a socket
+//! (for every device: other frontends simply pass through), and the proxy
+//! forwards every message both ways unchanged
 //! (with its file descriptors), except that an early `SET_VRING_ENABLE` is
 //! kept until `SET_FEATURES` has been forwarded, then forwarded in order.
 //! If the frontend asked for a reply to it, the proxy acknowledges it at
