@@ -192,22 +192,9 @@ fn drive(
     start: Instant,
     qemu_exited: &mut dyn FnMut() -> bool,
 ) -> anyhow::Result<ExitCode> {
-    ready.set_nonblocking(true)?;
-    let mut conn = loop {
-        match ready.accept() {
-            Ok((conn, _)) => break conn,
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && start.elapsed() < READY_TIMEOUT => {
-                if qemu_exited() {
-                    bail!("QEMU exited before the guest's agent was ready");
-                }
-                std::thread::sleep(Duration::from_millis(5));
-            }
-            Err(e) => bail!("the guest's agent did not say it was ready within {READY_TIMEOUT:?}: {e}"),
-        }
-    };
-    conn.set_nonblocking(false)?;
-    conn.set_read_timeout(Some(Duration::from_secs(10)))?;
-    let version = link::read_ready(&mut conn, uds)?;
+    let ready_path = link::port_path(uds, link::DEFAULT_PORT);
+    let gone = || qemu_exited().then(|| "QEMU exited first".to_string());
+    let version = link::accept_ready(ready, &ready_path, READY_TIMEOUT.saturating_sub(start.elapsed()), gone)?;
     let ready_after = start.elapsed();
     let client = AgentClient::new(
         ttrpc::Client::new(link::connect_hybrid(uds, link::DEFAULT_PORT)?.into_raw_fd())

@@ -16,8 +16,9 @@
 //! both the same way: listen on `<prefix>_P`, accept.
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::os::unix::net::UnixStream;
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 /// The agent's port: its ttrpc listener, and the host port it dials to say
 /// it is ready.
@@ -50,6 +51,14 @@ pub enum LinkError {
         #[source]
         source: std::io::Error,
     },
+    /// No agent said it was ready.
+    #[error("no readiness line from the agent on {path}: {why}")]
+    NotReady {
+        /// The listening socket.
+        path: PathBuf,
+        /// Timed out, or the guest went away.
+        why: String,
+    },
     /// The peer sent something that is not the expected line.
     #[error("expected {expected:?} from {path}, got {got:?}")]
     Protocol {
@@ -75,6 +84,40 @@ pub fn read_ready(conn: &mut UnixStream, path: &Path) -> Result<String, LinkErro
         Some(version) if !version.is_empty() => Ok(version.to_string()),
         _ => Err(LinkError::Protocol { expected: format!("{READY_PREFIX} <version>"), got: line, path: path.into() }),
     }
+}
+
+/// Host side: waits for the agent's connection on `listener` (the host's
+/// `<prefix>_<port>`) and reads its readiness line, returning the agent's
+/// version. Gives up after `timeout`, or as soon as `gone` returns a reason
+/// (the guest's VM exited, say).
+pub fn accept_ready(
+    listener: &UnixListener,
+    path: &Path,
+    timeout: Duration,
+    mut gone: impl FnMut() -> Option<String>,
+) -> Result<String, LinkError> {
+    let io = |what| move |source| LinkError::Io { what, path: path.into(), source };
+    let not_ready = |why: String| LinkError::NotReady { path: path.into(), why };
+    listener.set_nonblocking(true).map_err(io("cannot make non-blocking"))?;
+    let start = Instant::now();
+    let mut conn = loop {
+        match listener.accept() {
+            Ok((conn, _)) => break conn,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                if let Some(why) = gone() {
+                    return Err(not_ready(why));
+                }
+                if start.elapsed() > timeout {
+                    return Err(not_ready(format!("nothing within {timeout:?}")));
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Err(e) => return Err(io("cannot accept on")(e)),
+        }
+    };
+    conn.set_nonblocking(false).map_err(io("cannot make blocking"))?;
+    conn.set_read_timeout(Some(Duration::from_secs(10))).map_err(io("cannot set a timeout on"))?;
+    read_ready(&mut conn, path)
 }
 
 /// Host side: connects to a guest port through a hybrid vsock socket
@@ -128,6 +171,23 @@ mod tests {
         a.write_all(&[b'x'; 300]).unwrap();
         let err = read_ready(&mut b, Path::new("pair")).unwrap_err().to_string();
         assert!(err.contains("a line ending"), "{err}");
+    }
+
+    #[test]
+    fn readiness_is_accepted_or_refused_with_a_reason() {
+        let dir = std::env::temp_dir().join(format!("vessel-link-{}", std::process::id()));
+        let _ = std::fs::create_dir_all(&dir);
+        let path = dir.join("ready");
+        let _ = std::fs::remove_file(&path);
+        let listener = UnixListener::bind(&path).unwrap();
+        let mut agent = UnixStream::connect(&path).unwrap();
+        agent.write_all(ready_line("1.2.3").as_bytes()).unwrap();
+        assert_eq!(accept_ready(&listener, &path, Duration::from_secs(5), || None).unwrap(), "1.2.3");
+        let err = accept_ready(&listener, &path, Duration::from_secs(5), || Some("the VM exited".into()));
+        assert!(err.unwrap_err().to_string().contains("the VM exited"));
+        let err = accept_ready(&listener, &path, Duration::from_millis(20), || None).unwrap_err().to_string();
+        assert!(err.contains("nothing within"), "{err}");
+        let _ = std::fs::remove_dir_all(dir);
     }
 
     #[test]

@@ -17,7 +17,7 @@ use agent_proto::agent::{ContainerRequest, CreateContainerRequest, Rootfs, Stdio
 use agent_proto::agent_ttrpc::AgentClient;
 use agent_proto::link;
 use agent_proto::ttrpc;
-use anyhow::{anyhow, bail, Context};
+use anyhow::{anyhow, Context};
 
 /// How long an RPC may take before the test gives up (WaitProcess for a
 /// process the test killed, a create under TCG).
@@ -76,23 +76,10 @@ impl HostSide {
         Ok((port, std::thread::spawn(move || Ok(listener.accept().context("accepting a stdin stream")?.0))))
     }
 
-    /// Waits for the agent's readiness line on `port`, returning its
+    /// Waits for the agent's readiness line on `listener`, returning its
     /// version.
     pub fn wait_ready(&self, listener: &UnixListener, timeout: Duration) -> anyhow::Result<String> {
-        listener.set_nonblocking(true)?;
-        let start = std::time::Instant::now();
-        let mut conn = loop {
-            match listener.accept() {
-                Ok((conn, _)) => break conn,
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && start.elapsed() < timeout => {
-                    std::thread::sleep(Duration::from_millis(5));
-                }
-                Err(e) => bail!("no readiness line from the agent within {timeout:?}: {e}"),
-            }
-        };
-        conn.set_nonblocking(false)?;
-        conn.set_read_timeout(Some(timeout))?;
-        Ok(link::read_ready(&mut conn, &self.prefix)?)
+        Ok(link::accept_ready(listener, &link::port_path(&self.prefix, link::DEFAULT_PORT), timeout, || None)?)
     }
 }
 
@@ -148,23 +135,27 @@ pub fn start_host_agent_in(agent: &Path, tag: &str, netns: Option<&str>) -> anyh
         .stdin(Stdio::null())
         .spawn()
         .with_context(|| format!("starting {}", agent.display()))?;
-    let mut agent = HostAgent { child, client: AgentClient::new(dummy_client()?), host, dir };
-    let version = agent.host.wait_ready(&ready, Duration::from_secs(10))?;
-    if version.is_empty() {
-        bail!("the agent sent an empty version");
-    }
+    // Killed (and its directory removed) if it never gets ready.
+    let mut child = ChildGuard(Some(child), dir.clone());
+    host.wait_ready(&ready, Duration::from_secs(10))?;
     let client = ttrpc::Client::connect(&format!("unix://{}", socket.display()))
         .map_err(|e| anyhow!("connecting to the agent at {}: {e}", socket.display()))?;
-    agent.client = AgentClient::new(client);
-    Ok(agent)
+    let child = child.0.take().context("the agent process")?;
+    Ok(HostAgent { child, client: AgentClient::new(client), host, dir })
 }
 
-/// A client on a socket pair nobody serves, to fill the field until the
-/// real one is connected.
-fn dummy_client() -> anyhow::Result<ttrpc::Client> {
-    let (a, _b) = UnixStream::pair()?;
-    use std::os::fd::IntoRawFd;
-    ttrpc::Client::new(a.into_raw_fd()).map_err(|e| anyhow!("ttrpc client: {e}"))
+/// An agent process that is not handed over yet: killed, and its
+/// directory removed, when dropped.
+struct ChildGuard(Option<Child>, PathBuf);
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.0.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+            let _ = std::fs::remove_dir_all(&self.1);
+        }
+    }
 }
 
 pub use agent_proto::spec::{process_json, spec_json, SpecOptions};
