@@ -12,7 +12,7 @@ use std::io::{Read, Write};
 use std::os::fd::IntoRawFd;
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitCode, Stdio};
+use std::process::{Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
 use agent_proto::agent::{ContainerRequest, CreateContainerRequest, Empty, Rootfs, Stdio as StdioPorts, WaitProcessRequest};
@@ -24,7 +24,7 @@ use clap::Args;
 use devices::virtio::block::{Block, BlockConfig};
 use devices::virtio::vhost_user;
 use devices::virtio::vsock::{Vsock, VsockConfig};
-use runtime_api::qemu::{vhost_user_device_args, TcgMachine, QEMU};
+use runtime_api::qemu::{vhost_user_device_args, Qemu, TcgMachine, QEMU};
 
 /// The disk serial the container's root is found by.
 const ROOT_SERIAL: &str = "rootfs";
@@ -56,16 +56,6 @@ pub(crate) struct RunArgs {
     /// The command and its arguments.
     #[arg(required = true, last = true)]
     command: Vec<String>,
-}
-
-/// QEMU, killed if still running when dropped.
-struct Qemu(Child);
-
-impl Drop for Qemu {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 /// A scratch directory, removed when dropped.

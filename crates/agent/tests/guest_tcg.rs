@@ -96,18 +96,18 @@ fn with_guest(
     let host = HostSide::new(uds.clone());
     let ready = host.listen(link::DEFAULT_PORT)?;
     let mut opts = LinuxOptions::new(&kernel.image, &initrd);
-    opts.vhost_user = true;
-    opts.vcpus = 2;
+    opts.machine.vhost_user = true;
+    opts.machine.vcpus = 2;
     opts.timeout = Duration::from_secs(300);
-    opts.extra_args = vhost_user_device_args(&vsock_socket, "vhost-user-vsock-device");
-    opts.extra_args.extend(vhost_user_device_args(&blk_socket, "vhost-user-blk"));
+    opts.machine.extra_args = vhost_user_device_args(&vsock_socket, "vhost-user-vsock-device");
+    opts.machine.extra_args.extend(vhost_user_device_args(&blk_socket, "vhost-user-blk"));
     // Entropy from the first boot (QEMU's own virtio-rng here; ours is
     // tested in-process).
-    opts.extra_args.extend(["-device".to_string(), "virtio-rng-device".to_string()]);
+    opts.machine.extra_args.extend(["-device".to_string(), "virtio-rng-device".to_string()]);
     if let Some(net) = net {
         let net_socket = dir.path().join("vhost-net.sock");
         servers.push(devices::virtio::vhost_user::spawn("net", Box::new(net), &net_socket)?);
-        opts.extra_args.extend(runtime_api::qemu::vhost_user_net_args(&net_socket, GUEST_MAC));
+        opts.machine.extra_args.extend(runtime_api::qemu::vhost_user_net_args(&net_socket, GUEST_MAC));
     }
     let started = Instant::now();
     let abort = opts.abort.clone();

@@ -17,6 +17,18 @@ pub const QEMU: &str = "qemu-system-x86_64";
 /// left about 3 panics in 10 hanging on microvm.
 pub const BASE_CMDLINE: &str = "console=ttyS0 tsc_early_khz=2000000 tsc=reliable no_timer_check panic=-1 reboot=t";
 
+/// A running QEMU, killed (and reaped) when dropped, so that no guest
+/// outlives whoever started it.
+#[derive(Debug)]
+pub struct Qemu(pub std::process::Child);
+
+impl Drop for Qemu {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// A guest to boot under QEMU TCG.
 #[derive(Clone, Debug)]
 pub struct TcgMachine {
@@ -124,7 +136,13 @@ mod tests {
         assert!(args.contains("virtio-mmio.force-legacy=false"), "{args}");
         assert!(args.contains(&format!("-append {BASE_CMDLINE} quiet")), "{args}");
         assert!(args.ends_with("-device virtio-rng-device"), "{args}");
-        let plain = TcgMachine { vhost_user: false, ..m }.args().join(" ");
-        assert!(!plain.contains("memfd") && plain.contains("-accel tcg -cpu qemu64"), "{plain}");
+        let plain = TcgMachine { vhost_user: false, cmdline: String::new(), extra_args: vec![], ..m }.args();
+        let joined = plain.join(" ");
+        assert!(joined.starts_with("-M microvm,x-option-roms=off,isa-serial=on,rtc=on -accel tcg -cpu qemu64 -m 256M"));
+        assert!(joined.contains("-serial stdio -kernel /k -initrd /i"), "{joined}");
+        assert!(joined.ends_with("-nodefaults -no-user-config -nographic -no-reboot"), "{joined}");
+        assert!(!joined.contains("memfd"), "{joined}");
+        let append = plain.iter().position(|a| a == "-append").map(|i| plain[i + 1].as_str());
+        assert_eq!(append, Some(BASE_CMDLINE));
     }
 }

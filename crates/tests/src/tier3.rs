@@ -10,7 +10,7 @@
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Command, ExitStatus, Stdio};
 use std::sync::mpsc;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
@@ -19,33 +19,17 @@ use anyhow::{bail, Context};
 use resources::kernel::{self, Kernel};
 use resources::test_image::{self, INIT_MARKER, RESULT_MARKER, VALUE_MARKER};
 
-pub use runtime_api::qemu::{vhost_user_device_args, BASE_CMDLINE, QEMU};
+pub use runtime_api::qemu::{vhost_user_device_args, Qemu, TcgMachine, BASE_CMDLINE, QEMU};
 
 /// The virtio modules a test image loads for virtio-mmio devices: the
 /// transport (its dependencies virtio_ring and virtio come with it).
 pub const VIRTIO_MMIO: &str = "virtio_mmio";
 
-/// How to boot a Linux guest under QEMU TCG.
+/// How to boot a Linux guest under QEMU TCG, and how long to let it run.
 #[derive(Clone, Debug)]
 pub struct LinuxOptions {
-    /// The kernel image (bzImage).
-    pub kernel: PathBuf,
-    /// The initramfs.
-    pub initrd: PathBuf,
-    /// vCPUs (`-smp`).
-    pub vcpus: u8,
-    /// Guest RAM in MiB (`-m`).
-    pub mem_mib: u64,
-    /// Appended to [`BASE_CMDLINE`].
-    pub cmdline: String,
-    /// Guest RAM in a shared memfd (`-object memory-backend-memfd,...,share=on`
-    /// as microvm's memory backend) and modern (virtio 1.x) virtio-mmio
-    /// (`-global virtio-mmio.force-legacy=false`): both needed by any
-    /// vhost-user device, which maps guest RAM and refuses the legacy
-    /// transport microvm uses by default.
-    pub vhost_user: bool,
-    /// More QEMU arguments: devices, chardevs, drives.
-    pub extra_args: Vec<String>,
+    /// The guest: kernel, initrd, vCPUs, memory, command line, devices.
+    pub machine: TcgMachine,
     /// How long the guest may run before QEMU is killed.
     pub timeout: Duration,
     /// Set it to kill QEMU early (a test whose host side already failed).
@@ -56,30 +40,18 @@ impl LinuxOptions {
     /// One vCPU, 256 MiB, no devices, a 120 s timeout.
     pub fn new(kernel: &Path, initrd: &Path) -> Self {
         Self {
-            kernel: kernel.to_path_buf(),
-            initrd: initrd.to_path_buf(),
-            vcpus: 1,
-            mem_mib: 256,
-            cmdline: String::new(),
-            vhost_user: false,
-            extra_args: Vec::new(),
+            machine: TcgMachine {
+                kernel: kernel.to_path_buf(),
+                initrd: initrd.to_path_buf(),
+                vcpus: 1,
+                mem_mib: 256,
+                cmdline: String::new(),
+                vhost_user: false,
+                extra_args: Vec::new(),
+            },
             timeout: Duration::from_secs(120),
             abort: Default::default(),
         }
-    }
-
-    /// The full QEMU command line, program excluded.
-    pub fn qemu_args(&self) -> Vec<String> {
-        runtime_api::qemu::TcgMachine {
-            kernel: self.kernel.clone(),
-            initrd: self.initrd.clone(),
-            vcpus: self.vcpus,
-            mem_mib: self.mem_mib,
-            cmdline: self.cmdline.clone(),
-            vhost_user: self.vhost_user,
-            extra_args: self.extra_args.clone(),
-        }
-        .args()
     }
 }
 
@@ -186,17 +158,6 @@ pub fn parse_console(console: &str) -> (Verdict, Vec<(String, String)>, Option<f
     (verdict, values, uptime)
 }
 
-/// QEMU, killed and reaped when dropped (a test that panics leaves no
-/// guest running).
-struct Qemu(Child);
-
-impl Drop for Qemu {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 /// Boots Linux under QEMU TCG with `opts`, collects the serial console
 /// until QEMU exits (the guest powers off, or panics) or `opts.timeout`
 /// passes (QEMU is killed and the console so far returned), and parses the
@@ -204,7 +165,7 @@ impl Drop for Qemu {
 pub fn boot_linux_tcg(opts: &LinuxOptions) -> anyhow::Result<LinuxRun> {
     let start = Instant::now();
     let child = Command::new(QEMU)
-        .args(opts.qemu_args())
+        .args(opts.machine.args())
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -317,25 +278,5 @@ mod tests {
             parse_console("VESSEL-TEST-RESULT: fail insmod x\nVESSEL-TEST-RESULT: ok\nVESSEL-TEST-RESULT: fail y\n");
         assert_eq!(verdict, Verdict::Fail("insmod x".into()));
         assert_eq!(parse_console("Kernel panic\n").0, Verdict::Missing);
-    }
-
-    #[test]
-    fn qemu_command_line() {
-        let mut opts = LinuxOptions::new(Path::new("/k"), Path::new("/i"));
-        let args = opts.qemu_args().join(" ");
-        assert!(args.starts_with("-M microvm,x-option-roms=off,isa-serial=on,rtc=on -accel tcg -cpu qemu64 -m 256M"));
-        assert!(args.contains("-serial stdio -kernel /k -initrd /i -append console=ttyS0 "));
-        assert!(args.contains("-nodefaults -no-user-config -nographic -no-reboot"));
-        assert!(!args.contains("memfd"));
-        opts.vhost_user = true;
-        opts.mem_mib = 128;
-        opts.extra_args = vec!["-device".into(), "x".into()];
-        let args = opts.qemu_args();
-        assert_eq!(args[1], "microvm,x-option-roms=off,isa-serial=on,rtc=on,memory-backend=mem");
-        let joined = args.join(" ");
-        assert!(joined.contains("-object memory-backend-memfd,id=mem,size=128M,share=on"));
-        assert!(joined.contains("-global virtio-mmio.force-legacy=false"));
-        assert!(joined.ends_with("-device x"));
-        assert_eq!(args.iter().position(|a| a == "-append").map(|i| args[i + 1].as_str()), Some(BASE_CMDLINE));
     }
 }

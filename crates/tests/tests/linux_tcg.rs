@@ -105,9 +105,9 @@ fn blk_roundtrip(backend: BlkBackend) -> TestResult {
     let initrd = test_initramfs(&kernel, &[VIRTIO_MMIO, "virtio_blk"], &script, &extra)?;
 
     let mut opts = LinuxOptions::new(&kernel.image, &initrd);
-    opts.vhost_user = backend != BlkBackend::Qemu;
+    opts.machine.vhost_user = backend != BlkBackend::Qemu;
     let mut served = None;
-    opts.extra_args = match backend {
+    opts.machine.extra_args = match backend {
         BlkBackend::Qemu | BlkBackend::QemuOnVhostUserSetup => {
             ["-drive", &format!("file={},if=none,id=d0,format=raw", disk_path.display())]
                 .into_iter()
@@ -248,9 +248,9 @@ fn vessel_vhost_user_vsock() -> TestResult {
     });
 
     let mut opts = LinuxOptions::new(&kernel.image, &initrd);
-    opts.vhost_user = true;
+    opts.machine.vhost_user = true;
     opts.timeout = Duration::from_secs(600);
-    opts.extra_args = vhost_user_device_args(&socket, "vhost-user-vsock-device");
+    opts.machine.extra_args = vhost_user_device_args(&socket, "vhost-user-vsock-device");
     let run = boot_linux_tcg(&opts)?;
     eprintln!("vessel_vhost_user_vsock: init after {:?}, QEMU ran {:?}", run.init_after, run.elapsed);
     run.ensure_ok()?;
@@ -308,8 +308,8 @@ fn vessel_blk_demo_rootfs_mounts() -> TestResult {
     let config = BlockConfig { path: image, read_only: true, id: Some("rootfs".into()) };
     let server = devices::virtio::vhost_user::spawn("blk", Box::new(Block::open(&config)?.0), &socket)?;
     let mut opts = LinuxOptions::new(&kernel.image, &initrd);
-    opts.vhost_user = true;
-    opts.extra_args = vhost_user_device_args(&socket, "vhost-user-blk");
+    opts.machine.vhost_user = true;
+    opts.machine.extra_args = vhost_user_device_args(&socket, "vhost-user-blk");
     let run = boot_linux_tcg(&opts)?;
     server.join().map_err(|_| anyhow::anyhow!("the vhost-user server panicked"))??;
     run.ensure_ok()?;
@@ -363,8 +363,8 @@ fn bench_vhost_user_blk() -> anyhow::Result<u64> {
             }
         }
         let mut opts = LinuxOptions::new(&kernel.image, &initrd);
-        opts.vhost_user = true;
-        opts.extra_args = vhost_user_device_args(&socket, "vhost-user-blk");
+        opts.machine.vhost_user = true;
+        opts.machine.extra_args = vhost_user_device_args(&socket, "vhost-user-blk");
         let run = boot_linux_tcg(&opts);
         if let Some(mut child) = daemon {
             let _ = child.kill();
@@ -493,8 +493,8 @@ fn vessel_vhost_user_net_ping() -> TestResult {
     let socket = dir.path().join("vhost-net.sock");
     let server = devices::virtio::vhost_user::spawn("net", Box::new(net), &socket)?;
     let mut opts = LinuxOptions::new(&kernel.image, &initrd);
-    opts.vhost_user = true;
-    opts.extra_args = runtime_api::qemu::vhost_user_net_args(&socket, &mac_string(&NET_GUEST_MAC));
+    opts.machine.vhost_user = true;
+    opts.machine.extra_args = runtime_api::qemu::vhost_user_net_args(&socket, &mac_string(&NET_GUEST_MAC));
     let run = boot_linux_tcg(&opts)?;
     server.join().map_err(|_| anyhow::anyhow!("the vhost-user server panicked"))??;
     run.ensure_ok()?;
