@@ -208,11 +208,7 @@ fn image(cmd: ImageCommand) -> anyhow::Result<()> {
             println!("{}", out.display());
         }
         ImageCommand::DemoRootfs { out } => {
-            let tree = std::env::temp_dir().join(format!("vessel-demo-rootfs-{}", std::process::id()));
-            let built = resources::rootfs::busybox_tree(&tree)
-                .and_then(|()| resources::rootfs::build_ext4(&tree, &out, None));
-            let _ = std::fs::remove_dir_all(&tree);
-            built?;
+            resources::rootfs::demo_rootfs(&out)?;
             println!("{}", out.display());
         }
         ImageCommand::Build(args) => image_build(&args)?,

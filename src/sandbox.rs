@@ -85,10 +85,11 @@ pub(crate) fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
     let rootfs = match &args.rootfs {
         Some(path) => path.clone(),
         None => {
-            let tree = dir.0.join("tree");
-            resources::rootfs::busybox_tree(&tree).context("making the demo root filesystem")?;
+            // The container writes to its root: each run gets its own copy
+            // of the cached demo image.
             let image = dir.0.join("rootfs.ext4");
-            resources::rootfs::build_ext4(&tree, &image, None).context("packing the demo root filesystem")?;
+            let cached = resources::rootfs::cached_demo_rootfs().context("the demo root filesystem")?;
+            std::fs::copy(&cached, &image).with_context(|| format!("copying {}", cached.display()))?;
             image
         }
     };

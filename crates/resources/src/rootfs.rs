@@ -39,6 +39,9 @@ pub enum RootfsError {
     /// No static busybox for the demo rootfs.
     #[error("no static busybox (install busybox-static, or set VESSEL_BUSYBOX)")]
     NoBusybox,
+    /// The cache directory could not be found.
+    #[error("no cache directory for the demo root filesystem")]
+    Cache(#[source] crate::cache::CacheError),
 }
 
 /// Bytes the files under `dir` take (apparent sizes, rounded up to 4 KiB,
@@ -109,6 +112,37 @@ pub fn busybox_tree(dir: &Path) -> Result<(), RootfsError> {
     fs::write(dir.join("etc/passwd"), "root:x:0:0:root:/root:/bin/sh\n").map_err(|e| w(&dir.join("etc/passwd"), e))?;
     fs::write(dir.join("etc/group"), "root:x:0:\n").map_err(|e| w(&dir.join("etc/group"), e))?;
     Ok(())
+}
+
+/// Writes the demo root filesystem (the host's static busybox, see
+/// [`busybox_tree`]) as an ext4 image at `out`.
+pub fn demo_rootfs(out: &Path) -> Result<(), RootfsError> {
+    let tree = crate::cache::temp_name(&std::env::temp_dir(), "vessel-demo-rootfs");
+    let built = busybox_tree(&tree).and_then(|()| build_ext4(&tree, out, None));
+    let _ = fs::remove_dir_all(&tree);
+    built
+}
+
+/// The demo root filesystem, built once per busybox binary and kept in the
+/// cache (`<cache>/demo-rootfs/`): callers that write to their disk copy it.
+pub fn cached_demo_rootfs() -> Result<PathBuf, RootfsError> {
+    let busybox = crate::test_image::find_busybox().map_err(|_| RootfsError::NoBusybox)?;
+    let meta = fs::metadata(&busybox).map_err(|e| RootfsError::Read(busybox.clone(), e))?;
+    // The busybox binary is the only input: a new one (size, change time)
+    // makes a new image.
+    let key = format!("{}-{}-{}", meta.len(), meta.ctime(), meta.ctime_nsec());
+    let dir = crate::cache::dir().map_err(RootfsError::Cache)?.join("demo-rootfs");
+    let image = dir.join(format!("busybox-{key}.ext4"));
+    if image.is_file() {
+        return Ok(image);
+    }
+    fs::create_dir_all(&dir).map_err(|e| RootfsError::Write(dir.clone(), e))?;
+    let tmp = crate::cache::temp_name(&dir, "demo-rootfs");
+    let built = demo_rootfs(&tmp).and_then(|()| fs::rename(&tmp, &image).map_err(|e| RootfsError::Write(image.clone(), e)));
+    if built.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    built.map(|()| image)
 }
 
 #[cfg(test)]
