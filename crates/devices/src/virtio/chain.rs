@@ -99,10 +99,7 @@ impl Buffers {
         let mut done = 0;
         for_each_range(&self.readable, offset, out.len() as u64, "readable", |addr, n| {
             let n = n as usize;
-            let slice = mem
-                .get_slice(addr, n)
-                .map_err(|_| ChainError::OutOfMemory { addr: addr.raw_value(), len: n as u32 })?;
-            slice.copy_to(&mut out[done..done + n]);
+            guest_slice(mem, addr, n)?.copy_to(&mut out[done..done + n]);
             done += n;
             Ok(())
         })
@@ -113,10 +110,7 @@ impl Buffers {
         let mut done = 0;
         for_each_range(&self.writable, offset, data.len() as u64, "writable", |addr, n| {
             let n = n as usize;
-            let slice = mem
-                .get_slice(addr, n)
-                .map_err(|_| ChainError::OutOfMemory { addr: addr.raw_value(), len: n as u32 })?;
-            slice.copy_from(&data[done..done + n]);
+            guest_slice(mem, addr, n)?.copy_from(&data[done..done + n]);
             done += n;
             Ok(())
         })
@@ -184,13 +178,15 @@ fn slices<'m>(
 ) -> Result<Slices<'m>, ChainError> {
     let mut out = Slices::new();
     for_each_range(segments, offset, len, what, |addr, n| {
-        let slice = mem
-            .get_slice(addr, n as usize)
-            .map_err(|_| ChainError::OutOfMemory { addr: addr.raw_value(), len: n as u32 })?;
-        out.push(slice);
+        out.push(guest_slice(mem, addr, n as usize)?);
         Ok(())
     })?;
     Ok(out)
+}
+
+/// `n` bytes of guest memory at `addr`, all inside one region.
+fn guest_slice(mem: &GuestMemoryMmap, addr: GuestAddress, n: usize) -> Result<VolatileSlice<'_>, ChainError> {
+    mem.get_slice(addr, n).map_err(|_| ChainError::OutOfMemory { addr: addr.raw_value(), len: n as u32 })
 }
 
 #[cfg(test)]
