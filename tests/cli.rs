@@ -201,21 +201,27 @@ fn newc_entries(mut b: &[u8]) -> anyhow::Result<Vec<(String, Vec<u8>)>> {
 
 /// `vessel image build` writes the kernel and an initramfs whose `/init`
 /// is the agent and whose modules.load names modules it holds.
-fn image_build_writes_the_boot_files() -> TestResult {
-    let dir = TempDir::new("cli-image-build")?;
-    let out_dir = dir.path().join("guest");
-    let agent = resources::test_image::find_busybox()?;
+/// `vessel image build` for the test kernel: the distribution's is the
+/// default; one from $VESSEL_TEST_KERNEL is passed on.
+fn image_build_args(agent: &Path, out: &Path) -> anyhow::Result<Vec<String>> {
     let kernel = vessel_tests::tier3::test_kernel()?;
     let mut args = vec!["image".to_string(), "build".into(), "--agent".into(), agent.to_string_lossy().into()];
-    args.extend(["--out".into(), out_dir.to_string_lossy().into()]);
-    // The distribution kernel is the default; a kernel from
-    // $VESSEL_TEST_KERNEL is passed on.
+    args.extend(["--out".into(), out.to_string_lossy().into()]);
     if kernel.package.is_none() {
         args.extend(["--kernel".into(), kernel.image.to_string_lossy().into()]);
         if let Some(modules) = &kernel.modules {
             args.extend(["--modules".into(), modules.to_string_lossy().into()]);
         }
     }
+    Ok(args)
+}
+
+fn image_build_writes_the_boot_files() -> TestResult {
+    let dir = TempDir::new("cli-image-build")?;
+    let out_dir = dir.path().join("guest");
+    let agent = resources::test_image::find_busybox()?;
+    let kernel = vessel_tests::tier3::test_kernel()?;
+    let args = image_build_args(&agent, &out_dir)?;
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let out = vessel(&args)?;
     let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
@@ -360,16 +366,7 @@ fn sandbox_unavailable() -> Option<String> {
 fn sandbox_run_is_the_containers_output_and_status() -> TestResult {
     let dir = TempDir::new("cli-sandbox")?;
     let image = dir.path().join("guest");
-    let kernel = vessel_tests::tier3::test_kernel()?;
-    let agent = built_agent();
-    let mut build = vec!["image".to_string(), "build".into(), "--agent".into(), agent.to_string_lossy().into()];
-    build.extend(["--out".into(), image.to_string_lossy().into()]);
-    if kernel.package.is_none() {
-        build.extend(["--kernel".into(), kernel.image.to_string_lossy().into()]);
-        if let Some(modules) = &kernel.modules {
-            build.extend(["--modules".into(), modules.to_string_lossy().into()]);
-        }
-    }
+    let build = image_build_args(&built_agent(), &image)?;
     let build: Vec<&str> = build.iter().map(String::as_str).collect();
     let out = vessel(&build)?;
     ensure!(out.status.success(), "image build: {}", text(&out.stderr));
