@@ -35,6 +35,15 @@ const DATA: u64 = 0x100_0000;
 const VIRTQ_DESC_F_NEXT: u16 = 1;
 const VIRTQ_DESC_F_WRITE: u16 = 2;
 
+/// A page-aligned 4 KiB host buffer. The driver's data buffers are
+/// page-aligned too (a Linux guest reads into page-cache pages), so both
+/// sides copy between page-aligned addresses: a heap buffer 16 bytes past
+/// a page boundary made the host's pread about 0.05 us faster per read on
+/// our machines, a difference of alignment rather than of the device.
+#[derive(Clone)]
+#[repr(C, align(4096))]
+struct Page([u8; BLOCK as usize]);
+
 /// A guest driver with `DEPTH` read requests in flight at a time.
 struct Driver {
     mem: GuestMemoryMmap,
@@ -144,8 +153,9 @@ fn run_on(path: &std::path::Path, passes: usize) -> anyhow::Result<()> {
     blk.set_acked_features(blk.features());
     let mut driver = Driver::new()?;
     // The host reads into as many buffers as the driver keeps in flight,
-    // so both sides write the same amount of distinct memory.
-    let mut bufs = vec![vec![0u8; BLOCK as usize]; usize::from(DEPTH)];
+    // page-aligned like the driver's, so both sides write the same amount
+    // of distinct memory the same way.
+    let mut bufs = vec![Page([0u8; BLOCK as usize]); usize::from(DEPTH)];
     println!(
         "vessel bench blk: {} ({} MiB, page cache warm), 4 KiB reads into {DEPTH} rotating buffers, median of {passes} alternating passes",
         path.display(),
@@ -154,7 +164,7 @@ fn run_on(path: &std::path::Path, passes: usize) -> anyhow::Result<()> {
     for (name, order) in [("sequential", (0..blocks).collect::<Vec<_>>()), ("random", random_order(blocks))] {
         // Warm the page cache so both sides read memory, not the disk.
         for (i, b) in order.iter().enumerate() {
-            file.read_exact_at(&mut bufs[i % usize::from(DEPTH)], b * BLOCK)?;
+            file.read_exact_at(&mut bufs[i % usize::from(DEPTH)].0, b * BLOCK)?;
         }
         // Alternate host and backend, one pass each, and take the median
         // pass of each: the machine's noise hits both alike.
@@ -163,7 +173,7 @@ fn run_on(path: &std::path::Path, passes: usize) -> anyhow::Result<()> {
         for _ in 0..passes {
             let t = Instant::now();
             for (i, b) in order.iter().enumerate() {
-                file.read_exact_at(&mut bufs[i % usize::from(DEPTH)], b * BLOCK)?;
+                file.read_exact_at(&mut bufs[i % usize::from(DEPTH)].0, b * BLOCK)?;
             }
             host_passes.push(t.elapsed());
             let mut backend = Duration::ZERO;
@@ -179,7 +189,7 @@ fn run_on(path: &std::path::Path, passes: usize) -> anyhow::Result<()> {
         let backend = backend_passes[passes / 2] * passes as u32;
         let bytes = passes as u64 * blocks * BLOCK;
         println!(
-            "  {name:<10}  host pread {:>8.1} MiB/s ({:>5.2} us/read)   virtio-blk backend {:>8.1} MiB/s ({:>5.2} us/read)   ratio {:.2} (target >= 0.9)",
+            "  {name:<10}  host pread {:>8.1} MiB/s ({:>5.3} us/read)   virtio-blk backend {:>8.1} MiB/s ({:>5.3} us/read)   ratio {:.2} (target >= 0.9)",
             mib_per_s(bytes, host),
             host.as_secs_f64() * 1e6 / (passes as f64 * blocks as f64),
             mib_per_s(bytes, backend),

@@ -8,10 +8,10 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::Queue;
 use vm_memory::{GuestMemoryMmap, VolatileSlice};
 
-use super::chain::Buffers;
+use super::chain::{answer_all, Buffers};
 use super::{device_type, read_config_bytes, VirtioBackend, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX};
 
 /// Sector size the protocol counts in.
@@ -99,6 +99,38 @@ pub struct BlockCounters {
 
 super::counter_set!(BlockCounters { read_ops, read_bytes, write_ops, write_bytes, flush_ops, discard_ops, errors });
 
+/// What one pass over the queue did, added to the shared counters once at
+/// its end: an atomic add per request and counter would cost more than the
+/// request's own bookkeeping.
+#[derive(Default)]
+struct Tally {
+    read_ops: u64,
+    read_bytes: u64,
+    write_ops: u64,
+    write_bytes: u64,
+    flush_ops: u64,
+    discard_ops: u64,
+    errors: u64,
+}
+
+impl Tally {
+    fn publish(&self, counters: &BlockCounters) {
+        for (counter, n) in [
+            (&counters.read_ops, self.read_ops),
+            (&counters.read_bytes, self.read_bytes),
+            (&counters.write_ops, self.write_ops),
+            (&counters.write_bytes, self.write_bytes),
+            (&counters.flush_ops, self.flush_ops),
+            (&counters.discard_ops, self.discard_ops),
+            (&counters.errors, self.errors),
+        ] {
+            if n != 0 {
+                counter.fetch_add(n, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
 /// The block device.
 pub struct Block {
     file: File,
@@ -149,9 +181,9 @@ impl Block {
 
     /// Executes one request; returns its status and the bytes written into
     /// the chain before the status byte.
-    fn execute(&mut self, mem: &GuestMemoryMmap, req: &Buffers) -> (Status, u32) {
+    fn execute(&mut self, req: &Buffers, tally: &mut Tally) -> (Status, u32) {
         let mut header = [0u8; HEADER_LEN as usize];
-        if req.read_at(mem, 0, &mut header).is_err() {
+        if req.read_at(0, &mut header).is_err() {
             return (Status::IoErr, 0);
         }
         let kind = u32::from_le_bytes([header[0], header[1], header[2], header[3]]);
@@ -162,13 +194,13 @@ impl Block {
         match kind {
             VIRTIO_BLK_T_IN => match self.range(sector, in_len) {
                 Some(offset) => match req
-                    .writable_slices(mem, 0, in_len)
+                    .writable(0, in_len)
                     .ok()
-                    .and_then(|slices| file_io(&self.file, &slices, offset, Direction::FileToGuest).ok())
+                    .and_then(|pieces| file_io(&self.file, pieces, offset, Direction::FileToGuest).ok())
                 {
                     Some(()) => {
-                        self.counters.read_ops.fetch_add(1, Ordering::Relaxed);
-                        self.counters.read_bytes.fetch_add(in_len, Ordering::Relaxed);
+                        tally.read_ops += 1;
+                        tally.read_bytes += in_len;
                         (Status::Ok, in_len as u32)
                     }
                     None => (Status::IoErr, 0),
@@ -181,13 +213,13 @@ impl Block {
                 }
                 let Some(offset) = self.range(sector, out_len) else { return (Status::IoErr, 0) };
                 match req
-                    .readable_slices(mem, HEADER_LEN, out_len)
+                    .readable(HEADER_LEN, out_len)
                     .ok()
-                    .and_then(|slices| file_io(&self.file, &slices, offset, Direction::GuestToFile).ok())
+                    .and_then(|pieces| file_io(&self.file, pieces, offset, Direction::GuestToFile).ok())
                 {
                     Some(()) => {
-                        self.counters.write_ops.fetch_add(1, Ordering::Relaxed);
-                        self.counters.write_bytes.fetch_add(out_len, Ordering::Relaxed);
+                        tally.write_ops += 1;
+                        tally.write_bytes += out_len;
                         (Status::Ok, 0)
                     }
                     None => (Status::IoErr, 0),
@@ -197,7 +229,7 @@ impl Block {
                 if self.acked & VIRTIO_BLK_F_FLUSH == 0 {
                     return (Status::Unsupported, 0);
                 }
-                self.counters.flush_ops.fetch_add(1, Ordering::Relaxed);
+                tally.flush_ops += 1;
                 match self.file.sync_data() {
                     Ok(()) => (Status::Ok, 0),
                     Err(_) => (Status::IoErr, 0),
@@ -205,7 +237,7 @@ impl Block {
             }
             VIRTIO_BLK_T_GET_ID => {
                 let n = (in_len as usize).min(DISK_ID_LEN);
-                match req.write_at(mem, 0, &self.id[..n]) {
+                match req.write_at(0, &self.id[..n]) {
                     Ok(()) => (Status::Ok, n as u32),
                     Err(_) => (Status::IoErr, 0),
                 }
@@ -217,7 +249,7 @@ impl Block {
                 if self.read_only {
                     return (Status::IoErr, 0);
                 }
-                self.discard(mem, req, out_len)
+                self.discard(req, out_len, tally)
             }
             _ => (Status::Unsupported, 0),
         }
@@ -233,13 +265,13 @@ impl Block {
         (end <= self.capacity).then(|| sector * SECTOR_SIZE)
     }
 
-    fn discard(&mut self, mem: &GuestMemoryMmap, req: &Buffers, len: u64) -> (Status, u32) {
+    fn discard(&mut self, req: &Buffers, len: u64, tally: &mut Tally) -> (Status, u32) {
         if len == 0 || len % DISCARD_SEGMENT_LEN != 0 || len / DISCARD_SEGMENT_LEN > u64::from(MAX_DISCARD_SEG) {
             return (Status::IoErr, 0);
         }
         for i in 0..len / DISCARD_SEGMENT_LEN {
             let mut seg = [0u8; DISCARD_SEGMENT_LEN as usize];
-            if req.read_at(mem, HEADER_LEN + i * DISCARD_SEGMENT_LEN, &mut seg).is_err() {
+            if req.read_at(HEADER_LEN + i * DISCARD_SEGMENT_LEN, &mut seg).is_err() {
                 return (Status::IoErr, 0);
             }
             let sector = u64::from_le_bytes(seg[0..8].try_into().unwrap_or([0; 8]));
@@ -254,7 +286,7 @@ impl Block {
                 return (Status::IoErr, 0);
             }
         }
-        self.counters.discard_ops.fetch_add(1, Ordering::Relaxed);
+        tally.discard_ops += 1;
         (Status::Ok, 0)
     }
 }
@@ -280,7 +312,12 @@ enum Direction {
 
 /// Moves the bytes of `slices` to or from the file at `offset`, slice after
 /// slice, straight between the file and guest memory.
-fn file_io(file: &File, slices: &[VolatileSlice], mut offset: u64, dir: Direction) -> std::io::Result<()> {
+fn file_io<'m>(
+    file: &File,
+    slices: impl Iterator<Item = VolatileSlice<'m>>,
+    mut offset: u64,
+    dir: Direction,
+) -> std::io::Result<()> {
     for slice in slices {
         let guard = slice.ptr_guard_mut();
         let mut done = 0;
@@ -378,40 +415,41 @@ impl VirtioBackend for Block {
     }
 
     fn process_queue(&mut self, _index: u16, queue: &mut Queue, mem: &GuestMemoryMmap) -> bool {
-        let mut used = false;
-        while let Some(chain) = queue.pop_descriptor_chain(mem) {
-            used = true;
-            let head = chain.head_index();
-            let used_len = match Buffers::from_chain(mem, chain) {
-                // No room for a status byte, or no header: nothing can be
-                // reported, so the chain is returned untouched.
-                Ok(req) if req.writable_len() == 0 || req.readable_len() < HEADER_LEN => {
-                    self.counters.errors.fetch_add(1, Ordering::Relaxed);
-                    if req.writable_len() > 0 {
-                        let status_at = req.writable_len() - 1;
-                        let _ = req.write_at(mem, status_at, &[Status::IoErr as u8]);
-                        1
-                    } else {
-                        0
-                    }
-                }
-                Ok(req) => {
-                    let (status, written) = self.execute(mem, &req);
-                    if status != Status::Ok {
-                        self.counters.errors.fetch_add(1, Ordering::Relaxed);
-                    }
-                    match req.write_at(mem, req.writable_len() - 1, &[status as u8]) {
-                        Ok(()) => written + 1,
-                        Err(_) => 0,
-                    }
-                }
-                Err(_) => {
-                    self.counters.errors.fetch_add(1, Ordering::Relaxed);
+        let mut tally = Tally::default();
+        let used = answer_all(queue, mem, |request| match request {
+            // No room for a status byte, or no header: nothing can be
+            // reported, so the chain is returned untouched.
+            Ok(req) if req.writable_len() == 0 || req.readable_len() < HEADER_LEN => {
+                tally.errors += 1;
+                if req.writable_len() > 0 {
+                    let status_at = req.writable_len() - 1;
+                    let _ = req.write_at(status_at, &[Status::IoErr as u8]);
+                    1
+                } else {
                     0
                 }
-            };
-            let _ = queue.add_used(mem, head, used_len);
-        }
+            }
+            Ok(req) => {
+                let (status, written) = self.execute(req, &mut tally);
+                if status != Status::Ok {
+                    tally.errors += 1;
+                }
+                match req.write_at(req.writable_len() - 1, &[status as u8]) {
+                    Ok(()) => written + 1,
+                    Err(_) => 0,
+                }
+            }
+            Err(_) => {
+                tally.errors += 1;
+                0
+            }
+        });
+        // A corrupt available index: nothing can be served until a reset.
+        let used = used.unwrap_or_else(|_| {
+            tally.errors += 1;
+            false
+        });
+        tally.publish(&self.counters);
         used
     }
 

@@ -4,11 +4,12 @@
 //! segments must lie in guest memory and keep the order the spec demands.
 
 use smallvec::SmallVec;
-use virtio_queue::DescriptorChain;
-use vm_memory::{Address, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, VolatileSlice};
+use virtio_queue::desc::split::Descriptor;
+use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
+use vm_memory::{Address, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, VolatileMemory, VolatileSlice};
 
 /// Why a chain cannot be used.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[derive(Clone, Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ChainError {
     /// A device-readable descriptor came after a device-writable one.
     #[error("a device-readable descriptor follows a device-writable one")]
@@ -36,157 +37,288 @@ pub enum ChainError {
     },
 }
 
-/// Segments of one direction; most requests have a few, kept inline.
-pub type Segments = SmallVec<[(GuestAddress, u32); 4]>;
+/// The guest memory of one direction, in order; most requests have a few
+/// segments, kept inline.
+type Segments<'m> = SmallVec<[VolatileSlice<'m>; 4]>;
 
-/// Guest memory slices covering a range of a chain, usually one or two.
-pub type Slices<'m> = SmallVec<[VolatileSlice<'m>; 4]>;
-
-/// A chain split into its readable and writable segments.
-#[derive(Debug, Default, Clone, PartialEq, Eq)]
-pub struct Buffers {
-    /// Device-readable segments, in order.
-    pub readable: Segments,
-    /// Device-writable segments, in order.
-    pub writable: Segments,
+/// A chain split into its readable and writable segments. Each segment is
+/// checked against guest memory once, when the chain is split, and kept as
+/// the host mapping it resolved to: a request touches its header, data and
+/// status without looking guest memory up again.
+#[derive(Debug, Default, Clone)]
+pub struct Buffers<'m> {
+    readable: Segments<'m>,
+    writable: Segments<'m>,
+    readable_len: u64,
+    writable_len: u64,
 }
 
-impl Buffers {
-    /// Splits `chain`, checking each segment lies in `mem`. Zero-length
-    /// descriptors are dropped (they carry nothing).
-    pub fn from_chain(mem: &GuestMemoryMmap, chain: DescriptorChain<&GuestMemoryMmap>) -> Result<Self, ChainError> {
+impl<'m> Buffers<'m> {
+    /// Splits `chain` with virtio-queue's own walk, looking each
+    /// descriptor and segment up in `mem`. [`ChainReader`] does the same
+    /// faster, and hands it the chains it does not walk itself.
+    fn from_chain(
+        mem: &'m GuestMemoryMmap,
+        chain: DescriptorChain<&'m GuestMemoryMmap>,
+    ) -> Result<Self, ChainError> {
         let mut buffers = Buffers::default();
-        let (mut readable_total, mut writable_total) = (0u64, 0u64);
         for desc in chain {
-            let (addr, len) = (desc.addr(), desc.len());
-            if len == 0 {
-                continue;
-            }
-            // Inside one memory region: our regions are never adjacent, so a
-            // segment crossing one's end leaves guest memory.
-            if mem.get_slice(addr, len as usize).is_err() {
-                return Err(ChainError::OutOfMemory { addr: addr.raw_value(), len });
-            }
-            if desc.is_write_only() {
-                writable_total += u64::from(len);
-                buffers.writable.push((addr, len));
-            } else {
-                if !buffers.writable.is_empty() {
-                    return Err(ChainError::ReadableAfterWritable);
-                }
-                readable_total += u64::from(len);
-                buffers.readable.push((addr, len));
-            }
-            if readable_total > u64::from(u32::MAX) || writable_total > u64::from(u32::MAX) {
-                return Err(ChainError::TooLong);
+            // Zero-length descriptors carry nothing.
+            if desc.len() != 0 {
+                // Inside one memory region: our regions are never adjacent,
+                // so a segment crossing one's end leaves guest memory.
+                let slice = mem.get_slice(desc.addr(), desc.len() as usize).map_err(|_| out_of_memory(&desc))?;
+                buffers.push(&desc, slice)?;
             }
         }
         Ok(buffers)
     }
 
+    /// Adds `slice`, the guest memory `desc` describes, after the segments
+    /// before it.
+    #[inline]
+    fn push(&mut self, desc: &Descriptor, slice: VolatileSlice<'m>) -> Result<(), ChainError> {
+        let len = u64::from(desc.len());
+        if desc.is_write_only() {
+            self.writable_len += len;
+            self.writable.push(slice);
+        } else {
+            if !self.writable.is_empty() {
+                return Err(ChainError::ReadableAfterWritable);
+            }
+            self.readable_len += len;
+            self.readable.push(slice);
+        }
+        if self.readable_len > u64::from(u32::MAX) || self.writable_len > u64::from(u32::MAX) {
+            return Err(ChainError::TooLong);
+        }
+        Ok(())
+    }
+
+    fn clear(&mut self) {
+        self.readable.clear();
+        self.writable.clear();
+        self.readable_len = 0;
+        self.writable_len = 0;
+    }
+
     /// Total readable bytes.
     pub fn readable_len(&self) -> u64 {
-        self.readable.iter().map(|s| u64::from(s.1)).sum()
+        self.readable_len
     }
 
     /// Total writable bytes.
     pub fn writable_len(&self) -> u64 {
-        self.writable.iter().map(|s| u64::from(s.1)).sum()
+        self.writable_len
+    }
+
+    /// The readable bytes `[offset, offset+len)`, as guest memory slices.
+    pub fn readable(&self, offset: u64, len: u64) -> Result<Pieces<'_, 'm>, ChainError> {
+        Pieces::new(&self.readable, self.readable_len, offset, len, "readable")
+    }
+
+    /// The writable bytes `[offset, offset+len)`, as guest memory slices.
+    pub fn writable(&self, offset: u64, len: u64) -> Result<Pieces<'_, 'm>, ChainError> {
+        Pieces::new(&self.writable, self.writable_len, offset, len, "writable")
     }
 
     /// Reads `out.len()` readable bytes starting at logical `offset`.
-    pub fn read_at(&self, mem: &GuestMemoryMmap, offset: u64, out: &mut [u8]) -> Result<(), ChainError> {
+    pub fn read_at(&self, offset: u64, out: &mut [u8]) -> Result<(), ChainError> {
         let mut done = 0;
-        for_each_range(&self.readable, offset, out.len() as u64, "readable", |addr, n| {
-            let n = n as usize;
-            guest_slice(mem, addr, n)?.copy_to(&mut out[done..done + n]);
-            done += n;
-            Ok(())
-        })
+        for piece in self.readable(offset, out.len() as u64)? {
+            piece.copy_to(&mut out[done..done + piece.len()]);
+            done += piece.len();
+        }
+        Ok(())
     }
 
     /// Writes `data` into the writable bytes starting at logical `offset`.
-    pub fn write_at(&self, mem: &GuestMemoryMmap, offset: u64, data: &[u8]) -> Result<(), ChainError> {
+    pub fn write_at(&self, offset: u64, data: &[u8]) -> Result<(), ChainError> {
         let mut done = 0;
-        for_each_range(&self.writable, offset, data.len() as u64, "writable", |addr, n| {
-            let n = n as usize;
-            guest_slice(mem, addr, n)?.copy_from(&data[done..done + n]);
-            done += n;
-            Ok(())
-        })
-    }
-
-    /// The readable bytes `[offset, offset+len)` as guest memory slices.
-    pub fn readable_slices<'m>(
-        &self,
-        mem: &'m GuestMemoryMmap,
-        offset: u64,
-        len: u64,
-    ) -> Result<Slices<'m>, ChainError> {
-        slices(mem, &self.readable, offset, len, "readable")
-    }
-
-    /// The writable bytes `[offset, offset+len)` as guest memory slices.
-    pub fn writable_slices<'m>(
-        &self,
-        mem: &'m GuestMemoryMmap,
-        offset: u64,
-        len: u64,
-    ) -> Result<Slices<'m>, ChainError> {
-        slices(mem, &self.writable, offset, len, "writable")
-    }
-}
-
-/// Calls `f(address, length)` for each piece of `segments` covering the
-/// logical range `[offset, offset+len)`, in order.
-fn for_each_range(
-    segments: &[(GuestAddress, u32)],
-    offset: u64,
-    len: u64,
-    what: &'static str,
-    mut f: impl FnMut(GuestAddress, u64) -> Result<(), ChainError>,
-) -> Result<(), ChainError> {
-    let available: u64 = segments.iter().map(|s| u64::from(s.1)).sum();
-    let wanted = offset.checked_add(len).ok_or(ChainError::TooLong)?;
-    if wanted > available {
-        return Err(ChainError::Short { what, available, wanted });
-    }
-    let (mut skip, mut left) = (offset, len);
-    for &(addr, seg_len) in segments {
-        if left == 0 {
-            break;
+        for piece in self.writable(offset, data.len() as u64)? {
+            piece.copy_from(&data[done..done + piece.len()]);
+            done += piece.len();
         }
-        let seg_len = u64::from(seg_len);
-        if skip >= seg_len {
-            skip -= seg_len;
-            continue;
-        }
-        let n = (seg_len - skip).min(left);
-        f(addr.unchecked_add(skip), n)?;
-        left -= n;
-        skip = 0;
-    }
-    Ok(())
-}
-
-fn slices<'m>(
-    mem: &'m GuestMemoryMmap,
-    segments: &[(GuestAddress, u32)],
-    offset: u64,
-    len: u64,
-    what: &'static str,
-) -> Result<Slices<'m>, ChainError> {
-    let mut out = Slices::new();
-    for_each_range(segments, offset, len, what, |addr, n| {
-        out.push(guest_slice(mem, addr, n as usize)?);
         Ok(())
-    })?;
-    Ok(out)
+    }
 }
 
-/// `n` bytes of guest memory at `addr`, all inside one region.
-fn guest_slice(mem: &GuestMemoryMmap, addr: GuestAddress, n: usize) -> Result<VolatileSlice<'_>, ChainError> {
-    mem.get_slice(addr, n).map_err(|_| ChainError::OutOfMemory { addr: addr.raw_value(), len: n as u32 })
+/// The pieces of a chain's segments that cover a range of its bytes, in
+/// order; together they hold exactly the range's length.
+pub struct Pieces<'b, 'm> {
+    segments: std::slice::Iter<'b, VolatileSlice<'m>>,
+    /// Bytes still to skip before the range starts.
+    skip: usize,
+    /// Bytes of the range not yet handed out.
+    left: usize,
+}
+
+impl<'b, 'm> Pieces<'b, 'm> {
+    /// `[offset, offset+len)` of `segments`, which hold `available` bytes.
+    fn new(
+        segments: &'b [VolatileSlice<'m>],
+        available: u64,
+        offset: u64,
+        len: u64,
+        what: &'static str,
+    ) -> Result<Self, ChainError> {
+        let wanted = offset.checked_add(len).ok_or(ChainError::TooLong)?;
+        if wanted > available {
+            return Err(ChainError::Short { what, available, wanted });
+        }
+        // Both fit: `available` is at most 2^32 (checked when splitting).
+        Ok(Pieces { segments: segments.iter(), skip: offset as usize, left: len as usize })
+    }
+}
+
+impl<'m> Iterator for Pieces<'_, 'm> {
+    type Item = VolatileSlice<'m>;
+
+    fn next(&mut self) -> Option<VolatileSlice<'m>> {
+        while self.left > 0 {
+            let segment = self.segments.next()?;
+            if self.skip >= segment.len() {
+                self.skip -= segment.len();
+                continue;
+            }
+            let n = (segment.len() - self.skip).min(self.left);
+            // In range: `skip < segment.len()` and `n <= segment.len() - skip`;
+            // and the segments hold the whole range (checked in `new`), so
+            // they do not run out before `left` does.
+            let piece = segment.subslice(self.skip, n).ok()?;
+            self.skip = 0;
+            self.left -= n;
+            return Some(piece);
+        }
+        None
+    }
+}
+
+/// Splits the chains of one queue during one pass over it, with the
+/// queue's descriptor table and the guest memory region its buffers last
+/// fell in each looked up once rather than for every descriptor. It reads
+/// the same descriptors, in the same order, as virtio-queue's own walk
+/// ([`Buffers::from_chain`]), which it hands chains with an indirect table.
+pub struct ChainReader<'m> {
+    mem: &'m GuestMemoryMmap,
+    /// The descriptor table and its size, None when the table does not lie
+    /// inside one region (every chain then goes to `from_chain`).
+    table: Option<(VolatileSlice<'m>, u16)>,
+    /// The region the last segment fell in: its guest address and host
+    /// slice.
+    region: Option<(u64, VolatileSlice<'m>)>,
+}
+
+impl<'m> ChainReader<'m> {
+    /// A reader for the chains of `queue` in `mem`.
+    pub fn new(queue: &Queue, mem: &'m GuestMemoryMmap) -> Self {
+        let size = queue.size();
+        let len = usize::from(size) * size_of::<Descriptor>();
+        let table = mem.get_slice(GuestAddress(queue.desc_table()), len).ok().map(|t| (t, size));
+        ChainReader { mem, table, region: None }
+    }
+
+    /// Splits `chain` into its readable and writable segments, checking
+    /// each lies in guest memory, as [`Buffers::from_chain`] does.
+    pub fn split(&mut self, chain: DescriptorChain<&'m GuestMemoryMmap>) -> Result<Buffers<'m>, ChainError> {
+        let mut buffers = Buffers::default();
+        self.split_into(chain, &mut buffers)?;
+        Ok(buffers)
+    }
+
+    /// [`ChainReader::split`] into `buffers`, which are cleared first.
+    fn split_into(
+        &mut self,
+        chain: DescriptorChain<&'m GuestMemoryMmap>,
+        buffers: &mut Buffers<'m>,
+    ) -> Result<(), ChainError> {
+        buffers.clear();
+        let Some((table, size)) = self.table else {
+            *buffers = Buffers::from_chain(self.mem, chain)?;
+            return Ok(());
+        };
+        // virtio-queue's walk: at most `size` descriptors (so a loop ends),
+        // stopping at an index outside the table.
+        let mut index = chain.head_index();
+        for _ in 0..size {
+            if index >= size {
+                break;
+            }
+            let Ok(desc) = table.get_ref::<Descriptor>(usize::from(index) * size_of::<Descriptor>()) else { break };
+            let desc = desc.load();
+            if desc.refers_to_indirect_table() {
+                *buffers = Buffers::from_chain(self.mem, chain)?;
+                return Ok(());
+            }
+            if desc.len() != 0 {
+                let slice = self.slice(&desc)?;
+                buffers.push(&desc, slice)?;
+            }
+            if !desc.has_next() {
+                break;
+            }
+            index = desc.next();
+        }
+        Ok(())
+    }
+
+    /// The guest memory `desc` describes, inside one region; the region of
+    /// the last lookup is tried first.
+    #[inline]
+    fn slice(&mut self, desc: &Descriptor) -> Result<VolatileSlice<'m>, ChainError> {
+        let (addr, len) = (desc.addr().raw_value(), desc.len() as usize);
+        if let Some((start, region)) = self.region {
+            if let Some(offset) = addr.checked_sub(start) {
+                if let Ok(slice) = region.subslice(offset as usize, len) {
+                    return Ok(slice);
+                }
+            }
+        }
+        let region = self.mem.find_region(desc.addr()).ok_or_else(|| out_of_memory(desc))?;
+        let whole = region.as_volatile_slice().map_err(|_| out_of_memory(desc))?;
+        let start = region.start_addr().raw_value();
+        self.region = Some((start, whole));
+        whole.subslice((addr - start) as usize, len).map_err(|_| out_of_memory(desc))
+    }
+}
+
+fn out_of_memory(desc: &Descriptor) -> ChainError {
+    ChainError::OutOfMemory { addr: desc.addr().raw_value(), len: desc.len() }
+}
+
+/// Chains taken from the available ring at a time by [`answer_all`].
+const BATCH: usize = 64;
+
+/// Answers every chain waiting in `queue`: each is split by a
+/// [`ChainReader`] and handed to `answer`, which returns the number of
+/// bytes it wrote into the chain, and is then put in the used ring.
+/// Chains are taken in batches, so the available index is read once per
+/// batch rather than once per chain. Returns whether any chain was used, or
+/// the error of a queue whose available ring cannot be read (a corrupt
+/// index: nothing is served until the driver resets the device).
+pub fn answer_all<'m>(
+    queue: &mut Queue,
+    mem: &'m GuestMemoryMmap,
+    mut answer: impl FnMut(Result<&Buffers<'m>, ChainError>) -> u32,
+) -> Result<bool, virtio_queue::Error> {
+    let mut reader = ChainReader::new(queue, mem);
+    let mut chains: SmallVec<[DescriptorChain<&'m GuestMemoryMmap>; BATCH]> = SmallVec::new();
+    let mut buffers = Buffers::default();
+    let mut used = false;
+    loop {
+        chains.extend(queue.iter(mem)?.take(BATCH));
+        if chains.is_empty() {
+            return Ok(used);
+        }
+        used = true;
+        for chain in chains.drain(..) {
+            let head = chain.head_index();
+            let len = answer(reader.split_into(chain, &mut buffers).map(|()| &buffers));
+            // A used-ring write can only fail on a ring outside memory,
+            // which `Queue::is_valid` ruled out at activation.
+            let _ = queue.add_used(mem, head, len);
+        }
+    }
 }
 
 #[cfg(test)]
@@ -207,21 +339,54 @@ pub(crate) mod tests {
         RawDescriptor::from(SplitDescriptor::new(addr, len, flags, 0))
     }
 
-    /// Builds a queue holding one chain made of `descs` and pops that chain.
-    pub(crate) fn one_chain(mem: &GuestMemoryMmap, descs: &[RawDescriptor]) -> Buffers {
+    /// Builds a queue holding one chain made of `descs` and splits it.
+    pub(crate) fn try_one_chain<'m>(mem: &'m GuestMemoryMmap, descs: &[RawDescriptor]) -> Result<Buffers<'m>, ChainError> {
         let vq = MockSplitQueue::new(mem, 16);
         vq.build_desc_chain(descs).unwrap();
+        split_both_ways(mem, &vq)
+    }
+
+    /// Splits the first chain of `vq` with virtio-queue's walk and with a
+    /// `ChainReader`, checks the two agree, and returns the reader's.
+    fn split_both_ways<'m>(mem: &'m GuestMemoryMmap, vq: &MockSplitQueue<GuestMemoryMmap>) -> Result<Buffers<'m>, ChainError> {
         let mut q: Queue = vq.create_queue().unwrap();
         let chain = q.iter(mem).unwrap().next().unwrap();
-        Buffers::from_chain(mem, chain).unwrap()
+        let by_queue = Buffers::from_chain(mem, chain.clone());
+        let by_reader = ChainReader::new(&q, mem).split(chain);
+        assert_eq!(shape(mem, &by_queue), shape(mem, &by_reader));
+        by_reader
+    }
+
+    type Shape = (Vec<(u64, usize)>, Vec<(u64, usize)>, u64, u64);
+
+    fn shape(mem: &GuestMemoryMmap, split: &Result<Buffers, ChainError>) -> Result<Shape, ChainError> {
+        let b = split.as_ref().map_err(Clone::clone)?;
+        Ok((placed(mem, &b.readable), placed(mem, &b.writable), b.readable_len(), b.writable_len()))
+    }
+
+    pub(crate) fn one_chain<'m>(mem: &'m GuestMemoryMmap, descs: &[RawDescriptor]) -> Buffers<'m> {
+        try_one_chain(mem, descs).unwrap()
+    }
+
+    /// The guest address and length of each segment.
+    fn placed(mem: &GuestMemoryMmap, segments: &[VolatileSlice]) -> Vec<(u64, usize)> {
+        let guest_addr = |host: usize| {
+            mem.iter()
+                .find_map(|r| {
+                    let base = r.as_volatile_slice().unwrap().ptr_guard().as_ptr() as usize;
+                    (base..base + r.len() as usize).contains(&host).then(|| r.start_addr().raw_value() + (host - base) as u64)
+                })
+                .unwrap()
+        };
+        segments.iter().map(|s| (guest_addr(s.ptr_guard().as_ptr() as usize), s.len())).collect()
     }
 
     #[test]
     fn splits_readable_then_writable_segments() {
         let mem = memory();
         let b = one_chain(&mem, &[desc(0x10_0000, 16, 0), desc(0x10_1000, 0, 0), desc(0x10_2000, 512, WRITE), desc(0x10_3000, 1, WRITE)]);
-        assert_eq!(b.readable.as_slice(), [(GuestAddress(0x10_0000), 16)]);
-        assert_eq!(b.writable.as_slice(), [(GuestAddress(0x10_2000), 512), (GuestAddress(0x10_3000), 1)]);
+        assert_eq!(placed(&mem, &b.readable), [(0x10_0000, 16)]);
+        assert_eq!(placed(&mem, &b.writable), [(0x10_2000, 512), (0x10_3000, 1)]);
         assert_eq!((b.readable_len(), b.writable_len()), (16, 513));
     }
 
@@ -232,40 +397,32 @@ pub(crate) mod tests {
         mem.write_slice(&[4, 5], GuestAddress(0x11_0000)).unwrap();
         let b = one_chain(&mem, &[desc(0x10_0000, 3, 0), desc(0x11_0000, 2, 0), desc(0x12_0000, 2, WRITE), desc(0x13_0000, 4, WRITE)]);
         let mut out = [0u8; 3];
-        b.read_at(&mem, 2, &mut out).unwrap();
+        b.read_at(2, &mut out).unwrap();
         assert_eq!(out, [3, 4, 5]);
-        b.write_at(&mem, 1, &[9, 8, 7]).unwrap();
+        b.write_at(1, &[9, 8, 7]).unwrap();
         assert_eq!(mem.read_obj::<u8>(GuestAddress(0x12_0001)).unwrap(), 9);
         assert_eq!(mem.read_obj::<u16>(GuestAddress(0x13_0000)).unwrap(), u16::from_le_bytes([8, 7]));
         assert_eq!(
-            b.read_at(&mem, 4, &mut out),
+            b.read_at(4, &mut out),
             Err(ChainError::Short { what: "readable", available: 5, wanted: 7 })
         );
-        let slices = b.writable_slices(&mem, 1, 4).unwrap();
-        assert_eq!(slices.iter().map(|s| s.len()).collect::<Vec<_>>(), vec![1, 3]);
+        assert_eq!(b.writable(1, 4).unwrap().map(|s| s.len()).collect::<Vec<_>>(), vec![1, 3]);
+        assert_eq!(b.writable(0, 6).unwrap().map(|s| s.len()).collect::<Vec<_>>(), vec![2, 4]);
+        assert_eq!(b.writable(6, 0).unwrap().count(), 0);
     }
 
     #[test]
     fn malformed_chains_are_refused() {
         let mem = memory();
-        let vq = MockSplitQueue::new(&mem, 16);
         // Readable after writable.
-        vq.build_desc_chain(&[desc(0x10_0000, 16, WRITE), desc(0x10_1000, 16, 0)]).unwrap();
-        let mut q: Queue = vq.create_queue().unwrap();
-        let chain = q.iter(&mem).unwrap().next().unwrap();
-        assert_eq!(Buffers::from_chain(&mem, chain), Err(ChainError::ReadableAfterWritable));
+        let err = try_one_chain(&mem, &[desc(0x10_0000, 16, WRITE), desc(0x10_1000, 16, 0)]).unwrap_err();
+        assert_eq!(err, ChainError::ReadableAfterWritable);
         // Past the end of guest memory.
-        let vq = MockSplitQueue::new(&mem, 16);
-        vq.build_desc_chain(&[desc(0x1f_ff00, 0x200, 0)]).unwrap();
-        let mut q: Queue = vq.create_queue().unwrap();
-        let chain = q.iter(&mem).unwrap().next().unwrap();
-        assert_eq!(Buffers::from_chain(&mem, chain), Err(ChainError::OutOfMemory { addr: 0x1f_ff00, len: 0x200 }));
+        let err = try_one_chain(&mem, &[desc(0x1f_ff00, 0x200, 0)]).unwrap_err();
+        assert_eq!(err, ChainError::OutOfMemory { addr: 0x1f_ff00, len: 0x200 });
         // An address that wraps around.
-        let vq = MockSplitQueue::new(&mem, 16);
-        vq.build_desc_chain(&[desc(u64::MAX - 4, 0x10, 0)]).unwrap();
-        let mut q: Queue = vq.create_queue().unwrap();
-        let chain = q.iter(&mem).unwrap().next().unwrap();
-        assert!(matches!(Buffers::from_chain(&mem, chain), Err(ChainError::OutOfMemory { .. })));
+        let err = try_one_chain(&mem, &[desc(u64::MAX - 4, 0x10, 0)]).unwrap_err();
+        assert!(matches!(err, ChainError::OutOfMemory { .. }), "{err:?}");
     }
 
     #[test]
@@ -279,9 +436,84 @@ pub(crate) mod tests {
         vq.desc_table().store(1, RawDescriptor::from(SplitDescriptor::new(0x10_1000, 8, next, 0))).unwrap();
         vq.avail().ring().ref_at(0).unwrap().store(0);
         vq.avail().idx().store(1);
-        let mut q: Queue = vq.create_queue().unwrap();
-        let chain = q.iter(&mem).unwrap().next().unwrap();
-        let b = Buffers::from_chain(&mem, chain).unwrap();
+        let b = split_both_ways(&mem, &vq).unwrap();
         assert!(b.readable.len() <= 4, "{} segments", b.readable.len());
+    }
+
+    #[test]
+    fn an_indirect_chain_is_split_like_a_direct_one() {
+        let mem = memory();
+        let vq = MockSplitQueue::new(&mem, 16);
+        // The indirect table, three descriptors linked by NEXT.
+        let next = virtio_bindings::bindings::virtio_ring::VRING_DESC_F_NEXT as u16;
+        let indirect = virtio_bindings::bindings::virtio_ring::VRING_DESC_F_INDIRECT as u16;
+        let table = [
+            SplitDescriptor::new(0x10_0000, 16, next, 1),
+            SplitDescriptor::new(0x10_1000, 512, WRITE | next, 2),
+            SplitDescriptor::new(0x10_2000, 1, WRITE, 0),
+        ];
+        for (i, d) in table.iter().enumerate() {
+            mem.write_obj(*d, GuestAddress(0x8000 + 16 * i as u64)).unwrap();
+        }
+        vq.desc_table().store(0, RawDescriptor::from(SplitDescriptor::new(0x8000, 48, indirect, 0))).unwrap();
+        vq.avail().ring().ref_at(0).unwrap().store(0);
+        vq.avail().idx().store(1);
+        let b = split_both_ways(&mem, &vq).unwrap();
+        assert_eq!(placed(&mem, &b.readable), [(0x10_0000, 16)]);
+        assert_eq!(placed(&mem, &b.writable), [(0x10_1000, 512), (0x10_2000, 1)]);
+    }
+
+    #[test]
+    fn segments_are_found_in_any_region_and_may_not_cross_one() {
+        // Two regions with a hole between them; the queue lives in the first.
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x20_0000), (GuestAddress(0x40_0000), 0x10_0000)]).unwrap();
+        let b = one_chain(&mem, &[desc(0x40_0000, 16, 0), desc(0x10_0000, 8, 0), desc(0x4f_f000, 0x1000, WRITE)]);
+        assert_eq!(placed(&mem, &b.readable), [(0x40_0000, 16), (0x10_0000, 8)]);
+        assert_eq!(placed(&mem, &b.writable), [(0x4f_f000, 0x1000)]);
+        // Past the end of the second region, after a segment in it.
+        let err = try_one_chain(&mem, &[desc(0x40_0000, 16, 0), desc(0x4f_f000, 0x1001, WRITE)]).unwrap_err();
+        assert_eq!(err, ChainError::OutOfMemory { addr: 0x4f_f000, len: 0x1001 });
+        // From the first region into the hole.
+        let err = try_one_chain(&mem, &[desc(0x1f_ff00, 0x200, 0)]).unwrap_err();
+        assert_eq!(err, ChainError::OutOfMemory { addr: 0x1f_ff00, len: 0x200 });
+        // In the hole.
+        let err = try_one_chain(&mem, &[desc(0x10_0000, 16, 0), desc(0x30_0000, 16, WRITE)]).unwrap_err();
+        assert_eq!(err, ChainError::OutOfMemory { addr: 0x30_0000, len: 16 });
+    }
+
+    #[test]
+    fn answer_all_serves_more_chains_than_a_batch() {
+        let mem = memory();
+        let vq = MockSplitQueue::new(&mem, 256);
+        let chains = 3 * BATCH as u16 / 2;
+        let descs: Vec<RawDescriptor> = (0..chains).map(|i| desc(0x10_0000 + 0x100 * u64::from(i), 8, WRITE)).collect();
+        vq.add_desc_chains(&descs, 0).unwrap();
+        let mut q: Queue = vq.create_queue().unwrap();
+        let mut n = 0u64;
+        let used = answer_all(&mut q, &mem, |b| {
+            b.unwrap().write_at(0, &n.to_le_bytes()).unwrap();
+            n += 1;
+            8
+        });
+        assert_eq!(used, Ok(true));
+        assert_eq!(vq.used().idx().load(), chains);
+        for i in 0..chains {
+            let elem = vq.used().ring().ref_at(usize::from(i)).unwrap().load();
+            assert_eq!((elem.id(), elem.len()), (u32::from(i), 8));
+            assert_eq!(mem.read_obj::<u64>(GuestAddress(0x10_0000 + 0x100 * u64::from(i))).unwrap(), u64::from(i));
+        }
+        // Nothing left: nothing used.
+        assert_eq!(answer_all(&mut q, &mem, |_| panic!("no chain waits")), Ok(false));
+    }
+
+    #[test]
+    fn answer_all_refuses_a_corrupt_available_index() {
+        let mem = memory();
+        let vq = MockSplitQueue::new(&mem, 16);
+        vq.avail().idx().store(100);
+        let mut q: Queue = vq.create_queue().unwrap();
+        let result = answer_all(&mut q, &mem, |_| panic!("no chain may be served"));
+        assert!(result.is_err(), "{result:?}");
+        assert_eq!(vq.used().idx().load(), 0);
     }
 }

@@ -14,7 +14,7 @@ use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
-use super::chain::Buffers;
+use super::chain::ChainReader;
 use super::{device_type, read_config_bytes, VirtioBackend, Wakeup, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX};
 
 const RX: usize = 0;
@@ -150,15 +150,16 @@ impl Net {
     }
 
     fn process_tx(&mut self, queue: &mut Queue, mem: &GuestMemoryMmap) -> bool {
+        let mut reader = ChainReader::new(queue, mem);
         let mut used = false;
         while let Some(chain) = queue.pop_descriptor_chain(mem) {
             let head = chain.head_index();
-            let sent = Buffers::from_chain(mem, chain).ok().and_then(|b| {
+            let sent = reader.split(chain).ok().and_then(|b| {
                 let len = b.readable_len() as usize;
                 if !(NET_HDR_LEN..=MAX_FRAME).contains(&len) {
                     return None;
                 }
-                b.read_at(mem, 0, &mut self.frame[..len]).ok()?;
+                b.read_at(0, &mut self.frame[..len]).ok()?;
                 // Nothing was negotiated that the header could ask for:
                 // pass it on zeroed, the frame as is.
                 self.frame[..NET_HDR_LEN].fill(0);
@@ -181,6 +182,7 @@ impl Net {
 
     /// Moves frames from the TAP into receive buffers while both last.
     fn process_rx(&mut self, queue: &mut Queue, mem: &GuestMemoryMmap) -> bool {
+        let mut reader = ChainReader::new(queue, mem);
         let mut used = false;
         // A frame is read from the TAP only once a buffer waits for it, so
         // nothing is held here while the guest has no buffers.
@@ -200,12 +202,12 @@ impl Net {
             let frame = &mut self.frame[..n];
             let written = (n >= NET_HDR_LEN)
                 .then_some(())
-                .and_then(|()| Buffers::from_chain(mem, chain).ok())
+                .and_then(|()| reader.split(chain).ok())
                 .filter(|b| b.writable_len() >= n as u64)
                 .and_then(|b| {
                     // num_buffers = 1; everything else as the TAP gave it (zero).
                     frame[10..12].copy_from_slice(&1u16.to_le_bytes());
-                    b.write_at(mem, 0, frame).ok()
+                    b.write_at(0, frame).ok()
                 });
             match written {
                 Some(()) => {

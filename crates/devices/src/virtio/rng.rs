@@ -4,10 +4,10 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use virtio_queue::Queue;
 use vm_memory::GuestMemoryMmap;
 
-use super::chain::Buffers;
+use super::chain::answer_all;
 use super::{device_type, VirtioBackend, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX};
 
 /// Queue size offered.
@@ -75,45 +75,31 @@ impl VirtioBackend for Rng {
     }
 
     fn process_queue(&mut self, _index: u16, queue: &mut Queue, mem: &GuestMemoryMmap) -> bool {
-        let mut used = false;
-        let mut chains = Vec::new();
-        match queue.iter(mem) {
-            Ok(iter) => chains.extend(iter),
-            // A corrupt avail index: nothing can be served until a reset.
-            Err(_) => {
-                self.counters.errors.fetch_add(1, Ordering::Relaxed);
-                return false;
-            }
-        }
-        for chain in chains {
-            let head = chain.head_index();
-            let len = match Buffers::from_chain(mem, chain) {
-                Ok(buffers) => {
-                    let n = (buffers.writable_len() as usize).min(MAX_REQUEST);
-                    let mut bytes = vec![0u8; n];
-                    match getrandom(&mut bytes).ok().and_then(|()| buffers.write_at(mem, 0, &bytes).ok()) {
-                        Some(()) => {
-                            self.counters.requests.fetch_add(1, Ordering::Relaxed);
-                            self.counters.bytes.fetch_add(n as u64, Ordering::Relaxed);
-                            n as u32
-                        }
-                        None => {
-                            self.counters.errors.fetch_add(1, Ordering::Relaxed);
-                            0
-                        }
-                    }
+        let counters = &self.counters;
+        let used = answer_all(queue, mem, |request| {
+            let Ok(buffers) = request else {
+                counters.errors.fetch_add(1, Ordering::Relaxed);
+                return 0;
+            };
+            let n = (buffers.writable_len() as usize).min(MAX_REQUEST);
+            let mut bytes = vec![0u8; n];
+            match getrandom(&mut bytes).ok().and_then(|()| buffers.write_at(0, &bytes).ok()) {
+                Some(()) => {
+                    counters.requests.fetch_add(1, Ordering::Relaxed);
+                    counters.bytes.fetch_add(n as u64, Ordering::Relaxed);
+                    n as u32
                 }
-                Err(_) => {
-                    self.counters.errors.fetch_add(1, Ordering::Relaxed);
+                None => {
+                    counters.errors.fetch_add(1, Ordering::Relaxed);
                     0
                 }
-            };
-            // A used-ring write can only fail on a ring outside memory,
-            // which `Queue::is_valid` ruled out at activation.
-            let _ = queue.add_used(mem, head, len);
-            used = true;
-        }
-        used
+            }
+        });
+        // A corrupt available index: nothing can be served until a reset.
+        used.unwrap_or_else(|_| {
+            counters.errors.fetch_add(1, Ordering::Relaxed);
+            false
+        })
     }
 }
 

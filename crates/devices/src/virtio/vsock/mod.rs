@@ -27,7 +27,7 @@ use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
 use self::packet::{op, Header, HEADER_LEN, SHUTDOWN_RCV, SHUTDOWN_SEND, TYPE_STREAM};
-use super::chain::Buffers;
+use super::chain::{Buffers, ChainReader};
 use super::{device_type, read_config_bytes, VirtioBackend, Wakeup, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX};
 
 /// The host's context ID.
@@ -276,12 +276,13 @@ impl Vsock {
     /// Takes the guest's transmissions until the queue is empty or too
     /// many answers wait for receive buffers.
     fn process_tx(&mut self, queue: &mut Queue, mem: &GuestMemoryMmap) -> bool {
+        let mut reader = ChainReader::new(queue, mem);
         let mut used = false;
         while self.control.len() < MAX_PENDING_CONTROL {
             let Some(chain) = queue.pop_descriptor_chain(mem) else { break };
             let head = chain.head_index();
-            match Buffers::from_chain(mem, chain) {
-                Ok(buffers) => self.handle_tx(mem, &buffers),
+            match reader.split(chain) {
+                Ok(buffers) => self.handle_tx(&buffers),
                 Err(_) => {
                     self.counters.errors.fetch_add(1, Ordering::Relaxed);
                 }
@@ -292,9 +293,9 @@ impl Vsock {
         used
     }
 
-    fn handle_tx(&mut self, mem: &GuestMemoryMmap, buffers: &Buffers) {
+    fn handle_tx(&mut self, buffers: &Buffers) {
         let mut raw = [0u8; HEADER_LEN];
-        if buffers.read_at(mem, 0, &mut raw).is_err() {
+        if buffers.read_at(0, &mut raw).is_err() {
             self.counters.errors.fetch_add(1, Ordering::Relaxed);
             return;
         }
@@ -348,7 +349,7 @@ impl Vsock {
                 }
                 let start = c.to_host.len();
                 c.to_host.resize(start + h.len as usize, 0);
-                if buffers.read_at(mem, HEADER_LEN as u64, &mut c.to_host[start..]).is_err() {
+                if buffers.read_at(HEADER_LEN as u64, &mut c.to_host[start..]).is_err() {
                     c.to_host.truncate(start);
                     self.reset(key);
                     return;
@@ -526,14 +527,15 @@ impl Vsock {
     /// Fills receive buffers: control packets first, then host data as
     /// the guest's credit allows.
     fn process_rx(&mut self, queue: &mut Queue, mem: &GuestMemoryMmap) -> bool {
+        let mut reader = ChainReader::new(queue, mem);
         let mut used = false;
         while let Some(h) = self.control.front().copied() {
             let Some(chain) = queue.pop_descriptor_chain(mem) else { return used };
             let head = chain.head_index();
-            let len = match Buffers::from_chain(mem, chain) {
+            let len = match reader.split(chain) {
                 Ok(b) if b.writable_len() >= HEADER_LEN as u64 => {
                     self.control.pop_front();
-                    b.write_at(mem, 0, &h.to_bytes()).map_or(0, |()| HEADER_LEN as u32)
+                    b.write_at(0, &h.to_bytes()).map_or(0, |()| HEADER_LEN as u32)
                 }
                 // A receive buffer too small for a header is returned empty.
                 _ => 0,
@@ -555,7 +557,7 @@ impl Vsock {
                 }
                 let Some(chain) = queue.pop_descriptor_chain(mem) else { return used };
                 let head = chain.head_index();
-                let buffers = match Buffers::from_chain(mem, chain) {
+                let buffers = match reader.split(chain) {
                     Ok(b) if b.writable_len() > HEADER_LEN as u64 => b,
                     _ => {
                         let _ = queue.add_used(mem, head, 0);
@@ -591,8 +593,8 @@ impl Vsock {
                 if let Some(c) = self.conns.get_mut(&key) {
                     c.fwd_cnt_sent = c.fwd_cnt;
                 }
-                let ok = buffers.write_at(mem, 0, &h.to_bytes()).is_ok()
-                    && buffers.write_at(mem, HEADER_LEN as u64, &self.scratch[..n]).is_ok();
+                let ok = buffers.write_at(0, &h.to_bytes()).is_ok()
+                    && buffers.write_at(HEADER_LEN as u64, &self.scratch[..n]).is_ok();
                 let _ = queue.add_used(mem, head, if ok { (HEADER_LEN + n) as u32 } else { 0 });
                 used = true;
                 self.counters.rx_bytes.fetch_add(n as u64, Ordering::Relaxed);
