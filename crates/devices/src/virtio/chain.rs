@@ -76,7 +76,7 @@ impl<'m> Buffers<'m> {
 
     /// Adds `slice`, the guest memory `desc` describes, after the segments
     /// before it.
-    #[inline]
+    #[inline(always)]
     fn push(&mut self, desc: &Descriptor, slice: VolatileSlice<'m>) -> Result<(), ChainError> {
         let len = u64::from(desc.len());
         if desc.is_write_only() {
@@ -264,7 +264,7 @@ impl<'m> ChainReader<'m> {
 
     /// The guest memory `desc` describes, inside one region; the region of
     /// the last lookup is tried first.
-    #[inline]
+    #[inline(always)]
     fn slice(&mut self, desc: &Descriptor) -> Result<VolatileSlice<'m>, ChainError> {
         let (addr, len) = (desc.addr().raw_value(), desc.len() as usize);
         if let Some((start, region)) = self.region {
@@ -287,7 +287,7 @@ fn out_of_memory(desc: &Descriptor) -> ChainError {
 }
 
 /// Chains taken from the available ring at a time by [`answer_all`].
-const BATCH: usize = 64;
+const BATCH: usize = 16;
 
 /// Answers every chain waiting in `queue`: each is split by a
 /// [`ChainReader`] and handed to `answer`, which returns the number of
