@@ -416,7 +416,7 @@ impl VirtioBackend for Block {
 
     fn process_queue(&mut self, _index: u16, queue: &mut Queue, mem: &GuestMemoryMmap) -> bool {
         let mut tally = Tally::default();
-        let used = answer_all(queue, mem, |request| match request {
+        let answered = answer_all(queue, mem, |request| match request {
             // No room for a status byte, or no header: nothing can be
             // reported, so the chain is returned untouched.
             Ok(req) if req.writable_len() == 0 || req.readable_len() < HEADER_LEN => {
@@ -444,13 +444,9 @@ impl VirtioBackend for Block {
                 0
             }
         });
-        // A corrupt available index: nothing can be served until a reset.
-        let used = used.unwrap_or_else(|_| {
-            tally.errors += 1;
-            false
-        });
+        tally.errors += u64::from(answered.corrupt);
         tally.publish(&self.counters);
-        used
+        answered.used
     }
 
     fn reset(&mut self) {

@@ -289,28 +289,44 @@ fn out_of_memory(desc: &Descriptor) -> ChainError {
 /// Chains taken from the available ring at a time by [`answer_all`].
 const BATCH: usize = 16;
 
+/// What [`answer_all`] did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Answered {
+    /// Chains were put in the used ring: the driver may need telling.
+    pub used: bool,
+    /// The available ring could not be read (a corrupt index): the pass
+    /// stopped there, and nothing more is served until the driver resets
+    /// the device.
+    pub corrupt: bool,
+}
+
 /// Answers every chain waiting in `queue`: each is split by a
 /// [`ChainReader`] and handed to `answer`, which returns the number of
 /// bytes it wrote into the chain, and is then put in the used ring.
 /// Chains are taken in batches, so the available index is read once per
-/// batch rather than once per chain. Returns whether any chain was used, or
-/// the error of a queue whose available ring cannot be read (a corrupt
-/// index: nothing is served until the driver resets the device).
+/// batch rather than once per chain. The driver can corrupt the index
+/// between batches, so `used` holds even when `corrupt` is set.
 pub fn answer_all<'m>(
     queue: &mut Queue,
     mem: &'m GuestMemoryMmap,
     mut answer: impl FnMut(Result<&Buffers<'m>, ChainError>) -> u32,
-) -> Result<bool, virtio_queue::Error> {
+) -> Answered {
     let mut reader = ChainReader::new(queue, mem);
     let mut chains: SmallVec<[DescriptorChain<&'m GuestMemoryMmap>; BATCH]> = SmallVec::new();
     let mut buffers = Buffers::default();
-    let mut used = false;
+    let mut done = Answered::default();
     loop {
-        chains.extend(queue.iter(mem)?.take(BATCH));
-        if chains.is_empty() {
-            return Ok(used);
+        match queue.iter(mem) {
+            Ok(avail) => chains.extend(avail.take(BATCH)),
+            Err(_) => {
+                done.corrupt = true;
+                return done;
+            }
         }
-        used = true;
+        if chains.is_empty() {
+            return done;
+        }
+        done.used = true;
         for chain in chains.drain(..) {
             let head = chain.head_index();
             let len = answer(reader.split_into(chain, &mut buffers).map(|()| &buffers));
@@ -495,7 +511,7 @@ pub(crate) mod tests {
             n += 1;
             8
         });
-        assert_eq!(used, Ok(true));
+        assert_eq!(used, Answered { used: true, corrupt: false });
         assert_eq!(vq.used().idx().load(), chains);
         for i in 0..chains {
             let elem = vq.used().ring().ref_at(usize::from(i)).unwrap().load();
@@ -503,7 +519,7 @@ pub(crate) mod tests {
             assert_eq!(mem.read_obj::<u64>(GuestAddress(0x10_0000 + 0x100 * u64::from(i))).unwrap(), u64::from(i));
         }
         // Nothing left: nothing used.
-        assert_eq!(answer_all(&mut q, &mem, |_| panic!("no chain waits")), Ok(false));
+        assert_eq!(answer_all(&mut q, &mem, |_| panic!("no chain waits")), Answered::default());
     }
 
     #[test]
@@ -513,7 +529,24 @@ pub(crate) mod tests {
         vq.avail().idx().store(100);
         let mut q: Queue = vq.create_queue().unwrap();
         let result = answer_all(&mut q, &mem, |_| panic!("no chain may be served"));
-        assert!(result.is_err(), "{result:?}");
+        assert_eq!(result, Answered { used: false, corrupt: true });
         assert_eq!(vq.used().idx().load(), 0);
+    }
+
+    #[test]
+    fn answer_all_reports_chains_used_before_the_index_went_bad() {
+        let mem = memory();
+        let vq = MockSplitQueue::new(&mem, 256);
+        let descs: Vec<RawDescriptor> = (0..BATCH as u64).map(|i| desc(0x10_0000 + 0x100 * i, 8, WRITE)).collect();
+        vq.add_desc_chains(&descs, 0).unwrap();
+        let mut q: Queue = vq.create_queue().unwrap();
+        // While the first batch is answered, the driver writes an index
+        // more than a queue ahead of ours.
+        let result = answer_all(&mut q, &mem, |_| {
+            vq.avail().idx().store(1000);
+            0
+        });
+        assert_eq!(result, Answered { used: true, corrupt: true });
+        assert_eq!(vq.used().idx().load(), BATCH as u16);
     }
 }

@@ -177,7 +177,6 @@ mod tests {
     use crate::virtio::chain::tests::{desc, memory, WRITE};
     use crate::virtio::rng::Rng;
     use virtio_queue::mock::MockSplitQueue;
-    use virtio_queue::QueueT;
 
     /// With EVENT_IDX the driver does not kick for buffers it adds while
     /// notifications are off; a buffer added after the backend drained the

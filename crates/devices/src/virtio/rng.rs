@@ -76,7 +76,7 @@ impl VirtioBackend for Rng {
 
     fn process_queue(&mut self, _index: u16, queue: &mut Queue, mem: &GuestMemoryMmap) -> bool {
         let counters = &self.counters;
-        let used = answer_all(queue, mem, |request| {
+        let answered = answer_all(queue, mem, |request| {
             let Ok(buffers) = request else {
                 counters.errors.fetch_add(1, Ordering::Relaxed);
                 return 0;
@@ -95,11 +95,10 @@ impl VirtioBackend for Rng {
                 }
             }
         });
-        // A corrupt available index: nothing can be served until a reset.
-        used.unwrap_or_else(|_| {
+        if answered.corrupt {
             counters.errors.fetch_add(1, Ordering::Relaxed);
-            false
-        })
+        }
+        answered.used
     }
 }
 
