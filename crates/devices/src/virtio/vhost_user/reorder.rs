@@ -92,9 +92,6 @@ fn recv_with_fds(sock: &UnixStream, buf: &mut [u8], fds: &mut Vec<OwnedFd>) -> s
     if n < 0 {
         return Err(std::io::Error::last_os_error());
     }
-    if msg.msg_flags & libc::MSG_CTRUNC != 0 {
-        return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, "more descriptors than a vhost-user message carries"));
-    }
     // SAFETY: msg was filled in by recvmsg; the CMSG macros walk the control
     // buffer within msg_controllen.
     let mut cmsg = unsafe { libc::CMSG_FIRSTHDR(&msg) };
@@ -117,7 +114,17 @@ fn recv_with_fds(sock: &UnixStream, buf: &mut [u8], fds: &mut Vec<OwnedFd>) -> s
         // SAFETY: as for CMSG_FIRSTHDR.
         cmsg = unsafe { libc::CMSG_NXTHDR(&msg, cmsg) };
     }
+    // Checked after the descriptors that did arrive are owned (and so
+    // closed when dropped), and over the whole message, which may take
+    // several reads.
+    if msg.msg_flags & libc::MSG_CTRUNC != 0 || fds.len() > MAX_FDS {
+        return Err(too_many_fds());
+    }
     Ok(n as usize)
+}
+
+fn too_many_fds() -> std::io::Error {
+    std::io::Error::new(std::io::ErrorKind::InvalidData, "more descriptors than a vhost-user message carries")
 }
 
 /// Sends one message with its descriptors.
@@ -127,12 +134,22 @@ pub(super) fn send(sock: &UnixStream, m: &Message) -> std::io::Result<()> {
     bytes.extend_from_slice(&m.flags.to_le_bytes());
     bytes.extend_from_slice(&(m.payload.len() as u32).to_le_bytes());
     bytes.extend_from_slice(&m.payload);
-    if m.fds.is_empty() {
+    send_with_fds(sock, &bytes, &m.fds)
+}
+
+/// Writes `bytes`, with `fds` attached to the first of them.
+fn send_with_fds(sock: &UnixStream, bytes: &[u8], fds: &[OwnedFd]) -> std::io::Result<()> {
+    if fds.is_empty() {
         let mut s = sock;
-        return s.write_all(&bytes);
+        return s.write_all(bytes);
     }
-    let mut iov = libc::iovec { iov_base: bytes.as_mut_ptr().cast(), iov_len: bytes.len() };
-    let fd_bytes = m.fds.len() * std::mem::size_of::<RawFd>();
+    // The control buffer below holds MAX_FDS descriptors, no more.
+    if fds.len() > MAX_FDS {
+        return Err(too_many_fds());
+    }
+    // sendmsg only reads through iov_base.
+    let mut iov = libc::iovec { iov_base: bytes.as_ptr().cast_mut().cast(), iov_len: bytes.len() };
+    let fd_bytes = fds.len() * std::mem::size_of::<RawFd>();
     let mut control = [0u64; (MAX_FDS * 4 + 32) / 8];
     // SAFETY: msghdr is plain data; all-zero is a valid value.
     let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
@@ -142,7 +159,7 @@ pub(super) fn send(sock: &UnixStream, m: &Message) -> std::io::Result<()> {
     // SAFETY: a pure size computation.
     msg.msg_controllen = unsafe { libc::CMSG_SPACE(fd_bytes as u32) } as usize;
     // SAFETY: the control buffer is larger than CMSG_SPACE for MAX_FDS, and
-    // recv never yields more than MAX_FDS descriptors for one message.
+    // there are at most MAX_FDS descriptors (checked above).
     let cmsg = unsafe { libc::CMSG_FIRSTHDR(&msg) };
     // SAFETY: a pure size computation.
     let cmsg_len = unsafe { libc::CMSG_LEN(fd_bytes as u32) } as usize;
@@ -153,7 +170,7 @@ pub(super) fn send(sock: &UnixStream, m: &Message) -> std::io::Result<()> {
     header.cmsg_len = cmsg_len;
     // SAFETY: CMSG_DATA points inside the control buffer, with room for the fds.
     let data = unsafe { libc::CMSG_DATA(cmsg) };
-    let raw: Vec<u8> = m.fds.iter().flat_map(|fd| fd.as_raw_fd().to_ne_bytes()).collect();
+    let raw: Vec<u8> = fds.iter().flat_map(|fd| fd.as_raw_fd().to_ne_bytes()).collect();
     // SAFETY: raw holds fd_bytes bytes; the data area has room for them.
     unsafe { std::ptr::copy_nonoverlapping(raw.as_ptr(), data, raw.len()) };
     // SAFETY: msg points at live buffers of the sizes given.
@@ -276,5 +293,20 @@ mod tests {
         (&a).write_all(&header).unwrap();
         let err = recv(&b).err().expect("refused");
         assert!(err.to_string().contains("65537"), "{err}");
+    }
+
+    #[test]
+    fn a_message_with_too_many_descriptors_is_refused() {
+        let fds = |n: usize| -> Vec<OwnedFd> { (0..n).map(|_| OwnedFd::from(UnixStream::pair().unwrap().0)).collect() };
+        let (a, b) = UnixStream::pair().unwrap();
+        let mut m = message(5, VERSION, &[0; 4]);
+        m.fds = fds(MAX_FDS + 1);
+        assert_eq!(send(&a, &m).unwrap_err().kind(), std::io::ErrorKind::InvalidData);
+        // Header and payload in two writes, each within one read's limit:
+        // the message still carries too many in all.
+        let header = [5u32, VERSION, 4].map(u32::to_le_bytes).concat();
+        send_with_fds(&a, &header, &fds(MAX_FDS / 2 + 1)).unwrap();
+        send_with_fds(&a, &[0; 4], &fds(MAX_FDS / 2 + 1)).unwrap();
+        assert_eq!(recv(&b).err().map(|e| e.kind()), Some(std::io::ErrorKind::InvalidData));
     }
 }
