@@ -50,7 +50,11 @@ pub fn list() -> Result<Vec<VirtioSlot>, Error> {
 }
 
 fn write(file: PathBuf, name: &str) -> Result<(), Error> {
-    std::fs::write(&file, name).map_err(|e| Error::Failed(format!("writing {name} to {}: {e}", file.display())))
+    std::fs::write(&file, name).map_err(|e| write_error(&file, name, &e))
+}
+
+fn write_error(file: &Path, name: &str, e: &std::io::Error) -> Error {
+    Error::Failed(format!("writing {name} to {}: {e}", file.display()))
 }
 
 /// Binds (after an unbind, if it was bound: a rescan) or unbinds the
@@ -66,11 +70,13 @@ pub fn update(address: u64, bind: bool) -> Result<VirtioSlot, Error> {
         write(Path::new(DRIVER).join("unbind"), name)?;
     }
     if bind {
-        // An empty slot (device ID 0) is refused by the driver's probe:
-        // that is "nothing there", not a failure.
-        if let Err(e) = write(Path::new(DRIVER).join("bind"), name) {
-            if slot(address, name).device_id != 0 {
-                return Err(e);
+        // The driver's probe refuses an empty slot (device ID 0) with
+        // ENODEV, which the write returns: that is "nothing there", not a
+        // failure. Any other error is one.
+        let file = Path::new(DRIVER).join("bind");
+        if let Err(e) = std::fs::write(&file, name) {
+            if e.raw_os_error() != Some(libc::ENODEV) {
+                return Err(write_error(&file, name, &e));
             }
         }
     }
