@@ -42,6 +42,8 @@ const RTPROT_KERNEL: u8 = 2;
 const RTPROT_STATIC: u8 = 4;
 const RT_SCOPE_UNIVERSE: u8 = 0;
 const RT_SCOPE_LINK: u8 = 253;
+/// In a delete request: a route of any scope.
+const RT_SCOPE_NOWHERE: u8 = 255;
 const RTN_UNICAST: u8 = 1;
 
 const HEADER: usize = 16;
@@ -110,6 +112,8 @@ pub struct Address {
 /// A route in the main table.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Route {
+    /// `AF_INET` or `AF_INET6`.
+    pub family: u8,
     /// Destination and prefix length; None for the default route.
     pub dest: Option<(IpAddr, u8)>,
     /// The gateway, for a route through one.
@@ -148,7 +152,8 @@ fn ip_bytes(ip: &IpAddr) -> Vec<u8> {
     }
 }
 
-fn family(ip: &IpAddr) -> u8 {
+/// The address family (`AF_INET` or `AF_INET6`) of `ip`.
+pub fn family(ip: &IpAddr) -> u8 {
     match ip {
         IpAddr::V4(_) => libc::AF_INET as u8,
         IpAddr::V6(_) => libc::AF_INET6 as u8,
@@ -233,7 +238,7 @@ pub fn parse_address(payload: &[u8]) -> Result<Option<Address>, NetlinkError> {
 pub fn parse_route(payload: &[u8]) -> Result<Option<Route>, NetlinkError> {
     let fixed = payload.get(..12).ok_or_else(|| malformed("a route message shorter than rtmsg"))?;
     let (fam, dst_len, table, protocol, kind) = (fixed[0], fixed[1], fixed[4], fixed[5], fixed[7]);
-    let mut route = Route { dest: None, gateway: None, oif: 0, source: None, protocol };
+    let mut route = Route { family: fam, dest: None, gateway: None, oif: 0, source: None, protocol };
     let mut table = u32::from(table);
     for (k, data) in attributes(payload, 12)? {
         match k {
@@ -296,18 +301,20 @@ impl Netlink {
                 return Err(last_os_error("recv"));
             }
             for (kind, payload) in messages(&buf[..n as usize])? {
-                match kind {
-                    NLMSG_DONE => return Ok(replies),
-                    NLMSG_ERROR => {
-                        let code = payload.get(..4).ok_or_else(|| malformed("a truncated error reply"))?;
-                        let errno = -i32::from_ne_bytes([code[0], code[1], code[2], code[3]]);
-                        return match errno {
-                            0 => Ok(replies),
-                            e => Err(NetlinkError::Errno(std::io::Error::from_raw_os_error(e))),
-                        };
+                // Both end the reply with an error code: 0, or a negative
+                // errno (a dump can fail part-way, and says so in DONE).
+                let code = match kind {
+                    NLMSG_ERROR => payload.get(..4).ok_or_else(|| malformed("a truncated error reply"))?,
+                    NLMSG_DONE => payload.get(..4).unwrap_or(&[0; 4]),
+                    other => {
+                        replies.push((other, payload.to_vec()));
+                        continue;
                     }
-                    other => replies.push((other, payload.to_vec())),
-                }
+                };
+                return match i32::from_ne_bytes([code[0], code[1], code[2], code[3]]).wrapping_neg() {
+                    0 => Ok(replies),
+                    e => Err(NetlinkError::Errno(std::io::Error::from_raw_os_error(e))),
+                };
             }
         }
     }
@@ -383,12 +390,10 @@ impl Netlink {
         self.request(RTM_DELADDR, 0, &body).map(|_| ()).map_err(refused(format!("removing {}/{}", address.ip, address.prefix)))
     }
 
-    fn route_message(route: &Route) -> Vec<u8> {
-        let fam = route.dest.map(|(ip, _)| family(&ip)).or(route.gateway.as_ref().map(family)).unwrap_or(libc::AF_INET as u8);
+    fn route_message(route: &Route, scope: u8) -> Vec<u8> {
         let dst_len = route.dest.map_or(0, |(_, len)| len);
-        let scope = if route.gateway.is_some() { RT_SCOPE_UNIVERSE } else { RT_SCOPE_LINK };
         let protocol = if route.protocol == 0 { RTPROT_STATIC } else { route.protocol };
-        let mut body = vec![fam, dst_len, 0, 0, RT_TABLE_MAIN, protocol, scope, RTN_UNICAST];
+        let mut body = vec![route.family, dst_len, 0, 0, RT_TABLE_MAIN, protocol, scope, RTN_UNICAST];
         body.extend_from_slice(&0u32.to_ne_bytes());
         if let Some((ip, _)) = &route.dest {
             attr(&mut body, RTA_DST, &ip_bytes(ip));
@@ -405,13 +410,15 @@ impl Netlink {
 
     /// Adds a route.
     pub fn add_route(&mut self, route: &Route) -> Result<(), NetlinkError> {
-        let body = Self::route_message(route);
+        let scope = if route.gateway.is_some() { RT_SCOPE_UNIVERSE } else { RT_SCOPE_LINK };
+        let body = Self::route_message(route, scope);
         self.request(RTM_NEWROUTE, NLM_F_CREATE | NLM_F_EXCL, &body).map(|_| ()).map_err(refused(format!("adding route {route:?}")))
     }
 
     /// Removes a route.
     pub fn delete_route(&mut self, route: &Route) -> Result<(), NetlinkError> {
-        let body = Self::route_message(route);
+        // Whatever scope the route was made with.
+        let body = Self::route_message(route, RT_SCOPE_NOWHERE);
         self.request(RTM_DELROUTE, 0, &body).map(|_| ()).map_err(refused(format!("removing route {route:?}")))
     }
 }
@@ -444,14 +451,19 @@ mod tests {
     #[test]
     fn route_messages_parse_back() {
         let route = Route {
+            family: libc::AF_INET as u8,
             dest: Some(("10.0.0.0".parse().unwrap(), 24)),
             gateway: Some("10.0.1.1".parse().unwrap()),
             oif: 7,
             source: None,
             protocol: RTPROT_STATIC,
         };
-        let body = Netlink::route_message(&route);
+        let body = Netlink::route_message(&route, RT_SCOPE_UNIVERSE);
         assert_eq!(parse_route(&body).unwrap(), Some(route));
+        // An IPv6 route with neither destination nor gateway keeps its family.
+        let link_default = Route { family: libc::AF_INET6 as u8, dest: None, gateway: None, oif: 2, source: None, protocol: RTPROT_STATIC };
+        let body = Netlink::route_message(&link_default, RT_SCOPE_NOWHERE);
+        assert_eq!(parse_route(&body).unwrap(), Some(link_default));
         let address = Address { index: 3, ip: "fd00::5".parse().unwrap(), prefix: 64 };
         assert_eq!(parse_address(&Netlink::address_message(&address)).unwrap(), Some(address));
     }
