@@ -3,7 +3,7 @@
 //! container logic behind a Unix socket.
 
 use std::io::Write;
-use std::os::fd::{IntoRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, IntoRawFd, OwnedFd};
 use std::os::unix::net::UnixListener;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -44,13 +44,17 @@ fn main() {
 
 fn serve(listener: OwnedFd, service: Service) -> Result<agent_proto::ttrpc::Server, String> {
     let service = agent_proto::agent_ttrpc::create_agent(Arc::new(service));
+    // ttrpc takes a raw descriptor and never closes it: it becomes the
+    // server's only once the server runs, and is closed here (by
+    // `listener`'s drop) if it does not, so that a retry can bind again.
     let mut server = agent_proto::ttrpc::Server::new()
-        .add_listener(listener.into_raw_fd())
+        .add_listener(listener.as_raw_fd())
         .map_err(|e| format!("ttrpc listener: {e}"))?
         .register_service(service)
         // WaitProcess blocks a thread per waiting process.
         .set_thread_count_max(256);
     server.start().map_err(|e| format!("starting the ttrpc server: {e}"))?;
+    let _ = listener.into_raw_fd();
     Ok(server)
 }
 
