@@ -183,15 +183,22 @@ impl agent_proto::agent_ttrpc::Agent for Service {
     fn destroy_sandbox(&self, _: &TtrpcContext, _: Empty) -> ttrpc::Result<Empty> {
         self.containers.remove_all();
         let guest = self.guest;
-        // Reply first, then go.
-        let _ = std::thread::Builder::new().name("destroy".into()).spawn(move || {
-            std::thread::sleep(std::time::Duration::from_millis(50));
+        let go = move || {
             if guest {
                 crate::guest::power_off();
             } else {
                 std::process::exit(0);
             }
+        };
+        // Reply first, then go; at once (with no reply) if no thread can
+        // be had.
+        let replied_first = std::thread::Builder::new().name("destroy".into()).spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            go()
         });
+        if replied_first.is_err() {
+            go();
+        }
         Ok(Empty::new())
     }
 
