@@ -140,8 +140,10 @@ pub fn unpack_layout(layout: &Path, dest: &Path) -> Result<(), OciError> {
         let path = verify(layout, digest)?;
         let file = BufReader::new(File::open(&path).map_err(|e| OciError::Read(path.clone(), e))?);
         let reader: Box<dyn Read> = if media_type.ends_with("tar+gzip") || media_type.ends_with("tar.gzip") {
-            Box::new(flate2::read::GzDecoder::new(file))
-        } else if media_type.ends_with(".tar") || media_type.ends_with("layer.v1.tar") {
+            // Layers may hold several gzip members (concatenated streams,
+            // eStargz): GzDecoder would stop after the first.
+            Box::new(flate2::read::MultiGzDecoder::new(file))
+        } else if media_type.ends_with(".tar") {
             Box::new(file)
         } else {
             return Err(OciError::LayerType { digest: digest.into(), media_type: media_type.into() });
@@ -155,6 +157,11 @@ pub fn unpack_layout(layout: &Path, dest: &Path) -> Result<(), OciError> {
 /// entries are unpacked over it.
 fn apply_layer(reader: impl Read, dest: &Path, digest: &str) -> Result<(), OciError> {
     let unpack_err = |e| OciError::Unpack(digest.into(), dest.to_path_buf(), e);
+    let escape = |path: &Path| OciError::Escape { digest: digest.into(), path: path.display().to_string() };
+    // Whiteouts are applied here, not by tar, so they get tar's guard
+    // against leaving the root: the directory they name, with any symlink
+    // a lower layer left resolved, must be inside it.
+    let root = fs::canonicalize(dest).map_err(unpack_err)?;
     let mut archive = tar::Archive::new(reader);
     archive.set_preserve_permissions(true);
     archive.set_overwrite(true);
@@ -162,30 +169,52 @@ fn apply_layer(reader: impl Read, dest: &Path, digest: &str) -> Result<(), OciEr
         let mut entry = entry.map_err(unpack_err)?;
         let path = entry.path().map_err(unpack_err)?.into_owned();
         if !confined(&path) {
-            return Err(OciError::Escape { digest: digest.into(), path: path.display().to_string() });
+            return Err(escape(&path));
         }
         let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-        let parent = dest.join(path.parent().unwrap_or(Path::new("")));
-        if name == ".wh..wh..opq" {
-            // Opaque directory: nothing from lower layers shows through.
-            if let Ok(children) = fs::read_dir(&parent) {
-                for child in children.flatten() {
-                    let p = child.path();
-                    let _ = if p.is_dir() && !p.is_symlink() { fs::remove_dir_all(&p) } else { fs::remove_file(&p) };
-                }
+        let whiteout = if name == ".wh..wh..opq" { Some(None) } else { name.strip_prefix(".wh.").map(Some) };
+        let Some(hidden) = whiteout else {
+            if !entry.unpack_in(dest).map_err(unpack_err)? {
+                return Err(escape(&path));
             }
-        } else if let Some(hidden) = name.strip_prefix(".wh.") {
-            let target = parent.join(hidden);
-            let _ = if target.is_dir() && !target.is_symlink() {
-                fs::remove_dir_all(&target)
-            } else {
-                fs::remove_file(&target)
-            };
-        } else if !entry.unpack_in(dest).map_err(unpack_err)? {
-            return Err(OciError::Escape { digest: digest.into(), path: path.display().to_string() });
-        }
+            continue;
+        };
+        let parent = match fs::canonicalize(dest.join(path.parent().unwrap_or(Path::new("")))) {
+            Ok(parent) if parent.starts_with(&root) => parent,
+            Ok(_) => return Err(escape(&path)),
+            // Nothing below to hide.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(unpack_err(e)),
+        };
+        let removed = match hidden {
+            // Opaque directory: nothing from lower layers shows through.
+            None => fs::read_dir(&parent).and_then(|children| {
+                children.into_iter().try_for_each(|child| remove(&child?.path()))
+            }),
+            Some(hidden) => {
+                if !matches!(Path::new(hidden).components().collect::<Vec<_>>()[..], [Component::Normal(_)]) {
+                    return Err(escape(&path));
+                }
+                remove(&parent.join(hidden))
+            }
+        };
+        removed.map_err(unpack_err)?;
     }
     Ok(())
+}
+
+/// Removes `path` (a directory with what it holds; a symlink, not what it
+/// points to); a path that is not there is no error.
+fn remove(path: &Path) -> std::io::Result<()> {
+    let removed = match fs::symlink_metadata(path) {
+        Ok(meta) if meta.is_dir() => fs::remove_dir_all(path),
+        Ok(_) => fs::remove_file(path),
+        Err(e) => Err(e),
+    };
+    match removed {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        other => other,
+    }
 }
 
 #[cfg(test)]
@@ -292,5 +321,43 @@ mod tests {
         let d = l.blob(b"zstd");
         l.image(&[(d, "application/vnd.oci.image.layer.v1.tar+zstd")]);
         assert!(matches!(unpack_layout(&l.0, &l.0.join("r")), Err(OciError::LayerType { .. })));
+    }
+
+    #[test]
+    fn whiteouts_stay_inside_the_root() {
+        let l = Layout::new("wh");
+        let outside = l.0.join("outside");
+        fs::create_dir_all(&outside).unwrap();
+        fs::write(outside.join("keep"), b"k").unwrap();
+        // A lower layer links "etc" to a directory outside the root.
+        let mut b = tar::Builder::new(Vec::new());
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(tar::EntryType::Symlink);
+        h.set_size(0);
+        h.set_mode(0o777);
+        b.append_link(&mut h, "etc", &outside).unwrap();
+        let link = l.blob(&b.into_inner().unwrap());
+        for (n, whiteout) in ["etc/.wh.keep", "etc/.wh..wh..opq", ".wh...", "a/.wh.."].into_iter().enumerate() {
+            let top = l.blob(&tar_of(&[("a/f", b"f"), (whiteout, b"")]));
+            l.image(&[(link.clone(), TAR), (top, TAR)]);
+            let err = unpack_layout(&l.0, &l.0.join(format!("r{n}"))).unwrap_err();
+            assert!(matches!(err, OciError::Escape { .. }), "{whiteout}: {err}");
+            assert!(outside.join("keep").exists(), "{whiteout} removed a file outside the root");
+        }
+    }
+
+    #[test]
+    fn a_layer_of_several_gzip_members_is_read_whole() {
+        let l = Layout::new("multigz");
+        // A tar archive split across two gzip members: the file in the
+        // second half is lost by a reader that stops after one.
+        let whole = tar_of(&[("first", b"1"), ("second", b"2")]);
+        let mut layer = gzip(&whole[..1024]);
+        layer.extend(gzip(&whole[1024..]));
+        let d = l.blob(&layer);
+        l.image(&[(d, TGZ)]);
+        let dest = l.0.join("rootfs");
+        unpack_layout(&l.0, &dest).unwrap();
+        assert_eq!(fs::read(dest.join("second")).unwrap(), b"2");
     }
 }
