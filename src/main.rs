@@ -252,9 +252,7 @@ fn image_build(args: &BuildArgs) -> anyhow::Result<()> {
 
     eprintln!("vessel: [4/4] writing the image");
     let initrd = guest_image::build_agent_initramfs(agent, &modules)?.to_bytes();
-    let cached = guest_image::cache_initramfs(&initrd)?;
     let written = guest_image::write_guest_image(&args.out, &kernel.image, &initrd)?;
-    eprintln!("vessel: [4/4] initramfs cached as {}", cached.display());
     for path in [&written.kernel, &written.initrd] {
         let size = std::fs::metadata(path).with_context(|| format!("cannot read {}", path.display()))?.len();
         println!("{} {size} bytes", path.display());

@@ -24,10 +24,9 @@
 //! into the kernel are left out. A kernel without a modules directory is
 //! refused, since nothing would tell which of the drivers it has built in.
 //!
-//! The same agent and kernel modules always give the same bytes, and the
-//! image is cached by content ([`cache_initramfs`]). [`write_guest_image`]
-//! writes the two boot files to a directory atomically, and leaves a file
-//! that already holds the same bytes alone.
+//! The same agent and kernel modules always give the same bytes.
+//! [`write_guest_image`] writes the two boot files to a directory
+//! atomically, and leaves a file that already holds the same bytes alone.
 
 use std::path::{Path, PathBuf};
 
@@ -36,7 +35,6 @@ use crate::elf;
 use crate::initramfs::{Initramfs, InitramfsError};
 use crate::kernel::Kernel;
 use crate::modules::{self, ModuleError, Resolved};
-use crate::test_image::write_content_addressed;
 
 /// Where the agent is in the image.
 pub const INIT: &str = "/init";
@@ -154,13 +152,6 @@ pub fn build_agent_initramfs(agent: Vec<u8>, modules: &Resolved) -> Result<Initr
     }
     img.file(MODULES_LOAD, 0o644, modules_load(modules)).map_err(e)?;
     Ok(img)
-}
-
-/// Puts an agent initramfs into the cache ([`cache::dir`], under
-/// `agent-initramfs/`), named by its content, unless it is already there.
-pub fn cache_initramfs(bytes: &[u8]) -> Result<PathBuf, GuestImageError> {
-    let dir = cache::dir().map_err(GuestImageError::Write)?.join("agent-initramfs");
-    write_content_addressed(&dir, bytes, "cpio").map_err(GuestImageError::Write)
 }
 
 /// The two boot files in an output directory.
@@ -325,11 +316,9 @@ mod tests {
             ]
         );
 
-        // Same inputs, same bytes; the cache finds the same file.
+        // Same inputs, same bytes.
         let again = build_agent_initramfs(read_agent(&agent_path).unwrap(), &agent_modules(&kernel).unwrap()).unwrap();
         assert_eq!(again.to_bytes(), bytes);
-        let cached = write_content_addressed(dir.path(), &bytes, "cpio").unwrap();
-        assert_eq!(write_content_addressed(dir.path(), &again.to_bytes(), "cpio").unwrap(), cached);
     }
 
     #[test]
