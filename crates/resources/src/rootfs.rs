@@ -39,6 +39,9 @@ pub enum RootfsError {
     /// No static busybox for the demo rootfs.
     #[error("no static busybox (install busybox-static, or set VESSEL_BUSYBOX)")]
     NoBusybox,
+    /// The busybox found is not a usable static one.
+    #[error("cannot use busybox for the demo root filesystem")]
+    Busybox(#[source] crate::test_image::TestImageError),
     /// The cache directory could not be found.
     #[error("no cache directory for the demo root filesystem")]
     Cache(#[source] crate::cache::CacheError),
@@ -73,7 +76,8 @@ pub fn build_ext4(from: &Path, out: &Path, size: Option<u64>) -> Result<(), Root
         Some(s) => s,
         None => (needed + needed / 4 + SLACK).next_multiple_of(1 << 20),
     };
-    let tmp = out.with_extension(format!("tmp-{}", std::process::id()));
+    let dir = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let tmp = crate::cache::temp_name(dir, "rootfs");
     let file = fs::File::create(&tmp).map_err(|e| RootfsError::Write(tmp.clone(), e))?;
     file.set_len(size).map_err(|e| RootfsError::Write(tmp.clone(), e))?;
     drop(file);
@@ -99,11 +103,11 @@ pub fn busybox_tree(dir: &Path) -> Result<(), RootfsError> {
         fs::create_dir_all(dir.join(sub)).map_err(|e| w(&dir.join(sub), e))?;
     }
     fs::set_permissions(dir.join("tmp"), fs::Permissions::from_mode(0o1777)).map_err(|e| w(&dir.join("tmp"), e))?;
+    let (bytes, applets) = crate::test_image::static_busybox(&busybox).map_err(RootfsError::Busybox)?;
     let target = dir.join("bin/busybox");
-    fs::copy(&busybox, &target).map_err(|e| w(&target, e))?;
+    fs::write(&target, bytes).map_err(|e| w(&target, e))?;
     fs::set_permissions(&target, fs::Permissions::from_mode(0o755)).map_err(|e| w(&target, e))?;
-    let list = run(Command::new(&busybox).arg("--list")).map_err(RootfsError::Mkfs)?;
-    for applet in String::from_utf8_lossy(&list.stdout).lines().filter(|a| !a.is_empty() && *a != "busybox") {
+    for applet in &applets {
         let link = dir.join("bin").join(applet);
         if !link.exists() {
             symlink("busybox", &link).map_err(|e| w(&link, e))?;
@@ -137,12 +141,8 @@ pub fn cached_demo_rootfs() -> Result<PathBuf, RootfsError> {
         return Ok(image);
     }
     fs::create_dir_all(&dir).map_err(|e| RootfsError::Write(dir.clone(), e))?;
-    let tmp = crate::cache::temp_name(&dir, "demo-rootfs");
-    let built = demo_rootfs(&tmp).and_then(|()| fs::rename(&tmp, &image).map_err(|e| RootfsError::Write(image.clone(), e)));
-    if built.is_err() {
-        let _ = fs::remove_file(&tmp);
-    }
-    built.map(|()| image)
+    // build_ext4 writes it atomically (a temp file renamed into place).
+    demo_rootfs(&image).map(|()| image)
 }
 
 #[cfg(test)]

@@ -97,6 +97,23 @@ pub fn find_busybox() -> Result<PathBuf, TestImageError> {
         .ok_or(TestImageError::NoBusybox)
 }
 
+/// The bytes of the static busybox at `path` and the applets it has
+/// (plain names, itself left out); a dynamic one is refused, since nothing
+/// in a guest or a container root could load it.
+pub fn static_busybox(path: &Path) -> Result<(Vec<u8>, Vec<String>), TestImageError> {
+    let bytes = std::fs::read(path).map_err(|source| TestImageError::Read { path: path.to_path_buf(), source })?;
+    if elf::check_static_x86_64(&bytes).is_err() {
+        return Err(TestImageError::NotStatic(path.to_path_buf()));
+    }
+    let list = run(Command::new(path).arg("--list")).map_err(TestImageError::Applets)?;
+    let applets = String::from_utf8_lossy(&list.stdout)
+        .split_whitespace()
+        .filter(|a| *a != "busybox" && !a.contains('/'))
+        .map(str::to_string)
+        .collect();
+    Ok((bytes, applets))
+}
+
 /// The standard `/init` (see the module docs).
 pub fn init_script() -> String {
     format!(
@@ -134,12 +151,7 @@ pub fn build_test_image(
     test_script: &str,
     extra: &[ExtraFile],
 ) -> Result<Initramfs, TestImageError> {
-    let bb = std::fs::read(busybox).map_err(|source| TestImageError::Read { path: busybox.to_path_buf(), source })?;
-    if elf::check_static_x86_64(&bb).is_err() {
-        return Err(TestImageError::NotStatic(busybox.to_path_buf()));
-    }
-    let list = run(Command::new(busybox).arg("--list")).map_err(TestImageError::Applets)?;
-    let applets = String::from_utf8_lossy(&list.stdout).into_owned();
+    let (bb, applets) = static_busybox(busybox)?;
 
     let resolved = match (&kernel.modules, modules) {
         (_, []) => modules::Resolved::default(),
@@ -156,7 +168,7 @@ pub fn build_test_image(
     // The kernel opens /dev/console for init before devtmpfs is mounted.
     img.char_device("dev/console", 0o600, 5, 1).map_err(e)?;
     img.file("bin/busybox", 0o755, bb).map_err(e)?;
-    for applet in applets.split_whitespace().filter(|a| *a != "busybox" && !a.contains('/')) {
+    for applet in &applets {
         img.symlink(&format!("bin/{applet}"), "busybox").map_err(e)?;
     }
     img.symlink("sbin", "bin").map_err(e)?;
