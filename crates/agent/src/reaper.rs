@@ -3,8 +3,11 @@
 //! The agent is PID 1 in a guest, so every orphan becomes its child: one
 //! thread waits for any child and hands the statuses of the ones the agent
 //! started (its launch helpers) to whoever waits for them; the others are
-//! just reaped. Spawning happens under the same lock as the hand-off, so a
-//! child that exits at once is never reaped before it is registered.
+//! just reaped. Spawning happens under the same lock as the hand-off, and
+//! the reaper only looks at an exited child (`WNOWAIT`) before it takes
+//! that lock and reaps: a child that exits at once is never reaped before
+//! it is registered, and one whose exec failed is left to `spawn`, which
+//! reaps it itself (and asserts that it could).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -39,6 +42,16 @@ impl Exit {
     }
 }
 
+/// The status a waitpid(2) without WUNTRACED reported, as a shell gives
+/// it: the exit code, or 128 + the signal that killed the process.
+pub fn exit_code(status: i32) -> i32 {
+    if libc::WIFSIGNALED(status) {
+        128 + libc::WTERMSIG(status)
+    } else {
+        libc::WEXITSTATUS(status)
+    }
+}
+
 /// The reaper.
 #[derive(Default)]
 pub struct Reaper {
@@ -64,10 +77,12 @@ impl Reaper {
 
     fn run(&self) {
         loop {
-            let mut status = 0;
-            // SAFETY: status is a valid out-pointer.
-            let pid = unsafe { libc::waitpid(-1, &mut status, 0) };
-            if pid < 0 {
+            // SAFETY: siginfo_t is plain data; all-zero is a valid value.
+            let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+            // SAFETY: info is a valid out-pointer; WNOWAIT leaves the child
+            // a zombie, to be reaped below.
+            let looked = unsafe { libc::waitid(libc::P_ALL, 0, &mut info, libc::WEXITED | libc::WNOWAIT) };
+            if looked < 0 {
                 // ECHILD: no children right now. Wait for the agent to
                 // start one; an orphan handed to PID 1 meanwhile is reaped
                 // within a second.
@@ -81,15 +96,18 @@ impl Reaper {
                 }
                 continue;
             }
-            let code = if libc::WIFEXITED(status) {
-                libc::WEXITSTATUS(status)
-            } else if libc::WIFSIGNALED(status) {
-                128 + libc::WTERMSIG(status)
-            } else {
+            // SAFETY: waitid filled in a child's exit, so si_pid is set.
+            let pid = unsafe { info.si_pid() };
+            let mut registry = self.lock();
+            let mut status = 0;
+            // SAFETY: status is a valid out-pointer.
+            if unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) } != pid {
+                // Reaped meanwhile by the `spawn` that made it (its exec
+                // failed), while we waited for the lock.
                 continue;
-            };
-            if let Some(exit) = self.lock().0.remove(&pid) {
-                exit.set(code);
+            }
+            if let Some(exit) = registry.0.remove(&pid) {
+                exit.set(exit_code(status));
             }
         }
     }
