@@ -7,7 +7,7 @@
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Write};
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -274,14 +274,18 @@ impl Containers {
         let (config_read, config_write) = launch::pipe().map_err(|e| Error::Failed(format!("pipe: {e}")))?;
         let (sync_agent, sync_helper) =
             UnixStream::pair().map_err(|e| Error::Failed(format!("socketpair: {e}")))?;
-        let sync_helper = OwnedFd::from(sync_helper);
+        // Above the helper's fds, so that moving them there (dup2 below)
+        // never finds one already in place, or overwrites the other.
+        let config_read = above_helper_fds(config_read)?;
+        let sync_helper = above_helper_fds(OwnedFd::from(sync_helper))?;
         let mut command = Command::new(&self.config.self_exe);
         command.arg(launch::LAUNCH_ARG).env_clear().stdin(stdin).stdout(stdout).stderr(stderr);
         let (config_fd, sync_fd) = (config_read.as_raw_fd(), sync_helper.as_raw_fd());
         let move_fds = move || {
             for (from, to) in [(config_fd, launch::CONFIG_FD), (sync_fd, launch::SYNC_FD)] {
                 // SAFETY: dup2 takes integers and is async-signal-safe; onto
-                // fds 3 and 4 it also clears their close-on-exec flag.
+                // fds 3 and 4 (never `from`, see above) it also clears their
+                // close-on-exec flag.
                 if unsafe { libc::dup2(from, to) } < 0 {
                     return Err(std::io::Error::last_os_error());
                 }
@@ -538,6 +542,18 @@ fn read_line(reader: &mut impl BufRead) -> Result<String> {
         },
         None => Err(Error::Failed("the launch helper exited without a word".into())),
     }
+}
+
+/// `fd` moved to a number above the launch helper's fixed ones.
+fn above_helper_fds(fd: OwnedFd) -> Result<OwnedFd> {
+    let floor = launch::CONFIG_FD.max(launch::SYNC_FD) + 1;
+    // SAFETY: F_DUPFD_CLOEXEC on our own descriptor makes a new one.
+    let moved = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_DUPFD_CLOEXEC, floor) };
+    if moved < 0 {
+        return Err(Error::Failed(format!("dup: {}", std::io::Error::last_os_error())));
+    }
+    // SAFETY: fcntl returned a new descriptor that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(moved) })
 }
 
 fn kill(pid: i32, signal: i32) {

@@ -284,12 +284,7 @@ fn wait_exit_code(pid: libc::pid_t) -> i32 {
         // SAFETY: status is a valid out-pointer.
         let r = unsafe { libc::waitpid(pid, &mut status, 0) };
         if r == pid {
-            if libc::WIFEXITED(status) {
-                return libc::WEXITSTATUS(status);
-            }
-            if libc::WIFSIGNALED(status) {
-                return 128 + libc::WTERMSIG(status);
-            }
+            return crate::reaper::exit_code(status);
         } else if r < 0 && std::io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
             return 255;
         }
@@ -421,10 +416,27 @@ fn run_process(launch: &Launch, sync: &mut UnixStream) -> Result<std::convert::I
             unsafe { libc::_exit(1) }
         }
     }
-    // The sync socket must close on exec, so the agent reads end-of-file
-    // for a successful exec.
-    // SAFETY: fcntl on our own descriptor.
-    unsafe { libc::fcntl(SYNC_FD, libc::F_SETFD, libc::FD_CLOEXEC) };
+    // Nothing of ours but stdio reaches the process: the sync socket must
+    // close on exec, so the agent reads end-of-file for a successful exec,
+    // and any descriptor another agent thread opened before its close-on-
+    // exec flag was set goes too.
+    // SAFETY: close_range with integer arguments, on our own descriptors.
+    if unsafe { libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, libc::CLOSE_RANGE_CLOEXEC) } != 0 {
+        // Before Linux 5.11: at least the sync socket.
+        // SAFETY: fcntl on our own descriptor.
+        unsafe { libc::fcntl(SYNC_FD, libc::F_SETFD, libc::FD_CLOEXEC) };
+    }
+    // A process starts with default signal handling and nothing blocked,
+    // not with what the helper had: it is a Rust program, which ignores
+    // SIGPIPE (a shell pipeline relies on SIGPIPE ending its writers), and
+    // it inherits whatever else the agent's own parent ignored.
+    default_signals();
+    // SAFETY: sigset_t is plain data; all-zero is a valid value.
+    let mut none: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid set to fill.
+    unsafe { libc::sigemptyset(&mut none) };
+    // SAFETY: a valid, initialised set; no old set wanted.
+    unsafe { libc::sigprocmask(libc::SIG_SETMASK, &none, std::ptr::null_mut()) };
     let mut argv_ptrs: Vec<*const libc::c_char> = argv.iter().map(|a| a.as_ptr()).collect();
     argv_ptrs.push(std::ptr::null());
     let mut envp_ptrs: Vec<*const libc::c_char> = envp.iter().map(|e| e.as_ptr()).collect();
@@ -433,6 +445,30 @@ fn run_process(launch: &Launch, sync: &mut UnixStream) -> Result<std::convert::I
     // across the call.
     unsafe { libc::execve(program_c.as_ptr(), argv_ptrs.as_ptr(), envp_ptrs.as_ptr()) };
     Err(errno(format_args!("exec {}", program.display())))
+}
+
+/// Sets every signal's disposition to the default. Through the system
+/// call itself: the C library refuses to touch the signals it reserves
+/// (32 and 33), which an ignoring parent can still have left ignored.
+fn default_signals() {
+    /// The kernel's `struct sigaction` for rt_sigaction on x86_64.
+    #[repr(C)]
+    struct KernelSigaction {
+        handler: usize,
+        flags: u64,
+        restorer: usize,
+        mask: u64,
+    }
+    let default = KernelSigaction { handler: libc::SIG_DFL, flags: 0, restorer: 0, mask: 0 };
+    for signal in 1..=64 {
+        if signal != libc::SIGKILL && signal != libc::SIGSTOP {
+            // SAFETY: a valid sigaction of the size the kernel expects for
+            // an 8-byte signal set; the old one is not wanted.
+            unsafe {
+                libc::syscall(libc::SYS_rt_sigaction, signal, &default, std::ptr::null_mut::<KernelSigaction>(), 8usize)
+            };
+        }
+    }
 }
 
 fn mount(source: Option<&Path>, target: &Path, fstype: Option<&str>, flags: u64, data: &str) -> Result<(), String> {

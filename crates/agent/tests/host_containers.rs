@@ -92,6 +92,14 @@ fn exit_codes_and_signals() -> anyhow::Result<()> {
     let a = agent("exit")?;
     let (status, _) = run(&a, "exit-3", &["sh", "-c", "exit 3"], &SpecOptions::default())?;
     ensure!(status == 3, "sh -c 'exit 3' gave {status}");
+    // A process starts with no signal ignored or blocked (SIGPIPE ends the
+    // writers of a pipeline), whatever the agent had.
+    let (status, out) = run(&a, "signals", &["grep", "-E", "^Sig(Ign|Blk)", "/proc/self/status"], &SpecOptions::default())?;
+    ensure!(status == 0, "grep gave {status}: {out:?}");
+    ensure!(
+        out.lines().count() == 2 && out.lines().all(|l| l.ends_with("\t0000000000000000")),
+        "signals ignored or blocked in a new process: {out:?}"
+    );
 
     let create = create_request("long", spec_json(&["sleep", "1000"], &SpecOptions::default()), root(), Stdio::new());
     a.client.create_container(ctx(), &create).map_err(rpc_error)?;
