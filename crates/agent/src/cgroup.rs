@@ -159,6 +159,11 @@ pub fn add(cgroup: &Path, pid: i32) -> Result<(), CgroupError> {
     write(&cgroup.join("cgroup.procs"), &pid.to_string())
 }
 
+/// The processes in the cgroup, by their PIDs in the agent's namespace.
+pub fn procs(cgroup: &Path) -> Result<Vec<i32>, CgroupError> {
+    Ok(read(&cgroup.join("cgroup.procs"))?.lines().filter_map(|l| l.trim().parse().ok()).collect())
+}
+
 /// Reads the container's statistics.
 pub fn stats(cgroup: &Path) -> Result<Stats, CgroupError> {
     let mut stats = Stats::default();

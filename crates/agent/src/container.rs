@@ -97,7 +97,57 @@ struct Container {
     mounted_root: Option<PathBuf>,
 }
 
+/// How to find a container's processes (see [`Membership::pids`]).
+struct Membership {
+    init_pid: i32,
+    init_exited: bool,
+    cgroup: Option<PathBuf>,
+    /// The processes the agent started for it that are still running.
+    started: Vec<i32>,
+}
+
+impl Membership {
+    /// The container's processes: the members of its cgroup; without one,
+    /// those in its own PID namespace while its first process runs; and
+    /// when it shares the agent's PID namespace, only the processes the
+    /// agent started for it (their children cannot be told from the
+    /// agent's own, and "all" must never reach those).
+    fn pids(&self) -> Vec<i32> {
+        if let Some(cg) = &self.cgroup {
+            if let Ok(pids) = cgroup::procs(cg) {
+                return pids;
+            }
+        }
+        if self.init_exited {
+            return Vec::new();
+        }
+        let pid_ns = |pid: &str| std::fs::read_link(format!("/proc/{pid}/ns/pid")).ok();
+        let Some(ns) = pid_ns(&self.init_pid.to_string()) else { return Vec::new() };
+        if Some(&ns) == pid_ns("self").as_ref() {
+            return self.started.clone();
+        }
+        std::fs::read_dir("/proc")
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|entry| entry.file_name().to_str().and_then(|n| n.parse::<i32>().ok()))
+            .filter(|pid| pid_ns(&pid.to_string()).as_ref() == Some(&ns))
+            .collect()
+    }
+}
+
 impl Container {
+    fn membership(&self) -> Membership {
+        let started =
+            std::iter::once(&self.init).chain(self.execs.values()).filter(|p| p.exit.get().is_none()).map(|p| p.pid).collect();
+        Membership {
+            init_pid: self.init.pid,
+            init_exited: self.init.exit.get().is_some(),
+            cgroup: self.cgroup.clone(),
+            started,
+        }
+    }
+
     fn state(&mut self) -> State {
         if matches!(self.state, State::Running | State::Paused) && self.init.exit.get().is_some() {
             self.state = State::Stopped;
@@ -370,18 +420,18 @@ impl Containers {
             .ok()
             .filter(|s| (1..=64).contains(s))
             .ok_or_else(|| Error::Invalid(format!("signal {signal} is not between 1 and 64")))?;
-        let (process, init_pid, cgroup) = self.with(id, |c| Ok((c.process(exec_id, id)?, c.init.pid, c.cgroup.clone())))?;
+        let (process, members) = self.with(id, |c| Ok((c.process(exec_id, id)?, c.membership())))?;
         if !all {
             if process.exit.get().is_none() {
                 kill(process.pid, signal);
             }
             return Ok(());
         }
-        match cgroup {
-            Some(cg) if signal == libc::SIGKILL => cgroup::kill_all(&cg).map_err(Error::failed),
+        match &members.cgroup {
+            Some(cg) if signal == libc::SIGKILL => cgroup::kill_all(cg).map_err(Error::failed),
             _ => {
-                for row in self.processes_of(init_pid) {
-                    kill(row.pid, signal);
+                for pid in members.pids() {
+                    kill(pid, signal);
                 }
                 Ok(())
             }
@@ -396,28 +446,16 @@ impl Containers {
 
     /// The container's processes.
     pub fn ps(&self, id: &str) -> Result<Vec<ProcessRow>> {
-        let init = self.with(id, |c| match c.state() {
-            State::Stopped => Ok(None),
-            _ => Ok(Some(c.init.pid)),
-        })?;
-        Ok(init.map(|pid| self.processes_of(pid)).unwrap_or_default())
-    }
-
-    /// Every process in the PID namespace of `init_pid`.
-    fn processes_of(&self, init_pid: i32) -> Vec<ProcessRow> {
-        let Ok(ns) = std::fs::read_link(format!("/proc/{init_pid}/ns/pid")) else { return Vec::new() };
-        let users = read_passwd(Path::new(&format!("/proc/{init_pid}/root/etc/passwd")));
+        let members = self.with(id, |c| Ok(c.membership()))?;
+        let users = read_passwd(Path::new(&format!("/proc/{}/root", members.init_pid)));
         let mut rows = Vec::new();
-        for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-            let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else { continue };
-            if std::fs::read_link(entry.path().join("ns/pid")).ok().as_ref() != Some(&ns) {
-                continue;
-            }
-            let Ok(status) = std::fs::read_to_string(entry.path().join("status")) else { continue };
+        for pid in members.pids() {
+            let dir = PathBuf::from(format!("/proc/{pid}"));
+            let Ok(status) = std::fs::read_to_string(dir.join("status")) else { continue };
             let field = |name: &str| status.lines().find_map(|l| l.strip_prefix(name)).unwrap_or("").trim().to_string();
             let ns_pid = field("NSpid:").split_whitespace().last().and_then(|p| p.parse().ok()).unwrap_or(0);
             let uid: u32 = field("Uid:").split_whitespace().next().and_then(|u| u.parse().ok()).unwrap_or(0);
-            let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+            let cmdline = std::fs::read(dir.join("cmdline")).unwrap_or_default();
             let command = cmdline
                 .split(|&b| b == 0)
                 .filter(|a| !a.is_empty())
@@ -429,7 +467,7 @@ impl Containers {
             rows.push(ProcessRow { pid, ns_pid, uid, user, command });
         }
         rows.sort_by_key(|r| r.ns_pid);
-        rows
+        Ok(rows)
     }
 
     fn cgroup_of(&self, id: &str) -> Result<PathBuf> {
@@ -544,6 +582,34 @@ fn read_line(reader: &mut impl BufRead) -> Result<String> {
     }
 }
 
+/// Reads at most `limit` bytes of the regular file `path`, resolved inside
+/// `root` as if `root` were `/` (openat2 RESOLVE_IN_ROOT).
+fn read_in_root(root: &Path, path: &str, limit: u64) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    let root = std::fs::File::open(root)?;
+    let path = std::ffi::CString::new(path).map_err(std::io::Error::other)?;
+    // SAFETY: open_how is plain data; all-zero is a valid value.
+    let mut how: libc::open_how = unsafe { std::mem::zeroed() };
+    how.flags = (libc::O_RDONLY | libc::O_CLOEXEC | libc::O_NONBLOCK | libc::O_NOCTTY) as u64;
+    how.resolve = libc::RESOLVE_IN_ROOT | libc::RESOLVE_NO_MAGICLINKS;
+    // SAFETY: a valid directory fd, NUL-terminated path and open_how of the
+    // size given.
+    let fd = unsafe {
+        libc::syscall(libc::SYS_openat2, root.as_raw_fd(), path.as_ptr(), &how, std::mem::size_of::<libc::open_how>())
+    };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: openat2 returned a new descriptor that nothing else owns.
+    let file = std::fs::File::from(unsafe { OwnedFd::from_raw_fd(fd as i32) });
+    if !file.metadata()?.is_file() {
+        return Err(std::io::Error::other("not a regular file"));
+    }
+    let mut bytes = Vec::new();
+    file.take(limit).read_to_end(&mut bytes)?;
+    Ok(bytes)
+}
+
 /// `fd` moved to a number above the launch helper's fixed ones.
 fn above_helper_fds(fd: OwnedFd) -> Result<OwnedFd> {
     let floor = launch::CONFIG_FD.max(launch::SYNC_FD) + 1;
@@ -561,8 +627,12 @@ fn kill(pid: i32, signal: i32) {
     unsafe { libc::kill(pid, signal) };
 }
 
-fn read_passwd(path: &Path) -> HashMap<u32, String> {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
+/// User names by uid from the container's /etc/passwd, `root` being its
+/// root directory (as /proc/PID/root). The file is the container's: it is
+/// resolved inside that root (a symlink to /dev/zero or to the agent's own
+/// files stays inside it), must be a regular file, and is read up to 1 MiB.
+fn read_passwd(root: &Path) -> HashMap<u32, String> {
+    let text = read_in_root(root, "etc/passwd", 1 << 20).map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default();
     text.lines()
         .filter_map(|l| {
             let mut f = l.split(':');
@@ -609,6 +679,28 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_containers_passwd_is_read_inside_its_root_only() {
+        let root = std::env::temp_dir().join(format!("vessel-passwd-root-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        std::fs::create_dir_all(root.join("etc")).unwrap();
+        std::fs::write(root.join("users"), "app:x:1000:1000::/:/bin/sh\n").unwrap();
+        let passwd = root.join("etc/passwd");
+        // A link climbing out lands on the root's own file.
+        std::os::unix::fs::symlink("../../../../../../users", &passwd).unwrap();
+        assert_eq!(read_passwd(&root).get(&1000).map(String::as_str), Some("app"));
+        // An absolute link resolves inside the root too: there is no
+        // /dev/zero there to read for ever.
+        std::fs::remove_file(&passwd).unwrap();
+        std::os::unix::fs::symlink("/dev/zero", &passwd).unwrap();
+        assert!(read_in_root(&root, "etc/passwd", 1 << 20).is_err());
+        // A directory is not read.
+        std::fs::remove_file(&passwd).unwrap();
+        std::fs::create_dir(&passwd).unwrap();
+        assert!(read_in_root(&root, "etc/passwd", 1 << 20).is_err());
+        std::fs::remove_dir_all(&root).unwrap();
+    }
+
+    #[test]
     fn ids_must_fit_a_path_component() {
         assert!(check_id("container ID", "web-1.a_b").is_ok());
         for bad in ["", "..", ".hidden", "a/b", "a b", &"x".repeat(129)] {
@@ -620,10 +712,10 @@ mod tests {
     #[test]
     fn passwd_names_users() {
         let dir = std::env::temp_dir().join(format!("vessel-passwd-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("passwd");
+        std::fs::create_dir_all(dir.join("etc")).unwrap();
+        let path = dir.join("etc/passwd");
         std::fs::write(&path, "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534::/:/bin/false\nbroken\n").unwrap();
-        let users = read_passwd(&path);
+        let users = read_passwd(&dir);
         assert_eq!(users.get(&0).map(String::as_str), Some("root"));
         assert_eq!(users.get(&65534).map(String::as_str), Some("nobody"));
         assert_eq!(users.len(), 2);
