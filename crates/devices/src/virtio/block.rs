@@ -568,6 +568,8 @@ mod tests {
         put_header(4, VIRTIO_BLK_T_IN, 2);
         put_header(5, VIRTIO_BLK_T_IN, 100);
         mem.write_slice(&[0xcd; 512], GuestAddress(data(1))).unwrap();
+        // Not a status any request can leave: each must be written.
+        mem.write_slice(&[0xff; 6], GuestAddress(status(0))).unwrap();
         let descs = chains(&[
             &[(hdr(0), 16, 0), (data(0), 512, WRITE), (status(0), 1, WRITE)],
             &[(hdr(1), 16, 0), (data(1), 512, 0), (status(1), 1, WRITE)],
@@ -597,6 +599,7 @@ mod tests {
         assert_eq!(split, file_bytes(1024, 512));
         assert_eq!(counters.read_ops.load(Ordering::Relaxed), 3);
         assert_eq!(counters.write_ops.load(Ordering::Relaxed), 1);
+        assert_eq!(counters.flush_ops.load(Ordering::Relaxed), 1);
         assert_eq!(counters.errors.load(Ordering::Relaxed), 1);
         std::fs::remove_file(path).unwrap();
     }
