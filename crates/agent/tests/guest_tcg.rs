@@ -120,10 +120,14 @@ fn with_guest(
     // Whatever happened, the guest must go: DestroySandbox powers it off;
     // if the link never came up, QEMU's timeout ends it.
     let run = qemu.join().map_err(|_| anyhow!("the QEMU thread panicked"))??;
-    for server in servers {
-        let _ = server.join();
-    }
+    let served: Vec<_> = servers.into_iter().map(|s| s.join()).collect();
     let report = outcome.with_context(|| format!("guest console:\n{}", run.console))?;
+    // The scenario ended with DestroySandbox: the guest powered off, the
+    // frontend went away, and each device daemon ended cleanly.
+    ensure!(!run.timed_out, "the guest did not power off after DestroySandbox{}", run.context());
+    for result in served {
+        result.map_err(|_| anyhow!("a vhost-user server panicked"))??;
+    }
     ensure!(run.console.contains("vessel-agent: ready after"), "no readiness in the console{}", run.context());
     Ok(report)
 }
