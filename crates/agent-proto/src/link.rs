@@ -94,13 +94,28 @@ pub fn accept_ready(
     listener: &UnixListener,
     path: &Path,
     timeout: Duration,
-    mut gone: impl FnMut() -> Option<String>,
+    gone: impl FnMut() -> Option<String>,
 ) -> Result<String, LinkError> {
+    let io = |what| move |source| LinkError::Io { what, path: path.into(), source };
+    let mut conn = accept_within(listener, path, timeout, gone)?;
+    conn.set_read_timeout(Some(Duration::from_secs(10))).map_err(io("cannot set a timeout on"))?;
+    read_ready(&mut conn, path)
+}
+
+/// Host side: the first connection to `listener` (bound at `path`), made
+/// blocking; gives up after `timeout`, or as soon as `gone` returns a
+/// reason.
+pub fn accept_within(
+    listener: &UnixListener,
+    path: &Path,
+    timeout: Duration,
+    mut gone: impl FnMut() -> Option<String>,
+) -> Result<UnixStream, LinkError> {
     let io = |what| move |source| LinkError::Io { what, path: path.into(), source };
     let not_ready = |why: String| LinkError::NotReady { path: path.into(), why };
     listener.set_nonblocking(true).map_err(io("cannot make non-blocking"))?;
     let start = Instant::now();
-    let mut conn = loop {
+    let conn = loop {
         match listener.accept() {
             Ok((conn, _)) => break conn,
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
@@ -116,8 +131,7 @@ pub fn accept_ready(
         }
     };
     conn.set_nonblocking(false).map_err(io("cannot make blocking"))?;
-    conn.set_read_timeout(Some(Duration::from_secs(10))).map_err(io("cannot set a timeout on"))?;
-    read_ready(&mut conn, path)
+    Ok(conn)
 }
 
 /// Host side: connects to a guest port through a hybrid vsock socket

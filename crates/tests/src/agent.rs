@@ -58,8 +58,9 @@ impl HostSide {
     pub fn capture(&self) -> anyhow::Result<(u32, JoinHandle<anyhow::Result<Vec<u8>>>)> {
         let port = self.port();
         let listener = self.listen(port)?;
+        let path = link::port_path(&self.prefix, port);
         let handle = std::thread::spawn(move || {
-            let (mut conn, _) = listener.accept().context("accepting a stdio stream")?;
+            let mut conn = link::accept_within(&listener, &path, RPC_TIMEOUT, || None).context("accepting a stdio stream")?;
             conn.set_read_timeout(Some(RPC_TIMEOUT))?;
             let mut out = Vec::new();
             conn.read_to_end(&mut out).context("reading a stdio stream")?;
@@ -73,7 +74,8 @@ impl HostSide {
     pub fn stdin(&self) -> anyhow::Result<(u32, JoinHandle<anyhow::Result<UnixStream>>)> {
         let port = self.port();
         let listener = self.listen(port)?;
-        Ok((port, std::thread::spawn(move || Ok(listener.accept().context("accepting a stdin stream")?.0))))
+        let path = link::port_path(&self.prefix, port);
+        Ok((port, std::thread::spawn(move || link::accept_within(&listener, &path, RPC_TIMEOUT, || None).context("accepting a stdin stream"))))
     }
 
     /// Waits for the agent's readiness line on `listener`, returning its
