@@ -6,7 +6,8 @@ use std::process::{Command, Output};
 
 use anyhow::{ensure, Context};
 use guests::{Format, Program};
-use libtest_mimic::{Arguments, Failed, Trial};
+use libtest_mimic::Arguments;
+use vessel_tests::harness::{e2fsprogs_unavailable, gate, missing_tool, trial};
 use vessel_tests::{kvm_unavailable, TempDir};
 
 type TestResult = anyhow::Result<()>;
@@ -199,8 +200,6 @@ fn newc_entries(mut b: &[u8]) -> anyhow::Result<Vec<(String, Vec<u8>)>> {
     }
 }
 
-/// `vessel image build` writes the kernel and an initramfs whose `/init`
-/// is the agent and whose modules.load names modules it holds.
 /// `vessel image build` for the test kernel: the distribution's is the
 /// default; one from $VESSEL_TEST_KERNEL is passed on.
 fn image_build_args(agent: &Path, out: &Path) -> anyhow::Result<Vec<String>> {
@@ -216,6 +215,8 @@ fn image_build_args(agent: &Path, out: &Path) -> anyhow::Result<Vec<String>> {
     Ok(args)
 }
 
+/// `vessel image build` writes the kernel and an initramfs whose `/init`
+/// is the agent and whose modules.load names modules it holds.
 fn image_build_writes_the_boot_files() -> TestResult {
     let dir = TempDir::new("cli-image-build")?;
     let out_dir = dir.path().join("guest");
@@ -300,51 +301,22 @@ fn image_build_unavailable() -> Option<String> {
     vessel_tests::tier3::test_kernel().err().map(|e| format!("no guest kernel: {e:#}"))
 }
 
-/// Why `vessel image` tests cannot run here.
-fn e2fsprogs_unavailable() -> Option<String> {
-    missing_tool(&["mkfs.ext4", "e2fsck", "debugfs"], "e2fsprogs")
-}
-
-/// The first of `tools` not on PATH, as a skip reason naming `package`.
-fn missing_tool(tools: &[&str], package: &str) -> Option<String> {
-    tools.iter().find_map(|tool| {
-        let found = std::env::var_os("PATH")
-            .is_some_and(|paths| std::env::split_paths(&paths).any(|p| Path::new(&p).join(tool).exists()));
-        (!found).then(|| format!("`{tool}` ({package}) is not installed"))
-    })
-}
-
 /// Why tests that need root, `unshare` and `setpriv` cannot run here.
 fn root_tools_unavailable() -> Option<String> {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
         return Some("needs root (mount namespaces, changing user)".into());
     }
-    if let Some(reason) = missing_tool(&["unshare", "setpriv"], "util-linux") {
-        return Some(reason);
-    }
-    if std::fs::metadata("/dev/kvm").is_ok_and(|m| std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o006 != 0) {
-        return Some("/dev/kvm is open to every user here, so access cannot be denied".into());
-    }
-    None
+    missing_tool(&["unshare", "setpriv"], "util-linux")
 }
 
-fn trial(name: &str, f: fn() -> TestResult) -> Trial {
-    Trial::test(name, move || f().map_err(|e| Failed::from(format!("{e:#}"))))
-}
-
-/// Marks `trials` skipped (with the reason printed) when `reason` is Some.
-fn gate(reason: Option<String>, trials: Vec<Trial>) -> Vec<Trial> {
-    match reason {
-        None => trials,
-        Some(reason) => trials
-            .into_iter()
-            .map(|t| {
-                eprintln!("skipped {}: {reason}", t.name());
-                t.with_ignored_flag(true)
-            })
-            .collect(),
-    }
+/// Why access to /dev/kvm cannot be denied to a user here.
+fn kvm_denial_unavailable() -> Option<String> {
+    root_tools_unavailable().or_else(|| {
+        std::fs::metadata("/dev/kvm")
+            .is_ok_and(|m| std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o006 != 0)
+            .then(|| "/dev/kvm is open to every user here, so access cannot be denied".into())
+    })
 }
 
 /// The agent binary cargo built next to `vessel` (same workspace, same
@@ -358,7 +330,7 @@ fn sandbox_unavailable() -> Option<String> {
     if !built_agent().is_file() {
         return Some(format!("{} is not built (cargo build -p agent)", built_agent().display()));
     }
-    vessel_tests::tier3::qemu_tcg_unavailable()
+    e2fsprogs_unavailable().or_else(vessel_tests::tier3::qemu_tcg_unavailable)
 }
 
 /// The README's container: a command in a sandbox VM, its output on our
@@ -400,8 +372,9 @@ fn main() {
         trial("guests_are_written_out", guests_are_written_out),
         trial("image_build_refuses_a_bad_or_missing_agent", image_build_refuses_a_bad_or_missing_agent),
     ];
+    // Listing the tests must not fetch a kernel.
     trials.extend(gate(
-        image_build_unavailable(),
+        if args.list { None } else { image_build_unavailable() },
         vec![trial("image_build_writes_the_boot_files", image_build_writes_the_boot_files)],
     ));
     trials.extend(gate(
@@ -424,10 +397,11 @@ fn main() {
     ));
     trials.extend(gate(
         root_tools_unavailable(),
-        vec![
-            trial("missing_dev_kvm_is_a_clear_error", missing_dev_kvm_is_a_clear_error),
-            trial("inaccessible_dev_kvm_is_a_clear_error", inaccessible_dev_kvm_is_a_clear_error),
-        ],
+        [trial("missing_dev_kvm_is_a_clear_error", missing_dev_kvm_is_a_clear_error)],
+    ));
+    trials.extend(gate(
+        kvm_denial_unavailable(),
+        [trial("inaccessible_dev_kvm_is_a_clear_error", inaccessible_dev_kvm_is_a_clear_error)],
     ));
     libtest_mimic::run(&args, trials).exit();
 }

@@ -27,7 +27,8 @@ use devices::virtio::block::{Block, BlockConfig};
 use devices::virtio::net::{Net, NetConfig};
 use devices::virtio::vsock::{Vsock, VsockConfig};
 use vessel_tests::netns::NetNs;
-use libtest_mimic::{Arguments, Failed, Trial};
+use libtest_mimic::Arguments;
+use vessel_tests::harness::{e2fsprogs_unavailable, gate, trial};
 use vessel_tests::agent::{collected, container, ctx, output_ports, process_json, rpc_error, spec_json, wait_for, HostSide, SpecOptions};
 use vessel_tests::tier3::{
     boot_linux_tcg, qemu_tcg_unavailable, test_kernel, vhost_user_device_args, LinuxOptions,
@@ -311,25 +312,10 @@ fn main() {
     // One guest at a time: each has 2 vCPUs, and the boot figure printed
     // should not include another guest's share of the machine.
     args.test_threads.get_or_insert(1);
-    let tcg = if args.list { None } else { qemu_tcg_unavailable() };
+    // The root disk is an ext4 image made here.
+    let tcg = if args.list { None } else { e2fsprogs_unavailable().or_else(qemu_tcg_unavailable) };
     let net = tcg.clone().or_else(vessel_tests::netns::unavailable);
-    type Test = fn() -> anyhow::Result<()>;
-    let tests: [(&str, Test, Option<String>); 2] = [
-        ("containers_in_a_guest", containers_in_a_guest, tcg),
-        ("container_network_in_a_guest", container_network_in_a_guest, net),
-    ];
-    let trials = tests
-        .into_iter()
-        .map(|(name, test, skip)| {
-            let trial = Trial::test(name, move || test().map_err(|e| Failed::from(format!("{e:#}"))));
-            match skip {
-                Some(reason) => {
-                    eprintln!("skipped {name}: {reason}");
-                    trial.with_ignored_flag(true)
-                }
-                None => trial,
-            }
-        })
-        .collect();
+    let mut trials = gate(tcg, [trial("containers_in_a_guest", containers_in_a_guest)]);
+    trials.extend(gate(net, [trial("container_network_in_a_guest", container_network_in_a_guest)]));
     libtest_mimic::run(&args, trials).exit();
 }

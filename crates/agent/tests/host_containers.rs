@@ -14,7 +14,8 @@ use agent_proto::agent::{
     UpdateRoutesRequest,
 };
 use anyhow::{bail, ensure, Context};
-use libtest_mimic::{Arguments, Failed, Trial};
+use libtest_mimic::Arguments;
+use vessel_tests::harness::{gate, trial};
 use vessel_tests::netns::NetNs;
 use vessel_tests::agent::{
     collected, container, create_request, ctx, output_ports, process_json, rpc_error, spec_json, start_host_agent,
@@ -33,8 +34,9 @@ fn unavailable() -> Option<String> {
 }
 
 /// One busybox root for every test (containers never write to it).
+static ROOT: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+
 fn rootfs() -> &'static Result<PathBuf, String> {
-    static ROOT: OnceLock<Result<PathBuf, String>> = OnceLock::new();
     ROOT.get_or_init(|| {
         let dir = std::env::temp_dir().join(format!("vessel-agent-rootfs-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
@@ -339,30 +341,23 @@ fn interfaces_and_routes_through_netlink() -> anyhow::Result<()> {
 fn main() {
     let args = Arguments::from_args();
     let skip = unavailable();
-    type Test = fn() -> anyhow::Result<()>;
-    let tests: [(&str, Test); 6] = [
-        ("echo_runs_in_its_own_namespaces", echo_runs_in_its_own_namespaces),
-        ("exit_codes_and_signals", exit_codes_and_signals),
-        ("exec_ps_stdin_and_users", exec_ps_stdin_and_users),
-        ("a_terminal_when_asked", a_terminal_when_asked),
-        ("bad_requests_get_clear_errors_and_the_agent_stays", bad_requests_get_clear_errors_and_the_agent_stays),
-        ("interfaces_and_routes_through_netlink", interfaces_and_routes_through_netlink),
-    ];
-    let trials = tests
-        .into_iter()
-        .map(|(name, test)| {
-            let trial = Trial::test(name, move || test().map_err(|e| Failed::from(format!("{e:#}"))));
-            match &skip {
-                Some(reason) => {
-                    eprintln!("skipped {name}: {reason}");
-                    trial.with_ignored_flag(true)
-                }
-                None => trial,
-            }
-        })
-        .collect();
+    let mut trials = gate(
+        skip.clone(),
+        [
+            trial("echo_runs_in_its_own_namespaces", echo_runs_in_its_own_namespaces),
+            trial("exit_codes_and_signals", exit_codes_and_signals),
+            trial("exec_ps_stdin_and_users", exec_ps_stdin_and_users),
+            trial("a_terminal_when_asked", a_terminal_when_asked),
+            trial("bad_requests_get_clear_errors_and_the_agent_stays", bad_requests_get_clear_errors_and_the_agent_stays),
+        ],
+    );
+    // It makes a veth pair in a network namespace of its own.
+    trials.extend(gate(
+        skip.or_else(vessel_tests::netns::unavailable),
+        [trial("interfaces_and_routes_through_netlink", interfaces_and_routes_through_netlink)],
+    ));
     let conclusion = libtest_mimic::run(&args, trials);
-    if let Ok(dir) = rootfs() {
+    if let Some(Ok(dir)) = ROOT.get() {
         let _ = std::fs::remove_dir_all(dir);
     }
     conclusion.exit();

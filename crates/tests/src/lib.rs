@@ -3,6 +3,7 @@
 //! what the report guest prints.
 
 pub mod agent;
+pub mod harness;
 pub mod netns;
 pub mod pattern;
 pub mod tier3;

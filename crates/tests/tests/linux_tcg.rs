@@ -14,6 +14,7 @@ use devices::virtio::vsock::{Vsock, VsockConfig};
 
 use anyhow::{ensure, Context};
 use libtest_mimic::{Arguments, Failed, Trial};
+use vessel_tests::harness::{e2fsprogs_unavailable, gate, trial};
 use resources::test_image::{test_initramfs, ExtraFile};
 use sha2::{Digest, Sha256};
 use vessel_tests::tier3::{
@@ -299,10 +300,8 @@ echo "VESSEL-TEST-RESULT: ok"
 fn vessel_blk_demo_rootfs_mounts() -> TestResult {
     let kernel = test_kernel()?;
     let dir = TempDir::new("rootfs")?;
-    let tree = dir.path().join("tree");
-    resources::rootfs::busybox_tree(&tree)?;
     let image = dir.path().join("rootfs.ext4");
-    resources::rootfs::build_ext4(&tree, &image, None)?;
+    resources::rootfs::demo_rootfs(&image)?;
     let initrd = test_initramfs(&kernel, &[VIRTIO_MMIO, "virtio_blk", "ext4"], ROOTFS_SCRIPT, &[])?;
     let socket = dir.path().join("blk.sock");
     let config = BlockConfig { path: image, read_only: true, id: Some("rootfs".into()) };
@@ -439,10 +438,6 @@ fn harness_timeout_kills_qemu() -> TestResult {
     Ok(())
 }
 
-fn trial(name: &'static str, f: impl FnOnce() -> TestResult + Send + 'static) -> Trial {
-    Trial::test(name, move || f().map_err(|e| Failed::from(format!("{e:#}"))))
-}
-
 /// Prints the vhost-user libraries' log records (errors and warnings) to
 /// stderr, so a failing device negotiation says why.
 struct StderrLog;
@@ -510,45 +505,34 @@ fn vessel_vhost_user_net_ping() -> TestResult {
 fn main() {
     let _ = log::set_logger(&StderrLog).map(|()| log::set_max_level(log::LevelFilter::Warn));
     let args = Arguments::from_args();
-    let mut trials = vec![
-        trial("qemu_virtio_blk_roundtrip", || qemu_virtio_blk_roundtrip(false)),
-        trial("qemu_virtio_blk_roundtrip_modern_mmio_shared_memory", || qemu_virtio_blk_roundtrip(true)),
-        trial("vessel_vhost_user_blk_roundtrip", || blk_roundtrip(BlkBackend::Vessel)),
-        trial("vessel_vhost_user_vsock", vessel_vhost_user_vsock),
-        trial("vessel_blk_demo_rootfs_mounts", vessel_blk_demo_rootfs_mounts),
-        trial("harness_reports_script_failures", harness_reports_script_failures),
-        trial("harness_kernel_panic_ends_qemu", harness_kernel_panic_ends_qemu),
-        trial("harness_timeout_kills_qemu", harness_timeout_kills_qemu),
-    ];
-    let net = trial("vessel_vhost_user_net_ping", vessel_vhost_user_net_ping);
-    trials.push(match vessel_tests::netns::unavailable() {
-        Some(reason) if !args.list => {
-            eprintln!("skipped {}: {reason}", net.name());
-            net.with_ignored_flag(true)
-        }
-        _ => net,
-    });
     // Listing the tests must not fetch a kernel.
-    if !args.list {
-        if let Some(reason) = qemu_tcg_unavailable() {
-            for t in &trials {
-                eprintln!("skipped {}: {reason}", t.name());
-            }
-            trials = trials.into_iter().map(|t| t.with_ignored_flag(true)).collect();
-        }
-    }
+    let tcg = if args.list { None } else { qemu_tcg_unavailable() };
+    let mut trials = gate(
+        tcg.clone(),
+        [
+            trial("qemu_virtio_blk_roundtrip", || qemu_virtio_blk_roundtrip(false)),
+            trial("qemu_virtio_blk_roundtrip_modern_mmio_shared_memory", || qemu_virtio_blk_roundtrip(true)),
+            trial("vessel_vhost_user_blk_roundtrip", || blk_roundtrip(BlkBackend::Vessel)),
+            trial("vessel_vhost_user_vsock", vessel_vhost_user_vsock),
+            trial("harness_reports_script_failures", harness_reports_script_failures),
+            trial("harness_kernel_panic_ends_qemu", harness_kernel_panic_ends_qemu),
+            trial("harness_timeout_kills_qemu", harness_timeout_kills_qemu),
+        ],
+    );
+    trials.extend(gate(
+        if args.list { None } else { tcg.clone().or_else(e2fsprogs_unavailable) },
+        [trial("vessel_blk_demo_rootfs_mounts", vessel_blk_demo_rootfs_mounts)],
+    ));
+    trials.extend(gate(
+        if args.list { None } else { tcg.clone().or_else(vessel_tests::netns::unavailable) },
+        [trial("vessel_vhost_user_net_ping", vessel_vhost_user_net_ping)],
+    ));
     // Benchmarks: run with `cargo test -p vessel-tests --test linux_tcg -- --bench`.
-    let mut bench = Trial::bench("bench_vhost_user_blk_vessel_vs_qemu_storage_daemon", |_| {
+    let bench = Trial::bench("bench_vhost_user_blk_vessel_vs_qemu_storage_daemon", |_| {
         // The figure the harness records: our backend's whole-disk read.
         let ns = bench_vhost_user_blk().map_err(|e| Failed::from(format!("{e:#}")))?;
         Ok(Some(libtest_mimic::Measurement { avg: ns, variance: 0 }))
     });
-    if !args.list {
-        if let Some(reason) = qemu_tcg_unavailable() {
-            bench = bench.with_ignored_flag(true);
-            eprintln!("skipped {}: {reason}", bench.name());
-        }
-    }
-    trials.push(bench);
+    trials.extend(gate(tcg, [bench]));
     libtest_mimic::run(&args, trials).exit();
 }

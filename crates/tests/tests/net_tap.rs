@@ -9,7 +9,8 @@ use std::time::Duration;
 use anyhow::{ensure, Context};
 use devices::virtio::net::{Net, NetConfig, NET_HDR_LEN};
 use devices::virtio::{VirtioBackend, Wakeup};
-use libtest_mimic::{Arguments, Failed, Trial};
+use libtest_mimic::Arguments;
+use vessel_tests::harness::{gate, trial};
 use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
 use virtio_queue::mock::MockSplitQueue;
 use virtio_queue::Queue;
@@ -101,10 +102,5 @@ fn arp_round_trip() -> anyhow::Result<()> {
 
 fn main() {
     let args = Arguments::from_args();
-    let mut t = Trial::test("tap_arp_round_trip", || arp_round_trip().map_err(|e| Failed::from(format!("{e:#}"))));
-    if let Some(reason) = unavailable() {
-        eprintln!("skipped {}: {reason}", t.name());
-        t = t.with_ignored_flag(true);
-    }
-    libtest_mimic::run(&args, vec![t]).exit();
+    libtest_mimic::run(&args, gate(unavailable(), [trial("tap_arp_round_trip", arp_round_trip)])).exit();
 }

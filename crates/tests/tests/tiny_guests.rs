@@ -8,7 +8,8 @@ use std::time::Duration;
 
 use anyhow::{ensure, Context};
 use guests::{Format, Program};
-use libtest_mimic::{Arguments, Failed, Trial};
+use libtest_mimic::Arguments;
+use vessel_tests::harness::{gate, trial};
 use vessel_tests::{boot_guest, boot_kernel, kvm_unavailable, parse_report, start_guest, wait_until, BootOptions, TempDir};
 use vmm::{ExitReason, VmmAction, VmmActionError, VmmData};
 
@@ -320,9 +321,6 @@ fn seccomp_refuses_forbidden_syscall() -> TestResult {
     Ok(())
 }
 
-fn trial(name: &str, f: fn() -> TestResult) -> Trial {
-    Trial::test(name, move || f().map_err(|e| Failed::from(format!("{e:#}"))))
-}
 
 fn main() {
     let args = Arguments::from_args();
@@ -330,7 +328,7 @@ fn main() {
         libtest_mimic::run(&args, vec![trial(SECCOMP_CHILD, seccomp_child)]).exit();
     }
 
-    let mut kvm_trials = vec![
+    let kvm_trials = vec![
         trial("report_pvh_1_vcpu", || check_report(Format::Pvh, 1)),
         trial("report_linux64_elf_1_vcpu", || check_report(Format::Linux64Elf, 1)),
         trial("report_bzimage_1_vcpu", || check_report(Format::BzImage, 1)),
@@ -351,12 +349,6 @@ fn main() {
         trial("bad_machine_and_boot_source_get_clear_errors", bad_machine_and_boot_source),
     ];
     let mut trials = vec![trial("seccomp_refuses_forbidden_syscall_on_vcpu_thread", seccomp_refuses_forbidden_syscall)];
-    if let Some(reason) = kvm_unavailable() {
-        for t in &mut kvm_trials {
-            eprintln!("skipped {}: {reason}", t.name());
-        }
-        kvm_trials = kvm_trials.into_iter().map(|t| t.with_ignored_flag(true)).collect();
-    }
-    trials.extend(kvm_trials);
+    trials.extend(gate(kvm_unavailable(), kvm_trials));
     libtest_mimic::run(&args, trials).exit();
 }
