@@ -16,6 +16,7 @@
 //! both the same way: listen on `<prefix>_P`, accept.
 
 use std::io::{BufRead, BufReader, Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -132,6 +133,59 @@ pub fn accept_within(
     };
     conn.set_nonblocking(false).map_err(io("cannot make blocking"))?;
     Ok(conn)
+}
+
+/// Guest side: a vsock stream connected to `cid`:`port`.
+pub fn vsock_connect(cid: u32, port: u32) -> std::io::Result<OwnedFd> {
+    let fd = vsock_socket()?;
+    let addr = vsock_addr(cid, port);
+    // SAFETY: addr is a valid sockaddr_vm of the size given.
+    let r = unsafe { libc::connect(fd.as_raw_fd(), (&addr as *const libc::sockaddr_vm).cast(), VSOCK_ADDR_LEN) };
+    if r != 0 {
+        return Err(context(format_args!("connecting to vsock {cid}:{port}")));
+    }
+    Ok(fd)
+}
+
+/// Guest side: a vsock socket listening on `port` for any CID, with room
+/// for `backlog` waiting connections.
+pub fn vsock_listen(port: u32, backlog: i32) -> std::io::Result<OwnedFd> {
+    let fd = vsock_socket()?;
+    let addr = vsock_addr(libc::VMADDR_CID_ANY, port);
+    // SAFETY: addr is a valid sockaddr_vm of the size given.
+    let r = unsafe { libc::bind(fd.as_raw_fd(), (&addr as *const libc::sockaddr_vm).cast(), VSOCK_ADDR_LEN) };
+    // SAFETY: listen on our own socket.
+    if r != 0 || unsafe { libc::listen(fd.as_raw_fd(), backlog) } != 0 {
+        return Err(context(format_args!("listening on vsock port {port}")));
+    }
+    Ok(fd)
+}
+
+const VSOCK_ADDR_LEN: libc::socklen_t = std::mem::size_of::<libc::sockaddr_vm>() as libc::socklen_t;
+
+fn vsock_socket() -> std::io::Result<OwnedFd> {
+    // SAFETY: socket() takes integers and returns a new descriptor or -1.
+    let fd = unsafe { libc::socket(libc::AF_VSOCK, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(context(format_args!("creating a vsock socket")));
+    }
+    // SAFETY: a new descriptor nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+fn vsock_addr(cid: u32, port: u32) -> libc::sockaddr_vm {
+    // SAFETY: sockaddr_vm is plain data; all-zero is a valid value.
+    let mut addr: libc::sockaddr_vm = unsafe { std::mem::zeroed() };
+    addr.svm_family = libc::AF_VSOCK as libc::sa_family_t;
+    addr.svm_cid = cid;
+    addr.svm_port = port;
+    addr
+}
+
+/// The last OS error, with what was being done.
+fn context(what: std::fmt::Arguments) -> std::io::Error {
+    let e = std::io::Error::last_os_error();
+    std::io::Error::new(e.kind(), format!("{what}: {e}"))
 }
 
 /// Host side: connects to a guest port through a hybrid vsock socket

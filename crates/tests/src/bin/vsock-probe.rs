@@ -14,61 +14,18 @@
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 
+use agent_proto::link;
 use vessel_tests::pattern::exchange;
-
-fn vsock_addr(cid: u32, port: u32) -> libc::sockaddr_vm {
-    // SAFETY: sockaddr_vm is plain data; all-zero is a valid value.
-    let mut addr: libc::sockaddr_vm = unsafe { std::mem::zeroed() };
-    addr.svm_family = libc::AF_VSOCK as libc::sa_family_t;
-    addr.svm_cid = cid;
-    addr.svm_port = port;
-    addr
-}
-
-fn socket() -> std::io::Result<OwnedFd> {
-    // SAFETY: socket(2) with constant arguments.
-    let fd = unsafe { libc::socket(libc::AF_VSOCK, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: a fresh descriptor nobody else owns.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
-}
 
 /// A connected vsock stream, used through UnixStream's Read/Write (both
 /// are plain stream sockets to the standard library).
 fn connect(cid: u32, port: u32) -> std::io::Result<UnixStream> {
-    let fd = socket()?;
-    let addr = vsock_addr(cid, port);
-    // SAFETY: `addr` is a valid sockaddr_vm of the size passed.
-    let rc = unsafe {
-        libc::connect(
-            std::os::fd::AsRawFd::as_raw_fd(&fd),
-            (&addr as *const libc::sockaddr_vm).cast(),
-            std::mem::size_of::<libc::sockaddr_vm>() as libc::socklen_t,
-        )
-    };
-    if rc < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(UnixStream::from(fd))
+    link::vsock_connect(cid, port).map(UnixStream::from)
 }
 
 fn listen_accept(port: u32) -> std::io::Result<UnixStream> {
-    let fd = socket()?;
+    let fd = link::vsock_listen(port, 1)?;
     let raw = std::os::fd::AsRawFd::as_raw_fd(&fd);
-    let addr = vsock_addr(libc::VMADDR_CID_ANY, port);
-    // SAFETY: `addr` is a valid sockaddr_vm of the size passed.
-    let rc = unsafe {
-        libc::bind(raw, (&addr as *const libc::sockaddr_vm).cast(), std::mem::size_of::<libc::sockaddr_vm>() as libc::socklen_t)
-    };
-    if rc < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: listen on our own socket.
-    if unsafe { libc::listen(raw, 1) } < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
     println!("VESSEL-VALUE: listening {port}");
     // SAFETY: accept with no peer address wanted.
     let conn = unsafe { libc::accept4(raw, std::ptr::null_mut(), std::ptr::null_mut(), libc::SOCK_CLOEXEC) };
