@@ -41,7 +41,8 @@ pub(crate) struct RunArgs {
     #[arg(long, default_value = "target/guest-image")]
     image: PathBuf,
     /// The container's root filesystem, an ext4 image (`vessel image rootfs`
-    /// or `vessel image demo-rootfs`); the demo busybox root if not given.
+    /// or `vessel image demo-rootfs`), which the container writes to; a copy
+    /// of the demo busybox root if not given.
     #[arg(long)]
     rootfs: Option<PathBuf>,
     /// Guest memory in MiB.
@@ -75,10 +76,7 @@ pub(crate) fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
             bail!("{} is missing: build the guest image with `vessel image build --out {}`", file.display(), args.image.display());
         }
     }
-    if Command::new(QEMU).arg("--version").stdout(Stdio::null()).status().is_err() {
-        bail!("{QEMU} cannot be run: install qemu-system-x86 (the TCG fallback needs it)");
-    }
-    let dir = Scratch(std::env::temp_dir().join(format!("vessel-sandbox-{}", std::process::id())));
+    let dir = Scratch(resources::cache::temp_name(&std::env::temp_dir(), "vessel-sandbox"));
     std::fs::create_dir_all(&dir.0).with_context(|| format!("creating {}", dir.0.display()))?;
     let start = Instant::now();
 
@@ -140,7 +138,7 @@ pub(crate) fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
             .stdout(console.try_clone()?)
             .stderr(console)
             .spawn()
-            .with_context(|| format!("starting {QEMU}"))?,
+            .with_context(|| format!("starting {QEMU} (the TCG fallback needs it: install qemu-system-x86)"))?,
     );
 
     let mut qemu = qemu;
@@ -151,10 +149,13 @@ pub(crate) fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
         let tail: Vec<&str> = log.lines().rev().take(20).collect::<Vec<_>>().into_iter().rev().collect();
         eprintln!("vessel: the guest's console ended with:\n{}", tail.join("\n"));
     }
-    // DestroySandbox powers the guest off; give QEMU a moment to see it.
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while Instant::now() < deadline && matches!(qemu.0.try_wait(), Ok(None)) {
-        std::thread::sleep(Duration::from_millis(20));
+    // DestroySandbox powered the guest off; give QEMU a moment to see it.
+    // After a failure it was never sent: QEMU is killed at once (drop).
+    if outcome.is_ok() {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline && matches!(qemu.0.try_wait(), Ok(None)) {
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
     drop(qemu);
     outcome

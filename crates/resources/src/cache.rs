@@ -37,7 +37,7 @@ pub fn dir_from(vessel: Option<PathBuf>, xdg: Option<PathBuf>, home: Option<Path
 }
 
 /// A name in `dir` that no other writer (thread or process) uses.
-pub(crate) fn temp_name(dir: &Path, tag: &str) -> PathBuf {
+pub fn temp_name(dir: &Path, tag: &str) -> PathBuf {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     let n = COUNTER.fetch_add(1, Ordering::Relaxed);
     let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos());
