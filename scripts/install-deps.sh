@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Installs the system packages vessel's build, tests and benchmark use, on
 # Debian or Ubuntu: an assembler and linker for the test guests (binutils,
-# gcc), QEMU for the benchmark and the tier-3 tests, iproute2 for the
-# network tests.
+# gcc), QEMU for the benchmark, the tier-3 tests and `sandbox run`,
+# iproute2 for the network tests, e2fsprogs for ext4 root filesystems.
 set -euo pipefail
 
 need=()
@@ -12,6 +12,8 @@ command -v qemu-system-x86_64 >/dev/null || need+=(qemu-system-x86)
 command -v unshare >/dev/null || need+=(util-linux)
 # ip (network namespaces, veth) for the TAP and agent network tests.
 command -v ip >/dev/null || need+=(iproute2)
+# mkfs.ext4, e2fsck, debugfs: container root images (`vessel image`, sandbox run).
+command -v mkfs.ext4 >/dev/null && command -v debugfs >/dev/null || need+=(e2fsprogs)
 # A static busybox for the test guests' initramfs (the dynamic one cannot run there).
 dpkg -s busybox-static >/dev/null 2>&1 || need+=(busybox-static)
 

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The main job, from a fresh checkout: install what is needed, build vessel,
-# and boot the bundled test guest on KVM, showing its console output and
-# the boot time measured from inside the guest.
+# The main job, from a fresh checkout: install what is needed, build vessel
+# and its guest agent, write the sandbox guest image, run a command in a
+# container in a sandbox VM, and boot the bundled test guest on KVM,
+# showing its console output and the boot time measured from inside it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
