@@ -5,7 +5,7 @@
 //! the agent keeps the helper's exit (the process's status) and the
 //! process's own PID (for signals and `ps`).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
@@ -197,6 +197,22 @@ pub struct Containers {
     config: Config,
     reaper: Arc<Reaper>,
     containers: Mutex<HashMap<String, Container>>,
+    /// The IDs a create or an exec is making (`id`, or `id/exec_id`), not
+    /// yet in the map: a second call for the same one is refused at once
+    /// instead of racing the first for the name, its cgroup and its mount.
+    pending: Mutex<HashSet<String>>,
+}
+
+/// An ID reserved in [`Containers::pending`] until dropped.
+struct Pending<'a> {
+    pending: &'a Mutex<HashSet<String>>,
+    key: String,
+}
+
+impl Drop for Pending<'_> {
+    fn drop(&mut self) {
+        self.pending.lock().unwrap_or_else(|e| e.into_inner()).remove(&self.key);
+    }
 }
 
 /// An ID the agent accepts for a container or process: what fits in a
@@ -217,7 +233,24 @@ fn check_id(what: &str, id: &str) -> Result<()> {
 impl Containers {
     /// An empty set of containers.
     pub fn new(config: Config, reaper: Arc<Reaper>) -> Self {
-        Containers { config, reaper, containers: Mutex::new(HashMap::new()) }
+        Containers { config, reaper, containers: Mutex::new(HashMap::new()), pending: Mutex::default() }
+    }
+
+    /// Reserves `key` (see [`Containers::pending`]) if `check`, run on the
+    /// containers under the same lock, allows it; returns what `check`
+    /// found and the reservation.
+    fn reserve<T>(
+        &self,
+        key: String,
+        check: impl FnOnce(&mut HashMap<String, Container>) -> Result<T>,
+    ) -> Result<(T, Pending<'_>)> {
+        let mut containers = self.lock();
+        let found = check(&mut containers)?;
+        let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        if !pending.insert(key.clone()) {
+            return Err(Error::Invalid(format!("{key:?} is already being created")));
+        }
+        Ok((found, Pending { pending: &self.pending, key }))
     }
 
     fn lock(&self) -> MutexGuard<'_, HashMap<String, Container>> {
@@ -234,9 +267,10 @@ impl Containers {
     /// just before `exec`.
     pub fn create(&self, id: &str, spec_json: &[u8], rootfs: &Rootfs, stdio: &StdioPorts) -> Result<()> {
         check_id("container ID", id)?;
-        if self.lock().contains_key(id) {
-            return Err(Error::Invalid(format!("a container with ID {id:?} already exists")));
-        }
+        let ((), _pending) = self.reserve(id.to_string(), |containers| match containers.contains_key(id) {
+            true => Err(Error::Invalid(format!("a container with ID {id:?} already exists"))),
+            false => Ok(()),
+        })?;
         let (root, mounted_root) = self.prepare_root(id, rootfs)?;
         let undo_root = |mounted: &Option<PathBuf>| {
             if let Some(dir) = mounted {
@@ -268,14 +302,7 @@ impl Containers {
                 return Err(e);
             }
         };
-        let mut containers = self.lock();
-        if containers.contains_key(id) {
-            // Another create with the same ID won the race.
-            drop(containers);
-            kill(process.pid, libc::SIGKILL);
-            return Err(Error::Invalid(format!("a container with ID {id:?} already exists")));
-        }
-        containers.insert(
+        self.lock().insert(
             id.to_string(),
             Container { state: State::Created, init: process, execs: HashMap::new(), cgroup, mounted_root },
         );
@@ -398,19 +425,27 @@ impl Containers {
     pub fn exec(&self, id: &str, exec_id: &str, process_json: &[u8], stdio: &StdioPorts) -> Result<()> {
         check_id("exec ID", exec_id)?;
         let process = spec::parse_process(process_json).map_err(|e| Error::Invalid(error_chain(&e)))?;
-        let (init_pid, cgroup) = self.with(id, |c| match c.state() {
-            State::Running if c.execs.contains_key(exec_id) => {
-                Err(Error::Invalid(format!("container {id:?} already has a process with exec ID {exec_id:?}")))
+        let ((init_pid, cgroup), _pending) = self.reserve(format!("{id}/{exec_id}"), |containers| {
+            let c = containers.get_mut(id).ok_or_else(|| Error::NotFound(format!("no container with ID {id:?}")))?;
+            match c.state() {
+                State::Running if c.execs.contains_key(exec_id) => {
+                    Err(Error::Invalid(format!("container {id:?} already has a process with exec ID {exec_id:?}")))
+                }
+                State::Running => Ok((c.init.pid, c.cgroup.clone())),
+                other => Err(Error::Invalid(format!("container {id:?} is {other:?}, not Running"))),
             }
-            State::Running => Ok((c.init.pid, c.cgroup.clone())),
-            other => Err(Error::Invalid(format!("container {id:?} is {other:?}, not Running"))),
         })?;
         let launch = Launch { kind: Kind::Exec { init_pid }, process };
         let started = self.launch(&launch, stdio, cgroup.as_deref())?;
         release(&started)?;
+        let pid = started.pid;
         self.with(id, |c| {
             c.execs.insert(exec_id.to_string(), started);
             Ok(())
+        })
+        .inspect_err(|_| {
+            // Removed meanwhile: its process goes with it.
+            kill(pid, libc::SIGKILL);
         })
     }
 
