@@ -216,6 +216,9 @@ pub fn freeze(cgroup: &Path, frozen: bool) -> Result<(), CgroupError> {
             return Ok(());
         }
         if start.elapsed() > FREEZE_TIMEOUT {
+            // Undone, so the cgroup is left as the caller's state says it
+            // is (a pause that failed leaves it running).
+            let _ = write(&cgroup.join("cgroup.freeze"), if frozen { "0" } else { "1" });
             return Err(CgroupError::FreezeTimeout { path: cgroup.into(), want, timeout: FREEZE_TIMEOUT });
         }
         std::thread::sleep(Duration::from_millis(5));
@@ -235,7 +238,10 @@ pub fn remove(cgroup: &Path) -> Result<(), CgroupError> {
         match std::fs::remove_dir(cgroup) {
             Ok(()) => return Ok(()),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-            Err(e) if start.elapsed() > Duration::from_secs(5) => return Err(CgroupError::Remove(cgroup.into(), e)),
+            // EBUSY: processes still leaving; anything else is final.
+            Err(e) if e.raw_os_error() != Some(libc::EBUSY) || start.elapsed() > Duration::from_secs(5) => {
+                return Err(CgroupError::Remove(cgroup.into(), e))
+            }
             Err(_) => std::thread::sleep(Duration::from_millis(10)),
         }
     }

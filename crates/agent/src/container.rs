@@ -594,8 +594,13 @@ fn release(process: &Process) -> Result<()> {
         return Err(Error::Invalid("the process was already started".into()));
     };
     sync.write_all(b"S").map_err(|e| Error::Failed(format!("starting the process: {e}")))?;
+    // End-of-file (the sync socket closes on exec): started. A line: the
+    // exec failed, and says why.
     let mut reply = String::new();
-    let _ = BufReader::new(&mut sync).take(4096).read_line(&mut reply);
+    BufReader::new(&mut sync)
+        .take(4096)
+        .read_line(&mut reply)
+        .map_err(|e| Error::Failed(format!("hearing whether the process started: {e}")))?;
     match reply.strip_prefix("error ") {
         Some(why) => Err(Error::Failed(why.trim_end().to_string())),
         None => Ok(()),
