@@ -1,7 +1,8 @@
 //! An in-process mock agent for host-side unit tests: it keeps containers
 //! and processes as records, in memory, and enforces the same lifecycle
 //! rules and error replies as the real agent (unknown IDs, duplicates,
-//! start before create, remove while running), without running anything.
+//! start before create; like the agent, remove takes a container in any
+//! state), without running anything.
 //! Every started process "exits" at once with [`MockAgent::exit_status`].
 
 use std::collections::HashMap;

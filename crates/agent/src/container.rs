@@ -385,7 +385,7 @@ impl Containers {
         let mut config_write = std::fs::File::from(config_write);
         let written = config_write.write_all(&json);
         drop(config_write);
-        let mut reader = BufReader::new(sync_agent.try_clone().map_err(|e| Error::Failed(format!("dup: {e}")))?);
+        let mut reader = BufReader::new(&sync_agent);
         let failed = |e: Error| {
             kill(helper, libc::SIGKILL);
             e

@@ -198,10 +198,7 @@ pub fn load_modules() -> Result<Vec<String>, GuestError> {
 /// so that early getrandom() callers do not block. Returns the bytes added.
 pub fn seed_entropy() -> Result<usize, GuestError> {
     const BYTES: usize = 64;
-    let mut hwrng = match std::fs::File::open("/dev/hwrng") {
-        Ok(f) => f,
-        Err(e) => return Err(io("open /dev/hwrng")(e)),
-    };
+    let mut hwrng = std::fs::File::open("/dev/hwrng").map_err(io("open /dev/hwrng"))?;
     let mut seed = [0u8; BYTES];
     std::io::Read::read_exact(&mut hwrng, &mut seed).map_err(io("read /dev/hwrng"))?;
     #[repr(C)]

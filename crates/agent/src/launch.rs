@@ -169,8 +169,9 @@ pub struct ProcessConfig {
 
 impl ProcessConfig {
     /// The program path: argv[0] if it has a `/`, else looked up in the
-    /// process's `PATH` (under `root`) the way a shell would.
-    fn program(&self, root: &Path) -> Result<PathBuf, String> {
+    /// process's `PATH` the way a shell would (run inside the container's
+    /// root, after `pivot_root`).
+    fn program(&self) -> Result<PathBuf, String> {
         let name = self.args.first().ok_or("the process has no args")?;
         if name.contains('/') {
             return Ok(PathBuf::from(name));
@@ -179,7 +180,7 @@ impl ProcessConfig {
         path.split(':')
             .filter(|dir| !dir.is_empty())
             .map(|dir| Path::new(dir).join(name))
-            .find(|candidate| is_executable(&join_inside(root, candidate)))
+            .find(|candidate| is_executable(candidate))
             .ok_or_else(|| format!("{name:?} not found in PATH {path:?}"))
     }
 }
@@ -378,7 +379,7 @@ fn run_process(launch: &Launch, sync: &mut UnixStream) -> Result<std::convert::I
         // SAFETY: umask takes an integer.
         unsafe { libc::umask(mask as libc::mode_t) };
     }
-    let program = process.program(Path::new("/"))?;
+    let program = process.program()?;
     let program_c = cstring(&program)?;
     let argv: Vec<CString> = process.args.iter().map(cstring).collect::<Result<_, _>>()?;
     let envp: Vec<CString> = process.env.iter().map(cstring).collect::<Result<_, _>>()?;
