@@ -89,10 +89,18 @@ impl TcgMachine {
     }
 }
 
+/// A QEMU object ID for the device served on `socket`: each socket serves
+/// one device, so two devices of one model get two IDs.
+fn socket_id(socket: &std::path::Path) -> String {
+    let name = socket.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let name: String = name.chars().map(|c| if c.is_ascii_alphanumeric() || "-._".contains(c) { c } else { '_' }).collect();
+    format!("vu-{name}")
+}
+
 /// QEMU arguments attaching the vhost-user device `model`
 /// (`vhost-user-blk`, `vhost-user-vsock-device`) served on `socket`.
 pub fn vhost_user_device_args(socket: &std::path::Path, model: &str) -> Vec<String> {
-    let id = model.replace('-', "");
+    let id = socket_id(socket);
     vec![
         "-chardev".into(),
         format!("socket,id={id},path={}", socket.display()),
@@ -105,13 +113,14 @@ pub fn vhost_user_device_args(socket: &std::path::Path, model: &str) -> Vec<Stri
 /// with `mac` (QEMU's vhost-user-net takes the MAC from its own property,
 /// not from the backend).
 pub fn vhost_user_net_args(socket: &std::path::Path, mac: &str) -> Vec<String> {
+    let id = socket_id(socket);
     vec![
         "-chardev".into(),
-        format!("socket,id=vnet,path={}", socket.display()),
+        format!("socket,id={id},path={}", socket.display()),
         "-netdev".into(),
-        "vhost-user,id=n0,chardev=vnet".into(),
+        format!("vhost-user,id={id}-net,chardev={id}"),
         "-device".into(),
-        format!("virtio-net-device,netdev=n0,mac={mac}"),
+        format!("virtio-net-device,netdev={id}-net,mac={mac}"),
     ]
 }
 
@@ -144,5 +153,16 @@ mod tests {
         assert!(!joined.contains("memfd"), "{joined}");
         let append = plain.iter().position(|a| a == "-append").map(|i| plain[i + 1].as_str());
         assert_eq!(append, Some(BASE_CMDLINE));
+    }
+
+    #[test]
+    fn two_devices_of_one_model_get_two_ids() {
+        let a = vhost_user_device_args(std::path::Path::new("/run/x/disk-a.sock"), "vhost-user-blk");
+        let b = vhost_user_device_args(std::path::Path::new("/run/x/disk b.sock"), "vhost-user-blk");
+        assert_eq!(a[1], "socket,id=vu-disk-a.sock,path=/run/x/disk-a.sock");
+        assert_eq!(a[3], "vhost-user-blk,chardev=vu-disk-a.sock");
+        assert_eq!(b[3], "vhost-user-blk,chardev=vu-disk_b.sock");
+        let net = vhost_user_net_args(std::path::Path::new("/n.sock"), "52:54:00:00:00:01").join(" ");
+        assert!(net.contains("-netdev vhost-user,id=vu-n.sock-net,chardev=vu-n.sock"), "{net}");
     }
 }
