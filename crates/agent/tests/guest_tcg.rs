@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use std::sync::atomic::Ordering;
 
 use agent_proto::agent::{
-    ContainerRequest, Empty, ExecProcessRequest, IPAddress, Interface, OnlineCPUMemRequest, Resources, Rootfs, Route,
+    ContainerRequest, Empty, ExecProcessRequest, IPAddress, Interface, OnlineCPUMemRequest, Resources, Route,
     Routes, SignalProcessRequest, Stdio, UpdateContainerRequest, UpdateInterfaceRequest, UpdateRoutesRequest,
     VirtioSlotRequest,
 };
@@ -42,15 +42,7 @@ const MEMORY_LIMIT: u64 = 64 << 20;
 const PIDS_LIMIT: u64 = 32;
 
 fn request(id: &str, args: &[&str], o: &SpecOptions, stdio: Stdio) -> agent_proto::agent::CreateContainerRequest {
-    let mut root = Rootfs::new();
-    root.set_disk_serial(DISK_SERIAL.into());
-    agent_proto::agent::CreateContainerRequest {
-        container_id: id.into(),
-        oci_spec_json: spec_json(args, o),
-        rootfs: Some(root).into(),
-        stdio: Some(stdio).into(),
-        ..Default::default()
-    }
+    vessel_tests::agent::create_request_on_disk(id, spec_json(args, o), DISK_SERIAL, stdio)
 }
 
 fn cpu_usage(client: &AgentClient, id: &str) -> anyhow::Result<u64> {

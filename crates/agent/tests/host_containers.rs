@@ -169,9 +169,10 @@ fn exec_ps_stdin_and_users() -> anyhow::Result<()> {
     let ps = a.client.list_processes(ctx(), &container("svc")).map_err(rpc_error)?.processes;
     let init = ps.iter().find(|p| p.ns_pid == 1).context("no PID 1 in ps")?;
     ensure!(init.command == "sleep 1000" && init.user == "root", "PID 1 is {init:?}");
-    // The exec'd shell replaces itself with sleep; give it the moment.
+    // The exec'd shell replaces itself with sleep; give it the moment (ten
+    // seconds at most: other tests run alongside).
     let mut found = None;
-    for _ in 0..200 {
+    for _ in 0..1000 {
         let ps = a.client.list_processes(ctx(), &container("svc")).map_err(rpc_error)?.processes;
         found = ps.into_iter().find(|p| p.command == "sleep 600");
         if found.is_some() {

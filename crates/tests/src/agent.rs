@@ -85,24 +85,14 @@ impl HostSide {
     }
 }
 
-/// The agent as a host process with its client.
+/// The agent as a host process with its client; the process is killed,
+/// and its directory removed, when dropped.
 pub struct HostAgent {
-    /// The agent process.
-    pub child: Child,
     /// The client.
     pub client: AgentClient,
     /// The host's sockets.
     pub host: HostSide,
-    /// A directory of the test's own, removed on drop.
-    pub dir: PathBuf,
-}
-
-impl Drop for HostAgent {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
+    _process: ChildGuard,
 }
 
 /// Starts `vessel-agent --listen` in a fresh directory and connects.
@@ -137,26 +127,22 @@ pub fn start_host_agent_in(agent: &Path, tag: &str, netns: Option<&str>) -> anyh
         .stdin(Stdio::null())
         .spawn()
         .with_context(|| format!("starting {}", agent.display()))?;
-    // Killed (and its directory removed) if it never gets ready.
-    let mut child = ChildGuard(Some(child), dir.clone());
+    // Killed (and its directory removed) on any way out.
+    let process = ChildGuard(child, dir);
     host.wait_ready(&ready, Duration::from_secs(10))?;
     let client = ttrpc::Client::connect(&format!("unix://{}", socket.display()))
         .map_err(|e| anyhow!("connecting to the agent at {}: {e}", socket.display()))?;
-    let child = child.0.take().context("the agent process")?;
-    Ok(HostAgent { child, client: AgentClient::new(client), host, dir })
+    Ok(HostAgent { client: AgentClient::new(client), host, _process: process })
 }
 
-/// An agent process that is not handed over yet: killed, and its
-/// directory removed, when dropped.
-struct ChildGuard(Option<Child>, PathBuf);
+/// An agent process and its directory: killed and removed when dropped.
+struct ChildGuard(Child, PathBuf);
 
 impl Drop for ChildGuard {
     fn drop(&mut self) {
-        if let Some(mut child) = self.0.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-            let _ = std::fs::remove_dir_all(&self.1);
-        }
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+        let _ = std::fs::remove_dir_all(&self.1);
     }
 }
 
@@ -166,6 +152,18 @@ pub use agent_proto::spec::{process_json, spec_json, SpecOptions};
 pub fn create_request(id: &str, spec: Vec<u8>, rootfs: &Path, stdio: StdioPorts) -> CreateContainerRequest {
     let mut root = Rootfs::new();
     root.set_path(rootfs.display().to_string());
+    create_request_on(id, spec, root, stdio)
+}
+
+/// A CreateContainer request for a root the agent finds as a disk with
+/// virtio serial `serial`.
+pub fn create_request_on_disk(id: &str, spec: Vec<u8>, serial: &str, stdio: StdioPorts) -> CreateContainerRequest {
+    let mut root = Rootfs::new();
+    root.set_disk_serial(serial.into());
+    create_request_on(id, spec, root, stdio)
+}
+
+fn create_request_on(id: &str, spec: Vec<u8>, root: Rootfs, stdio: StdioPorts) -> CreateContainerRequest {
     CreateContainerRequest {
         container_id: id.into(),
         oci_spec_json: spec,
