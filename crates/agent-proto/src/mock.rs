@@ -95,6 +95,17 @@ impl MockAgent {
         let c = containers.get_mut(id).ok_or_else(|| not_found("container", id))?;
         f(c)
     }
+
+    /// Moves container `id` from state `from` to `to`, or says why not.
+    fn transition(&self, id: &str, from: State, to: State) -> ttrpc::Result<Empty> {
+        self.with(id, |c| {
+            if c.state != from {
+                return Err(invalid(format!("container {id:?} is {:?}, not {from:?}", c.state)));
+            }
+            c.state = to;
+            Ok(Empty::new())
+        })
+    }
 }
 
 impl Agent for MockAgent {
@@ -116,13 +127,7 @@ impl Agent for MockAgent {
 
     fn start_container(&self, _: &TtrpcContext, req: ContainerRequest) -> ttrpc::Result<Empty> {
         self.record("StartContainer");
-        self.with(&req.container_id, |c| match c.state {
-            State::Created => {
-                c.state = State::Running;
-                Ok(Empty::new())
-            }
-            other => Err(invalid(format!("container {:?} is {other:?}, not Created", req.container_id))),
-        })
+        self.transition(&req.container_id, State::Created, State::Running)
     }
 
     fn exec_process(&self, _: &TtrpcContext, req: ExecProcessRequest) -> ttrpc::Result<Empty> {
@@ -179,24 +184,12 @@ impl Agent for MockAgent {
 
     fn pause_container(&self, _: &TtrpcContext, req: ContainerRequest) -> ttrpc::Result<Empty> {
         self.record("PauseContainer");
-        self.with(&req.container_id, |c| match c.state {
-            State::Running => {
-                c.state = State::Paused;
-                Ok(Empty::new())
-            }
-            other => Err(invalid(format!("container {:?} is {other:?}, not Running", req.container_id))),
-        })
+        self.transition(&req.container_id, State::Running, State::Paused)
     }
 
     fn resume_container(&self, _: &TtrpcContext, req: ContainerRequest) -> ttrpc::Result<Empty> {
         self.record("ResumeContainer");
-        self.with(&req.container_id, |c| match c.state {
-            State::Paused => {
-                c.state = State::Running;
-                Ok(Empty::new())
-            }
-            other => Err(invalid(format!("container {:?} is {other:?}, not Paused", req.container_id))),
-        })
+        self.transition(&req.container_id, State::Paused, State::Running)
     }
 
     fn remove_container(&self, _: &TtrpcContext, req: ContainerRequest) -> ttrpc::Result<Empty> {
