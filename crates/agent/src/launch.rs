@@ -191,10 +191,82 @@ fn is_executable(path: &Path) -> bool {
     unsafe { libc::access(c.as_ptr(), libc::X_OK) == 0 }
 }
 
-/// `root` joined with an absolute path inside it.
-pub fn join_inside(root: &Path, inside: &Path) -> PathBuf {
-    let relative: PathBuf = inside.components().filter(|c| matches!(c, Component::Normal(_))).collect();
-    root.join(relative)
+/// What a mount target is, when it has to be made.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Made {
+    Dir,
+    File,
+}
+
+/// Opens (O_PATH) `inside`, an absolute path in the container's root
+/// `root`, resolved as if `root` were `/`: a symlink in the image, absolute
+/// or climbing with `..`, stays inside it (openat2 RESOLVE_IN_ROOT). What
+/// is missing is made, as directories and a last component of kind `made`.
+/// The container's image decides every component here, so nothing may be
+/// created or mounted on outside its root.
+fn open_in_root(root: &OwnedFd, inside: &Path, made: Made) -> Result<OwnedFd, String> {
+    let parts: Vec<&OsStr> =
+        inside.components().filter_map(|c| if let Component::Normal(p) = c { Some(p) } else { None }).collect();
+    let mut at = resolve_in_root(root, Path::new("."))?.ok_or("the container's root is gone")?;
+    for (i, part) in parts.iter().enumerate() {
+        let path: PathBuf = parts[..=i].iter().collect();
+        if let Some(fd) = resolve_in_root(root, &path)? {
+            at = fd;
+            continue;
+        }
+        let name = CString::new(part.as_bytes()).map_err(|_| format!("{} has a NUL byte", inside.display()))?;
+        let last = i + 1 == parts.len();
+        let r = if last && made == Made::File {
+            // SAFETY: a valid directory fd and NUL-terminated name; O_EXCL
+            // with O_NOFOLLOW creates a new file there and follows nothing.
+            let fd = unsafe {
+                libc::openat(at.as_raw_fd(), name.as_ptr(), libc::O_CREAT | libc::O_EXCL | libc::O_NOFOLLOW | libc::O_WRONLY | libc::O_CLOEXEC, 0o644)
+            };
+            if fd >= 0 {
+                // SAFETY: a descriptor openat just returned.
+                drop(unsafe { OwnedFd::from_raw_fd(fd) });
+            }
+            fd.min(0)
+        } else {
+            // SAFETY: a valid directory fd and NUL-terminated name.
+            unsafe { libc::mkdirat(at.as_raw_fd(), name.as_ptr(), 0o755) }
+        };
+        if r != 0 && std::io::Error::last_os_error().raw_os_error() != Some(libc::EEXIST) {
+            return Err(errno(format_args!("creating {} in the container's root", path.display())));
+        }
+        // Still missing after EEXIST: a symlink to nothing in the root.
+        at = resolve_in_root(root, &path)?.ok_or_else(|| {
+            format!("{} is a symlink to nothing inside the container's root", Path::new("/").join(&path).display())
+        })?;
+    }
+    Ok(at)
+}
+
+/// `path` under `root`, resolved inside it (O_PATH); None if it is not there.
+fn resolve_in_root(root: &OwnedFd, path: &Path) -> Result<Option<OwnedFd>, String> {
+    let path_c = cstring(path)?;
+    // SAFETY: open_how is plain data; all-zero is a valid value.
+    let mut how: libc::open_how = unsafe { std::mem::zeroed() };
+    how.flags = (libc::O_PATH | libc::O_CLOEXEC) as u64;
+    how.resolve = libc::RESOLVE_IN_ROOT | libc::RESOLVE_NO_MAGICLINKS;
+    // SAFETY: a valid directory fd, NUL-terminated path and open_how of the
+    // size given.
+    let fd = unsafe {
+        libc::syscall(libc::SYS_openat2, root.as_raw_fd(), path_c.as_ptr(), &how, std::mem::size_of::<libc::open_how>())
+    };
+    if fd < 0 {
+        return match std::io::Error::last_os_error().raw_os_error() {
+            Some(libc::ENOENT) => Ok(None),
+            _ => Err(errno(format_args!("resolving {} in the container's root", path.display()))),
+        };
+    }
+    // SAFETY: openat2 returned a new descriptor that nothing else owns.
+    Ok(Some(unsafe { OwnedFd::from_raw_fd(fd as i32) }))
+}
+
+/// The path through which a mount reaches what `fd` was opened on.
+fn fd_path(fd: &OwnedFd) -> PathBuf {
+    PathBuf::from(format!("/proc/self/fd/{}", fd.as_raw_fd()))
 }
 
 /// Whether a path is absolute and has no `..` (so joining it to a root
@@ -507,41 +579,37 @@ fn set_up_root(init: &InitConfig) -> Result<(), String> {
     mount(None, Path::new("/"), None, REC | libc::MS_PRIVATE, "")?;
     // pivot_root needs the new root to be a mount point.
     mount(Some(root), root, None, BIND | REC, "")?;
+    let root_fd = std::fs::File::open(root).map(OwnedFd::from).map_err(|e| format!("opening {}: {e}", root.display()))?;
     for m in &init.mounts {
-        let target = join_inside(root, &m.destination);
         let is_bind = m.flags & BIND != 0;
-        if is_bind && m.source.is_file() {
-            if let Some(parent) = target.parent() {
-                std::fs::create_dir_all(parent).map_err(|e| format!("creating {}: {e}", parent.display()))?;
-            }
-            if !target.exists() {
-                std::fs::File::create(&target).map_err(|e| format!("creating {}: {e}", target.display()))?;
-            }
-        } else {
-            std::fs::create_dir_all(&target).map_err(|e| format!("creating {}: {e}", target.display()))?;
-        }
+        let made = if is_bind && m.source.is_file() { Made::File } else { Made::Dir };
+        let target = open_in_root(&root_fd, &m.destination, made)?;
+        let target_path = fd_path(&target);
         if is_bind {
-            mount(Some(&m.source), &target, None, m.flags & (BIND | REC), "")?;
-            let rest = m.flags & !(BIND | REC | PROPAGATION);
-            if rest != 0 {
-                mount(None, &target, None, BIND | REMOUNT | rest, "")?;
-            }
+            mount(Some(&m.source), &target_path, None, m.flags & (BIND | REC), "")?;
         } else {
             let fstype = if m.fstype == "cgroup" { "cgroup2" } else { m.fstype.as_str() };
-            mount(Some(&m.source), &target, Some(fstype), m.flags & !PROPAGATION, &m.data)?;
+            mount(Some(&m.source), &target_path, Some(fstype), m.flags & !PROPAGATION, &m.data)?;
         }
-        if m.flags & PROPAGATION != 0 {
-            mount(None, &target, None, m.flags & (PROPAGATION | REC), "")?;
+        // What follows changes the new mount, which the target's path now
+        // leads to (the descriptor above still holds what was under it).
+        let rest = m.flags & !(BIND | REC | PROPAGATION);
+        if (is_bind && rest != 0) || m.flags & PROPAGATION != 0 {
+            let mounted = open_in_root(&root_fd, &m.destination, made)?;
+            if is_bind && rest != 0 {
+                mount(None, &fd_path(&mounted), None, BIND | REMOUNT | rest, "")?;
+            }
+            if m.flags & PROPAGATION != 0 {
+                mount(None, &fd_path(&mounted), None, m.flags & (PROPAGATION | REC), "")?;
+            }
         }
     }
     if init.default_devices {
         for dev in ["null", "zero", "full", "random", "urandom", "tty"] {
-            let target = root.join("dev").join(dev);
-            if !target.exists() {
-                std::fs::File::create(&target).map_err(|e| format!("creating {}: {e}", target.display()))?;
-            }
-            mount(Some(&Path::new("/dev").join(dev)), &target, None, BIND, "")?;
+            let target = open_in_root(&root_fd, &Path::new("/dev").join(dev), Made::File)?;
+            mount(Some(&Path::new("/dev").join(dev)), &fd_path(&target), None, BIND, "")?;
         }
+        let dev = open_in_root(&root_fd, Path::new("/dev"), Made::Dir)?;
         for (link, to) in [
             ("fd", "/proc/self/fd"),
             ("stdin", "/proc/self/fd/0"),
@@ -549,9 +617,13 @@ fn set_up_root(init: &InitConfig) -> Result<(), String> {
             ("stderr", "/proc/self/fd/2"),
             ("ptmx", "pts/ptmx"),
         ] {
-            let path = root.join("dev").join(link);
-            if std::fs::symlink_metadata(&path).is_err() {
-                std::os::unix::fs::symlink(to, &path).map_err(|e| format!("linking {}: {e}", path.display()))?;
+            let (link_c, to_c) = (cstring(link)?, cstring(to)?);
+            // SAFETY: a valid directory fd and NUL-terminated strings;
+            // symlinkat makes the link in that directory, follows nothing.
+            if unsafe { libc::symlinkat(to_c.as_ptr(), dev.as_raw_fd(), link_c.as_ptr()) } != 0
+                && std::io::Error::last_os_error().raw_os_error() != Some(libc::EEXIST)
+            {
+                return Err(errno(format_args!("linking /dev/{link} in the container's root")));
             }
         }
     }

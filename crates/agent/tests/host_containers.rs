@@ -55,8 +55,13 @@ fn agent(tag: &str) -> anyhow::Result<HostAgent> {
 
 /// Creates, starts and waits for a container, returning (status, stdout).
 fn run(a: &HostAgent, id: &str, args: &[&str], o: &SpecOptions) -> anyhow::Result<(i32, String)> {
+    run_on(a, id, args, o, root())
+}
+
+/// [`run`] on the root `root`.
+fn run_on(a: &HostAgent, id: &str, args: &[&str], o: &SpecOptions, root: &Path) -> anyhow::Result<(i32, String)> {
     let (out, handle) = a.host.capture()?;
-    let create = create_request(id, spec_json(args, o), root(), output_ports(out, out));
+    let create = create_request(id, spec_json(args, o), root, output_ports(out, out));
     a.client.create_container(ctx(), &create).map_err(rpc_error)?;
     a.client.start_container(ctx(), &container(id)).map_err(rpc_error)?;
     let status = a.client.wait_process(ctx(), &wait_for(id, "")).map_err(rpc_error)?.status;
@@ -87,6 +92,36 @@ fn echo_runs_in_its_own_namespaces() -> anyhow::Result<()> {
     ensure!(lines[6] == "sysrq-ro", "/proc/sysrq-trigger is writable: {out:?}");
     // The agent's own hostname is untouched.
     ensure!(std::fs::read_to_string("/proc/sys/kernel/hostname")?.trim() != "box1");
+    Ok(())
+}
+
+/// An image whose /dev is an absolute symlink: it is followed inside the
+/// container's root, so the mounts and device nodes the agent makes land
+/// there, never at the same path outside; a link to nothing in the root is
+/// refused by name.
+fn image_symlinks_stay_inside_the_root() -> anyhow::Result<()> {
+    let a = agent("links")?;
+    let base = std::env::temp_dir().join(format!("vessel-agent-links-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&base);
+    let (root, outside) = (base.join("root"), base.join("outside"));
+    std::fs::create_dir_all(&outside)?;
+    resources::rootfs::busybox_tree(&root)?;
+    std::fs::remove_dir_all(root.join("dev"))?;
+    std::os::unix::fs::symlink(&outside, root.join("dev"))?;
+    let script = &["sh", "-c", "echo x > /dev/null && echo ok"];
+    // Dangling inside the root.
+    let dangling = run_on(&a, "dangling", script, &SpecOptions::default(), &root);
+    // The same path made inside the root.
+    let inside = root.join(outside.strip_prefix("/")?);
+    std::fs::create_dir_all(&inside)?;
+    let followed = run_on(&a, "followed", script, &SpecOptions::default(), &root);
+    let leaked: Vec<_> = std::fs::read_dir(&outside)?.flatten().map(|e| e.file_name()).collect();
+    let _ = std::fs::remove_dir_all(&base);
+    ensure!(leaked.is_empty(), "the agent made {leaked:?} outside the container's root");
+    let err = format!("{:#}", dangling.err().context("a dangling /dev was accepted")?);
+    ensure!(err.contains("symlink to nothing inside the container's root"), "{err}");
+    let (status, out) = followed?;
+    ensure!(status == 0 && out == "ok\n", "exit {status}, output {out:?}");
     Ok(())
 }
 
@@ -347,6 +382,7 @@ fn main() {
         [
             trial("echo_runs_in_its_own_namespaces", echo_runs_in_its_own_namespaces),
             trial("exit_codes_and_signals", exit_codes_and_signals),
+            trial("image_symlinks_stay_inside_the_root", image_symlinks_stay_inside_the_root),
             trial("exec_ps_stdin_and_users", exec_ps_stdin_and_users),
             trial("a_terminal_when_asked", a_terminal_when_asked),
             trial("bad_requests_get_clear_errors_and_the_agent_stays", bad_requests_get_clear_errors_and_the_agent_stays),
