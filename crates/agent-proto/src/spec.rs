@@ -56,9 +56,9 @@ pub fn process_json(args: &[&str], o: &SpecOptions) -> String {
     )
 }
 
-/// A runtime spec in the shape containerd's defaults have: new PID, UTS,
-/// IPC and mount namespaces, proc/dev/devpts/shm/sysfs mounts, masked and
-/// read-only paths.
+/// A runtime spec in the shape containerd's defaults have on cgroup v2:
+/// new PID, UTS, IPC, mount and cgroup namespaces, proc/dev/devpts/shm/
+/// sysfs/cgroup mounts, masked and read-only paths.
 pub fn spec_json(args: &[&str], o: &SpecOptions) -> Vec<u8> {
     let hostname = json_string(o.hostname.as_deref().unwrap_or("vessel"));
     let resources = o.resources.as_ref().map(|r| format!(r#","resources":{r}"#)).unwrap_or_default();
@@ -69,9 +69,10 @@ pub fn spec_json(args: &[&str], o: &SpecOptions) -> Vec<u8> {
           {{"destination":"/dev","type":"tmpfs","source":"tmpfs","options":["nosuid","strictatime","mode=755","size=65536k"]}},
           {{"destination":"/dev/pts","type":"devpts","source":"devpts","options":["nosuid","noexec","newinstance","ptmxmode=0666","mode=0620"]}},
           {{"destination":"/dev/shm","type":"tmpfs","source":"shm","options":["nosuid","noexec","nodev","mode=1777","size=65536k"]}},
-          {{"destination":"/sys","type":"sysfs","source":"sysfs","options":["nosuid","noexec","nodev","ro"]}}
+          {{"destination":"/sys","type":"sysfs","source":"sysfs","options":["nosuid","noexec","nodev","ro"]}},
+          {{"destination":"/sys/fs/cgroup","type":"cgroup","source":"cgroup","options":["nosuid","noexec","nodev","relatime","ro"]}}
         ],
-        "linux":{{"namespaces":[{{"type":"pid"}},{{"type":"ipc"}},{{"type":"uts"}},{{"type":"mount"}}],
+        "linux":{{"namespaces":[{{"type":"pid"}},{{"type":"ipc"}},{{"type":"uts"}},{{"type":"mount"}},{{"type":"cgroup"}}],
           "maskedPaths":["/proc/kcore","/proc/keys","/sys/firmware"],
           "readonlyPaths":["/proc/sys","/proc/sysrq-trigger"]{resources}}}}}"#,
         process_json(args, o)

@@ -16,6 +16,8 @@ const FREEZE_TIMEOUT: Duration = Duration::from_secs(5);
 #[derive(Clone, Debug)]
 pub struct CgroupRoot {
     dir: PathBuf,
+    /// The agent's own cgroup, where the processes it spawns start.
+    home: PathBuf,
 }
 
 /// Statistics read from a container's cgroup.
@@ -125,7 +127,13 @@ impl CgroupRoot {
         write(&parent.join("cgroup.subtree_control"), enable.trim_end())?;
         std::fs::create_dir_all(dir).map_err(|e| CgroupError::Create(dir.into(), e))?;
         write(&dir.join("cgroup.subtree_control"), enable.trim_end())?;
-        Ok(CgroupRoot { dir: dir.to_path_buf() })
+        Ok(CgroupRoot { dir: dir.to_path_buf(), home: own_cgroup()? })
+    }
+
+    /// The agent's own cgroup: where a launch helper goes back to once it
+    /// has forked the container's process inside the container's cgroup.
+    pub fn home(&self) -> &Path {
+        &self.home
     }
 
     /// Creates a container's cgroup with its limits.
@@ -138,6 +146,23 @@ impl CgroupRoot {
         }
         Ok(path)
     }
+}
+
+/// The directory of this process's cgroup: the cgroup2 mount point (from
+/// /proc/self/mountinfo) joined with its path in /proc/self/cgroup.
+fn own_cgroup() -> Result<PathBuf, CgroupError> {
+    let mountinfo = read(Path::new("/proc/self/mountinfo"))?;
+    // "... <mount point> <options> - cgroup2 <source> <super options>"
+    let mount = mountinfo
+        .lines()
+        .find_map(|l| {
+            let (left, right) = l.split_once(" - ")?;
+            right.starts_with("cgroup2 ").then(|| left.split(' ').nth(4).map(PathBuf::from))?
+        })
+        .ok_or_else(|| CgroupError::NotCgroup2("/proc/self/mountinfo".into(), std::io::ErrorKind::NotFound.into()))?;
+    let own = read(Path::new("/proc/self/cgroup"))?;
+    let path = own.lines().find_map(|l| l.strip_prefix("0::")).unwrap_or("/");
+    Ok(mount.join(path.trim_start_matches('/')))
 }
 
 /// Writes the limits that are set.

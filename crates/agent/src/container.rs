@@ -382,14 +382,21 @@ impl Containers {
         };
         drop(command);
         drop((config_read, sync_helper));
-        let mut config_write = std::fs::File::from(config_write);
-        let written = config_write.write_all(&json);
-        drop(config_write);
-        let mut reader = BufReader::new(&sync_agent);
         let failed = |e: Error| {
             kill(helper, libc::SIGKILL);
             e
         };
+        // The helper waits for its config: it joins the container's cgroup
+        // first, so that the cgroup namespace it makes is rooted there and
+        // the process it forks is born inside, with nothing to move after.
+        let home = self.config.cgroups.as_ref().map(|r| r.home().to_path_buf());
+        if let Some(cg) = cgroup {
+            cgroup::add(cg, helper).map_err(|e| failed(Error::failed(e)))?;
+        }
+        let mut config_write = std::fs::File::from(config_write);
+        let written = config_write.write_all(&json);
+        drop(config_write);
+        let mut reader = BufReader::new(&sync_agent);
         if let Err(e) = written {
             return Err(failed(Error::Failed(format!("sending the launch config: {e}"))));
         }
@@ -397,8 +404,9 @@ impl Containers {
             Some(Ok(pid)) if pid > 0 => pid,
             _ => return Err(failed(Error::Failed("the launch helper sent no pid".into()))),
         };
-        if let Some(cg) = cgroup {
-            cgroup::add(cg, pid).map_err(|e| failed(Error::failed(e)))?;
+        // The helper itself is not the container's: back to the agent's.
+        if let (Some(_), Some(home)) = (cgroup, &home) {
+            cgroup::add(home, helper).map_err(|e| failed(Error::failed(e)))?;
         }
         match read_line(&mut reader).map_err(failed)?.as_str() {
             "ready" => {}

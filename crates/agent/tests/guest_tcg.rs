@@ -241,6 +241,16 @@ fn drive(g: &Guest) -> anyhow::Result<String> {
     let o = SpecOptions { hostname: Some("guestbox".into()), resources: Some(resources), ..Default::default() };
     // The beat file is replaced by a rename, so a reader never sees it empty.
     let looping = "while :; do echo x > /tmp/beat.new && mv /tmp/beat.new /tmp/beat; sleep 0.05; done";
+    // Its cgroup namespace is rooted at its own cgroup: it sees itself at
+    // "/", with its own limits there.
+    let (out, handle) = host.capture()?;
+    let look = "cat /proc/self/cgroup; cat /sys/fs/cgroup/pids.max";
+    client.create_container(ctx(), &request("cgns", &["sh", "-c", look], &o, output_ports(out, out))).map_err(rpc_error)?;
+    client.start_container(ctx(), &container("cgns")).map_err(rpc_error)?;
+    let seen = collected(handle)?;
+    client.wait_process(ctx(), &wait_for("cgns", "")).map_err(rpc_error)?;
+    client.remove_container(ctx(), &container("cgns")).map_err(rpc_error)?;
+    ensure!(seen == format!("0::/\n{PIDS_LIMIT}\n"), "the container's cgroup view: {seen:?}");
     client.create_container(ctx(), &request("svc", &["sh", "-c", looping], &o, Stdio::new())).map_err(rpc_error).context("create_container")?;
     client.start_container(ctx(), &container("svc")).map_err(rpc_error).context("start_container")?;
 
