@@ -7,6 +7,10 @@ cd "$(dirname "$0")/.."
 ./scripts/install-deps.sh
 cargo clippy --workspace --all-targets --quiet -- -D warnings
 
+# The CLI tests (tests/tests/cli.rs) run the binaries as a user does:
+# build them, in the test profile, next to the test executables.
+cargo build --workspace --bins --quiet
+
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 status=0

@@ -1,5 +1,5 @@
 //! Tier 2 (DESIGN.md, Testing): the VMM's own paths on real KVM, exercised
-//! by tiny guests built from source in `crates/guests`. Where /dev/kvm
+//! by tiny guests built from source in `guests`. Where /dev/kvm
 //! cannot be opened, every test here is reported as skipped, with the
 //! reason; none passes without running.
 

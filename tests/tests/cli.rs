@@ -7,13 +7,18 @@ use std::process::{Command, Output};
 use anyhow::{ensure, Context};
 use guests::{Format, Program};
 use libtest_mimic::Arguments;
-use vessel_tests::harness::{e2fsprogs_unavailable, gate, missing_tool, trial};
+use vessel_tests::harness::{e2fsprogs_unavailable, gate, missing_tool, trial, workspace_binary};
 use vessel_tests::{kvm_unavailable, TempDir};
 
 type TestResult = anyhow::Result<()>;
 
+/// The `vessel` binary under test.
+fn vessel_bin() -> std::path::PathBuf {
+    workspace_binary("vessel")
+}
+
 fn vessel(args: &[&str]) -> anyhow::Result<Output> {
-    Ok(Command::new(env!("CARGO_BIN_EXE_vessel")).args(args).output()?)
+    Ok(Command::new(vessel_bin()).args(args).output()?)
 }
 
 fn text(bytes: &[u8]) -> String {
@@ -101,7 +106,8 @@ fn missing_dev_kvm_is_a_clear_error() -> TestResult {
     let kernel = write_guest(&dir, Program::Hello, Format::Pvh)?;
     let out = Command::new("unshare")
         .args(["--mount", "--propagation", "private", "sh", "-c", "mount -t tmpfs none /dev && exec \"$0\" \"$@\""])
-        .args([env!("CARGO_BIN_EXE_vessel"), "vm", "boot", "--kernel", &kernel])
+        .arg(vessel_bin())
+        .args(["vm", "boot", "--kernel", &kernel])
         .output()?;
     let stderr = text(&out.stderr);
     ensure!(out.status.code() == Some(1), "exit {:?}: {stderr}", out.status);
@@ -115,7 +121,8 @@ fn inaccessible_dev_kvm_is_a_clear_error() -> TestResult {
     let kernel = write_guest(&dir, Program::Hello, Format::Pvh)?;
     std::fs::set_permissions(dir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
     let out = Command::new("setpriv")
-        .args(["--reuid=65534", "--regid=65534", "--clear-groups", env!("CARGO_BIN_EXE_vessel")])
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(vessel_bin())
         .args(["vm", "boot", "--kernel", &kernel])
         .output()?;
     let stderr = text(&out.stderr);
@@ -280,8 +287,8 @@ fn image_build_refuses_a_bad_or_missing_agent() -> TestResult {
 
     // A vessel binary with no vessel-agent next to it.
     let exe = dir.path().join("vessel");
-    if std::fs::hard_link(env!("CARGO_BIN_EXE_vessel"), &exe).is_err() {
-        std::fs::copy(env!("CARGO_BIN_EXE_vessel"), &exe)?;
+    if std::fs::hard_link(vessel_bin(), &exe).is_err() {
+        std::fs::copy(vessel_bin(), &exe)?;
     }
     let out = Command::new(&exe).args(["image", "build", "--out", &out_dir.to_string_lossy()]).output()?;
     let stderr = text(&out.stderr);
@@ -322,7 +329,7 @@ fn kvm_denial_unavailable() -> Option<String> {
 /// The agent binary cargo built next to `vessel` (same workspace, same
 /// profile).
 fn built_agent() -> std::path::PathBuf {
-    std::path::Path::new(env!("CARGO_BIN_EXE_vessel")).with_file_name("vessel-agent")
+    vessel_bin().with_file_name("vessel-agent")
 }
 
 /// Why `vessel sandbox run` cannot be tried here.
@@ -350,7 +357,7 @@ fn sandbox_run_is_the_containers_output_and_status() -> TestResult {
     ensure!(stdout == "out from box\npid-1\n", "stdout {stdout:?}; stderr {stderr}");
     ensure!(stderr.starts_with("err\n") && stderr.contains("container exited 7"), "stderr {stderr:?}");
     // -i: our stdin is the container's.
-    let mut child = Command::new(env!("CARGO_BIN_EXE_vessel"))
+    let mut child = Command::new(vessel_bin())
         .args(["sandbox", "run", "-i", "--image", &image, "--", "sh", "-c", "tr a-z A-Z"])
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())

@@ -40,3 +40,17 @@ pub fn missing_tool(tools: &[&str], package: &str) -> Option<String> {
 pub fn e2fsprogs_unavailable() -> Option<String> {
     missing_tool(&["mkfs.ext4", "e2fsck", "debugfs"], "e2fsprogs")
 }
+
+/// A binary of this workspace that cargo built next to the running test
+/// (`target/<triple>/<profile>/NAME`). `cargo test` builds a package's
+/// binaries only for that package's own integration tests, so the test
+/// script builds them first (`cargo build --workspace --bins`). Panics
+/// with that command when it is missing, since no test can use it then.
+pub fn workspace_binary(name: &str) -> std::path::PathBuf {
+    // The test runs as target/<triple>/<profile>/deps/<test>-<hash>.
+    let exe = std::env::current_exe().expect("the running test's own path");
+    let profile_dir = exe.parent().and_then(Path::parent).expect("the test runs from target/<profile>/deps");
+    let binary = profile_dir.join(name);
+    assert!(binary.is_file(), "{} is not built: run `cargo build --workspace --bins` first (scripts/test.sh does)", binary.display());
+    binary
+}
