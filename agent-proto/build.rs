@@ -21,7 +21,8 @@ fn main() {
     for name in ["agent.rs", "agent_ttrpc.rs"] {
         let path = generated.join(name);
         let text = std::fs::read_to_string(&path).expect("read generated code");
-        let kept: String = text.lines().filter(|l| !l.starts_with("#![") && !l.starts_with("//!")).map(|l| format!("{l}\n")).collect();
+        let kept: String =
+            text.lines().filter(|l| !l.starts_with("#![") && !l.starts_with("//!")).map(|l| format!("{l}\n")).collect();
         std::fs::write(out.join(name), kept).expect("write generated code");
     }
 }

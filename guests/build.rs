@@ -31,8 +31,7 @@ const PROGRAMS: [&str; 4] = ["hello", "report", "spin", "virtio"];
 const LOAD_ADDR: u64 = 0x10_0000;
 
 fn main() {
-    let manifest_dir =
-        PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));
+    let manifest_dir = PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));
     let out_dir = PathBuf::from(env::var_os("OUT_DIR").expect("cargo sets OUT_DIR"));
     let asm_dir = manifest_dir.join("src").join("asm");
 
@@ -52,21 +51,14 @@ fn main() {
         tools.link(&script, "entry64", &[&object], &linux64);
 
         let flat = out_dir.join(format!("{program}.bin"));
-        run(Command::new(&tools.objcopy)
-            .args(["-O", "binary"])
-            .arg(&linux64)
-            .arg(&flat));
+        run(Command::new(&tools.objcopy).args(["-O", "binary"]).arg(&linux64).arg(&flat));
 
         let elf_image = read(&linux64);
         let end = elf::load_end(&elf_image)
             .unwrap_or_else(|| panic!("cannot read the program headers of {}", linux64.display()));
-        let init_size = u32::try_from((end - LOAD_ADDR).next_multiple_of(4096))
-            .expect("guest footprint fits in u32");
+        let init_size = u32::try_from((end - LOAD_ADDR).next_multiple_of(4096)).expect("guest footprint fits in u32");
         let kernel = read(&flat);
-        let version = format!(
-            "vessel-guests {program} {}",
-            env::var("CARGO_PKG_VERSION").unwrap_or_default()
-        );
+        let version = format!("vessel-guests {program} {}", env::var("CARGO_PKG_VERSION").unwrap_or_default());
         let image = bzimage(&kernel, init_size, &version);
         let path = out_dir.join(format!("{program}.bzimage"));
         fs::write(&path, image).unwrap_or_else(|e| panic!("cannot write {}: {e}", path.display()));
@@ -110,16 +102,7 @@ impl Tools {
     /// with `entry` as e_entry.
     fn link(&self, script: &Path, entry: &str, objects: &[&Path], output: &Path) {
         run(Command::new(&self.ld)
-            .args([
-                "-m",
-                "elf_x86_64",
-                "-N",
-                "-static",
-                "-nostdlib",
-                "--build-id=none",
-                "-e",
-                entry,
-            ])
+            .args(["-m", "elf_x86_64", "-N", "-static", "-nostdlib", "--build-id=none", "-e", entry])
             .arg("-T")
             .arg(script)
             .arg("-o")
@@ -182,8 +165,7 @@ fn bzimage(kernel: &[u8], init_size: u32, version: &str) -> Vec<u8> {
 
     let setup_len = (usize::from(SETUP_SECTS) + 1) * 512;
     let mut image = vec![0u8; setup_len];
-    let mut put =
-        |offset: usize, value: &[u8]| image[offset..offset + value.len()].copy_from_slice(value);
+    let mut put = |offset: usize, value: &[u8]| image[offset..offset + value.len()].copy_from_slice(value);
 
     let syssize = u32::try_from(kernel.len().div_ceil(16)).expect("kernel size fits in u32");
     put(0x1f1, &[SETUP_SECTS]); // setup_sects
@@ -199,10 +181,7 @@ fn bzimage(kernel: &[u8], init_size: u32, version: &str) -> Vec<u8> {
     put(0x20e, &version_ptr.to_le_bytes()); // kernel_version, minus 0x200
     put(0x211, &[LOADED_HIGH]); // loadflags
     put(0x212, &0x8000u16.to_le_bytes()); // setup_move_size (as Linux)
-    put(
-        0x214,
-        &u32::try_from(LOAD_ADDR).expect("below 4 GiB").to_le_bytes(),
-    ); // code32_start
+    put(0x214, &u32::try_from(LOAD_ADDR).expect("below 4 GiB").to_le_bytes()); // code32_start
     put(0x22c, &0x7fff_ffffu32.to_le_bytes()); // initrd_addr_max
     put(0x230, &0x10_0000u32.to_le_bytes()); // kernel_alignment: 1 MiB
     put(0x234, &[0]); // relocatable_kernel: no, load at pref_address
@@ -215,10 +194,7 @@ fn bzimage(kernel: &[u8], init_size: u32, version: &str) -> Vec<u8> {
     put(REAL_MODE_STUB, &[0xfa, 0xf4, 0xeb, 0xfd]);
     let mut text = version.as_bytes().to_vec();
     text.push(0);
-    assert!(
-        VERSION_STRING + text.len() <= setup_len,
-        "version string too long"
-    );
+    assert!(VERSION_STRING + text.len() <= setup_len, "version string too long");
     put(VERSION_STRING, &text);
 
     image.extend_from_slice(kernel);

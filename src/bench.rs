@@ -118,9 +118,7 @@ fn run_in(args: &BenchArgs, kernel: &Path) -> anyhow::Result<()> {
     let mut overhead = Vec::new();
     for _ in 0..args.runs {
         let launch = time_launch(
-            Command::new(&exe)
-                .args(["vm", "boot", "--stats", "--mem", &args.mem.to_string(), "--kernel"])
-                .arg(kernel),
+            Command::new(&exe).args(["vm", "boot", "--stats", "--mem", &args.mem.to_string(), "--kernel"]).arg(kernel),
             0,
         )?;
         first.push(ms(launch.first_byte));
@@ -203,7 +201,12 @@ fn qemu_command(qemu: &str, kernel: &Path, mem: u64) -> Command {
 /// time from `start` to the guest's boot-timer write.
 fn in_process_launch(kernel: &Path, mem: u64) -> anyhow::Result<(Duration, Duration)> {
     let mut vmm = Vmm::new();
-    vmm.handle(PrebootAction::ConfigureMachine(MachineConfig { vcpus: 1, mem_mib: mem, seccomp: true, hotplug_slots: 0 }))?;
+    vmm.handle(PrebootAction::ConfigureMachine(MachineConfig {
+        vcpus: 1,
+        mem_mib: mem,
+        seccomp: true,
+        hotplug_slots: 0,
+    }))?;
     vmm.handle(PrebootAction::ConfigureBootSource(BootSourceConfig {
         kernel: PathBuf::from(kernel),
         initrd: None,

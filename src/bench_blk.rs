@@ -85,7 +85,13 @@ impl Driver {
             h[8..16].copy_from_slice(&sector.to_le_bytes());
             self.mem.write_slice(&h, GuestAddress(hdr))?;
             self.desc(head, hdr, 16, VIRTQ_DESC_F_NEXT, head + 1)?;
-            self.desc(head + 1, DATA + BLOCK * u64::from(slot), BLOCK as u32, VIRTQ_DESC_F_WRITE | VIRTQ_DESC_F_NEXT, head + 2)?;
+            self.desc(
+                head + 1,
+                DATA + BLOCK * u64::from(slot),
+                BLOCK as u32,
+                VIRTQ_DESC_F_WRITE | VIRTQ_DESC_F_NEXT,
+                head + 2,
+            )?;
             self.desc(head + 2, STATUS + u64::from(slot), 1, VIRTQ_DESC_F_WRITE, 0)?;
             let ring_slot = u64::from(self.avail_idx % (DEPTH * 4));
             self.mem.write_obj(head, GuestAddress(AVAIL + 4 + 2 * ring_slot))?;

@@ -15,7 +15,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
-use agent_proto::agent::{ContainerRequest, CreateContainerRequest, Empty, Rootfs, Stdio as StdioPorts, WaitProcessRequest};
+use agent_proto::agent::{
+    ContainerRequest, CreateContainerRequest, Empty, Rootfs, Stdio as StdioPorts, WaitProcessRequest,
+};
 use agent_proto::agent_ttrpc::AgentClient;
 use agent_proto::spec::{spec_json, SpecOptions};
 use agent_proto::{link, ttrpc};
@@ -73,7 +75,11 @@ pub(crate) fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
     let initrd = args.image.join(resources::guest_image::INITRD_FILE);
     for file in [&kernel, &initrd] {
         if !file.is_file() {
-            bail!("{} is missing: build the guest image with `vessel image build --out {}`", file.display(), args.image.display());
+            bail!(
+                "{} is missing: build the guest image with `vessel image build --out {}`",
+                file.display(),
+                args.image.display()
+            );
         }
     }
     let dir = Scratch(resources::cache::temp_name(&std::env::temp_dir(), "vessel-sandbox"));

@@ -22,8 +22,8 @@ pub mod link;
 pub mod mock;
 pub mod spec;
 
-pub use ttrpc;
 pub use protobuf;
+pub use ttrpc;
 
 /// A ttrpc error as one readable line: `NOT_FOUND: no container with ID "x"`
 /// for an error the agent replied with (ttrpc's own `Display` prints the

@@ -197,7 +197,9 @@ pub fn connect_hybrid(uds: &Path, port: u32) -> Result<UnixStream, LinkError> {
     let line = read_line(&mut stream, uds)?;
     match line.strip_prefix("OK ").map(str::parse::<u32>) {
         Some(Ok(_)) => Ok(stream),
-        _ => Err(LinkError::Protocol { expected: format!("OK <port> for CONNECT {port}"), got: line, path: uds.into() }),
+        _ => {
+            Err(LinkError::Protocol { expected: format!("OK <port> for CONNECT {port}"), got: line, path: uds.into() })
+        }
     }
 }
 
@@ -214,9 +216,11 @@ pub fn port_path(prefix: &Path, port: u32) -> PathBuf {
 fn read_line(conn: &mut UnixStream, path: &Path) -> Result<String, LinkError> {
     let mut line = Vec::new();
     let mut reader = BufReader::with_capacity(1, Read::by_ref(conn).take(MAX_READY_LINE as u64));
-    reader
-        .read_until(b'\n', &mut line)
-        .map_err(|source| LinkError::Io { what: "cannot read a line from", path: path.into(), source })?;
+    reader.read_until(b'\n', &mut line).map_err(|source| LinkError::Io {
+        what: "cannot read a line from",
+        path: path.into(),
+        source,
+    })?;
     let got = String::from_utf8_lossy(&line).into_owned();
     match got.strip_suffix('\n') {
         Some(text) => Ok(text.to_string()),

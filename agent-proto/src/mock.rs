@@ -76,8 +76,7 @@ impl MockAgent {
     /// returned server (or call `shutdown`) to stop.
     pub fn serve(&self, path: &Path) -> ttrpc::Result<ttrpc::Server> {
         let service = create_agent(Arc::new(self.clone()));
-        let mut server =
-            ttrpc::Server::new().bind(&format!("unix://{}", path.display()))?.register_service(service);
+        let mut server = ttrpc::Server::new().bind(&format!("unix://{}", path.display()))?.register_service(service);
         server.start()?;
         Ok(server)
     }
@@ -179,7 +178,9 @@ impl Agent for MockAgent {
 
     fn stats_container(&self, _: &TtrpcContext, req: ContainerRequest) -> ttrpc::Result<StatsContainerResponse> {
         self.record("StatsContainer");
-        self.with(&req.container_id, |c| Ok(StatsContainerResponse { memory_limit: c.memory_limit, ..Default::default() }))
+        self.with(&req.container_id, |c| {
+            Ok(StatsContainerResponse { memory_limit: c.memory_limit, ..Default::default() })
+        })
     }
 
     fn pause_container(&self, _: &TtrpcContext, req: ContainerRequest) -> ttrpc::Result<Empty> {

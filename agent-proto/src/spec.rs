@@ -80,7 +80,6 @@ pub fn spec_json(args: &[&str], o: &SpecOptions) -> Vec<u8> {
     .into_bytes()
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;

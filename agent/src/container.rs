@@ -14,8 +14,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use agent_proto::agent::{Rootfs, Stdio as StdioPorts};
 use agent_proto::agent::rootfs::Source;
+use agent_proto::agent::{Rootfs, Stdio as StdioPorts};
 
 use crate::cgroup::{self, CgroupRoot, Stats};
 use crate::launch::{self, Kind, Launch};
@@ -138,8 +138,11 @@ impl Membership {
 
 impl Container {
     fn membership(&self) -> Membership {
-        let started =
-            std::iter::once(&self.init).chain(self.execs.values()).filter(|p| p.exit.get().is_none()).map(|p| p.pid).collect();
+        let started = std::iter::once(&self.init)
+            .chain(self.execs.values())
+            .filter(|p| p.exit.get().is_none())
+            .map(|p| p.pid)
+            .collect();
         Membership {
             init_pid: self.init.pid,
             init_exited: self.init.exit.get().is_some(),
@@ -321,8 +324,7 @@ impl Containers {
             Some(Source::DiskSerial(serial)) => {
                 let device = find_disk(serial)?;
                 let dir = self.config.run_dir.join(id).join("rootfs");
-                std::fs::create_dir_all(&dir)
-                    .map_err(|e| Error::Failed(format!("creating {}: {e}", dir.display())))?;
+                std::fs::create_dir_all(&dir).map_err(|e| Error::Failed(format!("creating {}: {e}", dir.display())))?;
                 let fstype = if rootfs.fstype.is_empty() { "ext4" } else { rootfs.fstype.as_str() };
                 let flags = if rootfs.read_only { libc::MS_RDONLY } else { 0 };
                 mount_disk(&device, &dir, fstype, flags).map_err(Error::Failed)?;
@@ -336,9 +338,9 @@ impl Containers {
     fn make_cgroup(&self, id: &str, limits: &Limits) -> Result<Option<PathBuf>> {
         match &self.config.cgroups {
             Some(root) => root.create(id, limits).map(Some).map_err(Error::failed),
-            None if limits.any() => Err(Error::Invalid(
-                "the spec sets cgroup limits, but this agent has no cgroup v2 hierarchy".into(),
-            )),
+            None if limits.any() => {
+                Err(Error::Invalid("the spec sets cgroup limits, but this agent has no cgroup v2 hierarchy".into()))
+            }
             None => Ok(None),
         }
     }
@@ -349,8 +351,7 @@ impl Containers {
             crate::stdio::plumb(&self.config.link, ports, launch.process.terminal).map_err(Error::failed)?;
         let json = serde_json::to_vec(launch).map_err(|e| Error::Failed(format!("encoding the launch: {e}")))?;
         let (config_read, config_write) = launch::pipe().map_err(|e| Error::Failed(format!("pipe: {e}")))?;
-        let (sync_agent, sync_helper) =
-            UnixStream::pair().map_err(|e| Error::Failed(format!("socketpair: {e}")))?;
+        let (sync_agent, sync_helper) = UnixStream::pair().map_err(|e| Error::Failed(format!("socketpair: {e}")))?;
         // Above the helper's fds, so that moving them there (dup2 below)
         // never finds one already in place, or overwrites the other.
         let config_read = above_helper_fds(config_read)?;
@@ -550,10 +551,8 @@ impl Containers {
 
     /// Removes a container, killing what still runs in it.
     pub fn remove(&self, id: &str) -> Result<()> {
-        let container = self
-            .lock()
-            .remove(id)
-            .ok_or_else(|| Error::NotFound(format!("no container with ID {id:?}")))?;
+        let container =
+            self.lock().remove(id).ok_or_else(|| Error::NotFound(format!("no container with ID {id:?}")))?;
         if let Some(cg) = &container.cgroup {
             // Frozen processes cannot die.
             let _ = cgroup::freeze(cg, false);
@@ -680,7 +679,8 @@ fn kill(pid: i32, signal: i32) {
 /// resolved inside that root (a symlink to /dev/zero or to the agent's own
 /// files stays inside it), must be a regular file, and is read up to 1 MiB.
 fn read_passwd(root: &Path) -> HashMap<u32, String> {
-    let text = read_in_root(root, "etc/passwd", 1 << 20).map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default();
+    let text =
+        read_in_root(root, "etc/passwd", 1 << 20).map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default();
     text.lines()
         .filter_map(|l| {
             let mut f = l.split(':');
@@ -706,11 +706,18 @@ fn find_disk(serial: &str) -> Result<PathBuf> {
 }
 
 fn mount_disk(device: &Path, dir: &Path, fstype: &str, flags: libc::c_ulong) -> std::result::Result<(), String> {
-    let c = |p: &std::ffi::OsStr| std::ffi::CString::new(std::os::unix::ffi::OsStrExt::as_bytes(p)).map_err(|_| "NUL in path".to_string());
+    let c = |p: &std::ffi::OsStr| {
+        std::ffi::CString::new(std::os::unix::ffi::OsStrExt::as_bytes(p)).map_err(|_| "NUL in path".to_string())
+    };
     let (dev, target, fs) = (c(device.as_os_str())?, c(dir.as_os_str())?, c(std::ffi::OsStr::new(fstype))?);
     // SAFETY: valid NUL-terminated strings; no data.
     if unsafe { libc::mount(dev.as_ptr(), target.as_ptr(), fs.as_ptr(), flags, std::ptr::null()) } != 0 {
-        return Err(format!("mounting {} ({fstype}) on {}: {}", device.display(), dir.display(), std::io::Error::last_os_error()));
+        return Err(format!(
+            "mounting {} ({fstype}) on {}: {}",
+            device.display(),
+            dir.display(),
+            std::io::Error::last_os_error()
+        ));
     }
     Ok(())
 }

@@ -57,7 +57,8 @@ fn mount(source: &str, target: &str, fstype: &str, flags: libc::c_ulong, data: &
     std::fs::create_dir_all(target).map_err(io(format!("create {target}")))?;
     let (source_c, target_c, fstype_c, data_c) = (cstr(source), cstr(target), cstr(fstype), cstr(data));
     // SAFETY: valid NUL-terminated strings that live across the call.
-    let r = unsafe { libc::mount(source_c.as_ptr(), target_c.as_ptr(), fstype_c.as_ptr(), flags, data_c.as_ptr().cast()) };
+    let r =
+        unsafe { libc::mount(source_c.as_ptr(), target_c.as_ptr(), fstype_c.as_ptr(), flags, data_c.as_ptr().cast()) };
     if r != 0 {
         let e = std::io::Error::last_os_error();
         // Mounted already (by the kernel, say): fine.

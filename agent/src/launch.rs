@@ -220,7 +220,12 @@ fn open_in_root(root: &OwnedFd, inside: &Path, made: Made) -> Result<OwnedFd, St
             // SAFETY: a valid directory fd and NUL-terminated name; O_EXCL
             // with O_NOFOLLOW creates a new file there and follows nothing.
             let fd = unsafe {
-                libc::openat(at.as_raw_fd(), name.as_ptr(), libc::O_CREAT | libc::O_EXCL | libc::O_NOFOLLOW | libc::O_WRONLY | libc::O_CLOEXEC, 0o644)
+                libc::openat(
+                    at.as_raw_fd(),
+                    name.as_ptr(),
+                    libc::O_CREAT | libc::O_EXCL | libc::O_NOFOLLOW | libc::O_WRONLY | libc::O_CLOEXEC,
+                    0o644,
+                )
             };
             if fd >= 0 {
                 // SAFETY: a descriptor openat just returned.
@@ -397,7 +402,8 @@ fn enter_namespaces(kind: &Kind) -> Result<(), String> {
         Kind::Exec { init_pid } => {
             // Open them all first: once in the container's mount namespace,
             // /proc is the container's.
-            let order = [Namespace::Cgroup, Namespace::Ipc, Namespace::Uts, Namespace::Net, Namespace::Pid, Namespace::Mount];
+            let order =
+                [Namespace::Cgroup, Namespace::Ipc, Namespace::Uts, Namespace::Net, Namespace::Pid, Namespace::Mount];
             let mut opened = Vec::new();
             for ns in order {
                 let path = PathBuf::from(format!("/proc/{init_pid}/ns/{}", ns.proc_name()));
@@ -579,7 +585,8 @@ fn set_up_root(init: &InitConfig) -> Result<(), String> {
     mount(None, Path::new("/"), None, REC | libc::MS_PRIVATE, "")?;
     // pivot_root needs the new root to be a mount point.
     mount(Some(root), root, None, BIND | REC, "")?;
-    let root_fd = std::fs::File::open(root).map(OwnedFd::from).map_err(|e| format!("opening {}: {e}", root.display()))?;
+    let root_fd =
+        std::fs::File::open(root).map(OwnedFd::from).map_err(|e| format!("opening {}: {e}", root.display()))?;
     for m in &init.mounts {
         let is_bind = m.flags & BIND != 0;
         let made = if is_bind && m.source.is_file() { Made::File } else { Made::Dir };

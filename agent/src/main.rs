@@ -140,7 +140,9 @@ fn guest_main() -> ! {
         }
     };
     match announce(&link, port, None) {
-        Ok(()) => log(&format!("ready after {} ms{}", guest::uptime_ms(), if ok { "" } else { " (with errors above)" })),
+        Ok(()) => {
+            log(&format!("ready after {} ms{}", guest::uptime_ms(), if ok { "" } else { " (with errors above)" }))
+        }
         Err(e) => log(&e),
     }
     loop {

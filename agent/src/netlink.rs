@@ -209,7 +209,8 @@ pub fn parse_link(payload: &[u8]) -> Result<Link, NetlinkError> {
     let fixed = payload.get(..16).ok_or_else(|| malformed("a link message shorter than ifinfomsg"))?;
     let index = i32::from_ne_bytes([fixed[4], fixed[5], fixed[6], fixed[7]]) as u32;
     let flags = u32::from_ne_bytes([fixed[8], fixed[9], fixed[10], fixed[11]]);
-    let mut link = Link { index, name: String::new(), mac: String::new(), mtu: 0, up: flags & libc::IFF_UP as u32 != 0 };
+    let mut link =
+        Link { index, name: String::new(), mac: String::new(), mtu: 0, up: flags & libc::IFF_UP as u32 != 0 };
     for (kind, data) in attributes(payload, 16)? {
         match kind {
             IFLA_IFNAME => link.name = String::from_utf8_lossy(data).trim_end_matches('\0').to_string(),
@@ -269,7 +270,11 @@ impl Netlink {
         addr.nl_family = libc::AF_NETLINK as libc::sa_family_t;
         // SAFETY: a valid sockaddr_nl of the size given.
         let r = unsafe {
-            libc::bind(fd.as_raw_fd(), (&addr as *const libc::sockaddr_nl).cast(), std::mem::size_of::<libc::sockaddr_nl>() as _)
+            libc::bind(
+                fd.as_raw_fd(),
+                (&addr as *const libc::sockaddr_nl).cast(),
+                std::mem::size_of::<libc::sockaddr_nl>() as _,
+            )
         };
         if r != 0 {
             return Err(last_os_error("bind"));
@@ -387,7 +392,9 @@ impl Netlink {
     /// Removes an address.
     pub fn delete_address(&mut self, address: &Address) -> Result<(), NetlinkError> {
         let body = Self::address_message(address);
-        self.request(RTM_DELADDR, 0, &body).map(|_| ()).map_err(refused(format!("removing {}/{}", address.ip, address.prefix)))
+        self.request(RTM_DELADDR, 0, &body)
+            .map(|_| ())
+            .map_err(refused(format!("removing {}/{}", address.ip, address.prefix)))
     }
 
     fn route_message(route: &Route, scope: u8) -> Vec<u8> {
@@ -412,7 +419,9 @@ impl Netlink {
     pub fn add_route(&mut self, route: &Route) -> Result<(), NetlinkError> {
         let scope = if route.gateway.is_some() { RT_SCOPE_UNIVERSE } else { RT_SCOPE_LINK };
         let body = Self::route_message(route, scope);
-        self.request(RTM_NEWROUTE, NLM_F_CREATE | NLM_F_EXCL, &body).map(|_| ()).map_err(refused(format!("adding route {route:?}")))
+        self.request(RTM_NEWROUTE, NLM_F_CREATE | NLM_F_EXCL, &body)
+            .map(|_| ())
+            .map_err(refused(format!("adding route {route:?}")))
     }
 
     /// Removes a route.
@@ -445,7 +454,10 @@ mod tests {
         bad.extend_from_slice(&[200, 0, 3, 0, b'x']);
         assert!(attributes(&bad, 16).unwrap_err().to_string().contains("length 200"));
         assert!(parse_link(&[0u8; 3]).is_err());
-        assert!(messages(&[255, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]).unwrap_err().to_string().contains("length 255"));
+        assert!(messages(&[255, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0])
+            .unwrap_err()
+            .to_string()
+            .contains("length 255"));
     }
 
     #[test]
@@ -461,7 +473,14 @@ mod tests {
         let body = Netlink::route_message(&route, RT_SCOPE_UNIVERSE);
         assert_eq!(parse_route(&body).unwrap(), Some(route));
         // An IPv6 route with neither destination nor gateway keeps its family.
-        let link_default = Route { family: libc::AF_INET6 as u8, dest: None, gateway: None, oif: 2, source: None, protocol: RTPROT_STATIC };
+        let link_default = Route {
+            family: libc::AF_INET6 as u8,
+            dest: None,
+            gateway: None,
+            oif: 2,
+            source: None,
+            protocol: RTPROT_STATIC,
+        };
         let body = Netlink::route_message(&link_default, RT_SCOPE_NOWHERE);
         assert_eq!(parse_route(&body).unwrap(), Some(link_default));
         let address = Address { index: 3, ip: "fd00::5".parse().unwrap(), prefix: 64 };

@@ -13,7 +13,11 @@ fn parse_ip(text: &str, what: &str) -> Result<IpAddr, Error> {
 }
 
 fn max_prefix(ip: &IpAddr) -> u8 {
-    if ip.is_ipv4() { 32 } else { 128 }
+    if ip.is_ipv4() {
+        32
+    } else {
+        128
+    }
 }
 
 /// Every interface with its addresses.
@@ -46,9 +50,10 @@ pub fn update_interface(want: &Interface) -> Result<Interface, Error> {
     let mut wanted = Vec::new();
     for a in &want.addresses {
         let ip = parse_ip(&a.address, "address")?;
-        let prefix = u8::try_from(a.prefix_len).ok().filter(|p| *p <= max_prefix(&ip)).ok_or_else(|| {
-            Error::Invalid(format!("prefix length {} does not fit address {ip}", a.prefix_len))
-        })?;
+        let prefix = u8::try_from(a.prefix_len)
+            .ok()
+            .filter(|p| *p <= max_prefix(&ip))
+            .ok_or_else(|| Error::Invalid(format!("prefix length {} does not fit address {ip}", a.prefix_len)))?;
         wanted.push((ip, prefix));
     }
     let mut nl = Netlink::open().map_err(Error::failed)?;
@@ -81,7 +86,8 @@ pub fn update_interface(want: &Interface) -> Result<Interface, Error> {
     }
     let mtu = (want.mtu != 0).then_some(want.mtu);
     nl.set_link(index, want.up, mtu, None).map_err(Error::failed)?;
-    let current: Vec<Address> = nl.addresses().map_err(Error::failed)?.into_iter().filter(|a| a.index == index).collect();
+    let current: Vec<Address> =
+        nl.addresses().map_err(Error::failed)?.into_iter().filter(|a| a.index == index).collect();
     for old in current.iter().filter(|a| !wanted.contains(&(a.ip, a.prefix))) {
         // IPv6 link-local addresses belong to the kernel.
         if matches!(old.ip, IpAddr::V6(v6) if v6.segments()[0] & 0xffc0 == 0xfe80) {
@@ -96,7 +102,8 @@ pub fn update_interface(want: &Interface) -> Result<Interface, Error> {
     }
     let links = nl.links().map_err(Error::failed)?;
     let addresses = nl.addresses().map_err(Error::failed)?;
-    let link = links.iter().find(|l| l.index == index).ok_or_else(|| Error::Failed(format!("link {index} vanished")))?;
+    let link =
+        links.iter().find(|l| l.index == index).ok_or_else(|| Error::Failed(format!("link {index} vanished")))?;
     Ok(to_interface(link, &addresses))
 }
 
@@ -130,9 +137,10 @@ fn from_proto(r: &ProtoRoute, links: &[Link]) -> Result<Route, Error> {
             let (ip, len) = match text.split_once('/') {
                 Some((ip, len)) => {
                     let ip = parse_ip(ip, "route destination")?;
-                    let len = len.parse::<u8>().ok().filter(|l| *l <= max_prefix(&ip)).ok_or_else(|| {
-                        Error::Invalid(format!("route destination {text:?} has a bad prefix length"))
-                    })?;
+                    let len =
+                        len.parse::<u8>().ok().filter(|l| *l <= max_prefix(&ip)).ok_or_else(|| {
+                            Error::Invalid(format!("route destination {text:?} has a bad prefix length"))
+                        })?;
                     (ip, len)
                 }
                 None => {
@@ -173,7 +181,9 @@ pub fn update_routes(want: &[ProtoRoute]) -> Result<Vec<ProtoRoute>, Error> {
         }
     }
     for route in wanted {
-        let same = |r: &Route| r.family == route.family && r.dest == route.dest && r.gateway == route.gateway && r.oif == route.oif;
+        let same = |r: &Route| {
+            r.family == route.family && r.dest == route.dest && r.gateway == route.gateway && r.oif == route.oif
+        };
         // A kernel subnet route, or the same route listed twice.
         if !kept.iter().any(same) {
             nl.add_route(&route).map_err(Error::failed)?;

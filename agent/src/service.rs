@@ -7,8 +7,8 @@ use std::sync::Arc;
 use agent_proto::agent::{
     ContainerRequest, CreateContainerRequest, Empty, ExecProcessRequest, GuestDetails, HealthCheckResponse, Interface,
     Interfaces, ListProcessesResponse, OnlineCPUMemRequest, ProcessInfo, Resources, Routes, SignalProcessRequest,
-    StatsContainerResponse, UpdateContainerRequest, UpdateInterfaceRequest, UpdateRoutesRequest, VirtioSlot, VirtioSlotRequest,
-    VirtioSlots, WaitProcessRequest, WaitProcessResponse,
+    StatsContainerResponse, UpdateContainerRequest, UpdateInterfaceRequest, UpdateRoutesRequest, VirtioSlot,
+    VirtioSlotRequest, VirtioSlots, WaitProcessRequest, WaitProcessResponse,
 };
 use agent_proto::ttrpc::{self, Code, TtrpcContext};
 
@@ -89,7 +89,14 @@ impl agent_proto::agent_ttrpc::Agent for Service {
         let rows = reply(self.containers.ps(&req.container_id))?;
         let processes = rows
             .into_iter()
-            .map(|r| ProcessInfo { pid: r.pid, ns_pid: r.ns_pid, uid: r.uid, user: r.user, command: r.command, ..Default::default() })
+            .map(|r| ProcessInfo {
+                pid: r.pid,
+                ns_pid: r.ns_pid,
+                uid: r.uid,
+                user: r.user,
+                command: r.command,
+                ..Default::default()
+            })
             .collect();
         Ok(ListProcessesResponse { processes, ..Default::default() })
     }
@@ -140,7 +147,8 @@ impl agent_proto::agent_ttrpc::Agent for Service {
     }
 
     fn update_interface(&self, _: &TtrpcContext, req: UpdateInterfaceRequest) -> ttrpc::Result<Interface> {
-        let want = req.interface.into_option().ok_or_else(|| status(Code::INVALID_ARGUMENT, "no interface given".into()))?;
+        let want =
+            req.interface.into_option().ok_or_else(|| status(Code::INVALID_ARGUMENT, "no interface given".into()))?;
         reply(crate::network::update_interface(&want))
     }
 

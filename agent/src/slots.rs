@@ -45,7 +45,8 @@ fn slot(address: u64, name: &str) -> VirtioSlot {
 
 /// Every virtio-mmio window.
 pub fn list() -> Result<Vec<VirtioSlot>, Error> {
-    let iomem = std::fs::read_to_string("/proc/iomem").map_err(|e| Error::Failed(format!("reading /proc/iomem: {e}")))?;
+    let iomem =
+        std::fs::read_to_string("/proc/iomem").map_err(|e| Error::Failed(format!("reading /proc/iomem: {e}")))?;
     Ok(parse_iomem(&iomem).iter().map(|(address, name)| slot(*address, name)).collect())
 }
 
@@ -60,7 +61,8 @@ fn write_error(file: &Path, name: &str, e: &std::io::Error) -> Error {
 /// Binds (after an unbind, if it was bound: a rescan) or unbinds the
 /// window at `address`.
 pub fn update(address: u64, bind: bool) -> Result<VirtioSlot, Error> {
-    let iomem = std::fs::read_to_string("/proc/iomem").map_err(|e| Error::Failed(format!("reading /proc/iomem: {e}")))?;
+    let iomem =
+        std::fs::read_to_string("/proc/iomem").map_err(|e| Error::Failed(format!("reading /proc/iomem: {e}")))?;
     let slots = parse_iomem(&iomem);
     let (_, name) = slots.iter().find(|(a, _)| *a == address).ok_or_else(|| {
         let known: Vec<String> = slots.iter().map(|(a, n)| format!("{a:#x} ({n})")).collect();

@@ -299,7 +299,10 @@ fn mount_option(option: &str) -> Option<(u64, bool)> {
 fn check_mount(m: &Mount) -> Result<MountConfig, SpecError> {
     let destination = m.destination();
     if !is_clean_absolute(destination) || destination == Path::new("/") {
-        return Err(SpecError::BadPath { what: "mount destination (below /)", path: destination.display().to_string() });
+        return Err(SpecError::BadPath {
+            what: "mount destination (below /)",
+            path: destination.display().to_string(),
+        });
     }
     let mut flags = 0;
     let mut data = Vec::new();

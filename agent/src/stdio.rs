@@ -136,9 +136,7 @@ impl Copier {
 fn open_pty() -> Result<(OwnedFd, OwnedFd), StdioError> {
     let (mut master, mut slave) = (0, 0);
     // SAFETY: out-pointers to two ints; no name, termios or winsize.
-    let r = unsafe {
-        libc::openpty(&mut master, &mut slave, std::ptr::null_mut(), std::ptr::null(), std::ptr::null())
-    };
+    let r = unsafe { libc::openpty(&mut master, &mut slave, std::ptr::null_mut(), std::ptr::null(), std::ptr::null()) };
     if r != 0 {
         return Err(StdioError::Local("terminal", std::io::Error::last_os_error()));
     }

@@ -16,8 +16,8 @@ use std::time::{Duration, Instant};
 use std::sync::atomic::Ordering;
 
 use agent_proto::agent::{
-    ContainerRequest, Empty, ExecProcessRequest, IPAddress, Interface, OnlineCPUMemRequest, Resources, Route,
-    Routes, SignalProcessRequest, Stdio, UpdateContainerRequest, UpdateInterfaceRequest, UpdateRoutesRequest,
+    ContainerRequest, Empty, ExecProcessRequest, IPAddress, Interface, OnlineCPUMemRequest, Resources, Route, Routes,
+    SignalProcessRequest, Stdio, UpdateContainerRequest, UpdateInterfaceRequest, UpdateRoutesRequest,
     VirtioSlotRequest,
 };
 use agent_proto::agent_ttrpc::AgentClient;
@@ -26,13 +26,13 @@ use anyhow::{anyhow, ensure, Context};
 use devices::virtio::block::{Block, BlockConfig};
 use devices::virtio::net::{Net, NetConfig};
 use devices::virtio::vsock::{Vsock, VsockConfig};
-use vessel_tests::netns::NetNs;
 use libtest_mimic::Arguments;
-use vessel_tests::harness::{e2fsprogs_unavailable, gate, trial};
-use vessel_tests::agent::{collected, container, ctx, output_ports, process_json, rpc_error, spec_json, wait_for, HostSide, SpecOptions};
-use vessel_tests::tier3::{
-    boot_linux_tcg, qemu_tcg_unavailable, test_kernel, vhost_user_device_args, LinuxOptions,
+use vessel_tests::agent::{
+    collected, container, ctx, output_ports, process_json, rpc_error, spec_json, wait_for, HostSide, SpecOptions,
 };
+use vessel_tests::harness::{e2fsprogs_unavailable, gate, trial};
+use vessel_tests::netns::NetNs;
+use vessel_tests::tier3::{boot_linux_tcg, qemu_tcg_unavailable, test_kernel, vhost_user_device_args, LinuxOptions};
 use vessel_tests::TempDir;
 
 const AGENT: &str = env!("CARGO_BIN_EXE_vessel-agent");
@@ -163,10 +163,15 @@ fn container_network_in_a_guest() -> anyhow::Result<()> {
         };
         let got = client
             .update_interface(ctx(), &UpdateInterfaceRequest { interface: Some(iface).into(), ..Default::default() })
-            .map_err(rpc_error).context("update_interface")?;
+            .map_err(rpc_error)
+            .context("update_interface")?;
         ensure!(got.up && got.addresses.iter().any(|a| a.address == "10.79.0.2"), "{got:?}");
-        let route = Route { dest: "default".into(), gateway: "10.79.0.1".into(), device: "eth0".into(), ..Default::default() };
-        let routes = UpdateRoutesRequest { routes: Some(Routes { routes: vec![route], ..Default::default() }).into(), ..Default::default() };
+        let route =
+            Route { dest: "default".into(), gateway: "10.79.0.1".into(), device: "eth0".into(), ..Default::default() };
+        let routes = UpdateRoutesRequest {
+            routes: Some(Routes { routes: vec![route], ..Default::default() }).into(),
+            ..Default::default()
+        };
         client.update_routes(ctx(), &routes).map_err(rpc_error).context("update_routes")?;
         let listed = client.list_routes(ctx(), &Empty::new()).map_err(rpc_error).context("list_routes")?.routes;
         ensure!(listed.iter().any(|r| r.dest == "default" && r.gateway == "10.79.0.1"), "{listed:?}");
@@ -179,7 +184,8 @@ fn container_network_in_a_guest() -> anyhow::Result<()> {
             .map_err(rpc_error)?;
         client.start_container(ctx(), &container("pinger")).map_err(rpc_error).context("start_container")?;
         let output = collected(handle)?;
-        let status = client.wait_process(ctx(), &wait_for("pinger", "")).map_err(rpc_error).context("wait_process")?.status;
+        let status =
+            client.wait_process(ctx(), &wait_for("pinger", "")).map_err(rpc_error).context("wait_process")?.status;
         ensure!(status == 0 && output.contains("3 packets received"), "ping exited {status}: {output}");
         client.remove_container(ctx(), &container("pinger")).map_err(rpc_error).context("remove_container")?;
         client.destroy_sandbox(ctx(), &Empty::new()).map_err(rpc_error).context("destroy_sandbox")?;
@@ -202,8 +208,12 @@ fn drive(g: &Guest) -> anyhow::Result<String> {
     // CPUs: the guest boots with two; offline one, online it again.
     ensure!(details.online_cpus == 2 && details.possible_cpus == 2, "{details:?}");
     for n in [1, 2] {
-        client.online_cpu_mem(ctx(), &OnlineCPUMemRequest { nb_cpus: n, ..Default::default() }).map_err(rpc_error).context("online_cpu_mem")?;
-        let online = client.get_guest_details(ctx(), &Empty::new()).map_err(rpc_error).context("get_guest_details")?.online_cpus;
+        client
+            .online_cpu_mem(ctx(), &OnlineCPUMemRequest { nb_cpus: n, ..Default::default() })
+            .map_err(rpc_error)
+            .context("online_cpu_mem")?;
+        let online =
+            client.get_guest_details(ctx(), &Empty::new()).map_err(rpc_error).context("get_guest_details")?.online_cpus;
         ensure!(online == n, "asked for {n} CPUs online, the guest has {online}");
     }
 
@@ -219,14 +229,18 @@ fn drive(g: &Guest) -> anyhow::Result<String> {
     ensure!(!unbound.bound && unbound.device_id == 0, "after unbind: {unbound:?}");
     let bound = client.update_virtio_slot(ctx(), &slot(true)).map_err(rpc_error).context("update_virtio_slot")?;
     ensure!(bound.bound && bound.device_id == 4, "after bind: {bound:?}");
-    let missing = client.update_virtio_slot(ctx(), &VirtioSlotRequest { address: 0x1234, bind: true, ..Default::default() });
+    let missing =
+        client.update_virtio_slot(ctx(), &VirtioSlotRequest { address: 0x1234, bind: true, ..Default::default() });
     ensure!(missing.map_err(rpc_error).err().is_some_and(|e| e.to_string().contains("0x1234")), "a slot at 0x1234");
 
     // echo: create to output.
     let (out, handle) = host.capture()?;
     let t0 = Instant::now();
     client
-        .create_container(ctx(), &request("hello", &["echo", "hello from vessel"], &SpecOptions::default(), output_ports(out, out)))
+        .create_container(
+            ctx(),
+            &request("hello", &["echo", "hello from vessel"], &SpecOptions::default(), output_ports(out, out)),
+        )
         .map_err(rpc_error)?;
     client.start_container(ctx(), &container("hello")).map_err(rpc_error).context("start_container")?;
     let output = collected(handle)?;
@@ -245,13 +259,18 @@ fn drive(g: &Guest) -> anyhow::Result<String> {
     // "/", with its own limits there.
     let (out, handle) = host.capture()?;
     let look = "cat /proc/self/cgroup; cat /sys/fs/cgroup/pids.max";
-    client.create_container(ctx(), &request("cgns", &["sh", "-c", look], &o, output_ports(out, out))).map_err(rpc_error)?;
+    client
+        .create_container(ctx(), &request("cgns", &["sh", "-c", look], &o, output_ports(out, out)))
+        .map_err(rpc_error)?;
     client.start_container(ctx(), &container("cgns")).map_err(rpc_error)?;
     let seen = collected(handle)?;
     client.wait_process(ctx(), &wait_for("cgns", "")).map_err(rpc_error)?;
     client.remove_container(ctx(), &container("cgns")).map_err(rpc_error)?;
     ensure!(seen == format!("0::/\n{PIDS_LIMIT}\n"), "the container's cgroup view: {seen:?}");
-    client.create_container(ctx(), &request("svc", &["sh", "-c", looping], &o, Stdio::new())).map_err(rpc_error).context("create_container")?;
+    client
+        .create_container(ctx(), &request("svc", &["sh", "-c", looping], &o, Stdio::new()))
+        .map_err(rpc_error)
+        .context("create_container")?;
     client.start_container(ctx(), &container("svc")).map_err(rpc_error).context("start_container")?;
 
     let (out, handle) = host.capture()?;
@@ -264,7 +283,10 @@ fn drive(g: &Guest) -> anyhow::Result<String> {
     };
     client.exec_process(ctx(), &exec).map_err(rpc_error).context("exec_process")?;
     ensure!(collected(handle)? == "guestbox\nx\n", "exec in the container");
-    ensure!(client.wait_process(ctx(), &wait_for("svc", "probe")).map_err(rpc_error).context("wait_process")?.status == 0, "exec status");
+    ensure!(
+        client.wait_process(ctx(), &wait_for("svc", "probe")).map_err(rpc_error).context("wait_process")?.status == 0,
+        "exec status"
+    );
 
     let stats = client.stats_container(ctx(), &container("svc")).map_err(rpc_error).context("stats_container")?;
     ensure!(stats.memory_limit == MEMORY_LIMIT && stats.pids_limit == PIDS_LIMIT, "limits in stats: {stats:?}");
@@ -293,7 +315,12 @@ fn drive(g: &Guest) -> anyhow::Result<String> {
     let d = cpu_usage(&client, "svc")?;
     ensure!(d > c, "a resumed container made no progress ({c} us, then {d} us)");
 
-    let kill = SignalProcessRequest { container_id: "svc".into(), signal: libc::SIGKILL as u32, all: true, ..Default::default() };
+    let kill = SignalProcessRequest {
+        container_id: "svc".into(),
+        signal: libc::SIGKILL as u32,
+        all: true,
+        ..Default::default()
+    };
     client.signal_process(ctx(), &kill).map_err(rpc_error).context("signal_process")?;
     let status = client.wait_process(ctx(), &wait_for("svc", "")).map_err(rpc_error).context("wait_process")?.status;
     ensure!(status == 137, "killed container exited {status}");

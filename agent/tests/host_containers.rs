@@ -10,17 +10,17 @@ use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
 use agent_proto::agent::{
-    Empty, ExecProcessRequest, IPAddress, Interface, Route, Routes, SignalProcessRequest, Stdio, UpdateInterfaceRequest,
-    UpdateRoutesRequest,
+    Empty, ExecProcessRequest, IPAddress, Interface, Route, Routes, SignalProcessRequest, Stdio,
+    UpdateInterfaceRequest, UpdateRoutesRequest,
 };
 use anyhow::{bail, ensure, Context};
 use libtest_mimic::Arguments;
-use vessel_tests::harness::{gate, trial};
-use vessel_tests::netns::NetNs;
 use vessel_tests::agent::{
     collected, container, create_request, ctx, output_ports, process_json, rpc_error, spec_json, start_host_agent,
     start_host_agent_in, wait_for, HostAgent, SpecOptions,
 };
+use vessel_tests::harness::{gate, trial};
+use vessel_tests::netns::NetNs;
 
 const AGENT: &str = env!("CARGO_BIN_EXE_vessel-agent");
 
@@ -81,7 +81,11 @@ fn echo_runs_in_its_own_namespaces() -> anyhow::Result<()> {
     ensure!(lines.len() == 7, "unexpected output {out:?}");
     ensure!(lines[0] == "hello" && lines[1] == "box1", "{out:?}");
     let host_ns = std::fs::read_link("/proc/self/ns/pid")?;
-    ensure!(lines[2].starts_with("pid:[") && Path::new(lines[2]) != host_ns, "pid namespace {} vs host {host_ns:?}", lines[2]);
+    ensure!(
+        lines[2].starts_with("pid:[") && Path::new(lines[2]) != host_ns,
+        "pid namespace {} vs host {host_ns:?}",
+        lines[2]
+    );
     ensure!(lines[3] == "pid=1", "the container's process is not PID 1 of its namespace: {out:?}");
     ensure!(lines[4] == "0", "{out:?}");
     ensure!(
@@ -131,7 +135,8 @@ fn exit_codes_and_signals() -> anyhow::Result<()> {
     ensure!(status == 3, "sh -c 'exit 3' gave {status}");
     // A process starts with no signal ignored or blocked (SIGPIPE ends the
     // writers of a pipeline), whatever the agent had.
-    let (status, out) = run(&a, "signals", &["grep", "-E", "^Sig(Ign|Blk)", "/proc/self/status"], &SpecOptions::default())?;
+    let (status, out) =
+        run(&a, "signals", &["grep", "-E", "^Sig(Ign|Blk)", "/proc/self/status"], &SpecOptions::default())?;
     ensure!(status == 0, "grep gave {status}: {out:?}");
     ensure!(
         out.lines().count() == 2 && out.lines().all(|l| l.ends_with("\t0000000000000000")),
@@ -220,7 +225,12 @@ fn exec_ps_stdin_and_users() -> anyhow::Result<()> {
     a.client
         .signal_process(
             ctx(),
-            &SignalProcessRequest { container_id: "svc".into(), signal: libc::SIGKILL as u32, all: true, ..Default::default() },
+            &SignalProcessRequest {
+                container_id: "svc".into(),
+                signal: libc::SIGKILL as u32,
+                all: true,
+                ..Default::default()
+            },
         )
         .map_err(rpc_error)?;
     ensure!(collected(handle)? == "1000\n1000\n", "id in the container");
@@ -258,10 +268,21 @@ fn bad_requests_get_clear_errors_and_the_agent_stays() -> anyhow::Result<()> {
     expect_err("invalid JSON", create("c", b"{nope".to_vec(), root()), "invalid OCI spec")?;
     expect_err("no such rootfs", create("c", ok_spec(), Path::new("/no/such/root")), "/no/such/root")?;
     expect_err("bad ID", create("../x", ok_spec(), root()), "container ID")?;
-    expect_err("missing program", create("c", spec_json(&["no-such-program"], &SpecOptions::default()), root()), "no-such-program")?;
+    expect_err(
+        "missing program",
+        create("c", spec_json(&["no-such-program"], &SpecOptions::default()), root()),
+        "no-such-program",
+    )?;
     expect_err(
         "cgroup limits without cgroup v2",
-        create("c", spec_json(&["true"], &SpecOptions { resources: Some(r#"{"memory":{"limit":1048576}}"#.into()), ..Default::default() }), root()),
+        create(
+            "c",
+            spec_json(
+                &["true"],
+                &SpecOptions { resources: Some(r#"{"memory":{"limit":1048576}}"#.into()), ..Default::default() },
+            ),
+            root(),
+        ),
         "cgroup",
     )?;
     create("c", ok_spec(), root())?;
@@ -291,11 +312,18 @@ fn bad_requests_get_clear_errors_and_the_agent_stays() -> anyhow::Result<()> {
             .map_err(rpc_error),
         "not Running",
     )?;
-    expect_err("stats on a v1 host", a.client.stats_container(ctx(), &container("c")).map(|_| ()).map_err(rpc_error), "cgroup v2")?;
+    expect_err(
+        "stats on a v1 host",
+        a.client.stats_container(ctx(), &container("c")).map(|_| ()).map_err(rpc_error),
+        "cgroup v2",
+    )?;
     expect_err(
         "a bad signal",
         a.client
-            .signal_process(ctx(), &SignalProcessRequest { container_id: "c".into(), signal: 999, ..Default::default() })
+            .signal_process(
+                ctx(),
+                &SignalProcessRequest { container_id: "c".into(), signal: 999, ..Default::default() },
+            )
             .map(|_| ())
             .map_err(rpc_error),
         "999",
@@ -315,8 +343,15 @@ fn interfaces_and_routes_through_netlink() -> anyhow::Result<()> {
     let a = start_host_agent_in(Path::new(AGENT), "net", Some(&ns.0))?;
     let address = |ip: &str, len: u32| IPAddress { address: ip.into(), prefix_len: len, ..Default::default() };
     let update = |addresses: Vec<IPAddress>, mtu: u32| UpdateInterfaceRequest {
-        interface: Some(Interface { name: "eth0".into(), hw_addr: MAC.into(), addresses, mtu, up: true, ..Default::default() })
-            .into(),
+        interface: Some(Interface {
+            name: "eth0".into(),
+            hw_addr: MAC.into(),
+            addresses,
+            mtu,
+            up: true,
+            ..Default::default()
+        })
+        .into(),
         ..Default::default()
     };
 
@@ -332,8 +367,16 @@ fn interfaces_and_routes_through_netlink() -> anyhow::Result<()> {
     ensure!(shown.contains("mtu 1400") && shown.contains("inet 10.9.8.7/24") && shown.contains("UP"), "{shown}");
 
     // Routes: a default and a subnet through gateways.
-    let route = |dest: &str, gateway: &str| Route { dest: dest.into(), gateway: gateway.into(), device: "eth0".into(), ..Default::default() };
-    let routes = |list: Vec<Route>| UpdateRoutesRequest { routes: Some(Routes { routes: list, ..Default::default() }).into(), ..Default::default() };
+    let route = |dest: &str, gateway: &str| Route {
+        dest: dest.into(),
+        gateway: gateway.into(),
+        device: "eth0".into(),
+        ..Default::default()
+    };
+    let routes = |list: Vec<Route>| UpdateRoutesRequest {
+        routes: Some(Routes { routes: list, ..Default::default() }).into(),
+        ..Default::default()
+    };
     let got = a
         .client
         .update_routes(ctx(), &routes(vec![route("default", "10.9.8.1"), route("192.168.50.0/24", "10.9.8.2")]))
@@ -341,7 +384,10 @@ fn interfaces_and_routes_through_netlink() -> anyhow::Result<()> {
         .routes;
     ensure!(got.iter().any(|r| r.dest == "default" && r.gateway == "10.9.8.1" && r.device == "eth0"), "{got:?}");
     let shown = ns.ip(&["route"])?;
-    ensure!(shown.contains("default via 10.9.8.1 dev eth0") && shown.contains("192.168.50.0/24 via 10.9.8.2 dev eth0"), "{shown}");
+    ensure!(
+        shown.contains("default via 10.9.8.1 dev eth0") && shown.contains("192.168.50.0/24 via 10.9.8.2 dev eth0"),
+        "{shown}"
+    );
 
     // Replacing: the default route goes, the other stays; the old address
     // goes, the new one comes.
@@ -351,7 +397,8 @@ fn interfaces_and_routes_through_netlink() -> anyhow::Result<()> {
     a.client.update_interface(ctx(), &update(vec![address("10.9.8.8", 24)], 0)).map_err(rpc_error)?;
     let listed = a.client.list_interfaces(ctx(), &Empty::new()).map_err(rpc_error)?.interfaces;
     let eth0 = listed.iter().find(|i| i.name == "eth0").context("eth0 not listed")?;
-    let v4: Vec<&str> = eth0.addresses.iter().filter(|a| !a.address.contains(':')).map(|a| a.address.as_str()).collect();
+    let v4: Vec<&str> =
+        eth0.addresses.iter().filter(|a| !a.address.contains(':')).map(|a| a.address.as_str()).collect();
     ensure!(v4 == ["10.9.8.8"] && eth0.mtu == 1400, "{eth0:?}");
     ensure!(listed.iter().any(|i| i.name == "lo"), "lo not listed: {listed:?}");
     let listed = a.client.list_routes(ctx(), &Empty::new()).map_err(rpc_error)?.routes;
@@ -363,8 +410,14 @@ fn interfaces_and_routes_through_netlink() -> anyhow::Result<()> {
         ensure!(e.contains(want), "{e:?} does not say {want:?}");
         Ok(())
     };
-    err(a.client.update_interface(ctx(), &update(vec![address("999.1.1.1", 24)], 0)).map(|_| ()).map_err(rpc_error), "999.1.1.1")?;
-    err(a.client.update_interface(ctx(), &update(vec![address("10.1.1.1", 40)], 0)).map(|_| ()).map_err(rpc_error), "prefix length 40")?;
+    err(
+        a.client.update_interface(ctx(), &update(vec![address("999.1.1.1", 24)], 0)).map(|_| ()).map_err(rpc_error),
+        "999.1.1.1",
+    )?;
+    err(
+        a.client.update_interface(ctx(), &update(vec![address("10.1.1.1", 40)], 0)).map(|_| ()).map_err(rpc_error),
+        "prefix length 40",
+    )?;
     let mut ghost = update(vec![], 0);
     ghost.interface.as_mut().context("interface")?.hw_addr = "02:00:00:00:00:99".into();
     err(a.client.update_interface(ctx(), &ghost).map(|_| ()).map_err(rpc_error), "02:00:00:00:00:99")?;
@@ -385,7 +438,10 @@ fn main() {
             trial("image_symlinks_stay_inside_the_root", image_symlinks_stay_inside_the_root),
             trial("exec_ps_stdin_and_users", exec_ps_stdin_and_users),
             trial("a_terminal_when_asked", a_terminal_when_asked),
-            trial("bad_requests_get_clear_errors_and_the_agent_stays", bad_requests_get_clear_errors_and_the_agent_stays),
+            trial(
+                "bad_requests_get_clear_errors_and_the_agent_stays",
+                bad_requests_get_clear_errors_and_the_agent_stays,
+            ),
         ],
     );
     // It makes a veth pair in a network namespace of its own.

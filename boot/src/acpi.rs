@@ -2,12 +2,12 @@
 //! IOAPIC. Distribution kernels are built without MP-table parsing, so the
 //! MADT is how they learn how many CPUs exist.
 
+use acpi_tables::aml::{Device, Interrupt, Memory32Fixed, Name, Path, ResourceTemplate, Scope};
 use acpi_tables::fadt::{FADTBuilder, Flags};
 use acpi_tables::madt::{EnabledStatus, IoApic, LocalInterruptController, ProcessorLocalApic, MADT};
 use acpi_tables::rsdp::Rsdp;
 use acpi_tables::sdt::Sdt;
 use acpi_tables::xsdt::XSDT;
-use acpi_tables::aml::{Device, Interrupt, Memory32Fixed, Name, Path, ResourceTemplate, Scope};
 use acpi_tables::Aml;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
@@ -30,12 +30,7 @@ fn to_bytes(table: &dyn Aml) -> Vec<u8> {
 /// The MADT for `vcpus` CPUs (APIC IDs 0..vcpus) and one IOAPIC (ID = vcpus,
 /// so no ID is shared, GSI base 0).
 pub fn madt(vcpus: u8) -> Vec<u8> {
-    let mut madt = MADT::new(
-        OEM_ID,
-        OEM_TABLE_ID,
-        OEM_REVISION,
-        LocalInterruptController::Address(LAPIC_ADDR as u32),
-    );
+    let mut madt = MADT::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION, LocalInterruptController::Address(LAPIC_ADDR as u32));
     for id in 0..vcpus {
         madt.add_structure(ProcessorLocalApic::new(id, id, EnabledStatus::Enabled));
     }
@@ -71,16 +66,15 @@ pub fn dsdt(devices: &[VirtioMmioDevice]) -> Vec<u8> {
     let uids: Vec<Name> = (0..devices.len()).map(|i| Name::new("_UID".into(), &(i as u32))).collect();
     let resources: Vec<(Memory32Fixed, Interrupt)> = devices
         .iter()
-        .map(|d| (Memory32Fixed::new(true, d.addr as u32, d.len as u32), Interrupt::new(true, true, false, false, d.irq)))
+        .map(|d| {
+            (Memory32Fixed::new(true, d.addr as u32, d.len as u32), Interrupt::new(true, true, false, false, d.irq))
+        })
         .collect();
     let templates: Vec<ResourceTemplate> =
         resources.iter().map(|(m, i)| ResourceTemplate::new(vec![m as &dyn Aml, i as &dyn Aml])).collect();
     let crs: Vec<Name> = templates.iter().map(|t| Name::new("_CRS".into(), t)).collect();
-    let aml_devices: Vec<Device> = names
-        .iter()
-        .enumerate()
-        .map(|(i, n)| Device::new(Path::new(n), vec![&hid, &uids[i], &crs[i]]))
-        .collect();
+    let aml_devices: Vec<Device> =
+        names.iter().enumerate().map(|(i, n)| Device::new(Path::new(n), vec![&hid, &uids[i], &crs[i]])).collect();
     let children: Vec<&dyn Aml> = aml_devices.iter().map(|d| d as &dyn Aml).collect();
     let mut body = Vec::new();
     Scope::new("\\_SB_".into(), children).to_aml_bytes(&mut body);
@@ -115,15 +109,10 @@ pub fn write_acpi_tables(mem: &GuestMemoryMmap, vcpus: u8, virtio: &[VirtioMmioD
     }
     let rsdp = to_bytes(&Rsdp::new(OEM_ID, xsdt_addr));
 
-    for (addr, bytes) in [
-        (rsdp_addr, &rsdp),
-        (dsdt_addr, &dsdt),
-        (fadt_addr, &fadt),
-        (madt_addr, &madt),
-        (xsdt_addr, &xsdt),
-    ] {
-        mem.write_slice(bytes, GuestAddress(addr))
-            .map_err(|_| BootError::WriteBootStructure("ACPI tables"))?;
+    for (addr, bytes) in
+        [(rsdp_addr, &rsdp), (dsdt_addr, &dsdt), (fadt_addr, &fadt), (madt_addr, &madt), (xsdt_addr, &xsdt)]
+    {
+        mem.write_slice(bytes, GuestAddress(addr)).map_err(|_| BootError::WriteBootStructure("ACPI tables"))?;
     }
     Ok(rsdp_addr)
 }
@@ -200,10 +189,7 @@ mod tests {
         let xsdt_addr = u64::from_le_bytes(rsdp[24..32].try_into().unwrap());
         let xsdt = table(&mem, xsdt_addr);
         assert_eq!((&xsdt[0..4], sum(&xsdt)), (&b"XSDT"[..], 0));
-        let entries: Vec<u64> = xsdt[36..]
-            .chunks_exact(8)
-            .map(|c| u64::from_le_bytes(c.try_into().unwrap()))
-            .collect();
+        let entries: Vec<u64> = xsdt[36..].chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().unwrap())).collect();
         let sigs: Vec<Vec<u8>> = entries.iter().map(|a| table(&mem, *a)[0..4].to_vec()).collect();
         assert_eq!(sigs, [b"FACP".to_vec(), b"APIC".to_vec()]);
         let fadt = table(&mem, entries[0]);

@@ -5,10 +5,7 @@
 use kvm_bindings::{kvm_regs, kvm_segment, kvm_sregs};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-use crate::layout::{
-    BOOT_STACK_TOP, GDT_ADDR, IDT_ADDR, PD_ADDR, PDPT_ADDR, PML4_ADDR, PVH_INFO_ADDR,
-    ZERO_PAGE_ADDR,
-};
+use crate::layout::{BOOT_STACK_TOP, GDT_ADDR, IDT_ADDR, PDPT_ADDR, PD_ADDR, PML4_ADDR, PVH_INFO_ADDR, ZERO_PAGE_ADDR};
 use crate::BootError;
 
 /// How the guest is entered.
@@ -97,8 +94,7 @@ pub fn write_gdt(mem: &GuestMemoryMmap) -> Result<(), BootError> {
         mem.write_obj(*entry, GuestAddress(GDT_ADDR + 8 * i as u64))
             .map_err(|_| BootError::WriteBootStructure("GDT"))?;
     }
-    mem.write_obj(0u64, GuestAddress(IDT_ADDR))
-        .map_err(|_| BootError::WriteBootStructure("IDT"))
+    mem.write_obj(0u64, GuestAddress(IDT_ADDR)).map_err(|_| BootError::WriteBootStructure("IDT"))
 }
 
 /// Writes identity page tables mapping the first GiB with 2 MiB pages,
@@ -117,11 +113,7 @@ pub fn write_page_tables(mem: &GuestMemoryMmap) -> Result<(), BootError> {
 /// General registers at the entry point. Only the boot vCPU gets them: the
 /// others wait for INIT/SIPI from the guest.
 pub fn boot_regs(entry: EntryPoint) -> kvm_regs {
-    let mut regs = kvm_regs {
-        rflags: 0x2,
-        rip: entry.addr(),
-        ..Default::default()
-    };
+    let mut regs = kvm_regs { rflags: 0x2, rip: entry.addr(), ..Default::default() };
     match entry {
         EntryPoint::Linux64(_) => {
             regs.rsp = BOOT_STACK_TOP;

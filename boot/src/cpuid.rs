@@ -44,10 +44,7 @@ pub fn vcpu_cpuid(supported: &[kvm_cpuid_entry2], vcpu: u8, vcpus: u8) -> Vec<kv
     let mut entries: Vec<kvm_cpuid_entry2> = supported.to_vec();
     let apic_id = u32::from(vcpu);
     let count = u32::from(vcpus.max(1));
-    let max_basic = entries
-        .iter()
-        .find(|e| e.function == LEAF_VENDOR)
-        .map_or(0, |e| e.eax);
+    let max_basic = entries.iter().find(|e| e.function == LEAF_VENDOR).map_or(0, |e| e.eax);
 
     // Leaves 0xb and 0x1f need one entry per level; KVM may report them
     // empty. Rebuild them whole.

@@ -112,11 +112,7 @@ pub fn memory_map(mem_size: u64) -> Vec<MemoryMapEntry> {
         let start_above_1m = start.max(HIMEM_START);
         let end = start + len;
         if end > start_above_1m {
-            map.push(MemoryMapEntry {
-                addr: start_above_1m,
-                size: end - start_above_1m,
-                kind: E820_RAM,
-            });
+            map.push(MemoryMapEntry { addr: start_above_1m, size: end - start_above_1m, kind: E820_RAM });
         }
     }
     map

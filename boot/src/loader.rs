@@ -86,8 +86,7 @@ fn load_elf(mem: &GuestMemoryMmap, kernel: &mut File, head: &[u8; 64]) -> Result
             head[4]
         )));
     }
-    let result = Elf::load(mem, None, kernel, Some(GuestAddress(HIMEM_START)))
-        .map_err(BootError::LoadKernel)?;
+    let result = Elf::load(mem, None, kernel, Some(GuestAddress(HIMEM_START))).map_err(BootError::LoadKernel)?;
     let entry = match result.pvh_boot_cap {
         PvhBootCapability::PvhEntryPresent(addr) => EntryPoint::Pvh(addr.0),
         _ => EntryPoint::Linux64(result.kernel_load.0),
@@ -98,7 +97,8 @@ fn load_elf(mem: &GuestMemoryMmap, kernel: &mut File, head: &[u8; 64]) -> Result
 fn load_bzimage(mem: &GuestMemoryMmap, kernel: &mut File) -> Result<LoadedKernel, BootError> {
     let mut header = vec![0u8; SETUP_HEADER_LEN];
     let len = read_at_most(kernel, SETUP_HEADER_OFFSET as u64, &mut header)?;
-    let field = |off: usize| u16::from_le_bytes([header[off - SETUP_HEADER_OFFSET], header[off + 1 - SETUP_HEADER_OFFSET]]);
+    let field =
+        |off: usize| u16::from_le_bytes([header[off - SETUP_HEADER_OFFSET], header[off + 1 - SETUP_HEADER_OFFSET]]);
     if len < SETUP_HEADER_LEN || header[0x202 - SETUP_HEADER_OFFSET..][..4] != *b"HdrS" {
         return Err(BootError::KernelFormat);
     }
@@ -173,6 +173,5 @@ pub fn write_cmdline(mem: &GuestMemoryMmap, cmdline: &str, max: usize) -> Result
     let mut bytes = Vec::with_capacity(cmdline.len() + 1);
     bytes.extend_from_slice(cmdline.as_bytes());
     bytes.push(0);
-    mem.write_slice(&bytes, GuestAddress(CMDLINE_ADDR))
-        .map_err(|_| BootError::WriteBootStructure("command line"))
+    mem.write_slice(&bytes, GuestAddress(CMDLINE_ADDR)).map_err(|_| BootError::WriteBootStructure("command line"))
 }

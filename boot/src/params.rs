@@ -5,8 +5,7 @@
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use crate::layout::{
-    memory_map, MemoryMapEntry, CMDLINE_ADDR, PVH_INFO_ADDR, PVH_MEMMAP_ADDR, PVH_MODLIST_ADDR,
-    ZERO_PAGE_ADDR,
+    memory_map, MemoryMapEntry, CMDLINE_ADDR, PVH_INFO_ADDR, PVH_MEMMAP_ADDR, PVH_MODLIST_ADDR, ZERO_PAGE_ADDR,
 };
 use crate::loader::SETUP_HEADER_OFFSET;
 use crate::BootError;
@@ -96,8 +95,7 @@ fn e820_bytes(e: &MemoryMapEntry) -> [u8; 20] {
 /// Writes `boot_params` at `ZERO_PAGE_ADDR`.
 pub fn write_zero_page(mem: &GuestMemoryMmap, setup_header: Option<&[u8]>, info: &BootInfo) -> Result<(), BootError> {
     let page = zero_page(setup_header, info)?;
-    mem.write_slice(&page, GuestAddress(ZERO_PAGE_ADDR))
-        .map_err(|_| BootError::WriteBootStructure("boot_params"))
+    mem.write_slice(&page, GuestAddress(ZERO_PAGE_ADDR)).map_err(|_| BootError::WriteBootStructure("boot_params"))
 }
 
 /// `hvm_start_info` magic ("xEn3" with the high bit of the last byte clear).

@@ -54,11 +54,7 @@ impl Bus {
     /// Places `device` at `[base, base + len)`.
     pub fn insert(&mut self, device: Arc<Mutex<dyn BusDevice>>, base: u64, len: u64) -> Result<(), BusError> {
         let end = base.checked_add(len).filter(|_| len > 0).ok_or(BusError::InvalidRange { base, len })?;
-        let clashes_below = self
-            .ranges
-            .range(..=base)
-            .next_back()
-            .is_some_and(|(b, r)| b + r.len > base);
+        let clashes_below = self.ranges.range(..=base).next_back().is_some_and(|(b, r)| b + r.len > base);
         let clashes_above = self.ranges.range(base..end).next().is_some();
         if clashes_below || clashes_above {
             return Err(BusError::Overlap { base, len });

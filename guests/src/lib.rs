@@ -56,12 +56,7 @@ pub enum Program {
 
 impl Program {
     /// Every program.
-    pub const ALL: [Program; 4] = [
-        Program::Hello,
-        Program::Report,
-        Program::Spin,
-        Program::Virtio,
-    ];
+    pub const ALL: [Program; 4] = [Program::Hello, Program::Report, Program::Spin, Program::Virtio];
 }
 
 /// The file format (and so the boot protocol) of a guest image.
@@ -151,9 +146,7 @@ mod tests {
     const XEN_ELFNOTE_PHYS32_ENTRY: u32 = 18;
 
     fn elf_formats() -> impl Iterator<Item = (Program, Format)> {
-        Program::ALL
-            .into_iter()
-            .flat_map(|p| [(p, Format::Pvh), (p, Format::Linux64Elf)])
+        Program::ALL.into_iter().flat_map(|p| [(p, Format::Pvh), (p, Format::Linux64Elf)])
     }
 
     fn headers(image: &[u8]) -> Vec<ProgramHeader> {
@@ -170,10 +163,7 @@ mod tests {
     }
 
     fn load_segment(image: &[u8]) -> ProgramHeader {
-        let loads: Vec<_> = headers(image)
-            .into_iter()
-            .filter(|h| h.kind == PT_LOAD)
-            .collect();
+        let loads: Vec<_> = headers(image).into_iter().filter(|h| h.kind == PT_LOAD).collect();
         assert_eq!(loads.len(), 1, "one PT_LOAD segment: {loads:?}");
         loads[0]
     }
@@ -194,11 +184,7 @@ mod tests {
     fn elf_images_are_x86_64_and_loaded_at_1_mib() {
         for (program, format) in elf_formats() {
             let image = image(program, format);
-            assert_eq!(
-                elf::machine(image),
-                Some(EM_X86_64),
-                "{program:?} {format:?}"
-            );
+            assert_eq!(elf::machine(image), Some(EM_X86_64), "{program:?} {format:?}");
             let load = load_segment(image);
             assert_eq!(load.paddr, LOAD_ADDR, "{program:?} {format:?}");
             assert!(load.memsz >= load.filesz);
@@ -220,10 +206,7 @@ mod tests {
     fn entry_points() {
         for program in Program::ALL {
             assert_eq!(elf::entry(image(program, Format::Pvh)), Some(ENTRY32));
-            assert_eq!(
-                elf::entry(image(program, Format::Linux64Elf)),
-                Some(ENTRY64)
-            );
+            assert_eq!(elf::entry(image(program, Format::Linux64Elf)), Some(ENTRY64));
         }
     }
 
@@ -237,10 +220,7 @@ mod tests {
             assert_eq!(notes[0].desc, &(ENTRY32 as u32).to_le_bytes());
 
             let linux = image(program, Format::Linux64Elf);
-            assert!(
-                headers(linux).iter().all(|h| h.kind != PT_NOTE),
-                "{program:?}"
-            );
+            assert!(headers(linux).iter().all(|h| h.kind != PT_NOTE), "{program:?}");
         }
     }
 
@@ -250,10 +230,7 @@ mod tests {
     fn pvh_note_is_4_byte_aligned() {
         for program in Program::ALL {
             let pvh = image(program, Format::Pvh);
-            let note = headers(pvh)
-                .into_iter()
-                .find(|h| h.kind == PT_NOTE)
-                .unwrap();
+            let note = headers(pvh).into_iter().find(|h| h.kind == PT_NOTE).unwrap();
             assert_eq!(note.align, 4, "{program:?}");
         }
     }
@@ -271,26 +248,16 @@ mod tests {
             assert!(u16_at(bz, 0x206) >= 0x020c, "version");
             assert_eq!(bz[0x211] & 1, 1, "loadflags LOADED_HIGH");
             assert_eq!(u32_at(bz, 0x214), LOAD_ADDR as u32, "code32_start");
-            assert_eq!(
-                u32_at(bz, 0x1f4) as usize,
-                kernel_len.div_ceil(16),
-                "syssize"
-            );
+            assert_eq!(u32_at(bz, 0x1f4) as usize, kernel_len.div_ceil(16), "syssize");
             assert_eq!(bz[0x234], 0, "not relocatable");
             assert_eq!(u32_at(bz, 0x230), 0x10_0000, "kernel_alignment");
             assert_eq!(u16_at(bz, 0x236) & 1, 1, "xloadflags XLF_KERNEL_64");
             assert_eq!(u32_at(bz, 0x238), 4095, "cmdline_size");
             assert_eq!(u64_at(bz, 0x258), LOAD_ADDR, "pref_address");
             let init_size = u32_at(bz, 0x260) as usize;
-            assert!(
-                init_size >= kernel_len && init_size % 4096 == 0,
-                "init_size {init_size:#x}"
-            );
+            assert!(init_size >= kernel_len && init_size % 4096 == 0, "init_size {init_size:#x}");
             let version = 0x200 + usize::from(u16_at(bz, 0x20e));
-            assert!(
-                bz[version..].starts_with(b"vessel-guests "),
-                "kernel_version"
-            );
+            assert!(bz[version..].starts_with(b"vessel-guests "), "kernel_version");
         }
     }
 
@@ -303,17 +270,9 @@ mod tests {
             let kernel = &bz[(usize::from(bz[0x1f1]) + 1) * 512..];
             let elf_image = image(program, Format::Linux64Elf);
             let load = load_segment(elf_image);
-            assert_eq!(
-                kernel,
-                elf::segment_bytes(elf_image, &load).unwrap(),
-                "{program:?}"
-            );
+            assert_eq!(kernel, elf::segment_bytes(elf_image, &load).unwrap(), "{program:?}");
             let footprint = elf::load_end(elf_image).unwrap() - LOAD_ADDR;
-            assert_eq!(
-                u64::from(u32_at(bz, 0x260)),
-                footprint.next_multiple_of(4096),
-                "{program:?}"
-            );
+            assert_eq!(u64::from(u32_at(bz, 0x260)), footprint.next_multiple_of(4096), "{program:?}");
         }
     }
 
@@ -324,29 +283,20 @@ mod tests {
         for program in Program::ALL {
             let bz = image(program, Format::BzImage);
             let kernel = &bz[(usize::from(bz[0x1f1]) + 1) * 512..];
-            assert_eq!(
-                kernel[0x1ff], 0xf4,
-                "{program:?}: hlt padding before entry64"
-            );
+            assert_eq!(kernel[0x1ff], 0xf4, "{program:?}: hlt padding before entry64");
             assert_ne!(kernel[0x200], 0xf4, "{program:?}: code at entry64");
         }
     }
 
     #[test]
     fn file_names_are_distinct() {
-        let mut names: Vec<_> = Program::ALL
-            .into_iter()
-            .flat_map(|p| Format::ALL.map(|f| file_name(p, f)))
-            .collect();
+        let mut names: Vec<_> = Program::ALL.into_iter().flat_map(|p| Format::ALL.map(|f| file_name(p, f))).collect();
         names.sort_unstable();
         names.dedup();
         assert_eq!(names.len(), Program::ALL.len() * Format::ALL.len());
         assert_eq!(file_name(Program::Report, Format::Pvh), "report-pvh.elf");
         assert_eq!(file_name(Program::Hello, Format::BzImage), "hello.bzimage");
-        assert_eq!(
-            file_name(Program::Virtio, Format::Linux64Elf),
-            "virtio-linux64.elf"
-        );
+        assert_eq!(file_name(Program::Virtio, Format::Linux64Elf), "virtio-linux64.elf");
     }
 
     #[test]

@@ -105,9 +105,8 @@ fn manifest(layout: &Path) -> Result<(PathBuf, serde_json::Value), OciError> {
             .as_array()
             .filter(|m| !m.is_empty())
             .ok_or_else(|| OciError::Json(index_path.clone(), "no manifests".into()))?;
-        let amd64 = manifests.iter().find(|m| {
-            m.pointer("/platform/architecture").and_then(|a| a.as_str()) == Some("amd64")
-        });
+        let amd64 =
+            manifests.iter().find(|m| m.pointer("/platform/architecture").and_then(|a| a.as_str()) == Some("amd64"));
         let chosen = amd64.unwrap_or(&manifests[0]);
         let digest = str_field(chosen, "digest", &index_path)?;
         let path = verify(layout, digest)?;
@@ -188,9 +187,8 @@ fn apply_layer(reader: impl Read, dest: &Path, digest: &str) -> Result<(), OciEr
         };
         let removed = match hidden {
             // Opaque directory: nothing from lower layers shows through.
-            None => fs::read_dir(&parent).and_then(|children| {
-                children.into_iter().try_for_each(|child| remove(&child?.path()))
-            }),
+            None => fs::read_dir(&parent)
+                .and_then(|children| children.into_iter().try_for_each(|child| remove(&child?.path()))),
             Some(hidden) => {
                 if !matches!(Path::new(hidden).components().collect::<Vec<_>>()[..], [Component::Normal(_)]) {
                     return Err(escape(&path));
@@ -240,10 +238,8 @@ mod tests {
         }
 
         fn image(&self, layers: &[(String, &str)]) {
-            let layers: Vec<String> = layers
-                .iter()
-                .map(|(d, t)| format!(r#"{{"mediaType":"{t}","digest":"{d}","size":0}}"#))
-                .collect();
+            let layers: Vec<String> =
+                layers.iter().map(|(d, t)| format!(r#"{{"mediaType":"{t}","digest":"{d}","size":0}}"#)).collect();
             let manifest = format!(r#"{{"schemaVersion":2,"layers":[{}]}}"#, layers.join(","));
             let digest = self.blob(manifest.as_bytes());
             let index = format!(
@@ -284,7 +280,12 @@ mod tests {
     fn layers_apply_in_order_with_whiteouts() {
         let l = Layout::new("ok");
         let base = l.blob(&gzip(&tar_of(&[("etc/os", b"base\n"), ("etc/gone", b"x"), ("var/cache/a", b"a")])));
-        let top = l.blob(&tar_of(&[("etc/os", b"top\n"), ("etc/.wh.gone", b""), ("var/cache/.wh..wh..opq", b""), ("var/cache/b", b"b")]));
+        let top = l.blob(&tar_of(&[
+            ("etc/os", b"top\n"),
+            ("etc/.wh.gone", b""),
+            ("var/cache/.wh..wh..opq", b""),
+            ("var/cache/b", b"b"),
+        ]));
         l.image(&[(base, TGZ), (top, TAR)]);
         assert!(is_layout(&l.0));
         let dest = l.0.join("rootfs");

@@ -110,8 +110,14 @@ mod tests {
     #[test]
     fn bars_render() {
         assert_eq!(render("kernel", 0, Some(4 << 20)), format!("kernel [>{}] 0.0/4.0 MiB   0%", " ".repeat(WIDTH - 1)));
-        assert_eq!(render("kernel", 2 << 20, Some(4 << 20)), format!("kernel [{}>{}] 2.0/4.0 MiB  50%", "=".repeat(15), " ".repeat(14)));
-        assert_eq!(render("kernel", 4 << 20, Some(4 << 20)), format!("kernel [{}] 4.0/4.0 MiB 100%", "=".repeat(WIDTH)));
+        assert_eq!(
+            render("kernel", 2 << 20, Some(4 << 20)),
+            format!("kernel [{}>{}] 2.0/4.0 MiB  50%", "=".repeat(15), " ".repeat(14))
+        );
+        assert_eq!(
+            render("kernel", 4 << 20, Some(4 << 20)),
+            format!("kernel [{}] 4.0/4.0 MiB 100%", "=".repeat(WIDTH))
+        );
         assert_eq!(render("kernel", 3 << 20, None), "kernel 3.0 MiB");
     }
 }

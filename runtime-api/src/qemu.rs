@@ -93,7 +93,8 @@ impl TcgMachine {
 /// one device, so two devices of one model get two IDs.
 fn socket_id(socket: &std::path::Path) -> String {
     let name = socket.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    let name: String = name.chars().map(|c| if c.is_ascii_alphanumeric() || "-._".contains(c) { c } else { '_' }).collect();
+    let name: String =
+        name.chars().map(|c| if c.is_ascii_alphanumeric() || "-._".contains(c) { c } else { '_' }).collect();
     format!("vu-{name}")
 }
 

@@ -60,7 +60,8 @@ impl HostSide {
         let listener = self.listen(port)?;
         let path = link::port_path(&self.prefix, port);
         let handle = std::thread::spawn(move || {
-            let mut conn = link::accept_within(&listener, &path, RPC_TIMEOUT, || None).context("accepting a stdio stream")?;
+            let mut conn =
+                link::accept_within(&listener, &path, RPC_TIMEOUT, || None).context("accepting a stdio stream")?;
             conn.set_read_timeout(Some(RPC_TIMEOUT))?;
             let mut out = Vec::new();
             conn.read_to_end(&mut out).context("reading a stdio stream")?;
@@ -75,7 +76,12 @@ impl HostSide {
         let port = self.port();
         let listener = self.listen(port)?;
         let path = link::port_path(&self.prefix, port);
-        Ok((port, std::thread::spawn(move || link::accept_within(&listener, &path, RPC_TIMEOUT, || None).context("accepting a stdin stream"))))
+        Ok((
+            port,
+            std::thread::spawn(move || {
+                link::accept_within(&listener, &path, RPC_TIMEOUT, || None).context("accepting a stdin stream")
+            }),
+        ))
     }
 
     /// Waits for the agent's readiness line on `listener`, returning its

@@ -51,6 +51,10 @@ pub fn workspace_binary(name: &str) -> std::path::PathBuf {
     let exe = std::env::current_exe().expect("the running test's own path");
     let profile_dir = exe.parent().and_then(Path::parent).expect("the test runs from target/<profile>/deps");
     let binary = profile_dir.join(name);
-    assert!(binary.is_file(), "{} is not built: run `cargo build --workspace --bins` first (scripts/test.sh does)", binary.display());
+    assert!(
+        binary.is_file(),
+        "{} is not built: run `cargo build --workspace --bins` first (scripts/test.sh does)",
+        binary.display()
+    );
     binary
 }

@@ -15,7 +15,9 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use guests::{Format, Program};
-use vmm::{BootSourceConfig, ConsoleOutput, DeviceConfig, ExitReason, MachineConfig, PrebootAction, VmStats, Vmm, VmmHandle};
+use vmm::{
+    BootSourceConfig, ConsoleOutput, DeviceConfig, ExitReason, MachineConfig, PrebootAction, VmStats, Vmm, VmmHandle,
+};
 
 /// Why KVM tests cannot run on this machine, or None if they can.
 pub fn kvm_unavailable() -> Option<String> {
@@ -144,7 +146,12 @@ pub fn start_kernel_with(kernel: &Path, opts: &BootOptions, devices: &[DeviceCon
     start(kernel, None, opts, devices)
 }
 
-fn start(kernel: &Path, initrd: Option<PathBuf>, opts: &BootOptions, devices: &[DeviceConfig]) -> anyhow::Result<RunningGuest> {
+fn start(
+    kernel: &Path,
+    initrd: Option<PathBuf>,
+    opts: &BootOptions,
+    devices: &[DeviceConfig],
+) -> anyhow::Result<RunningGuest> {
     let console = Console::default();
     let mut vmm = Vmm::new();
     vmm.handle(PrebootAction::ConfigureMachine(MachineConfig {

@@ -24,7 +24,10 @@ impl NetNs {
 
     /// Runs `f` on a thread that entered the namespace (the rest of the
     /// process stays where it is): what it opens, a TAP say, lives there.
-    pub fn within<T: Send + 'static>(&self, f: impl FnOnce() -> anyhow::Result<T> + Send + 'static) -> anyhow::Result<T> {
+    pub fn within<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> anyhow::Result<T> + Send + 'static,
+    ) -> anyhow::Result<T> {
         let path = format!("/var/run/netns/{}", self.0);
         std::thread::spawn(move || -> anyhow::Result<T> {
             let ns = std::fs::File::open(&path).with_context(|| format!("opening {path}"))?;

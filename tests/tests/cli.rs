@@ -48,8 +48,21 @@ fn boot_with_console_file_initrd_and_stats() -> TestResult {
     let initrd = dir.write("initrd", &[1u8; 4096])?;
     let console = dir.path().join("console.log");
     let out = vessel(&[
-        "vm", "boot", "--kernel", &kernel, "--vcpus", "2", "--mem", "32", "--cmdline", "from the cli",
-        "--initrd", &initrd.to_string_lossy(), "--console", &console.to_string_lossy(), "--stats",
+        "vm",
+        "boot",
+        "--kernel",
+        &kernel,
+        "--vcpus",
+        "2",
+        "--mem",
+        "32",
+        "--cmdline",
+        "from the cli",
+        "--initrd",
+        &initrd.to_string_lossy(),
+        "--console",
+        &console.to_string_lossy(),
+        "--stats",
     ])?;
     let stderr = text(&out.stderr);
     ensure!(out.status.success(), "exit {:?}: {stderr}", out.status);
@@ -146,7 +159,11 @@ fn image_rootfs_packs_a_directory() -> TestResult {
     let cat = Command::new("debugfs").args(["-R", "cat /etc/hello"]).arg(&img).output()?;
     ensure!(text(&cat.stdout) == "hello from the rootfs\n", "debugfs read {:?}", text(&cat.stdout));
     let out = vessel(&["image", "rootfs", "--from", "/nonexistent/dir", "--out", &img.to_string_lossy()])?;
-    ensure!(out.status.code() == Some(1) && text(&out.stderr).contains("/nonexistent/dir is not a directory"), "{}", text(&out.stderr));
+    ensure!(
+        out.status.code() == Some(1) && text(&out.stderr).contains("/nonexistent/dir is not a directory"),
+        "{}",
+        text(&out.stderr)
+    );
     Ok(())
 }
 
@@ -175,7 +192,10 @@ fn image_rootfs_from_an_oci_layout() -> TestResult {
     std::fs::write(&manifest_path, &manifest)?;
     let manifest_sha = sha(&manifest_path)?;
     std::fs::write(oci.join("blobs/sha256").join(&manifest_sha), &manifest)?;
-    std::fs::write(oci.join("index.json"), format!(r#"{{"schemaVersion":2,"manifests":[{{"digest":"sha256:{manifest_sha}"}}]}}"#))?;
+    std::fs::write(
+        oci.join("index.json"),
+        format!(r#"{{"schemaVersion":2,"manifests":[{{"digest":"sha256:{manifest_sha}"}}]}}"#),
+    )?;
     std::fs::write(oci.join("oci-layout"), r#"{"imageLayoutVersion":"1.0.0"}"#)?;
     let img = dir.path().join("rootfs.ext4");
     let out = vessel(&["image", "rootfs", "--from", &oci.to_string_lossy(), "--out", &img.to_string_lossy()])?;
@@ -365,7 +385,12 @@ fn sandbox_run_is_the_containers_output_and_status() -> TestResult {
         .spawn()?;
     std::io::Write::write_all(&mut child.stdin.take().context("stdin")?, b"shout\n")?;
     let out = child.wait_with_output()?;
-    ensure!(out.status.success() && text(&out.stdout) == "SHOUT\n", "-i: {:?} {}", text(&out.stdout), text(&out.stderr));
+    ensure!(
+        out.status.success() && text(&out.stdout) == "SHOUT\n",
+        "-i: {:?} {}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
     let missing = vessel(&["sandbox", "run", "--image", "/nonexistent", "--", "true"])?;
     ensure!(text(&missing.stderr).contains("vessel image build"), "{}", text(&missing.stderr));
     Ok(())

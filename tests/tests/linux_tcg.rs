@@ -14,15 +14,15 @@ use devices::virtio::vsock::{Vsock, VsockConfig};
 
 use anyhow::{ensure, Context};
 use libtest_mimic::{Arguments, Failed, Trial};
-use vessel_tests::harness::{e2fsprogs_unavailable, gate, trial};
 use resources::test_image::{test_initramfs, ExtraFile};
 use sha2::{Digest, Sha256};
-use vessel_tests::tier3::{
-    boot_linux_tcg, qemu_tcg_unavailable, test_kernel, vhost_user_device_args, LinuxOptions, LinuxRun,
-    Verdict, VIRTIO_MMIO,
-};
-use vessel_tests::pattern::{exchange, hex, pattern_sha256};
+use vessel_tests::harness::{e2fsprogs_unavailable, gate, trial};
 use vessel_tests::netns::NetNs;
+use vessel_tests::pattern::{exchange, hex, pattern_sha256};
+use vessel_tests::tier3::{
+    boot_linux_tcg, qemu_tcg_unavailable, test_kernel, vhost_user_device_args, LinuxOptions, LinuxRun, Verdict,
+    VIRTIO_MMIO,
+};
 use vessel_tests::TempDir;
 
 type TestResult = anyhow::Result<()>;
@@ -133,7 +133,11 @@ fn blk_roundtrip(backend: BlkBackend) -> TestResult {
         server.join().map_err(|_| anyhow::anyhow!("the vhost-user server panicked"))??;
         let reads = counters.read_ops.load(std::sync::atomic::Ordering::Relaxed);
         let writes = counters.write_ops.load(std::sync::atomic::Ordering::Relaxed);
-        ensure!(reads > 0 && writes > 0, "our backend served {reads} reads and {writes} writes: not ours?{}", run.context());
+        ensure!(
+            reads > 0 && writes > 0,
+            "our backend served {reads} reads and {writes} writes: not ours?{}",
+            run.context()
+        );
     }
     run.ensure_ok()?;
     let ctx = || run.context();
@@ -263,13 +267,19 @@ fn vessel_vhost_user_vsock() -> TestResult {
     let want_h2g = pattern_sha256(VSOCK_BYTES, 2);
     let (host_sent, host_got, host_n) = side.g2h.clone().context("no guest-initiated stream")?;
     ensure!(run.expect_value("g2h-sent-sha256")? == want_g2h, "guest sent something else{}", ctx());
-    ensure!(host_got == want_g2h && host_n == VSOCK_BYTES, "host received {host_n} bytes, sha {host_got}, want {want_g2h}");
+    ensure!(
+        host_got == want_g2h && host_n == VSOCK_BYTES,
+        "host received {host_n} bytes, sha {host_got}, want {want_g2h}"
+    );
     ensure!(host_sent == want_h2g, "host side pattern mismatch");
     ensure!(run.expect_value("g2h-recv-sha256")? == want_h2g, "guest received something else{}", ctx());
     ensure!(run.expect_value("g2h-recv-bytes")? == VSOCK_BYTES.to_string(), "guest got a short stream{}", ctx());
 
     let (h_sent, h_got, h_n) = side.h2g.clone().context("no host-initiated stream")?;
-    ensure!(h_got == pattern_sha256(VSOCK_BYTES, 3) && h_n == VSOCK_BYTES, "host-initiated: host received {h_n} bytes, sha {h_got}");
+    ensure!(
+        h_got == pattern_sha256(VSOCK_BYTES, 3) && h_n == VSOCK_BYTES,
+        "host-initiated: host received {h_n} bytes, sha {h_got}"
+    );
     ensure!(run.expect_value("h2g-recv-sha256")? == h_sent, "host-initiated: guest received something else{}", ctx());
 
     ensure!(run.expect_value("parallel-ok")? == VSOCK_PARALLEL.to_string(), "concurrent connections failed{}", ctx());

@@ -11,11 +11,11 @@ use devices::virtio::net::{Net, NetConfig, NET_HDR_LEN};
 use devices::virtio::{VirtioBackend, Wakeup};
 use libtest_mimic::Arguments;
 use vessel_tests::harness::{gate, trial};
+use vessel_tests::netns::{unavailable, NetNs};
 use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
 use virtio_queue::mock::MockSplitQueue;
 use virtio_queue::Queue;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
-use vessel_tests::netns::{unavailable, NetNs};
 
 const GUEST_MAC: [u8; 6] = [0x52, 0x54, 0x00, 0x76, 0x73, 0x6c];
 const GUEST_IP: [u8; 4] = [10, 77, 0, 2];
@@ -79,7 +79,8 @@ fn arp_round_trip() -> anyhow::Result<()> {
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
     let mut seen = 0u16;
     loop {
-        let mut poll = libc::pollfd { fd: net.backend_fd().context("no backend fd")?, events: libc::POLLIN, revents: 0 };
+        let mut poll =
+            libc::pollfd { fd: net.backend_fd().context("no backend fd")?, events: libc::POLLIN, revents: 0 };
         // SAFETY: poll on one valid pollfd for at most 500 ms.
         unsafe { libc::poll(&mut poll, 1, 500) };
         process(&mut net, Wakeup::Backend);

@@ -10,7 +10,9 @@ use anyhow::{ensure, Context};
 use guests::{Format, Program};
 use libtest_mimic::Arguments;
 use vessel_tests::harness::{gate, trial};
-use vessel_tests::{boot_guest, boot_kernel, kvm_unavailable, parse_report, start_guest, wait_until, BootOptions, TempDir};
+use vessel_tests::{
+    boot_guest, boot_kernel, kvm_unavailable, parse_report, start_guest, wait_until, BootOptions, TempDir,
+};
 use vmm::{ExitReason, VmmAction, VmmActionError, VmmData};
 
 type TestResult = anyhow::Result<()>;
@@ -52,11 +54,7 @@ fn check_report(format: Format, vcpus: u8) -> TestResult {
     ensure!(r.bad_checksums.is_empty(), "ACPI checksums failed: {:?}", r.bad_checksums);
     let ids: Vec<u64> = (0..u64::from(vcpus)).collect();
     ensure!(r.madt_lapics == ids, "MADT local APICs {:?}, want {ids:?}", r.madt_lapics);
-    ensure!(
-        r.madt_ioapic == Some((u64::from(vcpus), boot::layout::IOAPIC_ADDR)),
-        "MADT IOAPIC {:x?}",
-        r.madt_ioapic
-    );
+    ensure!(r.madt_ioapic == Some((u64::from(vcpus), boot::layout::IOAPIC_ADDR)), "MADT IOAPIC {:x?}", r.madt_ioapic);
     let mut up = r.cpus_up.clone();
     up.sort_unstable();
     ensure!(up == ids[1..], "APs that came up: {up:?}, want {:?}; {}", &ids[1..], ctx());
@@ -94,7 +92,12 @@ fn chain(e: &anyhow::Error) -> String {
 }
 
 /// Boots `kernel` (with `opts`) expecting a start error that mentions `want`.
-fn expect_start_error(kernel: &std::path::Path, initrd: Option<std::path::PathBuf>, opts: &BootOptions, want: &str) -> TestResult {
+fn expect_start_error(
+    kernel: &std::path::Path,
+    initrd: Option<std::path::PathBuf>,
+    opts: &BootOptions,
+    want: &str,
+) -> TestResult {
     match boot_kernel(kernel, initrd, opts) {
         Ok(run) => anyhow::bail!("booted ({:?}) instead of failing with {want:?}", run.exit),
         Err(e) => {
@@ -148,7 +151,12 @@ fn bad_machine_and_boot_source() -> TestResult {
     expect_start_error(&kernel, None, &BootOptions { vcpus: 255, ..base.clone() }, "at most 254")?;
     expect_start_error(&kernel, None, &BootOptions { mem_mib: 1 << 30, ..base.clone() }, "the host has only")?;
     let big = dir.write("initrd", &vec![0u8; 20 << 20])?;
-    expect_start_error(&kernel, Some(big), &BootOptions { mem_mib: 16, ..base.clone() }, "does not fit in guest memory")?;
+    expect_start_error(
+        &kernel,
+        Some(big),
+        &BootOptions { mem_mib: 16, ..base.clone() },
+        "does not fit in guest memory",
+    )?;
     expect_start_error(&kernel, Some(dir.path().join("no-initrd")), &base, "cannot open the initrd")?;
     let long = BootOptions { cmdline: "x".repeat(5000), ..base.clone() };
     expect_start_error(&kernel, None, &long, "command line is 5000 bytes")?;
@@ -320,7 +328,6 @@ fn seccomp_refuses_forbidden_syscall() -> TestResult {
     ensure!(stderr.contains(&want), "stderr {stderr:?} does not say {want:?}");
     Ok(())
 }
-
 
 fn main() {
     let args = Arguments::from_args();

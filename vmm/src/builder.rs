@@ -10,8 +10,7 @@ use std::time::Instant;
 use boot::acpi::VirtioMmioDevice;
 use boot::layout::{virtio_mmio_slot, KVM_IDENTITY_MAP_ADDR, KVM_TSS_ADDR, VIRTIO_MMIO_SIZE};
 use devices::legacy::{
-    BootTimer, EventFdTrigger, SerialConsole, BOOT_TIMER_PORT, COM1_IRQ, COM1_PORT, I8042,
-    I8042_PORT_DATA,
+    BootTimer, EventFdTrigger, SerialConsole, BOOT_TIMER_PORT, COM1_IRQ, COM1_PORT, I8042, I8042_PORT_DATA,
 };
 use devices::virtio::block::Block;
 use devices::virtio::mmio::{MmioInterrupt, MmioQueueEvents, MmioTransport, QUEUE_NOTIFY_OFFSET};
@@ -21,7 +20,9 @@ use devices::virtio::vsock::Vsock;
 use devices::virtio::{CounterSet, VirtioBackend};
 use devices::Bus;
 use event_manager::MutEventSubscriber;
-use kvm_bindings::{kvm_cpuid_entry2, kvm_pit_config, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
+use kvm_bindings::{
+    kvm_cpuid_entry2, kvm_pit_config, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
+};
 use kvm_ioctls::{IoEventAddress, Kvm, VmFd};
 use tracing::info_span;
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
@@ -138,9 +139,7 @@ pub(crate) fn build_and_start(vmm: Vmm, started: Instant) -> Result<VmmHandle, S
     let supported = supported_cpuid(&kvm)?;
     let mut vcpus = Vec::with_capacity(usize::from(machine.vcpus));
     for index in 0..machine.vcpus {
-        let fd = vm
-            .create_vcpu(u64::from(index))
-            .map_err(|e| StartError::CreateVcpu(index, e))?;
+        let fd = vm.create_vcpu(u64::from(index)).map_err(|e| StartError::CreateVcpu(index, e))?;
         vcpu::configure(&fd, index, machine.vcpus, supported, prepared.entry)?;
         vcpus.push((fd, Arc::new(VcpuCounters::default())));
     }
@@ -204,10 +203,13 @@ pub(crate) fn create_backend(config: &DeviceConfig) -> Result<CreatedDevice, Sta
     let err = |kind| move |e: Box<dyn std::error::Error + Send + Sync>| StartError::Device(kind, e);
     Ok(match config {
         DeviceConfig::Rng => named("rng".into(), Rng::new()),
-        DeviceConfig::Block(block) => {
-            named(format!("blk {}", block.path.display()), Block::open(block).map_err(|e| err("virtio-blk")(Box::new(e)))?)
+        DeviceConfig::Block(block) => named(
+            format!("blk {}", block.path.display()),
+            Block::open(block).map_err(|e| err("virtio-blk")(Box::new(e)))?,
+        ),
+        DeviceConfig::Net(net) => {
+            named(format!("net {}", net.tap), Net::new(net).map_err(|e| err("virtio-net")(Box::new(e)))?)
         }
-        DeviceConfig::Net(net) => named(format!("net {}", net.tap), Net::new(net).map_err(|e| err("virtio-net")(Box::new(e)))?),
         DeviceConfig::Vsock(vsock) => named(
             format!("vsock cid {}", vsock.guest_cid),
             Vsock::new(vsock).map_err(|e| err("virtio-vsock")(Box::new(e)))?,
@@ -222,15 +224,8 @@ fn open(path: &Path, err: fn(std::path::PathBuf, std::io::Error) -> StartError) 
 fn open_console(console: ConsoleOutput) -> Result<Box<dyn Write + Send>, StartError> {
     Ok(match console {
         // Unbuffered: each byte the guest sends is visible at once.
-        ConsoleOutput::Stdout => Box::new(
-            std::io::stdout()
-                .lock()
-                .as_fd_file()
-                .map_err(StartError::Console)?,
-        ),
-        ConsoleOutput::File(path) => {
-            Box::new(File::create(&path).map_err(|e| StartError::OpenConsole(path, e))?)
-        }
+        ConsoleOutput::Stdout => Box::new(std::io::stdout().lock().as_fd_file().map_err(StartError::Console)?),
+        ConsoleOutput::File(path) => Box::new(File::create(&path).map_err(|e| StartError::OpenConsole(path, e))?),
         ConsoleOutput::Writer(w) => w,
         ConsoleOutput::Discard => Box::new(std::io::sink()),
     })

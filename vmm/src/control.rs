@@ -147,9 +147,7 @@ impl VmmHandle {
     /// Sends `action` to the VM and waits for the answer.
     pub fn request(&self, action: VmmAction) -> Result<VmmData, VmmActionError> {
         let (reply, answer): (_, Receiver<_>) = mpsc::channel();
-        self.requests
-            .send(Request { action, reply })
-            .map_err(|_| VmmActionError::NotRunning)?;
+        self.requests.send(Request { action, reply }).map_err(|_| VmmActionError::NotRunning)?;
         self.wake.write(1).map_err(|_| VmmActionError::NotRunning)?;
         answer.recv().map_err(|_| VmmActionError::NotRunning)?
     }
@@ -198,9 +196,7 @@ impl VmmHandle {
 
     fn join(&mut self) -> ExitReason {
         match self.event_loop.take() {
-            Some(thread) => thread
-                .join()
-                .unwrap_or_else(|_| ExitReason::Error("the VMM event loop panicked".into())),
+            Some(thread) => thread.join().unwrap_or_else(|_| ExitReason::Error("the VMM event loop panicked".into())),
             None => ExitReason::Stopped,
         }
     }

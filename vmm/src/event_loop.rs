@@ -5,9 +5,9 @@
 use std::sync::mpsc::Receiver;
 use std::sync::{Arc, Mutex};
 
-use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
 use devices::virtio::mmio::{MmioTransport, QUEUE_NOTIFY_OFFSET};
 use devices::virtio::Wakeup;
+use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
 use kvm_ioctls::{IoEventAddress, VmFd};
 use tracing::{info, warn};
 use vmm_sys_util::eventfd::EventFd;
@@ -90,17 +90,15 @@ impl Runtime {
         let (backend, counters) =
             crate::builder::create_backend(config).map_err(|e| VmmActionError::Attach(error_chain(&e)))?;
         let slot = &mut self.hotplug[index];
-        let evts = lock_transport(&slot.transport)
-            .attach(backend)
-            .map_err(|e| VmmActionError::Attach(e.to_string()))?;
+        let evts =
+            lock_transport(&slot.transport).attach(backend).map_err(|e| VmmActionError::Attach(e.to_string()))?;
         let notify = IoEventAddress::Mmio(slot.addr + QUEUE_NOTIFY_OFFSET);
         let base = TOKEN_HOTPLUG_BASE + index as u32 * TOKENS_PER_SLOT;
         for (queue, evt) in evts.iter().enumerate() {
-            let registered = self
-                .vm
-                .register_ioevent(evt, &notify, queue as u32)
-                .map_err(|e| e.to_string())
-                .and_then(|()| ops.add(Events::with_data(evt, base + queue as u32, EventSet::IN)).map_err(|e| format!("{e:?}")));
+            let registered =
+                self.vm.register_ioevent(evt, &notify, queue as u32).map_err(|e| e.to_string()).and_then(|()| {
+                    ops.add(Events::with_data(evt, base + queue as u32, EventSet::IN)).map_err(|e| format!("{e:?}"))
+                });
             if let Err(e) = registered {
                 lock_transport(&slot.transport).detach();
                 return Err(VmmActionError::Attach(format!("cannot watch queue {queue}: {e}")));

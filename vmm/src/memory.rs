@@ -36,7 +36,11 @@ pub fn create_guest_memory(size: u64) -> Result<GuestMemoryMmap, MemoryError> {
     let mut ranges = Vec::new();
     let mut file_offset = 0u64;
     for (start, len) in boot::layout::ram_regions(size) {
-        ranges.push((GuestAddress(start), len as usize, Some(FileOffset::new(file.try_clone().map_err(MemoryError::Memfd)?, file_offset))));
+        ranges.push((
+            GuestAddress(start),
+            len as usize,
+            Some(FileOffset::new(file.try_clone().map_err(MemoryError::Memfd)?, file_offset)),
+        ));
         file_offset += len;
     }
     GuestMemoryMmap::from_ranges_with_files(ranges).map_err(MemoryError::Map)

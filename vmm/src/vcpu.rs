@@ -106,12 +106,7 @@ pub fn configure(
     })?;
     let accepted = fd.set_msrs(&msrs).map_err(err("KVM_SET_MSRS"))?;
     if accepted != entries.len() {
-        return Err(VcpuError::MsrsRefused {
-            index,
-            accepted,
-            total: entries.len(),
-            refused: entries[accepted].index,
-        });
+        return Err(VcpuError::MsrsRefused { index, accepted, total: entries.len(), refused: entries[accepted].index });
     }
 
     // LINT0 delivers the legacy PIC's interrupts, LINT1 NMIs, as firmware

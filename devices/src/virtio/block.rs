@@ -476,7 +476,8 @@ mod tests {
         let mut f = File::create(&path).unwrap();
         let content: Vec<u8> = (0..sectors * SECTOR_SIZE).map(|i| (i % 251) as u8).collect();
         f.write_all(&content).unwrap();
-        let (mut blk, counters) = Block::open(&BlockConfig { path: path.clone(), read_only, id: Some("disk-7".into()) }).unwrap();
+        let (mut blk, counters) =
+            Block::open(&BlockConfig { path: path.clone(), read_only, id: Some("disk-7".into()) }).unwrap();
         blk.set_acked_features(blk.features());
         (blk, counters, path)
     }
@@ -609,7 +610,11 @@ mod tests {
         let mem = memory();
         let (mut blk, _, path) = disk(4, false);
         header(&mem, VIRTIO_BLK_T_IN, 1);
-        let r = run(&mut blk, &mem, &[desc(HDR, 5, 0), desc(HDR + 5, 11, 0), desc(DATA, 512, WRITE), desc(STATUS, 1, WRITE)]);
+        let r = run(
+            &mut blk,
+            &mem,
+            &[desc(HDR, 5, 0), desc(HDR + 5, 11, 0), desc(DATA, 512, WRITE), desc(STATUS, 1, WRITE)],
+        );
         assert_eq!(r, (0, 513));
         std::fs::remove_file(path).unwrap();
     }
@@ -630,7 +635,11 @@ mod tests {
         assert_eq!(run(&mut blk, &mem, &[desc(HDR, 16, 0), desc(DATA, 100, 0), desc(STATUS, 1, WRITE)]), (io, 1));
         // Read data in a device-readable buffer: no writable data room.
         header(&mem, VIRTIO_BLK_T_IN, 0);
-        assert_eq!(run(&mut blk, &mem, &[desc(HDR, 16, 0), desc(DATA, 512, 0), desc(STATUS, 1, WRITE)]), (0, 1), "a zero-length read is valid");
+        assert_eq!(
+            run(&mut blk, &mem, &[desc(HDR, 16, 0), desc(DATA, 512, 0), desc(STATUS, 1, WRITE)]),
+            (0, 1),
+            "a zero-length read is valid"
+        );
         // Unknown type.
         header(&mem, 77, 0);
         assert_eq!(run(&mut blk, &mem, &[desc(HDR, 16, 0), desc(STATUS, 1, WRITE)]), (Status::Unsupported as u8, 1));
@@ -641,7 +650,10 @@ mod tests {
         assert_eq!(run(&mut blk, &mem, &[desc(HDR, 16, 0)]), (0xee, 0));
         // Data outside guest memory.
         header(&mem, VIRTIO_BLK_T_IN, 0);
-        assert_eq!(run(&mut blk, &mem, &[desc(HDR, 16, 0), desc(0x1f_ff00, 512, WRITE), desc(STATUS, 1, WRITE)]), (0xee, 0));
+        assert_eq!(
+            run(&mut blk, &mem, &[desc(HDR, 16, 0), desc(0x1f_ff00, 512, WRITE), desc(STATUS, 1, WRITE)]),
+            (0xee, 0)
+        );
         // Writable descriptor before the readable header.
         assert_eq!(run(&mut blk, &mem, &[desc(DATA, 512, WRITE), desc(HDR, 16, 0), desc(STATUS, 1, WRITE)]), (0xee, 0));
         assert!(counters.errors.load(Ordering::Relaxed) >= 8);
@@ -655,9 +667,15 @@ mod tests {
         assert_ne!(blk.features() & VIRTIO_BLK_F_RO, 0);
         assert_eq!(blk.features() & VIRTIO_BLK_F_DISCARD, 0);
         header(&mem, VIRTIO_BLK_T_OUT, 0);
-        assert_eq!(run(&mut blk, &mem, &[desc(HDR, 16, 0), desc(DATA, 512, 0), desc(STATUS, 1, WRITE)]), (Status::IoErr as u8, 1));
+        assert_eq!(
+            run(&mut blk, &mem, &[desc(HDR, 16, 0), desc(DATA, 512, 0), desc(STATUS, 1, WRITE)]),
+            (Status::IoErr as u8, 1)
+        );
         header(&mem, VIRTIO_BLK_T_DISCARD, 0);
-        assert_eq!(run(&mut blk, &mem, &[desc(HDR, 16, 0), desc(DATA, 16, 0), desc(STATUS, 1, WRITE)]), (Status::Unsupported as u8, 1));
+        assert_eq!(
+            run(&mut blk, &mem, &[desc(HDR, 16, 0), desc(DATA, 16, 0), desc(STATUS, 1, WRITE)]),
+            (Status::Unsupported as u8, 1)
+        );
         std::fs::remove_file(path).unwrap();
     }
 
@@ -668,7 +686,10 @@ mod tests {
         if blk.features() & VIRTIO_BLK_F_DISCARD == 0 {
             // The temp filesystem cannot punch holes: discard must not be offered.
             header(&mem, VIRTIO_BLK_T_DISCARD, 0);
-            assert_eq!(run(&mut blk, &mem, &[desc(HDR, 16, 0), desc(DATA, 16, 0), desc(STATUS, 1, WRITE)]), (Status::Unsupported as u8, 1));
+            assert_eq!(
+                run(&mut blk, &mem, &[desc(HDR, 16, 0), desc(DATA, 16, 0), desc(STATUS, 1, WRITE)]),
+                (Status::Unsupported as u8, 1)
+            );
         } else {
             let mut seg = [0u8; 16];
             seg[0..8].copy_from_slice(&8u64.to_le_bytes());

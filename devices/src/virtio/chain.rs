@@ -6,7 +6,9 @@
 use smallvec::SmallVec;
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
-use vm_memory::{Address, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, VolatileMemory, VolatileSlice};
+use vm_memory::{
+    Address, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, VolatileMemory, VolatileSlice,
+};
 
 /// Why a chain cannot be used.
 #[derive(Clone, Debug, thiserror::Error, PartialEq, Eq)]
@@ -57,10 +59,7 @@ impl<'m> Buffers<'m> {
     /// Splits `chain` with virtio-queue's own walk, looking each
     /// descriptor and segment up in `mem`. [`ChainReader`] does the same
     /// faster, and hands it the chains it does not walk itself.
-    fn from_chain(
-        mem: &'m GuestMemoryMmap,
-        chain: DescriptorChain<&'m GuestMemoryMmap>,
-    ) -> Result<Self, ChainError> {
+    fn from_chain(mem: &'m GuestMemoryMmap, chain: DescriptorChain<&'m GuestMemoryMmap>) -> Result<Self, ChainError> {
         let mut buffers = Buffers::default();
         for desc in chain {
             // Zero-length descriptors carry nothing.
@@ -340,10 +339,10 @@ pub fn answer_all<'m>(
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use vm_memory::Bytes;
     use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
     use virtio_queue::mock::MockSplitQueue;
     use virtio_queue::{Queue, QueueOwnedT};
+    use vm_memory::Bytes;
 
     pub(crate) const WRITE: u16 = virtio_bindings::bindings::virtio_ring::VRING_DESC_F_WRITE as u16;
 
@@ -356,7 +355,10 @@ pub(crate) mod tests {
     }
 
     /// Builds a queue holding one chain made of `descs` and splits it.
-    pub(crate) fn try_one_chain<'m>(mem: &'m GuestMemoryMmap, descs: &[RawDescriptor]) -> Result<Buffers<'m>, ChainError> {
+    pub(crate) fn try_one_chain<'m>(
+        mem: &'m GuestMemoryMmap,
+        descs: &[RawDescriptor],
+    ) -> Result<Buffers<'m>, ChainError> {
         let vq = MockSplitQueue::new(mem, 16);
         vq.build_desc_chain(descs).unwrap();
         split_both_ways(mem, &vq)
@@ -364,7 +366,10 @@ pub(crate) mod tests {
 
     /// Splits the first chain of `vq` with virtio-queue's walk and with a
     /// `ChainReader`, checks the two agree, and returns the reader's.
-    fn split_both_ways<'m>(mem: &'m GuestMemoryMmap, vq: &MockSplitQueue<GuestMemoryMmap>) -> Result<Buffers<'m>, ChainError> {
+    fn split_both_ways<'m>(
+        mem: &'m GuestMemoryMmap,
+        vq: &MockSplitQueue<GuestMemoryMmap>,
+    ) -> Result<Buffers<'m>, ChainError> {
         let mut q: Queue = vq.create_queue().unwrap();
         let chain = q.iter(mem).unwrap().next().unwrap();
         let by_queue = Buffers::from_chain(mem, chain.clone());
@@ -390,7 +395,9 @@ pub(crate) mod tests {
             mem.iter()
                 .find_map(|r| {
                     let base = r.as_volatile_slice().unwrap().ptr_guard().as_ptr() as usize;
-                    (base..base + r.len() as usize).contains(&host).then(|| r.start_addr().raw_value() + (host - base) as u64)
+                    (base..base + r.len() as usize)
+                        .contains(&host)
+                        .then(|| r.start_addr().raw_value() + (host - base) as u64)
                 })
                 .unwrap()
         };
@@ -400,7 +407,10 @@ pub(crate) mod tests {
     #[test]
     fn splits_readable_then_writable_segments() {
         let mem = memory();
-        let b = one_chain(&mem, &[desc(0x10_0000, 16, 0), desc(0x10_1000, 0, 0), desc(0x10_2000, 512, WRITE), desc(0x10_3000, 1, WRITE)]);
+        let b = one_chain(
+            &mem,
+            &[desc(0x10_0000, 16, 0), desc(0x10_1000, 0, 0), desc(0x10_2000, 512, WRITE), desc(0x10_3000, 1, WRITE)],
+        );
         assert_eq!(placed(&mem, &b.readable), [(0x10_0000, 16)]);
         assert_eq!(placed(&mem, &b.writable), [(0x10_2000, 512), (0x10_3000, 1)]);
         assert_eq!((b.readable_len(), b.writable_len()), (16, 513));
@@ -411,17 +421,17 @@ pub(crate) mod tests {
         let mem = memory();
         mem.write_slice(&[1, 2, 3], GuestAddress(0x10_0000)).unwrap();
         mem.write_slice(&[4, 5], GuestAddress(0x11_0000)).unwrap();
-        let b = one_chain(&mem, &[desc(0x10_0000, 3, 0), desc(0x11_0000, 2, 0), desc(0x12_0000, 2, WRITE), desc(0x13_0000, 4, WRITE)]);
+        let b = one_chain(
+            &mem,
+            &[desc(0x10_0000, 3, 0), desc(0x11_0000, 2, 0), desc(0x12_0000, 2, WRITE), desc(0x13_0000, 4, WRITE)],
+        );
         let mut out = [0u8; 3];
         b.read_at(2, &mut out).unwrap();
         assert_eq!(out, [3, 4, 5]);
         b.write_at(1, &[9, 8, 7]).unwrap();
         assert_eq!(mem.read_obj::<u8>(GuestAddress(0x12_0001)).unwrap(), 9);
         assert_eq!(mem.read_obj::<u16>(GuestAddress(0x13_0000)).unwrap(), u16::from_le_bytes([8, 7]));
-        assert_eq!(
-            b.read_at(4, &mut out),
-            Err(ChainError::Short { what: "readable", available: 5, wanted: 7 })
-        );
+        assert_eq!(b.read_at(4, &mut out), Err(ChainError::Short { what: "readable", available: 5, wanted: 7 }));
         assert_eq!(b.writable(1, 4).unwrap().map(|s| s.len()).collect::<Vec<_>>(), vec![1, 3]);
         assert_eq!(b.writable(0, 6).unwrap().map(|s| s.len()).collect::<Vec<_>>(), vec![2, 4]);
         assert_eq!(b.writable(6, 0).unwrap().count(), 0);
@@ -482,7 +492,8 @@ pub(crate) mod tests {
     #[test]
     fn segments_are_found_in_any_region_and_may_not_cross_one() {
         // Two regions with a hole between them; the queue lives in the first.
-        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x20_0000), (GuestAddress(0x40_0000), 0x10_0000)]).unwrap();
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x20_0000), (GuestAddress(0x40_0000), 0x10_0000)])
+            .unwrap();
         let b = one_chain(&mem, &[desc(0x40_0000, 16, 0), desc(0x10_0000, 8, 0), desc(0x4f_f000, 0x1000, WRITE)]);
         assert_eq!(placed(&mem, &b.readable), [(0x40_0000, 16), (0x10_0000, 8)]);
         assert_eq!(placed(&mem, &b.writable), [(0x4f_f000, 0x1000)]);

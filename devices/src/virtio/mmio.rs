@@ -145,10 +145,8 @@ impl MmioTransport {
             return Err(MmioError::SlotInUse);
         }
         let sizes = backend.queue_max_sizes().to_vec();
-        let queues = sizes
-            .iter()
-            .map(|s| Queue::new(*s).map_err(|_| MmioError::Queue(*s)))
-            .collect::<Result<Vec<_>, _>>()?;
+        let queues =
+            sizes.iter().map(|s| Queue::new(*s).map_err(|_| MmioError::Queue(*s))).collect::<Result<Vec<_>, _>>()?;
         let evts = sizes
             .iter()
             .map(|_| EventFd::new(libc::EFD_NONBLOCK).map_err(MmioError::EventFd))

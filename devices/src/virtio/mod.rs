@@ -8,8 +8,8 @@ pub mod chain;
 pub mod mmio;
 pub mod net;
 pub mod rng;
-pub mod vsock;
 pub mod vhost_user;
+pub mod vsock;
 
 use std::os::fd::RawFd;
 
@@ -114,12 +114,7 @@ pub trait VirtioBackend: Send + Sync {
 /// suppression opens: the driver did not kick for them), and says which of
 /// the `used` queues the driver wants interrupted (with EVENT_IDX, only
 /// those whose used_event was passed).
-pub fn settle(
-    backend: &mut dyn VirtioBackend,
-    queues: &mut [&mut Queue],
-    mem: &GuestMemoryMmap,
-    mut used: u64,
-) -> u64 {
+pub fn settle(backend: &mut dyn VirtioBackend, queues: &mut [&mut Queue], mem: &GuestMemoryMmap, mut used: u64) -> u64 {
     // A queue is served again when buffers are there once notifications
     // are back on: the driver does not kick for buffers it added while we
     // had them off, so nobody else would. Where a pass takes nothing (a

@@ -271,5 +271,4 @@ impl VirtioBackend for Net {
     fn backend_fd(&self) -> Option<RawFd> {
         Some(self.epoll.as_raw_fd())
     }
-
 }

@@ -117,7 +117,8 @@ impl VhostUserBackendMut for Device {
         };
         let notify = {
             let mut guards: smallvec::SmallVec<[_; 4]> = vrings.iter().map(|v| v.get_mut()).collect();
-            let mut queues: smallvec::SmallVec<[&mut Queue; 4]> = guards.iter_mut().map(|g| g.get_queue_mut()).collect();
+            let mut queues: smallvec::SmallVec<[&mut Queue; 4]> =
+                guards.iter_mut().map(|g| g.get_queue_mut()).collect();
             let used = self.backend.process(wakeup, &mut queues, &mem);
             settle(self.backend.as_mut(), &mut queues, &mem, used)
         };
@@ -206,17 +207,20 @@ fn serve_on(
     let started = daemon.start_client(&private_str).map_err(|e| err(format!("{e}")));
     let _ = std::fs::remove_file(&private);
     started?;
-    let daemon_conn = connect.join().map_err(|_| err("the accepting thread panicked".into()))?.map_err(io("accepting the daemon"))?;
+    let daemon_conn =
+        connect.join().map_err(|_| err("the accepting thread panicked".into()))?.map_err(io("accepting the daemon"))?;
     let (frontend, _) = listener.accept().map_err(io("accepting the frontend"))?;
     let proxied = reorder::run(frontend, daemon_conn);
     let waited = daemon.wait();
     // Our own connection handling: the queue workers are told to end here.
-    for exit in device.lock().unwrap_or_else(|p| p.into_inner()).exits.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+    for exit in device.lock().unwrap_or_else(|p| p.into_inner()).exits.lock().unwrap_or_else(|p| p.into_inner()).iter()
+    {
         let _ = exit.notify();
     }
     proxied.map_err(io("proxying the frontend"))?;
     match waited {
-        Ok(()) | Err(vhost_user_backend::Error::HandleRequest(vhost::vhost_user::Error::Disconnected))
+        Ok(())
+        | Err(vhost_user_backend::Error::HandleRequest(vhost::vhost_user::Error::Disconnected))
         | Err(vhost_user_backend::Error::HandleRequest(vhost::vhost_user::Error::PartialMessage)) => Ok(()),
         Err(e) => Err(err(format!("{e}"))),
     }

@@ -35,10 +35,7 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Err(e) => {
-            eprintln!(
-                "vessel-guests: cannot write the images into {}: {e}",
-                dir.display()
-            );
+            eprintln!("vessel-guests: cannot write the images into {}: {e}", dir.display());
             ExitCode::FAILURE
         }
     }

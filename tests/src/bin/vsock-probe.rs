@@ -78,7 +78,9 @@ fn main() {
             Ok(())
         }
         _ => {
-            eprintln!("usage: vsock-probe connect CID PORT BYTES SEED | listen PORT BYTES SEED | parallel CID PORT N BYTES");
+            eprintln!(
+                "usage: vsock-probe connect CID PORT BYTES SEED | listen PORT BYTES SEED | parallel CID PORT N BYTES"
+            );
             std::process::exit(2)
         }
     };

@@ -4,8 +4,8 @@
 //! instruction. A refused syscall raises SIGSYS; the handler names the
 //! syscall on stderr and ends the process.
 
-use std::os::raw::{c_int, c_void};
 use std::cell::Cell;
+use std::os::raw::{c_int, c_void};
 use std::sync::Once;
 
 use seccompiler::{sock_filter, BpfProgram};

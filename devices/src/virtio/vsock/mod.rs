@@ -204,7 +204,8 @@ impl Vsock {
             return Err(VsockError::ReservedCid(config.guest_cid));
         }
         let _ = std::fs::remove_file(&config.uds_path);
-        let listener = UnixListener::bind(&config.uds_path).map_err(|e| VsockError::Listen(config.uds_path.clone(), e))?;
+        let listener =
+            UnixListener::bind(&config.uds_path).map_err(|e| VsockError::Listen(config.uds_path.clone(), e))?;
         listener.set_nonblocking(true).map_err(|e| VsockError::Listen(config.uds_path.clone(), e))?;
         let epoll = Epoll::new().map_err(VsockError::Epoll)?;
         epoll
@@ -308,7 +309,10 @@ impl Vsock {
             return;
         }
         let payload_len = u64::from(h.len);
-        if h.type_ != TYPE_STREAM || payload_len > buffers.readable_len() - HEADER_LEN as u64 || h.len as usize > MAX_PAYLOAD {
+        if h.type_ != TYPE_STREAM
+            || payload_len > buffers.readable_len() - HEADER_LEN as u64
+            || h.len as usize > MAX_PAYLOAD
+        {
             self.counters.errors.fetch_add(1, Ordering::Relaxed);
             if h.op != op::RST {
                 self.control.push_back(Header { len: 0, op: op::RST, ..self.header(key, op::RST) });

@@ -133,7 +133,10 @@ fn guest_connects_to_a_host_port_and_data_flows_both_ways() {
     drv.send(&mut dev, guest_header(5000, 1234, op::REQUEST, 0), &[]);
     let got = drv.received();
     assert_eq!(got.len(), 1);
-    assert_eq!((got[0].0.op, got[0].0.src_port, got[0].0.dst_port, got[0].0.dst_cid), (op::RESPONSE, 1234, 5000, GUEST_CID));
+    assert_eq!(
+        (got[0].0.op, got[0].0.src_port, got[0].0.dst_port, got[0].0.dst_cid),
+        (op::RESPONSE, 1234, 5000, GUEST_CID)
+    );
     assert_eq!(got[0].0.buf_alloc, BUF_ALLOC);
     let (mut host, _) = listener.accept().unwrap();
     host.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
