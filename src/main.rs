@@ -173,8 +173,28 @@ pub(crate) struct BootArgs {
     pub stats: bool,
 }
 
+/// Installs the one tracing subscriber: events to stderr, at the levels
+/// `RUST_LOG` names (`info`, `runtime_api=debug,warn`, ...), warnings and
+/// errors only by default. `log` records from dependencies arrive too.
+fn init_logging() {
+    use tracing_subscriber::filter::{LevelFilter, Targets};
+    use tracing_subscriber::prelude::*;
+    let filter = match std::env::var("RUST_LOG") {
+        Ok(spec) => spec.parse::<Targets>().unwrap_or_else(|e| {
+            eprintln!("vessel: ignoring RUST_LOG={spec:?}: {e}");
+            Targets::new().with_default(LevelFilter::WARN)
+        }),
+        Err(_) => Targets::new().with_default(LevelFilter::WARN),
+    };
+    let layer = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    if let Err(e) = tracing_subscriber::registry().with(layer).with(filter).try_init() {
+        eprintln!("vessel: cannot install the log subscriber: {e}");
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    init_logging();
     let result = match cli.command {
         Command::Vm(VmCommand::Boot(args)) => boot(&args),
         Command::Bench(BenchCommand::Launch(args)) => bench::run(&args).map(|()| ExitCode::SUCCESS),

@@ -1,41 +1,16 @@
-//! `vessel sandbox run`: one container in a fresh sandbox VM, its output
-//! on our stdout and stderr, its exit status ours.
-//!
-//! The VM is the QEMU TCG fallback (DESIGN.md): the guest image from
-//! `vessel image build`, our vsock backend as the agent's link and our blk
-//! backend holding the container's root, both over vhost-user. This is the
-//! path for hosts without usable hardware KVM, and the one our development
-//! machines can run; the sandbox API (runtime-api) is where the same flow
-//! will get the in-process VMM.
+//! `vessel sandbox run`: one container in a fresh sandbox, its output on
+//! our stdout and stderr, its exit status ours. Everything it does is a
+//! call into the sandbox API (runtime-api); this file parses, forwards
+//! streams and prints.
 
-use std::io::{Read, Write};
-use std::os::fd::IntoRawFd;
-use std::os::unix::net::UnixListener;
-use std::path::{Path, PathBuf};
-use std::process::{Command, ExitCode, Stdio};
-use std::time::{Duration, Instant};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Instant;
 
-use agent_proto::agent::{
-    ContainerRequest, CreateContainerRequest, Empty, Rootfs, Stdio as StdioPorts, WaitProcessRequest,
-};
-use agent_proto::agent_ttrpc::AgentClient;
-use agent_proto::spec::{spec_json, SpecOptions};
-use agent_proto::{link, ttrpc};
-use anyhow::{anyhow, bail, Context};
+use anyhow::Context;
 use clap::Args;
-use devices::virtio::block::{Block, BlockConfig};
-use devices::virtio::vhost_user;
-use devices::virtio::vsock::{Vsock, VsockConfig};
-use runtime_api::qemu::{vhost_user_device_args, Qemu, TcgMachine, QEMU};
-
-/// The disk serial the container's root is found by.
-const ROOT_SERIAL: &str = "rootfs";
-const GUEST_CID: u64 = 3;
-const STDIN_PORT: u32 = 2000;
-const STDOUT_PORT: u32 = 2001;
-const STDERR_PORT: u32 = 2002;
-/// How long the guest may take to boot to its agent under TCG.
-const READY_TIMEOUT: Duration = Duration::from_secs(120);
+use runtime_api::sandbox::STREAM_TIMEOUT;
+use runtime_api::{ContainerConfig, HypervisorKind, Sandbox, SandboxConfig, Store};
 
 #[derive(Args, Debug)]
 pub(crate) struct RunArgs {
@@ -50,6 +25,13 @@ pub(crate) struct RunArgs {
     /// Guest memory in MiB.
     #[arg(long, default_value_t = 256)]
     mem: u64,
+    /// vCPUs.
+    #[arg(long, default_value_t = 1)]
+    cpus: u8,
+    /// The hypervisor: builtin (vessel's own VMM; needs hardware
+    /// virtualization) or qemu-tcg (default: chosen for this host).
+    #[arg(long)]
+    hypervisor: Option<HypervisorKind>,
     /// The container's hostname.
     #[arg(long, default_value = "vessel")]
     hostname: String,
@@ -70,171 +52,74 @@ impl Drop for Scratch {
     }
 }
 
-pub(crate) fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
-    let kernel = args.image.join(resources::guest_image::KERNEL_FILE);
-    let initrd = args.image.join(resources::guest_image::INITRD_FILE);
-    for file in [&kernel, &initrd] {
-        if !file.is_file() {
-            bail!(
-                "{} is missing: build the guest image with `vessel image build --out {}`",
-                file.display(),
-                args.image.display()
-            );
-        }
+/// Where `sandbox run` keeps its sandbox's state: the system's state root
+/// for root, a private one under the temporary directory for others.
+fn store() -> Store {
+    // SAFETY: geteuid has no preconditions.
+    let uid = unsafe { libc::geteuid() };
+    if uid == 0 {
+        Store::new(runtime_api::state::DEFAULT_ROOT)
+    } else {
+        Store::new(std::env::temp_dir().join(format!("vessel-{uid}")))
     }
-    let dir = Scratch(resources::cache::temp_name(&std::env::temp_dir(), "vessel-sandbox"));
-    std::fs::create_dir_all(&dir.0).with_context(|| format!("creating {}", dir.0.display()))?;
-    let start = Instant::now();
+}
 
+pub(crate) fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
+    let began = Instant::now();
+    let scratch = Scratch(resources::cache::temp_name(&std::env::temp_dir(), "vessel-sandbox"));
+    std::fs::create_dir_all(&scratch.0).with_context(|| format!("creating {}", scratch.0.display()))?;
     let rootfs = match &args.rootfs {
         Some(path) => path.clone(),
         None => {
             // The container writes to its root: each run gets its own copy
             // of the cached demo image.
-            let image = dir.0.join("rootfs.ext4");
+            let image = scratch.0.join("rootfs.ext4");
             let cached = resources::rootfs::cached_demo_rootfs().context("the demo root filesystem")?;
             std::fs::copy(&cached, &image).with_context(|| format!("copying {}", cached.display()))?;
             image
         }
     };
 
-    // The devices, over vhost-user, each served by a thread until QEMU goes.
-    let uds = dir.0.join("vsock.sock");
-    let (vsock, _) = Vsock::new(&VsockConfig { guest_cid: GUEST_CID, uds_path: uds.clone() })?;
-    let vsock_socket = dir.0.join("vhost-vsock.sock");
-    vhost_user::spawn("vsock", Box::new(vsock), &vsock_socket)?;
-    let (blk, _) = Block::open(&BlockConfig { path: rootfs.clone(), read_only: false, id: Some(ROOT_SERIAL.into()) })
-        .with_context(|| format!("opening {}", rootfs.display()))?;
-    let blk_socket = dir.0.join("vhost-blk.sock");
-    vhost_user::spawn("blk", Box::new(blk), &blk_socket)?;
+    let id =
+        scratch.0.file_name().map_or("run".into(), |n| n.to_string_lossy().trim_start_matches('.').replace(".tmp", ""));
+    let command: Vec<&str> = args.command.iter().map(String::as_str).collect();
+    let mut container = ContainerConfig::new("run", rootfs, &command);
+    container.hostname = Some(args.hostname.clone());
+    container.process.stdin = args.interactive;
+    let mut config = SandboxConfig::new(id, &args.image);
+    config.hypervisor = args.hypervisor;
+    config.vcpus = args.cpus;
+    config.memory_mib = args.mem;
+    config.containers.push(container);
 
-    // The host's ends of what the agent dials.
-    let ready = UnixListener::bind(link::port_path(&uds, link::DEFAULT_PORT))?;
-    let stdout = UnixListener::bind(link::port_path(&uds, STDOUT_PORT))?;
-    let stderr = UnixListener::bind(link::port_path(&uds, STDERR_PORT))?;
-    if args.interactive {
-        let stdin = UnixListener::bind(link::port_path(&uds, STDIN_PORT))?;
-        // Our stdin to the container's, until our end-of-file.
+    let mut sandbox = Sandbox::create(&store(), config, None)?;
+    let ready_after = began.elapsed();
+    let io = sandbox.take_io("run")?;
+    // Streams are accepted in threads: the agent dials them while the
+    // container starts.
+    let out = io.stdout.collect_into(std::io::stdout(), STREAM_TIMEOUT);
+    let err = io.stderr.map(|s| s.collect_into(std::io::stderr(), STREAM_TIMEOUT));
+    if let Some(stdin) = io.stdin {
         std::thread::spawn(move || {
-            if let Ok((mut conn, _)) = stdin.accept() {
+            if let Ok(mut conn) = stdin.accept(STREAM_TIMEOUT) {
                 let _ = std::io::copy(&mut std::io::stdin().lock(), &mut conn);
                 let _ = conn.shutdown(std::net::Shutdown::Write);
             }
         });
     }
-
-    let mut extra_args = vhost_user_device_args(&vsock_socket, "vhost-user-vsock-device");
-    extra_args.extend(vhost_user_device_args(&blk_socket, "vhost-user-blk"));
-    extra_args.extend(["-device".into(), "virtio-rng-device".into()]);
-    let machine = TcgMachine {
-        kernel,
-        initrd,
-        vcpus: 1,
-        mem_mib: args.mem,
-        cmdline: "quiet".into(),
-        vhost_user: true,
-        extra_args,
-    };
-    let console_path = dir.0.join("console.log");
-    let console = std::fs::File::create(&console_path)?;
-    let qemu = Qemu(
-        Command::new(QEMU)
-            .args(machine.args())
-            .stdin(Stdio::null())
-            .stdout(console.try_clone()?)
-            .stderr(console)
-            .spawn()
-            .with_context(|| format!("starting {QEMU} (the TCG fallback needs it: install qemu-system-x86)"))?,
-    );
-
-    let mut qemu = qemu;
-    let mut qemu_exited = || !matches!(qemu.0.try_wait(), Ok(None));
-    let outcome = drive(args, &uds, &ready, stdout, stderr, start, &mut qemu_exited);
-    if outcome.is_err() {
-        let log = std::fs::read_to_string(&console_path).unwrap_or_default();
-        let tail: Vec<&str> = log.lines().rev().take(20).collect::<Vec<_>>().into_iter().rev().collect();
-        eprintln!("vessel: the guest's console ended with:\n{}", tail.join("\n"));
+    let started = Instant::now();
+    sandbox.start()?;
+    let status = sandbox.wait_process("run", "", None)?;
+    let ran = started.elapsed();
+    for stream in std::iter::once(out).chain(err) {
+        let _ = stream.join();
     }
-    // DestroySandbox powered the guest off; give QEMU a moment to see it.
-    // After a failure it was never sent: QEMU is killed at once (drop).
-    if outcome.is_ok() {
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while Instant::now() < deadline && matches!(qemu.0.try_wait(), Ok(None)) {
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-    drop(qemu);
-    outcome
-}
-
-/// Copies the one connection `listener` gets to `out`, in a thread.
-fn forward(listener: UnixListener, mut out: impl Write + Send + 'static) -> std::thread::JoinHandle<()> {
-    std::thread::spawn(move || {
-        if let Ok((mut conn, _)) = listener.accept() {
-            let mut buf = [0u8; 16 * 1024];
-            while let Ok(n @ 1..) = conn.read(&mut buf) {
-                if out.write_all(&buf[..n]).and_then(|()| out.flush()).is_err() {
-                    break;
-                }
-            }
-        }
-    })
-}
-
-fn drive(
-    args: &RunArgs,
-    uds: &Path,
-    ready: &UnixListener,
-    stdout: UnixListener,
-    stderr: UnixListener,
-    start: Instant,
-    qemu_exited: &mut dyn FnMut() -> bool,
-) -> anyhow::Result<ExitCode> {
-    let ready_path = link::port_path(uds, link::DEFAULT_PORT);
-    let gone = || qemu_exited().then(|| "QEMU exited first".to_string());
-    let version = link::accept_ready(ready, &ready_path, READY_TIMEOUT.saturating_sub(start.elapsed()), gone)?;
-    let ready_after = start.elapsed();
-    let client = AgentClient::new(
-        ttrpc::Client::new(link::connect_hybrid(uds, link::DEFAULT_PORT)?.into_raw_fd())
-            .map_err(|e| anyhow!("connecting to the agent: {e}"))?,
-    );
-    let ctx = || ttrpc::context::with_timeout(Duration::from_secs(60).as_nanos() as i64);
-    let rpc = |e: ttrpc::Error| anyhow!(agent_proto::error_message(&e));
-
-    let command: Vec<&str> = args.command.iter().map(String::as_str).collect();
-    let spec = spec_json(&command, &SpecOptions { hostname: Some(args.hostname.clone()), ..Default::default() });
-    let mut root = Rootfs::new();
-    root.set_disk_serial(ROOT_SERIAL.into());
-    let out = forward(stdout, std::io::stdout());
-    let err = forward(stderr, std::io::stderr());
-    let create = CreateContainerRequest {
-        container_id: "run".into(),
-        oci_spec_json: spec,
-        rootfs: Some(root).into(),
-        stdio: Some(StdioPorts {
-            stdin_port: if args.interactive { STDIN_PORT } else { 0 },
-            stdout_port: STDOUT_PORT,
-            stderr_port: STDERR_PORT,
-            ..Default::default()
-        })
-        .into(),
-        ..Default::default()
-    };
-    let created = Instant::now();
-    client.create_container(ctx(), &create).map_err(rpc)?;
-    client
-        .start_container(ctx(), &ContainerRequest { container_id: "run".into(), ..Default::default() })
-        .map_err(rpc)?;
-    // No timeout: the container runs as long as it runs.
-    let wait = WaitProcessRequest { container_id: "run".into(), ..Default::default() };
-    let status = client.wait_process(ttrpc::context::with_timeout(0), &wait).map_err(rpc)?.status;
-    let ran = created.elapsed();
-    let _ = out.join();
-    let _ = err.join();
-    let _ = client.remove_container(ctx(), &ContainerRequest { container_id: "run".into(), ..Default::default() });
-    let _ = client.destroy_sandbox(ctx(), &Empty::new());
+    let kind = sandbox.state().hypervisor;
+    let version = sandbox.guest_details().agent_version.clone();
+    sandbox.stop(false)?;
+    sandbox.delete()?;
     eprintln!(
-        "vessel: sandbox ready in {:.2} s (agent {version}, QEMU TCG); container exited {status} after {:.2} s",
+        "vessel: sandbox ready in {:.2} s (agent {version}, {kind}); container exited {status} after {:.2} s",
         ready_after.as_secs_f64(),
         ran.as_secs_f64()
     );

@@ -45,7 +45,8 @@ pub fn temp_name(dir: &Path, tag: &str) -> PathBuf {
 }
 
 /// Writes `bytes` to `path` atomically: a temp file in the same directory,
-/// fsync, rename. Readers see the old file or the whole new one.
+/// fsync, rename, fsync of the directory. Readers see the old file or the
+/// whole new one, and after a crash so does the next reader.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), CacheError> {
     let err = |source| CacheError::Write { path: path.to_path_buf(), source };
     let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
@@ -56,7 +57,9 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), CacheError> {
         let mut f = std::fs::File::create(&tmp)?;
         f.write_all(bytes)?;
         f.sync_all()?;
-        std::fs::rename(&tmp, path)
+        std::fs::rename(&tmp, path)?;
+        // The rename is durable once the directory entry is.
+        std::fs::File::open(dir)?.sync_all()
     })();
     if result.is_err() {
         let _ = std::fs::remove_file(&tmp);

@@ -1,8 +1,42 @@
-//! The sandbox API (Kata's virtcontainers API in Rust): sandboxes,
-//! containers, devices, network; state persistence and locking.
+//! The sandbox API: Kata Containers' virtcontainers API in Rust, on
+//! vessel's own VMM. A [`Sandbox`] is one microVM holding containers; the
+//! embedder calls its methods, which drive the VM through a
+//! [`hypervisor::Hypervisor`] and the guest's agent over vsock.
 //!
-//! Built so far: [`qemu`], the QEMU TCG fallback hypervisor's command line
-//! (used by `vessel sandbox run` and the tier-3 tests). The sandbox and
-//! container API itself is not built yet; nothing here pretends it is.
+//! - [`sandbox`]: the operations on sandboxes and containers.
+//! - [`config`]: what a sandbox and its containers are made of.
+//! - [`state`]: the state files and the per-sandbox lock.
+//! - [`hypervisor`]: the `Hypervisor` trait, `builtin` and `qemu-tcg`.
+//! - [`agent`]: the host's side of the guest agent.
+//! - [`qemu`]: the QEMU TCG command line.
+//!
+//! ```no_run
+//! use runtime_api::{ContainerConfig, Sandbox, SandboxConfig, Store};
+//!
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let store = Store::new("/run/vessel");
+//! let mut config = SandboxConfig::new("demo", "/var/lib/vessel/guest-image");
+//! config.containers.push(ContainerConfig::new("hello", "/tmp/rootfs.ext4", &["echo", "hello"]));
+//! let mut sandbox = Sandbox::create(&store, config, None)?;
+//! let output = sandbox.take_io("hello")?.stdout.collect(std::time::Duration::from_secs(60));
+//! sandbox.start()?;
+//! let status = sandbox.wait_process("hello", "", None)?;
+//! let printed = output.join().expect("the collector thread")?;
+//! assert_eq!((status, printed.as_slice()), (0, &b"hello\n"[..]));
+//! sandbox.stop(false)?;
+//! sandbox.delete()?;
+//! # Ok(())
+//! # }
+//! ```
 
+pub mod agent;
+pub mod config;
+pub mod hypervisor;
 pub mod qemu;
+pub mod sandbox;
+pub mod state;
+
+pub use config::{ContainerConfig, ProcessConfig, Resources, SandboxConfig};
+pub use hypervisor::{Hypervisor, HypervisorKind};
+pub use sandbox::{ContainerStatus, Factory, ProcessIo, Sandbox, SandboxError, SandboxStatus};
+pub use state::{ContainerPhase, SandboxPhase, Store};

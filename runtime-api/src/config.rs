@@ -1,0 +1,207 @@
+//! What a sandbox and its containers are made of, as the embedder gives
+//! it. Every type here is serde, because the state file keeps it.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use crate::hypervisor::HypervisorKind;
+
+/// The longest sandbox or container ID.
+pub const MAX_ID_LEN: usize = 64;
+
+/// Why an ID was refused.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("invalid ID {id:?}: {why}")]
+pub struct InvalidId {
+    /// The ID as given.
+    pub id: String,
+    /// What is wrong with it.
+    pub why: &'static str,
+}
+
+/// Checks a sandbox or container ID: 1 to 64 of `[A-Za-z0-9_.-]`, starting
+/// with a letter or digit. IDs name directories and sockets, so nothing
+/// else (no `/`, no `..`) is allowed.
+pub fn validate_id(id: &str) -> Result<(), InvalidId> {
+    let refuse = |why| Err(InvalidId { id: id.to_string(), why });
+    if id.is_empty() {
+        return refuse("it is empty");
+    }
+    if id.len() > MAX_ID_LEN {
+        return refuse("it is longer than 64 characters");
+    }
+    if !id.starts_with(|c: char| c.is_ascii_alphanumeric()) {
+        return refuse("it must start with a letter or a digit");
+    }
+    if !id.chars().all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c)) {
+        return refuse("only letters, digits, '_', '.' and '-' are allowed");
+    }
+    Ok(())
+}
+
+/// A sandbox: one microVM and the containers it starts with.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SandboxConfig {
+    /// Its ID (see [`validate_id`]).
+    pub id: String,
+    /// Which hypervisor runs it; `None` chooses (see
+    /// [`HypervisorKind::detect`]).
+    pub hypervisor: Option<HypervisorKind>,
+    /// The guest image directory (`vessel image build --out DIR`): the
+    /// kernel and the initramfs holding the agent.
+    pub guest_image: PathBuf,
+    /// vCPUs.
+    pub vcpus: u8,
+    /// Guest memory in MiB.
+    pub memory_mib: u64,
+    /// How long the guest may take to boot to its agent, in seconds
+    /// (TCG guests take seconds; hardware KVM a fraction of one).
+    pub boot_timeout_s: u64,
+    /// The containers created with the sandbox (Kata's sandbox config
+    /// holds them too); their root disks are attached at boot.
+    pub containers: Vec<ContainerConfig>,
+}
+
+impl SandboxConfig {
+    /// A sandbox `id` with one vCPU, 256 MiB, no containers yet, the
+    /// hypervisor chosen for this host, and 120 s to boot.
+    pub fn new(id: impl Into<String>, guest_image: impl Into<PathBuf>) -> Self {
+        SandboxConfig {
+            id: id.into(),
+            hypervisor: None,
+            guest_image: guest_image.into(),
+            vcpus: 1,
+            memory_mib: 256,
+            boot_timeout_s: 120,
+            containers: Vec::new(),
+        }
+    }
+}
+
+/// A container.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ContainerConfig {
+    /// Its ID, unique in the sandbox (see [`validate_id`]).
+    pub id: String,
+    /// Its root filesystem: an ext4 image (`vessel image rootfs`), which
+    /// the container writes to.
+    pub rootfs: PathBuf,
+    /// The first process.
+    pub process: ProcessConfig,
+    /// The hostname (a UTS namespace of its own either way).
+    pub hostname: Option<String>,
+    /// cgroup v2 limits.
+    pub resources: Resources,
+}
+
+impl ContainerConfig {
+    /// A container `id` on `rootfs` running `args`, output captured.
+    pub fn new(id: impl Into<String>, rootfs: impl Into<PathBuf>, args: &[&str]) -> Self {
+        ContainerConfig {
+            id: id.into(),
+            rootfs: rootfs.into(),
+            process: ProcessConfig::new(args),
+            hostname: None,
+            resources: Resources::default(),
+        }
+    }
+}
+
+/// A process: a container's first one, or one entered into it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProcessConfig {
+    /// The program and its arguments.
+    pub args: Vec<String>,
+    /// Environment entries (`NAME=value`) beyond PATH.
+    pub env: Vec<String>,
+    /// User and group IDs.
+    pub uid: u32,
+    /// Group ID.
+    pub gid: u32,
+    /// A terminal: stdout and stderr are one stream.
+    pub terminal: bool,
+    /// Give the process a stdin stream (without it, its stdin is /dev/null).
+    pub stdin: bool,
+}
+
+impl ProcessConfig {
+    /// `args` as root, no terminal, no stdin.
+    pub fn new(args: &[&str]) -> Self {
+        ProcessConfig {
+            args: args.iter().map(|a| a.to_string()).collect(),
+            env: Vec::new(),
+            uid: 0,
+            gid: 0,
+            terminal: false,
+            stdin: false,
+        }
+    }
+}
+
+/// cgroup v2 limits; `None` leaves one as it is (unlimited at creation).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Resources {
+    /// memory.max in bytes.
+    pub memory_bytes: Option<u64>,
+    /// cpu.max: quota and period in microseconds.
+    pub cpu_quota_us: Option<(u64, u64)>,
+    /// pids.max.
+    pub pids: Option<u64>,
+}
+
+impl Resources {
+    /// Nothing set.
+    pub fn is_empty(&self) -> bool {
+        *self == Resources::default()
+    }
+
+    /// `linux.resources` as OCI JSON, for the spec.
+    pub(crate) fn oci_json(&self) -> Option<String> {
+        let mut parts = Vec::new();
+        if let Some(limit) = self.memory_bytes {
+            parts.push(format!(r#""memory":{{"limit":{limit}}}"#));
+        }
+        if let Some((quota, period)) = self.cpu_quota_us {
+            parts.push(format!(r#""cpu":{{"quota":{quota},"period":{period}}}"#));
+        }
+        if let Some(limit) = self.pids {
+            parts.push(format!(r#""pids":{{"limit":{limit}}}"#));
+        }
+        (!parts.is_empty()).then(|| format!("{{{}}}", parts.join(",")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_that_could_name_another_path_are_refused() {
+        for good in ["a", "box-1", "A.b_c", &"x".repeat(64)] {
+            assert_eq!(validate_id(good), Ok(()), "{good}");
+        }
+        for (bad, why) in [
+            ("", "empty"),
+            ("..", "start with"),
+            ("-x", "start with"),
+            ("a/b", "only letters"),
+            ("a b", "only letters"),
+            (&"x".repeat(65), "longer"),
+        ] {
+            let err = validate_id(bad).unwrap_err();
+            assert!(err.to_string().contains(why), "{bad:?}: {err}");
+            assert!(err.to_string().contains(&format!("{bad:?}")), "{err}");
+        }
+    }
+
+    #[test]
+    fn resources_become_oci_json_only_when_set() {
+        assert_eq!(Resources::default().oci_json(), None);
+        let r = Resources { memory_bytes: Some(1 << 20), cpu_quota_us: Some((5000, 10000)), pids: Some(8) };
+        assert_eq!(
+            r.oci_json().as_deref(),
+            Some(r#"{"memory":{"limit":1048576},"cpu":{"quota":5000,"period":10000},"pids":{"limit":8}}"#)
+        );
+    }
+}

@@ -1,0 +1,147 @@
+//! vessel's own VMM, in this process: start, pause, resume, stop, stats
+//! and hotplug are direct calls on its `VmmHandle`. The agent's link is the
+//! in-process vsock device's hybrid Unix socket; disks are in-process
+//! virtio-blk devices, and hot-plugged ones go to the empty virtio-mmio
+//! slots reserved at boot.
+
+use std::time::Instant;
+
+use devices::virtio::block::BlockConfig;
+use devices::virtio::vsock::VsockConfig;
+use vmm::{
+    BootSourceConfig, ConsoleOutput, DeviceConfig, MachineConfig, PrebootAction, Vmm, VmmAction, VmmData, VmmHandle,
+};
+
+use super::{file_tail, Disk, Hypervisor, HypervisorError, HypervisorKind, Plugged, VmFigures, VmSpec, GUEST_CID};
+
+const KIND: HypervisorKind = HypervisorKind::Builtin;
+
+/// The kernel command line a sandbox guest gets (the virtio-mmio windows
+/// are added by the VMM, from its device manager).
+const CMDLINE: &str = "console=ttyS0 reboot=k panic=1 quiet";
+
+/// The in-process VMM; see the module docs.
+#[derive(Default)]
+pub struct Builtin {
+    vm: Option<VmmHandle>,
+    ended: Option<String>,
+    console: std::path::PathBuf,
+    started: Option<Instant>,
+    /// The kernel command line; [`CMDLINE`] unless a caller set another.
+    pub cmdline: Option<String>,
+}
+
+impl Builtin {
+    fn op<T>(op: &'static str, result: Result<T, vmm::VmmActionError>) -> Result<T, HypervisorError> {
+        result.map_err(|e| match e {
+            vmm::VmmActionError::NotRunning => HypervisorError::NotRunning("the VM has exited".into()),
+            other => HypervisorError::Op { kind: KIND, op, source: Box::new(other) },
+        })
+    }
+
+    fn handle(&self) -> Result<&VmmHandle, HypervisorError> {
+        self.vm.as_ref().ok_or_else(|| HypervisorError::NotRunning(self.ended.clone().unwrap_or("not started".into())))
+    }
+}
+
+impl Hypervisor for Builtin {
+    fn kind(&self) -> HypervisorKind {
+        KIND
+    }
+
+    fn start(&mut self, spec: &VmSpec) -> Result<(), HypervisorError> {
+        let fail = |e: vmm::VmmActionError| HypervisorError::Start(KIND, Box::new(e));
+        let mut vm = Vmm::new();
+        let cmdline = self.cmdline.clone().unwrap_or_else(|| CMDLINE.to_string());
+        vm.handle(PrebootAction::ConfigureBootSource(BootSourceConfig {
+            kernel: spec.kernel.clone(),
+            initrd: Some(spec.initrd.clone()),
+            cmdline,
+        }))
+        .map_err(fail)?;
+        vm.handle(PrebootAction::ConfigureMachine(MachineConfig {
+            vcpus: spec.vcpus,
+            mem_mib: spec.memory_mib,
+            seccomp: true,
+            hotplug_slots: spec.hotplug_slots,
+        }))
+        .map_err(fail)?;
+        self.console = spec.console_log();
+        vm.handle(PrebootAction::ConfigureConsole(ConsoleOutput::File(self.console.clone()))).map_err(fail)?;
+        let vsock = VsockConfig { guest_cid: GUEST_CID, uds_path: spec.vsock_socket() };
+        vm.handle(PrebootAction::AddDevice(DeviceConfig::Vsock(vsock))).map_err(fail)?;
+        vm.handle(PrebootAction::AddDevice(DeviceConfig::Rng)).map_err(fail)?;
+        for disk in &spec.disks {
+            let config =
+                BlockConfig { path: disk.path.clone(), read_only: disk.read_only, id: Some(disk.serial.clone()) };
+            vm.handle(PrebootAction::AddDevice(DeviceConfig::Block(config))).map_err(fail)?;
+        }
+        self.vm = Some(vm.start().map_err(|e| HypervisorError::Start(KIND, Box::new(e)))?);
+        self.started = Some(Instant::now());
+        Ok(())
+    }
+
+    fn exited(&mut self) -> Option<String> {
+        if self.ended.is_none() {
+            if let Some(reason) = self.vm.as_mut().and_then(VmmHandle::try_wait) {
+                self.ended = Some(format!("the VM ended: {reason:?}"));
+                self.vm = None;
+            }
+        }
+        self.ended.clone()
+    }
+
+    fn pause(&mut self) -> Result<(), HypervisorError> {
+        Self::op("pause", self.handle()?.request(VmmAction::Pause)).map(drop)
+    }
+
+    fn resume(&mut self) -> Result<(), HypervisorError> {
+        Self::op("resume", self.handle()?.request(VmmAction::Resume)).map(drop)
+    }
+
+    fn stop(&mut self) -> Result<(), HypervisorError> {
+        if let Some(vm) = self.vm.take() {
+            // Dropping the handle stops the VM and joins its threads.
+            drop(vm);
+            self.ended = Some("stopped".into());
+        }
+        Ok(())
+    }
+
+    fn figures(&mut self) -> Result<VmFigures, HypervisorError> {
+        let stats = self.handle()?.stats();
+        let exits = stats
+            .vcpus
+            .iter()
+            .map(|v| v.io_in + v.io_out + v.mmio_read + v.mmio_write + v.hlt + v.shutdown + v.interrupted + v.other)
+            .sum();
+        Ok(VmFigures {
+            uptime: stats.uptime,
+            memory_bytes: stats.mem_size,
+            memory_resident_bytes: Some(stats.mem_resident),
+            vcpu_exits: Some(exits),
+            devices: stats
+                .devices
+                .into_iter()
+                .map(|d| (d.name, d.counters.into_iter().map(|(k, v)| (k.to_string(), v)).collect()))
+                .collect(),
+        })
+    }
+
+    fn add_disk(&mut self, disk: &Disk) -> Result<Plugged, HypervisorError> {
+        let config = BlockConfig { path: disk.path.clone(), read_only: disk.read_only, id: Some(disk.serial.clone()) };
+        match Self::op("hot-plug a disk", self.handle()?.request(VmmAction::AttachDevice(DeviceConfig::Block(config))))?
+        {
+            VmmData::Attached { addr, .. } => Ok(Plugged { mmio_address: addr }),
+            other => Err(HypervisorError::Op {
+                kind: KIND,
+                op: "hot-plug a disk",
+                source: format!("the VMM answered {other:?}, not where the device went").into(),
+            }),
+        }
+    }
+
+    fn console_tail(&self, lines: usize) -> String {
+        file_tail(&self.console, lines)
+    }
+}

@@ -1,0 +1,239 @@
+//! The `Hypervisor` trait: what the sandbox logic asks of a VM, and the
+//! two VMs that answer it. The sandbox never branches on which it holds.
+//!
+//! - [`builtin::Builtin`]: vessel's own VMM, in this process; every
+//!   operation is a direct call on its `VmmHandle`.
+//! - [`qemu_tcg::QemuTcg`]: QEMU microvm with TCG, our device backends
+//!   served to it over vhost-user: the fallback for hosts without usable
+//!   hardware virtualization.
+
+pub mod builtin;
+pub mod qemu_tcg;
+
+use std::path::{Path, PathBuf};
+use std::sync::Once;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// The guest's vsock context ID (each sandbox is its own VM, so one is
+/// enough).
+pub const GUEST_CID: u64 = 3;
+
+/// Which hypervisor runs a sandbox.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum HypervisorKind {
+    /// vessel's own VMM, in process.
+    Builtin,
+    /// QEMU microvm with TCG and our backends over vhost-user.
+    QemuTcg,
+}
+
+impl HypervisorKind {
+    /// Its name on the command line and in the state file.
+    pub fn name(self) -> &'static str {
+        match self {
+            HypervisorKind::Builtin => "builtin",
+            HypervisorKind::QemuTcg => "qemu-tcg",
+        }
+    }
+
+    /// `builtin` where hardware virtualization is usable (`vmx` or `svm`
+    /// in /proc/cpuinfo, and /dev/kvm opens), else `qemu-tcg`; the choice
+    /// and its reason are logged once per process.
+    pub fn detect() -> HypervisorKind {
+        let (kind, why) = match hardware_virtualization_unusable() {
+            None => (HypervisorKind::Builtin, "hardware virtualization is usable".to_string()),
+            Some(why) => (HypervisorKind::QemuTcg, why),
+        };
+        static LOGGED: Once = Once::new();
+        LOGGED.call_once(|| tracing::info!(hypervisor = kind.name(), reason = %why, "hypervisor chosen"));
+        kind
+    }
+}
+
+impl std::fmt::Display for HypervisorKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for HypervisorKind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "builtin" => Ok(HypervisorKind::Builtin),
+            "qemu-tcg" => Ok(HypervisorKind::QemuTcg),
+            other => Err(format!("unknown hypervisor {other:?}: use builtin or qemu-tcg")),
+        }
+    }
+}
+
+/// Why the builtin hypervisor cannot run a Linux guest here, or None.
+/// A nested software KVM (our CI's "PVM") opens /dev/kvm but has no
+/// `vmx`/`svm`: Linux crawls there, so it counts as unusable.
+pub fn hardware_virtualization_unusable() -> Option<String> {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let flags = cpuinfo.lines().find(|l| l.starts_with("flags")).unwrap_or_default();
+    if !flags.split_whitespace().any(|f| f == "vmx" || f == "svm") {
+        return Some("the CPU shows no vmx or svm flag (no hardware virtualization, or a nested software KVM)".into());
+    }
+    match std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm") {
+        Ok(_) => None,
+        Err(e) => Some(format!("/dev/kvm cannot be opened ({e})")),
+    }
+}
+
+/// A disk for the guest: a file, and the virtio serial the agent finds it
+/// by.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Disk {
+    /// The image file.
+    pub path: PathBuf,
+    /// Attach it read-only.
+    pub read_only: bool,
+    /// Its virtio-blk serial (at most 20 bytes).
+    pub serial: String,
+}
+
+/// The VM to boot.
+#[derive(Clone, Debug)]
+pub struct VmSpec {
+    /// Where the hypervisor keeps its sockets and the console log (the
+    /// sandbox's directory).
+    pub dir: PathBuf,
+    /// The kernel image.
+    pub kernel: PathBuf,
+    /// The initramfs (the agent as /init).
+    pub initrd: PathBuf,
+    /// vCPUs.
+    pub vcpus: u8,
+    /// Guest memory in MiB.
+    pub memory_mib: u64,
+    /// Disks attached at boot.
+    pub disks: Vec<Disk>,
+    /// Empty virtio-mmio slots reserved for hotplug.
+    pub hotplug_slots: u8,
+}
+
+impl VmSpec {
+    /// The hybrid vsock socket: the agent's link. Guest-initiated
+    /// connections to port P arrive on `<this>_P`.
+    pub fn vsock_socket(&self) -> PathBuf {
+        self.dir.join("vsock.sock")
+    }
+
+    /// The guest's serial console log.
+    pub fn console_log(&self) -> PathBuf {
+        self.dir.join("console.log")
+    }
+}
+
+/// What a hot-plugged device got.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Plugged {
+    /// Its virtio-mmio window, which the agent binds.
+    pub mmio_address: u64,
+}
+
+/// The VM's figures, as far as the hypervisor can tell.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct VmFigures {
+    /// Since the VM started.
+    pub uptime: Duration,
+    /// Guest memory configured, bytes.
+    pub memory_bytes: u64,
+    /// Guest memory resident on the host, bytes, when known.
+    pub memory_resident_bytes: Option<u64>,
+    /// VM exits, all vCPUs together, when the hypervisor counts them.
+    pub vcpu_exits: Option<u64>,
+    /// Per device: its name and its counters.
+    pub devices: Vec<(String, Vec<(String, u64)>)>,
+}
+
+/// Why a hypervisor operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum HypervisorError {
+    /// The VM could not be started.
+    #[error("cannot start the {0} VM")]
+    Start(HypervisorKind, #[source] Box<dyn std::error::Error + Send + Sync>),
+    /// An operation on the running VM failed.
+    #[error("the {kind} VM refused {op}")]
+    Op {
+        /// The hypervisor.
+        kind: HypervisorKind,
+        /// What was asked.
+        op: &'static str,
+        /// Why it failed.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// The VM has ended.
+    #[error("the VM is not running ({0})")]
+    NotRunning(String),
+    /// This hypervisor cannot do it (yet): the message says what instead.
+    #[error("the {kind} hypervisor cannot {op}: {why}")]
+    Unsupported {
+        /// The hypervisor.
+        kind: HypervisorKind,
+        /// What was asked.
+        op: &'static str,
+        /// Why not, and what to do instead.
+        why: &'static str,
+    },
+}
+
+/// What the sandbox asks of a VM.
+pub trait Hypervisor: Send {
+    /// Which hypervisor this is.
+    fn kind(&self) -> HypervisorKind;
+    /// Boots the VM; returns once it runs (the agent announces itself on
+    /// the vsock socket later).
+    fn start(&mut self, spec: &VmSpec) -> Result<(), HypervisorError>;
+    /// Why the VM has ended, if it has (checked while waiting on the guest).
+    fn exited(&mut self) -> Option<String>;
+    /// Stops every vCPU where it is.
+    fn pause(&mut self) -> Result<(), HypervisorError>;
+    /// Lets paused vCPUs run again.
+    fn resume(&mut self) -> Result<(), HypervisorError>;
+    /// Ends the VM and waits for it to be gone. Stopping a VM that has
+    /// ended is not an error.
+    fn stop(&mut self) -> Result<(), HypervisorError>;
+    /// The VM's figures.
+    fn figures(&mut self) -> Result<VmFigures, HypervisorError>;
+    /// Puts `disk` in an empty hotplug slot.
+    fn add_disk(&mut self, disk: &Disk) -> Result<Plugged, HypervisorError>;
+    /// The last `lines` of the guest's console, for error reports.
+    fn console_tail(&self, lines: usize) -> String;
+}
+
+/// A new, unstarted hypervisor of `kind`.
+pub fn new_hypervisor(kind: HypervisorKind) -> Box<dyn Hypervisor> {
+    match kind {
+        HypervisorKind::Builtin => Box::new(builtin::Builtin::default()),
+        HypervisorKind::QemuTcg => Box::new(qemu_tcg::QemuTcg::default()),
+    }
+}
+
+/// The last `lines` lines of the file at `path` (empty if unreadable).
+pub(crate) fn file_tail(path: &Path, lines: usize) -> String {
+    let text = std::fs::read(path).map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default();
+    let tail: Vec<&str> = text.lines().rev().take(lines).collect();
+    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hypervisor_names_round_trip_and_unknown_ones_are_named() {
+        for kind in [HypervisorKind::Builtin, HypervisorKind::QemuTcg] {
+            assert_eq!(kind.name().parse::<HypervisorKind>(), Ok(kind));
+            assert_eq!(serde_json::to_string(&kind).unwrap(), format!("\"{}\"", kind.name()));
+        }
+        let err = "kvm".parse::<HypervisorKind>().unwrap_err();
+        assert!(err.contains("\"kvm\"") && err.contains("builtin or qemu-tcg"), "{err}");
+    }
+}

@@ -1,0 +1,312 @@
+//! The QEMU TCG fallback: QEMU microvm with the TCG accelerator, for hosts
+//! without usable hardware virtualization. Our vsock (the agent's link)
+//! and blk backends serve it over vhost-user from threads of this process;
+//! pause and resume go through QMP (`stop`, `cont`).
+//!
+//! microvm cannot add devices after boot, so disks are attached at boot
+//! only, for now: [`Hypervisor::add_disk`] says so.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use devices::virtio::block::{Block, BlockConfig, BlockCounters};
+use devices::virtio::vhost_user::{self, VhostUserError};
+use devices::virtio::vsock::{Vsock, VsockConfig, VsockCounters};
+use devices::virtio::CounterSet;
+
+use super::{file_tail, Disk, Hypervisor, HypervisorError, HypervisorKind, Plugged, VmFigures, VmSpec, GUEST_CID};
+use crate::qemu::{vhost_user_device_args, Qemu, TcgMachine, QEMU};
+
+const KIND: HypervisorKind = HypervisorKind::QemuTcg;
+/// How long QEMU may take to open its QMP socket.
+const QMP_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Why QMP failed.
+#[derive(Debug, thiserror::Error)]
+pub enum QmpError {
+    /// The socket failed.
+    #[error("QMP socket {0}")]
+    Io(PathBuf, #[source] std::io::Error),
+    /// QEMU answered with an error, or something that is not QMP.
+    #[error("QMP {command}: {answer}")]
+    Refused {
+        /// The command sent.
+        command: String,
+        /// What came back.
+        answer: String,
+    },
+}
+
+/// A QMP connection: one JSON object per line each way.
+struct Qmp {
+    path: PathBuf,
+    reader: BufReader<UnixStream>,
+    writer: UnixStream,
+}
+
+impl Qmp {
+    /// Connects (retrying until QEMU has made the socket) and leaves the
+    /// capabilities negotiation done.
+    fn connect(path: &Path, mut exited: impl FnMut() -> Option<String>) -> Result<Self, QmpError> {
+        let io = |e| QmpError::Io(path.to_path_buf(), e);
+        let deadline = Instant::now() + QMP_TIMEOUT;
+        let stream = loop {
+            match UnixStream::connect(path) {
+                Ok(s) => break s,
+                Err(e) if Instant::now() > deadline => return Err(io(e)),
+                Err(e) => {
+                    if let Some(why) = exited() {
+                        return Err(io(std::io::Error::other(format!("{e}; {why}"))));
+                    }
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+            }
+        };
+        stream.set_read_timeout(Some(QMP_TIMEOUT)).map_err(io)?;
+        let writer = stream.try_clone().map_err(io)?;
+        let mut qmp = Qmp { path: path.to_path_buf(), reader: BufReader::new(stream), writer };
+        let greeting = qmp.read()?;
+        if greeting.get("QMP").is_none() {
+            return Err(QmpError::Refused { command: "(greeting)".into(), answer: greeting.to_string() });
+        }
+        qmp.execute("qmp_capabilities")?;
+        Ok(qmp)
+    }
+
+    fn read(&mut self) -> Result<serde_json::Value, QmpError> {
+        let mut line = String::new();
+        // A line is one answer or event; QEMU's are short, but bound it.
+        let n =
+            (&mut self.reader).take(1 << 20).read_line(&mut line).map_err(|e| QmpError::Io(self.path.clone(), e))?;
+        if n == 0 {
+            return Err(QmpError::Io(self.path.clone(), std::io::ErrorKind::UnexpectedEof.into()));
+        }
+        serde_json::from_str(&line)
+            .map_err(|e| QmpError::Refused { command: "(read)".into(), answer: format!("{e}: {line}") })
+    }
+
+    /// Runs `command` and waits for its answer (events in between are
+    /// skipped).
+    fn execute(&mut self, command: &str) -> Result<(), QmpError> {
+        let request = serde_json::json!({ "execute": command });
+        writeln!(self.writer, "{request}").map_err(|e| QmpError::Io(self.path.clone(), e))?;
+        loop {
+            let answer = self.read()?;
+            if answer.get("return").is_some() {
+                return Ok(());
+            }
+            if answer.get("event").is_none() {
+                return Err(QmpError::Refused { command: command.into(), answer: answer.to_string() });
+            }
+        }
+    }
+}
+
+/// A device backend served to QEMU, with what stats read.
+struct Served {
+    socket: PathBuf,
+    thread: JoinHandle<Result<(), VhostUserError>>,
+    name: String,
+    counters: Arc<dyn CounterSet + Send + Sync>,
+}
+
+/// QEMU microvm with TCG; see the module docs.
+#[derive(Default)]
+pub struct QemuTcg {
+    qemu: Option<Qemu>,
+    qmp: Option<Qmp>,
+    qmp_path: PathBuf,
+    served: Vec<Served>,
+    console: PathBuf,
+    started: Option<Instant>,
+    memory_bytes: u64,
+}
+
+impl QemuTcg {
+    fn op_error(op: &'static str) -> impl FnOnce(QmpError) -> HypervisorError {
+        move |e| HypervisorError::Op { kind: KIND, op, source: Box::new(e) }
+    }
+
+    fn qmp(&mut self, command: &'static str) -> Result<(), HypervisorError> {
+        if self.qemu.is_none() {
+            return Err(HypervisorError::NotRunning("QEMU was never started".into()));
+        }
+        if let Some(why) = self.exited() {
+            return Err(HypervisorError::NotRunning(why));
+        }
+        if self.qmp.is_none() {
+            let qemu = &mut self.qemu;
+            let exited = || exit_reason(qemu);
+            self.qmp = Some(Qmp::connect(&self.qmp_path, exited).map_err(Self::op_error(command))?);
+        }
+        let qmp = self.qmp.as_mut().ok_or_else(|| HypervisorError::NotRunning("no QMP connection".into()))?;
+        qmp.execute(command).map_err(Self::op_error(command))
+    }
+
+    fn serve(
+        &mut self,
+        spec: &VmSpec,
+        name: String,
+        backend: Box<dyn devices::virtio::VirtioBackend>,
+        counters: Arc<dyn CounterSet + Send + Sync>,
+    ) -> Result<PathBuf, HypervisorError> {
+        let socket = spec.dir.join(format!("vhost-{}.sock", self.served.len()));
+        let thread =
+            vhost_user::spawn("sandbox", backend, &socket).map_err(|e| HypervisorError::Start(KIND, Box::new(e)))?;
+        self.served.push(Served { socket: socket.clone(), thread, name, counters });
+        Ok(socket)
+    }
+
+    /// Ends every backend thread: QEMU's going ends the ones it connected
+    /// to; one still waiting for a frontend is woken by a connection that
+    /// closes at once.
+    fn end_backends(&mut self) {
+        for served in self.served.drain(..) {
+            if !served.thread.is_finished() {
+                let _ = UnixStream::connect(&served.socket);
+            }
+            let deadline = Instant::now() + Duration::from_secs(2);
+            while !served.thread.is_finished() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            if served.thread.is_finished() {
+                if let Ok(Err(e)) = served.thread.join() {
+                    tracing::debug!(device = %served.name, error = %e, "a device backend ended with an error");
+                }
+            } else {
+                tracing::warn!(device = %served.name, "a device backend did not end; leaving its thread");
+            }
+            let _ = std::fs::remove_file(&served.socket);
+        }
+    }
+}
+
+fn exit_reason(qemu: &mut Option<Qemu>) -> Option<String> {
+    match qemu.as_mut().map(|q| q.0.try_wait()) {
+        Some(Ok(Some(status))) => Some(format!("QEMU exited ({status})")),
+        Some(Err(e)) => Some(format!("QEMU cannot be waited for ({e})")),
+        Some(Ok(None)) | None => None,
+    }
+}
+
+impl Hypervisor for QemuTcg {
+    fn kind(&self) -> HypervisorKind {
+        KIND
+    }
+
+    fn start(&mut self, spec: &VmSpec) -> Result<(), HypervisorError> {
+        let fail = |e: Box<dyn std::error::Error + Send + Sync>| HypervisorError::Start(KIND, e);
+        let (vsock, counters) = Vsock::new(&VsockConfig { guest_cid: GUEST_CID, uds_path: spec.vsock_socket() })
+            .map_err(|e| fail(e.into()))?;
+        let counters: Arc<VsockCounters> = counters;
+        let vsock_socket = self.serve(spec, format!("vsock cid {GUEST_CID}"), Box::new(vsock), counters)?;
+        let mut extra_args = vhost_user_device_args(&vsock_socket, "vhost-user-vsock-device");
+        for disk in &spec.disks {
+            let config =
+                BlockConfig { path: disk.path.clone(), read_only: disk.read_only, id: Some(disk.serial.clone()) };
+            let (blk, counters) = Block::open(&config).map_err(|e| fail(e.into()))?;
+            let counters: Arc<BlockCounters> = counters;
+            let socket = self.serve(spec, format!("blk {}", disk.path.display()), Box::new(blk), counters)?;
+            extra_args.extend(vhost_user_device_args(&socket, "vhost-user-blk"));
+        }
+        // Entropy from the first boot: QEMU's own virtio-rng.
+        extra_args.extend(["-device".into(), "virtio-rng-device".into()]);
+        self.qmp_path = spec.dir.join("qmp.sock");
+        extra_args.extend(["-qmp".into(), format!("unix:{},server=on,wait=off", self.qmp_path.display())]);
+        let machine = TcgMachine {
+            kernel: spec.kernel.clone(),
+            initrd: spec.initrd.clone(),
+            vcpus: spec.vcpus,
+            mem_mib: spec.memory_mib,
+            cmdline: "quiet".into(),
+            vhost_user: true,
+            extra_args,
+        };
+        self.console = spec.console_log();
+        let console = std::fs::File::create(&self.console).map_err(|e| fail(e.into()))?;
+        let console_err = console.try_clone().map_err(|e| fail(e.into()))?;
+        let child = Command::new(QEMU)
+            .args(machine.args())
+            .stdin(Stdio::null())
+            .stdout(console)
+            .stderr(console_err)
+            .spawn()
+            .map_err(|e| fail(format!("cannot run {QEMU} (install qemu-system-x86): {e}").into()))?;
+        self.qemu = Some(Qemu(child));
+        self.started = Some(Instant::now());
+        self.memory_bytes = spec.memory_mib << 20;
+        Ok(())
+    }
+
+    fn exited(&mut self) -> Option<String> {
+        exit_reason(&mut self.qemu)
+    }
+
+    fn pause(&mut self) -> Result<(), HypervisorError> {
+        self.qmp("stop")
+    }
+
+    fn resume(&mut self) -> Result<(), HypervisorError> {
+        self.qmp("cont")
+    }
+
+    fn stop(&mut self) -> Result<(), HypervisorError> {
+        self.qmp = None;
+        // Dropping kills and reaps QEMU.
+        self.qemu = None;
+        self.end_backends();
+        let _ = std::fs::remove_file(&self.qmp_path);
+        Ok(())
+    }
+
+    fn figures(&mut self) -> Result<VmFigures, HypervisorError> {
+        let Some(started) = self.started else {
+            return Err(HypervisorError::NotRunning("QEMU was never started".into()));
+        };
+        if let Some(why) = self.exited() {
+            return Err(HypervisorError::NotRunning(why));
+        }
+        // QEMU's whole resident set: guest RAM the guest touched, plus
+        // QEMU itself.
+        let resident = self.qemu.as_ref().and_then(|q| {
+            let statm = std::fs::read_to_string(format!("/proc/{}/statm", q.0.id())).ok()?;
+            let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+            Some(pages * 4096)
+        });
+        let devices = self
+            .served
+            .iter()
+            .map(|s| (s.name.clone(), s.counters.snapshot().into_iter().map(|(k, v)| (k.to_string(), v)).collect()))
+            .collect();
+        Ok(VmFigures {
+            uptime: started.elapsed(),
+            memory_bytes: self.memory_bytes,
+            memory_resident_bytes: resident,
+            vcpu_exits: None,
+            devices,
+        })
+    }
+
+    fn add_disk(&mut self, _disk: &Disk) -> Result<Plugged, HypervisorError> {
+        Err(HypervisorError::Unsupported {
+            kind: KIND,
+            op: "hot-plug a disk",
+            why: "QEMU microvm adds no device after boot; give the disk when the sandbox is created",
+        })
+    }
+
+    fn console_tail(&self, lines: usize) -> String {
+        file_tail(&self.console, lines)
+    }
+}
+
+impl Drop for QemuTcg {
+    fn drop(&mut self) {
+        let _ = self.stop();
+    }
+}

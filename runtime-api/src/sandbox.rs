@@ -1,0 +1,1074 @@
+//! The sandbox API: a [`Sandbox`] is one microVM, its agent and its
+//! containers, held by the embedder; every operation of Kata's
+//! virtcontainers API on sandboxes and containers is a method here.
+//!
+//! Each operation takes the sandbox's lock (exclusive for mutations,
+//! shared for reads), does its work, and writes the state file before it
+//! returns.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use agent_proto::agent::{
+    ContainerRequest, CreateContainerRequest, Empty, ExecProcessRequest, GuestDetails, Interfaces, ProcessInfo,
+    Resources as AgentResources, Rootfs, Routes, SignalProcessRequest, StatsContainerResponse, Stdio,
+    UpdateContainerRequest, UpdateRoutesRequest, VirtioSlotRequest, WaitProcessRequest,
+};
+use agent_proto::link;
+use agent_proto::spec::{process_json, spec_json, SpecOptions};
+use tracing::{debug, info, info_span, warn};
+
+use crate::agent::{Agent, AgentError, HostSide, PendingStream};
+use crate::config::{validate_id, ContainerConfig, InvalidId, ProcessConfig, Resources, SandboxConfig};
+use crate::hypervisor::{new_hypervisor, Disk, Hypervisor, HypervisorError, HypervisorKind, VmFigures, VmSpec};
+use crate::state::{
+    now_unix_ms, ContainerPhase, ContainerRecord, DeviceRecord, LockKind, SandboxLock, SandboxPhase, SandboxState,
+    StateError, Store, STATE_VERSION,
+};
+
+/// How long a stopped container's process may take to exit after SIGKILL.
+const STOP_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long the agent may take to dial a process's stdio streams.
+pub const STREAM_TIMEOUT: Duration = Duration::from_secs(60);
+/// Hotplug slots every sandbox VM reserves (where the hypervisor can).
+const HOTPLUG_SLOTS: u8 = 4;
+
+/// A pre-booted VM source for create (Kata's factory). Not built yet:
+/// create refuses it with [`SandboxError::FactoryUnsupported`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Factory {
+    /// Clone a snapshotted, booted VM.
+    Template(std::path::PathBuf),
+    /// Take one of N booted VMs kept paused.
+    Cache(usize),
+}
+
+/// The steps of create, in order; a failure names its step and undoes the
+/// ones before it, in reverse.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CreateStep {
+    /// The sandbox's directory and lock.
+    Directory,
+    /// The VM boots.
+    Vm,
+    /// The agent announces itself and describes the guest.
+    Agent,
+    /// The containers are created.
+    Containers,
+    /// The state is written.
+    State,
+}
+
+impl std::fmt::Display for CreateStep {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            CreateStep::Directory => "making its directory",
+            CreateStep::Vm => "booting the VM",
+            CreateStep::Agent => "reaching the guest's agent",
+            CreateStep::Containers => "creating the containers",
+            CreateStep::State => "writing the state",
+        })
+    }
+}
+
+/// Why a sandbox operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum SandboxError {
+    /// A bad sandbox or container ID.
+    #[error(transparent)]
+    Id(#[from] InvalidId),
+    /// The state could not be read or written.
+    #[error(transparent)]
+    State(#[from] StateError),
+    /// The hypervisor failed.
+    #[error(transparent)]
+    Hypervisor(#[from] HypervisorError),
+    /// The agent could not be reached, or refused.
+    #[error(transparent)]
+    Agent(#[from] AgentError),
+    /// Create failed; what was done has been undone.
+    #[error("cannot create sandbox {id:?}: {step} failed")]
+    Create {
+        /// The sandbox.
+        id: String,
+        /// Where it failed.
+        step: CreateStep,
+        /// Why.
+        #[source]
+        source: Box<SandboxError>,
+    },
+    /// The guest image lacks a file.
+    #[error("the guest image has no {0}: build it with `vessel image build --out DIR`")]
+    GuestImage(std::path::PathBuf),
+    /// Asking for a factory.
+    #[error("VM factories (templates and caches) are not built yet; create the sandbox without one")]
+    FactoryUnsupported,
+    /// Two containers with one ID.
+    #[error("sandbox {sandbox:?} has a container with ID {id:?} already")]
+    ContainerExists {
+        /// The sandbox.
+        sandbox: String,
+        /// The container.
+        id: String,
+    },
+    /// No such container.
+    #[error("sandbox {sandbox:?} has no container with ID {id:?}")]
+    NoSuchContainer {
+        /// The sandbox.
+        sandbox: String,
+        /// The container.
+        id: String,
+    },
+    /// The container is in the wrong state for the operation.
+    #[error("container {id:?} is {phase}; {op} needs it {needs}")]
+    ContainerState {
+        /// The container.
+        id: String,
+        /// Where it is.
+        phase: ContainerPhase,
+        /// The operation.
+        op: &'static str,
+        /// What it needs.
+        needs: &'static str,
+    },
+    /// The sandbox is in the wrong state for the operation.
+    #[error("sandbox {id:?} is {phase}; {op} needs it {needs}")]
+    SandboxState {
+        /// The sandbox.
+        id: String,
+        /// Where it is.
+        phase: SandboxPhase,
+        /// The operation.
+        op: &'static str,
+        /// What it needs.
+        needs: &'static str,
+    },
+    /// No exit within the time allowed.
+    #[error("process {exec_id:?} of container {id:?} did not exit within {timeout:?}")]
+    WaitTimeout {
+        /// The container.
+        id: String,
+        /// The process ("" is the first).
+        exec_id: String,
+        /// How long was waited.
+        timeout: Duration,
+    },
+}
+
+impl SandboxError {
+    fn at(step: CreateStep, id: &str) -> impl FnOnce(SandboxError) -> SandboxError + '_ {
+        move |e| SandboxError::Create { id: id.to_string(), step, source: Box::new(e) }
+    }
+}
+
+/// A process's exit statuses, filled by a waiter thread per process.
+#[derive(Default)]
+struct Exits {
+    done: Mutex<HashMap<(String, String), i32>>,
+    changed: Condvar,
+}
+
+impl Exits {
+    fn get(&self, id: &str, exec_id: &str) -> Option<i32> {
+        self.done.lock().unwrap_or_else(|p| p.into_inner()).get(&(id.to_string(), exec_id.to_string())).copied()
+    }
+
+    fn wait(&self, id: &str, exec_id: &str, timeout: Option<Duration>) -> Option<i32> {
+        let key = (id.to_string(), exec_id.to_string());
+        let deadline = timeout.map(|t| Instant::now() + t);
+        let mut done = self.done.lock().unwrap_or_else(|p| p.into_inner());
+        loop {
+            if let Some(status) = done.get(&key) {
+                return Some(*status);
+            }
+            done = match deadline {
+                None => self.changed.wait(done).unwrap_or_else(|p| p.into_inner()),
+                Some(deadline) => {
+                    let left = deadline.checked_duration_since(Instant::now())?;
+                    self.changed.wait_timeout(done, left).unwrap_or_else(|p| p.into_inner()).0
+                }
+            };
+        }
+    }
+}
+
+/// A process's stdio: streams the agent dials once the process is set up.
+/// Accept each (in its own thread, if the process needs its stdin fed
+/// while its output is read).
+#[derive(Debug)]
+pub struct ProcessIo {
+    /// Its stdin, when asked for.
+    pub stdin: Option<PendingStream>,
+    /// Its stdout (with a terminal: all its output).
+    pub stdout: PendingStream,
+    /// Its stderr, without a terminal.
+    pub stderr: Option<PendingStream>,
+}
+
+/// A container's status.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ContainerStatus {
+    /// Its ID.
+    pub id: String,
+    /// Where it is.
+    pub phase: ContainerPhase,
+    /// When its first process started (ms since the epoch).
+    pub started_unix_ms: Option<u64>,
+    /// How its first process ended.
+    pub exit_code: Option<i32>,
+    /// Its root image.
+    pub rootfs: std::path::PathBuf,
+}
+
+/// A sandbox's status.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SandboxStatus {
+    /// Its ID.
+    pub id: String,
+    /// Where it is.
+    pub phase: SandboxPhase,
+    /// What runs it.
+    pub hypervisor: HypervisorKind,
+    /// When it was created (ms since the epoch).
+    pub created_unix_ms: u64,
+    /// Its containers.
+    pub containers: Vec<ContainerStatus>,
+}
+
+/// A sandbox as `list` finds it on disk.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SandboxSummary {
+    /// Its status as last written.
+    pub status: SandboxStatus,
+    /// Whether the process that owns its VM still lives (a sandbox whose
+    /// owner died is dead, whatever its state file says).
+    pub owner_alive: bool,
+}
+
+/// A sandbox's figures: its VM's and each running container's.
+#[derive(Clone, Debug)]
+pub struct SandboxStats {
+    /// The VM's.
+    pub vm: VmFigures,
+    /// Each running container's cgroup figures, by ID.
+    pub containers: Vec<(String, StatsContainerResponse)>,
+}
+
+/// A running sandbox; see the module docs.
+pub struct Sandbox {
+    store: Store,
+    state: SandboxState,
+    vm: Box<dyn Hypervisor>,
+    agent: Agent,
+    host: HostSide,
+    exits: Arc<Exits>,
+    details: GuestDetails,
+    io: HashMap<String, ProcessIo>,
+    next_exec: u64,
+}
+
+impl std::fmt::Debug for Sandbox {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sandbox").field("id", &self.id()).field("phase", &self.state.phase).finish_non_exhaustive()
+    }
+}
+
+/// A container's root disk serial: its index among the sandbox's disks.
+fn disk_serial(index: usize) -> String {
+    format!("ctr-{index}")
+}
+
+/// A container ID request.
+fn container_request(id: &str) -> ContainerRequest {
+    ContainerRequest { container_id: id.into(), ..Default::default() }
+}
+
+fn spec_options(process: &ProcessConfig, hostname: Option<&str>, resources: &Resources) -> SpecOptions {
+    SpecOptions {
+        hostname: hostname.map(str::to_string),
+        uid: process.uid,
+        gid: process.gid,
+        terminal: process.terminal,
+        resources: resources.oci_json(),
+        env: process.env.clone(),
+    }
+}
+
+impl Sandbox {
+    /// Creates a sandbox: its VM boots, its agent is reached, and its
+    /// containers are created (not started). Uses the hypervisor the
+    /// config names, or the one [`HypervisorKind::detect`] chooses.
+    pub fn create(store: &Store, config: SandboxConfig, factory: Option<&Factory>) -> Result<Sandbox, SandboxError> {
+        if factory.is_some() {
+            return Err(SandboxError::FactoryUnsupported);
+        }
+        let kind = config.hypervisor.unwrap_or_else(HypervisorKind::detect);
+        Self::create_with(store, config, new_hypervisor(kind))
+    }
+
+    /// [`Sandbox::create`] then [`Sandbox::start`] (Kata's RunSandbox).
+    pub fn run(store: &Store, config: SandboxConfig) -> Result<Sandbox, SandboxError> {
+        let mut sandbox = Self::create(store, config, None)?;
+        sandbox.start()?;
+        Ok(sandbox)
+    }
+
+    /// [`Sandbox::create`] on a hypervisor of the caller's (an embedder's
+    /// own, or a test double).
+    pub fn create_with(
+        store: &Store,
+        config: SandboxConfig,
+        mut vm: Box<dyn Hypervisor>,
+    ) -> Result<Sandbox, SandboxError> {
+        let id = config.id.clone();
+        let _span = info_span!("create_sandbox", id = %id, hypervisor = %vm.kind()).entered();
+        let began = Instant::now();
+        validate_id(&id)?;
+        let mut seen = std::collections::HashSet::new();
+        for c in &config.containers {
+            validate_id(&c.id)?;
+            if !seen.insert(c.id.as_str()) {
+                return Err(SandboxError::ContainerExists { sandbox: id, id: c.id.clone() });
+            }
+        }
+        let kernel = config.guest_image.join(resources::guest_image::KERNEL_FILE);
+        let initrd = config.guest_image.join(resources::guest_image::INITRD_FILE);
+        for file in [&kernel, &initrd] {
+            if !file.is_file() {
+                return Err(SandboxError::GuestImage(file.clone()));
+            }
+        }
+
+        // Directory and lock. Undo: remove the directory.
+        let dir = store.create_dir(&id).map_err(|e| SandboxError::at(CreateStep::Directory, &id)(e.into()))?;
+        let undo_dir = || {
+            if let Err(e) = store.remove(&id) {
+                warn!(error = %e, "rollback: cannot remove the sandbox directory");
+            }
+        };
+        let lock = match store.lock(&id, LockKind::Exclusive) {
+            Ok(lock) => lock,
+            Err(e) => {
+                undo_dir();
+                return Err(SandboxError::at(CreateStep::Directory, &id)(e.into()));
+            }
+        };
+        step_done(CreateStep::Directory, began);
+
+        // The VM. Undo: stop it.
+        let spec = VmSpec {
+            dir: dir.clone(),
+            kernel,
+            initrd,
+            vcpus: config.vcpus,
+            memory_mib: config.memory_mib,
+            disks: config
+                .containers
+                .iter()
+                .enumerate()
+                .map(|(i, c)| Disk { path: c.rootfs.clone(), read_only: false, serial: disk_serial(i) })
+                .collect(),
+            hotplug_slots: HOTPLUG_SLOTS,
+        };
+        let host = HostSide::new(spec.vsock_socket());
+        let booted = host.listen(link::DEFAULT_PORT).map_err(SandboxError::from).and_then(|ready| {
+            vm.start(&spec)?;
+            Ok(ready)
+        });
+        let ready = match booted {
+            Ok(ready) => ready,
+            Err(e) => {
+                let _ = vm.stop();
+                undo_dir();
+                return Err(SandboxError::at(CreateStep::Vm, &id)(e));
+            }
+        };
+        step_done(CreateStep::Vm, began);
+
+        // The agent.
+        let timeout = Duration::from_secs(config.boot_timeout_s);
+        let reached = host
+            .wait_ready(&ready, timeout, || vm.exited())
+            .and_then(|version| {
+                debug!(agent = %version, "the agent announced itself");
+                Agent::connect_hybrid(&spec.vsock_socket())
+            })
+            .and_then(|agent| {
+                let details = agent.call("GetGuestDetails", |c, ctx| c.get_guest_details(ctx, &Empty::new()))?;
+                Ok((agent, details))
+            });
+        drop(ready);
+        let (agent, details) = match reached {
+            Ok(reached) => reached,
+            Err(e) => {
+                let console = vm.console_tail(20);
+                if !console.is_empty() {
+                    warn!("the guest's console ended with:\n{console}");
+                }
+                let _ = vm.stop();
+                undo_dir();
+                return Err(SandboxError::at(CreateStep::Agent, &id)(e.into()));
+            }
+        };
+        step_done(CreateStep::Agent, began);
+        info!(kernel = %details.kernel_release, cpus = details.online_cpus, "guest ready");
+
+        let state = SandboxState {
+            version: STATE_VERSION,
+            hypervisor: vm.kind(),
+            phase: SandboxPhase::Ready,
+            owner_pid: std::process::id(),
+            created_unix_ms: now_unix_ms(),
+            containers: Vec::new(),
+            devices: Vec::new(),
+            config: SandboxConfig { containers: Vec::new(), ..config.clone() },
+        };
+        let mut sandbox = Sandbox {
+            store: store.clone(),
+            state,
+            vm,
+            agent,
+            host,
+            exits: Arc::default(),
+            details,
+            io: HashMap::new(),
+            next_exec: 0,
+        };
+
+        // The containers, then the state. Undo: remove them, stop the VM.
+        let made =
+            config.containers.iter().enumerate().try_for_each(|(i, c)| sandbox.create_on_disk(c, disk_serial(i)));
+        let outcome = made.map_err(SandboxError::at(CreateStep::Containers, &id)).and_then(|()| {
+            step_done(CreateStep::Containers, began);
+            sandbox.store.save(&sandbox.state).map_err(|e| SandboxError::at(CreateStep::State, &id)(e.into()))
+        });
+        if let Err(e) = outcome {
+            for c in sandbox.state.containers.iter().rev() {
+                let id = &c.config.id;
+                let removed =
+                    sandbox.agent.call("RemoveContainer", |cl, ctx| cl.remove_container(ctx, &container_request(id)));
+                if let Err(e) = removed {
+                    warn!(container = %id, error = %e, "rollback: cannot remove a container");
+                }
+            }
+            let _ = sandbox.vm.stop();
+            drop(lock);
+            undo_dir();
+            return Err(e);
+        }
+        step_done(CreateStep::State, began);
+        info!(ms = began.elapsed().as_millis() as u64, "sandbox created");
+        Ok(sandbox)
+    }
+
+    /// Its ID.
+    pub fn id(&self) -> &str {
+        self.state.id()
+    }
+
+    /// The state as last written.
+    pub fn state(&self) -> &SandboxState {
+        &self.state
+    }
+
+    /// What the guest said of itself when the sandbox was created.
+    pub fn guest_details(&self) -> &GuestDetails {
+        &self.details
+    }
+
+    /// The last `lines` of the guest's console.
+    pub fn console_tail(&self, lines: usize) -> String {
+        self.vm.console_tail(lines)
+    }
+
+    fn lock(&self, kind: LockKind) -> Result<SandboxLock, SandboxError> {
+        Ok(self.store.lock(self.id(), kind)?)
+    }
+
+    fn save(&self) -> Result<(), SandboxError> {
+        Ok(self.store.save(&self.state)?)
+    }
+
+    fn require_vm(&self, op: &'static str) -> Result<(), SandboxError> {
+        match self.state.phase {
+            SandboxPhase::Ready | SandboxPhase::Running => Ok(()),
+            phase => Err(SandboxError::SandboxState { id: self.id().into(), phase, op, needs: "ready or running" }),
+        }
+    }
+
+    fn record(&self, id: &str) -> Result<&ContainerRecord, SandboxError> {
+        self.state
+            .container(id)
+            .ok_or_else(|| SandboxError::NoSuchContainer { sandbox: self.id().into(), id: id.into() })
+    }
+
+    fn record_mut(&mut self, id: &str) -> Result<&mut ContainerRecord, SandboxError> {
+        let sandbox = self.id().to_string();
+        self.state.container_mut(id).ok_or(SandboxError::NoSuchContainer { sandbox, id: id.into() })
+    }
+
+    fn require_phase(
+        &self,
+        id: &str,
+        op: &'static str,
+        allowed: &[ContainerPhase],
+        needs: &'static str,
+    ) -> Result<(), SandboxError> {
+        let phase = self.record(id)?.phase;
+        if allowed.contains(&phase) {
+            Ok(())
+        } else {
+            Err(SandboxError::ContainerState { id: id.into(), phase, op, needs })
+        }
+    }
+
+    /// Notices first processes that have exited since the last look.
+    fn refresh(&mut self) -> bool {
+        let mut changed = false;
+        for c in &mut self.state.containers {
+            if matches!(c.phase, ContainerPhase::Running | ContainerPhase::Paused) {
+                if let Some(status) = self.exits.get(&c.config.id, "") {
+                    c.phase = ContainerPhase::Stopped;
+                    c.exit_code = Some(status);
+                    changed = true;
+                }
+            }
+        }
+        changed
+    }
+
+    /// Stdio streams for `process`, and the ports to name in its request.
+    fn process_io(&self, process: &ProcessConfig) -> Result<(ProcessIo, Stdio), SandboxError> {
+        let stdout = self.host.stream()?;
+        let stderr = if process.terminal { None } else { Some(self.host.stream()?) };
+        let stdin = if process.stdin { Some(self.host.stream()?) } else { None };
+        let ports = Stdio {
+            stdin_port: stdin.as_ref().map_or(0, |s| s.port),
+            stdout_port: stdout.port,
+            stderr_port: stderr.as_ref().map_or(0, |s| s.port),
+            ..Default::default()
+        };
+        Ok((ProcessIo { stdin, stdout, stderr }, ports))
+    }
+
+    /// Records process (`id`, `exec_id`)'s exit when it comes.
+    fn watch(&self, id: &str, exec_id: &str) {
+        let (agent, exits) = (self.agent.clone(), self.exits.clone());
+        let (id, exec_id) = (id.to_string(), exec_id.to_string());
+        std::thread::spawn(move || {
+            let request =
+                WaitProcessRequest { container_id: id.clone(), exec_id: exec_id.clone(), ..Default::default() };
+            // No timeout: a process runs as long as it runs.
+            match agent.call_within("WaitProcess", Duration::ZERO, |c, ctx| c.wait_process(ctx, &request)) {
+                Ok(reply) => {
+                    exits.done.lock().unwrap_or_else(|p| p.into_inner()).insert((id, exec_id), reply.status);
+                    exits.changed.notify_all();
+                }
+                Err(e) => debug!(container = %id, exec = %exec_id, error = %e, "no exit status"),
+            }
+        });
+    }
+
+    fn create_on_disk(&mut self, config: &ContainerConfig, serial: String) -> Result<(), SandboxError> {
+        let _span = info_span!("create_container", id = %config.id).entered();
+        let args: Vec<&str> = config.process.args.iter().map(String::as_str).collect();
+        let options = spec_options(&config.process, config.hostname.as_deref(), &config.resources);
+        let (io, stdio) = self.process_io(&config.process)?;
+        let mut root = Rootfs::new();
+        root.set_disk_serial(serial.clone());
+        let request = CreateContainerRequest {
+            container_id: config.id.clone(),
+            oci_spec_json: spec_json(&args, &options),
+            rootfs: Some(root).into(),
+            stdio: Some(stdio).into(),
+            ..Default::default()
+        };
+        self.agent.call("CreateContainer", |c, ctx| c.create_container(ctx, &request))?;
+        self.io.insert(config.id.clone(), io);
+        self.state.containers.push(ContainerRecord {
+            config: config.clone(),
+            phase: ContainerPhase::Ready,
+            started_unix_ms: None,
+            exit_code: None,
+            disk_serial: serial,
+        });
+        Ok(())
+    }
+
+    /// Starts every container not started yet (Kata's StartSandbox).
+    pub fn start(&mut self) -> Result<(), SandboxError> {
+        let _span = info_span!("start_sandbox", id = %self.id()).entered();
+        let _lock = self.lock(LockKind::Exclusive)?;
+        self.require_vm("start")?;
+        let ready: Vec<String> = self
+            .state
+            .containers
+            .iter()
+            .filter(|c| c.phase == ContainerPhase::Ready)
+            .map(|c| c.config.id.clone())
+            .collect();
+        for id in ready {
+            self.start_locked(&id)?;
+        }
+        self.state.phase = SandboxPhase::Running;
+        self.save()
+    }
+
+    /// Stops every container, then the VM (Kata's StopSandbox). With
+    /// `force`, a container that will not stop does not keep the VM up.
+    pub fn stop(&mut self, force: bool) -> Result<(), SandboxError> {
+        let _span = info_span!("stop_sandbox", id = %self.id(), force).entered();
+        let _lock = self.lock(LockKind::Exclusive)?;
+        if self.state.phase == SandboxPhase::Stopped {
+            return Ok(());
+        }
+        if self.state.phase == SandboxPhase::Paused {
+            self.vm.resume()?;
+            self.state.phase = SandboxPhase::Running;
+        }
+        let live: Vec<String> = self
+            .state
+            .containers
+            .iter()
+            .filter(|c| matches!(c.phase, ContainerPhase::Running | ContainerPhase::Paused))
+            .map(|c| c.config.id.clone())
+            .collect();
+        for id in live {
+            match self.stop_locked(&id) {
+                Ok(()) => {}
+                Err(e) if force => warn!(container = %id, error = %e, "stop --force: going on"),
+                Err(e) => return Err(e),
+            }
+        }
+        self.vm.stop()?;
+        for c in &mut self.state.containers {
+            c.phase = ContainerPhase::Stopped;
+        }
+        self.state.phase = SandboxPhase::Stopped;
+        self.save()
+    }
+
+    /// Deletes a stopped sandbox: its state and directory (Kata's
+    /// DeleteSandbox).
+    pub fn delete(mut self) -> Result<(), SandboxError> {
+        let _span = info_span!("delete_sandbox", id = %self.id()).entered();
+        let lock = self.lock(LockKind::Exclusive)?;
+        if self.state.phase != SandboxPhase::Stopped {
+            let phase = self.state.phase;
+            return Err(SandboxError::SandboxState { id: self.id().into(), phase, op: "delete", needs: "stopped" });
+        }
+        self.vm.stop()?;
+        self.io.clear();
+        drop(lock);
+        Ok(self.store.remove(self.id())?)
+    }
+
+    /// Pauses every vCPU (Kata's PauseSandbox).
+    pub fn pause(&mut self) -> Result<(), SandboxError> {
+        let _lock = self.lock(LockKind::Exclusive)?;
+        self.require_vm("pause")?;
+        self.vm.pause()?;
+        self.state.phase = SandboxPhase::Paused;
+        self.save()
+    }
+
+    /// Lets a paused sandbox run again (Kata's ResumeSandbox).
+    pub fn resume(&mut self) -> Result<(), SandboxError> {
+        let _lock = self.lock(LockKind::Exclusive)?;
+        if self.state.phase != SandboxPhase::Paused {
+            let phase = self.state.phase;
+            return Err(SandboxError::SandboxState { id: self.id().into(), phase, op: "resume", needs: "paused" });
+        }
+        self.vm.resume()?;
+        self.state.phase = SandboxPhase::Running;
+        self.save()
+    }
+
+    /// The sandbox's and each container's status; a container whose first
+    /// process has exited is recorded as stopped.
+    pub fn status(&mut self) -> Result<SandboxStatus, SandboxError> {
+        let _lock = self.lock(LockKind::Exclusive)?;
+        if self.refresh() {
+            self.save()?;
+        }
+        Ok(status_of(&self.state))
+    }
+
+    /// The VM's figures and every running container's.
+    pub fn stats(&mut self) -> Result<SandboxStats, SandboxError> {
+        let _lock = self.lock(LockKind::Shared)?;
+        let vm = self.vm.figures()?;
+        let mut containers = Vec::new();
+        for c in self.state.containers.iter().filter(|c| c.phase == ContainerPhase::Running) {
+            let id = &c.config.id;
+            let stats = self.agent.call("StatsContainer", |cl, ctx| cl.stats_container(ctx, &container_request(id)))?;
+            containers.push((id.clone(), stats));
+        }
+        Ok(SandboxStats { vm, containers })
+    }
+
+    /// The sandboxes in `store`, as their state files say, with whether
+    /// each one's owner lives. A store whose root is missing holds none.
+    pub fn list(store: &Store) -> Result<Vec<SandboxSummary>, SandboxError> {
+        let mut all = Vec::new();
+        for id in store.ids()? {
+            let _lock = store.lock(&id, LockKind::Shared)?;
+            let state = match store.load(&id) {
+                Ok(state) => state,
+                // Being created, or deleted, as we look.
+                Err(StateError::NotFound(_)) => continue,
+                Err(e) => return Err(e.into()),
+            };
+            let owner_alive = process_alive(state.owner_pid);
+            all.push(SandboxSummary { status: status_of(&state), owner_alive });
+        }
+        Ok(all)
+    }
+
+    /// Creates a container in a running sandbox; its root disk is
+    /// hot-plugged (Kata's CreateContainer).
+    pub fn create_container(&mut self, config: ContainerConfig) -> Result<(), SandboxError> {
+        let _lock = self.lock(LockKind::Exclusive)?;
+        self.require_vm("create a container")?;
+        validate_id(&config.id)?;
+        if self.state.container(&config.id).is_some() {
+            return Err(SandboxError::ContainerExists { sandbox: self.id().into(), id: config.id });
+        }
+        let serial = disk_serial(self.state.containers.len() + self.state.devices.len());
+        let disk = Disk { path: config.rootfs.clone(), read_only: false, serial: serial.clone() };
+        self.plug(&disk)?;
+        self.create_on_disk(&config, serial)?;
+        self.save()
+    }
+
+    /// Hot-plugs `disk` and has the guest probe it; records it.
+    fn plug(&mut self, disk: &Disk) -> Result<(), SandboxError> {
+        let plugged = self.vm.add_disk(disk)?;
+        let bind = VirtioSlotRequest { address: plugged.mmio_address, bind: true, ..Default::default() };
+        self.agent.call("UpdateVirtioSlot", |c, ctx| c.update_virtio_slot(ctx, &bind))?;
+        self.state.devices.push(DeviceRecord {
+            path: disk.path.clone(),
+            serial: disk.serial.clone(),
+            mmio_address: plugged.mmio_address,
+        });
+        Ok(())
+    }
+
+    /// Hot-plugs a block device file into the running sandbox (Kata's
+    /// AddDevice); the guest sees it as a virtio disk with `serial`.
+    pub fn add_disk(&mut self, path: &std::path::Path, serial: &str) -> Result<(), SandboxError> {
+        let _lock = self.lock(LockKind::Exclusive)?;
+        self.require_vm("add a device")?;
+        self.plug(&Disk { path: path.to_path_buf(), read_only: false, serial: serial.into() })?;
+        self.save()
+    }
+
+    /// The stdio streams of container `id`'s first process, once: accept
+    /// them before or after starting it.
+    pub fn take_io(&mut self, id: &str) -> Result<ProcessIo, SandboxError> {
+        self.record(id)?;
+        self.io.remove(id).ok_or_else(|| SandboxError::ContainerState {
+            id: id.into(),
+            phase: self.state.container(id).map_or(ContainerPhase::Stopped, |c| c.phase),
+            op: "take its stdio",
+            needs: "not to have given it out already",
+        })
+    }
+
+    fn start_locked(&mut self, id: &str) -> Result<(), SandboxError> {
+        self.require_phase(id, "start", &[ContainerPhase::Ready], "ready (created, not started)")?;
+        self.agent.call("StartContainer", |c, ctx| c.start_container(ctx, &container_request(id)))?;
+        self.watch(id, "");
+        let record = self.record_mut(id)?;
+        record.phase = ContainerPhase::Running;
+        record.started_unix_ms = Some(now_unix_ms());
+        Ok(())
+    }
+
+    /// Starts container `id`'s first process.
+    pub fn start_container(&mut self, id: &str) -> Result<(), SandboxError> {
+        let _span = info_span!("start_container", id).entered();
+        let _lock = self.lock(LockKind::Exclusive)?;
+        self.require_vm("start a container")?;
+        self.start_locked(id)?;
+        self.save()
+    }
+
+    fn stop_locked(&mut self, id: &str) -> Result<(), SandboxError> {
+        let phase = self.record(id)?.phase;
+        if phase == ContainerPhase::Paused {
+            self.agent.call("ResumeContainer", |c, ctx| c.resume_container(ctx, &container_request(id)))?;
+        }
+        if matches!(phase, ContainerPhase::Running | ContainerPhase::Paused) && self.exits.get(id, "").is_none() {
+            let kill = SignalProcessRequest {
+                container_id: id.into(),
+                signal: libc::SIGKILL as u32,
+                all: true,
+                ..Default::default()
+            };
+            self.agent.call("SignalProcess", |c, ctx| c.signal_process(ctx, &kill))?;
+        }
+        let exit_code = match phase {
+            ContainerPhase::Ready | ContainerPhase::Stopped => self.record(id)?.exit_code,
+            ContainerPhase::Running | ContainerPhase::Paused => {
+                Some(self.exits.wait(id, "", Some(STOP_TIMEOUT)).ok_or_else(|| SandboxError::WaitTimeout {
+                    id: id.into(),
+                    exec_id: String::new(),
+                    timeout: STOP_TIMEOUT,
+                })?)
+            }
+        };
+        let record = self.record_mut(id)?;
+        record.phase = ContainerPhase::Stopped;
+        record.exit_code = exit_code;
+        Ok(())
+    }
+
+    /// Kills every process of container `id` and waits for its first
+    /// process to end (Kata's StopContainer).
+    pub fn stop_container(&mut self, id: &str) -> Result<(), SandboxError> {
+        let _span = info_span!("stop_container", id).entered();
+        let _lock = self.lock(LockKind::Exclusive)?;
+        self.stop_locked(id)?;
+        self.save()
+    }
+
+    /// Deletes a container that is not running (Kata's DeleteContainer).
+    pub fn delete_container(&mut self, id: &str) -> Result<(), SandboxError> {
+        let _span = info_span!("delete_container", id).entered();
+        let _lock = self.lock(LockKind::Exclusive)?;
+        self.refresh();
+        self.require_phase(id, "delete", &[ContainerPhase::Ready, ContainerPhase::Stopped], "stopped")?;
+        self.delete_locked(id)?;
+        self.save()
+    }
+
+    fn delete_locked(&mut self, id: &str) -> Result<(), SandboxError> {
+        if self.state.phase != SandboxPhase::Stopped {
+            self.agent.call("RemoveContainer", |c, ctx| c.remove_container(ctx, &container_request(id)))?;
+        }
+        self.state.containers.retain(|c| c.config.id != id);
+        self.io.remove(id);
+        Ok(())
+    }
+
+    /// Stops and deletes container `id` (with `force`, errors in between
+    /// are logged and passed over). Deleting the last container stops and
+    /// deletes the sandbox too; returns whether it did.
+    pub fn cleanup_container(&mut self, id: &str, force: bool) -> Result<bool, SandboxError> {
+        let _span = info_span!("cleanup_container", id, force).entered();
+        {
+            let _lock = self.lock(LockKind::Exclusive)?;
+            self.record(id)?;
+            if let Err(e) = self.stop_locked(id) {
+                if !force {
+                    return Err(e);
+                }
+                warn!(container = %id, error = %e, "cleanup --force: stopping failed; going on");
+                self.record_mut(id)?.phase = ContainerPhase::Stopped;
+            }
+            if let Err(e) = self.delete_locked(id) {
+                if !force {
+                    return Err(e);
+                }
+                warn!(container = %id, error = %e, "cleanup --force: removing failed; going on");
+                self.state.containers.retain(|c| c.config.id != id);
+            }
+            self.save()?;
+        }
+        if !self.state.containers.is_empty() {
+            return Ok(false);
+        }
+        self.stop(force)?;
+        let lock = self.lock(LockKind::Exclusive)?;
+        drop(lock);
+        self.store.remove(self.id())?;
+        Ok(true)
+    }
+
+    /// Container `id`'s status; an unknown ID is an error naming it.
+    pub fn container_status(&mut self, id: &str) -> Result<ContainerStatus, SandboxError> {
+        let _lock = self.lock(LockKind::Exclusive)?;
+        if self.refresh() {
+            self.save()?;
+        }
+        Ok(container_status_of(self.record(id)?))
+    }
+
+    /// Waits for process `exec_id` ("" for the first) of container `id` to
+    /// exit, for at most `timeout` (None: for ever); returns its status.
+    pub fn wait_process(&mut self, id: &str, exec_id: &str, timeout: Option<Duration>) -> Result<i32, SandboxError> {
+        self.record(id)?;
+        let status = self.exits.wait(id, exec_id, timeout).ok_or_else(|| SandboxError::WaitTimeout {
+            id: id.into(),
+            exec_id: exec_id.into(),
+            timeout: timeout.unwrap_or_default(),
+        })?;
+        if exec_id.is_empty() {
+            let _lock = self.lock(LockKind::Exclusive)?;
+            if self.refresh() {
+                self.save()?;
+            }
+        }
+        Ok(status)
+    }
+
+    /// Sends `signal` to container `id`'s first process, or with `all` to
+    /// every process in it (Kata's KillContainer).
+    pub fn kill_container(&mut self, id: &str, signal: u32, all: bool) -> Result<(), SandboxError> {
+        let _lock = self.lock(LockKind::Exclusive)?;
+        self.require_phase(id, "kill", &[ContainerPhase::Running, ContainerPhase::Paused], "running")?;
+        let request = SignalProcessRequest { container_id: id.into(), signal, all, ..Default::default() };
+        self.agent.call("SignalProcess", |c, ctx| c.signal_process(ctx, &request))?;
+        Ok(())
+    }
+
+    /// Runs `process` in running container `id` (Kata's EnterContainer);
+    /// returns its exec ID and its stdio.
+    pub fn enter_container(&mut self, id: &str, process: &ProcessConfig) -> Result<(String, ProcessIo), SandboxError> {
+        let _span = info_span!("enter_container", id).entered();
+        let _lock = self.lock(LockKind::Shared)?;
+        self.require_phase(id, "exec", &[ContainerPhase::Running], "running")?;
+        self.next_exec += 1;
+        let exec_id = format!("exec-{}", self.next_exec);
+        let args: Vec<&str> = process.args.iter().map(String::as_str).collect();
+        let options = spec_options(process, None, &Resources::default());
+        let (io, stdio) = self.process_io(process)?;
+        let request = ExecProcessRequest {
+            container_id: id.into(),
+            exec_id: exec_id.clone(),
+            oci_process_json: process_json(&args, &options).into_bytes(),
+            stdio: Some(stdio).into(),
+            ..Default::default()
+        };
+        self.agent.call("ExecProcess", |c, ctx| c.exec_process(ctx, &request))?;
+        self.watch(id, &exec_id);
+        Ok((exec_id, io))
+    }
+
+    /// The processes in container `id` (Kata's ProcessListContainer).
+    pub fn process_list(&self, id: &str) -> Result<Vec<ProcessInfo>, SandboxError> {
+        let _lock = self.lock(LockKind::Shared)?;
+        self.record(id)?;
+        let reply = self.agent.call("ListProcesses", |c, ctx| c.list_processes(ctx, &container_request(id)))?;
+        Ok(reply.processes)
+    }
+
+    /// Changes container `id`'s limits (Kata's UpdateContainer).
+    pub fn update_container(&mut self, id: &str, resources: Resources) -> Result<(), SandboxError> {
+        let _lock = self.lock(LockKind::Exclusive)?;
+        self.require_phase(
+            id,
+            "update",
+            &[ContainerPhase::Ready, ContainerPhase::Running, ContainerPhase::Paused],
+            "not stopped",
+        )?;
+        let (cpu_quota, cpu_period) = resources.cpu_quota_us.unwrap_or((0, 0));
+        let request = UpdateContainerRequest {
+            container_id: id.into(),
+            resources: Some(AgentResources {
+                memory_limit: resources.memory_bytes.unwrap_or(0),
+                cpu_quota,
+                cpu_period,
+                pids_limit: resources.pids.unwrap_or(0),
+                ..Default::default()
+            })
+            .into(),
+            ..Default::default()
+        };
+        self.agent.call("UpdateContainer", |c, ctx| c.update_container(ctx, &request))?;
+        let record = self.record_mut(id)?;
+        let current = &mut record.config.resources;
+        current.memory_bytes = resources.memory_bytes.or(current.memory_bytes);
+        current.cpu_quota_us = resources.cpu_quota_us.or(current.cpu_quota_us);
+        current.pids = resources.pids.or(current.pids);
+        self.save()
+    }
+
+    /// Container `id`'s cgroup figures (Kata's StatsContainer).
+    pub fn container_stats(&self, id: &str) -> Result<StatsContainerResponse, SandboxError> {
+        let _lock = self.lock(LockKind::Shared)?;
+        self.record(id)?;
+        Ok(self.agent.call("StatsContainer", |c, ctx| c.stats_container(ctx, &container_request(id)))?)
+    }
+
+    /// Freezes container `id` (Kata's PauseContainer).
+    pub fn pause_container(&mut self, id: &str) -> Result<(), SandboxError> {
+        let _lock = self.lock(LockKind::Exclusive)?;
+        self.require_phase(id, "pause", &[ContainerPhase::Running], "running")?;
+        self.agent.call("PauseContainer", |c, ctx| c.pause_container(ctx, &container_request(id)))?;
+        self.record_mut(id)?.phase = ContainerPhase::Paused;
+        self.save()
+    }
+
+    /// Thaws container `id` (Kata's ResumeContainer).
+    pub fn resume_container(&mut self, id: &str) -> Result<(), SandboxError> {
+        let _lock = self.lock(LockKind::Exclusive)?;
+        self.require_phase(id, "resume", &[ContainerPhase::Paused], "paused")?;
+        self.agent.call("ResumeContainer", |c, ctx| c.resume_container(ctx, &container_request(id)))?;
+        self.record_mut(id)?.phase = ContainerPhase::Running;
+        self.save()
+    }
+
+    /// The guest's network interfaces (Kata's ListInterfaces).
+    pub fn list_interfaces(&self) -> Result<Interfaces, SandboxError> {
+        let _lock = self.lock(LockKind::Shared)?;
+        Ok(self.agent.call("ListInterfaces", |c, ctx| c.list_interfaces(ctx, &Empty::new()))?)
+    }
+
+    /// The guest's routes (Kata's ListRoutes).
+    pub fn list_routes(&self) -> Result<Routes, SandboxError> {
+        let _lock = self.lock(LockKind::Shared)?;
+        Ok(self.agent.call("ListRoutes", |c, ctx| c.list_routes(ctx, &Empty::new()))?)
+    }
+
+    /// Replaces the routes on every device `routes` names (Kata's
+    /// UpdateRoutes); returns the guest's routes after.
+    pub fn update_routes(&mut self, routes: Routes) -> Result<Routes, SandboxError> {
+        let _lock = self.lock(LockKind::Exclusive)?;
+        let request = UpdateRoutesRequest { routes: Some(routes).into(), ..Default::default() };
+        Ok(self.agent.call("UpdateRoutes", |c, ctx| c.update_routes(ctx, &request))?)
+    }
+}
+
+impl Drop for Sandbox {
+    /// A handle dropped without stop leaves no VM behind; its state says
+    /// where it was, and `list` shows its owner gone.
+    fn drop(&mut self) {
+        let _ = self.vm.stop();
+    }
+}
+
+fn step_done(step: CreateStep, began: Instant) {
+    debug!(step = %step, ms = began.elapsed().as_secs_f64() * 1000.0, "create step done");
+}
+
+fn container_status_of(c: &ContainerRecord) -> ContainerStatus {
+    ContainerStatus {
+        id: c.config.id.clone(),
+        phase: c.phase,
+        started_unix_ms: c.started_unix_ms,
+        exit_code: c.exit_code,
+        rootfs: c.config.rootfs.clone(),
+    }
+}
+
+fn status_of(state: &SandboxState) -> SandboxStatus {
+    SandboxStatus {
+        id: state.id().into(),
+        phase: state.phase,
+        hypervisor: state.hypervisor,
+        created_unix_ms: state.created_unix_ms,
+        containers: state.containers.iter().map(container_status_of).collect(),
+    }
+}
+
+/// Whether process `pid` exists (signal 0 probes without sending).
+fn process_alive(pid: u32) -> bool {
+    let Ok(pid) = libc::pid_t::try_from(pid) else { return false };
+    // SAFETY: kill with signal 0 sends nothing; it only checks that the
+    // process exists and may be signalled.
+    let rc = unsafe { libc::kill(pid, 0) };
+    rc == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
+}
