@@ -6,7 +6,6 @@
 //! and one in a guest behind the hybrid vsock socket, whose
 //! guest-initiated connections arrive on the same `<uds>_<port>` names.
 
-use std::io::Read;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -28,44 +27,31 @@ pub fn ctx() -> ttrpc::context::Context {
     ttrpc::context::with_timeout(RPC_TIMEOUT.as_nanos() as i64)
 }
 
-/// The host's end of the agent's dials.
-pub struct HostSide {
-    /// The socket name prefix (`<prefix>_<port>`).
-    pub prefix: PathBuf,
-    next_port: std::sync::atomic::AtomicU32,
+/// The host's end of the agent's dials: runtime-api's, with collectors
+/// that suit tests (`listen` and `port` come from it).
+pub struct HostSide(runtime_api::agent::HostSide);
+
+impl std::ops::Deref for HostSide {
+    type Target = runtime_api::agent::HostSide;
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
 }
 
 impl HostSide {
     /// Host sockets named `<prefix>_<port>`.
     pub fn new(prefix: PathBuf) -> Self {
-        HostSide { prefix, next_port: std::sync::atomic::AtomicU32::new(5000) }
-    }
-
-    /// Listens on `<prefix>_<port>`.
-    pub fn listen(&self, port: u32) -> anyhow::Result<UnixListener> {
-        let path = link::port_path(&self.prefix, port);
-        let _ = std::fs::remove_file(&path);
-        UnixListener::bind(&path).with_context(|| format!("listening on {}", path.display()))
-    }
-
-    /// A fresh port number for a stream.
-    pub fn port(&self) -> u32 {
-        self.next_port.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        HostSide(runtime_api::agent::HostSide::new(prefix))
     }
 
     /// Listens on a fresh port and collects everything the one connection
     /// to it sends, until end-of-file. Returns the port and the collector.
     pub fn capture(&self) -> anyhow::Result<(u32, JoinHandle<anyhow::Result<Vec<u8>>>)> {
-        let port = self.port();
-        let listener = self.listen(port)?;
-        let path = link::port_path(&self.prefix, port);
+        let stream = self.0.stream()?;
+        let port = stream.port;
+        let collector = stream.collect(RPC_TIMEOUT);
         let handle = std::thread::spawn(move || {
-            let mut conn =
-                link::accept_within(&listener, &path, RPC_TIMEOUT, || None).context("accepting a stdio stream")?;
-            conn.set_read_timeout(Some(RPC_TIMEOUT))?;
-            let mut out = Vec::new();
-            conn.read_to_end(&mut out).context("reading a stdio stream")?;
-            Ok(out)
+            collector.join().map_err(|_| anyhow!("the stream collector panicked"))?.context("collecting a stdio stream")
         });
         Ok((port, handle))
     }
@@ -73,21 +59,15 @@ impl HostSide {
     /// Listens on a fresh port for a stdin stream; the handle gives the
     /// connection once the agent dialed it.
     pub fn stdin(&self) -> anyhow::Result<(u32, JoinHandle<anyhow::Result<UnixStream>>)> {
-        let port = self.port();
-        let listener = self.listen(port)?;
-        let path = link::port_path(&self.prefix, port);
-        Ok((
-            port,
-            std::thread::spawn(move || {
-                link::accept_within(&listener, &path, RPC_TIMEOUT, || None).context("accepting a stdin stream")
-            }),
-        ))
+        let stream = self.0.stream()?;
+        let port = stream.port;
+        Ok((port, std::thread::spawn(move || stream.accept(RPC_TIMEOUT).context("accepting a stdin stream"))))
     }
 
     /// Waits for the agent's readiness line on `listener`, returning its
     /// version.
     pub fn wait_ready(&self, listener: &UnixListener, timeout: Duration) -> anyhow::Result<String> {
-        Ok(link::accept_ready(listener, &link::port_path(&self.prefix, link::DEFAULT_PORT), timeout, || None)?)
+        Ok(self.0.wait_ready(listener, timeout, || None)?)
     }
 }
 

@@ -1,0 +1,299 @@
+//! The sandbox API (runtime-api) through the library, as an embedder
+//! calls it.
+//!
+//! - With the qemu-tcg hypervisor (tier 3): the distribution kernel, the
+//!   agent as PID 1 and busybox containers; every container operation,
+//!   status noticing an exit, and create's rollback at each step a real
+//!   guest can fail at.
+//! - With the builtin hypervisor (tier 2): a tiny guest through the
+//!   `Hypervisor` trait: start, pause, resume, figures, hotplug, stop.
+//! - A sandbox of real Linux on the builtin hypervisor (tier 4): runs
+//!   where hardware virtualization is usable, skipped by name elsewhere.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{anyhow, ensure, Context};
+use libtest_mimic::Arguments;
+use runtime_api::hypervisor::{builtin::Builtin, Disk, Hypervisor, VmSpec};
+use runtime_api::sandbox::{CreateStep, STREAM_TIMEOUT};
+use runtime_api::{
+    ContainerConfig, ContainerPhase, HypervisorKind, ProcessConfig, Resources, Sandbox, SandboxConfig, SandboxError,
+    SandboxPhase, Store,
+};
+use vessel_tests::harness::{e2fsprogs_unavailable, gate, trial, workspace_binary};
+use vessel_tests::tier3::{qemu_tcg_unavailable, test_kernel};
+use vessel_tests::{kvm_unavailable, TempDir};
+
+/// A guest image (kernel and initramfs with the agent) and busybox root
+/// images, in `dir`.
+fn guest_image(dir: &Path) -> anyhow::Result<PathBuf> {
+    let kernel = test_kernel()?;
+    let image = dir.join("guest");
+    std::fs::create_dir_all(&image)?;
+    std::fs::copy(&kernel.image, image.join(resources::guest_image::KERNEL_FILE)).context("copying the kernel")?;
+    let agent = resources::guest_image::read_agent(&workspace_binary("vessel-agent"))?;
+    let modules = resources::guest_image::agent_modules(&kernel)?;
+    resources::guest_image::build_agent_initramfs(agent, &modules)?
+        .write_atomic(&image.join(resources::guest_image::INITRD_FILE))?;
+    Ok(image)
+}
+
+/// A fresh busybox ext4 root at `dir/name`.
+fn busybox_root(dir: &Path, name: &str) -> anyhow::Result<PathBuf> {
+    let tree = dir.join(format!("{name}-tree"));
+    resources::rootfs::busybox_tree(&tree)?;
+    let image = dir.join(format!("{name}.ext4"));
+    resources::rootfs::build_ext4(&tree, &image, Some(32 << 20))?;
+    Ok(image)
+}
+
+fn config(id: &str, image: &Path, kind: HypervisorKind) -> SandboxConfig {
+    let mut config = SandboxConfig::new(id, image);
+    config.hypervisor = Some(kind);
+    config.boot_timeout_s = 240;
+    config
+}
+
+/// An error and its causes, as one line.
+fn chain(err: impl std::error::Error + Send + Sync + 'static) -> String {
+    format!("{:#}", anyhow::Error::from(err))
+}
+
+/// Everything a process writes to its stdout, collected in a thread.
+type Output = std::thread::JoinHandle<Result<Vec<u8>, runtime_api::agent::AgentError>>;
+
+fn text(output: Output) -> anyhow::Result<String> {
+    let bytes = output.join().map_err(|_| anyhow!("the collector panicked"))??;
+    Ok(String::from_utf8_lossy(&bytes).into_owned())
+}
+
+/// Every container operation on two containers in one sandbox.
+fn containers_in_one_sandbox(kind: HypervisorKind) -> anyhow::Result<()> {
+    let dir = TempDir::new("api-sandbox")?;
+    let image = guest_image(dir.path())?;
+    let store = Store::new(dir.path().join("state"));
+    let mut config = config("api", &image, kind);
+    let web = ContainerConfig::new("web", busybox_root(dir.path(), "web")?, &["sh", "-c", "echo up; exec sleep 1000"]);
+    let mut job = ContainerConfig::new("job", busybox_root(dir.path(), "job")?, &["sh", "-c", "hostname; exit 3"]);
+    job.hostname = Some("jobhost".into());
+    config.containers = vec![web, job];
+
+    let mut sandbox = Sandbox::create(&store, config, None)?;
+    let outcome = drive(&mut sandbox, &store);
+    if outcome.is_err() {
+        eprintln!("guest console:\n{}", sandbox.console_tail(30));
+    }
+    outcome?;
+    ensure!(!store.root().join("api").exists(), "cleanup of the last container left the sandbox's directory");
+    ensure!(Sandbox::list(&store)?.is_empty(), "the sandbox is still listed");
+    Ok(())
+}
+
+fn drive(sandbox: &mut Sandbox, store: &Store) -> anyhow::Result<()> {
+    let status = sandbox.status()?;
+    ensure!(status.phase == SandboxPhase::Ready, "{status:?}");
+    ensure!(status.containers.iter().all(|c| c.phase == ContainerPhase::Ready), "{status:?}");
+    let listed = Sandbox::list(store)?;
+    ensure!(listed.len() == 1 && listed[0].owner_alive && listed[0].status.id == "api", "{listed:?}");
+
+    let web_out = sandbox.take_io("web")?.stdout.collect(STREAM_TIMEOUT);
+    let job_out = sandbox.take_io("job")?.stdout.collect(STREAM_TIMEOUT);
+    sandbox.start()?;
+    ensure!(sandbox.wait_process("job", "", Some(Duration::from_secs(60)))? == 3, "job's exit status");
+    ensure!(text(job_out)? == "jobhost\n", "job's output");
+
+    // Status has noticed job's exit.
+    let job = sandbox.container_status("job")?;
+    ensure!(job.phase == ContainerPhase::Stopped && job.exit_code == Some(3), "{job:?}");
+    let web = sandbox.container_status("web")?;
+    ensure!(web.phase == ContainerPhase::Running && web.started_unix_ms.is_some(), "{web:?}");
+
+    // exec, with its own output and status.
+    let (exec_id, io) = sandbox.enter_container("web", &ProcessConfig::new(&["sh", "-c", "echo in-web; exit 5"]))?;
+    let exec_out = io.stdout.collect(STREAM_TIMEOUT);
+    ensure!(sandbox.wait_process("web", &exec_id, Some(Duration::from_secs(60)))? == 5, "exec's status");
+    ensure!(text(exec_out)? == "in-web\n", "exec's output");
+    let ps = sandbox.process_list("web")?;
+    ensure!(ps.iter().any(|p| p.command.contains("sleep 1000")), "ps: {ps:?}");
+
+    // An update, read back.
+    sandbox
+        .update_container("web", Resources { pids: Some(16), memory_bytes: Some(64 << 20), ..Default::default() })?;
+    let stats = sandbox.container_stats("web")?;
+    ensure!(stats.limits.pids_limit == 16 && stats.limits.memory_limit == 64 << 20, "limits: {:?}", stats.limits);
+    let all = sandbox.stats()?;
+    ensure!(all.vm.uptime > Duration::ZERO && all.vm.memory_bytes == 256 << 20, "{:?}", all.vm);
+    ensure!(all.containers.iter().map(|(id, _)| id.as_str()).eq(["web"]), "{:?}", all.containers);
+
+    // Pause and resume: the container, then the whole VM.
+    sandbox.pause_container("web")?;
+    ensure!(sandbox.container_status("web")?.phase == ContainerPhase::Paused, "not paused");
+    sandbox.resume_container("web")?;
+    sandbox.pause()?;
+    ensure!(sandbox.status()?.phase == SandboxPhase::Paused, "sandbox not paused");
+    sandbox.resume()?;
+    ensure!(sandbox.process_list("web")?.iter().any(|p| p.command.contains("sleep")), "web gone after resume");
+
+    // Bad requests are refused by name.
+    let err = sandbox.delete_container("web").unwrap_err();
+    ensure!(err.to_string() == r#"container "web" is running; delete needs it stopped"#, "{err}");
+    let err = sandbox.container_status("nope").unwrap_err();
+    ensure!(err.to_string() == r#"sandbox "api" has no container with ID "nope""#, "{err}");
+    let err = sandbox.start_container("job").unwrap_err();
+    ensure!(matches!(err, SandboxError::ContainerState { .. }), "{err}");
+
+    // kill: SIGKILL reaches a PID-namespace init from outside.
+    sandbox.kill_container("web", libc::SIGKILL as u32, false)?;
+    ensure!(sandbox.wait_process("web", "", Some(Duration::from_secs(60)))? == 128 + libc::SIGKILL, "web's status");
+    ensure!(text(web_out)? == "up\n", "web's output");
+
+    ensure!(!sandbox.cleanup_container("job", false)?, "the sandbox went with its first container");
+    ensure!(sandbox.cleanup_container("web", false)?, "the sandbox stayed after its last container");
+    ensure!(sandbox.state().phase == SandboxPhase::Stopped, "{:?}", sandbox.state().phase);
+    Ok(())
+}
+
+fn containers_on_qemu_tcg() -> anyhow::Result<()> {
+    containers_in_one_sandbox(HypervisorKind::QemuTcg)
+}
+
+fn containers_on_builtin() -> anyhow::Result<()> {
+    containers_in_one_sandbox(HypervisorKind::Builtin)
+}
+
+/// Create fails at each step a real guest can fail at; each failure names
+/// its step and leaves nothing behind (no directory, no VM).
+fn create_rolls_back_at_each_step() -> anyhow::Result<()> {
+    let dir = TempDir::new("api-rollback")?;
+    let image = guest_image(dir.path())?;
+    let store = Store::new(dir.path().join("state"));
+    let nothing_left = |what: &str| -> anyhow::Result<()> {
+        ensure!(store.ids()?.is_empty(), "{what}: left {:?}", store.ids()?);
+        Ok(())
+    };
+    let step_of = |e: &SandboxError| match e {
+        SandboxError::Create { step, .. } => Some(*step),
+        _ => None,
+    };
+
+    // Bad input, refused before anything is made.
+    let err = Sandbox::create(&store, config("no-image", dir.path(), HypervisorKind::QemuTcg), None).unwrap_err();
+    ensure!(err.to_string().contains("vessel image build"), "{err}");
+    let mut twice = config("twice", &image, HypervisorKind::QemuTcg);
+    let root = busybox_root(dir.path(), "root")?;
+    twice.containers = vec![ContainerConfig::new("a", &root, &["true"]), ContainerConfig::new("a", &root, &["true"])];
+    let err = Sandbox::create(&store, twice, None).unwrap_err();
+    ensure!(err.to_string() == r#"sandbox "twice" has a container with ID "a" already"#, "{err}");
+    let err = Sandbox::create(&store, config("../x", &image, HypervisorKind::QemuTcg), None).unwrap_err();
+    ensure!(err.to_string().contains("invalid ID"), "{err}");
+    let factory = runtime_api::Factory::Cache(2);
+    let err = Sandbox::create(&store, config("f", &image, HypervisorKind::QemuTcg), Some(&factory)).unwrap_err();
+    ensure!(err.to_string().contains("not built yet"), "{err}");
+    nothing_left("bad input")?;
+
+    // The VM step: a root disk that does not exist.
+    let mut missing = config("vm-step", &image, HypervisorKind::QemuTcg);
+    missing.containers = vec![ContainerConfig::new("a", dir.path().join("absent.ext4"), &["true"])];
+    let err = Sandbox::create(&store, missing, None).unwrap_err();
+    ensure!(step_of(&err) == Some(CreateStep::Vm), "{err:#}");
+    nothing_left("vm step")?;
+
+    // The agent step: an initramfs the kernel cannot use, so no agent
+    // ever announces itself and the guest dies.
+    let broken = dir.path().join("broken");
+    std::fs::create_dir_all(&broken)?;
+    std::fs::copy(image.join(resources::guest_image::KERNEL_FILE), broken.join(resources::guest_image::KERNEL_FILE))?;
+    std::fs::write(broken.join(resources::guest_image::INITRD_FILE), b"not an initramfs")?;
+    let mut silent = config("agent-step", &broken, HypervisorKind::QemuTcg);
+    silent.boot_timeout_s = 120;
+    let err = Sandbox::create(&store, silent, None).unwrap_err();
+    ensure!(step_of(&err) == Some(CreateStep::Agent), "{err:#}");
+    nothing_left("agent step")?;
+
+    // The containers step: a root that is not a filesystem; the first
+    // container was created and is removed again.
+    let junk = dir.path().join("junk.ext4");
+    std::fs::write(&junk, vec![0u8; 4 << 20])?;
+    let mut bad_root = config("containers-step", &image, HypervisorKind::QemuTcg);
+    bad_root.containers =
+        vec![ContainerConfig::new("good", &root, &["true"]), ContainerConfig::new("bad", &junk, &["true"])];
+    let err = Sandbox::create(&store, bad_root, None).unwrap_err();
+    ensure!(step_of(&err) == Some(CreateStep::Containers), "{err:#}");
+    ensure!(chain(err).contains("CreateContainer"), "the agent's refusal is not in the error");
+    nothing_left("containers step")?;
+    Ok(())
+}
+
+/// The builtin hypervisor through the trait, with a tiny guest that spins.
+fn builtin_lifecycle_through_the_trait() -> anyhow::Result<()> {
+    let dir = TempDir::new("api-builtin")?;
+    let kernel = dir.write("spin.elf", guests::image(guests::Program::Spin, guests::Format::Pvh))?;
+    let initrd = dir.write("initrd", &[0u8; 4096])?;
+    let disk = dir.write("disk.img", &vec![0u8; 1 << 20])?;
+    let spec = VmSpec {
+        dir: dir.path().to_path_buf(),
+        kernel,
+        initrd,
+        vcpus: 1,
+        memory_mib: 32,
+        disks: vec![],
+        hotplug_slots: 2,
+    };
+    let mut vm: Box<dyn Hypervisor> = Box::new(Builtin::default());
+    ensure!(vm.kind() == HypervisorKind::Builtin);
+    vm.start(&spec)?;
+    ensure!(vessel_tests::wait_until(Duration::from_secs(10), || !vm.console_tail(1).is_empty()), "no console output");
+    ensure!(vm.exited().is_none(), "the guest ended: {:?}", vm.exited());
+    vm.pause()?;
+    let paused = vm.figures()?.vcpu_exits.context("builtin counts exits")?;
+    std::thread::sleep(Duration::from_millis(50));
+    let still = vm.figures()?.vcpu_exits.context("builtin counts exits")?;
+    ensure!(paused == still, "exits went on while paused: {paused} -> {still}");
+    vm.resume()?;
+    ensure!(
+        vessel_tests::wait_until(Duration::from_secs(5), || vm.figures().ok().and_then(|f| f.vcpu_exits) > Some(still)),
+        "no exits after resume"
+    );
+    let figures = vm.figures()?;
+    ensure!(figures.memory_bytes == 32 << 20 && figures.uptime > Duration::ZERO, "{figures:?}");
+    let plugged = vm.add_disk(&Disk { path: disk.clone(), read_only: true, serial: "hot".into() })?;
+    ensure!(plugged.mmio_address != 0, "{plugged:?}");
+    ensure!(vm.figures()?.devices.iter().any(|(name, _)| name.contains("disk.img")), "the hot disk has no counters");
+    vm.add_disk(&Disk { path: disk.clone(), read_only: true, serial: "hot2".into() })?;
+    let err = chain(vm.add_disk(&Disk { path: disk, read_only: true, serial: "hot3".into() }).unwrap_err());
+    ensure!(err.contains("no free hotplug slot"), "{err}");
+    vm.stop()?;
+    ensure!(vm.exited().is_some(), "the VM did not end");
+    ensure!(vm.pause().is_err(), "a stopped VM paused");
+    vm.stop()?;
+    Ok(())
+}
+
+fn main() {
+    let args = Arguments::from_args();
+    let tier3 = || {
+        if args.list {
+            return None;
+        }
+        qemu_tcg_unavailable()
+            .or_else(e2fsprogs_unavailable)
+            .or_else(|| test_kernel().err().map(|e| format!("no guest kernel: {e:#}")))
+    };
+    let mut trials = gate(
+        tier3(),
+        [
+            trial("containers_on_qemu_tcg", containers_on_qemu_tcg),
+            trial("create_rolls_back_at_each_step", create_rolls_back_at_each_step),
+        ],
+    );
+    trials.extend(gate(
+        kvm_unavailable(),
+        [trial("builtin_lifecycle_through_the_trait", builtin_lifecycle_through_the_trait)],
+    ));
+    let tier4 = runtime_api::hypervisor::hardware_virtualization_unusable()
+        .map(|why| format!("Linux on the builtin hypervisor needs hardware virtualization: {why}"))
+        .or_else(tier3);
+    trials.extend(gate(tier4, [trial("containers_on_builtin", containers_on_builtin)]));
+    libtest_mimic::run(&args, trials).exit();
+}
