@@ -36,6 +36,9 @@ pub mod qemu;
 pub mod sandbox;
 pub mod state;
 
+#[cfg(test)]
+mod sandbox_tests;
+
 pub use config::{ContainerConfig, ProcessConfig, Resources, SandboxConfig};
 pub use hypervisor::{Hypervisor, HypervisorKind};
 pub use sandbox::{ContainerStatus, Factory, ProcessIo, Sandbox, SandboxError, SandboxStatus};

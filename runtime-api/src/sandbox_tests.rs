@@ -1,0 +1,293 @@
+//! The sandbox API's own logic without a guest: a fake hypervisor that
+//! serves agent-proto's mock agent behind a hybrid-vsock-style socket, with
+//! a failure to inject at each step of create.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use agent_proto::link;
+use agent_proto::mock::MockAgent;
+
+use crate::hypervisor::{Disk, Hypervisor, HypervisorError, HypervisorKind, Plugged, VmFigures, VmSpec};
+use crate::sandbox::{CreateStep, Sandbox, SandboxError};
+use crate::state::{ContainerPhase, SandboxPhase, Store, LOCK_FILE, STATE_FILE};
+use crate::{ContainerConfig, SandboxConfig};
+
+/// What the fake does wrong, if anything.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Fault {
+    None,
+    /// start fails.
+    Start,
+    /// The agent never announces itself.
+    Silent,
+    /// `state.json` is made a directory, so writing the state fails.
+    State,
+}
+
+/// A VM that is a mock agent: the agent's readiness line is written to
+/// `<vsock>_1024` and `CONNECT 1024` on the vsock socket is proxied to the
+/// mock's ttrpc socket.
+struct FakeVm {
+    mock: MockAgent,
+    fault: Fault,
+    running: Arc<AtomicBool>,
+    server: Option<agent_proto::ttrpc::Server>,
+    vsock: PathBuf,
+}
+
+impl FakeVm {
+    fn new(fault: Fault) -> (Self, Arc<AtomicBool>) {
+        let running = Arc::new(AtomicBool::new(false));
+        let vm =
+            FakeVm { mock: MockAgent::new(3), fault, running: running.clone(), server: None, vsock: PathBuf::new() };
+        (vm, running)
+    }
+}
+
+/// Answers one `CONNECT <port>` on `listener`, then copies bytes both ways
+/// between it and the mock's socket.
+fn proxy_one(listener: UnixListener, mock: PathBuf) {
+    std::thread::spawn(move || {
+        let Ok((conn, _)) = listener.accept() else { return };
+        let mut reader = BufReader::new(conn.try_clone().expect("clone the connection"));
+        let mut line = String::new();
+        if reader.read_line(&mut line).is_err() || !line.starts_with("CONNECT ") {
+            return;
+        }
+        let mut writer = conn;
+        let Ok(agent) = UnixStream::connect(&mock) else { return };
+        writer.write_all(b"OK 1024\n").expect("answer CONNECT");
+        let (mut agent_in, mut agent_out) = (agent.try_clone().expect("clone"), agent);
+        std::thread::spawn(move || {
+            let _ = std::io::copy(&mut reader, &mut agent_in);
+            let _ = agent_in.shutdown(std::net::Shutdown::Write);
+        });
+        let _ = std::io::copy(&mut agent_out, &mut writer);
+        let _ = writer.shutdown(std::net::Shutdown::Write);
+    });
+}
+
+impl Hypervisor for FakeVm {
+    fn kind(&self) -> HypervisorKind {
+        HypervisorKind::Builtin
+    }
+
+    fn start(&mut self, spec: &VmSpec) -> Result<(), HypervisorError> {
+        if self.fault == Fault::Start {
+            return Err(HypervisorError::Start(self.kind(), "injected failure".into()));
+        }
+        self.running.store(true, Ordering::SeqCst);
+        self.vsock = spec.vsock_socket();
+        let mock_socket = spec.dir.join("mock-agent.sock");
+        self.server = Some(self.mock.serve(&mock_socket).expect("serve the mock"));
+        proxy_one(UnixListener::bind(&self.vsock).expect("bind the vsock socket"), mock_socket);
+        if self.fault == Fault::State {
+            std::fs::create_dir(spec.dir.join(STATE_FILE)).expect("sabotage the state file");
+        }
+        if self.fault != Fault::Silent {
+            let ready = link::port_path(&self.vsock, link::DEFAULT_PORT);
+            std::thread::spawn(move || {
+                let mut conn = UnixStream::connect(ready).expect("dial the host");
+                conn.write_all(link::ready_line("mock").as_bytes()).expect("announce");
+            });
+        }
+        Ok(())
+    }
+
+    fn exited(&mut self) -> Option<String> {
+        (!self.running.load(Ordering::SeqCst)).then(|| "stopped".into())
+    }
+
+    fn pause(&mut self) -> Result<(), HypervisorError> {
+        Ok(())
+    }
+
+    fn resume(&mut self) -> Result<(), HypervisorError> {
+        Ok(())
+    }
+
+    fn stop(&mut self) -> Result<(), HypervisorError> {
+        self.running.store(false, Ordering::SeqCst);
+        if let Some(server) = self.server.take() {
+            server.shutdown();
+        }
+        Ok(())
+    }
+
+    fn figures(&mut self) -> Result<VmFigures, HypervisorError> {
+        Ok(VmFigures { uptime: Duration::from_millis(1), memory_bytes: 1 << 20, ..Default::default() })
+    }
+
+    fn add_disk(&mut self, _: &Disk) -> Result<Plugged, HypervisorError> {
+        Err(HypervisorError::Unsupported { kind: self.kind(), op: "hot-plug a disk", why: "the fake has no slots" })
+    }
+
+    fn console_tail(&self, _: usize) -> String {
+        String::new()
+    }
+}
+
+/// A store in a fresh directory, and a guest image whose files exist (the
+/// fake never reads them).
+struct Fixture {
+    root: PathBuf,
+    store: Store,
+    image: PathBuf,
+}
+
+impl Fixture {
+    fn new(tag: &str) -> Self {
+        let root = resources::cache::temp_name(&std::env::temp_dir(), &format!("vessel-api-{tag}"));
+        let image = root.join("image");
+        std::fs::create_dir_all(&image).unwrap();
+        for file in [resources::guest_image::KERNEL_FILE, resources::guest_image::INITRD_FILE] {
+            std::fs::write(image.join(file), b"").unwrap();
+        }
+        Fixture { store: Store::new(root.join("state")), root, image }
+    }
+
+    fn config(&self, id: &str, containers: &[&str]) -> SandboxConfig {
+        let mut config = SandboxConfig::new(id, &self.image);
+        config.boot_timeout_s = 1;
+        config.containers = containers.iter().map(|c| ContainerConfig::new(*c, Path::new("/r"), &["true"])).collect();
+        config
+    }
+}
+
+impl Drop for Fixture {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.root);
+    }
+}
+
+/// An error and its causes, as one line.
+fn chain(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut cause = err.source();
+    while let Some(c) = cause {
+        text = format!("{text}: {c}");
+        cause = c.source();
+    }
+    text
+}
+
+fn step(err: &SandboxError) -> Option<CreateStep> {
+    match err {
+        SandboxError::Create { step, .. } => Some(*step),
+        _ => None,
+    }
+}
+
+#[test]
+fn a_failure_at_each_create_step_names_it_and_leaves_nothing() {
+    let f = Fixture::new("rollback");
+    for (fault, expected) in
+        [(Fault::Start, CreateStep::Vm), (Fault::Silent, CreateStep::Agent), (Fault::State, CreateStep::State)]
+    {
+        let (vm, running) = FakeVm::new(fault);
+        let err = Sandbox::create_with(&f.store, f.config("box", &["a", "b"]), Box::new(vm)).unwrap_err();
+        assert_eq!(step(&err), Some(expected), "{fault:?}: {err:?}");
+        assert!(!running.load(Ordering::SeqCst), "{fault:?}: the VM was left running");
+        assert!(f.store.ids().unwrap().is_empty(), "{fault:?}: left {:?}", f.store.ids());
+    }
+    // A guest that never answers: the error says what was waited for.
+    let (vm, _) = FakeVm::new(Fault::Silent);
+    let err = Sandbox::create_with(&f.store, f.config("box", &[]), Box::new(vm)).unwrap_err();
+    let text = chain(&err);
+    assert!(text.contains("reaching the guest's agent failed") && text.contains("nothing within 1s"), "{text}");
+}
+
+#[test]
+fn bad_configs_are_refused_before_anything_is_made() {
+    let f = Fixture::new("bad");
+    let (vm, running) = FakeVm::new(Fault::None);
+    let err = Sandbox::create_with(&f.store, f.config("box", &["a", "a"]), Box::new(vm)).unwrap_err();
+    assert_eq!(err.to_string(), r#"sandbox "box" has a container with ID "a" already"#);
+    let (vm, _) = FakeVm::new(Fault::None);
+    let err = Sandbox::create_with(&f.store, f.config("box", &["a/b"]), Box::new(vm)).unwrap_err();
+    assert!(err.to_string().starts_with(r#"invalid ID "a/b""#), "{err}");
+    let mut no_image = f.config("box", &[]);
+    no_image.guest_image = f.root.join("nowhere");
+    let (vm, _) = FakeVm::new(Fault::None);
+    let err = Sandbox::create_with(&f.store, no_image, Box::new(vm)).unwrap_err();
+    assert!(err.to_string().contains("vessel image build"), "{err}");
+    let err = Sandbox::create(&f.store, f.config("box", &[]), Some(&crate::Factory::Cache(1))).unwrap_err();
+    assert!(matches!(err, SandboxError::FactoryUnsupported), "{err}");
+    assert!(!running.load(Ordering::SeqCst));
+    assert!(f.store.ids().unwrap().is_empty());
+}
+
+#[test]
+fn the_lifecycle_through_the_mock_agent_is_recorded_in_the_state() {
+    let f = Fixture::new("life");
+    let (vm, running) = FakeVm::new(Fault::None);
+    let mock = vm.mock.clone();
+    let mut sandbox = Sandbox::create_with(&f.store, f.config("box", &["a", "b"]), Box::new(vm)).unwrap();
+    let dir = f.store.root().join("box");
+    assert!(dir.join(STATE_FILE).is_file() && dir.join(LOCK_FILE).is_file());
+    assert_eq!(f.store.load("box").unwrap(), *sandbox.state());
+    assert_eq!(sandbox.status().unwrap().phase, SandboxPhase::Ready);
+    assert_eq!(mock.containers().len(), 2);
+
+    // The mock's processes exit at once with status 3: status notices.
+    sandbox.start().unwrap();
+    assert_eq!(sandbox.wait_process("a", "", Some(Duration::from_secs(5))).unwrap(), 3);
+    assert_eq!(sandbox.wait_process("b", "", Some(Duration::from_secs(5))).unwrap(), 3);
+    let status = sandbox.status().unwrap();
+    assert_eq!(status.phase, SandboxPhase::Running);
+    for c in &status.containers {
+        assert_eq!((c.phase, c.exit_code), (ContainerPhase::Stopped, Some(3)), "{c:?}");
+        assert!(c.started_unix_ms.is_some(), "{c:?}");
+    }
+    // Written before each call returned.
+    let saved = f.store.load("box").unwrap();
+    assert!(saved.containers.iter().all(|c| c.phase == ContainerPhase::Stopped), "{saved:?}");
+
+    let err = sandbox.container_status("ghost").unwrap_err();
+    assert_eq!(err.to_string(), r#"sandbox "box" has no container with ID "ghost""#);
+    let err = sandbox.enter_container("a", &crate::ProcessConfig::new(&["sh"])).unwrap_err();
+    assert_eq!(err.to_string(), r#"container "a" is stopped; exec needs it running"#);
+    let err = sandbox.start_container("a").unwrap_err();
+    assert!(matches!(err, SandboxError::ContainerState { .. }), "{err}");
+
+    let listed = Sandbox::list(&f.store).unwrap();
+    assert_eq!(listed.len(), 1);
+    assert!(listed[0].owner_alive);
+
+    // Delete needs a stopped sandbox; cleanup of the last container takes it.
+    let sandbox_err = {
+        let (vm, _) = FakeVm::new(Fault::None);
+        let other = Sandbox::create_with(&f.store, f.config("other", &[]), Box::new(vm)).unwrap();
+        other.delete().unwrap_err()
+    };
+    assert_eq!(sandbox_err.to_string(), r#"sandbox "other" is ready; delete needs it stopped"#);
+    f.store.remove("other").unwrap();
+    assert!(!sandbox.cleanup_container("a", false).unwrap());
+    assert!(sandbox.cleanup_container("b", false).unwrap());
+    assert!(!running.load(Ordering::SeqCst), "the VM outlived its last container");
+    assert!(!dir.exists(), "the sandbox's directory outlived it");
+    assert!(Sandbox::list(&f.store).unwrap().is_empty());
+    assert_eq!(mock.containers().len(), 0);
+}
+
+#[test]
+fn list_marks_a_sandbox_whose_owner_died() {
+    let f = Fixture::new("dead");
+    let (vm, _) = FakeVm::new(Fault::None);
+    let sandbox = Sandbox::create_with(&f.store, f.config("box", &[]), Box::new(vm)).unwrap();
+    let mut state = sandbox.state().clone();
+    // A child that has exited and been reaped: its PID names no process.
+    let mut child = std::process::Command::new("true").spawn().unwrap();
+    child.wait().unwrap();
+    state.owner_pid = child.id();
+    f.store.save(&state).unwrap();
+    let listed = Sandbox::list(&f.store).unwrap();
+    assert_eq!(listed.len(), 1);
+    assert!(!listed[0].owner_alive, "{listed:?}");
+    drop(sandbox);
+}
