@@ -61,6 +61,20 @@ pub struct SandboxConfig {
     /// The containers created with the sandbox (Kata's sandbox config
     /// holds them too); their root disks are attached at boot.
     pub containers: Vec<ContainerConfig>,
+    /// The network namespace to join, if any (see [`NetworkConfig`]).
+    #[serde(default)]
+    pub network: Option<NetworkConfig>,
+}
+
+/// A network namespace holding a veth, as a CNI plugin leaves it: the
+/// guest gets the veth's MAC, addresses and routes, and its frames go
+/// through a TAP redirected to and from the veth (Kata's tcfilter model).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetworkConfig {
+    /// The namespace's file (`/var/run/netns/NAME`, `/proc/PID/ns/net`).
+    pub netns: PathBuf,
+    /// The veth inside it (`eth0`).
+    pub interface: String,
 }
 
 impl SandboxConfig {
@@ -75,6 +89,7 @@ impl SandboxConfig {
             memory_mib: 256,
             boot_timeout_s: 120,
             containers: Vec::new(),
+            network: None,
         }
     }
 }

@@ -7,6 +7,7 @@
 //! - [`config`]: what a sandbox and its containers are made of.
 //! - [`state`]: the state files and the per-sandbox lock.
 //! - [`hypervisor`]: the `Hypervisor` trait, `builtin` and `qemu-tcg`.
+//! - [`network`]: a sandbox in a CNI network namespace (tcfilter).
 //! - [`agent`]: the host's side of the guest agent.
 //! - [`qemu`]: the QEMU TCG command line.
 //!
@@ -32,6 +33,7 @@
 pub mod agent;
 pub mod config;
 pub mod hypervisor;
+pub mod network;
 pub mod qemu;
 pub mod sandbox;
 pub mod state;
@@ -39,7 +41,7 @@ pub mod state;
 #[cfg(test)]
 mod sandbox_tests;
 
-pub use config::{ContainerConfig, ProcessConfig, Resources, SandboxConfig};
+pub use config::{ContainerConfig, NetworkConfig, ProcessConfig, Resources, SandboxConfig};
 pub use hypervisor::{Hypervisor, HypervisorKind};
 pub use sandbox::{ContainerStatus, Factory, ProcessIo, Sandbox, SandboxError, SandboxStatus};
 pub use state::{ContainerPhase, SandboxPhase, Store};

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use agent_proto::agent::{
     ContainerRequest, CreateContainerRequest, Empty, ExecProcessRequest, GuestDetails, Interfaces, ProcessInfo,
     Resources as AgentResources, Rootfs, Routes, SignalProcessRequest, StatsContainerResponse, Stdio,
-    UpdateContainerRequest, UpdateRoutesRequest, VirtioSlotRequest, WaitProcessRequest,
+    UpdateContainerRequest, UpdateInterfaceRequest, UpdateRoutesRequest, VirtioSlotRequest, WaitProcessRequest,
 };
 use agent_proto::link;
 use agent_proto::spec::{process_json, spec_json, SpecOptions};
@@ -21,7 +21,8 @@ use tracing::{debug, info, info_span, warn};
 
 use crate::agent::{Agent, AgentError, HostSide, PendingStream};
 use crate::config::{validate_id, ContainerConfig, InvalidId, ProcessConfig, Resources, SandboxConfig};
-use crate::hypervisor::{new_hypervisor, Disk, Hypervisor, HypervisorError, HypervisorKind, VmFigures, VmSpec};
+use crate::hypervisor::{new_hypervisor, Disk, Hypervisor, HypervisorError, HypervisorKind, Nic, VmFigures, VmSpec};
+use crate::network;
 use crate::state::{
     now_unix_ms, ContainerPhase, ContainerRecord, DeviceRecord, LockKind, SandboxLock, SandboxPhase, SandboxState,
     StateError, Store, STATE_VERSION,
@@ -50,6 +51,8 @@ pub enum Factory {
 pub enum CreateStep {
     /// The sandbox's directory and lock.
     Directory,
+    /// The TAP and redirects in the sandbox's network namespace.
+    Network,
     /// The VM boots.
     Vm,
     /// The agent announces itself and describes the guest.
@@ -64,8 +67,9 @@ impl std::fmt::Display for CreateStep {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
             CreateStep::Directory => "making its directory",
+            CreateStep::Network => "setting up its network",
             CreateStep::Vm => "booting the VM",
-            CreateStep::Agent => "reaching the guest's agent",
+            CreateStep::Agent => "reaching the guest's agent and configuring its network",
             CreateStep::Containers => "creating the containers",
             CreateStep::State => "writing the state",
         })
@@ -87,6 +91,9 @@ pub enum SandboxError {
     /// The agent could not be reached, or refused.
     #[error(transparent)]
     Agent(#[from] AgentError),
+    /// The network namespace could not be set up.
+    #[error(transparent)]
+    Network(#[from] crate::network::NetworkError),
     /// Create failed; what was done has been undone.
     #[error("cannot create sandbox {id:?}: {step} failed")]
     Create {
@@ -356,6 +363,21 @@ impl Sandbox {
         };
         step_done(CreateStep::Directory, began);
 
+        // The network. Undo: remove the TAP and the redirects.
+        let plan = match config.network.as_ref().map(network::setup).transpose() {
+            Ok(plan) => plan,
+            Err(e) => {
+                undo_dir();
+                return Err(SandboxError::at(CreateStep::Network, &id)(e.into()));
+            }
+        };
+        let undo_network = || {
+            if let Some(network) = &config.network {
+                network::teardown(network);
+            }
+        };
+        step_done(CreateStep::Network, began);
+
         // The VM. Undo: stop it.
         let spec = VmSpec {
             dir: dir.clone(),
@@ -369,6 +391,10 @@ impl Sandbox {
                 .enumerate()
                 .map(|(i, c)| Disk { path: c.rootfs.clone(), read_only: false, serial: disk_serial(i) })
                 .collect(),
+            nics: plan
+                .iter()
+                .map(|p| Nic { netns: Some(p.netns.clone()), tap: network::TAP_NAME.into(), mac: p.mac })
+                .collect(),
             hotplug_slots: HOTPLUG_SLOTS,
         };
         let host = HostSide::new(spec.vsock_socket());
@@ -380,6 +406,7 @@ impl Sandbox {
             Ok(ready) => ready,
             Err(e) => {
                 let _ = vm.stop();
+                undo_network();
                 undo_dir();
                 return Err(SandboxError::at(CreateStep::Vm, &id)(e));
             }
@@ -396,6 +423,9 @@ impl Sandbox {
             })
             .and_then(|agent| {
                 let details = agent.call("GetGuestDetails", |c, ctx| c.get_guest_details(ctx, &Empty::new()))?;
+                if let Some(plan) = &plan {
+                    configure_guest_network(&agent, plan)?;
+                }
                 Ok((agent, details))
             });
         drop(ready);
@@ -407,6 +437,7 @@ impl Sandbox {
                     warn!("the guest's console ended with:\n{console}");
                 }
                 let _ = vm.stop();
+                undo_network();
                 undo_dir();
                 return Err(SandboxError::at(CreateStep::Agent, &id)(e.into()));
             }
@@ -453,6 +484,7 @@ impl Sandbox {
                 }
             }
             let _ = sandbox.vm.stop();
+            undo_network();
             drop(lock);
             undo_dir();
             return Err(e);
@@ -642,6 +674,9 @@ impl Sandbox {
             }
         }
         self.vm.stop()?;
+        if let Some(network) = &self.state.config.network {
+            network::teardown(network);
+        }
         for c in &mut self.state.containers {
             c.phase = ContainerPhase::Stopped;
         }
@@ -1038,6 +1073,19 @@ impl Drop for Sandbox {
     fn drop(&mut self) {
         let _ = self.vm.stop();
     }
+}
+
+/// Gives the guest the veth's identity: its NIC (found by MAC) gets the
+/// veth's name, addresses and MTU, then the veth's routes.
+fn configure_guest_network(agent: &Agent, plan: &network::Plan) -> Result<(), AgentError> {
+    let request = UpdateInterfaceRequest { interface: Some(plan.guest_interface.clone()).into(), ..Default::default() };
+    agent.call("UpdateInterface", |c, ctx| c.update_interface(ctx, &request))?;
+    if !plan.guest_routes.is_empty() {
+        let routes = Routes { routes: plan.guest_routes.clone(), ..Default::default() };
+        let request = UpdateRoutesRequest { routes: Some(routes).into(), ..Default::default() };
+        agent.call("UpdateRoutes", |c, ctx| c.update_routes(ctx, &request))?;
+    }
+    Ok(())
 }
 
 fn step_done(step: CreateStep, began: Instant) {

@@ -195,11 +195,19 @@ fn a_failure_at_each_create_step_names_it_and_leaves_nothing() {
         assert!(!running.load(Ordering::SeqCst), "{fault:?}: the VM was left running");
         assert!(f.store.ids().unwrap().is_empty(), "{fault:?}: left {:?}", f.store.ids());
     }
+    // The network step: a namespace that is not there.
+    let mut config = f.config("box", &["a"]);
+    config.network = Some(crate::NetworkConfig { netns: f.root.join("no-such-netns"), interface: "eth0".into() });
+    let (vm, running) = FakeVm::new(Fault::None);
+    let err = Sandbox::create_with(&f.store, config, Box::new(vm)).unwrap_err();
+    assert_eq!(step(&err), Some(CreateStep::Network), "{err:?}");
+    assert!(!running.load(Ordering::SeqCst), "the VM started after the network failed");
+    assert!(f.store.ids().unwrap().is_empty());
     // A guest that never answers: the error says what was waited for.
     let (vm, _) = FakeVm::new(Fault::Silent);
     let err = Sandbox::create_with(&f.store, f.config("box", &[]), Box::new(vm)).unwrap_err();
     let text = chain(&err);
-    assert!(text.contains("reaching the guest's agent failed") && text.contains("nothing within 1s"), "{text}");
+    assert!(text.contains("reaching the guest's agent") && text.contains("nothing within 1s"), "{text}");
 }
 
 #[test]

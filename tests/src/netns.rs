@@ -22,6 +22,14 @@ impl NetNs {
         ip(&all)
     }
 
+    /// Runs `program args...` inside the namespace (`ip netns exec`),
+    /// returning its output.
+    pub fn run(&self, command: &[&str]) -> anyhow::Result<String> {
+        let mut all = vec!["netns", "exec", self.0.as_str()];
+        all.extend_from_slice(command);
+        ip(&all)
+    }
+
     /// Runs `f` on a thread that entered the namespace (the rest of the
     /// process stays where it is): what it opens, a TAP say, lives there.
     pub fn within<T: Send + 'static>(

@@ -18,10 +18,11 @@ use libtest_mimic::Arguments;
 use runtime_api::hypervisor::{builtin::Builtin, Disk, Hypervisor, VmSpec};
 use runtime_api::sandbox::{CreateStep, STREAM_TIMEOUT};
 use runtime_api::{
-    ContainerConfig, ContainerPhase, HypervisorKind, ProcessConfig, Resources, Sandbox, SandboxConfig, SandboxError,
-    SandboxPhase, Store,
+    ContainerConfig, ContainerPhase, HypervisorKind, NetworkConfig, ProcessConfig, Resources, Sandbox, SandboxConfig,
+    SandboxError, SandboxPhase, Store,
 };
-use vessel_tests::harness::{e2fsprogs_unavailable, gate, trial, workspace_binary};
+use vessel_tests::harness::{e2fsprogs_unavailable, gate, missing_tool, trial, workspace_binary};
+use vessel_tests::netns::{ip, NetNs};
 use vessel_tests::tier3::{qemu_tcg_unavailable, test_kernel};
 use vessel_tests::{kvm_unavailable, TempDir};
 
@@ -225,6 +226,61 @@ fn create_rolls_back_at_each_step() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A sandbox created in a network namespace holding a veth, as CNI leaves
+/// it: the guest takes the veth's MAC, address and routes (tcfilter), and
+/// a container reaches the veth's peer in another namespace. Stopping the
+/// sandbox takes the TAP and the redirects away again.
+fn a_sandbox_in_a_cni_namespace_reaches_the_peer() -> anyhow::Result<()> {
+    let dir = TempDir::new("api-net")?;
+    let image = guest_image(dir.path())?;
+    let sandbox_ns = NetNs::new("api-sbx")?;
+    let peer_ns = NetNs::new("api-peer")?;
+    let (veth, peer) = (format!("vs{}", std::process::id() % 100_000), format!("vp{}", std::process::id() % 100_000));
+    ip(&["link", "add", &veth, "type", "veth", "peer", "name", &peer])?;
+    ip(&["link", "set", &veth, "netns", &sandbox_ns.0])?;
+    ip(&["link", "set", &peer, "netns", &peer_ns.0])?;
+    sandbox_ns.ip(&["link", "set", &veth, "name", "eth0"])?;
+    sandbox_ns.ip(&["addr", "add", "10.81.0.2/24", "dev", "eth0"])?;
+    sandbox_ns.ip(&["link", "set", "eth0", "up"])?;
+    sandbox_ns.ip(&["route", "add", "default", "via", "10.81.0.1"])?;
+    peer_ns.ip(&["addr", "add", "10.81.0.1/24", "dev", &peer])?;
+    peer_ns.ip(&["link", "set", &peer, "up"])?;
+    let mac = sandbox_ns.ip(&["-br", "link", "show", "eth0"])?;
+
+    let store = Store::new(dir.path().join("state"));
+    let mut config = config("net", &image, HypervisorKind::QemuTcg);
+    config.network =
+        Some(NetworkConfig { netns: format!("/var/run/netns/{}", sandbox_ns.0).into(), interface: "eth0".into() });
+    let script = "ip -br addr show eth0; ip route; ping -c 3 -W 5 10.81.0.1 | tail -2";
+    config.containers = vec![ContainerConfig::new("pinger", busybox_root(dir.path(), "net")?, &["sh", "-c", script])];
+    let mut sandbox = Sandbox::create(&store, config, None)?;
+    let outcome = (|| -> anyhow::Result<()> {
+        let interfaces = sandbox.list_interfaces()?;
+        let eth0 = interfaces.interfaces.iter().find(|i| i.name == "eth0").context("no eth0 in the guest")?;
+        ensure!(mac.contains(&eth0.hw_addr), "the guest's MAC {} is not the veth's: {mac}", eth0.hw_addr);
+        ensure!(eth0.addresses.iter().any(|a| a.address == "10.81.0.2" && a.prefix_len == 24), "{eth0:?}");
+        let routes = sandbox.list_routes()?;
+        ensure!(routes.routes.iter().any(|r| r.dest == "default" && r.gateway == "10.81.0.1"), "{routes:?}");
+        let out = sandbox.take_io("pinger")?.stdout.collect(STREAM_TIMEOUT);
+        sandbox.start()?;
+        let status = sandbox.wait_process("pinger", "", Some(Duration::from_secs(120)))?;
+        let out = text(out)?;
+        ensure!(status == 0 && out.contains("3 packets received"), "exit {status}: {out}");
+        Ok(())
+    })();
+    if outcome.is_err() {
+        eprintln!("guest console:\n{}", sandbox.console_tail(30));
+    }
+    sandbox.stop(true)?;
+    outcome?;
+    let links = sandbox_ns.ip(&["-br", "link"])?;
+    ensure!(!links.contains(runtime_api::network::TAP_NAME), "the TAP outlived the sandbox: {links}");
+    let qdiscs = sandbox_ns.run(&["tc", "qdisc", "show", "dev", "eth0"])?;
+    ensure!(!qdiscs.contains("ingress"), "the redirect outlived the sandbox: {qdiscs}");
+    sandbox.delete()?;
+    Ok(())
+}
+
 /// The builtin hypervisor through the trait, with a tiny guest that spins.
 fn builtin_lifecycle_through_the_trait() -> anyhow::Result<()> {
     let dir = TempDir::new("api-builtin")?;
@@ -238,6 +294,7 @@ fn builtin_lifecycle_through_the_trait() -> anyhow::Result<()> {
         vcpus: 1,
         memory_mib: 32,
         disks: vec![],
+        nics: vec![],
         hotplug_slots: 2,
     };
     let mut vm: Box<dyn Hypervisor> = Box::new(Builtin::default());
@@ -287,6 +344,13 @@ fn main() {
             trial("create_rolls_back_at_each_step", create_rolls_back_at_each_step),
         ],
     );
+    let net = tier3()
+        .or_else(vessel_tests::netns::unavailable)
+        .or_else(|| missing_tool(&["nsenter", "tc"], "util-linux, iproute2"));
+    trials.extend(gate(
+        net,
+        [trial("a_sandbox_in_a_cni_namespace_reaches_the_peer", a_sandbox_in_a_cni_namespace_reaches_the_peer)],
+    ));
     trials.extend(gate(
         kvm_unavailable(),
         [trial("builtin_lifecycle_through_the_trait", builtin_lifecycle_through_the_trait)],

@@ -7,6 +7,7 @@
 use std::time::Instant;
 
 use devices::virtio::block::BlockConfig;
+use devices::virtio::net::NetConfig;
 use devices::virtio::vsock::VsockConfig;
 use vmm::{
     BootSourceConfig, ConsoleOutput, DeviceConfig, MachineConfig, PrebootAction, Vmm, VmmAction, VmmData, VmmHandle,
@@ -76,7 +77,20 @@ impl Hypervisor for Builtin {
                 BlockConfig { path: disk.path.clone(), read_only: disk.read_only, id: Some(disk.serial.clone()) };
             vm.handle(PrebootAction::AddDevice(DeviceConfig::Block(config))).map_err(fail)?;
         }
-        self.vm = Some(vm.start().map_err(|e| HypervisorError::Start(KIND, Box::new(e)))?);
+        for nic in &spec.nics {
+            let config = NetConfig { tap: nic.tap.clone(), mac: nic.mac };
+            vm.handle(PrebootAction::AddDevice(DeviceConfig::Net(config))).map_err(fail)?;
+        }
+        // A sandbox in a network namespace runs its VMM there, as Kata
+        // runs QEMU there: the TAPs open in it, and every VMM thread is
+        // started from a thread that entered it.
+        let netns = spec.nics.iter().find_map(|n| n.netns.clone());
+        let started = match netns {
+            Some(netns) => crate::network::within(&netns, move || vm.start())
+                .map_err(|e| HypervisorError::Start(KIND, Box::new(e)))?,
+            None => vm.start(),
+        };
+        self.vm = Some(started.map_err(|e| HypervisorError::Start(KIND, Box::new(e)))?);
         self.started = Some(Instant::now());
         Ok(())
     }

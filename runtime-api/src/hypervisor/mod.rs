@@ -97,6 +97,18 @@ pub struct Disk {
     pub serial: String,
 }
 
+/// A NIC for the guest on a TAP device.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Nic {
+    /// The network namespace the TAP is in (the hypervisor opens it
+    /// there); `None`: this process's.
+    pub netns: Option<PathBuf>,
+    /// The TAP's name.
+    pub tap: String,
+    /// The guest's MAC address.
+    pub mac: [u8; 6],
+}
+
 /// The VM to boot.
 #[derive(Clone, Debug)]
 pub struct VmSpec {
@@ -113,6 +125,8 @@ pub struct VmSpec {
     pub memory_mib: u64,
     /// Disks attached at boot.
     pub disks: Vec<Disk>,
+    /// NICs attached at boot.
+    pub nics: Vec<Nic>,
     /// Empty virtio-mmio slots reserved for hotplug.
     pub hotplug_slots: u8,
 }

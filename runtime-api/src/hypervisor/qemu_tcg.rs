@@ -15,12 +15,13 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use devices::virtio::block::{Block, BlockConfig, BlockCounters};
+use devices::virtio::net::{Net, NetConfig, NetCounters};
 use devices::virtio::vhost_user::{self, VhostUserError};
 use devices::virtio::vsock::{Vsock, VsockConfig, VsockCounters};
 use devices::virtio::CounterSet;
 
 use super::{file_tail, Disk, Hypervisor, HypervisorError, HypervisorKind, Plugged, VmFigures, VmSpec, GUEST_CID};
-use crate::qemu::{vhost_user_device_args, Qemu, TcgMachine, QEMU};
+use crate::qemu::{vhost_user_device_args, vhost_user_net_args, Qemu, TcgMachine, QEMU};
 
 const KIND: HypervisorKind = HypervisorKind::QemuTcg;
 /// How long QEMU may take to open its QMP socket.
@@ -213,6 +214,19 @@ impl Hypervisor for QemuTcg {
             let counters: Arc<BlockCounters> = counters;
             let socket = self.serve(spec, format!("blk {}", disk.path.display()), Box::new(blk), counters)?;
             extra_args.extend(vhost_user_device_args(&socket, "vhost-user-blk"));
+        }
+        for nic in &spec.nics {
+            let config = NetConfig { tap: nic.tap.clone(), mac: nic.mac };
+            // The TAP is opened in its namespace; the backend then serves
+            // it from any thread.
+            let opened = match &nic.netns {
+                Some(netns) => crate::network::within(netns, move || Net::new(&config)).map_err(|e| fail(e.into()))?,
+                None => Net::new(&config),
+            };
+            let (net, counters) = opened.map_err(|e| fail(e.into()))?;
+            let counters: Arc<NetCounters> = counters;
+            let socket = self.serve(spec, format!("net {}", nic.tap), Box::new(net), counters)?;
+            extra_args.extend(vhost_user_net_args(&socket, &crate::network::format_mac(&nic.mac)));
         }
         // Entropy from the first boot: QEMU's own virtio-rng.
         extra_args.extend(["-device".into(), "virtio-rng-device".into()]);
