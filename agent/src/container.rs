@@ -691,18 +691,36 @@ fn read_passwd(root: &Path) -> HashMap<u32, String> {
         .collect()
 }
 
-/// The block device whose virtio serial is `serial`.
+/// How long a disk the host has just hot-plugged may take to show up with
+/// its size (a placeholder disk grows when the driver handles the config
+/// change, in a kernel work item).
+const DISK_APPEAR_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// The block device whose virtio serial is `serial` and whose size is not
+/// zero, waiting up to [`DISK_APPEAR_TIMEOUT`] for it.
 fn find_disk(serial: &str) -> Result<PathBuf> {
-    let mut seen = Vec::new();
-    for entry in std::fs::read_dir("/sys/block").into_iter().flatten().flatten() {
-        let name = entry.file_name().to_string_lossy().into_owned();
-        let Ok(s) = std::fs::read_to_string(entry.path().join("serial")) else { continue };
-        if s.trim() == serial {
-            return Ok(PathBuf::from("/dev").join(name));
+    let deadline = std::time::Instant::now() + DISK_APPEAR_TIMEOUT;
+    loop {
+        let mut seen = Vec::new();
+        for entry in std::fs::read_dir("/sys/block").into_iter().flatten().flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let Ok(s) = std::fs::read_to_string(entry.path().join("serial")) else { continue };
+            let size = std::fs::read_to_string(entry.path().join("size")).unwrap_or_default();
+            let empty = size.trim() == "0";
+            if s.trim() == serial && !empty {
+                return Ok(PathBuf::from("/dev").join(name));
+            }
+            seen.push(format!("{name}={:?}{}", s.trim(), if empty { " (empty)" } else { "" }));
         }
-        seen.push(format!("{name}={:?}", s.trim()));
+        if std::time::Instant::now() >= deadline {
+            let waited = DISK_APPEAR_TIMEOUT.as_secs();
+            return Err(Error::Invalid(format!(
+                "no disk has serial {serial:?} after {waited} s (disks: {})",
+                seen.join(", ")
+            )));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
     }
-    Err(Error::Invalid(format!("no disk has serial {serial:?} (disks: {})", seen.join(", "))))
 }
 
 fn mount_disk(device: &Path, dir: &Path, fstype: &str, flags: libc::c_ulong) -> std::result::Result<(), String> {

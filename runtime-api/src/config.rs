@@ -61,6 +61,9 @@ pub struct SandboxConfig {
     /// The containers created with the sandbox (Kata's sandbox config
     /// holds them too); their root disks are attached at boot.
     pub containers: Vec<ContainerConfig>,
+    /// Devices reserved for hotplug (disks for containers created later,
+    /// and [`crate::Sandbox::add_disk`]).
+    pub hotplug_slots: u8,
     /// The network namespace to join, if any (see [`NetworkConfig`]).
     #[serde(default)]
     pub network: Option<NetworkConfig>,
@@ -78,8 +81,9 @@ pub struct NetworkConfig {
 }
 
 impl SandboxConfig {
-    /// A sandbox `id` with one vCPU, 256 MiB, no containers yet, the
-    /// hypervisor chosen for this host, and 120 s to boot.
+    /// A sandbox `id` with one vCPU, 256 MiB, no containers yet, two
+    /// hotplug slots, the hypervisor chosen for this host, and 120 s to
+    /// boot.
     pub fn new(id: impl Into<String>, guest_image: impl Into<PathBuf>) -> Self {
         SandboxConfig {
             id: id.into(),
@@ -89,6 +93,7 @@ impl SandboxConfig {
             memory_mib: 256,
             boot_timeout_s: 120,
             containers: Vec::new(),
+            hotplug_slots: 2,
             network: None,
         }
     }

@@ -32,8 +32,6 @@ use crate::state::{
 const STOP_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long the agent may take to dial a process's stdio streams.
 pub const STREAM_TIMEOUT: Duration = Duration::from_secs(60);
-/// Hotplug slots every sandbox VM reserves (where the hypervisor can).
-const HOTPLUG_SLOTS: u8 = 4;
 
 /// A pre-booted VM source for create (Kata's factory). Not built yet:
 /// create refuses it with [`SandboxError::FactoryUnsupported`].
@@ -395,7 +393,7 @@ impl Sandbox {
                 .iter()
                 .map(|p| Nic { netns: Some(p.netns.clone()), tap: network::TAP_NAME.into(), mac: p.mac })
                 .collect(),
-            hotplug_slots: HOTPLUG_SLOTS,
+            hotplug_slots: config.hotplug_slots,
         };
         let host = HostSide::new(spec.vsock_socket());
         let booted = host.listen(link::DEFAULT_PORT).map_err(SandboxError::from).and_then(|ready| {
@@ -780,12 +778,14 @@ impl Sandbox {
     /// Hot-plugs `disk` and has the guest probe it; records it.
     fn plug(&mut self, disk: &Disk) -> Result<(), SandboxError> {
         let plugged = self.vm.add_disk(disk)?;
-        let bind = VirtioSlotRequest { address: plugged.mmio_address, bind: true, ..Default::default() };
-        self.agent.call("UpdateVirtioSlot", |c, ctx| c.update_virtio_slot(ctx, &bind))?;
+        if let Some(address) = plugged.bind_address {
+            let bind = VirtioSlotRequest { address, bind: true, ..Default::default() };
+            self.agent.call("UpdateVirtioSlot", |c, ctx| c.update_virtio_slot(ctx, &bind))?;
+        }
         self.state.devices.push(DeviceRecord {
             path: disk.path.clone(),
             serial: disk.serial.clone(),
-            mmio_address: plugged.mmio_address,
+            mmio_address: plugged.bind_address,
         });
         Ok(())
     }

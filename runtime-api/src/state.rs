@@ -139,8 +139,8 @@ pub struct DeviceRecord {
     pub path: PathBuf,
     /// The virtio serial the guest sees.
     pub serial: String,
-    /// The virtio-mmio window it went to.
-    pub mmio_address: u64,
+    /// The virtio-mmio window it went to, where the guest had to bind one.
+    pub mmio_address: Option<u64>,
 }
 
 /// Everything the state file holds: enough to rebuild every status field.

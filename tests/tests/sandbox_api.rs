@@ -80,8 +80,10 @@ fn containers_in_one_sandbox(kind: HypervisorKind) -> anyhow::Result<()> {
     job.hostname = Some("jobhost".into());
     config.containers = vec![web, job];
 
+    let late = busybox_root(dir.path(), "late")?;
+    let data = dir.write("data.img", &vec![0u8; 4 << 20])?;
     let mut sandbox = Sandbox::create(&store, config, None)?;
-    let outcome = drive(&mut sandbox, &store);
+    let outcome = drive(&mut sandbox, &store, &late, &data);
     if outcome.is_err() {
         eprintln!("guest console:\n{}", sandbox.console_tail(30));
     }
@@ -91,7 +93,7 @@ fn containers_in_one_sandbox(kind: HypervisorKind) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn drive(sandbox: &mut Sandbox, store: &Store) -> anyhow::Result<()> {
+fn drive(sandbox: &mut Sandbox, store: &Store, late_root: &Path, data: &Path) -> anyhow::Result<()> {
     let status = sandbox.status()?;
     ensure!(status.phase == SandboxPhase::Ready, "{status:?}");
     ensure!(status.containers.iter().all(|c| c.phase == ContainerPhase::Ready), "{status:?}");
@@ -148,6 +150,23 @@ fn drive(sandbox: &mut Sandbox, store: &Store) -> anyhow::Result<()> {
     sandbox.kill_container("web", libc::SIGKILL as u32, false)?;
     ensure!(sandbox.wait_process("web", "", Some(Duration::from_secs(60)))? == 128 + libc::SIGKILL, "web's status");
     ensure!(text(web_out)? == "up\n", "web's output");
+
+    // Hotplug: a container created in the running sandbox (its root disk
+    // hot-plugged), and a data disk the guest then sees with its serial.
+    let script =
+        "cat /etc/hostname 2>/dev/null; for d in /sys/block/vd*; do echo $(cat $d/serial) $(cat $d/size); done";
+    let mut late = ContainerConfig::new("late", late_root, &["sh", "-c", script]);
+    late.hostname = Some("late".into());
+    sandbox.add_disk(data, "data-1")?;
+    sandbox.create_container(late)?;
+    let late_out = sandbox.take_io("late")?.stdout.collect(STREAM_TIMEOUT);
+    sandbox.start_container("late")?;
+    ensure!(sandbox.wait_process("late", "", Some(Duration::from_secs(60)))? == 0, "the late container failed");
+    let listing = text(late_out)?;
+    ensure!(listing.lines().any(|l| l == "data-1 8192"), "the hot-plugged data disk is not in the guest: {listing}");
+    let devices = &sandbox.state().devices;
+    ensure!(devices.len() == 2 && devices[0].serial == "data-1", "hot-plugged devices not recorded: {devices:?}");
+    ensure!(!sandbox.cleanup_container("late", false)?, "the sandbox went with a container");
 
     ensure!(!sandbox.cleanup_container("job", false)?, "the sandbox went with its first container");
     ensure!(sandbox.cleanup_container("web", false)?, "the sandbox stayed after its last container");
@@ -315,7 +334,7 @@ fn builtin_lifecycle_through_the_trait() -> anyhow::Result<()> {
     let figures = vm.figures()?;
     ensure!(figures.memory_bytes == 32 << 20 && figures.uptime > Duration::ZERO, "{figures:?}");
     let plugged = vm.add_disk(&Disk { path: disk.clone(), read_only: true, serial: "hot".into() })?;
-    ensure!(plugged.mmio_address != 0, "{plugged:?}");
+    ensure!(plugged.bind_address.is_some_and(|a| a != 0), "{plugged:?}");
     ensure!(vm.figures()?.devices.iter().any(|(name, _)| name.contains("disk.img")), "the hot disk has no counters");
     vm.add_disk(&Disk { path: disk.clone(), read_only: true, serial: "hot2".into() })?;
     let err = chain(vm.add_disk(&Disk { path: disk, read_only: true, serial: "hot3".into() }).unwrap_err());

@@ -6,7 +6,7 @@ use std::fs::{File, OpenOptions};
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use virtio_queue::Queue;
 use vm_memory::{GuestMemoryMmap, VolatileSlice};
@@ -76,6 +76,13 @@ pub enum BlockError {
     /// The ID is too long.
     #[error("disk ID {0:?} is longer than {DISK_ID_LEN} bytes")]
     IdTooLong(String),
+    /// A placeholder's medium must be writable (its features were fixed
+    /// at boot, without read-only).
+    #[error("the disk image {0} cannot go into an empty slot read-only")]
+    PlaceholderReadOnly(PathBuf),
+    /// A placeholder slot already holds a medium.
+    #[error("this empty disk slot holds a medium already")]
+    SlotUsed,
 }
 
 /// Counters a stats call reads.
@@ -140,38 +147,133 @@ pub struct Block {
     id: [u8; DISK_ID_LEN],
     acked: u64,
     counters: Arc<BlockCounters>,
+    /// A placeholder's medium, once inserted (see [`Block::placeholder`]).
+    inbox: Option<Arc<Mutex<Option<Medium>>>>,
+}
+
+/// A disk file opened for a placeholder, waiting to be taken in.
+struct Medium {
+    file: File,
+    capacity: u64,
+    id: [u8; DISK_ID_LEN],
+}
+
+/// Where a placeholder disk's medium is inserted (see
+/// [`Block::placeholder`]).
+#[derive(Clone)]
+pub struct MediumSlot(Arc<Mutex<Option<Medium>>>, Arc<std::sync::atomic::AtomicBool>);
+
+impl MediumSlot {
+    /// Opens the disk `config` names for this slot: the device takes it in
+    /// before its next request, and its config space shows the new
+    /// capacity from now on (tell the driver with a config change). A
+    /// slot takes one medium; a placeholder offers no read-only or discard
+    /// feature, so `config` must be writable.
+    pub fn insert(&self, config: &BlockConfig) -> Result<u64, BlockError> {
+        if config.read_only {
+            return Err(BlockError::PlaceholderReadOnly(config.path.clone()));
+        }
+        if self.1.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            return Err(BlockError::SlotUsed);
+        }
+        let opened = open_file(config);
+        let (file, capacity, id) = match opened {
+            Ok(opened) => opened,
+            Err(e) => {
+                self.1.store(false, std::sync::atomic::Ordering::SeqCst);
+                return Err(e);
+            }
+        };
+        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = Some(Medium { file, capacity, id });
+        Ok(capacity)
+    }
+
+    /// Whether a medium has been inserted.
+    pub fn is_used(&self) -> bool {
+        self.1.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+/// Opens a disk file: the file, its capacity in sectors and its ID.
+fn open_file(config: &BlockConfig) -> Result<(File, u64, [u8; DISK_ID_LEN]), BlockError> {
+    let file = OpenOptions::new()
+        .read(true)
+        .write(!config.read_only)
+        .open(&config.path)
+        .map_err(|e| BlockError::Open(config.path.clone(), e))?;
+    let size = file.metadata().map_err(|e| BlockError::Size(config.path.clone(), e))?.len();
+    let id_text = match &config.id {
+        Some(id) => id.clone(),
+        None => file_name(&config.path),
+    };
+    if id_text.len() > DISK_ID_LEN {
+        return Err(BlockError::IdTooLong(id_text));
+    }
+    let mut id = [0u8; DISK_ID_LEN];
+    id[..id_text.len()].copy_from_slice(id_text.as_bytes());
+    Ok((file, size / SECTOR_SIZE, id))
 }
 
 impl Block {
     /// Opens the disk described by `config`.
     pub fn open(config: &BlockConfig) -> Result<(Self, Arc<BlockCounters>), BlockError> {
-        let file = OpenOptions::new()
-            .read(true)
-            .write(!config.read_only)
-            .open(&config.path)
-            .map_err(|e| BlockError::Open(config.path.clone(), e))?;
-        let size = file.metadata().map_err(|e| BlockError::Size(config.path.clone(), e))?.len();
-        let id_text = match &config.id {
-            Some(id) => id.clone(),
-            None => file_name(&config.path),
-        };
-        if id_text.len() > DISK_ID_LEN {
-            return Err(BlockError::IdTooLong(id_text));
-        }
-        let mut id = [0u8; DISK_ID_LEN];
-        id[..id_text.len()].copy_from_slice(id_text.as_bytes());
-        let discard = !config.read_only && supports_punch_hole(&file, size);
+        let (file, capacity, id) = open_file(config)?;
+        let discard = !config.read_only && supports_punch_hole(&file, capacity * SECTOR_SIZE);
         let counters = Arc::new(BlockCounters::default());
         let block = Block {
             file,
-            capacity: size / SECTOR_SIZE,
+            capacity,
             read_only: config.read_only,
             discard,
             id,
             acked: 0,
             counters: counters.clone(),
+            inbox: None,
         };
         Ok((block, counters))
+    }
+
+    /// A disk with no medium yet (capacity 0, no ID), for frontends that
+    /// cannot add a device after boot (QEMU microvm): it is attached at
+    /// boot, and a medium inserted through the returned slot later turns
+    /// it into a real disk once the driver rereads the capacity.
+    pub fn placeholder() -> Result<(Self, Arc<BlockCounters>, MediumSlot), BlockError> {
+        let null = Path::new("/dev/null");
+        let file = File::open(null).map_err(|e| BlockError::Open(null.into(), e))?;
+        let counters = Arc::new(BlockCounters::default());
+        let inbox = Arc::new(Mutex::new(None));
+        let block = Block {
+            file,
+            capacity: 0,
+            read_only: false,
+            discard: false,
+            id: [0; DISK_ID_LEN],
+            acked: 0,
+            counters: counters.clone(),
+            inbox: Some(inbox.clone()),
+        };
+        Ok((block, counters, MediumSlot(inbox, Arc::default())))
+    }
+
+    /// Takes in a medium inserted since the last request.
+    fn take_medium(&mut self) {
+        let Some(inbox) = &self.inbox else { return };
+        let inserted = inbox.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(medium) = inserted {
+            self.file = medium.file;
+            self.capacity = medium.capacity;
+            self.id = medium.id;
+            self.inbox = None;
+        }
+    }
+
+    /// The capacity the driver should see: an inserted medium's, even
+    /// before the device has taken it in.
+    fn visible_capacity(&self) -> u64 {
+        self.inbox
+            .as_ref()
+            .and_then(|inbox| inbox.lock().unwrap_or_else(|p| p.into_inner()).as_ref().map(|m| m.capacity))
+            .unwrap_or(self.capacity)
     }
 
     /// Capacity in sectors.
@@ -403,7 +505,7 @@ impl VirtioBackend for Block {
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         // struct virtio_blk_config, up to the discard fields.
         let mut config = [0u8; 48];
-        config[0..8].copy_from_slice(&self.capacity.to_le_bytes());
+        config[0..8].copy_from_slice(&self.visible_capacity().to_le_bytes());
         // seg_max: the queue size less the header and status descriptors.
         config[12..16].copy_from_slice(&u32::from(QUEUE_SIZE - 2).to_le_bytes());
         if self.discard {
@@ -415,6 +517,7 @@ impl VirtioBackend for Block {
     }
 
     fn process_queue(&mut self, _index: u16, queue: &mut Queue, mem: &GuestMemoryMmap) -> bool {
+        self.take_medium();
         let mut tally = Tally::default();
         let answered = answer_all(queue, mem, |request| match request {
             // No room for a status byte, or no header: nothing can be
@@ -498,6 +601,43 @@ mod tests {
         assert!(blk.process_queue(0, &mut q, mem));
         let used = vq.used().ring().ref_at(0).unwrap().load();
         (mem.read_obj(GuestAddress(STATUS)).unwrap(), used.len())
+    }
+
+    #[test]
+    fn a_placeholder_becomes_the_inserted_disk() {
+        let mem = memory();
+        let (mut empty, _, slot) = Block::placeholder().unwrap();
+        empty.set_acked_features(empty.features());
+        assert_eq!(empty.features() & (VIRTIO_BLK_F_RO | VIRTIO_BLK_F_DISCARD), 0);
+        let capacity = |blk: &Block| {
+            let mut bytes = [0u8; 8];
+            blk.read_config(0, &mut bytes);
+            u64::from_le_bytes(bytes)
+        };
+        assert_eq!(capacity(&empty), 0);
+        header(&mem, VIRTIO_BLK_T_IN, 0);
+        let read = [desc(HDR, 16, 0), desc(DATA, 512, WRITE), desc(STATUS, 1, WRITE)];
+        assert_eq!(run(&mut empty, &mem, &read).0, Status::IoErr as u8, "an empty slot has no sectors");
+
+        let (_, _, path) = disk(8, false);
+        let config = |read_only| BlockConfig { path: path.clone(), read_only, id: Some("hot-1".into()) };
+        assert!(matches!(slot.insert(&config(true)), Err(BlockError::PlaceholderReadOnly(_))));
+        assert!(!slot.is_used(), "a refused medium used the slot up");
+        assert_eq!(slot.insert(&config(false)).unwrap(), 8);
+        // The config space shows it before the device has taken it in.
+        assert_eq!(capacity(&empty), 8);
+        assert!(matches!(slot.insert(&config(false)), Err(BlockError::SlotUsed)));
+        assert_eq!(run(&mut empty, &mem, &read), (0, 513));
+        let mut got = vec![0u8; 512];
+        mem.read_slice(&mut got, GuestAddress(DATA)).unwrap();
+        assert_eq!(got, (0..512).map(|i| (i % 251) as u8).collect::<Vec<u8>>());
+        header(&mem, VIRTIO_BLK_T_GET_ID, 0);
+        let id = [desc(HDR, 16, 0), desc(DATA, 20, WRITE), desc(STATUS, 1, WRITE)];
+        assert_eq!(run(&mut empty, &mem, &id).0, 0);
+        let mut name = [0u8; 5];
+        mem.read_slice(&mut name, GuestAddress(DATA)).unwrap();
+        assert_eq!(&name, b"hot-1");
+        std::fs::remove_file(path).unwrap();
     }
 
     #[test]

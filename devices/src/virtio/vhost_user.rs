@@ -18,6 +18,8 @@ use super::{settle, VirtioBackend, Wakeup};
 
 mod reorder;
 
+pub use reorder::BackendChannel;
+
 /// Largest split virtqueue the virtio spec allows.
 const MAX_QUEUE_SIZE: usize = 32768;
 
@@ -62,7 +64,9 @@ impl VhostUserBackendMut for Device {
     }
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
-        VhostUserProtocolFeatures::CONFIG | VhostUserProtocolFeatures::MQ
+        // BACKEND_REQ: the frontend opens a channel on which the proxy can
+        // tell it of a config change (a placeholder disk given a medium).
+        VhostUserProtocolFeatures::CONFIG | VhostUserProtocolFeatures::MQ | VhostUserProtocolFeatures::BACKEND_REQ
     }
 
     fn reset_device(&mut self) {
@@ -141,7 +145,7 @@ fn backend_token(queues: usize) -> u64 {
 /// is replaced) until the frontend disconnects.
 pub fn serve(kind: &'static str, backend: Box<dyn VirtioBackend>, socket: &Path) -> Result<(), VhostUserError> {
     let listener = listen(kind, socket)?;
-    serve_on(kind, backend, listener, socket)
+    serve_on(kind, backend, listener, socket, &BackendChannel::default())
 }
 
 /// [`serve`] in a thread of its own; returns once the socket is there for
@@ -151,9 +155,21 @@ pub fn spawn(
     backend: Box<dyn VirtioBackend>,
     socket: &Path,
 ) -> Result<std::thread::JoinHandle<Result<(), VhostUserError>>, VhostUserError> {
+    Ok(spawn_with_channel(kind, backend, socket)?.0)
+}
+
+/// [`spawn`], also returning the frontend's backend-request channel once
+/// it opens one: the way to tell the frontend the config space changed.
+pub fn spawn_with_channel(
+    kind: &'static str,
+    backend: Box<dyn VirtioBackend>,
+    socket: &Path,
+) -> Result<(std::thread::JoinHandle<Result<(), VhostUserError>>, BackendChannel), VhostUserError> {
     let listener = listen(kind, socket)?;
     let path = socket.to_path_buf();
-    Ok(std::thread::spawn(move || serve_on(kind, backend, listener, &path)))
+    let channel = BackendChannel::default();
+    let kept = channel.clone();
+    Ok((std::thread::spawn(move || serve_on(kind, backend, listener, &path, &kept)), channel))
 }
 
 fn listen(kind: &'static str, socket: &Path) -> Result<UnixListener, VhostUserError> {
@@ -173,6 +189,7 @@ fn serve_on(
     backend: Box<dyn VirtioBackend>,
     listener: UnixListener,
     socket: &Path,
+    channel: &BackendChannel,
 ) -> Result<(), VhostUserError> {
     static DAEMONS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
     let err = |e: String| VhostUserError::Daemon(kind, socket.display().to_string(), e);
@@ -210,7 +227,7 @@ fn serve_on(
     let daemon_conn =
         connect.join().map_err(|_| err("the accepting thread panicked".into()))?.map_err(io("accepting the daemon"))?;
     let (frontend, _) = listener.accept().map_err(io("accepting the frontend"))?;
-    let proxied = reorder::run(frontend, daemon_conn);
+    let proxied = reorder::run(frontend, daemon_conn, channel);
     let waited = daemon.wait();
     // Our own connection handling: the queue workers are told to end here.
     for exit in device.lock().unwrap_or_else(|p| p.into_inner()).exits.lock().unwrap_or_else(|p| p.into_inner()).iter()

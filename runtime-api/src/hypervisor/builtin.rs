@@ -146,7 +146,7 @@ impl Hypervisor for Builtin {
         let config = BlockConfig { path: disk.path.clone(), read_only: disk.read_only, id: Some(disk.serial.clone()) };
         match Self::op("hot-plug a disk", self.handle()?.request(VmmAction::AttachDevice(DeviceConfig::Block(config))))?
         {
-            VmmData::Attached { addr, .. } => Ok(Plugged { mmio_address: addr }),
+            VmmData::Attached { addr, .. } => Ok(Plugged { bind_address: Some(addr) }),
             other => Err(HypervisorError::Op {
                 kind: KIND,
                 op: "hot-plug a disk",

@@ -127,7 +127,8 @@ pub struct VmSpec {
     pub disks: Vec<Disk>,
     /// NICs attached at boot.
     pub nics: Vec<Nic>,
-    /// Empty virtio-mmio slots reserved for hotplug.
+    /// Devices reserved for hotplug: empty virtio-mmio slots (builtin) or
+    /// placeholder disks (qemu-tcg).
     pub hotplug_slots: u8,
 }
 
@@ -147,8 +148,10 @@ impl VmSpec {
 /// What a hot-plugged device got.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Plugged {
-    /// Its virtio-mmio window, which the agent binds.
-    pub mmio_address: u64,
+    /// The virtio-mmio window the guest must bind to probe the device (an
+    /// empty slot that was given one); `None` when the guest has the
+    /// device already (a placeholder disk that was given a medium).
+    pub bind_address: Option<u64>,
 }
 
 /// The VM's figures, as far as the hypervisor can tell.

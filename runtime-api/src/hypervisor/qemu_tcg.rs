@@ -3,8 +3,12 @@
 //! and blk backends serve it over vhost-user from threads of this process;
 //! pause and resume go through QMP (`stop`, `cont`).
 //!
-//! microvm cannot add devices after boot, so disks are attached at boot
-//! only, for now: [`Hypervisor::add_disk`] says so.
+//! microvm cannot add devices after boot, so hotplug slots are placeholder
+//! disks attached at boot with no medium (capacity 0); hot-plugging a disk
+//! inserts its file into a free one and tells QEMU of the config change
+//! through the vhost-user backend channel, which interrupts the guest's
+//! driver to reread the capacity. The guest's kernel and agent need no
+//! change: the disk grows from nothing to its size, with its serial.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
@@ -14,7 +18,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use devices::virtio::block::{Block, BlockConfig, BlockCounters};
+use devices::virtio::block::{Block, BlockConfig, BlockCounters, MediumSlot};
 use devices::virtio::net::{Net, NetConfig, NetCounters};
 use devices::virtio::vhost_user::{self, VhostUserError};
 use devices::virtio::vsock::{Vsock, VsockConfig, VsockCounters};
@@ -116,9 +120,16 @@ struct Served {
     counters: Arc<dyn CounterSet + Send + Sync>,
 }
 
+/// A placeholder disk: where its medium goes, and how QEMU is told.
+struct Placeholder {
+    slot: MediumSlot,
+    channel: vhost_user::BackendChannel,
+}
+
 /// QEMU microvm with TCG; see the module docs.
 #[derive(Default)]
 pub struct QemuTcg {
+    placeholders: Vec<Placeholder>,
     qemu: Option<Qemu>,
     qmp: Option<Qmp>,
     qmp_path: PathBuf,
@@ -228,6 +239,17 @@ impl Hypervisor for QemuTcg {
             let socket = self.serve(spec, format!("net {}", nic.tap), Box::new(net), counters)?;
             extra_args.extend(vhost_user_net_args(&socket, &crate::network::format_mac(&nic.mac)));
         }
+        for index in 0..spec.hotplug_slots {
+            let (blk, counters, slot) = Block::placeholder().map_err(|e| fail(e.into()))?;
+            let counters: Arc<BlockCounters> = counters;
+            let socket = spec.dir.join(format!("vhost-{}.sock", self.served.len()));
+            let (thread, channel) =
+                vhost_user::spawn_with_channel("sandbox", Box::new(blk), &socket).map_err(|e| fail(e.into()))?;
+            let name = format!("blk hotplug slot {index}");
+            self.served.push(Served { socket: socket.clone(), thread, name, counters });
+            self.placeholders.push(Placeholder { slot, channel });
+            extra_args.extend(vhost_user_device_args(&socket, "vhost-user-blk"));
+        }
         // Entropy from the first boot: QEMU's own virtio-rng.
         extra_args.extend(["-device".into(), "virtio-rng-device".into()]);
         self.qmp_path = spec.dir.join("qmp.sock");
@@ -306,12 +328,28 @@ impl Hypervisor for QemuTcg {
         })
     }
 
-    fn add_disk(&mut self, _disk: &Disk) -> Result<Plugged, HypervisorError> {
-        Err(HypervisorError::Unsupported {
+    fn add_disk(&mut self, disk: &Disk) -> Result<Plugged, HypervisorError> {
+        const OP: &str = "hot-plug a disk";
+        if let Some(why) = self.exited() {
+            return Err(HypervisorError::NotRunning(why));
+        }
+        let placeholder = self.placeholders.iter().find(|p| !p.slot.is_used()).ok_or(HypervisorError::Unsupported {
             kind: KIND,
-            op: "hot-plug a disk",
-            why: "QEMU microvm adds no device after boot; give the disk when the sandbox is created",
-        })
+            op: OP,
+            why: "every placeholder disk holds a medium; reserve more hotplug slots at create",
+        })?;
+        let config = BlockConfig { path: disk.path.clone(), read_only: disk.read_only, id: Some(disk.serial.clone()) };
+        placeholder.slot.insert(&config).map_err(|e| HypervisorError::Op {
+            kind: KIND,
+            op: OP,
+            source: Box::new(e),
+        })?;
+        placeholder.channel.config_changed().map_err(|e| HypervisorError::Op {
+            kind: KIND,
+            op: OP,
+            source: Box::new(e),
+        })?;
+        Ok(Plugged { bind_address: None })
     }
 
     fn console_tail(&self, lines: usize) -> String {

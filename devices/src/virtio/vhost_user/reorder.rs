@@ -23,6 +23,9 @@ use std::sync::{Arc, Mutex};
 
 const SET_FEATURES: u32 = 2;
 const SET_VRING_ENABLE: u32 = 18;
+const SET_BACKEND_REQ_FD: u32 = 21;
+/// Backend-to-frontend request: the device's config space changed.
+const BACKEND_CONFIG_CHANGE_MSG: u32 = 2;
 const VERSION: u32 = 0x1;
 const REPLY_FLAG: u32 = 0x4;
 const NEED_REPLY_FLAG: u32 = 0x8;
@@ -183,8 +186,44 @@ fn send_with_fds(sock: &UnixStream, bytes: &[u8], fds: &[OwnedFd]) -> std::io::R
     s.write_all(&bytes[n as usize..])
 }
 
+/// The frontend's backend-request channel (`SET_BACKEND_REQ_FD`), kept by
+/// the proxy so that the host can tell the frontend of a config change.
+///
+/// The vhost crate's own `Backend` channel has no way to send
+/// `CONFIG_CHANGE_MSG`, and the daemon's copy of the channel is its own;
+/// the message is a bare 12-byte header, so the proxy writes it itself.
+#[derive(Clone, Default)]
+pub struct BackendChannel(Arc<Mutex<Option<UnixStream>>>);
+
+impl BackendChannel {
+    /// Tells the frontend that the device's config space changed; it then
+    /// rereads it (`GET_CONFIG`) and interrupts the driver.
+    pub fn config_changed(&self) -> std::io::Result<()> {
+        let channel = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(stream) = channel.as_ref() else {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::NotConnected,
+                "the frontend opened no backend channel (it did not take VHOST_USER_PROTOCOL_F_BACKEND_REQ)",
+            ));
+        };
+        let message =
+            Message { request: BACKEND_CONFIG_CHANGE_MSG, flags: VERSION, payload: Vec::new(), fds: Vec::new() };
+        send(stream, &message)
+    }
+
+    /// Keeps a copy of the channel a `SET_BACKEND_REQ_FD` message carries.
+    fn keep(&self, m: &Message) {
+        if m.request != SET_BACKEND_REQ_FD {
+            return;
+        }
+        if let Some(fd) = m.fds.first().and_then(|fd| fd.try_clone().ok()) {
+            *self.0.lock().unwrap_or_else(|p| p.into_inner()) = Some(UnixStream::from(fd));
+        }
+    }
+}
+
 /// Forwards between `frontend` and `backend` until either side closes.
-pub(super) fn run(frontend: UnixStream, backend: UnixStream) -> std::io::Result<()> {
+pub(super) fn run(frontend: UnixStream, backend: UnixStream, channel: &BackendChannel) -> std::io::Result<()> {
     let frontend_out = Arc::new(Mutex::new(frontend.try_clone()?));
     let backend_in = backend.try_clone()?;
     // Replies (and anything else) from our daemon go straight back.
@@ -222,6 +261,7 @@ pub(super) fn run(frontend: UnixStream, backend: UnixStream) -> std::io::Result<
             held.push(m);
             continue;
         }
+        channel.keep(&m);
         let is_features = m.request == SET_FEATURES;
         if let Err(e) = send(&backend, &m) {
             break Err(e);
@@ -251,7 +291,7 @@ mod tests {
     fn an_early_ring_enable_waits_for_set_features_and_fds_travel() {
         let (frontend, proxy_front) = UnixStream::pair().unwrap();
         let (proxy_back, backend) = UnixStream::pair().unwrap();
-        let proxy = std::thread::spawn(move || run(proxy_front, proxy_back));
+        let proxy = std::thread::spawn(move || run(proxy_front, proxy_back, &BackendChannel::default()));
 
         // An fd travels with its message.
         let (r, mut w) = UnixStream::pair().unwrap();
@@ -281,6 +321,32 @@ mod tests {
         drop(frontend);
         proxy.join().unwrap().unwrap();
         assert!(recv(&backend).unwrap().is_none());
+    }
+
+    #[test]
+    fn the_backend_channel_is_kept_and_carries_a_config_change() {
+        let (frontend, proxy_front) = UnixStream::pair().unwrap();
+        let (proxy_back, backend) = UnixStream::pair().unwrap();
+        let channel = BackendChannel::default();
+        let kept = channel.clone();
+        let proxy = std::thread::spawn(move || run(proxy_front, proxy_back, &kept));
+        let err = channel.config_changed().unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::NotConnected);
+
+        // The frontend's end of its backend channel, and the one it sends.
+        let (frontend_channel, sent) = UnixStream::pair().unwrap();
+        let mut set = message(SET_BACKEND_REQ_FD, VERSION, &[]);
+        set.fds.push(OwnedFd::from(sent));
+        send(&frontend, &set).unwrap();
+        // The daemon still gets it, descriptor and all.
+        let got = recv(&backend).unwrap().unwrap();
+        assert_eq!((got.request, got.fds.len()), (SET_BACKEND_REQ_FD, 1));
+
+        channel.config_changed().unwrap();
+        let change = recv(&frontend_channel).unwrap().unwrap();
+        assert_eq!((change.request, change.flags, change.payload.len()), (BACKEND_CONFIG_CHANGE_MSG, VERSION, 0));
+        drop(frontend);
+        proxy.join().unwrap().unwrap();
     }
 
     #[test]
