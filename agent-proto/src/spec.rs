@@ -18,6 +18,39 @@ pub struct SpecOptions {
     pub resources: Option<String>,
     /// Environment entries beyond PATH.
     pub env: Vec<String>,
+    /// Disks (by virtio serial) to mount in the container.
+    pub disks: Vec<DiskMount>,
+}
+
+/// A mount `source` naming a virtio disk by its serial
+/// (`vessel-disk:SERIAL`): the agent mounts the guest's block device that
+/// has that serial, waiting for it to appear if it was just hot-plugged.
+pub const DISK_SOURCE_PREFIX: &str = "vessel-disk:";
+
+/// A disk mounted in a container.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DiskMount {
+    /// The disk's virtio serial.
+    pub serial: String,
+    /// Where it is mounted in the container.
+    pub destination: String,
+    /// Its filesystem (`ext4`).
+    pub fstype: String,
+    /// Mounted read-only.
+    pub read_only: bool,
+}
+
+impl DiskMount {
+    /// The OCI mount object.
+    fn json(&self) -> String {
+        let options = if self.read_only { r#"["ro","nosuid","nodev"]"# } else { r#"["rw","nosuid","nodev"]"# };
+        format!(
+            r#"{{"destination":{},"type":{},"source":{},"options":{options}}}"#,
+            json_string(&self.destination),
+            json_string(&self.fstype),
+            json_string(&format!("{DISK_SOURCE_PREFIX}{}", self.serial)),
+        )
+    }
 }
 
 /// A JSON string literal (RFC 8259 escaping).
@@ -62,6 +95,7 @@ pub fn process_json(args: &[&str], o: &SpecOptions) -> String {
 pub fn spec_json(args: &[&str], o: &SpecOptions) -> Vec<u8> {
     let hostname = json_string(o.hostname.as_deref().unwrap_or("vessel"));
     let resources = o.resources.as_ref().map(|r| format!(r#","resources":{r}"#)).unwrap_or_default();
+    let disks: String = o.disks.iter().map(|d| format!(",{}", d.json())).collect();
     format!(
         r#"{{"ociVersion":"1.0.2","process":{},"root":{{"path":"rootfs"}},"hostname":{hostname},
         "mounts":[
@@ -70,7 +104,7 @@ pub fn spec_json(args: &[&str], o: &SpecOptions) -> Vec<u8> {
           {{"destination":"/dev/pts","type":"devpts","source":"devpts","options":["nosuid","noexec","newinstance","ptmxmode=0666","mode=0620"]}},
           {{"destination":"/dev/shm","type":"tmpfs","source":"shm","options":["nosuid","noexec","nodev","mode=1777","size=65536k"]}},
           {{"destination":"/sys","type":"sysfs","source":"sysfs","options":["nosuid","noexec","nodev","ro"]}},
-          {{"destination":"/sys/fs/cgroup","type":"cgroup","source":"cgroup","options":["nosuid","noexec","nodev","relatime","ro"]}}
+          {{"destination":"/sys/fs/cgroup","type":"cgroup","source":"cgroup","options":["nosuid","noexec","nodev","relatime","ro"]}}{disks}
         ],
         "linux":{{"namespaces":[{{"type":"pid"}},{{"type":"ipc"}},{{"type":"uts"}},{{"type":"mount"}},{{"type":"cgroup"}}],
           "maskedPaths":["/proc/kcore","/proc/keys","/sys/firmware"],
@@ -89,5 +123,16 @@ mod tests {
         assert_eq!(json_string("a\"b\\c\n\u{1}"), r#""a\"b\\c\u000a\u0001""#);
         let spec = String::from_utf8(spec_json(&["echo", "say \"hi\""], &SpecOptions::default())).unwrap();
         assert!(spec.contains(r#""args":["echo","say \"hi\""]"#), "{spec}");
+    }
+
+    #[test]
+    fn disk_mounts_name_the_disk_by_serial() {
+        let disk =
+            DiskMount { serial: "data-1".into(), destination: "/data".into(), fstype: "ext4".into(), read_only: true };
+        let spec =
+            String::from_utf8(spec_json(&["true"], &SpecOptions { disks: vec![disk], ..Default::default() })).unwrap();
+        let want =
+            r#"{"destination":"/data","type":"ext4","source":"vessel-disk:data-1","options":["ro","nosuid","nodev"]}"#;
+        assert!(spec.contains(want), "{spec}");
     }
 }

@@ -280,13 +280,17 @@ impl Containers {
                 unmount(dir);
             }
         };
-        let checked = match spec::parse_spec(spec_json, &root) {
+        let mut checked = match spec::parse_spec(spec_json, &root) {
             Ok(c) => c,
             Err(e) => {
                 undo_root(&mounted_root);
                 return Err(Error::Invalid(error_chain(&e)));
             }
         };
+        if let Err(e) = resolve_disk_sources(&mut checked.init.mounts) {
+            undo_root(&mounted_root);
+            return Err(e);
+        }
         let cgroup = match self.make_cgroup(id, &checked.limits) {
             Ok(c) => c,
             Err(e) => {
@@ -689,6 +693,24 @@ fn read_passwd(root: &Path) -> HashMap<u32, String> {
             Some((uid, name.to_string()))
         })
         .collect()
+}
+
+/// Turns each mount source `vessel-disk:SERIAL` into the guest's block
+/// device with that serial.
+fn resolve_disk_sources(mounts: &mut [crate::launch::MountConfig]) -> Result<()> {
+    for m in mounts {
+        let Some(serial) = m.source.to_str().and_then(|s| s.strip_prefix(agent_proto::spec::DISK_SOURCE_PREFIX)) else {
+            continue;
+        };
+        if m.fstype.is_empty() {
+            return Err(Error::Invalid(format!(
+                "disk {serial:?} is mounted at {} without a filesystem type",
+                m.destination.display()
+            )));
+        }
+        m.source = find_disk(serial)?;
+    }
+    Ok(())
 }
 
 /// How long a disk the host has just hot-plugged may take to show up with

@@ -113,6 +113,23 @@ pub struct ContainerConfig {
     pub hostname: Option<String>,
     /// cgroup v2 limits.
     pub resources: Resources,
+    /// Disks of the sandbox (attached at boot or hot-plugged with
+    /// `add_disk`) mounted in the container.
+    #[serde(default)]
+    pub disks: Vec<DiskMount>,
+}
+
+/// A sandbox disk, named by its virtio serial, mounted in a container.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskMount {
+    /// The disk's serial (as given to `add_disk`).
+    pub serial: String,
+    /// Where it is mounted in the container.
+    pub destination: String,
+    /// Its filesystem (`ext4`).
+    pub fstype: String,
+    /// Mounted read-only.
+    pub read_only: bool,
 }
 
 impl ContainerConfig {
@@ -124,6 +141,7 @@ impl ContainerConfig {
             process: ProcessConfig::new(args),
             hostname: None,
             resources: Resources::default(),
+            disks: Vec::new(),
         }
     }
 }

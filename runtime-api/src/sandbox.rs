@@ -20,7 +20,7 @@ use agent_proto::spec::{process_json, spec_json, SpecOptions};
 use tracing::{debug, info, info_span, warn};
 
 use crate::agent::{Agent, AgentError, HostSide, PendingStream};
-use crate::config::{validate_id, ContainerConfig, InvalidId, ProcessConfig, Resources, SandboxConfig};
+use crate::config::{validate_id, ContainerConfig, DiskMount, InvalidId, ProcessConfig, Resources, SandboxConfig};
 use crate::hypervisor::{new_hypervisor, Disk, Hypervisor, HypervisorError, HypervisorKind, Nic, VmFigures, VmSpec};
 use crate::network;
 use crate::state::{
@@ -289,8 +289,22 @@ fn container_request(id: &str) -> ContainerRequest {
     ContainerRequest { container_id: id.into(), ..Default::default() }
 }
 
-fn spec_options(process: &ProcessConfig, hostname: Option<&str>, resources: &Resources) -> SpecOptions {
+fn spec_options(
+    process: &ProcessConfig,
+    hostname: Option<&str>,
+    resources: &Resources,
+    disks: &[DiskMount],
+) -> SpecOptions {
     SpecOptions {
+        disks: disks
+            .iter()
+            .map(|d| agent_proto::spec::DiskMount {
+                serial: d.serial.clone(),
+                destination: d.destination.clone(),
+                fstype: d.fstype.clone(),
+                read_only: d.read_only,
+            })
+            .collect(),
         hostname: hostname.map(str::to_string),
         uid: process.uid,
         gid: process.gid,
@@ -603,7 +617,7 @@ impl Sandbox {
     fn create_on_disk(&mut self, config: &ContainerConfig, serial: String) -> Result<(), SandboxError> {
         let _span = info_span!("create_container", id = %config.id).entered();
         let args: Vec<&str> = config.process.args.iter().map(String::as_str).collect();
-        let options = spec_options(&config.process, config.hostname.as_deref(), &config.resources);
+        let options = spec_options(&config.process, config.hostname.as_deref(), &config.resources, &config.disks);
         let (io, stdio) = self.process_io(&config.process)?;
         let mut root = Rootfs::new();
         root.set_disk_serial(serial.clone());
@@ -968,7 +982,7 @@ impl Sandbox {
         self.next_exec += 1;
         let exec_id = format!("exec-{}", self.next_exec);
         let args: Vec<&str> = process.args.iter().map(String::as_str).collect();
-        let options = spec_options(process, None, &Resources::default());
+        let options = spec_options(process, None, &Resources::default(), &[]);
         let (io, stdio) = self.process_io(process)?;
         let request = ExecProcessRequest {
             container_id: id.into(),

@@ -18,8 +18,8 @@ use libtest_mimic::Arguments;
 use runtime_api::hypervisor::{builtin::Builtin, Disk, Hypervisor, VmSpec};
 use runtime_api::sandbox::{CreateStep, STREAM_TIMEOUT};
 use runtime_api::{
-    ContainerConfig, ContainerPhase, HypervisorKind, NetworkConfig, ProcessConfig, Resources, Sandbox, SandboxConfig,
-    SandboxError, SandboxPhase, Store,
+    ContainerConfig, ContainerPhase, DiskMount, HypervisorKind, NetworkConfig, ProcessConfig, Resources, Sandbox,
+    SandboxConfig, SandboxError, SandboxPhase, Store,
 };
 use vessel_tests::harness::{e2fsprogs_unavailable, gate, missing_tool, trial, workspace_binary};
 use vessel_tests::netns::{ip, NetNs};
@@ -81,7 +81,15 @@ fn containers_in_one_sandbox(kind: HypervisorKind) -> anyhow::Result<()> {
     config.containers = vec![web, job];
 
     let late = busybox_root(dir.path(), "late")?;
-    let data = dir.write("data.img", &vec![0u8; 4 << 20])?;
+    // A journal-less ext4, so that what the guest synced is in the image
+    // for debugfs to read without a journal replay.
+    let data = dir.write("data.img", &[])?;
+    let made = std::process::Command::new("mkfs.ext4")
+        .args(["-q", "-F", "-O", "^has_journal"])
+        .arg(&data)
+        .arg("4M")
+        .output()?;
+    ensure!(made.status.success(), "mkfs.ext4: {}", String::from_utf8_lossy(&made.stderr));
     let mut sandbox = Sandbox::create(&store, config, None)?;
     let outcome = drive(&mut sandbox, &store, &late, &data);
     if outcome.is_err() {
@@ -153,10 +161,16 @@ fn drive(sandbox: &mut Sandbox, store: &Store, late_root: &Path, data: &Path) ->
 
     // Hotplug: a container created in the running sandbox (its root disk
     // hot-plugged), and a data disk the guest then sees with its serial.
-    let script =
-        "cat /etc/hostname 2>/dev/null; for d in /sys/block/vd*; do echo $(cat $d/serial) $(cat $d/size); done";
+    // The data disk is mounted in the container, which writes to it.
+    let script = "for d in /sys/block/vd*; do echo $(cat $d/serial) $(cat $d/size); done; \
+                  echo written in the guest > /data/note && sync";
     let mut late = ContainerConfig::new("late", late_root, &["sh", "-c", script]);
-    late.hostname = Some("late".into());
+    late.disks.push(DiskMount {
+        serial: "data-1".into(),
+        destination: "/data".into(),
+        fstype: "ext4".into(),
+        read_only: false,
+    });
     sandbox.add_disk(data, "data-1")?;
     sandbox.create_container(late)?;
     let late_out = sandbox.take_io("late")?.stdout.collect(STREAM_TIMEOUT);
@@ -167,6 +181,9 @@ fn drive(sandbox: &mut Sandbox, store: &Store, late_root: &Path, data: &Path) ->
     let devices = &sandbox.state().devices;
     ensure!(devices.len() == 2 && devices[0].serial == "data-1", "hot-plugged devices not recorded: {devices:?}");
     ensure!(!sandbox.cleanup_container("late", false)?, "the sandbox went with a container");
+    let note = std::process::Command::new("debugfs").args(["-R", "cat /note"]).arg(data).output()?;
+    let note = String::from_utf8_lossy(&note.stdout);
+    ensure!(note == "written in the guest\n", "the host file does not hold what the container wrote: {note:?}");
 
     ensure!(!sandbox.cleanup_container("job", false)?, "the sandbox went with its first container");
     ensure!(sandbox.cleanup_container("web", false)?, "the sandbox stayed after its last container");
