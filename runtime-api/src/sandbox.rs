@@ -616,6 +616,7 @@ impl Sandbox {
 
     fn create_on_disk(&mut self, config: &ContainerConfig, serial: String) -> Result<(), SandboxError> {
         let _span = info_span!("create_container", id = %config.id).entered();
+        let began = Instant::now();
         let args: Vec<&str> = config.process.args.iter().map(String::as_str).collect();
         let options = spec_options(&config.process, config.hostname.as_deref(), &config.resources, &config.disks);
         let (io, stdio) = self.process_io(&config.process)?;
@@ -629,6 +630,7 @@ impl Sandbox {
             ..Default::default()
         };
         self.agent.call("CreateContainer", |c, ctx| c.create_container(ctx, &request))?;
+        debug!(container = %config.id, ms = began.elapsed().as_secs_f64() * 1000.0, "container created");
         self.io.insert(config.id.clone(), io);
         self.state.containers.push(ContainerRecord {
             config: config.clone(),
@@ -685,7 +687,9 @@ impl Sandbox {
                 Err(e) => return Err(e),
             }
         }
+        let vm_stop = Instant::now();
         self.vm.stop()?;
+        debug!(ms = vm_stop.elapsed().as_secs_f64() * 1000.0, "VM stopped");
         if let Some(network) = &self.state.config.network {
             network::teardown(network);
         }
@@ -827,7 +831,9 @@ impl Sandbox {
 
     fn start_locked(&mut self, id: &str) -> Result<(), SandboxError> {
         self.require_phase(id, "start", &[ContainerPhase::Ready], "ready (created, not started)")?;
+        let began = Instant::now();
         self.agent.call("StartContainer", |c, ctx| c.start_container(ctx, &container_request(id)))?;
+        debug!(container = %id, ms = began.elapsed().as_secs_f64() * 1000.0, "container started");
         self.watch(id, "");
         let record = self.record_mut(id)?;
         record.phase = ContainerPhase::Running;
