@@ -53,6 +53,19 @@ pub enum DeviceConfig {
     Net(devices::virtio::net::NetConfig),
 }
 
+/// Everything a VM is built from, as the pre-boot actions left it.
+#[derive(Debug, Default)]
+pub(crate) struct VmResources {
+    /// vCPUs, memory, sandboxing, hotplug slots.
+    pub(crate) machine: MachineConfig,
+    /// What to boot; required before start.
+    pub(crate) boot_source: Option<BootSourceConfig>,
+    /// Where the console writes; standard output if None.
+    pub(crate) console: Option<ConsoleOutput>,
+    /// The boot-time virtio devices, in slot order.
+    pub(crate) devices: Vec<DeviceConfig>,
+}
+
 /// Where the serial console's output goes.
 pub enum ConsoleOutput {
     /// The VMM process's standard output.
