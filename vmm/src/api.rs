@@ -9,6 +9,7 @@ use std::sync::mpsc::Sender;
 use crate::config::{BootSourceConfig, ConfigError, ConsoleOutput, DeviceConfig, MachineConfig};
 use crate::device_manager::DeviceManagerError;
 use crate::stats::VmStats;
+use crate::vcpu::PauseError;
 
 /// Actions on a VM that has not started.
 #[derive(Debug)]
@@ -69,8 +70,8 @@ pub enum VmmActionError {
     #[error("the VM is not running (it has exited)")]
     NotRunning,
     /// Pause did not complete.
-    #[error("cannot pause the VM: {0}")]
-    Pause(String),
+    #[error("cannot pause the VM")]
+    Pause(#[from] PauseError),
     /// The device could not be hot-plugged.
     #[error("cannot attach the device")]
     Attach(#[source] DeviceManagerError),

@@ -12,8 +12,9 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::api::{Request, VmmAction, VmmActionError, VmmData};
 use crate::device_manager::{DeviceEvents, DeviceManager, HOTPLUG_TOKEN_BASE};
+use crate::exit::{ExitReason, VmError};
 use crate::stats::VmCounters;
-use crate::vcpu::{ExitReason, VcpuSet};
+use crate::vcpu::VcpuSet;
 
 /// A control request is queued.
 const TOKEN_CONTROL: u32 = 1;
@@ -89,10 +90,7 @@ impl MutEventSubscriber for Runtime {
             }
             TOKEN_VCPU_EXIT => {
                 let _ = self.vcpu_exit_evt.read();
-                let reason = self
-                    .vcpus
-                    .exit_reason()
-                    .unwrap_or_else(|| ExitReason::Error("a vCPU stopped without a reason".into()));
+                let reason = self.vcpus.exit_reason().unwrap_or(ExitReason::Error(VmError::NoReason));
                 self.end(reason);
             }
             token if token >= HOTPLUG_TOKEN_BASE => self.devices.process(token),
@@ -110,7 +108,7 @@ impl MutEventSubscriber for Runtime {
             if let Err(e) = ops.add(event) {
                 // Without its events the VM could never be stopped: end now.
                 let token = event.data();
-                self.end(ExitReason::Error(format!("cannot watch VMM event {token}: {e:?}")));
+                self.end(ExitReason::Error(VmError::Watch(token, Arc::new(e))));
             }
         }
     }
@@ -124,7 +122,7 @@ fn lock(runtime: &Mutex<Runtime>) -> std::sync::MutexGuard<'_, Runtime> {
 pub(crate) fn run(runtime: Runtime, devices: Vec<DeviceEvents>, seccomp: bool) -> ExitReason {
     let mut manager = match EventManager::<DeviceEvents>::new() {
         Ok(m) => m,
-        Err(e) => return ExitReason::Error(format!("cannot create the event loop: {e:?}")),
+        Err(e) => return ExitReason::Error(VmError::EventLoopCreate(Arc::new(e))),
     };
     let runtime = Arc::new(Mutex::new(runtime));
     manager.add_subscriber(runtime.clone());
@@ -133,7 +131,7 @@ pub(crate) fn run(runtime: Runtime, devices: Vec<DeviceEvents>, seccomp: bool) -
     }
     if seccomp {
         if let Err(e) = crate::seccomp::install(crate::seccomp::ThreadKind::EventLoop) {
-            lock(&runtime).end(ExitReason::Error(e.to_string()));
+            lock(&runtime).end(ExitReason::Error(VmError::EventLoopSeccomp(e.into())));
         }
     }
     loop {
@@ -141,7 +139,7 @@ pub(crate) fn run(runtime: Runtime, devices: Vec<DeviceEvents>, seccomp: bool) -
             return reason;
         }
         if let Err(e) = manager.run() {
-            lock(&runtime).end(ExitReason::Error(format!("event loop failed: {e:?}")));
+            lock(&runtime).end(ExitReason::Error(VmError::EventLoop(Arc::new(e))));
         }
     }
 }

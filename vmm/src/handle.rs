@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::api::{Request, VmmAction, VmmActionError, VmmData};
+use crate::exit::{ExitReason, VmError};
 use crate::stats::{VmCounters, VmStats};
-use crate::vcpu::ExitReason;
 
 /// A running VM, held by its embedder. Dropping it stops the VM.
 pub struct VmmHandle {
@@ -85,7 +85,7 @@ impl VmmHandle {
 
     fn join(&mut self) -> ExitReason {
         match self.event_loop.take() {
-            Some(thread) => thread.join().unwrap_or_else(|_| ExitReason::Error("the VMM event loop panicked".into())),
+            Some(thread) => thread.join().unwrap_or(ExitReason::Error(VmError::EventLoopPanicked)),
             None => ExitReason::Stopped,
         }
     }
