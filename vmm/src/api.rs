@@ -1,8 +1,8 @@
 //! The control API's types: what an embedder asks ([`PrebootAction`]
 //! before boot, [`VmmAction`] while the VM runs) and what it gets back
-//! ([`VmmData`], [`VmmActionError`]). A leaf: the modules that answer
-//! (`control`, `event_loop`) and the one that asks (`handle`) all depend on
-//! it, and it on none of them.
+//! ([`VmmData`], [`VmmActionError`]). The modules that answer (`control`,
+//! `event_loop`) and the one that asks (`handle`) meet here instead of
+//! importing each other; this module imports only the types it carries.
 
 use std::sync::mpsc::Sender;
 
