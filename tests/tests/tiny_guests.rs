@@ -294,6 +294,11 @@ fn hotplug_attach_and_detach() -> TestResult {
         )))) if path.ends_with("missing.img") => {}
         other => anyhow::bail!("attaching a missing disk gave {other:?}"),
     }
+    // The failed attach left slot 1 empty for the next device.
+    ensure!(
+        attach(vmm::DeviceConfig::Rng)? == VmmData::Attached { slot: 1, addr: 0xd000_1000, irq: 6 },
+        "after a failure"
+    );
     let before = h.stats().vcpus[0].io_out;
     ensure!(wait_until(Duration::from_secs(10), || h.stats().vcpus[0].io_out > before + 100), "the guest stopped");
     Ok(())

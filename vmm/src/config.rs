@@ -10,6 +10,9 @@ use serde::{Deserialize, Serialize};
 pub const DEFAULT_MEM_MIB: u64 = 128;
 /// APIC IDs and the MADT's processor IDs are 8 bits, and 0xff is broadcast.
 pub const MAX_VCPUS: u8 = 254;
+/// virtio-mmio slots (devices and hotplug slots together): one per
+/// interrupt line the layout gives virtio.
+pub const MAX_VIRTIO_SLOTS: usize = (boot::layout::VIRTIO_IRQ_LAST - boot::layout::VIRTIO_IRQ_BASE + 1) as usize;
 
 /// The machine: vCPUs, memory, sandboxing. Fields left out of a stored
 /// configuration take their defaults.
@@ -71,6 +74,18 @@ pub(crate) struct VmResources {
     pub(crate) devices: Vec<DeviceConfig>,
 }
 
+impl VmResources {
+    /// Checks that `devices` boot-time devices and `hotplug_slots` empty
+    /// slots fit the layout's virtio-mmio windows together.
+    pub(crate) fn check_slots(devices: usize, hotplug_slots: u8) -> Result<(), ConfigError> {
+        let wanted = devices + usize::from(hotplug_slots);
+        if wanted > MAX_VIRTIO_SLOTS {
+            return Err(ConfigError::TooManyDevices(wanted));
+        }
+        Ok(())
+    }
+}
+
 /// Where the serial console's output goes.
 pub enum ConsoleOutput {
     /// The VMM process's standard output.
@@ -114,8 +129,8 @@ pub enum ConfigError {
         /// Host RAM in MiB.
         host: u64,
     },
-    /// More devices than interrupt lines.
-    #[error("{0} virtio devices requested; at most {max} fit", max = boot::layout::VIRTIO_IRQ_LAST - boot::layout::VIRTIO_IRQ_BASE + 1)]
+    /// More devices and hotplug slots than interrupt lines.
+    #[error("{0} virtio devices and hotplug slots requested; at most {MAX_VIRTIO_SLOTS} fit")]
     TooManyDevices(usize),
     /// No boot source before start.
     #[error("no kernel configured: configure a boot source before starting the VM")]

@@ -166,6 +166,8 @@ impl DeviceManager {
             disconnect(vm, transport, slot, &device.queue_evts);
             return Err(DeviceManagerError::Watch(slot.addr, e));
         }
+        // Always fills: `first_free` found slot `index` empty, and only
+        // this call fills slots.
         self.plugged.fill(index, device);
         Ok(Plugged { index, slot, counters })
     }
