@@ -343,7 +343,8 @@ fn boot(args: &BootArgs) -> anyhow::Result<ExitCode> {
         ExitReason::Reset => "reset the machine".to_string(),
         ExitReason::Shutdown => "shut down".to_string(),
         ExitReason::Stopped => "was stopped".to_string(),
-        ExitReason::Error(e) => format!("failed: {e}"),
+        // The whole chain, printed once here at the edge.
+        ExitReason::Error(e) => format!("failed: {:#}", anyhow::Error::new(e.clone())),
     };
     eprintln!(
         "vessel: guest {how} after {:.3} ms; boot timer: {boot_time}; {} serial bytes",

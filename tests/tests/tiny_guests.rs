@@ -13,7 +13,7 @@ use vessel_tests::harness::{gate, trial};
 use vessel_tests::{
     boot_guest, boot_kernel, kvm_unavailable, parse_report, start_guest, wait_until, BootOptions, TempDir,
 };
-use vmm::{ExitReason, VmmAction, VmmActionError, VmmData};
+use vmm::{DeviceManagerError, ExitReason, SlotError, VmmAction, VmmActionError, VmmData};
 
 type TestResult = anyhow::Result<()>;
 
@@ -234,7 +234,7 @@ fn pause_resume_stop() -> TestResult {
         "the guest did not run again after resume"
     );
     h.request(VmmAction::Stop)?;
-    ensure!(h.request(VmmAction::GetStats) == Err(VmmActionError::NotRunning), "a stopped VM took an action");
+    ensure!(matches!(h.request(VmmAction::GetStats), Err(VmmActionError::NotRunning)), "a stopped VM took an action");
     let exit = guest.handle.wait();
     ensure!(exit == ExitReason::Stopped, "ended with {exit:?}");
     Ok(())
@@ -269,9 +269,17 @@ fn hotplug_attach_and_detach() -> TestResult {
         attach(vmm::DeviceConfig::Rng)? == VmmData::Attached { slot: 1, addr: 0xd000_1000, irq: 6 },
         "second attach"
     );
-    ensure!(attach(vmm::DeviceConfig::Rng) == Err(VmmActionError::NoFreeSlot), "a third device found a slot");
+    let full = attach(vmm::DeviceConfig::Rng);
+    ensure!(
+        matches!(full, Err(VmmActionError::Attach(DeviceManagerError::Slot(SlotError::NoFreeSlot)))),
+        "a third device found a slot: {full:?}"
+    );
     h.request(VmmAction::DetachDevice(0))?;
-    ensure!(h.request(VmmAction::DetachDevice(0)) == Err(VmmActionError::NoSuchSlot(0)), "detached twice");
+    let twice = h.request(VmmAction::DetachDevice(0));
+    ensure!(
+        matches!(twice, Err(VmmActionError::Detach(DeviceManagerError::Slot(SlotError::NoSuchSlot(0))))),
+        "detached twice: {twice:?}"
+    );
     ensure!(attach(vmm::DeviceConfig::Rng)? == VmmData::Attached { slot: 0, addr: 0xd000_0000, irq: 5 }, "reattach");
     let dir = TempDir::new("hotplug")?;
     let missing = vmm::DeviceConfig::Block(devices::virtio::block::BlockConfig {
@@ -281,9 +289,16 @@ fn hotplug_attach_and_detach() -> TestResult {
     });
     h.request(VmmAction::DetachDevice(1))?;
     match attach(missing) {
-        Err(VmmActionError::Attach(msg)) if msg.contains("missing.img") => {}
+        Err(VmmActionError::Attach(DeviceManagerError::Backend(vmm::BackendError::Block(
+            devices::virtio::block::BlockError::Open(path, _),
+        )))) if path.ends_with("missing.img") => {}
         other => anyhow::bail!("attaching a missing disk gave {other:?}"),
     }
+    // The failed attach left slot 1 empty for the next device.
+    ensure!(
+        attach(vmm::DeviceConfig::Rng)? == VmmData::Attached { slot: 1, addr: 0xd000_1000, irq: 6 },
+        "after a failure"
+    );
     let before = h.stats().vcpus[0].io_out;
     ensure!(wait_until(Duration::from_secs(10), || h.stats().vcpus[0].io_out > before + 100), "the guest stopped");
     Ok(())

@@ -3,45 +3,98 @@
 
 use std::fs::File;
 use std::io::Write;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::{mpsc, Arc, Mutex, OnceLock};
 use std::time::Instant;
 
-use boot::acpi::VirtioMmioDevice;
-use boot::layout::{virtio_mmio_slot, KVM_IDENTITY_MAP_ADDR, KVM_TSS_ADDR, VIRTIO_MMIO_SIZE};
+use boot::layout::{KVM_IDENTITY_MAP_ADDR, KVM_TSS_ADDR};
 use devices::legacy::{
     BootTimer, EventFdTrigger, SerialConsole, BOOT_TIMER_PORT, COM1_IRQ, COM1_PORT, I8042, I8042_PORT_DATA,
 };
-use devices::virtio::block::Block;
-use devices::virtio::mmio::{MmioInterrupt, MmioQueueEvents, MmioTransport, QUEUE_NOTIFY_OFFSET};
-use devices::virtio::net::Net;
-use devices::virtio::rng::Rng;
-use devices::virtio::vsock::Vsock;
-use devices::virtio::{CounterSet, VirtioBackend};
 use devices::Bus;
-use event_manager::MutEventSubscriber;
 use kvm_bindings::{
     kvm_cpuid_entry2, kvm_pit_config, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
 };
-use kvm_ioctls::{IoEventAddress, Kvm, VmFd};
+use kvm_ioctls::{Kvm, VmFd};
 use tracing::info_span;
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::config::{ConfigError, ConsoleOutput, DeviceConfig};
-use crate::control::{Vmm, VmmHandle};
-use crate::event_loop::{self, HotplugSlot, Runtime};
+use crate::config::{ConfigError, ConsoleOutput, VmResources};
+use crate::device_manager::{DeviceManager, DeviceManagerError};
+use crate::event_loop::{self, Runtime};
+use crate::handle::VmmHandle;
 use crate::stats::{VcpuCounters, VmCounters};
 use crate::vcpu::{self, VcpuSet, VcpuThreadConfig};
-use crate::StartError;
 
-/// Boots the VM `vmm` describes. `started` is the moment the caller asked,
-/// which the boot timer measures from.
-pub(crate) fn build_and_start(vmm: Vmm, started: Instant) -> Result<VmmHandle, StartError> {
+/// Why a VM could not be started.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The configuration is invalid.
+    #[error("invalid configuration")]
+    Config(#[from] ConfigError),
+    /// The kernel file could not be opened.
+    #[error("cannot open the kernel image {0}")]
+    OpenKernel(PathBuf, #[source] std::io::Error),
+    /// The initrd file could not be opened.
+    #[error("cannot open the initrd {0}")]
+    OpenInitrd(PathBuf, #[source] std::io::Error),
+    /// The console file could not be created.
+    #[error("cannot create the console output file {0}")]
+    OpenConsole(PathBuf, #[source] std::io::Error),
+    /// Standard output could not be duplicated for the console.
+    #[error("cannot use standard output for the console")]
+    Console(#[source] std::io::Error),
+    /// /dev/kvm could not be opened.
+    #[error("cannot open /dev/kvm (is KVM available, and may this user open it?)")]
+    Kvm(#[source] kvm_ioctls::Error),
+    /// More vCPUs than KVM allows.
+    #[error("{requested} vCPUs requested; KVM on this host allows at most {max}")]
+    TooManyVcpus {
+        /// Requested.
+        requested: u8,
+        /// KVM_CAP_MAX_VCPUS.
+        max: usize,
+    },
+    /// KVM_CREATE_VM failed.
+    #[error("cannot create the VM (KVM_CREATE_VM)")]
+    CreateVm(#[source] kvm_ioctls::Error),
+    /// A VM-wide setup ioctl failed.
+    #[error("cannot set up the VM: {0} failed")]
+    VmSetup(&'static str, #[source] kvm_ioctls::Error),
+    /// Guest memory could not be made.
+    #[error("cannot create guest memory")]
+    Memory(#[from] crate::memory::MemoryError),
+    /// The kernel, initrd or boot structures could not be loaded.
+    #[error("cannot prepare the guest for boot")]
+    Boot(#[from] boot::BootError),
+    /// An EventFd could not be made.
+    #[error("cannot create an eventfd")]
+    EventFd(#[source] std::io::Error),
+    /// A virtio device or hotplug slot could not be set up.
+    #[error("cannot set up the virtio devices")]
+    Devices(#[from] DeviceManagerError),
+    /// Legacy devices collide on the port I/O bus.
+    #[error("cannot place a legacy device")]
+    Bus(#[from] devices::BusError),
+    /// KVM_CREATE_VCPU failed.
+    #[error("cannot create vCPU {0}")]
+    CreateVcpu(u8, #[source] kvm_ioctls::Error),
+    /// A vCPU could not be configured or started.
+    #[error("cannot set up the vCPUs")]
+    Vcpu(#[from] crate::vcpu::VcpuError),
+    /// The event loop thread could not be spawned.
+    #[error("cannot spawn the event loop thread")]
+    Thread(#[source] std::io::Error),
+}
+
+/// Boots the VM `resources` describe. `started` is the moment the caller
+/// asked, which the boot timer measures from.
+pub(crate) fn build_and_start(resources: VmResources, started: Instant) -> Result<VmmHandle, StartError> {
     let _span = info_span!("start_vm").entered();
-    let Vmm { machine, boot: boot_source, console, devices } = vmm;
+    let VmResources { machine, boot_source, console, devices } = resources;
     machine.validate()?;
-    let boot_source = boot_source.ok_or(crate::config::ConfigError::NoBootSource)?;
+    let boot_source = boot_source.ok_or(ConfigError::NoBootSource)?;
     let mut kernel = open(&boot_source.kernel, StartError::OpenKernel)?;
     let mut initrd = match &boot_source.initrd {
         Some(path) => Some(open(path, StartError::OpenInitrd)?),
@@ -70,45 +123,10 @@ pub(crate) fn build_and_start(vmm: Vmm, started: Instant) -> Result<VmmHandle, S
     let pit = kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() };
     vm.create_pit2(pit).map_err(setup("KVM_CREATE_PIT2"))?;
 
-    // virtio devices, each in a virtio-mmio slot the command line announces.
-    let mut mmio = Bus::new();
-    let mut cmdline = boot_source.cmdline.clone();
-    let mut device_events: Vec<Arc<Mutex<dyn MutEventSubscriber + Send>>> = Vec::new();
-    let mut acpi_devices = Vec::with_capacity(devices.len());
-    let mut device_counters = Vec::with_capacity(devices.len());
-    for (index, config) in devices.iter().enumerate() {
-        let (addr, irq) = virtio_mmio_slot(index).ok_or(ConfigError::TooManyDevices(devices.len()))?;
-        let (backend, counters) = create_backend(config)?;
-        device_counters.push(counters);
-        let irq_evt = EventFd::new(libc::EFD_NONBLOCK).map_err(StartError::EventFd)?;
-        vm.register_irqfd(&irq_evt, irq).map_err(setup("KVM_IRQFD (virtio)"))?;
-        let mut transport = MmioTransport::empty(mem.clone(), Arc::new(MmioInterrupt::new(irq_evt)));
-        let queue_evts = transport.attach(backend).map_err(|e| StartError::Device("virtio-mmio", Box::new(e)))?;
-        for (queue, evt) in queue_evts.iter().enumerate() {
-            let notify = IoEventAddress::Mmio(addr + QUEUE_NOTIFY_OFFSET);
-            vm.register_ioevent(evt, &notify, queue as u32).map_err(setup("KVM_IOEVENTFD"))?;
-        }
-        let transport = Arc::new(Mutex::new(transport));
-        mmio.insert(transport.clone(), addr, VIRTIO_MMIO_SIZE)?;
-        device_events.push(Arc::new(Mutex::new(MmioQueueEvents::new(transport, queue_evts))));
-        // Announced twice: on the command line for kernels built with
-        // virtio_mmio.device= support, in the DSDT for the others.
-        cmdline = format!("{cmdline} virtio_mmio.device={}K@{addr:#x}:{irq}", VIRTIO_MMIO_SIZE >> 10);
-        acpi_devices.push(VirtioMmioDevice { addr, len: VIRTIO_MMIO_SIZE, irq });
-    }
-
-    // Empty slots for devices attached later, announced the same way.
-    let mut hotplug = Vec::with_capacity(usize::from(machine.hotplug_slots));
-    for index in devices.len()..devices.len() + usize::from(machine.hotplug_slots) {
-        let (addr, irq) = virtio_mmio_slot(index).ok_or(ConfigError::TooManyDevices(index + 1))?;
-        let irq_evt = EventFd::new(libc::EFD_NONBLOCK).map_err(StartError::EventFd)?;
-        vm.register_irqfd(&irq_evt, irq).map_err(setup("KVM_IRQFD (virtio)"))?;
-        let transport = Arc::new(Mutex::new(MmioTransport::empty(mem.clone(), Arc::new(MmioInterrupt::new(irq_evt)))));
-        mmio.insert(transport.clone(), addr, VIRTIO_MMIO_SIZE)?;
-        cmdline = format!("{cmdline} virtio_mmio.device={}K@{addr:#x}:{irq}", VIRTIO_MMIO_SIZE >> 10);
-        acpi_devices.push(VirtioMmioDevice { addr, len: VIRTIO_MMIO_SIZE, irq });
-        hotplug.push(HotplugSlot { transport, addr, irq, queue_evts: Vec::new(), backend_fd: None });
-    }
+    // virtio devices, then the empty hotplug slots, each in a virtio-mmio
+    // slot that the command line and the DSDT announce.
+    let (device_manager, boot_devices) = DeviceManager::for_boot(&vm, &mem, &devices, machine.hotplug_slots)?;
+    let cmdline = format!("{} {}", boot_source.cmdline, boot_devices.cmdline);
 
     // The software that goes in memory.
     let prepared = boot::prepare(
@@ -118,8 +136,8 @@ pub(crate) fn build_and_start(vmm: Vmm, started: Instant) -> Result<VmmHandle, S
         boot::BootSource {
             kernel: &mut kernel,
             initrd: initrd.as_mut(),
-            cmdline: cmdline.trim_start(),
-            virtio: &acpi_devices,
+            cmdline: cmdline.trim(),
+            virtio: &boot_devices.acpi,
         },
     )?;
 
@@ -150,12 +168,13 @@ pub(crate) fn build_and_start(vmm: Vmm, started: Instant) -> Result<VmmHandle, S
         started,
         mem,
         mem_size,
-        devices: Mutex::new(device_counters),
+        devices: Mutex::new(boot_devices.counters),
     });
 
     // Go: vCPU threads first (the guest starts here), then the event loop.
     let vcpu_exit_evt = EventFd::new(libc::EFD_NONBLOCK).map_err(StartError::EventFd)?;
-    let thread_config = VcpuThreadConfig { seccomp: machine.seccomp, pio: Arc::new(pio), mmio: Arc::new(mmio) };
+    let thread_config =
+        VcpuThreadConfig { seccomp: machine.seccomp, pio: Arc::new(pio), mmio: Arc::new(boot_devices.mmio_bus) };
     let vcpus = VcpuSet::start(vcpus, &thread_config, vcpu_exit_evt.try_clone().map_err(StartError::EventFd)?)?;
     let wake = EventFd::new(libc::EFD_NONBLOCK).map_err(StartError::EventFd)?;
     let (requests_tx, requests) = mpsc::channel();
@@ -167,15 +186,16 @@ pub(crate) fn build_and_start(vmm: Vmm, started: Instant) -> Result<VmmHandle, S
         vcpus,
         counters: counters.clone(),
         exit: None,
-        hotplug,
+        devices: device_manager,
         vm,
     };
     let seccomp = machine.seccomp;
+    let device_events = boot_devices.events;
     let event_loop = std::thread::Builder::new()
         .name("vmm-events".into())
         .spawn(move || event_loop::run(runtime, device_events, seccomp))
         .map_err(StartError::Thread)?;
-    Ok(VmmHandle { requests: requests_tx, wake, counters, event_loop: Some(event_loop) })
+    Ok(VmmHandle::new(requests_tx, wake, counters, event_loop))
 }
 
 /// What KVM supports of CPUID, asked once per process: it does not change
@@ -193,31 +213,7 @@ fn supported_cpuid(kvm: &Kvm) -> Result<&'static [kvm_cpuid_entry2], StartError>
     Ok(SUPPORTED.get_or_init(|| cpuid.as_slice().to_vec()))
 }
 
-/// A device's backend, and its counters under the name stats report.
-pub(crate) type CreatedDevice = (Box<dyn VirtioBackend>, (String, Arc<dyn CounterSet>));
-
-pub(crate) fn create_backend(config: &DeviceConfig) -> Result<CreatedDevice, StartError> {
-    fn named<B: VirtioBackend + 'static, C: CounterSet + 'static>(name: String, (b, c): (B, Arc<C>)) -> CreatedDevice {
-        (Box::new(b), (name, c))
-    }
-    let err = |kind| move |e: Box<dyn std::error::Error + Send + Sync>| StartError::Device(kind, e);
-    Ok(match config {
-        DeviceConfig::Rng => named("rng".into(), Rng::new()),
-        DeviceConfig::Block(block) => named(
-            format!("blk {}", block.path.display()),
-            Block::open(block).map_err(|e| err("virtio-blk")(Box::new(e)))?,
-        ),
-        DeviceConfig::Net(net) => {
-            named(format!("net {}", net.tap), Net::new(net).map_err(|e| err("virtio-net")(Box::new(e)))?)
-        }
-        DeviceConfig::Vsock(vsock) => named(
-            format!("vsock cid {}", vsock.guest_cid),
-            Vsock::new(vsock).map_err(|e| err("virtio-vsock")(Box::new(e)))?,
-        ),
-    })
-}
-
-fn open(path: &Path, err: fn(std::path::PathBuf, std::io::Error) -> StartError) -> Result<File, StartError> {
+fn open(path: &Path, err: fn(PathBuf, std::io::Error) -> StartError) -> Result<File, StartError> {
     File::open(path).map_err(|e| err(path.to_path_buf(), e))
 }
 

@@ -4,13 +4,20 @@ use std::fmt;
 use std::io::Write;
 use std::path::PathBuf;
 
+use serde::{Deserialize, Serialize};
+
 /// Default RAM size.
 pub const DEFAULT_MEM_MIB: u64 = 128;
 /// APIC IDs and the MADT's processor IDs are 8 bits, and 0xff is broadcast.
 pub const MAX_VCPUS: u8 = 254;
+/// virtio-mmio slots (devices and hotplug slots together): one per
+/// interrupt line the layout gives virtio.
+pub const MAX_VIRTIO_SLOTS: usize = (boot::layout::VIRTIO_IRQ_LAST - boot::layout::VIRTIO_IRQ_BASE + 1) as usize;
 
-/// The machine: vCPUs, memory, sandboxing.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// The machine: vCPUs, memory, sandboxing. Fields left out of a stored
+/// configuration take their defaults.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct MachineConfig {
     /// Number of vCPUs, 1 to `MAX_VCPUS` (and KVM's own limit).
     pub vcpus: u8,
@@ -30,7 +37,7 @@ impl Default for MachineConfig {
 }
 
 /// What to boot.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BootSourceConfig {
     /// Kernel image: ELF (PVH note or not) or bzImage.
     pub kernel: PathBuf,
@@ -40,8 +47,9 @@ pub struct BootSourceConfig {
     pub cmdline: String,
 }
 
-/// A virtio device to give the guest.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// A virtio device to give the guest; stored as `{"kind": "block", ...}`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
 pub enum DeviceConfig {
     /// Entropy from the host's getrandom.
     Rng,
@@ -51,6 +59,31 @@ pub enum DeviceConfig {
     Vsock(devices::virtio::vsock::VsockConfig),
     /// A network card on a TAP device.
     Net(devices::virtio::net::NetConfig),
+}
+
+/// Everything a VM is built from, as the pre-boot actions left it.
+#[derive(Debug, Default)]
+pub(crate) struct VmResources {
+    /// vCPUs, memory, sandboxing, hotplug slots.
+    pub(crate) machine: MachineConfig,
+    /// What to boot; required before start.
+    pub(crate) boot_source: Option<BootSourceConfig>,
+    /// Where the console writes; standard output if None.
+    pub(crate) console: Option<ConsoleOutput>,
+    /// The boot-time virtio devices, in slot order.
+    pub(crate) devices: Vec<DeviceConfig>,
+}
+
+impl VmResources {
+    /// Checks that `devices` boot-time devices and `hotplug_slots` empty
+    /// slots fit the layout's virtio-mmio windows together.
+    pub(crate) fn check_slots(devices: usize, hotplug_slots: u8) -> Result<(), ConfigError> {
+        let wanted = devices + usize::from(hotplug_slots);
+        if wanted > MAX_VIRTIO_SLOTS {
+            return Err(ConfigError::TooManyDevices(wanted));
+        }
+        Ok(())
+    }
 }
 
 /// Where the serial console's output goes.
@@ -96,8 +129,8 @@ pub enum ConfigError {
         /// Host RAM in MiB.
         host: u64,
     },
-    /// More devices than interrupt lines.
-    #[error("{0} virtio devices requested; at most {max} fit", max = boot::layout::VIRTIO_IRQ_LAST - boot::layout::VIRTIO_IRQ_BASE + 1)]
+    /// More devices and hotplug slots than interrupt lines.
+    #[error("{0} virtio devices and hotplug slots requested; at most {MAX_VIRTIO_SLOTS} fit")]
     TooManyDevices(usize),
     /// No boot source before start.
     #[error("no kernel configured: configure a boot source before starting the VM")]
@@ -156,5 +189,37 @@ mod tests {
         let huge = MachineConfig { mem_mib: 1 << 40, ..ok };
         assert!(matches!(huge.validate(), Err(ConfigError::MemoryLargerThanHost { .. })));
         assert!(huge.validate().unwrap_err().to_string().contains("the host has only"));
+    }
+
+    #[test]
+    fn configurations_survive_a_round_trip_through_json() {
+        use devices::virtio::{block::BlockConfig, net::NetConfig, vsock::VsockConfig};
+        let machine = MachineConfig { vcpus: 2, mem_mib: 256, seccomp: false, hotplug_slots: 3 };
+        let boot = BootSourceConfig {
+            kernel: "/boot/vmlinux".into(),
+            initrd: Some("/boot/initrd.img".into()),
+            cmdline: "console=ttyS0 quiet".into(),
+        };
+        let devices = vec![
+            DeviceConfig::Rng,
+            DeviceConfig::Block(BlockConfig {
+                path: "/var/disk.img".into(),
+                read_only: true,
+                id: Some("ctr-0".into()),
+            }),
+            DeviceConfig::Vsock(VsockConfig { guest_cid: 3, uds_path: "/run/vessel/vsock.sock".into() }),
+            DeviceConfig::Net(NetConfig { tap: "tap0".into(), mac: [0x02, 0, 0, 0, 0, 1] }),
+        ];
+        let json = serde_json::to_string(&(&machine, &boot, &devices)).unwrap();
+        let back: (MachineConfig, BootSourceConfig, Vec<DeviceConfig>) = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, (machine, boot, devices));
+    }
+
+    #[test]
+    fn a_stored_machine_config_may_leave_out_fields_that_have_defaults() {
+        let machine: MachineConfig = serde_json::from_str(r#"{"vcpus": 4}"#).unwrap();
+        assert_eq!(machine, MachineConfig { vcpus: 4, ..MachineConfig::default() });
+        let device: DeviceConfig = serde_json::from_str(r#"{"kind": "rng"}"#).unwrap();
+        assert_eq!(device, DeviceConfig::Rng);
     }
 }

@@ -20,6 +20,7 @@ use kvm_ioctls::{VcpuExit, VcpuFd};
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
+use crate::exit::{ExitReason, VmError};
 use crate::seccomp::{self, ThreadKind};
 use crate::stats::{ExitKind, VcpuCounters};
 
@@ -57,19 +58,21 @@ pub enum VcpuError {
     Spawn(u8, #[source] std::io::Error),
 }
 
-/// How the guest's run ended.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum ExitReason {
-    /// The guest reset the machine (i8042 reset line, KVM reset event).
-    Reset,
-    /// The guest shut down (triple fault, ACPI power off, HLT with no way to
-    /// wake).
-    Shutdown,
-    /// The VMM was asked to stop.
-    Stopped,
-    /// KVM or the VMM failed; the message says how.
-    Error(String),
+/// Why the vCPUs could not all be paused.
+#[derive(Clone, Debug, thiserror::Error, PartialEq, Eq)]
+pub enum PauseError {
+    /// Some vCPUs did not park in time.
+    #[error("only {paused} of {total} vCPUs paused within {} s", PAUSE_TIMEOUT.as_secs())]
+    Timeout {
+        /// How many parked.
+        paused: usize,
+        /// How many are running.
+        total: usize,
+    },
 }
+
+/// How long a pause waits for every vCPU to park.
+const PAUSE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// LAPIC register offsets and delivery modes for LINT0/LINT1.
 const APIC_LVT_LINT0: usize = 0x350;
@@ -293,15 +296,15 @@ impl VcpuSet {
     }
 
     /// Pauses every vCPU: returns once each is out of KVM_RUN and parked.
-    pub fn pause(&self) -> Result<(), String> {
+    pub fn pause(&self) -> Result<(), PauseError> {
         self.control.desired.store(Desired::Pause as u8, Ordering::Release);
         self.kick_all();
         let mut counts = self.control.counts();
-        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        let deadline = std::time::Instant::now() + PAUSE_TIMEOUT;
         while counts.0 < counts.1 {
             let left = deadline.saturating_duration_since(std::time::Instant::now());
             if left.is_zero() {
-                return Err(format!("{} of {} vCPUs paused within 5 s", counts.0, counts.1));
+                return Err(PauseError::Timeout { paused: counts.0, total: counts.1 });
             }
             counts = self.control.changed.wait_timeout(counts, left).unwrap_or_else(|p| p.into_inner()).0;
             // A kick can land between the check and KVM_RUN; kick again.
@@ -360,7 +363,7 @@ impl Vcpu {
     fn run(&mut self, seccomp: bool) {
         if seccomp {
             if let Err(e) = seccomp::install(ThreadKind::Vcpu) {
-                self.control.end_vm(ExitReason::Error(format!("vCPU {}: {e}", self.index)));
+                self.control.end_vm(ExitReason::Error(VmError::VcpuSeccomp(self.index, e.into())));
                 return;
             }
         }
@@ -428,28 +431,33 @@ impl Vcpu {
             }
             Ok(VcpuExit::FailEntry(reason, cpu)) => {
                 count(ExitKind::Other);
-                Some(ExitReason::Error(format!(
-                    "vCPU {}: KVM could not enter the guest (hardware reason {reason:#x}, cpu {cpu})",
-                    self.index
-                )))
+                Some(ExitReason::Error(VmError::FailEntry { vcpu: self.index, reason, cpu }))
             }
             Ok(VcpuExit::InternalError) => {
                 count(ExitKind::Other);
-                Some(ExitReason::Error(format!(
-                    "vCPU {}: KVM internal error (an instruction KVM could not emulate?)",
-                    self.index
-                )))
+                Some(ExitReason::Error(VmError::Internal(self.index)))
             }
             Ok(other) => {
                 count(ExitKind::Other);
-                Some(ExitReason::Error(format!("vCPU {}: unexpected exit {other:?}", self.index)))
+                Some(ExitReason::Error(VmError::UnexpectedExit { vcpu: self.index, exit: format!("{other:?}") }))
             }
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
                 count(ExitKind::Interrupted);
                 self.fd.set_kvm_immediate_exit(0);
                 None
             }
-            Err(e) => Some(ExitReason::Error(format!("vCPU {}: KVM_RUN failed: {e}", self.index))),
+            Err(e) => Some(ExitReason::Error(VmError::Run(self.index, e))),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_pause_timeout_says_how_many_vcpus_parked() {
+        let e = PauseError::Timeout { paused: 1, total: 2 };
+        assert_eq!(e.to_string(), "only 1 of 2 vCPUs paused within 5 s");
     }
 }

@@ -54,7 +54,7 @@ const DISCARD_SEGMENT_LEN: u64 = 16;
 const MAX_DISCARD_SEG: u32 = 32;
 
 /// How to make a block device.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct BlockConfig {
     /// The backing file.
     pub path: PathBuf,

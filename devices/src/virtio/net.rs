@@ -33,7 +33,7 @@ const MAX_FRAME: usize = 65_562 + NET_HDR_LEN;
 const TAP_TOKEN: u64 = 1;
 
 /// How to make a network device.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct NetConfig {
     /// TAP interface name (created if missing, up to 15 bytes).
     pub tap: String,

@@ -51,7 +51,7 @@ const MAX_CONNECT_LINE: usize = 32;
 const LISTENER_TOKEN: u64 = u64::MAX;
 
 /// How to make a vsock device.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct VsockConfig {
     /// The guest's context ID (3 or more).
     pub guest_cid: u64,

@@ -1,0 +1,284 @@
+//! The device manager: every virtio device the guest sees goes through
+//! here, at boot and while the VM runs. It hands out virtio-mmio slots
+//! (`slots.rs`), makes backends (`backend.rs`), connects each transport's
+//! interrupt (an irqfd) and queue notifications (one ioeventfd per queue)
+//! to KVM, puts the transport on the MMIO bus, and says what the command
+//! line and the DSDT announce.
+//!
+//! Boot: [`DeviceManager::for_boot`] places the configured devices, then
+//! the empty hotplug slots, and hands back what the boot path needs
+//! ([`BootDevices`]). Running: [`DeviceManager::attach`] and
+//! [`DeviceManager::detach`] fill and empty hotplug slots from the event
+//! loop, whose hotplug events [`DeviceManager::process`] serves.
+
+mod backend;
+mod slots;
+
+use std::os::fd::RawFd;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use boot::acpi::VirtioMmioDevice;
+use boot::layout::VIRTIO_MMIO_SIZE;
+use devices::virtio::mmio::{MmioError, MmioInterrupt, MmioQueueEvents, MmioTransport, QUEUE_NOTIFY_OFFSET};
+use devices::virtio::{VirtioBackend, Wakeup};
+use devices::{Bus, BusError};
+use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
+use kvm_ioctls::{IoEventAddress, VmFd};
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::EventFd;
+
+pub use backend::BackendError;
+pub(crate) use backend::NamedCounters;
+pub use slots::{HotplugTable, MmioSlot, SlotAllocator, SlotError};
+
+use crate::config::DeviceConfig;
+
+/// Event tokens of hot-plugged devices start here: base + slot * 64 +
+/// queue, and base + slot * 64 + 63 for the backend's own fd. The event
+/// loop's own tokens are all below.
+pub(crate) const HOTPLUG_TOKEN_BASE: u32 = 1 << 16;
+const TOKENS_PER_SLOT: u32 = 64;
+const BACKEND_TOKEN_OFFSET: u32 = TOKENS_PER_SLOT - 1;
+
+/// A subscriber the event loop serves for a boot-time device's queues.
+pub(crate) type DeviceEvents = Arc<Mutex<dyn MutEventSubscriber + Send>>;
+
+/// Why a device could not be placed, attached or detached.
+#[derive(Debug, thiserror::Error)]
+pub enum DeviceManagerError {
+    /// No slot for it.
+    #[error(transparent)]
+    Slot(#[from] SlotError),
+    /// Its backend could not be made.
+    #[error(transparent)]
+    Backend(#[from] BackendError),
+    /// The interrupt's eventfd could not be made.
+    #[error("cannot create the eventfd for IRQ {0}")]
+    EventFd(u32, #[source] std::io::Error),
+    /// KVM refused the interrupt's irqfd.
+    #[error("cannot connect IRQ {0} to KVM (KVM_IRQFD)")]
+    Irqfd(u32, #[source] kvm_ioctls::Error),
+    /// The transport could not take the backend.
+    #[error("cannot set up the device's virtio-mmio transport")]
+    Transport(#[source] MmioError),
+    /// KVM refused a queue's ioeventfd.
+    #[error("cannot connect queue {queue} of the device at {addr:#x} to KVM (KVM_IOEVENTFD)")]
+    Ioeventfd {
+        /// The queue.
+        queue: usize,
+        /// The device's window.
+        addr: u64,
+        /// KVM's error.
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    /// The event loop could not watch the device.
+    #[error("cannot watch the events of the device at {0:#x}")]
+    Watch(u64, #[source] event_manager::Error),
+    /// The window collides on the MMIO bus.
+    #[error("cannot place the virtio-mmio window at {0:#x} on the bus")]
+    Bus(u64, #[source] BusError),
+}
+
+/// What the boot path takes from the device manager.
+pub(crate) struct BootDevices {
+    /// The MMIO bus with every virtio-mmio window on it, for the vCPUs.
+    pub(crate) mmio_bus: Bus,
+    /// The command-line entries of every window, space-separated.
+    pub(crate) cmdline: String,
+    /// The DSDT entries of every window.
+    pub(crate) acpi: Vec<VirtioMmioDevice>,
+    /// The boot-time devices' queue events, for the event loop.
+    pub(crate) events: Vec<DeviceEvents>,
+    /// The boot-time devices' counters.
+    pub(crate) counters: Vec<NamedCounters>,
+}
+
+/// Where a hot-plugged device went, and its counters.
+pub(crate) struct Plugged {
+    /// Hotplug slot index.
+    pub(crate) index: usize,
+    /// Its window and IRQ.
+    pub(crate) slot: MmioSlot,
+    /// The device's counters.
+    pub(crate) counters: NamedCounters,
+}
+
+/// A device in a hotplug slot: the events the loop watches for it.
+struct PluggedDevice {
+    queue_evts: Vec<EventFd>,
+    backend_fd: Option<RawFd>,
+}
+
+/// The devices of a running VM; see the module docs.
+pub(crate) struct DeviceManager {
+    /// One transport per hotplug slot, on the MMIO bus from boot.
+    transports: Vec<Arc<Mutex<MmioTransport>>>,
+    plugged: HotplugTable<PluggedDevice>,
+}
+
+impl DeviceManager {
+    /// Places `configs` in the first slots, in order, then `hotplug_slots`
+    /// empty ones; each gets its irqfd, and each device its ioeventfds.
+    pub(crate) fn for_boot(
+        vm: &VmFd,
+        mem: &GuestMemoryMmap,
+        configs: &[DeviceConfig],
+        hotplug_slots: u8,
+    ) -> Result<(Self, BootDevices), DeviceManagerError> {
+        let mut slots = SlotAllocator::default();
+        let mut mmio_bus = Bus::new();
+        let mut events: Vec<DeviceEvents> = Vec::with_capacity(configs.len());
+        let mut counters = Vec::with_capacity(configs.len());
+        for config in configs {
+            let slot = slots.allocate()?;
+            let (backend, named) = backend::create(config)?;
+            let transport = new_transport(vm, mem, slot, &mut mmio_bus)?;
+            let queue_evts = connect(vm, &transport, slot, backend)?;
+            events.push(Arc::new(Mutex::new(MmioQueueEvents::new(transport, queue_evts))));
+            counters.push(named);
+        }
+        let mut manager = DeviceManager { transports: Vec::new(), plugged: HotplugTable::default() };
+        for _ in 0..hotplug_slots {
+            let slot = slots.allocate()?;
+            manager.transports.push(new_transport(vm, mem, slot, &mut mmio_bus)?);
+            manager.plugged.reserve(slot);
+        }
+        let boot = BootDevices { mmio_bus, cmdline: slots.cmdline(), acpi: slots.acpi_devices(), events, counters };
+        Ok((manager, boot))
+    }
+
+    /// Puts the device `config` describes in the first empty hotplug slot:
+    /// its queues' ioeventfds go to KVM, its events to the loop behind
+    /// `ops`. The guest then binds the slot's platform device again.
+    pub(crate) fn attach(
+        &mut self,
+        vm: &VmFd,
+        config: &DeviceConfig,
+        ops: &mut EventOps,
+    ) -> Result<Plugged, DeviceManagerError> {
+        let (index, slot) = self.plugged.first_free()?;
+        let (backend, counters) = backend::create(config)?;
+        let transport = &self.transports[index];
+        let queue_evts = connect(vm, transport, slot, backend)?;
+        let device = PluggedDevice { queue_evts, backend_fd: lock(transport).backend_fd() };
+        if let Err(e) = watch(ops, &device, hotplug_token(index, 0)) {
+            disconnect(vm, transport, slot, &device.queue_evts);
+            return Err(DeviceManagerError::Watch(slot.addr, e));
+        }
+        // Always fills: `first_free` found slot `index` empty, and only
+        // this call fills slots.
+        self.plugged.fill(index, device);
+        Ok(Plugged { index, slot, counters })
+    }
+
+    /// Takes the device out of hotplug slot `index` (the guest unbound it
+    /// first), leaving the slot empty for the next one.
+    pub(crate) fn detach(&mut self, vm: &VmFd, index: usize, ops: &mut EventOps) -> Result<(), DeviceManagerError> {
+        let (slot, device) = self.plugged.empty(index)?;
+        unwatch(ops, &device);
+        disconnect(vm, &self.transports[index], slot, &device.queue_evts);
+        Ok(())
+    }
+
+    /// Serves an event with a hotplug token (at or above
+    /// [`HOTPLUG_TOKEN_BASE`]); unknown tokens are ignored.
+    pub(crate) fn process(&mut self, token: u32) {
+        let Some(relative) = token.checked_sub(HOTPLUG_TOKEN_BASE) else { return };
+        let index = (relative / TOKENS_PER_SLOT) as usize;
+        let offset = relative % TOKENS_PER_SLOT;
+        let (Some(device), Some(transport)) = (self.plugged.get(index), self.transports.get(index)) else { return };
+        let wakeup = if offset == BACKEND_TOKEN_OFFSET {
+            Wakeup::Backend
+        } else {
+            let Some(evt) = device.queue_evts.get(offset as usize) else { return };
+            // Drain the counter; one pass serves every pending buffer.
+            let _ = evt.read();
+            Wakeup::Queue(offset as u16)
+        };
+        lock(transport).process(wakeup);
+    }
+}
+
+fn hotplug_token(index: usize, offset: u32) -> u32 {
+    HOTPLUG_TOKEN_BASE + index as u32 * TOKENS_PER_SLOT + offset
+}
+
+/// An empty transport in `slot`: its interrupt connected to KVM, its
+/// window on the bus.
+fn new_transport(
+    vm: &VmFd,
+    mem: &GuestMemoryMmap,
+    slot: MmioSlot,
+    bus: &mut Bus,
+) -> Result<Arc<Mutex<MmioTransport>>, DeviceManagerError> {
+    let irq_evt = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| DeviceManagerError::EventFd(slot.irq, e))?;
+    vm.register_irqfd(&irq_evt, slot.irq).map_err(|e| DeviceManagerError::Irqfd(slot.irq, e))?;
+    let transport = Arc::new(Mutex::new(MmioTransport::empty(mem.clone(), Arc::new(MmioInterrupt::new(irq_evt)))));
+    bus.insert(transport.clone(), slot.addr, VIRTIO_MMIO_SIZE).map_err(|e| DeviceManagerError::Bus(slot.addr, e))?;
+    Ok(transport)
+}
+
+/// Puts `backend` in `transport` and registers one ioeventfd per queue on
+/// the notify register; on failure leaves the transport empty again.
+fn connect(
+    vm: &VmFd,
+    transport: &Mutex<MmioTransport>,
+    slot: MmioSlot,
+    backend: Box<dyn VirtioBackend>,
+) -> Result<Vec<EventFd>, DeviceManagerError> {
+    let queue_evts = lock(transport).attach(backend).map_err(DeviceManagerError::Transport)?;
+    let notify = IoEventAddress::Mmio(slot.addr + QUEUE_NOTIFY_OFFSET);
+    for (queue, evt) in queue_evts.iter().enumerate() {
+        if let Err(source) = vm.register_ioevent(evt, &notify, queue as u32) {
+            disconnect(vm, transport, slot, &queue_evts[..queue]);
+            return Err(DeviceManagerError::Ioeventfd { queue, addr: slot.addr, source });
+        }
+    }
+    Ok(queue_evts)
+}
+
+/// Undoes [`connect`] for the queues in `queue_evts`.
+fn disconnect(vm: &VmFd, transport: &Mutex<MmioTransport>, slot: MmioSlot, queue_evts: &[EventFd]) {
+    let notify = IoEventAddress::Mmio(slot.addr + QUEUE_NOTIFY_OFFSET);
+    for (queue, evt) in queue_evts.iter().enumerate() {
+        // Nothing more to undo if KVM no longer has it.
+        let _ = vm.unregister_ioevent(evt, &notify, queue as u32);
+    }
+    lock(transport).detach();
+}
+
+/// Adds a hot-plugged device's queue events and backend fd to the loop,
+/// tokens from `base`; on failure removes what it added.
+fn watch(ops: &mut EventOps, device: &PluggedDevice, base: u32) -> Result<(), event_manager::Error> {
+    let queues = device.queue_evts.iter().enumerate();
+    let mut events: Vec<Events> =
+        queues.map(|(queue, evt)| Events::with_data(evt, base + queue as u32, EventSet::IN)).collect();
+    if let Some(fd) = device.backend_fd {
+        events.push(Events::with_data_raw(fd, base + BACKEND_TOKEN_OFFSET, EventSet::IN));
+    }
+    for (added, event) in events.iter().enumerate() {
+        if let Err(e) = ops.add(*event) {
+            for done in &events[..added] {
+                let _ = ops.remove(*done);
+            }
+            return Err(e);
+        }
+    }
+    Ok(())
+}
+
+/// Removes a hot-plugged device's events from the loop.
+fn unwatch(ops: &mut EventOps, device: &PluggedDevice) {
+    for evt in &device.queue_evts {
+        // An event the loop does not hold needs no removal.
+        let _ = ops.remove(Events::empty(evt));
+    }
+    if let Some(fd) = device.backend_fd {
+        let _ = ops.remove(Events::empty_raw(fd));
+    }
+}
+
+fn lock(transport: &Mutex<MmioTransport>) -> MutexGuard<'_, MmioTransport> {
+    transport.lock().unwrap_or_else(|p| p.into_inner())
+}
