@@ -56,6 +56,21 @@ fn config(id: &str, image: &Path, kind: HypervisorKind) -> SandboxConfig {
     config
 }
 
+/// The processes whose command line mentions `path` (a sandbox's QEMU
+/// names its sockets under the store).
+fn processes_mentioning(path: &Path) -> anyhow::Result<Vec<String>> {
+    let needle = path.to_string_lossy().into_owned();
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc")?.flatten() {
+        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else { continue };
+        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+        if cmdline.contains(&needle) {
+            found.push(format!("{}: {cmdline}", entry.file_name().to_string_lossy()));
+        }
+    }
+    Ok(found)
+}
+
 /// An error and its causes, as one line.
 fn chain(err: impl std::error::Error + Send + Sync + 'static) -> String {
     format!("{:#}", anyhow::Error::from(err))
@@ -207,6 +222,8 @@ fn create_rolls_back_at_each_step() -> anyhow::Result<()> {
     let store = Store::new(dir.path().join("state"));
     let nothing_left = |what: &str| -> anyhow::Result<()> {
         ensure!(store.ids()?.is_empty(), "{what}: left {:?}", store.ids()?);
+        let qemus = processes_mentioning(store.root())?;
+        ensure!(qemus.is_empty(), "{what}: left processes {qemus:?}");
         Ok(())
     };
     let step_of = |e: &SandboxError| match e {
@@ -247,6 +264,21 @@ fn create_rolls_back_at_each_step() -> anyhow::Result<()> {
     let err = Sandbox::create(&store, silent, None).unwrap_err();
     ensure!(step_of(&err) == Some(CreateStep::Agent), "{err:#}");
     nothing_left("agent step")?;
+
+    // A guest that boots but never answers (a busybox init that only
+    // sleeps): the agent step times out, naming what it waited for.
+    let mute = dir.path().join("mute");
+    std::fs::create_dir_all(&mute)?;
+    std::fs::copy(image.join(resources::guest_image::KERNEL_FILE), mute.join(resources::guest_image::KERNEL_FILE))?;
+    let busybox = resources::test_image::find_busybox()?;
+    resources::test_image::build_test_image(&busybox, &test_kernel()?, &[], "sleep 600\n", &[])?
+        .write_atomic(&mute.join(resources::guest_image::INITRD_FILE))?;
+    let mut mute_config = config("mute", &mute, HypervisorKind::QemuTcg);
+    mute_config.boot_timeout_s = 15;
+    let err = Sandbox::create(&store, mute_config, None).unwrap_err();
+    ensure!(step_of(&err) == Some(CreateStep::Agent), "{err:#}");
+    ensure!(chain(err).contains("nothing within 15s"), "the timeout is not named");
+    nothing_left("a guest that never answers")?;
 
     // The containers step: a root that is not a filesystem; the first
     // container was created and is removed again.
