@@ -10,12 +10,24 @@ use devices::virtio::block::BlockConfig;
 use devices::virtio::net::NetConfig;
 use devices::virtio::vsock::VsockConfig;
 use vmm::{
-    BootSourceConfig, ConsoleOutput, DeviceConfig, MachineConfig, PrebootAction, Vmm, VmmAction, VmmData, VmmHandle,
+    BootSourceConfig, ConsoleOutput, DeviceConfig, ExitReason, MachineConfig, PrebootAction, Vmm, VmmAction, VmmData,
+    VmmHandle,
 };
 
 use super::{file_tail, Disk, Hypervisor, HypervisorError, HypervisorKind, Plugged, VmFigures, VmSpec, GUEST_CID};
 
 const KIND: HypervisorKind = HypervisorKind::Builtin;
+
+/// An error and its causes, as one line.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        text = format!("{text}: {c}");
+        cause = c.source();
+    }
+    text
+}
 
 /// The kernel command line a sandbox guest gets (the virtio-mmio windows
 /// are added by the VMM, from its device manager).
@@ -98,7 +110,12 @@ impl Hypervisor for Builtin {
     fn exited(&mut self) -> Option<String> {
         if self.ended.is_none() {
             if let Some(reason) = self.vm.as_mut().and_then(VmmHandle::try_wait) {
-                self.ended = Some(format!("the VM ended: {reason:?}"));
+                self.ended = Some(match reason {
+                    ExitReason::Reset => "the guest reset the machine".into(),
+                    ExitReason::Shutdown => "the guest shut down".into(),
+                    ExitReason::Stopped => "the VM was stopped".into(),
+                    ExitReason::Error(e) => format!("the VM failed: {}", error_chain(&e)),
+                });
                 self.vm = None;
             }
         }
