@@ -186,7 +186,9 @@ fn init_logging() {
         }),
         Err(_) => Targets::new().with_default(LevelFilter::WARN),
     };
-    let layer = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    // Colours only for a person at a terminal, not for a log file.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let layer = tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_ansi(ansi);
     if let Err(e) = tracing_subscriber::registry().with(layer).with(filter).try_init() {
         eprintln!("vessel: cannot install the log subscriber: {e}");
     }
