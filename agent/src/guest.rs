@@ -294,19 +294,6 @@ pub fn online_cpus(n: u32) -> Result<(), crate::container::Error> {
     Ok(())
 }
 
-/// Syncs and powers the guest off.
-pub fn power_off() -> ! {
-    // SAFETY: sync and reboot take no pointers.
-    unsafe {
-        libc::sync();
-    }
-    // SAFETY: as above.
-    unsafe {
-        libc::reboot(libc::RB_POWER_OFF);
-    }
-    std::process::exit(0)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
