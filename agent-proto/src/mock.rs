@@ -10,7 +10,9 @@
 //! ends them (128 + the signal) or the test ends them with
 //! [`MockAgent::finish`] ([`MockAgent::running`]). When a container's
 //! first process ends, the container is stopped and its other processes
-//! are killed, as in a container's own PID namespace. WaitProcess and
+//! are killed, as in a container's own PID namespace. Unlike a real
+//! container's PID 1, which ignores the signals it has no handler for
+//! (SIGKILL aside), any signal that ends a process by default ends it. WaitProcess and
 //! GetOOMEvent block as the agent's do, until the call's deadline; a test
 //! makes an OOM event with [`MockAgent::oom`].
 
@@ -149,9 +151,7 @@ impl Container {
         }
         p.exit = Some(status);
         if exec_id.is_empty() {
-            if matches!(self.state, State::Running | State::Paused) {
-                self.state = State::Stopped;
-            }
+            self.state = State::Stopped;
             for p in self.processes.values_mut() {
                 p.exit.get_or_insert(128 + libc::SIGKILL);
             }
@@ -402,7 +402,7 @@ impl Agent for MockAgent {
         let id = req.container_id.clone();
         self.with(&req.container_id, |c| {
             c.process(&id, &req.exec_id)?;
-            if !ends_process(req.signal) || c.state == State::Created {
+            if !ends_process(req.signal) {
                 return Ok(Empty::new());
             }
             let status = 128 + req.signal as i32;

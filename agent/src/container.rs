@@ -165,7 +165,8 @@ impl Container {
     /// agree.
     fn status(&mut self) -> Status {
         let exit_code = self.init.exit.get();
-        if matches!(self.state, State::Running | State::Paused) && exit_code.is_some() {
+        // A process killed before it was started stops its container too.
+        if exit_code.is_some() {
             self.state = State::Stopped;
         }
         Status { state: self.state, pid: self.init.pid, started_at_ms: self.started_at_ms, exit_code }

@@ -1,6 +1,7 @@
 //! What the agent does as a guest's PID 1 before it serves: the
 //! filesystems, the kernel modules shipped in the initramfs, entropy, and
-//! the guest's details; and CPU onlining and power-off later.
+//! the guest's details; and CPU onlining later. The agent never powers the
+//! guest off: the host stops the VM.
 
 use std::ffi::CString;
 use std::os::fd::AsRawFd;
