@@ -44,7 +44,9 @@ fn reply<T>(r: Result<T, Error>) -> ttrpc::Result<T> {
     })
 }
 
-fn limits_from(r: &Resources) -> Result<Limits, Error> {
+/// The limits an UpdateContainer asks for, checked (no limit at all is
+/// refused by the caller).
+pub fn limits_from(r: &Resources) -> Result<Limits, Error> {
     let invalid = |e: LimitsError| Error::Invalid(e.to_string());
     let nonzero = |v: u64| (v != 0).then_some(v);
     let cpu = match (r.cpu_quota, r.cpu_period) {
@@ -269,5 +271,51 @@ impl agent_proto::agent_ttrpc::Agent for Service {
 
     fn check(&self, _: &TtrpcContext, _: Empty) -> ttrpc::Result<HealthCheckResponse> {
         Ok(HealthCheckResponse { serving: true, ..Default::default() })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::limits::Limit;
+
+    #[test]
+    fn an_update_keeps_the_old_fields_meaning_and_adds_weight_cpuset_and_lifting() {
+        // The old fields: 0 leaves a limit alone.
+        let old = Resources { memory_limit: 1 << 20, ..Default::default() };
+        assert_eq!(limits_from(&old), Ok(Limits { memory: Some(Limit::To(1 << 20)), ..Default::default() }));
+        assert!(!limits_from(&Resources::default()).unwrap().any());
+        let new = Resources {
+            cpu_shares: 1024,
+            cpuset_cpus: "0-1".into(),
+            pids_unlimited: true,
+            cpu_unlimited: true,
+            ..Default::default()
+        };
+        let want = Limits {
+            cpu: Some(Limit::Unlimited),
+            pids: Some(Limit::Unlimited),
+            cpu_weight: Some(39),
+            cpuset_cpus: Some("0-1".into()),
+            ..Default::default()
+        };
+        assert_eq!(limits_from(&new), Ok(want));
+    }
+
+    #[test]
+    fn contradictory_or_malformed_updates_are_refused_by_name() {
+        let cases = [
+            (Resources { cpu_quota: 5, ..Default::default() }, "period of 0"),
+            (Resources { cpu_shares: 2, cpu_weight: 5, ..Default::default() }, "both set"),
+            (Resources { cpu_weight: 10_001, ..Default::default() }, "10001"),
+            (Resources { cpuset_mems: "0\n1".into(), ..Default::default() }, "cpuset.mems"),
+            (Resources { pids_limit: 4, pids_unlimited: true, ..Default::default() }, "pids limit"),
+        ];
+        for (resources, want) in cases {
+            match limits_from(&resources) {
+                Err(Error::Invalid(m)) => assert!(m.contains(want), "{want:?} not in {m:?}"),
+                other => panic!("{resources:?} gave {other:?}"),
+            }
+        }
     }
 }
