@@ -420,14 +420,24 @@ impl Agent for MockAgent {
     fn wait_process(&self, ctx: &TtrpcContext, req: WaitProcessRequest) -> ttrpc::Result<WaitProcessResponse> {
         self.record("WaitProcess");
         let (id, exec_id) = (req.container_id, req.exec_id);
+        let reply = |status| Some(Ok(WaitProcessResponse { status, ..Default::default() }));
+        // Seen running, then gone: removed, which kills it (as the agent's
+        // RemoveContainer and DestroySandbox do).
+        let mut seen_running = false;
         self.block(ctx, |inner| {
             let c = match inner.containers.get(&id) {
                 Some(c) => c,
+                None if seen_running => return reply(128 + libc::SIGKILL),
                 None => return Some(Err(not_found("container", &id))),
             };
             match c.process(&id, &exec_id) {
+                Err(_) if seen_running => reply(128 + libc::SIGKILL),
                 Err(e) => Some(Err(e)),
-                Ok(p) => p.exit.map(|status| Ok(WaitProcessResponse { status, ..Default::default() })),
+                Ok(Process { exit: Some(status), .. }) => reply(*status),
+                Ok(_) => {
+                    seen_running = true;
+                    None
+                }
             }
         })
     }
@@ -737,6 +747,17 @@ mod tests {
         });
         assert_eq!(s.client.wait_process(ctx(), &wait).unwrap().status, 0);
         assert!(finisher.join().unwrap());
+        // A container removed under a waiter: its process was killed.
+        s.client.create_container(ctx(), &create("d", false)).unwrap();
+        s.client.start_container(ctx(), &id("d")).unwrap();
+        let client = s.client.clone();
+        let remover = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(100));
+            client.remove_container(ctx(), &id("d"))
+        });
+        let wait = WaitProcessRequest { container_id: "d".into(), ..Default::default() };
+        assert_eq!(s.client.wait_process(ctx(), &wait).unwrap().status, 137);
+        remover.join().unwrap().unwrap();
     }
 
     #[test]
