@@ -4,10 +4,14 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use crate::spec::Limits;
+use crate::limits::{Limit, Limits};
 
 /// The controllers the agent enables for containers.
 const CONTROLLERS: [&str; 4] = ["cpu", "memory", "pids", "io"];
+
+/// A controller enabled too where the kernel has it: a container that
+/// asks for a cpuset is refused without it.
+const CPUSET: &str = "cpuset";
 
 /// How long pause waits for the kernel to report the cgroup frozen.
 const FREEZE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -18,10 +22,12 @@ pub struct CgroupRoot {
     dir: PathBuf,
     /// The agent's own cgroup, where the processes it spawns start.
     home: PathBuf,
+    /// Whether the cpuset controller is enabled for containers.
+    cpuset: bool,
 }
 
 /// Statistics read from a container's cgroup.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Stats {
     /// cpu.stat usage_usec, user_usec, system_usec.
     pub cpu_usage_usec: u64,
@@ -43,6 +49,13 @@ pub struct Stats {
     pub io_read_bytes: u64,
     /// io.stat wbytes over every device.
     pub io_write_bytes: u64,
+    /// cpu.weight.
+    pub cpu_weight: u64,
+    /// cpuset.cpus and cpuset.mems as set for the cgroup ("" when not set,
+    /// or without the cpuset controller).
+    pub cpuset_cpus: String,
+    /// See `cpuset_cpus`.
+    pub cpuset_mems: String,
 }
 
 /// A cgroup operation that failed.
@@ -82,6 +95,9 @@ pub enum CgroupError {
     /// A cgroup file held something other than a number or "max".
     #[error("{0:?} is neither a number nor \"max\"")]
     NotANumber(String),
+    /// A cpuset was asked for and the kernel has no cpuset controller.
+    #[error("the cgroup v2 hierarchy has no cpuset controller")]
+    NoCpuset,
     /// The kernel did not report the freezer state in time.
     #[error("{path} did not report {want:?} within {timeout:?}")]
     FreezeTimeout {
@@ -123,11 +139,13 @@ impl CgroupRoot {
         if !missing.is_empty() {
             return Err(CgroupError::MissingControllers { path: parent.into(), missing: missing.join(", ") });
         }
-        let enable: String = CONTROLLERS.iter().map(|c| format!("+{c} ")).collect();
+        let cpuset = available.split_whitespace().any(|a| a == CPUSET);
+        let enabled = CONTROLLERS.iter().copied().chain(cpuset.then_some(CPUSET));
+        let enable: String = enabled.map(|c| format!("+{c} ")).collect();
         write(&parent.join("cgroup.subtree_control"), enable.trim_end())?;
         std::fs::create_dir_all(dir).map_err(|e| CgroupError::Create(dir.into(), e))?;
         write(&dir.join("cgroup.subtree_control"), enable.trim_end())?;
-        Ok(CgroupRoot { dir: dir.to_path_buf(), home: own_cgroup()? })
+        Ok(CgroupRoot { dir: dir.to_path_buf(), home: own_cgroup()?, cpuset })
     }
 
     /// The agent's own cgroup: where a launch helper goes back to once it
@@ -138,6 +156,7 @@ impl CgroupRoot {
 
     /// Creates a container's cgroup with its limits.
     pub fn create(&self, id: &str, limits: &Limits) -> Result<PathBuf, CgroupError> {
+        self.check(limits)?;
         let path = self.dir.join(id);
         std::fs::create_dir(&path).map_err(|e| CgroupError::Create(path.clone(), e))?;
         if let Err(e) = apply(&path, limits) {
@@ -145,6 +164,14 @@ impl CgroupRoot {
             return Err(e);
         }
         Ok(path)
+    }
+
+    /// Refuses limits this hierarchy cannot apply.
+    pub fn check(&self, limits: &Limits) -> Result<(), CgroupError> {
+        match limits.need_cpuset() && !self.cpuset {
+            true => Err(CgroupError::NoCpuset),
+            false => Ok(()),
+        }
     }
 }
 
@@ -167,16 +194,41 @@ fn own_cgroup() -> Result<PathBuf, CgroupError> {
 
 /// Writes the limits that are set.
 pub fn apply(cgroup: &Path, limits: &Limits) -> Result<(), CgroupError> {
-    if let Some(bytes) = limits.memory {
-        write(&cgroup.join("memory.max"), &bytes.to_string())?;
+    let max = |limit: &Limit<u64>| match limit {
+        Limit::To(n) => n.to_string(),
+        Limit::Unlimited => "max".into(),
+    };
+    // The cpuset first: the others never depend on it, and a cpuset the
+    // kernel refuses leaves the rest unchanged.
+    if let Some(cpus) = &limits.cpuset_cpus {
+        write(&cgroup.join("cpuset.cpus"), cpus)?;
     }
-    if let Some((quota, period)) = limits.cpu {
-        write(&cgroup.join("cpu.max"), &format!("{quota} {period}"))?;
+    if let Some(mems) = &limits.cpuset_mems {
+        write(&cgroup.join("cpuset.mems"), mems)?;
     }
-    if let Some(pids) = limits.pids {
-        write(&cgroup.join("pids.max"), &pids.to_string())?;
+    if let Some(memory) = &limits.memory {
+        write(&cgroup.join("memory.max"), &max(memory))?;
+    }
+    match limits.cpu {
+        Some(Limit::To((quota, period))) => write(&cgroup.join("cpu.max"), &format!("{quota} {period}"))?,
+        // The period stays.
+        Some(Limit::Unlimited) => write(&cgroup.join("cpu.max"), "max")?,
+        None => {}
+    }
+    if let Some(weight) = limits.cpu_weight {
+        write(&cgroup.join("cpu.weight"), &weight.to_string())?;
+    }
+    if let Some(pids) = &limits.pids {
+        write(&cgroup.join("pids.max"), &max(pids))?;
     }
     Ok(())
+}
+
+/// The number of OOM kills memory.events has recorded for the cgroup.
+pub fn oom_kills(cgroup: &Path) -> Result<u64, CgroupError> {
+    let events = read(&cgroup.join("memory.events"))?;
+    let count = events.lines().find_map(|l| l.strip_prefix("oom_kill ")).unwrap_or("0").trim();
+    count.parse().map_err(|_| CgroupError::NotANumber(count.into()))
 }
 
 /// Moves a process into the cgroup.
@@ -216,6 +268,11 @@ pub fn stats(cgroup: &Path) -> Result<Stats, CgroupError> {
         let period = period.parse().map_err(|_| CgroupError::NotANumber(cpu_max.trim().into()))?;
         stats.cpu_limit = parse_max(quota)?.map(|q| (q, period));
     }
+    stats.cpu_weight = number("cpu.weight")?;
+    // Absent without the cpuset controller.
+    let optional = |name: &str| std::fs::read_to_string(cgroup.join(name)).map(|s| s.trim().to_string());
+    stats.cpuset_cpus = optional("cpuset.cpus").unwrap_or_default();
+    stats.cpuset_mems = optional("cpuset.mems").unwrap_or_default();
     for line in read(&cgroup.join("io.stat"))?.lines() {
         for field in line.split_whitespace().skip(1) {
             let Some((key, value)) = field.split_once('=') else { continue };
@@ -281,5 +338,47 @@ mod tests {
         assert_eq!(parse_max("max\n").ok(), Some(None));
         assert_eq!(parse_max("1048576\n").ok(), Some(Some(1 << 20)));
         assert!(parse_max("lots").unwrap_err().to_string().contains("lots"));
+    }
+
+    #[test]
+    fn limits_are_written_to_their_files_and_lifted_to_max() {
+        let dir = std::env::temp_dir().join(format!("vessel-cgroup-apply-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let limits = Limits {
+            memory: Some(Limit::To(1 << 20)),
+            cpu: Some(Limit::To((50_000, 100_000))),
+            pids: Some(Limit::Unlimited),
+            cpu_weight: Some(39),
+            cpuset_cpus: Some("0-1".into()),
+            cpuset_mems: Some("0".into()),
+        };
+        apply(&dir, &limits).unwrap();
+        let file = |name: &str| std::fs::read_to_string(dir.join(name)).unwrap();
+        assert_eq!(file("memory.max"), "1048576");
+        assert_eq!(file("cpu.max"), "50000 100000");
+        assert_eq!(file("pids.max"), "max");
+        assert_eq!(file("cpu.weight"), "39");
+        assert_eq!((file("cpuset.cpus"), file("cpuset.mems")), ("0-1".into(), "0".into()));
+        let lifted = Limits { memory: Some(Limit::Unlimited), cpu: Some(Limit::Unlimited), ..Default::default() };
+        apply(&dir, &lifted).unwrap();
+        assert_eq!(
+            (file("memory.max"), file("cpu.max"), file("cpu.weight")),
+            ("max".into(), "max".into(), "39".into())
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn oom_kills_are_read_from_memory_events() {
+        let dir = std::env::temp_dir().join(format!("vessel-cgroup-oom-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("memory.events"), "low 0\nhigh 0\nmax 12\noom 2\noom_kill 2\noom_group_kill 0\n")
+            .unwrap();
+        assert_eq!(oom_kills(&dir).unwrap(), 2);
+        std::fs::write(dir.join("memory.events"), "oom_kill lots\n").unwrap();
+        assert!(oom_kills(&dir).is_err());
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

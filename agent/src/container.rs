@@ -85,6 +85,8 @@ struct Process {
     exit: Arc<Exit>,
     /// The sync socket, until the process is let go.
     sync: Mutex<Option<UnixStream>>,
+    /// Its terminal's master side, when it has one (for resizing).
+    terminal: Option<OwnedFd>,
 }
 
 struct Container {
@@ -95,6 +97,10 @@ struct Container {
     cgroup: Option<PathBuf>,
     /// A disk the agent mounted for the root (unmounted on remove).
     mounted_root: Option<PathBuf>,
+    /// When StartContainer let the first process run (Unix ms; 0 before).
+    started_at_ms: u64,
+    /// The cgroup's OOM kills already reported by an OOM event.
+    oom_kills_reported: u64,
 }
 
 /// How to find a container's processes (see [`Membership::pids`]).
@@ -152,10 +158,18 @@ impl Container {
     }
 
     fn state(&mut self) -> State {
-        if matches!(self.state, State::Running | State::Paused) && self.init.exit.get().is_some() {
+        self.status().state
+    }
+
+    /// The state and the first process's exit, read once so that they
+    /// agree.
+    fn status(&mut self) -> Status {
+        let exit_code = self.init.exit.get();
+        // A process killed before it was started stops its container too.
+        if exit_code.is_some() {
             self.state = State::Stopped;
         }
-        self.state
+        Status { state: self.state, pid: self.init.pid, started_at_ms: self.started_at_ms, exit_code }
     }
 
     fn process(&self, exec_id: &str, container_id: &str) -> Result<Arc<Process>> {
@@ -166,6 +180,32 @@ impl Container {
             }),
         }
     }
+}
+
+/// A container's status.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Status {
+    /// Where it is in its life.
+    pub state: State,
+    /// Its first process, as the agent sees it.
+    pub pid: i32,
+    /// When it was started (Unix ms; 0 before).
+    pub started_at_ms: u64,
+    /// The first process's status once it has exited.
+    pub exit_code: Option<i32>,
+}
+
+/// How a reply names a process.
+fn describe(id: &str, exec_id: &str) -> String {
+    match exec_id {
+        "" => format!("the first process of container {id:?}"),
+        exec => format!("process {exec:?} of container {id:?}"),
+    }
+}
+
+fn now_ms() -> u64 {
+    let since = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    u64::try_from(since.as_millis()).unwrap_or(u64::MAX)
 }
 
 /// One row of `ps`.
@@ -311,7 +351,15 @@ impl Containers {
         };
         self.lock().insert(
             id.to_string(),
-            Container { state: State::Created, init: process, execs: HashMap::new(), cgroup, mounted_root },
+            Container {
+                state: State::Created,
+                init: process,
+                execs: HashMap::new(),
+                cgroup,
+                mounted_root,
+                started_at_ms: 0,
+                oom_kills_reported: 0,
+            },
         );
         Ok(())
     }
@@ -417,8 +465,9 @@ impl Containers {
             "ready" => {}
             other => return Err(failed(Error::Failed(format!("the helper said {other:?}")))),
         }
+        let terminal = copier.terminal().map_err(|e| failed(Error::failed(e)))?;
         copier.start();
-        Ok(Arc::new(Process { pid, exit, sync: Mutex::new(Some(sync_agent)) }))
+        Ok(Arc::new(Process { pid, exit, sync: Mutex::new(Some(sync_agent)), terminal }))
     }
 
     /// Lets the container's first process `exec`.
@@ -430,6 +479,7 @@ impl Containers {
         release(&init)?;
         self.with(id, |c| {
             c.state = State::Running;
+            c.started_at_ms = now_ms();
             Ok(())
         })
     }
@@ -492,6 +542,87 @@ impl Containers {
         Ok(process.exit.wait())
     }
 
+    /// The container's state and its first process's PID, start and exit.
+    pub fn status(&self, id: &str) -> Result<Status> {
+        self.with(id, |c| Ok(c.status()))
+    }
+
+    /// Sets the size of a process's terminal.
+    pub fn resize(&self, id: &str, exec_id: &str, rows: u32, columns: u32) -> Result<()> {
+        let size = |what: &str, n: u32| {
+            u16::try_from(n)
+                .ok()
+                .filter(|n| *n > 0)
+                .ok_or_else(|| Error::Invalid(format!("a terminal of {n} {what} is not 1-65535")))
+        };
+        let (rows, columns) = (size("rows", rows)?, size("columns", columns)?);
+        let process = self.with(id, |c| c.process(exec_id, id))?;
+        let Some(master) = &process.terminal else {
+            return Err(Error::Invalid(format!("{} has no terminal", describe(id, exec_id))));
+        };
+        crate::stdio::resize(master, rows, columns)
+            .map_err(|e| Error::Failed(format!("resizing the terminal of {}: {e}", describe(id, exec_id))))
+    }
+
+    /// Forgets an exec'd process that has exited, freeing its exec ID.
+    pub fn remove_process(&self, id: &str, exec_id: &str) -> Result<()> {
+        if exec_id.is_empty() {
+            return Err(Error::Invalid(format!(
+                "the first process of container {id:?} goes with the container (RemoveContainer)"
+            )));
+        }
+        self.with(id, |c| {
+            let process = c.process(exec_id, id)?;
+            if process.exit.get().is_none() {
+                return Err(Error::Invalid(format!(
+                    "{} still runs: signal it and wait for it first",
+                    describe(id, exec_id)
+                )));
+            }
+            c.execs.remove(exec_id);
+            Ok(())
+        })
+    }
+
+    /// Waits for a container's cgroup to record an OOM kill that no event
+    /// has reported yet, and returns the container's ID. Between looks it
+    /// calls `pause`, which sleeps a while and says whether to go on (the
+    /// call's deadline passed or its connection went: `Ok(None)`).
+    pub fn oom_event(&self, mut pause: impl FnMut() -> bool) -> Result<Option<String>> {
+        if self.config.cgroups.is_none() {
+            return Err(Error::Failed("OOM kills are not seen: this agent has no cgroup v2 hierarchy".into()));
+        }
+        loop {
+            let watched: Vec<(String, PathBuf, u64)> = self
+                .lock()
+                .iter()
+                .filter_map(|(id, c)| Some((id.clone(), c.cgroup.clone()?, c.oom_kills_reported)))
+                .collect();
+            for (id, cg, reported) in watched {
+                // A cgroup removed meanwhile has nothing to tell.
+                let Ok(kills) = cgroup::oom_kills(&cg) else { continue };
+                if kills <= reported {
+                    continue;
+                }
+                // Reported once: another caller may have taken it, or the
+                // container been replaced by one of the same ID.
+                let taken = self.with(&id, |c| {
+                    let ours = c.cgroup.as_ref() == Some(&cg) && c.oom_kills_reported < kills;
+                    if ours {
+                        c.oom_kills_reported = kills;
+                    }
+                    Ok(ours)
+                });
+                if taken == Ok(true) {
+                    return Ok(Some(id));
+                }
+            }
+            if !pause() {
+                return Ok(None);
+            }
+        }
+    }
+
     /// The container's processes.
     pub fn ps(&self, id: &str) -> Result<Vec<ProcessRow>> {
         let members = self.with(id, |c| Ok(c.membership()))?;
@@ -529,6 +660,9 @@ impl Containers {
     /// Changes the container's limits.
     pub fn update(&self, id: &str, limits: &Limits) -> Result<()> {
         let cg = self.cgroup_of(id)?;
+        if let Some(root) = &self.config.cgroups {
+            root.check(limits).map_err(Error::failed)?;
+        }
         cgroup::apply(&cg, limits).map_err(Error::failed)
     }
 
@@ -589,11 +723,22 @@ impl Containers {
         }
     }
 
-    /// Kills and removes every container (sandbox teardown).
-    pub fn remove_all(&self) {
-        let ids: Vec<String> = self.lock().keys().cloned().collect();
-        for id in ids {
-            let _ = self.remove(&id);
+    /// Kills and removes every container (sandbox teardown); every one is
+    /// tried, and the failures are reported together.
+    pub fn remove_all(&self) -> Result<()> {
+        let mut ids: Vec<String> = self.lock().keys().cloned().collect();
+        ids.sort();
+        let errors: Vec<String> = ids
+            .iter()
+            .filter_map(|id| match self.remove(id) {
+                // Removed meanwhile by a RemoveContainer.
+                Ok(()) | Err(Error::NotFound(_)) => None,
+                Err(e) => Some(format!("removing container {id:?}: {e}")),
+            })
+            .collect();
+        match errors.is_empty() {
+            true => Ok(()),
+            false => Err(Error::Failed(errors.join("; "))),
         }
     }
 }

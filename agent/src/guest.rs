@@ -1,6 +1,7 @@
 //! What the agent does as a guest's PID 1 before it serves: the
 //! filesystems, the kernel modules shipped in the initramfs, entropy, and
-//! the guest's details; and CPU onlining and power-off later.
+//! the guest's details; and CPU onlining later. The agent never powers the
+//! guest off: the host stops the VM.
 
 use std::ffi::CString;
 use std::os::fd::AsRawFd;
@@ -292,19 +293,6 @@ pub fn online_cpus(n: u32) -> Result<(), crate::container::Error> {
         std::fs::write(&path, want).map_err(|e| Error::Failed(format!("writing {want} to {path}: {e}")))?;
     }
     Ok(())
-}
-
-/// Syncs and powers the guest off.
-pub fn power_off() -> ! {
-    // SAFETY: sync and reboot take no pointers.
-    unsafe {
-        libc::sync();
-    }
-    // SAFETY: as above.
-    unsafe {
-        libc::reboot(libc::RB_POWER_OFF);
-    }
-    std::process::exit(0)
 }
 
 #[cfg(test)]

@@ -22,6 +22,7 @@ pub mod cgroup;
 pub mod container;
 pub mod guest;
 pub mod launch;
+pub mod limits;
 pub mod link;
 pub mod netlink;
 pub mod network;

@@ -3,24 +3,29 @@
 //! takes the agent down: it is PID 1, and its death is the VM's.
 
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use agent_proto::agent::{
-    ContainerRequest, CreateContainerRequest, Empty, ExecProcessRequest, GuestDetails, HealthCheckResponse, Interface,
-    Interfaces, ListProcessesResponse, OnlineCPUMemRequest, ProcessInfo, Resources, Routes, SignalProcessRequest,
+    ContainerRequest, ContainerState, ContainerStatusResponse, CreateContainerRequest, Empty, ExecProcessRequest,
+    GuestDetails, HealthCheckResponse, Interface, Interfaces, ListProcessesResponse, OOMEvent, OnlineCPUMemRequest,
+    ProcessInfo, RemoveProcessRequest, ResizeTerminalRequest, Resources, Routes, SignalProcessRequest,
     StatsContainerResponse, UpdateContainerRequest, UpdateInterfaceRequest, UpdateRoutesRequest, VirtioSlot,
     VirtioSlotRequest, VirtioSlots, WaitProcessRequest, WaitProcessResponse,
 };
 use agent_proto::ttrpc::{self, Code, TtrpcContext};
 
-use crate::container::{Containers, Error};
-use crate::spec::Limits;
+use crate::container::{Containers, Error, State};
+use crate::limits::{check_cpuset, check_weight, shares_to_weight, update_limit, Limits, LimitsError};
+
+/// How often GetOOMEvent looks at the containers' memory.events.
+const OOM_POLL: Duration = Duration::from_millis(100);
 
 /// What the service needs besides the containers.
 pub struct Service {
     /// The containers.
     pub containers: Arc<Containers>,
-    /// Running as a guest's PID 1 (DestroySandbox powers off; CPU online
-    /// is allowed) rather than as a host process.
+    /// Running as a guest's PID 1 (CPUs may be onlined, virtio slots
+    /// bound) rather than as a host process.
     pub guest: bool,
     /// When the agent became ready, in milliseconds since the kernel
     /// started (0 on the host).
@@ -39,14 +44,31 @@ fn reply<T>(r: Result<T, Error>) -> ttrpc::Result<T> {
     })
 }
 
-fn limits_from(r: &Resources) -> Result<Limits, Error> {
+/// The limits an UpdateContainer asks for, checked (no limit at all is
+/// refused by the caller).
+pub fn limits_from(r: &Resources) -> Result<Limits, Error> {
+    let invalid = |e: LimitsError| Error::Invalid(e.to_string());
+    let nonzero = |v: u64| (v != 0).then_some(v);
     let cpu = match (r.cpu_quota, r.cpu_period) {
         (0, _) => None,
-        (_, 0) => return Err(Error::Invalid("cpu_quota set with a cpu_period of 0".into())),
+        (q, 0) => return Err(invalid(LimitsError::ZeroCpuPeriod(q))),
         (q, p) => Some((q, p)),
     };
-    let nonzero = |v: u64| (v != 0).then_some(v);
-    Ok(Limits { memory: nonzero(r.memory_limit), cpu, pids: nonzero(r.pids_limit) })
+    let cpu_weight = match (r.cpu_shares, r.cpu_weight) {
+        (0, 0) => None,
+        (shares, 0) => Some(shares_to_weight(shares)),
+        (0, weight) => Some(check_weight(weight).map_err(invalid)?),
+        _ => return Err(invalid(LimitsError::SharesAndWeight)),
+    };
+    let cpuset = |what, v: &str| (!v.is_empty()).then(|| check_cpuset(what, v)).transpose().map_err(invalid);
+    Ok(Limits {
+        memory: update_limit("memory limit", nonzero(r.memory_limit), r.memory_unlimited).map_err(invalid)?,
+        cpu: update_limit("cpu quota", cpu, r.cpu_unlimited).map_err(invalid)?,
+        pids: update_limit("pids limit", nonzero(r.pids_limit), r.pids_unlimited).map_err(invalid)?,
+        cpu_weight,
+        cpuset_cpus: cpuset("cpuset.cpus", &r.cpuset_cpus)?,
+        cpuset_mems: cpuset("cpuset.mems", &r.cpuset_mems)?,
+    })
 }
 
 impl Service {
@@ -127,6 +149,12 @@ impl agent_proto::agent_ttrpc::Agent for Service {
                 cpu_quota,
                 cpu_period,
                 pids_limit: s.pids_limit.unwrap_or(0),
+                cpu_weight: s.cpu_weight,
+                cpuset_cpus: s.cpuset_cpus.clone(),
+                cpuset_mems: s.cpuset_mems.clone(),
+                memory_unlimited: s.memory_limit.is_none(),
+                cpu_unlimited: s.cpu_limit.is_none(),
+                pids_unlimited: s.pids_limit.is_none(),
                 ..Default::default()
             })
             .into(),
@@ -144,6 +172,54 @@ impl agent_proto::agent_ttrpc::Agent for Service {
 
     fn remove_container(&self, _: &TtrpcContext, req: ContainerRequest) -> ttrpc::Result<Empty> {
         reply(self.containers.remove(&req.container_id)).map(|()| Empty::new())
+    }
+
+    fn container_status(&self, _: &TtrpcContext, req: ContainerRequest) -> ttrpc::Result<ContainerStatusResponse> {
+        let s = reply(self.containers.status(&req.container_id))?;
+        let state = match s.state {
+            State::Created => ContainerState::CREATED,
+            State::Running => ContainerState::RUNNING,
+            State::Paused => ContainerState::PAUSED,
+            State::Stopped => ContainerState::STOPPED,
+        };
+        Ok(ContainerStatusResponse {
+            state: state.into(),
+            pid: s.pid,
+            started_at_ms: s.started_at_ms,
+            exited: s.exit_code.is_some(),
+            exit_code: s.exit_code.unwrap_or(0),
+            ..Default::default()
+        })
+    }
+
+    fn resize_terminal(&self, _: &TtrpcContext, req: ResizeTerminalRequest) -> ttrpc::Result<Empty> {
+        reply(self.containers.resize(&req.container_id, &req.exec_id, req.rows, req.columns)).map(|()| Empty::new())
+    }
+
+    fn remove_process(&self, _: &TtrpcContext, req: RemoveProcessRequest) -> ttrpc::Result<Empty> {
+        reply(self.containers.remove_process(&req.container_id, &req.exec_id)).map(|()| Empty::new())
+    }
+
+    fn get_oom_event(&self, ctx: &TtrpcContext, _: Empty) -> ttrpc::Result<OOMEvent> {
+        let deadline = u64::try_from(ctx.timeout_nano)
+            .ok()
+            .filter(|n| *n > 0)
+            .and_then(|n| Instant::now().checked_add(Duration::from_nanos(n)));
+        // Sleeps OOM_POLL (less near the deadline); false once the deadline
+        // passed or the connection went (ttrpc then drops the sender).
+        let pause = || {
+            let wait = match deadline {
+                Some(d) => d.saturating_duration_since(Instant::now()).min(OOM_POLL),
+                None => OOM_POLL,
+            };
+            !wait.is_zero() && matches!(ctx.cancel_rx.recv_timeout(wait), Err(e) if e.is_timeout())
+        };
+        match reply(self.containers.oom_event(pause))? {
+            Some(container_id) => Ok(OOMEvent { container_id, ..Default::default() }),
+            None => {
+                Err(status(Code::DEADLINE_EXCEEDED, "no container had an OOM kill before the call's deadline".into()))
+            }
+        }
     }
 
     fn update_interface(&self, _: &TtrpcContext, req: UpdateInterfaceRequest) -> ttrpc::Result<Interface> {
@@ -189,28 +265,57 @@ impl agent_proto::agent_ttrpc::Agent for Service {
     }
 
     fn destroy_sandbox(&self, _: &TtrpcContext, _: Empty) -> ttrpc::Result<Empty> {
-        self.containers.remove_all();
-        let guest = self.guest;
-        let go = move || {
-            if guest {
-                crate::guest::power_off();
-            } else {
-                std::process::exit(0);
-            }
-        };
-        // Reply first, then go; at once (with no reply) if no thread can
-        // be had.
-        let replied_first = std::thread::Builder::new().name("destroy".into()).spawn(move || {
-            std::thread::sleep(std::time::Duration::from_millis(50));
-            go()
-        });
-        if replied_first.is_err() {
-            go();
-        }
-        Ok(Empty::new())
+        // The agent stays: the host stops the VM (or the host process).
+        reply(self.containers.remove_all()).map(|()| Empty::new())
     }
 
     fn check(&self, _: &TtrpcContext, _: Empty) -> ttrpc::Result<HealthCheckResponse> {
         Ok(HealthCheckResponse { serving: true, ..Default::default() })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::limits::Limit;
+
+    #[test]
+    fn an_update_keeps_the_old_fields_meaning_and_adds_weight_cpuset_and_lifting() {
+        // The old fields: 0 leaves a limit alone.
+        let old = Resources { memory_limit: 1 << 20, ..Default::default() };
+        assert_eq!(limits_from(&old), Ok(Limits { memory: Some(Limit::To(1 << 20)), ..Default::default() }));
+        assert!(!limits_from(&Resources::default()).unwrap().any());
+        let new = Resources {
+            cpu_shares: 1024,
+            cpuset_cpus: "0-1".into(),
+            pids_unlimited: true,
+            cpu_unlimited: true,
+            ..Default::default()
+        };
+        let want = Limits {
+            cpu: Some(Limit::Unlimited),
+            pids: Some(Limit::Unlimited),
+            cpu_weight: Some(39),
+            cpuset_cpus: Some("0-1".into()),
+            ..Default::default()
+        };
+        assert_eq!(limits_from(&new), Ok(want));
+    }
+
+    #[test]
+    fn contradictory_or_malformed_updates_are_refused_by_name() {
+        let cases = [
+            (Resources { cpu_quota: 5, ..Default::default() }, "period of 0"),
+            (Resources { cpu_shares: 2, cpu_weight: 5, ..Default::default() }, "both set"),
+            (Resources { cpu_weight: 10_001, ..Default::default() }, "10001"),
+            (Resources { cpuset_mems: "0\n1".into(), ..Default::default() }, "cpuset.mems"),
+            (Resources { pids_limit: 4, pids_unlimited: true, ..Default::default() }, "pids limit"),
+        ];
+        for (resources, want) in cases {
+            match limits_from(&resources) {
+                Err(Error::Invalid(m)) => assert!(m.contains(want), "{want:?} not in {m:?}"),
+                other => panic!("{resources:?} gave {other:?}"),
+            }
+        }
     }
 }

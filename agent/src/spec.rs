@@ -92,25 +92,13 @@ pub enum SpecError {
     /// A CPU quota with a zero period.
     #[error("cpu quota {0} with a period of 0")]
     ZeroCpuPeriod(u64),
+    /// A weight or cpuset the cgroup would not take.
+    #[error(transparent)]
+    Limit(#[from] LimitsError),
 }
 
-/// cgroup v2 limits asked for by a spec or an update.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Limits {
-    /// memory.max in bytes.
-    pub memory: Option<u64>,
-    /// cpu.max: (quota, period) in microseconds.
-    pub cpu: Option<(u64, u64)>,
-    /// pids.max.
-    pub pids: Option<u64>,
-}
-
-impl Limits {
-    /// Whether any limit is set.
-    pub fn any(&self) -> bool {
-        self.memory.is_some() || self.cpu.is_some() || self.pids.is_some()
-    }
-}
+pub use crate::limits::Limits;
+use crate::limits::{check_cpuset, shares_to_weight, Limit, LimitsError};
 
 /// A spec, checked.
 #[derive(Clone, Debug)]
@@ -345,22 +333,27 @@ fn check_resources(r: &oci_spec::runtime::LinuxResources) -> Result<Limits, Spec
         }
     };
     let memory = match r.memory().as_ref().and_then(|m| m.limit()) {
-        Some(v) => positive("memory limit", v)?,
+        Some(v) => positive("memory limit", v)?.map(Limit::To),
         None => None,
     };
     let pids = match r.pids().as_ref().map(|p| p.limit()) {
-        Some(v) => positive("pids limit", v)?,
+        Some(v) => positive("pids limit", v)?.map(Limit::To),
         None => None,
     };
     let cpu = match r.cpu().as_ref().and_then(|c| c.quota().map(|q| (q, c.period().unwrap_or(100_000)))) {
         Some((quota, period)) => match positive("cpu quota", quota)? {
             Some(quota) if period == 0 => return Err(SpecError::ZeroCpuPeriod(quota)),
-            Some(quota) => Some((quota, period)),
+            Some(quota) => Some(Limit::To((quota, period))),
             None => None,
         },
         None => None,
     };
-    Ok(Limits { memory, cpu, pids })
+    let cpu_spec = r.cpu().as_ref();
+    let cpu_weight = cpu_spec.and_then(|c| c.shares()).filter(|s| *s != 0).map(shares_to_weight);
+    let cpuset = |what, v: Option<&String>| v.filter(|v| !v.is_empty()).map(|v| check_cpuset(what, v)).transpose();
+    let cpuset_cpus = cpuset("cpuset.cpus", cpu_spec.and_then(|c| c.cpus().as_ref()))?;
+    let cpuset_mems = cpuset("cpuset.mems", cpu_spec.and_then(|c| c.mems().as_ref()))?;
+    Ok(Limits { memory, cpu, pids, cpu_weight, cpuset_cpus, cpuset_mems })
 }
 
 #[cfg(test)]
@@ -386,7 +379,7 @@ mod tests {
         let extra = r#","hostname":"box","mounts":[{"destination":"/proc","type":"proc","source":"proc"},
             {"destination":"/dev","type":"tmpfs","source":"tmpfs","options":["nosuid","strictatime","mode=755","size=65536k"]}],
             "linux":{"namespaces":[{"type":"pid"},{"type":"uts"},{"type":"mount"}],
-            "resources":{"memory":{"limit":67108864},"pids":{"limit":32},"cpu":{"quota":50000,"period":100000}},
+            "resources":{"memory":{"limit":67108864},"pids":{"limit":32},"cpu":{"quota":50000,"period":100000,"shares":1024,"cpus":"0-1","mems":"0"}},
             "maskedPaths":["/proc/kcore"],"readonlyPaths":["/proc/sys"]}"#;
         let checked = parse_spec(&spec(ECHO, extra), Path::new("/r")).unwrap();
         assert_eq!(checked.init.new_namespaces, vec![Namespace::Pid, Namespace::Uts, Namespace::Mount]);
@@ -396,7 +389,15 @@ mod tests {
         assert_eq!(dev.data, "mode=755,size=65536k");
         assert_eq!(dev.flags, libc::MS_NOSUID | libc::MS_STRICTATIME);
         assert!(checked.init.default_devices);
-        assert_eq!(checked.limits, Limits { memory: Some(64 << 20), cpu: Some((50_000, 100_000)), pids: Some(32) });
+        let want = Limits {
+            memory: Some(Limit::To(64 << 20)),
+            cpu: Some(Limit::To((50_000, 100_000))),
+            pids: Some(Limit::To(32)),
+            cpu_weight: Some(39),
+            cpuset_cpus: Some("0-1".into()),
+            cpuset_mems: Some("0".into()),
+        };
+        assert_eq!(checked.limits, want);
     }
 
     #[test]
@@ -411,6 +412,7 @@ mod tests {
             (spec(ECHO, r#","linux":{"namespaces":[{"type":"user"}]}"#), "User"),
             (spec(ECHO, r#","linux":{"resources":{"memory":{"limit":-5}}}"#), "memory limit -5"),
             (spec(ECHO, r#","linux":{"maskedPaths":["relative"]}"#), "maskedPaths"),
+            (spec(ECHO, r#","linux":{"resources":{"cpu":{"cpus":"0;reboot"}}}"#), "cpuset.cpus"),
             (b"{not json".to_vec(), "invalid OCI spec"),
             (br#"{"ociVersion":"1.0.2"}"#.to_vec(), "no process"),
         ];

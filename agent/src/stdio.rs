@@ -101,6 +101,12 @@ pub fn plumb(link: &HostLink, ports: &StdioPorts, terminal: bool) -> Result<(Chi
 }
 
 impl Copier {
+    /// A descriptor of the terminal's master side, for resizing it; None
+    /// when the process has no terminal.
+    pub fn terminal(&self) -> Result<Option<OwnedFd>, StdioError> {
+        self.master.as_ref().map(dup).transpose()
+    }
+
     /// Starts copying. Call it once the process's ends are handed over and
     /// closed here: a pipe reads end-of-file only once every write end is
     /// closed.
@@ -130,6 +136,18 @@ impl Copier {
                 drop(master);
             });
         }
+    }
+}
+
+/// Sets the size of the terminal whose master side is `master` (the
+/// process's foreground group gets SIGWINCH).
+pub fn resize(master: &OwnedFd, rows: u16, columns: u16) -> std::io::Result<()> {
+    let size = libc::winsize { ws_row: rows, ws_col: columns, ws_xpixel: 0, ws_ypixel: 0 };
+    // SAFETY: TIOCSWINSZ reads one winsize, which `size` is, from a
+    // descriptor we own.
+    match unsafe { libc::ioctl(master.as_raw_fd(), libc::TIOCSWINSZ, &size) } {
+        0 => Ok(()),
+        _ => Err(std::io::Error::last_os_error()),
     }
 }
 

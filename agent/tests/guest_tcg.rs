@@ -3,8 +3,10 @@
 //! `vessel image build` makes (this agent as /init, its modules), our
 //! vsock backend over vhost-user as the agent's link, and our blk backend
 //! holding a busybox ext4 root. The host drives real containers through
-//! agent-proto: output, exec, cgroup v2 stats, a limit update read back,
-//! pause (no progress) and resume, kill and exit codes, then power-off.
+//! agent-proto: output, exec, cgroup v2 stats, limit updates read back
+//! (weight, cpuset, limits lifted back to max), an OOM kill reported by
+//! GetOOMEvent, pause (no progress) and resume, kill and exit codes, then
+//! DestroySandbox, after which the harness stops QEMU itself.
 //!
 //! Skipped, with the reason, where QEMU, busybox or the kernel cannot be
 //! had.
@@ -16,8 +18,8 @@ use std::time::{Duration, Instant};
 use std::sync::atomic::Ordering;
 
 use agent_proto::agent::{
-    ContainerRequest, Empty, ExecProcessRequest, IPAddress, Interface, OnlineCPUMemRequest, Resources, Route, Routes,
-    SignalProcessRequest, Stdio, UpdateContainerRequest, UpdateInterfaceRequest, UpdateRoutesRequest,
+    ContainerRequest, ContainerState, Empty, ExecProcessRequest, IPAddress, Interface, OnlineCPUMemRequest, Resources,
+    Route, Routes, SignalProcessRequest, Stdio, UpdateContainerRequest, UpdateInterfaceRequest, UpdateRoutesRequest,
     VirtioSlotRequest,
 };
 use agent_proto::agent_ttrpc::AgentClient;
@@ -104,20 +106,22 @@ fn with_guest(
     }
     let started = Instant::now();
     let abort = opts.abort.clone();
+    let timeout = opts.timeout;
     let qemu = std::thread::spawn(move || boot_linux_tcg(&opts));
 
     let outcome = scenario(&Guest { host: &host, ready: &ready, uds: &uds, started });
-    if outcome.is_err() {
-        abort.store(true, std::sync::atomic::Ordering::Relaxed);
-    }
-    // Whatever happened, the guest must go: DestroySandbox powers it off;
-    // if the link never came up, QEMU's timeout ends it.
+    // Whatever happened, the harness stops the guest, as the host stops a
+    // sandbox's VM: DestroySandbox leaves it running.
+    abort.store(true, std::sync::atomic::Ordering::Relaxed);
     let run = qemu.join().map_err(|_| anyhow!("the QEMU thread panicked"))??;
     let served: Vec<_> = servers.into_iter().map(|s| s.join()).collect();
     let report = outcome.with_context(|| format!("guest console:\n{}", run.console))?;
-    // The scenario ended with DestroySandbox: the guest powered off, the
-    // frontend went away, and each device daemon ended cleanly.
-    ensure!(!run.timed_out, "the guest did not power off after DestroySandbox{}", run.context());
+    // The scenario ended with DestroySandbox and the agent still answering:
+    // the guest was still up when QEMU was stopped (it neither powered off
+    // nor died by itself, nor ran to the timeout), the frontend went
+    // away, and each device daemon ended cleanly.
+    ensure!(run.timed_out, "QEMU ended by itself (exit {:?}) after DestroySandbox{}", run.exit, run.context());
+    ensure!(run.elapsed < timeout, "QEMU ran to its {timeout:?} timeout{}", run.context());
     for result in served {
         result.map_err(|_| anyhow!("a vhost-user server panicked"))??;
     }
@@ -188,13 +192,128 @@ fn container_network_in_a_guest() -> anyhow::Result<()> {
             client.wait_process(ctx(), &wait_for("pinger", "")).map_err(rpc_error).context("wait_process")?.status;
         ensure!(status == 0 && output.contains("3 packets received"), "ping exited {status}: {output}");
         client.remove_container(ctx(), &container("pinger")).map_err(rpc_error).context("remove_container")?;
-        client.destroy_sandbox(ctx(), &Empty::new()).map_err(rpc_error).context("destroy_sandbox")?;
+        destroy(&client)?;
         Ok("eth0 configured through the agent; a container pinged the host 3/3".into())
     })?;
     let (rx, tx) = (counters.rx_packets.load(Ordering::Relaxed), counters.tx_packets.load(Ordering::Relaxed));
     ensure!(rx >= 3 && tx >= 3, "our net backend moved {tx} frames out and {rx} in");
     eprintln!("container_network_in_a_guest: {report}");
     Ok(())
+}
+
+/// DestroySandbox, then a check that the agent (and its guest) is still up.
+fn destroy(client: &AgentClient) -> anyhow::Result<()> {
+    client.destroy_sandbox(ctx(), &Empty::new()).map_err(rpc_error).context("destroy_sandbox")?;
+    let check = client.check(ctx(), &Empty::new()).map_err(rpc_error).context("check after destroy_sandbox")?;
+    ensure!(check.serving, "the agent stopped serving after DestroySandbox");
+    Ok(())
+}
+
+/// Runs `args` in container `id` (sharing the guest's namespaces but for
+/// mount and cgroup) and returns what it printed.
+fn exec_output(
+    client: &AgentClient,
+    host: &HostSide,
+    id: &str,
+    exec_id: &str,
+    args: &[&str],
+) -> anyhow::Result<String> {
+    let (out, handle) = host.capture()?;
+    let exec = ExecProcessRequest {
+        container_id: id.into(),
+        exec_id: exec_id.into(),
+        oci_process_json: process_json(args, &SpecOptions::default()).into_bytes(),
+        stdio: Some(output_ports(out, out)).into(),
+        ..Default::default()
+    };
+    client.exec_process(ctx(), &exec).map_err(rpc_error).context("exec_process")?;
+    let output = collected(handle)?;
+    let status = client.wait_process(ctx(), &wait_for(id, exec_id)).map_err(rpc_error).context("wait_process")?.status;
+    ensure!(status == 0, "{args:?} exited {status}: {output}");
+    Ok(output)
+}
+
+/// The weight, the cpuset and a CPU quota set on a running container, seen
+/// by StatsContainer and by the container in its own cgroup files; then
+/// memory, pids and CPU lifted back to "max".
+fn extended_update(client: &AgentClient, host: &HostSide) -> anyhow::Result<()> {
+    let update = |resources: Resources| UpdateContainerRequest {
+        container_id: "svc".into(),
+        resources: Some(resources).into(),
+        ..Default::default()
+    };
+    let set = Resources {
+        cpu_shares: 1024,
+        cpuset_cpus: "1".into(),
+        cpuset_mems: "0".into(),
+        cpu_quota: 50_000,
+        cpu_period: 100_000,
+        ..Default::default()
+    };
+    client.update_container(ctx(), &update(set)).map_err(rpc_error).context("update_container")?;
+    let stats = client.stats_container(ctx(), &container("svc")).map_err(rpc_error).context("stats_container")?;
+    let limits = stats.limits.clone().into_option().context("no limits in stats")?;
+    // runc's mapping: 1 + ((1024 - 2) * 9999) / 262142.
+    ensure!(limits.cpu_weight == 39, "cpu.weight {} for 1024 shares", limits.cpu_weight);
+    ensure!(limits.cpuset_cpus == "1" && limits.cpuset_mems == "0", "cpuset in stats: {limits:?}");
+    ensure!(limits.cpu_quota == 50_000 && limits.cpu_period == 100_000 && !limits.cpu_unlimited, "{limits:?}");
+    ensure!(!limits.memory_unlimited && !limits.pids_unlimited && limits.pids_limit == PIDS_LIMIT, "{limits:?}");
+    let files = "cat /sys/fs/cgroup/cpu.weight /sys/fs/cgroup/cpuset.cpus /sys/fs/cgroup/cpu.max";
+    let seen = exec_output(client, host, "svc", "cg1", &["sh", "-c", files])?;
+    ensure!(seen == "39\n1\n50000 100000\n", "the container's cgroup files: {seen:?}");
+    let weight = Resources { cpu_weight: 250, ..Default::default() };
+    client.update_container(ctx(), &update(weight)).map_err(rpc_error).context("update_container")?;
+
+    let lift = Resources { memory_unlimited: true, pids_unlimited: true, cpu_unlimited: true, ..Default::default() };
+    client.update_container(ctx(), &update(lift)).map_err(rpc_error).context("update_container")?;
+    let stats = client.stats_container(ctx(), &container("svc")).map_err(rpc_error).context("stats_container")?;
+    let limits = stats.limits.clone().into_option().context("no limits in stats")?;
+    ensure!(stats.memory_limit == 0 && stats.pids_limit == 0, "limits after lifting: {stats:?}");
+    ensure!(limits.memory_unlimited && limits.pids_unlimited && limits.cpu_unlimited, "{limits:?}");
+    ensure!(limits.cpu_weight == 250 && limits.cpuset_cpus == "1", "{limits:?}");
+    let files = "cat /sys/fs/cgroup/memory.max /sys/fs/cgroup/pids.max /sys/fs/cgroup/cpu.max";
+    let seen = exec_output(client, host, "svc", "cg2", &["sh", "-c", files])?;
+    ensure!(seen == "max\nmax\nmax 100000\n", "the container's cgroup files after lifting: {seen:?}");
+
+    // A value and "unlimited" for one limit is refused.
+    let both = Resources { memory_limit: MEMORY_LIMIT, memory_unlimited: true, ..Default::default() };
+    let err = client.update_container(ctx(), &update(both)).map_err(rpc_error).err().context("accepted both")?;
+    ensure!(err.to_string().contains("memory limit is given a value and told to be unlimited"), "{err}");
+    Ok(())
+}
+
+/// A container that allocates past its memory limit is OOM-killed, and a
+/// GetOOMEvent waiting since before it started returns its ID. Returns
+/// the time from start to the event.
+fn oom_event(client: &AgentClient) -> anyhow::Result<Duration> {
+    // Nothing to report: the call ends at its deadline.
+    let t0 = Instant::now();
+    let quiet = client.get_oom_event(ttrpc::context::with_timeout(300_000_000), &Empty::new());
+    ensure!(quiet.is_err() && t0.elapsed() < Duration::from_secs(10), "a quiet GetOOMEvent: {quiet:?}");
+
+    let waiter = client.clone();
+    let event = std::thread::spawn(move || {
+        waiter.get_oom_event(ttrpc::context::with_timeout(180_000_000_000), &Empty::new()).map_err(rpc_error)
+    });
+    let o = SpecOptions { resources: Some(r#"{"memory":{"limit":16777216}}"#.into()), ..Default::default() };
+    // dd's one 48 MiB block is read into memory: three times the limit.
+    let hog = ["dd", "if=/dev/zero", "of=/dev/null", "bs=48M", "count=1"];
+    client.create_container(ctx(), &request("hog", &hog, &o, Stdio::new())).map_err(rpc_error)?;
+    let started = Instant::now();
+    client.start_container(ctx(), &container("hog")).map_err(rpc_error).context("start_container")?;
+    let status = client.wait_process(ctx(), &wait_for("hog", "")).map_err(rpc_error).context("wait_process")?.status;
+    ensure!(status == 137, "the hog exited {status}, not killed by the OOM killer");
+    let got = event.join().map_err(|_| anyhow!("the GetOOMEvent thread panicked"))?.context("get_oom_event")?;
+    let oom_after = started.elapsed();
+    ensure!(got.container_id == "hog", "GetOOMEvent named {:?}", got.container_id);
+    let status = client.container_status(ctx(), &container("hog")).map_err(rpc_error).context("container_status")?;
+    ensure!(status.state.enum_value() == Ok(ContainerState::STOPPED), "{status:?}");
+    ensure!(status.exited && status.exit_code == 137, "{status:?}");
+    // Reported once.
+    let again = client.get_oom_event(ttrpc::context::with_timeout(500_000_000), &Empty::new());
+    ensure!(again.is_err(), "the same OOM kill reported twice: {again:?}");
+    client.remove_container(ctx(), &container("hog")).map_err(rpc_error).context("remove_container")?;
+    Ok(oom_after)
 }
 
 /// The host's part: returns the figures to print.
@@ -301,6 +420,7 @@ fn drive(g: &Guest) -> anyhow::Result<String> {
     client.update_container(ctx(), &update).map_err(rpc_error).context("update_container")?;
     let stats = client.stats_container(ctx(), &container("svc")).map_err(rpc_error).context("stats_container")?;
     ensure!(stats.memory_limit == 2 * MEMORY_LIMIT, "memory.max after the update: {}", stats.memory_limit);
+    extended_update(&client, host)?;
 
     // Paused: no CPU time goes by; resumed: it does again.
     let settle = Duration::from_millis(700);
@@ -328,10 +448,12 @@ fn drive(g: &Guest) -> anyhow::Result<String> {
     let gone = client.stats_container(ctx(), &ContainerRequest { container_id: "svc".into(), ..Default::default() });
     ensure!(gone.is_err(), "a removed container still has stats");
 
-    client.destroy_sandbox(ctx(), &Empty::new()).map_err(rpc_error).context("destroy_sandbox")?;
+    let oom_after = oom_event(&client)?;
+    destroy(&client)?;
     Ok(format!(
         "containers_in_a_guest: QEMU spawn to agent ready {ready_after:?} (guest uptime at ready {} ms); \
-         create to output {create_to_output:?} (echo, under TCG)",
+         create to output {create_to_output:?} (echo, under TCG); weight, cpuset and lifted limits read back; \
+         OOM kill of \"hog\" reported {oom_after:?} after its start",
         details.ready_after_boot_ms
     ))
 }

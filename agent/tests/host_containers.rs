@@ -10,8 +10,8 @@ use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
 use agent_proto::agent::{
-    Empty, ExecProcessRequest, IPAddress, Interface, Route, Routes, SignalProcessRequest, Stdio,
-    UpdateInterfaceRequest, UpdateRoutesRequest,
+    ContainerState, ContainerStatusResponse, Empty, ExecProcessRequest, IPAddress, Interface, RemoveProcessRequest,
+    ResizeTerminalRequest, Route, Routes, SignalProcessRequest, Stdio, UpdateInterfaceRequest, UpdateRoutesRequest,
 };
 use anyhow::{bail, ensure, Context};
 use libtest_mimic::Arguments;
@@ -252,6 +252,142 @@ fn a_terminal_when_asked() -> anyhow::Result<()> {
     Ok(())
 }
 
+fn status(a: &HostAgent, id: &str) -> anyhow::Result<ContainerStatusResponse> {
+    a.client.container_status(ctx(), &container(id)).map_err(rpc_error).context("container_status")
+}
+
+fn now_ms() -> anyhow::Result<u64> {
+    Ok(u64::try_from(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_millis())?)
+}
+
+/// ContainerStatus from created through running to stopped with the exit
+/// code; then DestroySandbox removes what is left and the agent stays.
+fn status_follows_a_container_to_stopped_with_its_exit_code() -> anyhow::Result<()> {
+    let a = agent("status")?;
+    let (stdin_port, stdin) = a.host.stdin()?;
+    let stdio = Stdio { stdin_port, ..Default::default() };
+    let create =
+        create_request("st", spec_json(&["sh", "-c", "read x; exit 5"], &SpecOptions::default()), root(), stdio);
+    a.client.create_container(ctx(), &create).map_err(rpc_error)?;
+    let created = status(&a, "st")?;
+    ensure!(created.state.enum_value() == Ok(ContainerState::CREATED), "{created:?}");
+    ensure!(created.pid > 0 && created.started_at_ms == 0 && !created.exited, "{created:?}");
+
+    let before = now_ms()?;
+    a.client.start_container(ctx(), &container("st")).map_err(rpc_error)?;
+    let running = status(&a, "st")?;
+    ensure!(running.state.enum_value() == Ok(ContainerState::RUNNING) && !running.exited, "{running:?}");
+    ensure!(running.pid == created.pid, "the first process's PID changed: {created:?} then {running:?}");
+    ensure!((before..=now_ms()?).contains(&running.started_at_ms), "start time {} not now", running.started_at_ms);
+    // The agent's view of the PID: its own /proc has it.
+    ensure!(Path::new(&format!("/proc/{}", running.pid)).exists(), "no /proc/{}", running.pid);
+
+    let mut conn = stdin.join().map_err(|_| anyhow::anyhow!("stdin thread"))??;
+    conn.write_all(b"go\n")?;
+    drop(conn);
+    let code = a.client.wait_process(ctx(), &wait_for("st", "")).map_err(rpc_error)?.status;
+    ensure!(code == 5, "exit {code}");
+    let stopped = status(&a, "st")?;
+    ensure!(stopped.state.enum_value() == Ok(ContainerState::STOPPED), "{stopped:?}");
+    ensure!(stopped.exited && stopped.exit_code == 5, "{stopped:?}");
+    ensure!(stopped.started_at_ms == running.started_at_ms, "{stopped:?}");
+
+    // DestroySandbox takes the stopped one and a running one; the agent
+    // (in a guest: the VM) stays up for the host to stop.
+    let create = create_request("bg", spec_json(&["sleep", "1000"], &SpecOptions::default()), root(), Stdio::new());
+    a.client.create_container(ctx(), &create).map_err(rpc_error)?;
+    a.client.start_container(ctx(), &container("bg")).map_err(rpc_error)?;
+    a.client.destroy_sandbox(ctx(), &Empty::new()).map_err(rpc_error).context("destroy_sandbox")?;
+    for id in ["st", "bg"] {
+        let err = status(&a, id).err().with_context(|| format!("{id} is still there after DestroySandbox"))?;
+        ensure!(err.root_cause().to_string().contains("NOT_FOUND"), "{err:#}");
+    }
+    ensure!(a.client.check(ctx(), &Empty::new()).map_err(rpc_error)?.serving, "the agent stopped serving");
+    Ok(())
+}
+
+/// RemoveProcess refuses an exec that runs, and frees its ID once it
+/// exited.
+fn an_exec_is_removed_only_once_it_exited_and_its_id_is_reused() -> anyhow::Result<()> {
+    let a = agent("rmexec")?;
+    let create = create_request("svc", spec_json(&["sleep", "1000"], &SpecOptions::default()), root(), Stdio::new());
+    a.client.create_container(ctx(), &create).map_err(rpc_error)?;
+    a.client.start_container(ctx(), &container("svc")).map_err(rpc_error)?;
+    let exec = |args: &[&str]| ExecProcessRequest {
+        container_id: "svc".into(),
+        exec_id: "e1".into(),
+        oci_process_json: process_json(args, &SpecOptions::default()).into_bytes(),
+        ..Default::default()
+    };
+    let remove = RemoveProcessRequest { container_id: "svc".into(), exec_id: "e1".into(), ..Default::default() };
+    a.client.exec_process(ctx(), &exec(&["sleep", "500"])).map_err(rpc_error)?;
+    let err = a.client.remove_process(ctx(), &remove).map_err(rpc_error).err().context("a running exec was removed")?;
+    ensure!(err.to_string().contains("process \"e1\" of container \"svc\" still runs"), "{err}");
+    let err = a.client.exec_process(ctx(), &exec(&["true"])).map_err(rpc_error).err().context("a second e1")?;
+    ensure!(err.to_string().contains("already has a process with exec ID \"e1\""), "{err}");
+
+    let kill = SignalProcessRequest {
+        container_id: "svc".into(),
+        exec_id: "e1".into(),
+        signal: libc::SIGKILL as u32,
+        ..Default::default()
+    };
+    a.client.signal_process(ctx(), &kill).map_err(rpc_error)?;
+    let code = a.client.wait_process(ctx(), &wait_for("svc", "e1")).map_err(rpc_error)?.status;
+    ensure!(code == 137, "the killed exec exited {code}");
+    a.client.remove_process(ctx(), &remove).map_err(rpc_error).context("remove_process")?;
+    let err = a.client.wait_process(ctx(), &wait_for("svc", "e1")).map_err(rpc_error).err().context("still known")?;
+    ensure!(err.to_string().contains("NOT_FOUND"), "{err}");
+
+    // The ID again, for a new process with its own status.
+    a.client.exec_process(ctx(), &exec(&["sh", "-c", "exit 4"])).map_err(rpc_error).context("e1 again")?;
+    let code = a.client.wait_process(ctx(), &wait_for("svc", "e1")).map_err(rpc_error)?.status;
+    ensure!(code == 4, "the second e1 exited {code}");
+    // The first process is removed with its container only.
+    let first = RemoveProcessRequest { container_id: "svc".into(), ..Default::default() };
+    let err = a.client.remove_process(ctx(), &first).map_err(rpc_error).err().context("the first process removed")?;
+    ensure!(err.to_string().contains("RemoveContainer"), "{err}");
+    a.client.remove_container(ctx(), &container("svc")).map_err(rpc_error)?;
+    Ok(())
+}
+
+/// ResizeTerminal sets the size `stty` sees inside the container; a
+/// process without a terminal is refused by name.
+fn a_terminal_is_resized_and_the_process_sees_the_size() -> anyhow::Result<()> {
+    let a = agent("resize")?;
+    let (stdin_port, stdin) = a.host.stdin()?;
+    let (out, handle) = a.host.capture()?;
+    let o = SpecOptions { terminal: true, ..Default::default() };
+    let stdio = Stdio { stdin_port, stdout_port: out, ..Default::default() };
+    let create = create_request("tty", spec_json(&["sh", "-c", "read x; stty size"], &o), root(), stdio);
+    a.client.create_container(ctx(), &create).map_err(rpc_error)?;
+    a.client.start_container(ctx(), &container("tty")).map_err(rpc_error)?;
+    let resize = |id: &str, rows, columns| ResizeTerminalRequest {
+        container_id: id.into(),
+        rows,
+        columns,
+        ..Default::default()
+    };
+    a.client.resize_terminal(ctx(), &resize("tty", 33, 77)).map_err(rpc_error).context("resize_terminal")?;
+    // The shell runs stty once it read a line: after the resize.
+    let mut conn = stdin.join().map_err(|_| anyhow::anyhow!("stdin thread"))??;
+    conn.write_all(b"go\n")?;
+    let output = collected(handle)?;
+    drop(conn);
+    let code = a.client.wait_process(ctx(), &wait_for("tty", "")).map_err(rpc_error)?.status;
+    ensure!(code == 0 && output.lines().any(|l| l.trim_end() == "33 77"), "stty exited {code}, printed {output:?}");
+    let err = a.client.resize_terminal(ctx(), &resize("tty", 0, 80)).map_err(rpc_error).err().context("0 rows")?;
+    ensure!(err.to_string().contains("0 rows"), "{err}");
+    a.client.remove_container(ctx(), &container("tty")).map_err(rpc_error)?;
+
+    let create = create_request("plain", spec_json(&["sleep", "1000"], &SpecOptions::default()), root(), Stdio::new());
+    a.client.create_container(ctx(), &create).map_err(rpc_error)?;
+    let err = a.client.resize_terminal(ctx(), &resize("plain", 24, 80)).map_err(rpc_error).err().context("resized")?;
+    ensure!(err.to_string().contains("the first process of container \"plain\" has no terminal"), "{err}");
+    a.client.remove_container(ctx(), &container("plain")).map_err(rpc_error)?;
+    Ok(())
+}
+
 fn bad_requests_get_clear_errors_and_the_agent_stays() -> anyhow::Result<()> {
     let a = agent("bad")?;
     let expect_err = |what: &str, r: Result<(), anyhow::Error>, want: &str| -> anyhow::Result<()> {
@@ -438,6 +574,18 @@ fn main() {
             trial("image_symlinks_stay_inside_the_root", image_symlinks_stay_inside_the_root),
             trial("exec_ps_stdin_and_users", exec_ps_stdin_and_users),
             trial("a_terminal_when_asked", a_terminal_when_asked),
+            trial(
+                "status_follows_a_container_to_stopped_with_its_exit_code",
+                status_follows_a_container_to_stopped_with_its_exit_code,
+            ),
+            trial(
+                "an_exec_is_removed_only_once_it_exited_and_its_id_is_reused",
+                an_exec_is_removed_only_once_it_exited_and_its_id_is_reused,
+            ),
+            trial(
+                "a_terminal_is_resized_and_the_process_sees_the_size",
+                a_terminal_is_resized_and_the_process_sees_the_size,
+            ),
             trial(
                 "bad_requests_get_clear_errors_and_the_agent_stays",
                 bad_requests_get_clear_errors_and_the_agent_stays,

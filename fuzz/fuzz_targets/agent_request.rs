@@ -1,11 +1,13 @@
 //! The agent's request decoding: any bytes, as a CreateContainer or
 //! ExecProcess request (protobuf), then its OCI spec or process (JSON)
-//! through the agent's checks. Nothing may panic; a bad request is an
+//! through the agent's checks; as an UpdateContainer request, through
+//! its limit checks. Nothing may panic; a bad request is an
 //! error reply.
 #![no_main]
 
 use agent::spec::{parse_process, parse_spec};
-use agent_proto::agent::{CreateContainerRequest, ExecProcessRequest};
+use agent::service::limits_from;
+use agent_proto::agent::{CreateContainerRequest, ExecProcessRequest, UpdateContainerRequest};
 use agent_proto::protobuf::Message;
 use libfuzzer_sys::fuzz_target;
 
@@ -15,6 +17,9 @@ fuzz_target!(|data: &[u8]| {
     }
     if let Ok(req) = ExecProcessRequest::parse_from_bytes(data) {
         let _ = parse_process(&req.oci_process_json);
+    }
+    if let Ok(req) = UpdateContainerRequest::parse_from_bytes(data) {
+        let _ = limits_from(&req.resources);
     }
     // The JSON checks on their own, for inputs the protobuf layer rejects.
     let _ = parse_spec(data, std::path::Path::new("/nonexistent-root"));
