@@ -8,7 +8,7 @@ use std::io::{ErrorKind, Read, Write};
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::OpenOptionsExt;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::GuestMemoryMmap;
@@ -56,6 +56,9 @@ pub enum NetError {
     /// epoll failed.
     #[error("cannot set up the network event queue")]
     Epoll(#[source] std::io::Error),
+    /// A placeholder's slot holds a TAP already.
+    #[error("this network slot holds a TAP already")]
+    SlotUsed,
 }
 
 /// Counters a stats call reads.
@@ -77,13 +80,66 @@ super::counter_set!(NetCounters { tx_packets, tx_bytes, rx_packets, rx_bytes, dr
 
 /// The network device.
 pub struct Net {
-    tap: File,
-    epoll: Epoll,
+    /// The TAP; none in a placeholder that has not been given one.
+    tap: Option<File>,
+    epoll: Arc<Epoll>,
     mac: [u8; 6],
+    /// A placeholder's TAP changes, from its [`TapSlot`].
+    inbox: Option<Arc<Mutex<TapChange>>>,
     /// The TAP may hold frames (edge-triggered: true until EAGAIN).
     tap_readable: bool,
     frame: Vec<u8>,
     counters: Arc<NetCounters>,
+}
+
+/// What a placeholder's [`TapSlot`] asked for last, not yet taken in.
+#[derive(Default)]
+struct TapChange {
+    /// A TAP to take in (already watched by the device's epoll).
+    insert: Option<File>,
+    /// Whether the link is up once the change is taken in.
+    link_up: bool,
+    /// Drop the current TAP.
+    remove: bool,
+}
+
+/// Where a placeholder network device gets its TAP, and loses it again
+/// (see [`Net::placeholder`]). The link is up while a TAP is in.
+#[derive(Clone)]
+pub struct TapSlot {
+    change: Arc<Mutex<TapChange>>,
+    epoll: Arc<Epoll>,
+}
+
+impl TapSlot {
+    /// Opens the TAP `name` (in the calling thread's network namespace)
+    /// for the device, which takes it in before it next moves a frame; the
+    /// config space shows the link up from now on (tell the driver with a
+    /// config change).
+    pub fn insert(&self, name: &str) -> Result<(), NetError> {
+        let tap = open_tap(name)?;
+        let mut change = self.change.lock().unwrap_or_else(|p| p.into_inner());
+        if change.link_up {
+            return Err(NetError::SlotUsed);
+        }
+        self.epoll
+            .ctl(ControlOperation::Add, tap.as_raw_fd(), EpollEvent::new(EventSet::IN | EventSet::EDGE_TRIGGERED, TAP_TOKEN))
+            .map_err(NetError::Epoll)?;
+        *change = TapChange { insert: Some(tap), link_up: true, remove: false };
+        Ok(())
+    }
+
+    /// Takes the TAP out again: the link goes down (tell the driver with a
+    /// config change) and the TAP is closed.
+    pub fn remove(&self) {
+        let mut change = self.change.lock().unwrap_or_else(|p| p.into_inner());
+        *change = TapChange { insert: None, link_up: false, remove: true };
+    }
+
+    /// Whether a TAP is in (or on its way in).
+    pub fn is_used(&self) -> bool {
+        self.change.lock().unwrap_or_else(|p| p.into_inner()).link_up
+    }
 }
 
 /// Opens (creating if needed) the TAP `name` with virtio-net headers and
@@ -139,14 +195,60 @@ impl Net {
             .map_err(NetError::Epoll)?;
         let counters = Arc::new(NetCounters::default());
         let net = Net {
-            tap,
-            epoll,
+            tap: Some(tap),
+            epoll: Arc::new(epoll),
             mac: config.mac,
+            inbox: None,
             tap_readable: true,
             frame: vec![0u8; MAX_FRAME],
             counters: counters.clone(),
         };
         Ok((net, counters))
+    }
+
+    /// A network device with MAC `mac` and no TAP yet (its link down), for
+    /// frontends that cannot add a device after boot (QEMU microvm): it is
+    /// attached at boot, and a TAP given through the returned slot later
+    /// brings its link up once the driver rereads the config.
+    pub fn placeholder(mac: [u8; 6]) -> Result<(Self, Arc<NetCounters>, TapSlot), NetError> {
+        let epoll = Arc::new(Epoll::new().map_err(NetError::Epoll)?);
+        let change = Arc::new(Mutex::new(TapChange::default()));
+        let counters = Arc::new(NetCounters::default());
+        let net = Net {
+            tap: None,
+            epoll: epoll.clone(),
+            mac,
+            inbox: Some(change.clone()),
+            tap_readable: false,
+            frame: vec![0u8; MAX_FRAME],
+            counters: counters.clone(),
+        };
+        Ok((net, counters, TapSlot { change, epoll }))
+    }
+
+    /// Takes in what the placeholder's slot asked for since the last pass.
+    fn take_tap_change(&mut self) {
+        let Some(inbox) = &self.inbox else { return };
+        let mut change = inbox.lock().unwrap_or_else(|p| p.into_inner());
+        if change.remove {
+            change.remove = false;
+            if let Some(old) = self.tap.take() {
+                let _ = self.epoll.ctl(ControlOperation::Delete, old.as_raw_fd(), EpollEvent::default());
+            }
+            self.tap_readable = false;
+        }
+        if let Some(tap) = change.insert.take() {
+            self.tap = Some(tap);
+            self.tap_readable = true;
+        }
+    }
+
+    /// Whether the link is up: a TAP is in, or on its way in.
+    fn link_up(&self) -> bool {
+        match &self.inbox {
+            Some(inbox) => inbox.lock().unwrap_or_else(|p| p.into_inner()).link_up,
+            None => self.tap.is_some(),
+        }
     }
 
     fn process_tx(&mut self, queue: &mut Queue, mem: &GuestMemoryMmap) -> bool {
@@ -161,9 +263,10 @@ impl Net {
                 }
                 b.read_at(0, &mut self.frame[..len]).ok()?;
                 // Nothing was negotiated that the header could ask for:
-                // pass it on zeroed, the frame as is.
+                // pass it on zeroed, the frame as is. With no TAP (a
+                // placeholder whose link is down) the frame is dropped.
                 self.frame[..NET_HDR_LEN].fill(0);
-                self.tap.write(&self.frame[..len]).ok().filter(|n| *n == len)
+                self.tap.as_mut()?.write(&self.frame[..len]).ok().filter(|n| *n == len)
             });
             match sent {
                 Some(n) => {
@@ -187,9 +290,10 @@ impl Net {
         // A frame is read from the TAP only once a buffer waits for it, so
         // nothing is held here while the guest has no buffers.
         while self.tap_readable {
+            let Some(tap) = self.tap.as_mut() else { return used };
             let Some(chain) = queue.pop_descriptor_chain(mem) else { return used };
             let head = chain.head_index();
-            let n = match self.tap.read(&mut self.frame) {
+            let n = match tap.read(&mut self.frame) {
                 Ok(n) => n,
                 Err(e) => {
                     // EAGAIN: drained until the next edge. The buffer stays
@@ -244,7 +348,8 @@ impl VirtioBackend for Net {
         // struct virtio_net_config: mac[6], status u16.
         let mut config = [0u8; 8];
         config[..6].copy_from_slice(&self.mac);
-        config[6..8].copy_from_slice(&VIRTIO_NET_S_LINK_UP.to_le_bytes());
+        let status = if self.link_up() { VIRTIO_NET_S_LINK_UP } else { 0 };
+        config[6..8].copy_from_slice(&status.to_le_bytes());
         read_config_bytes(&config, offset, data);
     }
 
@@ -252,6 +357,7 @@ impl VirtioBackend for Net {
         if queues.len() < 2 {
             return 0;
         }
+        self.take_tap_change();
         let mut used = 0;
         if wakeup == Wakeup::Backend {
             let mut events = [EpollEvent::default(); 4];
