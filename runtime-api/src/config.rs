@@ -177,15 +177,31 @@ impl ProcessConfig {
     }
 }
 
+/// A limit: a value, or lifted back to unlimited (the kernel's `max`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Limit<T> {
+    /// No limit.
+    Max,
+    /// This limit.
+    Value(T),
+}
+
 /// cgroup v2 limits; `None` leaves one as it is (unlimited at creation).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Resources {
     /// memory.max in bytes.
-    pub memory_bytes: Option<u64>,
+    pub memory_bytes: Option<Limit<u64>>,
     /// cpu.max: quota and period in microseconds.
-    pub cpu_quota_us: Option<(u64, u64)>,
+    pub cpu_quota_us: Option<Limit<(u64, u64)>>,
     /// pids.max.
-    pub pids: Option<u64>,
+    pub pids: Option<Limit<u64>>,
+    /// cpu.weight (1-10000).
+    pub cpu_weight: Option<u64>,
+    /// cpuset.cpus, in the kernel's list format ("0-1,3").
+    pub cpuset_cpus: Option<String>,
+    /// cpuset.mems, in the same format.
+    pub cpuset_mems: Option<String>,
 }
 
 impl Resources {
@@ -194,20 +210,55 @@ impl Resources {
         *self == Resources::default()
     }
 
-    /// `linux.resources` as OCI JSON, for the spec.
+    /// `linux.resources` as OCI JSON, for the spec at create (where an
+    /// unset limit and `Max` are the same: no limit). OCI has no weight,
+    /// only shares: the weight is given as the shares that map to it.
     pub(crate) fn oci_json(&self) -> Option<String> {
         let mut parts = Vec::new();
-        if let Some(limit) = self.memory_bytes {
+        if let Some(Limit::Value(limit)) = self.memory_bytes {
             parts.push(format!(r#""memory":{{"limit":{limit}}}"#));
         }
-        if let Some((quota, period)) = self.cpu_quota_us {
-            parts.push(format!(r#""cpu":{{"quota":{quota},"period":{period}}}"#));
+        let mut cpu = Vec::new();
+        if let Some(Limit::Value((quota, period))) = self.cpu_quota_us {
+            cpu.push(format!(r#""quota":{quota},"period":{period}"#));
         }
-        if let Some(limit) = self.pids {
+        if let Some(weight) = self.cpu_weight {
+            cpu.push(format!(r#""shares":{}"#, shares_for_weight(weight)));
+        }
+        if let Some(cpus) = &self.cpuset_cpus {
+            cpu.push(format!(r#""cpus":{}"#, agent_proto::spec::json_string(cpus)));
+        }
+        if let Some(mems) = &self.cpuset_mems {
+            cpu.push(format!(r#""mems":{}"#, agent_proto::spec::json_string(mems)));
+        }
+        if !cpu.is_empty() {
+            parts.push(format!(r#""cpu":{{{}}}"#, cpu.join(",")));
+        }
+        if let Some(Limit::Value(limit)) = self.pids {
             parts.push(format!(r#""pids":{{"limit":{limit}}}"#));
         }
         (!parts.is_empty()).then(|| format!("{{{}}}", parts.join(",")))
     }
+
+    /// These limits over `older`: what is set here wins.
+    pub fn over(&self, older: &Resources) -> Resources {
+        Resources {
+            memory_bytes: self.memory_bytes.or(older.memory_bytes),
+            cpu_quota_us: self.cpu_quota_us.or(older.cpu_quota_us),
+            pids: self.pids.or(older.pids),
+            cpu_weight: self.cpu_weight.or(older.cpu_weight),
+            cpuset_cpus: self.cpuset_cpus.clone().or_else(|| older.cpuset_cpus.clone()),
+            cpuset_mems: self.cpuset_mems.clone().or_else(|| older.cpuset_mems.clone()),
+        }
+    }
+}
+
+/// The OCI cpu shares that the agent (like runc) maps to `weight`:
+/// weight = 1 + ((shares - 2) * 9999) / 262142, inverted, rounded up so
+/// that the mapping gives `weight` back.
+fn shares_for_weight(weight: u64) -> u64 {
+    let weight = weight.clamp(1, 10_000);
+    2 + ((weight - 1) * 262_142).div_ceil(9_999)
 }
 
 #[cfg(test)]
@@ -236,10 +287,26 @@ mod tests {
     #[test]
     fn resources_become_oci_json_only_when_set() {
         assert_eq!(Resources::default().oci_json(), None);
-        let r = Resources { memory_bytes: Some(1 << 20), cpu_quota_us: Some((5000, 10000)), pids: Some(8) };
+        let r = Resources {
+            memory_bytes: Some(Limit::Value(1 << 20)),
+            cpu_quota_us: Some(Limit::Value((5000, 10000))),
+            pids: Some(Limit::Value(8)),
+            cpuset_cpus: Some("0".into()),
+            ..Default::default()
+        };
         assert_eq!(
             r.oci_json().as_deref(),
-            Some(r#"{"memory":{"limit":1048576},"cpu":{"quota":5000,"period":10000},"pids":{"limit":8}}"#)
+            Some(r#"{"memory":{"limit":1048576},"cpu":{"quota":5000,"period":10000,"cpus":"0"},"pids":{"limit":8}}"#)
         );
+        let lifted = Resources { memory_bytes: Some(Limit::Max), ..Default::default() };
+        assert_eq!(lifted.oci_json(), None, "no limit at create is no limit");
+    }
+
+    #[test]
+    fn a_weight_is_given_as_the_shares_that_map_back_to_it() {
+        for weight in [1, 39, 100, 5000, 10_000] {
+            let shares = shares_for_weight(weight);
+            assert_eq!(1 + ((shares - 2) * 9999) / 262_142, weight, "weight {weight} -> shares {shares}");
+        }
     }
 }

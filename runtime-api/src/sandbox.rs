@@ -12,15 +12,18 @@ use std::time::{Duration, Instant};
 
 use agent_proto::agent::{
     ContainerRequest, CreateContainerRequest, Empty, ExecProcessRequest, GuestDetails, Interfaces, ProcessInfo,
-    Resources as AgentResources, Rootfs, Routes, SignalProcessRequest, StatsContainerResponse, Stdio,
-    UpdateContainerRequest, UpdateInterfaceRequest, UpdateRoutesRequest, VirtioSlotRequest, WaitProcessRequest,
+    RemoveProcessRequest, ResizeTerminalRequest, Resources as AgentResources, Rootfs, Routes, SignalProcessRequest,
+    StatsContainerResponse, Stdio, UpdateContainerRequest, UpdateInterfaceRequest, UpdateRoutesRequest,
+    VirtioSlotRequest, WaitProcessRequest,
 };
 use agent_proto::link;
 use agent_proto::spec::{process_json, spec_json, SpecOptions};
 use tracing::{debug, info, info_span, warn};
 
 use crate::agent::{Agent, AgentError, HostSide, PendingStream};
-use crate::config::{validate_id, ContainerConfig, DiskMount, InvalidId, ProcessConfig, Resources, SandboxConfig};
+use crate::config::{
+    validate_id, ContainerConfig, DiskMount, InvalidId, Limit, ProcessConfig, Resources, SandboxConfig,
+};
 use crate::hypervisor::{new_hypervisor, Disk, Hypervisor, HypervisorError, HypervisorKind, Nic, VmFigures, VmSpec};
 use crate::network;
 use crate::state::{
@@ -606,6 +609,18 @@ impl Sandbox {
             // No timeout: a process runs as long as it runs.
             match agent.call_within("WaitProcess", Duration::ZERO, |c, ctx| c.wait_process(ctx, &request)) {
                 Ok(reply) => {
+                    // An exec'd process is forgotten by the agent once its
+                    // status is here, so the agent keeps nothing per exec.
+                    if !exec_id.is_empty() {
+                        let forget = RemoveProcessRequest {
+                            container_id: id.clone(),
+                            exec_id: exec_id.clone(),
+                            ..Default::default()
+                        };
+                        if let Err(e) = agent.call("RemoveProcess", |c, ctx| c.remove_process(ctx, &forget)) {
+                            debug!(container = %id, exec = %exec_id, error = %e, "the agent kept an exited process");
+                        }
+                    }
                     exits.done.lock().unwrap_or_else(|p| p.into_inner()).insert((id, exec_id), reply.status);
                     exits.changed.notify_all();
                 }
@@ -686,6 +701,14 @@ impl Sandbox {
                 Err(e) if force => warn!(container = %id, error = %e, "stop --force: going on"),
                 Err(e) => return Err(e),
             }
+        }
+        // The agent removes what is left of the containers and reports what
+        // it could not; the host then stops the VM.
+        if let Err(e) = self.agent.call("DestroySandbox", |c, ctx| c.destroy_sandbox(ctx, &Empty::new())) {
+            if !force {
+                return Err(e.into());
+            }
+            warn!(error = %e, "stop --force: the agent's cleanup failed; going on");
         }
         let vm_stop = Instant::now();
         self.vm.stop()?;
@@ -1002,6 +1025,31 @@ impl Sandbox {
         Ok((exec_id, io))
     }
 
+    /// Sets the terminal size of process `exec_id` ("" for the first) of
+    /// container `id`, which must have a terminal.
+    pub fn resize_terminal(&self, id: &str, exec_id: &str, rows: u32, columns: u32) -> Result<(), SandboxError> {
+        let _lock = self.lock(LockKind::Shared)?;
+        self.require_phase(id, "resize a terminal", &[ContainerPhase::Running, ContainerPhase::Paused], "running")?;
+        let request = ResizeTerminalRequest {
+            container_id: id.into(),
+            exec_id: exec_id.into(),
+            rows,
+            columns,
+            ..Default::default()
+        };
+        Ok(self.agent.call("ResizeTerminal", |c, ctx| c.resize_terminal(ctx, &request)).map(drop)?)
+    }
+
+    /// Waits up to `timeout` for a container to be OOM-killed (Kata's
+    /// GetOOMEvent); returns its ID, or None when none was.
+    pub fn oom_event(&self, timeout: Duration) -> Result<Option<String>, SandboxError> {
+        match self.agent.call_within("GetOOMEvent", timeout, |c, ctx| c.get_oom_event(ctx, &Empty::new())) {
+            Ok(event) => Ok(Some(event.container_id)),
+            Err(AgentError::Rpc { message, .. }) if message.starts_with("DEADLINE_EXCEEDED") => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
     /// The processes in container `id` (Kata's ProcessListContainer).
     pub fn process_list(&self, id: &str) -> Result<Vec<ProcessInfo>, SandboxError> {
         let _lock = self.lock(LockKind::Shared)?;
@@ -1019,14 +1067,27 @@ impl Sandbox {
             &[ContainerPhase::Ready, ContainerPhase::Running, ContainerPhase::Paused],
             "not stopped",
         )?;
-        let (cpu_quota, cpu_period) = resources.cpu_quota_us.unwrap_or((0, 0));
+        let value = |limit: Option<Limit<u64>>| match limit {
+            Some(Limit::Value(v)) => v,
+            _ => 0,
+        };
+        let (cpu_quota, cpu_period) = match resources.cpu_quota_us {
+            Some(Limit::Value(pair)) => pair,
+            _ => (0, 0),
+        };
         let request = UpdateContainerRequest {
             container_id: id.into(),
             resources: Some(AgentResources {
-                memory_limit: resources.memory_bytes.unwrap_or(0),
+                memory_limit: value(resources.memory_bytes),
+                memory_unlimited: resources.memory_bytes == Some(Limit::Max),
                 cpu_quota,
                 cpu_period,
-                pids_limit: resources.pids.unwrap_or(0),
+                cpu_unlimited: resources.cpu_quota_us == Some(Limit::Max),
+                pids_limit: value(resources.pids),
+                pids_unlimited: resources.pids == Some(Limit::Max),
+                cpu_weight: resources.cpu_weight.unwrap_or(0),
+                cpuset_cpus: resources.cpuset_cpus.clone().unwrap_or_default(),
+                cpuset_mems: resources.cpuset_mems.clone().unwrap_or_default(),
                 ..Default::default()
             })
             .into(),
@@ -1034,10 +1095,7 @@ impl Sandbox {
         };
         self.agent.call("UpdateContainer", |c, ctx| c.update_container(ctx, &request))?;
         let record = self.record_mut(id)?;
-        let current = &mut record.config.resources;
-        current.memory_bytes = resources.memory_bytes.or(current.memory_bytes);
-        current.cpu_quota_us = resources.cpu_quota_us.or(current.cpu_quota_us);
-        current.pids = resources.pids.or(current.pids);
+        record.config.resources = resources.over(&record.config.resources);
         self.save()
     }
 

@@ -18,8 +18,8 @@ use libtest_mimic::Arguments;
 use runtime_api::hypervisor::{builtin::Builtin, Disk, Hypervisor, VmSpec};
 use runtime_api::sandbox::{CreateStep, STREAM_TIMEOUT};
 use runtime_api::{
-    ContainerConfig, ContainerPhase, DiskMount, HypervisorKind, NetworkConfig, ProcessConfig, Resources, Sandbox,
-    SandboxConfig, SandboxError, SandboxPhase, Store,
+    ContainerConfig, ContainerPhase, DiskMount, HypervisorKind, Limit, NetworkConfig, ProcessConfig, Resources,
+    Sandbox, SandboxConfig, SandboxError, SandboxPhase, Store,
 };
 use vessel_tests::harness::{e2fsprogs_unavailable, gate, missing_tool, trial, workspace_binary};
 use vessel_tests::netns::{ip, NetNs};
@@ -94,8 +94,10 @@ fn containers_in_one_sandbox(kind: HypervisorKind) -> anyhow::Result<()> {
     let mut job = ContainerConfig::new("job", busybox_root(dir.path(), "job")?, &["sh", "-c", "hostname; exit 3"]);
     job.hostname = Some("jobhost".into());
     config.containers = vec![web, job];
+    config.hotplug_slots = 3;
 
     let late = busybox_root(dir.path(), "late")?;
+    let hog = busybox_root(dir.path(), "hog")?;
     // A journal-less ext4, so that what the guest synced is in the image
     // for debugfs to read without a journal replay.
     let data = dir.write("data.img", &[])?;
@@ -106,7 +108,7 @@ fn containers_in_one_sandbox(kind: HypervisorKind) -> anyhow::Result<()> {
         .output()?;
     ensure!(made.status.success(), "mkfs.ext4: {}", String::from_utf8_lossy(&made.stderr));
     let mut sandbox = Sandbox::create(&store, config, None)?;
-    let outcome = drive(&mut sandbox, &store, &late, &data);
+    let outcome = drive(&mut sandbox, &store, [&late, &hog], &data);
     if outcome.is_err() {
         eprintln!("guest console:\n{}", sandbox.console_tail(30));
     }
@@ -116,7 +118,8 @@ fn containers_in_one_sandbox(kind: HypervisorKind) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn drive(sandbox: &mut Sandbox, store: &Store, late_root: &Path, data: &Path) -> anyhow::Result<()> {
+fn drive(sandbox: &mut Sandbox, store: &Store, roots: [&Path; 2], data: &Path) -> anyhow::Result<()> {
+    let [late_root, hog_root] = roots;
     let status = sandbox.status()?;
     ensure!(status.phase == SandboxPhase::Ready, "{status:?}");
     ensure!(status.containers.iter().all(|c| c.phase == ContainerPhase::Ready), "{status:?}");
@@ -140,14 +143,41 @@ fn drive(sandbox: &mut Sandbox, store: &Store, late_root: &Path, data: &Path) ->
     let exec_out = io.stdout.collect(STREAM_TIMEOUT);
     ensure!(sandbox.wait_process("web", &exec_id, Some(Duration::from_secs(60)))? == 5, "exec's status");
     ensure!(text(exec_out)? == "in-web\n", "exec's output");
+    // exec with a terminal, resized while it runs.
+    let mut tty = ProcessConfig::new(&["sh", "-c", "sleep 3; stty size"]);
+    tty.terminal = true;
+    let (tty_id, io) = sandbox.enter_container("web", &tty)?;
+    ensure!(io.stderr.is_none(), "a terminal has one output stream");
+    let tty_out = io.stdout.collect(STREAM_TIMEOUT);
+    sandbox.resize_terminal("web", &tty_id, 33, 101)?;
+    ensure!(sandbox.wait_process("web", &tty_id, Some(Duration::from_secs(60)))? == 0, "stty failed");
+    let size = text(tty_out)?;
+    ensure!(size.trim() == "33 101", "the terminal's size in the container: {size:?}");
+    let err = sandbox.resize_terminal("web", "", 10, 10).unwrap_err();
+    ensure!(chain(err).contains("no terminal"), "a process without a terminal was resized");
     let ps = sandbox.process_list("web")?;
     ensure!(ps.iter().any(|p| p.command.contains("sleep 1000")), "ps: {ps:?}");
 
     // An update, read back.
-    sandbox
-        .update_container("web", Resources { pids: Some(16), memory_bytes: Some(64 << 20), ..Default::default() })?;
+    let limits = Resources {
+        pids: Some(Limit::Value(16)),
+        memory_bytes: Some(Limit::Value(64 << 20)),
+        cpu_weight: Some(200),
+        ..Default::default()
+    };
+    sandbox.update_container("web", limits)?;
     let stats = sandbox.container_stats("web")?;
-    ensure!(stats.limits.pids_limit == 16 && stats.limits.memory_limit == 64 << 20, "limits: {:?}", stats.limits);
+    let l = &stats.limits;
+    ensure!(l.pids_limit == 16 && l.memory_limit == 64 << 20 && l.cpu_weight == 200, "limits: {l:?}");
+    // Lifted back to unlimited.
+    sandbox.update_container("web", Resources { pids: Some(Limit::Max), ..Default::default() })?;
+    let l = sandbox.container_stats("web")?.limits.into_option().context("no limits in the stats")?;
+    ensure!(l.pids_unlimited && l.memory_limit == 64 << 20, "after lifting pids: {l:?}");
+    let kept = &sandbox.state().container("web").context("web's record")?.config.resources;
+    ensure!(
+        kept.pids == Some(Limit::Max) && kept.cpu_weight == Some(200),
+        "the state does not hold the update: {kept:?}"
+    );
     let all = sandbox.stats()?;
     ensure!(all.vm.uptime > Duration::ZERO && all.vm.memory_bytes == 256 << 20, "{:?}", all.vm);
     ensure!(all.containers.iter().map(|(id, _)| id.as_str()).eq(["web"]), "{:?}", all.containers);
@@ -196,6 +226,17 @@ fn drive(sandbox: &mut Sandbox, store: &Store, late_root: &Path, data: &Path) ->
     let devices = &sandbox.state().devices;
     ensure!(devices.len() == 2 && devices[0].serial == "data-1", "hot-plugged devices not recorded: {devices:?}");
     ensure!(!sandbox.cleanup_container("late", false)?, "the sandbox went with a container");
+
+    // An OOM kill is reported with the container's ID.
+    let mut hog = ContainerConfig::new("hog", hog_root, &["dd", "if=/dev/zero", "of=/dev/null", "bs=48M", "count=1"]);
+    hog.resources.memory_bytes = Some(Limit::Value(16 << 20));
+    sandbox.create_container(hog)?;
+    sandbox.start_container("hog")?;
+    let killed = sandbox.oom_event(Duration::from_secs(60))?;
+    ensure!(killed.as_deref() == Some("hog"), "OOM event: {killed:?}");
+    ensure!(sandbox.wait_process("hog", "", Some(Duration::from_secs(60)))? == 137, "the hog was not killed");
+    ensure!(sandbox.oom_event(Duration::from_millis(300))?.is_none(), "one OOM kill reported twice");
+    ensure!(!sandbox.cleanup_container("hog", false)?, "the sandbox went with a container");
     let note = std::process::Command::new("debugfs").args(["-R", "cat /note"]).arg(data).output()?;
     let note = String::from_utf8_lossy(&note.stdout);
     ensure!(note == "written in the guest\n", "the host file does not hold what the container wrote: {note:?}");

@@ -123,7 +123,11 @@ impl TapSlot {
             return Err(NetError::SlotUsed);
         }
         self.epoll
-            .ctl(ControlOperation::Add, tap.as_raw_fd(), EpollEvent::new(EventSet::IN | EventSet::EDGE_TRIGGERED, TAP_TOKEN))
+            .ctl(
+                ControlOperation::Add,
+                tap.as_raw_fd(),
+                EpollEvent::new(EventSet::IN | EventSet::EDGE_TRIGGERED, TAP_TOKEN),
+            )
             .map_err(NetError::Epoll)?;
         *change = TapChange { insert: Some(tap), link_up: true, remove: false };
         Ok(())
