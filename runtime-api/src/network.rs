@@ -17,8 +17,11 @@ use serde::Deserialize;
 
 use crate::config::NetworkConfig;
 
-/// The TAP vessel adds next to the veth.
-pub const TAP_NAME: &str = "vessel-tap0";
+/// The TAP vessel adds next to the veth of a sandbox's `index`th network
+/// interface (`vessel-tap0` for the one it is created with).
+pub fn tap_name(index: usize) -> String {
+    format!("vessel-tap{index}")
+}
 
 /// Why the network could not be set up or torn down.
 #[derive(Debug, thiserror::Error)]
@@ -72,6 +75,8 @@ pub struct Plan {
     pub netns: PathBuf,
     /// The veth.
     pub interface: String,
+    /// The TAP beside it.
+    pub tap: String,
     /// The veth's MAC, for the guest's NIC.
     pub mac: [u8; 6],
     /// UpdateInterface's request.
@@ -131,9 +136,9 @@ pub fn parse_mac(text: &str) -> Option<[u8; 6]> {
     parts.try_into().ok()
 }
 
-/// Reads the veth's identity, then adds the TAP and the redirects. Undone
-/// by [`teardown`].
-pub fn setup(config: &NetworkConfig) -> Result<Plan, NetworkError> {
+/// Reads the veth's identity, then adds the TAP `tap` and the redirects.
+/// Undone by [`teardown`].
+pub fn setup(config: &NetworkConfig, tap: &str) -> Result<Plan, NetworkError> {
     let (netns, interface) = (config.netns.as_path(), config.interface.as_str());
     let bad = |why: String| NetworkError::Interface { interface: interface.into(), netns: netns.into(), why };
     let links: Vec<Link> = json(netns, &["-j", "addr", "show", "dev", interface])?;
@@ -173,10 +178,10 @@ pub fn setup(config: &NetworkConfig) -> Result<Plan, NetworkError> {
         ..Default::default()
     };
 
-    run(netns, "ip", &["tuntap", "add", "dev", TAP_NAME, "mode", "tap", "vnet_hdr"])?;
+    run(netns, "ip", &["tuntap", "add", "dev", tap, "mode", "tap", "vnet_hdr"])?;
     let redirected = (|| {
-        run(netns, "ip", &["link", "set", TAP_NAME, "mtu", &mtu, "up"])?;
-        for (from, to) in [(interface, TAP_NAME), (TAP_NAME, interface)] {
+        run(netns, "ip", &["link", "set", tap, "mtu", &mtu, "up"])?;
+        for (from, to) in [(interface, tap), (tap, interface)] {
             run(netns, "tc", &["qdisc", "add", "dev", from, "ingress"])?;
             let filter =
                 ["filter", "add", "dev", from, "parent", "ffff:", "protocol", "all", "u32", "match", "u8", "0", "0"];
@@ -185,9 +190,10 @@ pub fn setup(config: &NetworkConfig) -> Result<Plan, NetworkError> {
         }
         Ok(())
     })();
-    let plan = Plan { netns: netns.into(), interface: interface.into(), mac, guest_interface, guest_routes };
+    let plan =
+        Plan { netns: netns.into(), interface: interface.into(), tap: tap.into(), mac, guest_interface, guest_routes };
     if let Err(e) = redirected {
-        teardown(config);
+        teardown(config, tap);
         return Err(e);
     }
     Ok(plan)
@@ -196,10 +202,9 @@ pub fn setup(config: &NetworkConfig) -> Result<Plan, NetworkError> {
 /// Removes the TAP (and with it its redirect) and the veth's ingress
 /// redirect. Best effort: what is already gone is not an error, and what
 /// cannot be removed is logged.
-pub fn teardown(config: &NetworkConfig) {
+pub fn teardown(config: &NetworkConfig, tap: &str) {
     let interface = config.interface.as_str();
-    for (program, args) in
-        [("ip", vec!["link", "del", TAP_NAME]), ("tc", vec!["qdisc", "del", "dev", interface, "ingress"])]
+    for (program, args) in [("ip", vec!["link", "del", tap]), ("tc", vec!["qdisc", "del", "dev", interface, "ingress"])]
     {
         if let Err(e) = run(&config.netns, program, &args) {
             tracing::debug!(error = %e, "network teardown");

@@ -12,7 +12,9 @@ use std::time::Duration;
 use agent_proto::link;
 use agent_proto::mock::MockAgent;
 
-use crate::hypervisor::{Disk, Hypervisor, HypervisorError, HypervisorKind, Plugged, VmFigures, VmSpec};
+use crate::hypervisor::{
+    Disk, Hypervisor, HypervisorError, HypervisorKind, Nic, Plugged, PluggedNic, VmFigures, VmSpec,
+};
 use crate::sandbox::{CreateStep, Sandbox, SandboxError};
 use crate::state::{ContainerPhase, SandboxPhase, Store, LOCK_FILE, STATE_FILE};
 use crate::{ContainerConfig, SandboxConfig};
@@ -125,6 +127,14 @@ impl Hypervisor for FakeVm {
 
     fn add_disk(&mut self, _: &Disk) -> Result<Plugged, HypervisorError> {
         Err(HypervisorError::Unsupported { kind: self.kind(), op: "hot-plug a disk", why: "the fake has no slots" })
+    }
+
+    fn add_nic(&mut self, _: &Nic) -> Result<PluggedNic, HypervisorError> {
+        Err(HypervisorError::Unsupported { kind: self.kind(), op: "hot-plug a NIC", why: "the fake has no slots" })
+    }
+
+    fn remove_nic(&mut self, _: usize) -> Result<(), HypervisorError> {
+        Err(HypervisorError::Unsupported { kind: self.kind(), op: "remove a NIC", why: "the fake has no slots" })
     }
 
     fn console_tail(&self, _: usize) -> String {

@@ -143,6 +143,25 @@ pub struct DeviceRecord {
     pub mmio_address: Option<u64>,
 }
 
+/// A network interface of the sandbox: a veth in a namespace, the TAP
+/// beside it, and the guest's NIC that took the veth's identity.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NicRecord {
+    /// The namespace and the veth.
+    pub network: crate::config::NetworkConfig,
+    /// The TAP vessel added beside the veth.
+    pub tap: String,
+    /// The interface's name in the guest (the veth's).
+    pub name: String,
+    /// The guest NIC's MAC.
+    pub mac: String,
+    /// The hypervisor's handle for a hot-plugged NIC; None for the one
+    /// the sandbox was created with.
+    pub handle: Option<usize>,
+    /// The virtio-mmio window the guest bound for it, if it had to.
+    pub bind_address: Option<u64>,
+}
+
 /// Everything the state file holds: enough to rebuild every status field.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SandboxState {
@@ -162,6 +181,9 @@ pub struct SandboxState {
     pub containers: Vec<ContainerRecord>,
     /// Hot-plugged devices, in plug order.
     pub devices: Vec<DeviceRecord>,
+    /// Network interfaces, the one it was created with first.
+    #[serde(default)]
+    pub nics: Vec<NicRecord>,
 }
 
 impl SandboxState {
@@ -370,6 +392,7 @@ mod tests {
                 disk_serial: "ctr-0".into(),
             }],
             devices: vec![],
+            nics: vec![],
         }
     }
 

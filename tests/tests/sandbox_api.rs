@@ -335,6 +335,84 @@ fn create_rolls_back_at_each_step() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Two network namespaces joined by a veth pair, as a CNI plugin leaves
+/// them: `eth0` with `<net>.2/24` and a default route via `<net>.1` in the
+/// first, its peer with `<net>.1/24` in the second.
+fn veth_pair(tag: &str, net: &str) -> anyhow::Result<(NetNs, NetNs)> {
+    let sandbox_ns = NetNs::new(&format!("{tag}-sbx"))?;
+    let peer_ns = NetNs::new(&format!("{tag}-peer"))?;
+    let n = std::process::id() % 10_000;
+    let (veth, peer) = (format!("vs{tag}{n}"), format!("vp{tag}{n}"));
+    ip(&["link", "add", &veth, "type", "veth", "peer", "name", &peer])?;
+    ip(&["link", "set", &veth, "netns", &sandbox_ns.0])?;
+    ip(&["link", "set", &peer, "netns", &peer_ns.0])?;
+    sandbox_ns.ip(&["link", "set", &veth, "name", "eth0"])?;
+    sandbox_ns.ip(&["addr", "add", &format!("{net}.2/24"), "dev", "eth0"])?;
+    sandbox_ns.ip(&["link", "set", "eth0", "up"])?;
+    sandbox_ns.ip(&["route", "add", "default", "via", &format!("{net}.1")])?;
+    peer_ns.ip(&["addr", "add", &format!("{net}.1/24"), "dev", &peer])?;
+    peer_ns.ip(&["link", "set", &peer, "up"])?;
+    Ok((sandbox_ns, peer_ns))
+}
+
+/// Runs `script` in container `id` and returns its exit status and output.
+fn exec(sandbox: &mut Sandbox, id: &str, script: &str) -> anyhow::Result<(i32, String)> {
+    let (exec_id, io) = sandbox.enter_container(id, &ProcessConfig::new(&["sh", "-c", script]))?;
+    let out = io.stdout.collect(STREAM_TIMEOUT);
+    let status = sandbox.wait_process(id, &exec_id, Some(Duration::from_secs(120)))?;
+    Ok((status, text(out)?))
+}
+
+/// An interface added to a running sandbox (its NIC hot-plugged: a
+/// placeholder on qemu-tcg) takes the veth's identity, and a container
+/// reaches the peer through it; removed, it is gone from the guest and
+/// its TAP from the namespace.
+fn an_interface_added_to_a_running_sandbox_reaches_the_peer() -> anyhow::Result<()> {
+    let dir = TempDir::new("api-addif")?;
+    let image = guest_image(dir.path())?;
+    let (sandbox_ns, _peer_ns) = veth_pair("add", "10.82.0")?;
+    let store = Store::new(dir.path().join("state"));
+    let mut config = config("addif", &image, HypervisorKind::QemuTcg);
+    config.containers =
+        vec![ContainerConfig::new("web", busybox_root(dir.path(), "addif")?, &["sh", "-c", "exec sleep 1000"])];
+    let mut sandbox = Sandbox::create(&store, config, None)?;
+    let outcome = (|| -> anyhow::Result<()> {
+        sandbox.start()?;
+        let network =
+            NetworkConfig { netns: format!("/var/run/netns/{}", sandbox_ns.0).into(), interface: "eth0".into() };
+        let added = sandbox.add_interface(&network)?;
+        ensure!(added.up && added.addresses.iter().any(|a| a.address == "10.82.0.2"), "{added:?}");
+        let err = sandbox.add_interface(&network).unwrap_err();
+        ensure!(err.to_string().contains("has an interface named \"eth0\" already"), "{err}");
+        let (status, out) = exec(&mut sandbox, "web", "ping -c 3 -W 5 10.82.0.1 | tail -2")?;
+        ensure!(status == 0 && out.contains("3 packets received"), "exit {status}: {out}");
+        let routes = sandbox.list_routes()?;
+        ensure!(routes.routes.iter().any(|r| r.dest == "default" && r.gateway == "10.82.0.1"), "{routes:?}");
+
+        sandbox.remove_interface("eth0")?;
+        let (status, out) = exec(&mut sandbox, "web", "ping -c 1 -W 2 10.82.0.1")?;
+        ensure!(status != 0, "the peer is still reached after the interface went: {out}");
+        let links = sandbox_ns.ip(&["-br", "link"])?;
+        ensure!(!links.contains("vessel-tap"), "the TAP outlived its interface: {links}");
+        let err = sandbox.remove_interface("eth0").unwrap_err();
+        ensure!(err.to_string().contains("has no interface named \"eth0\""), "{err}");
+        // The same veth can come back.
+        sandbox.add_interface(&network)?;
+        let (status, out) = exec(&mut sandbox, "web", "ping -c 1 -W 5 10.82.0.1 | tail -2")?;
+        ensure!(status == 0, "after adding it again: {out}");
+        Ok(())
+    })();
+    if outcome.is_err() {
+        eprintln!("guest console:\n{}", sandbox.console_tail(30));
+    }
+    sandbox.stop(true)?;
+    outcome?;
+    let links = sandbox_ns.ip(&["-br", "link"])?;
+    ensure!(!links.contains("vessel-tap"), "a TAP outlived the sandbox: {links}");
+    sandbox.delete()?;
+    Ok(())
+}
+
 /// A sandbox created in a network namespace holding a veth, as CNI leaves
 /// it: the guest takes the veth's MAC, address and routes (tcfilter), and
 /// a container reaches the veth's peer in another namespace. Stopping the
@@ -342,18 +420,7 @@ fn create_rolls_back_at_each_step() -> anyhow::Result<()> {
 fn a_sandbox_in_a_cni_namespace_reaches_the_peer() -> anyhow::Result<()> {
     let dir = TempDir::new("api-net")?;
     let image = guest_image(dir.path())?;
-    let sandbox_ns = NetNs::new("api-sbx")?;
-    let peer_ns = NetNs::new("api-peer")?;
-    let (veth, peer) = (format!("vs{}", std::process::id() % 100_000), format!("vp{}", std::process::id() % 100_000));
-    ip(&["link", "add", &veth, "type", "veth", "peer", "name", &peer])?;
-    ip(&["link", "set", &veth, "netns", &sandbox_ns.0])?;
-    ip(&["link", "set", &peer, "netns", &peer_ns.0])?;
-    sandbox_ns.ip(&["link", "set", &veth, "name", "eth0"])?;
-    sandbox_ns.ip(&["addr", "add", "10.81.0.2/24", "dev", "eth0"])?;
-    sandbox_ns.ip(&["link", "set", "eth0", "up"])?;
-    sandbox_ns.ip(&["route", "add", "default", "via", "10.81.0.1"])?;
-    peer_ns.ip(&["addr", "add", "10.81.0.1/24", "dev", &peer])?;
-    peer_ns.ip(&["link", "set", &peer, "up"])?;
+    let (sandbox_ns, _peer_ns) = veth_pair("api", "10.81.0")?;
     let mac = sandbox_ns.ip(&["-br", "link", "show", "eth0"])?;
 
     let store = Store::new(dir.path().join("state"));
@@ -383,7 +450,7 @@ fn a_sandbox_in_a_cni_namespace_reaches_the_peer() -> anyhow::Result<()> {
     sandbox.stop(true)?;
     outcome?;
     let links = sandbox_ns.ip(&["-br", "link"])?;
-    ensure!(!links.contains(runtime_api::network::TAP_NAME), "the TAP outlived the sandbox: {links}");
+    ensure!(!links.contains(&runtime_api::network::tap_name(0)), "the TAP outlived the sandbox: {links}");
     let qdiscs = sandbox_ns.run(&["tc", "qdisc", "show", "dev", "eth0"])?;
     ensure!(!qdiscs.contains("ingress"), "the redirect outlived the sandbox: {qdiscs}");
     sandbox.delete()?;
@@ -458,7 +525,13 @@ fn main() {
         .or_else(|| missing_tool(&["nsenter", "tc"], "util-linux, iproute2"));
     trials.extend(gate(
         net,
-        [trial("a_sandbox_in_a_cni_namespace_reaches_the_peer", a_sandbox_in_a_cni_namespace_reaches_the_peer)],
+        [
+            trial("a_sandbox_in_a_cni_namespace_reaches_the_peer", a_sandbox_in_a_cni_namespace_reaches_the_peer),
+            trial(
+                "an_interface_added_to_a_running_sandbox_reaches_the_peer",
+                an_interface_added_to_a_running_sandbox_reaches_the_peer,
+            ),
+        ],
     ));
     trials.extend(gate(
         kvm_unavailable(),

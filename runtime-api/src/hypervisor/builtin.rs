@@ -14,7 +14,10 @@ use vmm::{
     VmmHandle,
 };
 
-use super::{file_tail, Disk, Hypervisor, HypervisorError, HypervisorKind, Plugged, VmFigures, VmSpec, GUEST_CID};
+use super::{
+    file_tail, Disk, Hypervisor, HypervisorError, HypervisorKind, Nic, Plugged, PluggedNic, VmFigures, VmSpec,
+    GUEST_CID,
+};
 
 const KIND: HypervisorKind = HypervisorKind::Builtin;
 
@@ -40,6 +43,8 @@ pub struct Builtin {
     ended: Option<String>,
     console: std::path::PathBuf,
     started: Option<Instant>,
+    /// The network namespace the VMM's threads live in (None: ours).
+    netns: Option<std::path::PathBuf>,
     /// The kernel command line; [`CMDLINE`] unless a caller set another.
     pub cmdline: Option<String>,
 }
@@ -97,6 +102,7 @@ impl Hypervisor for Builtin {
         // runs QEMU there: the TAPs open in it, and every VMM thread is
         // started from a thread that entered it.
         let netns = spec.nics.iter().find_map(|n| n.netns.clone());
+        self.netns = netns.clone();
         let started = match netns {
             Some(netns) => crate::network::within(&netns, move || vm.start())
                 .map_err(|e| HypervisorError::Start(KIND, Box::new(e)))?,
@@ -170,6 +176,35 @@ impl Hypervisor for Builtin {
                 source: format!("the VMM answered {other:?}, not where the device went").into(),
             }),
         }
+    }
+
+    fn add_nic(&mut self, nic: &Nic) -> Result<PluggedNic, HypervisorError> {
+        const OP: &str = "hot-plug a NIC";
+        // The VMM opens the TAP on its event-loop thread, in the namespace
+        // its threads were started in.
+        if nic.netns != self.netns {
+            return Err(HypervisorError::Unsupported {
+                kind: KIND,
+                op: OP,
+                why: "the VMM's threads live in the network namespace the sandbox was created in; \
+                      a NIC can only come from that one",
+            });
+        }
+        let config = NetConfig { tap: nic.tap.clone(), mac: nic.mac };
+        match Self::op(OP, self.handle()?.request(VmmAction::AttachDevice(DeviceConfig::Net(config))))? {
+            VmmData::Attached { slot, addr, .. } => {
+                Ok(PluggedNic { bind_address: Some(addr), handle: slot, mac: nic.mac })
+            }
+            other => Err(HypervisorError::Op {
+                kind: KIND,
+                op: OP,
+                source: format!("the VMM answered {other:?}, not where the device went").into(),
+            }),
+        }
+    }
+
+    fn remove_nic(&mut self, handle: usize) -> Result<(), HypervisorError> {
+        Self::op("remove a NIC", self.handle()?.request(VmmAction::DetachDevice(handle))).map(drop)
     }
 
     fn console_tail(&self, lines: usize) -> String {

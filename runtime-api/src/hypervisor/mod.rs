@@ -154,6 +154,17 @@ pub struct Plugged {
     pub bind_address: Option<u64>,
 }
 
+/// What a hot-plugged NIC got.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PluggedNic {
+    /// As for a disk: the window the guest must bind, if any.
+    pub bind_address: Option<u64>,
+    /// What [`Hypervisor::remove_nic`] takes.
+    pub handle: usize,
+    /// The MAC the guest's NIC has (a placeholder's own, fixed at boot).
+    pub mac: [u8; 6],
+}
+
 /// The VM's figures, as far as the hypervisor can tell.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct VmFigures {
@@ -221,6 +232,11 @@ pub trait Hypervisor: Send {
     fn figures(&mut self) -> Result<VmFigures, HypervisorError>;
     /// Puts `disk` in an empty hotplug slot.
     fn add_disk(&mut self, disk: &Disk) -> Result<Plugged, HypervisorError>;
+    /// Puts a NIC on `nic`'s TAP in an empty hotplug slot.
+    fn add_nic(&mut self, nic: &Nic) -> Result<PluggedNic, HypervisorError>;
+    /// Takes out the NIC [`Hypervisor::add_nic`] gave `handle` (a guest
+    /// that bound it must have unbound it first).
+    fn remove_nic(&mut self, handle: usize) -> Result<(), HypervisorError>;
     /// The last `lines` of the guest's console, for error reports.
     fn console_tail(&self, lines: usize) -> String;
 }

@@ -19,12 +19,15 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use devices::virtio::block::{Block, BlockConfig, BlockCounters, MediumSlot};
-use devices::virtio::net::{Net, NetConfig, NetCounters};
+use devices::virtio::net::{Net, NetConfig, NetCounters, TapSlot};
 use devices::virtio::vhost_user::{self, VhostUserError};
 use devices::virtio::vsock::{Vsock, VsockConfig, VsockCounters};
 use devices::virtio::CounterSet;
 
-use super::{file_tail, Disk, Hypervisor, HypervisorError, HypervisorKind, Plugged, VmFigures, VmSpec, GUEST_CID};
+use super::{
+    file_tail, Disk, Hypervisor, HypervisorError, HypervisorKind, Nic, Plugged, PluggedNic, VmFigures, VmSpec,
+    GUEST_CID,
+};
 use crate::qemu::{vhost_user_device_args, vhost_user_net_args, Qemu, TcgMachine, QEMU};
 
 const KIND: HypervisorKind = HypervisorKind::QemuTcg;
@@ -126,10 +129,18 @@ struct Placeholder {
     channel: vhost_user::BackendChannel,
 }
 
+/// A placeholder NIC: where its TAP goes, how QEMU is told, its MAC.
+struct NicPlaceholder {
+    slot: TapSlot,
+    channel: vhost_user::BackendChannel,
+    mac: [u8; 6],
+}
+
 /// QEMU microvm with TCG; see the module docs.
 #[derive(Default)]
 pub struct QemuTcg {
     placeholders: Vec<Placeholder>,
+    nic_placeholders: Vec<NicPlaceholder>,
     qemu: Option<Qemu>,
     qmp: Option<Qmp>,
     qmp_path: PathBuf,
@@ -198,6 +209,16 @@ impl QemuTcg {
     }
 }
 
+/// A placeholder NIC's MAC: locally administered, unicast, different per
+/// sandbox (from its directory) and per slot.
+fn placeholder_mac(dir: &Path, index: u8) -> [u8; 6] {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    dir.hash(&mut hasher);
+    let h = hasher.finish().to_le_bytes();
+    [0x02, h[0], h[1], h[2], h[3], index]
+}
+
 fn exit_reason(qemu: &mut Option<Qemu>) -> Option<String> {
     match qemu.as_mut().map(|q| q.0.try_wait()) {
         Some(Ok(Some(status))) => Some(format!("QEMU exited ({status})")),
@@ -249,6 +270,18 @@ impl Hypervisor for QemuTcg {
             self.served.push(Served { socket: socket.clone(), thread, name, counters });
             self.placeholders.push(Placeholder { slot, channel });
             extra_args.extend(vhost_user_device_args(&socket, "vhost-user-blk"));
+        }
+        for index in 0..spec.hotplug_slots {
+            let mac = placeholder_mac(&spec.dir, index);
+            let (net, counters, slot) = Net::placeholder(mac).map_err(|e| fail(e.into()))?;
+            let counters: Arc<NetCounters> = counters;
+            let socket = spec.dir.join(format!("vhost-{}.sock", self.served.len()));
+            let (thread, channel) =
+                vhost_user::spawn_with_channel("sandbox", Box::new(net), &socket).map_err(|e| fail(e.into()))?;
+            let name = format!("net hotplug slot {index}");
+            self.served.push(Served { socket: socket.clone(), thread, name, counters });
+            self.nic_placeholders.push(NicPlaceholder { slot, channel, mac });
+            extra_args.extend(vhost_user_net_args(&socket, &crate::network::format_mac(&mac)));
         }
         // Entropy from the first boot: QEMU's own virtio-rng.
         extra_args.extend(["-device".into(), "virtio-rng-device".into()]);
@@ -350,6 +383,49 @@ impl Hypervisor for QemuTcg {
             source: Box::new(e),
         })?;
         Ok(Plugged { bind_address: None })
+    }
+
+    fn add_nic(&mut self, nic: &Nic) -> Result<PluggedNic, HypervisorError> {
+        const OP: &str = "hot-plug a NIC";
+        if let Some(why) = self.exited() {
+            return Err(HypervisorError::NotRunning(why));
+        }
+        let op = |e: Box<dyn std::error::Error + Send + Sync>| HypervisorError::Op { kind: KIND, op: OP, source: e };
+        let (handle, placeholder) = self.nic_placeholders.iter().enumerate().find(|(_, p)| !p.slot.is_used()).ok_or(
+            HypervisorError::Unsupported {
+                kind: KIND,
+                op: OP,
+                why: "every placeholder NIC holds a TAP; reserve more hotplug slots at create",
+            },
+        )?;
+        // The TAP is opened in its namespace; the backend serves it from
+        // its own thread.
+        let (slot, tap) = (placeholder.slot.clone(), nic.tap.clone());
+        match &nic.netns {
+            Some(netns) => crate::network::within(netns, move || slot.insert(&tap)).map_err(|e| op(e.into()))?,
+            None => slot.insert(&tap),
+        }
+        .map_err(|e| op(e.into()))?;
+        if let Err(e) = placeholder.channel.config_changed() {
+            placeholder.slot.remove();
+            return Err(op(e.into()));
+        }
+        Ok(PluggedNic { bind_address: None, handle, mac: placeholder.mac })
+    }
+
+    fn remove_nic(&mut self, handle: usize) -> Result<(), HypervisorError> {
+        let placeholder =
+            self.nic_placeholders.get(handle).filter(|p| p.slot.is_used()).ok_or(HypervisorError::Unsupported {
+                kind: KIND,
+                op: "remove a NIC",
+                why: "no hot-plugged NIC has that handle",
+            })?;
+        placeholder.slot.remove();
+        placeholder.channel.config_changed().map_err(|e| HypervisorError::Op {
+            kind: KIND,
+            op: "remove a NIC",
+            source: Box::new(e),
+        })
     }
 
     fn console_tail(&self, lines: usize) -> String {

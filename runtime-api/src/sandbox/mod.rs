@@ -11,7 +11,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use agent_proto::agent::{
-    ContainerRequest, CreateContainerRequest, Empty, ExecProcessRequest, GuestDetails, Interfaces, ProcessInfo,
+    ContainerRequest, CreateContainerRequest, Empty, ExecProcessRequest, GuestDetails, ProcessInfo,
     RemoveProcessRequest, ResizeTerminalRequest, Resources as AgentResources, Rootfs, Routes, SignalProcessRequest,
     StatsContainerResponse, Stdio, UpdateContainerRequest, UpdateInterfaceRequest, UpdateRoutesRequest,
     VirtioSlotRequest, WaitProcessRequest,
@@ -22,14 +22,16 @@ use tracing::{debug, info, info_span, warn};
 
 use crate::agent::{Agent, AgentError, HostSide, PendingStream};
 use crate::config::{
-    validate_id, ContainerConfig, DiskMount, InvalidId, Limit, ProcessConfig, Resources, SandboxConfig,
+    validate_id, ContainerConfig, DiskMount, InvalidId, Limit, NetworkConfig, ProcessConfig, Resources, SandboxConfig,
 };
 use crate::hypervisor::{new_hypervisor, Disk, Hypervisor, HypervisorError, HypervisorKind, Nic, VmFigures, VmSpec};
 use crate::network;
 use crate::state::{
-    now_unix_ms, ContainerPhase, ContainerRecord, DeviceRecord, LockKind, SandboxLock, SandboxPhase, SandboxState,
-    StateError, Store, STATE_VERSION,
+    now_unix_ms, ContainerPhase, ContainerRecord, DeviceRecord, LockKind, NicRecord, SandboxLock, SandboxPhase,
+    SandboxState, StateError, Store, STATE_VERSION,
 };
+
+mod interfaces;
 
 /// How long a stopped container's process may take to exit after SIGKILL.
 const STOP_TIMEOUT: Duration = Duration::from_secs(10);
@@ -151,6 +153,32 @@ pub enum SandboxError {
         op: &'static str,
         /// What it needs.
         needs: &'static str,
+    },
+    /// Two interfaces with one name.
+    #[error("sandbox {sandbox:?} has an interface named {name:?} already")]
+    InterfaceExists {
+        /// The sandbox.
+        sandbox: String,
+        /// The interface.
+        name: String,
+    },
+    /// No such interface.
+    #[error("sandbox {sandbox:?} has no interface named {name:?}")]
+    NoSuchInterface {
+        /// The sandbox.
+        sandbox: String,
+        /// The interface.
+        name: String,
+    },
+    /// The interface came with the sandbox and goes with it.
+    #[error(
+        "interface {name:?} of sandbox {sandbox:?} was attached when it was created; it goes when the sandbox stops"
+    )]
+    BootInterface {
+        /// The sandbox.
+        sandbox: String,
+        /// The interface.
+        name: String,
     },
     /// No exit within the time allowed.
     #[error("process {exec_id:?} of container {id:?} did not exit within {timeout:?}")]
@@ -379,7 +407,7 @@ impl Sandbox {
         step_done(CreateStep::Directory, began);
 
         // The network. Undo: remove the TAP and the redirects.
-        let plan = match config.network.as_ref().map(network::setup).transpose() {
+        let plan = match config.network.as_ref().map(|n| network::setup(n, &network::tap_name(0))).transpose() {
             Ok(plan) => plan,
             Err(e) => {
                 undo_dir();
@@ -388,7 +416,7 @@ impl Sandbox {
         };
         let undo_network = || {
             if let Some(network) = &config.network {
-                network::teardown(network);
+                network::teardown(network, &network::tap_name(0));
             }
         };
         step_done(CreateStep::Network, began);
@@ -406,10 +434,7 @@ impl Sandbox {
                 .enumerate()
                 .map(|(i, c)| Disk { path: c.rootfs.clone(), read_only: false, serial: disk_serial(i) })
                 .collect(),
-            nics: plan
-                .iter()
-                .map(|p| Nic { netns: Some(p.netns.clone()), tap: network::TAP_NAME.into(), mac: p.mac })
-                .collect(),
+            nics: plan.iter().map(|p| Nic { netns: Some(p.netns.clone()), tap: p.tap.clone(), mac: p.mac }).collect(),
             hotplug_slots: config.hotplug_slots,
         };
         let host = HostSide::new(spec.vsock_socket());
@@ -468,6 +493,17 @@ impl Sandbox {
             created_unix_ms: now_unix_ms(),
             containers: Vec::new(),
             devices: Vec::new(),
+            nics: plan
+                .iter()
+                .map(|p| NicRecord {
+                    network: NetworkConfig { netns: p.netns.clone(), interface: p.interface.clone() },
+                    tap: p.tap.clone(),
+                    name: p.interface.clone(),
+                    mac: network::format_mac(&p.mac),
+                    handle: None,
+                    bind_address: None,
+                })
+                .collect(),
             config: SandboxConfig { containers: Vec::new(), ..config.clone() },
         };
         let mut sandbox = Sandbox {
@@ -713,8 +749,8 @@ impl Sandbox {
         let vm_stop = Instant::now();
         self.vm.stop()?;
         debug!(ms = vm_stop.elapsed().as_secs_f64() * 1000.0, "VM stopped");
-        if let Some(network) = &self.state.config.network {
-            network::teardown(network);
+        for nic in &self.state.nics {
+            network::teardown(&nic.network, &nic.tap);
         }
         for c in &mut self.state.containers {
             c.phase = ContainerPhase::Stopped;
@@ -1122,26 +1158,6 @@ impl Sandbox {
         self.agent.call("ResumeContainer", |c, ctx| c.resume_container(ctx, &container_request(id)))?;
         self.record_mut(id)?.phase = ContainerPhase::Running;
         self.save()
-    }
-
-    /// The guest's network interfaces (Kata's ListInterfaces).
-    pub fn list_interfaces(&self) -> Result<Interfaces, SandboxError> {
-        let _lock = self.lock(LockKind::Shared)?;
-        Ok(self.agent.call("ListInterfaces", |c, ctx| c.list_interfaces(ctx, &Empty::new()))?)
-    }
-
-    /// The guest's routes (Kata's ListRoutes).
-    pub fn list_routes(&self) -> Result<Routes, SandboxError> {
-        let _lock = self.lock(LockKind::Shared)?;
-        Ok(self.agent.call("ListRoutes", |c, ctx| c.list_routes(ctx, &Empty::new()))?)
-    }
-
-    /// Replaces the routes on every device `routes` names (Kata's
-    /// UpdateRoutes); returns the guest's routes after.
-    pub fn update_routes(&mut self, routes: Routes) -> Result<Routes, SandboxError> {
-        let _lock = self.lock(LockKind::Exclusive)?;
-        let request = UpdateRoutesRequest { routes: Some(routes).into(), ..Default::default() };
-        Ok(self.agent.call("UpdateRoutes", |c, ctx| c.update_routes(ctx, &request))?)
     }
 }
 
