@@ -1,0 +1,159 @@
+//! Why a sandbox operation failed, and the steps of create a failure
+//! names.
+
+use std::time::Duration;
+
+use crate::agent::AgentError;
+use crate::config::InvalidId;
+use crate::hypervisor::HypervisorError;
+use crate::state::{ContainerPhase, SandboxPhase, StateError};
+
+/// The steps of create, in order; a failure names its step and undoes the
+/// ones before it, in reverse.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CreateStep {
+    /// The sandbox's directory and lock.
+    Directory,
+    /// The TAP and redirects in the sandbox's network namespace.
+    Network,
+    /// The VM boots.
+    Vm,
+    /// The agent announces itself and describes the guest.
+    Agent,
+    /// The containers are created.
+    Containers,
+    /// The state is written.
+    State,
+}
+
+impl std::fmt::Display for CreateStep {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            CreateStep::Directory => "making its directory",
+            CreateStep::Network => "setting up its network",
+            CreateStep::Vm => "booting the VM",
+            CreateStep::Agent => "reaching the guest's agent and configuring its network",
+            CreateStep::Containers => "creating the containers",
+            CreateStep::State => "writing the state",
+        })
+    }
+}
+
+/// Why a sandbox operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum SandboxError {
+    /// A bad sandbox or container ID.
+    #[error(transparent)]
+    Id(#[from] InvalidId),
+    /// The state could not be read or written.
+    #[error(transparent)]
+    State(#[from] StateError),
+    /// The hypervisor failed.
+    #[error(transparent)]
+    Hypervisor(#[from] HypervisorError),
+    /// The agent could not be reached, or refused.
+    #[error(transparent)]
+    Agent(#[from] AgentError),
+    /// The network namespace could not be set up.
+    #[error(transparent)]
+    Network(#[from] crate::network::NetworkError),
+    /// Create failed; what was done has been undone.
+    #[error("cannot create sandbox {id:?}: {step} failed")]
+    Create {
+        /// The sandbox.
+        id: String,
+        /// Where it failed.
+        step: CreateStep,
+        /// Why.
+        #[source]
+        source: Box<SandboxError>,
+    },
+    /// The guest image lacks a file.
+    #[error("the guest image has no {0}: build it with `vessel image build --out DIR`")]
+    GuestImage(std::path::PathBuf),
+    /// Asking for a factory.
+    #[error("VM factories (templates and caches) are not built yet; create the sandbox without one")]
+    FactoryUnsupported,
+    /// Two containers with one ID.
+    #[error("sandbox {sandbox:?} has a container with ID {id:?} already")]
+    ContainerExists {
+        /// The sandbox.
+        sandbox: String,
+        /// The container.
+        id: String,
+    },
+    /// No such container.
+    #[error("sandbox {sandbox:?} has no container with ID {id:?}")]
+    NoSuchContainer {
+        /// The sandbox.
+        sandbox: String,
+        /// The container.
+        id: String,
+    },
+    /// The container is in the wrong state for the operation.
+    #[error("container {id:?} is {phase}; {op} needs it {needs}")]
+    ContainerState {
+        /// The container.
+        id: String,
+        /// Where it is.
+        phase: ContainerPhase,
+        /// The operation.
+        op: &'static str,
+        /// What it needs.
+        needs: &'static str,
+    },
+    /// The sandbox is in the wrong state for the operation.
+    #[error("sandbox {id:?} is {phase}; {op} needs it {needs}")]
+    SandboxState {
+        /// The sandbox.
+        id: String,
+        /// Where it is.
+        phase: SandboxPhase,
+        /// The operation.
+        op: &'static str,
+        /// What it needs.
+        needs: &'static str,
+    },
+    /// Two interfaces with one name.
+    #[error("sandbox {sandbox:?} has an interface named {name:?} already")]
+    InterfaceExists {
+        /// The sandbox.
+        sandbox: String,
+        /// The interface.
+        name: String,
+    },
+    /// No such interface.
+    #[error("sandbox {sandbox:?} has no interface named {name:?}")]
+    NoSuchInterface {
+        /// The sandbox.
+        sandbox: String,
+        /// The interface.
+        name: String,
+    },
+    /// The interface came with the sandbox and goes with it.
+    #[error(
+        "interface {name:?} of sandbox {sandbox:?} was attached when it was created; it goes when the sandbox stops"
+    )]
+    BootInterface {
+        /// The sandbox.
+        sandbox: String,
+        /// The interface.
+        name: String,
+    },
+    /// No exit within the time allowed.
+    #[error("process {exec_id:?} of container {id:?} did not exit within {timeout:?}")]
+    WaitTimeout {
+        /// The container.
+        id: String,
+        /// The process ("" is the first).
+        exec_id: String,
+        /// How long was waited.
+        timeout: Duration,
+    },
+}
+
+impl SandboxError {
+    pub(super) fn at(step: CreateStep, id: &str) -> impl FnOnce(SandboxError) -> SandboxError + '_ {
+        move |e| SandboxError::Create { id: id.to_string(), step, source: Box::new(e) }
+    }
+}
