@@ -51,11 +51,20 @@ impl FakeVm {
     }
 }
 
-/// Answers one `CONNECT <port>` on `listener`, then copies bytes both ways
-/// between it and the mock's socket.
-fn proxy_one(listener: UnixListener, mock: PathBuf) {
+/// Answers each `CONNECT <port>` on `listener` (see [`proxy_one`]).
+fn proxy_all(listener: UnixListener, mock: PathBuf) {
     std::thread::spawn(move || {
-        let Ok((conn, _)) = listener.accept() else { return };
+        for conn in listener.incoming() {
+            let Ok(conn) = conn else { return };
+            proxy_one(conn, mock.clone());
+        }
+    });
+}
+
+/// Answers `CONNECT <port>` on `conn`, then copies bytes both ways between
+/// it and the mock's socket.
+fn proxy_one(conn: UnixStream, mock: PathBuf) {
+    std::thread::spawn(move || {
         let mut reader = BufReader::new(conn.try_clone().expect("clone the connection"));
         let mut line = String::new();
         if reader.read_line(&mut line).is_err() || !line.starts_with("CONNECT ") {
@@ -87,7 +96,7 @@ impl Hypervisor for FakeVm {
         self.vsock = spec.vsock_socket();
         let mock_socket = spec.dir.join("mock-agent.sock");
         self.server = Some(self.mock.serve(&mock_socket).expect("serve the mock"));
-        proxy_one(UnixListener::bind(&self.vsock).expect("bind the vsock socket"), mock_socket);
+        proxy_all(UnixListener::bind(&self.vsock).expect("bind the vsock socket"), mock_socket);
         if self.fault == Fault::State {
             std::fs::create_dir(spec.dir.join(STATE_FILE)).expect("sabotage the state file");
         }
@@ -294,6 +303,38 @@ fn the_lifecycle_through_the_mock_agent_is_recorded_in_the_state() {
 }
 
 #[test]
+fn a_fetched_handle_sees_and_drives_what_the_owner_made() {
+    let f = Fixture::new("fetch");
+    let err = Sandbox::fetch(&f.store, "ghost").unwrap_err();
+    assert_eq!(err.to_string(), r#"no sandbox with ID "ghost""#);
+    let (vm, running) = FakeVm::new(Fault::None);
+    let mut owner = Sandbox::create_with(&f.store, f.config("box", &["a", "b"]), Box::new(vm)).unwrap();
+    let mut fetched = Sandbox::fetch(&f.store, "box").unwrap();
+    assert_eq!(fetched.state(), owner.state());
+    // The owner starts; the fetched handle sees it, and the exits through
+    // the agent's ContainerStatus (it waits for none of them itself).
+    owner.start().unwrap();
+    assert_eq!(owner.wait_process("a", "", Some(Duration::from_secs(5))).unwrap(), 3);
+    let status = fetched.status().unwrap();
+    assert_eq!(status.phase, SandboxPhase::Running);
+    let b = status.containers.iter().find(|c| c.id == "b").unwrap();
+    assert_eq!((b.phase, b.exit_code), (ContainerPhase::Stopped, Some(3)), "{status:?}");
+    // What only the owner can do says so, with the owner's PID.
+    let err = fetched.pause().unwrap_err();
+    assert!(err.to_string().contains(&format!("process {}", std::process::id())), "{err}");
+    // Dropping a fetched handle leaves the sandbox running.
+    drop(fetched);
+    assert!(running.load(Ordering::SeqCst), "dropping a fetched handle stopped the VM");
+    // A live sandbox is not deleted by ID; a stopped one is.
+    let err = Sandbox::delete_by_id(&f.store, "box", true).unwrap_err();
+    assert!(err.to_string().contains("needs it stopped"), "{err}");
+    owner.stop(false).unwrap();
+    assert!(matches!(Sandbox::fetch(&f.store, "box"), Err(SandboxError::SandboxState { .. })));
+    Sandbox::delete_by_id(&f.store, "box", false).unwrap();
+    assert!(f.store.ids().unwrap().is_empty());
+}
+
+#[test]
 fn list_marks_a_sandbox_whose_owner_died() {
     let f = Fixture::new("dead");
     let (vm, _) = FakeVm::new(Fault::None);
@@ -307,5 +348,11 @@ fn list_marks_a_sandbox_whose_owner_died() {
     let listed = Sandbox::list(&f.store).unwrap();
     assert_eq!(listed.len(), 1);
     assert!(!listed[0].owner_alive, "{listed:?}");
+    let err = Sandbox::fetch(&f.store, "box").unwrap_err();
+    assert!(err.to_string().contains("is dead"), "{err}");
+    let err = Sandbox::delete_by_id(&f.store, "box", false).unwrap_err();
+    assert!(err.to_string().contains("delete it with force"), "{err}");
+    Sandbox::delete_by_id(&f.store, "box", true).unwrap();
+    assert!(f.store.ids().unwrap().is_empty());
     drop(sandbox);
 }

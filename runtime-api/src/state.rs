@@ -175,6 +175,10 @@ pub struct SandboxState {
     pub phase: SandboxPhase,
     /// The host process that owns the VM.
     pub owner_pid: u32,
+    /// The host process that runs the guest, when it is not the owner
+    /// (QEMU, for qemu-tcg).
+    #[serde(default)]
+    pub vm_pid: Option<u32>,
     /// When it was created (milliseconds since the epoch).
     pub created_unix_ms: u64,
     /// Its containers, in creation order.
@@ -383,6 +387,7 @@ mod tests {
             hypervisor: HypervisorKind::QemuTcg,
             phase: SandboxPhase::Ready,
             owner_pid: 1,
+            vm_pid: None,
             created_unix_ms: 2,
             containers: vec![ContainerRecord {
                 config: ContainerConfig::new("c1", "/root.ext4", &["true"]),

@@ -138,6 +138,18 @@ fn drive(sandbox: &mut Sandbox, store: &Store, roots: [&Path; 2], data: &Path) -
     let web = sandbox.container_status("web")?;
     ensure!(web.phase == ContainerPhase::Running && web.started_unix_ms.is_some(), "{web:?}");
 
+    // A second handle, rebuilt from the state: it sees the same sandbox,
+    // execs in it, and pauses and resumes QEMU through QMP.
+    let mut fetched = Sandbox::fetch(store, "api")?;
+    ensure!(fetched.container_status("web")?.phase == ContainerPhase::Running, "the fetched handle sees web stopped");
+    let (status, out) = exec(&mut fetched, "web", "echo via the fetched handle")?;
+    ensure!(status == 0 && out == "via the fetched handle\n", "exec through a fetched handle: {status} {out:?}");
+    fetched.pause()?;
+    ensure!(sandbox.status()?.phase == SandboxPhase::Paused, "the owner does not see the pause");
+    fetched.resume()?;
+    drop(fetched);
+    ensure!(sandbox.status()?.phase == SandboxPhase::Running, "dropping the fetched handle changed the sandbox");
+
     // exec, with its own output and status.
     let (exec_id, io) = sandbox.enter_container("web", &ProcessConfig::new(&["sh", "-c", "echo in-web; exit 5"]))?;
     let exec_out = io.stdout.collect(STREAM_TIMEOUT);
@@ -503,7 +515,69 @@ fn builtin_lifecycle_through_the_trait() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The environment variable that makes this test binary the owner of a
+/// sandbox for [`a_dead_owner_is_seen_and_cleaned_up`]: `STORE:IMAGE:ROOT`.
+const CHILD_OWNER: &str = "VESSEL_SANDBOX_API_OWNER";
+
+/// Run as a child: creates and starts sandbox "orphan", says so on stdout,
+/// and waits to be killed.
+fn own_a_sandbox(spec: &str) -> anyhow::Result<()> {
+    let mut parts = spec.splitn(3, ':');
+    let (Some(store), Some(image), Some(root)) = (parts.next(), parts.next(), parts.next()) else {
+        anyhow::bail!("{CHILD_OWNER}={spec:?} is not STORE:IMAGE:ROOT");
+    };
+    let mut config = config("orphan", Path::new(image), HypervisorKind::QemuTcg);
+    config.containers = vec![ContainerConfig::new("sleeper", root, &["sleep", "1000"])];
+    let mut sandbox = Sandbox::run(&Store::new(store), config)?;
+    println!("ready");
+    std::io::Write::flush(&mut std::io::stdout())?;
+    loop {
+        std::thread::sleep(Duration::from_secs(1));
+        sandbox.status()?;
+    }
+}
+
+/// The process that owns a sandbox is killed (-9): its lock is not left
+/// behind, `list` shows it dead, fetch refuses it by name, and only a
+/// forced delete cleans up what it left: its QEMU, state and sockets.
+fn a_dead_owner_is_seen_and_cleaned_up() -> anyhow::Result<()> {
+    let dir = TempDir::new("api-orphan")?;
+    let image = guest_image(dir.path())?;
+    let root = busybox_root(dir.path(), "orphan")?;
+    let store = Store::new(dir.path().join("state"));
+    let spec = format!("{}:{}:{}", store.root().display(), image.display(), root.display());
+    let mut child = std::process::Command::new(std::env::current_exe()?)
+        .env(CHILD_OWNER, spec)
+        .stdout(std::process::Stdio::piped())
+        .spawn()?;
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(child.stdout.take().context("stdout")?), &mut line)?;
+    ensure!(line == "ready\n", "the owner said {line:?}");
+    child.kill()?;
+    child.wait()?;
+
+    let listed = Sandbox::list(&store)?;
+    ensure!(listed.len() == 1 && !listed[0].owner_alive, "{listed:?}");
+    let err = Sandbox::fetch(&store, "orphan").unwrap_err();
+    ensure!(err.to_string().contains("is dead"), "{err}");
+    let err = Sandbox::delete_by_id(&store, "orphan", false).unwrap_err();
+    ensure!(err.to_string().contains("delete it with force"), "{err}");
+    ensure!(!processes_mentioning(store.root())?.is_empty(), "QEMU went with its owner (nothing to clean up)");
+    Sandbox::delete_by_id(&store, "orphan", true)?;
+    ensure!(store.ids()?.is_empty(), "the sandbox's directory is left");
+    let left = processes_mentioning(store.root())?;
+    ensure!(left.is_empty(), "processes left: {left:?}");
+    Ok(())
+}
+
 fn main() {
+    if let Ok(spec) = std::env::var(CHILD_OWNER) {
+        if let Err(e) = own_a_sandbox(&spec) {
+            eprintln!("owner: {e:#}");
+            std::process::exit(1);
+        }
+        return;
+    }
     let args = Arguments::from_args();
     let tier3 = || {
         if args.list {
@@ -518,6 +592,7 @@ fn main() {
         [
             trial("containers_on_qemu_tcg", containers_on_qemu_tcg),
             trial("create_rolls_back_at_each_step", create_rolls_back_at_each_step),
+            trial("a_dead_owner_is_seen_and_cleaned_up", a_dead_owner_is_seen_and_cleaned_up),
         ],
     );
     let net = tier3()

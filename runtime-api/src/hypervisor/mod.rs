@@ -7,6 +7,7 @@
 //!   served to it over vhost-user: the fallback for hosts without usable
 //!   hardware virtualization.
 
+pub mod attached;
 pub mod builtin;
 pub mod qemu_tcg;
 
@@ -200,6 +201,16 @@ pub enum HypervisorError {
     /// The VM has ended.
     #[error("the VM is not running ({0})")]
     NotRunning(String),
+    /// Only the process that owns the VM can do this.
+    #[error("cannot {op} from here: {why} (process {owner_pid})")]
+    Owned {
+        /// What was asked.
+        op: &'static str,
+        /// The owner.
+        owner_pid: u32,
+        /// Why only the owner can.
+        why: &'static str,
+    },
     /// This hypervisor cannot do it (yet): the message says what instead.
     #[error("the {kind} hypervisor cannot {op}: {why}")]
     Unsupported {
@@ -239,6 +250,15 @@ pub trait Hypervisor: Send {
     fn remove_nic(&mut self, handle: usize) -> Result<(), HypervisorError>;
     /// The last `lines` of the guest's console, for error reports.
     fn console_tail(&self, lines: usize) -> String;
+    /// The host process that runs the guest, when it is not this one
+    /// (QEMU's), so that a sandbox fetched elsewhere can reach it.
+    fn process_id(&self) -> Option<u32> {
+        None
+    }
+    /// Whether this handle owns the VM (made it, and ends it when dropped).
+    fn owned(&self) -> bool {
+        true
+    }
 }
 
 /// A new, unstarted hypervisor of `kind`.

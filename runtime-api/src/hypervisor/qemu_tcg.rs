@@ -51,7 +51,7 @@ pub enum QmpError {
 }
 
 /// A QMP connection: one JSON object per line each way.
-struct Qmp {
+pub(crate) struct Qmp {
     path: PathBuf,
     reader: BufReader<UnixStream>,
     writer: UnixStream,
@@ -60,7 +60,7 @@ struct Qmp {
 impl Qmp {
     /// Connects (retrying until QEMU has made the socket) and leaves the
     /// capabilities negotiation done.
-    fn connect(path: &Path, mut exited: impl FnMut() -> Option<String>) -> Result<Self, QmpError> {
+    pub(crate) fn connect(path: &Path, mut exited: impl FnMut() -> Option<String>) -> Result<Self, QmpError> {
         let io = |e| QmpError::Io(path.to_path_buf(), e);
         let deadline = Instant::now() + QMP_TIMEOUT;
         let stream = loop {
@@ -100,7 +100,7 @@ impl Qmp {
 
     /// Runs `command` and waits for its answer (events in between are
     /// skipped).
-    fn execute(&mut self, command: &str) -> Result<(), QmpError> {
+    pub(crate) fn execute(&mut self, command: &str) -> Result<(), QmpError> {
         let request = serde_json::json!({ "execute": command });
         writeln!(self.writer, "{request}").map_err(|e| QmpError::Io(self.path.clone(), e))?;
         loop {
@@ -430,6 +430,10 @@ impl Hypervisor for QemuTcg {
 
     fn console_tail(&self, lines: usize) -> String {
         file_tail(&self.console, lines)
+    }
+
+    fn process_id(&self) -> Option<u32> {
+        self.qemu.as_ref().map(|q| q.0.id())
     }
 }
 

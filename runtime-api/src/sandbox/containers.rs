@@ -38,6 +38,9 @@ impl Sandbox {
 
     /// Records process (`id`, `exec_id`)'s exit when it comes.
     pub(super) fn watch(&self, id: &str, exec_id: &str) {
+        if !self.exits.watch(id, exec_id) {
+            return;
+        }
         let (agent, exits) = (self.agent.clone(), self.exits.clone());
         let (id, exec_id) = (id.to_string(), exec_id.to_string());
         std::thread::spawn(move || {
@@ -172,6 +175,10 @@ impl Sandbox {
         if phase == ContainerPhase::Paused {
             self.agent.call("ResumeContainer", |c, ctx| c.resume_container(ctx, &container_request(id)))?;
         }
+        if matches!(phase, ContainerPhase::Running | ContainerPhase::Paused) {
+            // Started by another handle: wait for it here too.
+            self.watch(id, "");
+        }
         if matches!(phase, ContainerPhase::Running | ContainerPhase::Paused) && self.exits.get(id, "").is_none() {
             let kill = SignalProcessRequest {
                 container_id: id.into(),
@@ -271,7 +278,13 @@ impl Sandbox {
     /// Waits for process `exec_id` ("" for the first) of container `id` to
     /// exit, for at most `timeout` (None: for ever); returns its status.
     pub fn wait_process(&mut self, id: &str, exec_id: &str, timeout: Option<Duration>) -> Result<i32, SandboxError> {
-        self.record(id)?;
+        {
+            // Not held while waiting: the process may run for ever.
+            let _lock = self.lock(LockKind::Shared)?;
+            self.record(id)?;
+        }
+        // A process another handle started has no waiter here yet.
+        self.watch(id, exec_id);
         let status = self.exits.wait(id, exec_id, timeout).ok_or_else(|| SandboxError::WaitTimeout {
             id: id.into(),
             exec_id: exec_id.into(),
@@ -302,8 +315,10 @@ impl Sandbox {
         let _span = info_span!("enter_container", id).entered();
         let _lock = self.lock(LockKind::Shared)?;
         self.require_phase(id, "exec", &[ContainerPhase::Running], "running")?;
-        self.next_exec += 1;
-        let exec_id = format!("exec-{}", self.next_exec);
+        // Unique across handles: this process's, and a counter they share.
+        static NEXT_EXEC: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+        let n = NEXT_EXEC.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let exec_id = format!("exec-{}-{n}", std::process::id());
         let args: Vec<&str> = process.args.iter().map(String::as_str).collect();
         let options = spec_options(process, None, &Resources::default(), &[]);
         let (io, stdio) = self.process_io(process)?;
@@ -321,7 +336,7 @@ impl Sandbox {
 
     /// Sets the terminal size of process `exec_id` ("" for the first) of
     /// container `id`, which must have a terminal.
-    pub fn resize_terminal(&self, id: &str, exec_id: &str, rows: u32, columns: u32) -> Result<(), SandboxError> {
+    pub fn resize_terminal(&mut self, id: &str, exec_id: &str, rows: u32, columns: u32) -> Result<(), SandboxError> {
         let _lock = self.lock(LockKind::Shared)?;
         self.require_phase(id, "resize a terminal", &[ContainerPhase::Running, ContainerPhase::Paused], "running")?;
         let request = ResizeTerminalRequest {
@@ -345,7 +360,7 @@ impl Sandbox {
     }
 
     /// The processes in container `id` (Kata's ProcessListContainer).
-    pub fn process_list(&self, id: &str) -> Result<Vec<ProcessInfo>, SandboxError> {
+    pub fn process_list(&mut self, id: &str) -> Result<Vec<ProcessInfo>, SandboxError> {
         let _lock = self.lock(LockKind::Shared)?;
         self.record(id)?;
         let reply = self.agent.call("ListProcesses", |c, ctx| c.list_processes(ctx, &container_request(id)))?;
@@ -394,7 +409,7 @@ impl Sandbox {
     }
 
     /// Container `id`'s cgroup figures (Kata's StatsContainer).
-    pub fn container_stats(&self, id: &str) -> Result<StatsContainerResponse, SandboxError> {
+    pub fn container_stats(&mut self, id: &str) -> Result<StatsContainerResponse, SandboxError> {
         let _lock = self.lock(LockKind::Shared)?;
         self.record(id)?;
         Ok(self.agent.call("StatsContainer", |c, ctx| c.stats_container(ctx, &container_request(id)))?)

@@ -140,6 +140,14 @@ pub enum SandboxError {
         /// The interface.
         name: String,
     },
+    /// The process that owned the sandbox's VM is gone.
+    #[error("sandbox {id:?} is dead: the process that owned it ({owner_pid}) is gone; delete it with force")]
+    OwnerGone {
+        /// The sandbox.
+        id: String,
+        /// Its owner.
+        owner_pid: u32,
+    },
     /// No exit within the time allowed.
     #[error("process {exec_id:?} of container {id:?} did not exit within {timeout:?}")]
     WaitTimeout {

@@ -112,13 +112,13 @@ impl Sandbox {
     }
 
     /// The guest's network interfaces (Kata's ListInterfaces).
-    pub fn list_interfaces(&self) -> Result<Interfaces, SandboxError> {
+    pub fn list_interfaces(&mut self) -> Result<Interfaces, SandboxError> {
         let _lock = self.lock(LockKind::Shared)?;
         Ok(self.agent.call("ListInterfaces", |c, ctx| c.list_interfaces(ctx, &Empty::new()))?)
     }
 
     /// The guest's routes (Kata's ListRoutes).
-    pub fn list_routes(&self) -> Result<Routes, SandboxError> {
+    pub fn list_routes(&mut self) -> Result<Routes, SandboxError> {
         let _lock = self.lock(LockKind::Shared)?;
         Ok(self.agent.call("ListRoutes", |c, ctx| c.list_routes(ctx, &Empty::new()))?)
     }

@@ -19,7 +19,7 @@ use tracing::{debug, info, info_span, warn};
 
 use crate::agent::{Agent, AgentError, HostSide, PendingStream};
 use crate::config::{validate_id, DiskMount, NetworkConfig, ProcessConfig, Resources, SandboxConfig};
-use crate::hypervisor::{new_hypervisor, Disk, Hypervisor, HypervisorKind, Nic, VmFigures, VmSpec};
+use crate::hypervisor::{attached, new_hypervisor, Disk, Hypervisor, HypervisorKind, Nic, VmFigures, VmSpec};
 use crate::network;
 use crate::state::{
     now_unix_ms, ContainerPhase, ContainerRecord, LockKind, NicRecord, SandboxLock, SandboxPhase, SandboxState,
@@ -51,10 +51,20 @@ pub enum Factory {
 #[derive(Default)]
 struct Exits {
     done: Mutex<HashMap<(String, String), i32>>,
+    watched: Mutex<std::collections::HashSet<(String, String)>>,
     changed: Condvar,
 }
 
 impl Exits {
+    /// Records that a waiter for the process runs; false if one did.
+    fn watch(&self, id: &str, exec_id: &str) -> bool {
+        self.watched.lock().unwrap_or_else(|p| p.into_inner()).insert((id.to_string(), exec_id.to_string()))
+    }
+
+    fn watched(&self, id: &str, exec_id: &str) -> bool {
+        self.watched.lock().unwrap_or_else(|p| p.into_inner()).contains(&(id.to_string(), exec_id.to_string()))
+    }
+
     fn get(&self, id: &str, exec_id: &str) -> Option<i32> {
         self.done.lock().unwrap_or_else(|p| p.into_inner()).get(&(id.to_string(), exec_id.to_string())).copied()
     }
@@ -150,7 +160,6 @@ pub struct Sandbox {
     exits: Arc<Exits>,
     details: GuestDetails,
     io: HashMap<String, ProcessIo>,
-    next_exec: u64,
 }
 
 impl std::fmt::Debug for Sandbox {
@@ -339,6 +348,7 @@ impl Sandbox {
             hypervisor: vm.kind(),
             phase: SandboxPhase::Ready,
             owner_pid: std::process::id(),
+            vm_pid: vm.process_id(),
             created_unix_ms: now_unix_ms(),
             containers: Vec::new(),
             devices: Vec::new(),
@@ -364,7 +374,6 @@ impl Sandbox {
             exits: Arc::default(),
             details,
             io: HashMap::new(),
-            next_exec: 0,
         };
 
         // The containers, then the state. Undo: remove them, stop the VM.
@@ -394,6 +403,78 @@ impl Sandbox {
         Ok(sandbox)
     }
 
+    /// A handle on sandbox `id` rebuilt from its state, with the agent
+    /// reached anew (Kata's FetchSandbox): every container operation works
+    /// through it; VM operations that only the owning process can do (see
+    /// [`attached::Attached`]) say so. The sandbox must be live: stopped,
+    /// or with its owner gone, it can only be deleted
+    /// ([`Sandbox::delete_by_id`]).
+    pub fn fetch(store: &Store, id: &str) -> Result<Sandbox, SandboxError> {
+        let _span = info_span!("fetch_sandbox", id).entered();
+        let _lock = store.lock(id, LockKind::Exclusive)?;
+        let state = store.load(id)?;
+        if state.phase == SandboxPhase::Stopped {
+            return Err(SandboxError::SandboxState {
+                id: id.into(),
+                phase: state.phase,
+                op: "fetch",
+                needs: "not stopped",
+            });
+        }
+        if !attached::process_alive(state.owner_pid) {
+            return Err(SandboxError::OwnerGone { id: id.into(), owner_pid: state.owner_pid });
+        }
+        let dir = store.dir(id)?;
+        let vm = attached::Attached::new(
+            state.hypervisor,
+            dir.clone(),
+            state.owner_pid,
+            state.vm_pid,
+            state.created_unix_ms,
+            state.config.memory_mib,
+        );
+        let agent = Agent::connect_hybrid(&dir.join("vsock.sock"))?;
+        let details = agent.call("GetGuestDetails", |c, ctx| c.get_guest_details(ctx, &Empty::new()))?;
+        Ok(Sandbox {
+            store: store.clone(),
+            host: HostSide::new(dir.join("vsock.sock")),
+            state,
+            vm: Box::new(vm),
+            agent,
+            exits: Arc::default(),
+            details,
+            io: HashMap::new(),
+        })
+    }
+
+    /// Deletes sandbox `id` without a live handle: a stopped one, or with
+    /// `force` one whose owner process is gone (its QEMU ended, its TAPs,
+    /// state and sockets removed). A live sandbox is refused: stop it
+    /// through its handle first.
+    pub fn delete_by_id(store: &Store, id: &str, force: bool) -> Result<(), SandboxError> {
+        let _span = info_span!("delete_sandbox", id, force).entered();
+        let lock = store.lock(id, LockKind::Exclusive)?;
+        let state = store.load(id)?;
+        let owner_alive = attached::process_alive(state.owner_pid);
+        let dead = !owner_alive && force;
+        if state.phase != SandboxPhase::Stopped && !dead {
+            if !owner_alive {
+                return Err(SandboxError::OwnerGone { id: id.into(), owner_pid: state.owner_pid });
+            }
+            let phase = state.phase;
+            return Err(SandboxError::SandboxState { id: id.into(), phase, op: "delete", needs: "stopped" });
+        }
+        if let Some(pid) = state.vm_pid.filter(|pid| attached::process_alive(*pid)) {
+            let mut vm = attached::Attached::new(state.hypervisor, store.dir(id)?, state.owner_pid, Some(pid), 0, 0);
+            vm.stop()?;
+        }
+        for nic in &state.nics {
+            network::teardown(&nic.network, &nic.tap);
+        }
+        drop(lock);
+        Ok(store.remove(id)?)
+    }
+
     /// Its ID.
     pub fn id(&self) -> &str {
         self.state.id()
@@ -414,8 +495,12 @@ impl Sandbox {
         self.vm.console_tail(lines)
     }
 
-    fn lock(&self, kind: LockKind) -> Result<SandboxLock, SandboxError> {
-        Ok(self.store.lock(self.id(), kind)?)
+    /// Takes the sandbox's lock and rereads its state: another handle (a
+    /// fetched one, in another process) may have changed it since.
+    fn lock(&mut self, kind: LockKind) -> Result<SandboxLock, SandboxError> {
+        let lock = self.store.lock(self.id(), kind)?;
+        self.state = self.store.load(self.id())?;
+        Ok(lock)
     }
 
     fn save(&self) -> Result<(), SandboxError> {
@@ -456,15 +541,33 @@ impl Sandbox {
     }
 
     /// Notices first processes that have exited since the last look.
+    /// A first process this handle does not wait for (it was started by
+    /// another handle) is asked about through the agent's ContainerStatus.
     fn refresh(&mut self) -> bool {
         let mut changed = false;
         for c in &mut self.state.containers {
-            if matches!(c.phase, ContainerPhase::Running | ContainerPhase::Paused) {
-                if let Some(status) = self.exits.get(&c.config.id, "") {
-                    c.phase = ContainerPhase::Stopped;
-                    c.exit_code = Some(status);
-                    changed = true;
+            if !matches!(c.phase, ContainerPhase::Running | ContainerPhase::Paused) {
+                continue;
+            }
+            let id = c.config.id.as_str();
+            let exit = match self.exits.get(id, "") {
+                Some(status) => Some(status),
+                None if self.exits.watched(id, "") => None,
+                None => {
+                    let request = container_request(id);
+                    match self.agent.call("ContainerStatus", |cl, ctx| cl.container_status(ctx, &request)) {
+                        Ok(status) => status.exited.then_some(status.exit_code),
+                        Err(e) => {
+                            debug!(container = %id, error = %e, "no status from the agent");
+                            None
+                        }
+                    }
                 }
+            };
+            if let Some(status) = exit {
+                c.phase = ContainerPhase::Stopped;
+                c.exit_code = Some(status);
+                changed = true;
             }
         }
         changed
@@ -607,7 +710,7 @@ impl Sandbox {
                 Err(StateError::NotFound(_)) => continue,
                 Err(e) => return Err(e.into()),
             };
-            let owner_alive = process_alive(state.owner_pid);
+            let owner_alive = attached::process_alive(state.owner_pid);
             all.push(SandboxSummary { status: status_of(&state), owner_alive });
         }
         Ok(all)
@@ -615,10 +718,13 @@ impl Sandbox {
 }
 
 impl Drop for Sandbox {
-    /// A handle dropped without stop leaves no VM behind; its state says
-    /// where it was, and `list` shows its owner gone.
+    /// The owner's handle dropped without stop leaves no VM behind; its
+    /// state says where it was, and `list` shows its owner gone. A fetched
+    /// handle leaves the sandbox as it is.
     fn drop(&mut self) {
-        let _ = self.vm.stop();
+        if self.vm.owned() {
+            let _ = self.vm.stop();
+        }
     }
 }
 
@@ -657,13 +763,4 @@ fn status_of(state: &SandboxState) -> SandboxStatus {
         created_unix_ms: state.created_unix_ms,
         containers: state.containers.iter().map(container_status_of).collect(),
     }
-}
-
-/// Whether process `pid` exists (signal 0 probes without sending).
-fn process_alive(pid: u32) -> bool {
-    let Ok(pid) = libc::pid_t::try_from(pid) else { return false };
-    // SAFETY: kill with signal 0 sends nothing; it only checks that the
-    // process exists and may be signalled.
-    let rc = unsafe { libc::kill(pid, 0) };
-    rc == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
 }
