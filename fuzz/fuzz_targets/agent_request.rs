@@ -5,8 +5,8 @@
 //! error reply.
 #![no_main]
 
-use agent::spec::{parse_process, parse_spec};
 use agent::service::limits_from;
+use agent::spec::{parse_process, parse_spec};
 use agent_proto::agent::{CreateContainerRequest, ExecProcessRequest, UpdateContainerRequest};
 use agent_proto::protobuf::Message;
 use libfuzzer_sys::fuzz_target;
