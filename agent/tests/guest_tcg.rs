@@ -15,8 +15,6 @@ use std::os::fd::IntoRawFd;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use std::sync::atomic::Ordering;
-
 use agent_proto::agent::{
     ContainerRequest, ContainerState, Empty, ExecProcessRequest, IPAddress, Interface, OnlineCPUMemRequest, Resources,
     Route, Routes, SignalProcessRequest, Stdio, UpdateContainerRequest, UpdateInterfaceRequest, UpdateRoutesRequest,
@@ -25,20 +23,18 @@ use agent_proto::agent::{
 use agent_proto::agent_ttrpc::AgentClient;
 use agent_proto::{link, ttrpc};
 use anyhow::{anyhow, ensure, Context};
-use devices::virtio::block::{Block, BlockConfig};
-use devices::virtio::net::{Net, NetConfig};
-use devices::virtio::vsock::{Vsock, VsockConfig};
 use libtest_mimic::Arguments;
+use runtime_api::hypervisor::qemu_tcg::QemuTcg;
+use runtime_api::hypervisor::{Disk, Hypervisor, Nic, VmFigures, VmSpec};
 use vessel_tests::agent::{
     collected, container, ctx, output_ports, process_json, rpc_error, spec_json, wait_for, HostSide, SpecOptions,
 };
 use vessel_tests::harness::{e2fsprogs_unavailable, gate, trial};
 use vessel_tests::netns::NetNs;
-use vessel_tests::tier3::{boot_linux_tcg, qemu_tcg_unavailable, test_kernel, vhost_user_device_args, LinuxOptions};
+use vessel_tests::tier3::{qemu_tcg_unavailable, test_kernel};
 use vessel_tests::TempDir;
 
 const AGENT: &str = env!("CARGO_BIN_EXE_vessel-agent");
-const GUEST_CID: u64 = 3;
 const DISK_SERIAL: &str = "rootfs";
 const MEMORY_LIMIT: u64 = 64 << 20;
 const PIDS_LIMIT: u64 = 32;
@@ -60,15 +56,16 @@ struct Guest<'a> {
     started: Instant,
 }
 
-/// Boots the agent's guest (our vsock and blk over vhost-user, QEMU's rng,
-/// and our net on `net` when given), runs `scenario` against it, and
-/// makes sure the guest is gone afterwards. Returns what the scenario
-/// reports.
+/// Boots the agent's guest on the sandbox API's qemu-tcg hypervisor (our
+/// vsock and blk over vhost-user, QEMU's rng, and a NIC on `nic` when
+/// given), runs `scenario` against it, and stops the guest afterwards, as
+/// the host stops a sandbox's VM. Returns what the scenario reports and
+/// the VM's figures just before the stop.
 fn with_guest(
     tag: &str,
-    net: Option<devices::virtio::net::Net>,
+    nic: Option<Nic>,
     scenario: impl FnOnce(&Guest) -> anyhow::Result<String>,
-) -> anyhow::Result<String> {
+) -> anyhow::Result<(String, VmFigures)> {
     let kernel = test_kernel()?;
     let dir = TempDir::new(tag)?;
     let agent = resources::guest_image::read_agent(Path::new(AGENT))?;
@@ -80,53 +77,43 @@ fn with_guest(
     let image = dir.path().join("rootfs.ext4");
     resources::rootfs::build_ext4(&tree, &image, Some(32 << 20))?;
 
-    let uds = dir.path().join("vsock.sock");
-    let (vsock, _) = Vsock::new(&VsockConfig { guest_cid: GUEST_CID, uds_path: uds.clone() })?;
-    let vsock_socket = dir.path().join("vhost-vsock.sock");
-    let mut servers = vec![devices::virtio::vhost_user::spawn("vsock", Box::new(vsock), &vsock_socket)?];
-    let blk_socket = dir.path().join("vhost-blk.sock");
-    let config = BlockConfig { path: image, read_only: false, id: Some(DISK_SERIAL.into()) };
-    servers.push(devices::virtio::vhost_user::spawn("blk", Box::new(Block::open(&config)?.0), &blk_socket)?);
-
+    let spec = VmSpec {
+        dir: dir.path().to_path_buf(),
+        kernel: kernel.image.clone(),
+        initrd,
+        vcpus: 2,
+        memory_mib: 256,
+        disks: vec![Disk { path: image, read_only: false, serial: DISK_SERIAL.into() }],
+        nics: nic.into_iter().collect(),
+        hotplug_slots: 0,
+    };
+    let uds = spec.vsock_socket();
     let host = HostSide::new(uds.clone());
     let ready = host.listen(link::DEFAULT_PORT)?;
-    let mut opts = LinuxOptions::new(&kernel.image, &initrd);
-    opts.machine.vhost_user = true;
-    opts.machine.vcpus = 2;
-    opts.timeout = Duration::from_secs(300);
-    opts.machine.extra_args = vhost_user_device_args(&vsock_socket, "vhost-user-vsock-device");
-    opts.machine.extra_args.extend(vhost_user_device_args(&blk_socket, "vhost-user-blk"));
-    // Entropy from the first boot (QEMU's own virtio-rng here; ours is
-    // tested in-process).
-    opts.machine.extra_args.extend(["-device".to_string(), "virtio-rng-device".to_string()]);
-    if let Some(net) = net {
-        let net_socket = dir.path().join("vhost-net.sock");
-        servers.push(devices::virtio::vhost_user::spawn("net", Box::new(net), &net_socket)?);
-        opts.machine.extra_args.extend(runtime_api::qemu::vhost_user_net_args(&net_socket, GUEST_MAC));
-    }
+    let mut vm = QemuTcg::default();
     let started = Instant::now();
-    let abort = opts.abort.clone();
-    let timeout = opts.timeout;
-    let qemu = std::thread::spawn(move || boot_linux_tcg(&opts));
+    vm.start(&spec)?;
 
     let outcome = scenario(&Guest { host: &host, ready: &ready, uds: &uds, started });
     // Whatever happened, the harness stops the guest, as the host stops a
     // sandbox's VM: DestroySandbox leaves it running.
-    abort.store(true, std::sync::atomic::Ordering::Relaxed);
-    let run = qemu.join().map_err(|_| anyhow!("the QEMU thread panicked"))??;
-    let served: Vec<_> = servers.into_iter().map(|s| s.join()).collect();
-    let report = outcome.with_context(|| format!("guest console:\n{}", run.console))?;
+    let figures = vm.figures();
+    let ended_by_itself = vm.exited();
+    let console = std::fs::read_to_string(spec.console_log()).unwrap_or_default();
+    vm.stop()?;
+    let report = outcome.with_context(|| format!("guest console:\n{console}"))?;
     // The scenario ended with DestroySandbox and the agent still answering:
     // the guest was still up when QEMU was stopped (it neither powered off
-    // nor died by itself, nor ran to the timeout), the frontend went
-    // away, and each device daemon ended cleanly.
-    ensure!(run.timed_out, "QEMU ended by itself (exit {:?}) after DestroySandbox{}", run.exit, run.context());
-    ensure!(run.elapsed < timeout, "QEMU ran to its {timeout:?} timeout{}", run.context());
-    for result in served {
-        result.map_err(|_| anyhow!("a vhost-user server panicked"))??;
-    }
-    ensure!(run.console.contains("vessel-agent: ready after"), "no readiness in the console{}", run.context());
-    Ok(report)
+    // nor died by itself), the frontend went away, and each device backend
+    // ended cleanly.
+    ensure!(
+        ended_by_itself.is_none(),
+        "{} after DestroySandbox; console:\n{console}",
+        ended_by_itself.unwrap_or_default()
+    );
+    ensure!(vm.backend_errors().is_empty(), "device backends ended badly: {:?}", vm.backend_errors());
+    ensure!(console.contains("vessel-agent: ready after"), "no readiness in the console:\n{console}");
+    Ok((report, figures?))
 }
 
 /// Waits for the agent and connects to it.
@@ -139,7 +126,7 @@ fn connect(g: &Guest) -> anyhow::Result<(AgentClient, String, Duration)> {
 }
 
 fn containers_in_a_guest() -> anyhow::Result<()> {
-    let report = with_guest("agent-guest", None, drive)?;
+    let (report, _) = with_guest("agent-guest", None, drive)?;
     eprintln!("{report}");
     Ok(())
 }
@@ -152,10 +139,13 @@ const GUEST_MAC: &str = "52:54:00:76:73:61";
 fn container_network_in_a_guest() -> anyhow::Result<()> {
     let ns = NetNs::new("agent-guest-net")?;
     let mac = [0x52, 0x54, 0x00, 0x76, 0x73, 0x61];
-    let (net, counters) = ns.within(move || Ok(Net::new(&NetConfig { tap: "vtap2".into(), mac })?))?;
+    // A TAP that lasts (the hypervisor opens it in the namespace), with the
+    // host's address on it before the guest comes up.
+    ns.ip(&["tuntap", "add", "dev", "vtap2", "mode", "tap", "vnet_hdr"])?;
     ns.ip(&["addr", "add", "10.79.0.1/24", "dev", "vtap2"])?;
     ns.ip(&["link", "set", "vtap2", "up"])?;
-    let report = with_guest("agent-guest-net", Some(net), |g| {
+    let nic = Nic { netns: Some(format!("/var/run/netns/{}", ns.0).into()), tap: "vtap2".into(), mac };
+    let (report, figures) = with_guest("agent-guest-net", Some(nic), |g| {
         let (client, _, _) = connect(g)?;
         let iface = Interface {
             name: "eth0".into(),
@@ -195,7 +185,9 @@ fn container_network_in_a_guest() -> anyhow::Result<()> {
         destroy(&client)?;
         Ok("eth0 configured through the agent; a container pinged the host 3/3".into())
     })?;
-    let (rx, tx) = (counters.rx_packets.load(Ordering::Relaxed), counters.tx_packets.load(Ordering::Relaxed));
+    let net = figures.devices.iter().find(|(name, _)| name.starts_with("net ")).context("no net device figures")?;
+    let counter = |key: &str| net.1.iter().find(|(k, _)| k == key).map_or(0, |(_, v)| *v);
+    let (rx, tx) = (counter("rx_packets"), counter("tx_packets"));
     ensure!(rx >= 3 && tx >= 3, "our net backend moved {tx} frames out and {rx} in");
     eprintln!("container_network_in_a_guest: {report}");
     Ok(())

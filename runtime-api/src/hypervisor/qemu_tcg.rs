@@ -148,6 +148,7 @@ pub struct QemuTcg {
     console: PathBuf,
     started: Option<Instant>,
     memory_bytes: u64,
+    backend_errors: Vec<String>,
 }
 
 impl QemuTcg {
@@ -198,11 +199,17 @@ impl QemuTcg {
                 std::thread::sleep(Duration::from_millis(5));
             }
             if served.thread.is_finished() {
-                if let Ok(Err(e)) = served.thread.join() {
-                    tracing::debug!(device = %served.name, error = %e, "a device backend ended with an error");
+                match served.thread.join() {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => {
+                        tracing::debug!(device = %served.name, error = %e, "a device backend ended with an error");
+                        self.backend_errors.push(format!("{}: {e}", served.name));
+                    }
+                    Err(_) => self.backend_errors.push(format!("{}: its thread panicked", served.name)),
                 }
             } else {
                 tracing::warn!(device = %served.name, "a device backend did not end; leaving its thread");
+                self.backend_errors.push(format!("{}: did not end", served.name));
             }
             let _ = std::fs::remove_file(&served.socket);
         }
@@ -217,6 +224,14 @@ fn placeholder_mac(dir: &Path, index: u8) -> [u8; 6] {
     dir.hash(&mut hasher);
     let h = hasher.finish().to_le_bytes();
     [0x02, h[0], h[1], h[2], h[3], index]
+}
+
+impl QemuTcg {
+    /// How the device backends that have ended did, when they did not end
+    /// cleanly (a frontend that went away is clean).
+    pub fn backend_errors(&self) -> &[String] {
+        &self.backend_errors
+    }
 }
 
 fn exit_reason(qemu: &mut Option<Qemu>) -> Option<String> {
