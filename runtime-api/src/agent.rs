@@ -53,7 +53,11 @@ pub struct HostSide {
 impl HostSide {
     /// Host sockets named `<prefix>_<port>`.
     pub fn new(prefix: PathBuf) -> Self {
-        HostSide { prefix, next_port: AtomicU32::new(5000) }
+        // Stream ports start at 5000, spread by process so that handles in
+        // several processes seldom meet (and step over each other when
+        // they do, see `stream`).
+        let start = 5000 + (std::process::id() % 1000) * 1000;
+        HostSide { prefix, next_port: AtomicU32::new(start) }
     }
 
     /// Listens on `<prefix>_<port>` (an old socket there is replaced).
@@ -69,10 +73,19 @@ impl HostSide {
     }
 
     /// A fresh port and its listener, for one stream the agent will dial.
+    /// Handles in several processes share the socket names, so a port
+    /// whose socket exists is skipped, never taken over (a stream accepted
+    /// removes its socket).
     pub fn stream(&self) -> Result<PendingStream, AgentError> {
-        let port = self.port();
-        let listener = self.listen(port)?;
-        Ok(PendingStream { port, path: link::port_path(&self.prefix, port), listener })
+        loop {
+            let port = self.port();
+            let path = link::port_path(&self.prefix, port);
+            match UnixListener::bind(&path) {
+                Ok(listener) => return Ok(PendingStream { port, path, listener }),
+                Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => continue,
+                Err(e) => return Err(AgentError::Listen(path, e)),
+            }
+        }
     }
 
     /// Waits for the agent's readiness line on `listener`, returning its
