@@ -2,6 +2,7 @@
 
 mod bench;
 mod bench_blk;
+mod lifecycle;
 mod sandbox;
 mod serve;
 
@@ -18,6 +19,10 @@ use vmm::{BootSourceConfig, ConsoleOutput, DeviceConfig, ExitReason, MachineConf
 #[derive(Parser, Debug)]
 #[command(name = "vessel", version, about = "Containers in KVM microVMs: a VMM and a sandbox runtime in one binary")]
 struct Cli {
+    /// Where sandboxes keep their state, lock, sockets and logs (default:
+    /// /run/vessel for root, $TMPDIR/vessel-UID for others).
+    #[arg(long, global = true, value_name = "DIR")]
+    root: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -39,6 +44,64 @@ enum Command {
     /// Run containers in sandbox VMs.
     #[command(subcommand)]
     Sandbox(SandboxCommand),
+    /// Run a command in a container in a fresh sandbox, in the foreground:
+    /// its output and exit status are ours; the sandbox goes when it ends.
+    Run {
+        /// Give the container our stdin.
+        #[arg(short, long)]
+        interactive: bool,
+        #[command(flatten)]
+        sandbox: lifecycle::SandboxArgs,
+    },
+    /// Create a sandbox with one container (not started), owned by a
+    /// detached host process; prints its ID.
+    Create(lifecycle::SandboxArgs),
+    /// Start a created sandbox's container.
+    Start { id: String },
+    /// The sandbox's and its container's state and exit code.
+    Status { id: String },
+    /// The container's processes.
+    Ps { id: String },
+    /// The VM's and the container's figures.
+    Stats { id: String },
+    /// Pause every vCPU of the sandbox.
+    Pause { id: String },
+    /// Resume a paused sandbox.
+    Resume { id: String },
+    /// What the container wrote.
+    Logs { id: String },
+    /// Run a command in the sandbox's running container; its output and
+    /// exit status are ours.
+    Exec {
+        id: String,
+        /// The command and its arguments.
+        #[arg(required = true, last = true)]
+        command: Vec<String>,
+    },
+    /// Send a signal to the container's first process (default TERM).
+    Kill {
+        id: String,
+        #[arg(value_parser = lifecycle::parse_signal, default_value = "TERM")]
+        signal: u32,
+        /// Signal every process in the container.
+        #[arg(long)]
+        all: bool,
+    },
+    /// Stop and delete a sandbox; --force also takes one whose owner died.
+    Delete {
+        id: String,
+        #[arg(long)]
+        force: bool,
+    },
+    /// Every sandbox, dead ones marked.
+    List {
+        /// table or json.
+        #[arg(long, default_value = "table")]
+        format: String,
+    },
+    /// The owner process of a detached sandbox (started by `create`).
+    #[command(name = "__own", hide = true)]
+    Own { config: String },
     /// Write the bundled test guests (tiny kernels used by tests) to a directory.
     Guests {
         /// Directory to write them to (created if missing).
@@ -205,11 +268,39 @@ fn main() -> ExitCode {
         Command::Guests { out } => write_guests(&out).map(|()| ExitCode::SUCCESS),
         Command::Image(cmd) => image(cmd).map(|()| ExitCode::SUCCESS),
         Command::Sandbox(SandboxCommand::Run(args)) => sandbox::run(&args),
+        Command::Run { interactive, sandbox } => lifecycle::run(&store(&cli.root), &sandbox, interactive),
+        Command::Create(args) => lifecycle::create(&store(&cli.root), &args),
+        Command::Own { config } => lifecycle::own(&store(&cli.root), &config),
+        Command::List { format } => match format.as_str() {
+            "table" => lifecycle::list(&store(&cli.root), false),
+            "json" => lifecycle::list(&store(&cli.root), true),
+            other => Err(anyhow::anyhow!("unknown format {other:?}: use table or json")),
+        },
+        Command::Start { id } => lifecycle::run_op(&store(&cli.root), &id, lifecycle::Op::Start),
+        Command::Status { id } => lifecycle::run_op(&store(&cli.root), &id, lifecycle::Op::Status),
+        Command::Ps { id } => lifecycle::run_op(&store(&cli.root), &id, lifecycle::Op::Ps),
+        Command::Stats { id } => lifecycle::run_op(&store(&cli.root), &id, lifecycle::Op::Stats),
+        Command::Pause { id } => lifecycle::run_op(&store(&cli.root), &id, lifecycle::Op::Pause),
+        Command::Resume { id } => lifecycle::run_op(&store(&cli.root), &id, lifecycle::Op::Resume),
+        Command::Logs { id } => lifecycle::run_op(&store(&cli.root), &id, lifecycle::Op::Logs),
+        Command::Exec { id, command } => lifecycle::run_op(&store(&cli.root), &id, lifecycle::Op::Exec { command }),
+        Command::Kill { id, signal, all } => {
+            lifecycle::run_op(&store(&cli.root), &id, lifecycle::Op::Kill { signal, all })
+        }
+        Command::Delete { id, force } => lifecycle::run_op(&store(&cli.root), &id, lifecycle::Op::Delete { force }),
     };
     result.unwrap_or_else(|e| {
         eprintln!("vessel: error: {e:#}");
         ExitCode::FAILURE
     })
+}
+
+/// The sandbox store: `--root`, or the default for this user.
+fn store(root: &Option<PathBuf>) -> runtime_api::Store {
+    match root {
+        Some(root) => runtime_api::Store::new(root),
+        None => sandbox::default_store(),
+    }
 }
 
 fn image(cmd: ImageCommand) -> anyhow::Result<()> {

@@ -52,9 +52,10 @@ impl Drop for Scratch {
     }
 }
 
-/// Where `sandbox run` keeps its sandbox's state: the system's state root
-/// for root, a private one under the temporary directory for others.
-fn store() -> Store {
+/// Where sandboxes keep their state unless `--root` says otherwise: the
+/// system's state root for root, a private one under the temporary
+/// directory for others.
+pub(crate) fn default_store() -> Store {
     // SAFETY: geteuid has no preconditions.
     let uid = unsafe { libc::geteuid() };
     if uid == 0 {
@@ -92,7 +93,7 @@ pub(crate) fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
     config.memory_mib = args.mem;
     config.containers.push(container);
 
-    let mut sandbox = Sandbox::create(&store(), config, None)?;
+    let mut sandbox = Sandbox::create(&default_store(), config, None)?;
     let ready_after = began.elapsed();
     let io = sandbox.take_io("run")?;
     // Streams are accepted in threads: the agent dials them while the

@@ -3,6 +3,7 @@
 
 use std::path::Path;
 use std::process::{Command, Output};
+use std::time::Duration;
 
 use anyhow::{ensure, Context};
 use guests::{Format, Program};
@@ -397,6 +398,152 @@ fn sandbox_run_is_the_containers_output_and_status() -> TestResult {
     Ok(())
 }
 
+/// A guest image of the built agent, in `dir/guest`.
+fn built_guest_image(dir: &TempDir) -> anyhow::Result<String> {
+    let image = dir.path().join("guest");
+    let build = image_build_args(&built_agent(), &image)?;
+    let build: Vec<&str> = build.iter().map(String::as_str).collect();
+    let out = vessel(&build)?;
+    ensure!(out.status.success(), "image build: {}", text(&out.stderr));
+    Ok(image.to_string_lossy().into_owned())
+}
+
+/// `vessel ARGS` that must succeed; its stdout.
+fn ok(args: &[&str]) -> anyhow::Result<String> {
+    let out = vessel(args)?;
+    ensure!(out.status.success(), "vessel {}: exit {:?}: {}", args.join(" "), out.status, text(&out.stderr));
+    Ok(text(&out.stdout))
+}
+
+/// `vessel ARGS` that must fail; its stderr.
+fn refused(args: &[&str]) -> anyhow::Result<String> {
+    let out = vessel(args)?;
+    ensure!(out.status.code() == Some(1), "vessel {}: exit {:?}: {}", args.join(" "), out.status, text(&out.stdout));
+    Ok(text(&out.stderr))
+}
+
+/// `vessel run` with a directory root: the container's output and status
+/// are ours, and nothing of the sandbox is left.
+fn run_is_create_start_wait_delete_in_the_foreground() -> TestResult {
+    let dir = TempDir::new("cli-run")?;
+    let image = built_guest_image(&dir)?;
+    let tree = dir.path().join("tree");
+    resources::rootfs::busybox_tree(&tree)?;
+    let root = dir.path().join("state");
+    let (root, tree) = (root.to_string_lossy().into_owned(), tree.to_string_lossy().into_owned());
+    let out = vessel(&[
+        "--root",
+        &root,
+        "run",
+        "--image",
+        &image,
+        &tree,
+        "--",
+        "sh",
+        "-c",
+        "echo hi from $(hostname); exit 4",
+    ])?;
+    ensure!(out.status.code() == Some(4), "exit {:?}: {}", out.status, text(&out.stderr));
+    ensure!(text(&out.stdout).starts_with("hi from "), "stdout {:?}", text(&out.stdout));
+    let listed = ok(&["--root", &root, "list", "--format", "json"])?;
+    ensure!(listed.trim() == "[]", "run left a sandbox: {listed}");
+    Ok(())
+}
+
+/// `create` starts a detached owner; `start`, `logs`, `exec`, `ps`,
+/// `status`, `pause`, `resume`, `kill` and `delete` drive the sandbox from
+/// other processes; unknown IDs are refused by name.
+fn detached_sandboxes_are_driven_command_by_command() -> TestResult {
+    let dir = TempDir::new("cli-detached")?;
+    let image = built_guest_image(&dir)?;
+    let rootfs = dir.path().join("root.ext4");
+    resources::rootfs::demo_rootfs(&rootfs)?;
+    let root = dir.path().join("state").to_string_lossy().into_owned();
+    let rootfs = rootfs.to_string_lossy().into_owned();
+    let v = |args: &[&str]| -> Vec<String> {
+        let mut all = vec!["--root".to_string(), root.clone()];
+        all.extend(args.iter().map(|a| a.to_string()));
+        all
+    };
+    let run = |args: &[&str]| ok(&v(args).iter().map(String::as_str).collect::<Vec<_>>());
+    let fail = |args: &[&str]| refused(&v(args).iter().map(String::as_str).collect::<Vec<_>>());
+
+    let id = run(&["create", "--id", "box", "--image", &image, &rootfs, "--", "sh", "-c", "echo up; exec sleep 1000"])?;
+    ensure!(id.trim() == "box", "create printed {id:?}");
+    ensure!(fail(&["create", "--id", "box", "--image", &image, &rootfs, "--", "true"])?.contains("exists already"));
+    ensure!(run(&["list"])?.lines().any(|l| l.starts_with("box ") && l.contains(" ready ")), "list");
+    run(&["start", "box"])?;
+    let exec = vessel(
+        &v(&["exec", "box", "--", "sh", "-c", "echo in exec; exit 3"]).iter().map(String::as_str).collect::<Vec<_>>(),
+    )?;
+    ensure!(
+        exec.status.code() == Some(3) && text(&exec.stdout) == "in exec\n",
+        "exec: {:?} {}",
+        exec.status,
+        text(&exec.stderr)
+    );
+    ensure!(run(&["logs", "box"])? == "up\n", "logs");
+    ensure!(run(&["ps", "box"])?.contains("sleep 1000"), "ps");
+    ensure!(run(&["status", "box"])?.contains("container box running"), "status");
+    run(&["pause", "box"])?;
+    ensure!(run(&["list"])?.contains(" paused "), "list after pause");
+    run(&["resume", "box"])?;
+    ensure!(run(&["stats", "box"])?.contains("container box: cpu"), "stats");
+    run(&["kill", "box", "KILL"])?;
+    let stopped = vessel_tests::wait_until(Duration::from_secs(30), || {
+        run(&["status", "box"]).is_ok_and(|s| s.contains("container box stopped exit 137"))
+    });
+    ensure!(stopped, "status after kill: {}", run(&["status", "box"])?);
+    for (args, want) in [
+        (vec!["start", "nope"], r#"no sandbox with ID "nope""#),
+        (vec!["kill", "box", "BOGUS"], "unknown signal"),
+        (vec!["delete", "nope"], r#"no sandbox with ID "nope""#),
+    ] {
+        let err = fail(&args).or_else(|_| {
+            let out = vessel(&v(&args).iter().map(String::as_str).collect::<Vec<_>>())?;
+            Ok::<_, anyhow::Error>(text(&out.stderr))
+        })?;
+        ensure!(err.contains(want), "{args:?}: {err}");
+    }
+    run(&["delete", "box"])?;
+    ensure!(run(&["list", "--format", "json"])?.trim() == "[]", "delete left the sandbox listed");
+    ensure!(!Path::new(&root).join(".scratch").join("box").exists(), "delete left the scratch directory");
+    Ok(())
+}
+
+/// kill -9 of a sandbox's owner: `list` shows it dead, `delete` refuses it
+/// without --force, `delete --force` removes every trace (its QEMU, state,
+/// sockets, scratch), and the ID can be used again.
+fn a_killed_owner_leaves_a_dead_sandbox_that_delete_force_removes() -> TestResult {
+    let dir = TempDir::new("cli-dead")?;
+    let image = built_guest_image(&dir)?;
+    let rootfs = dir.path().join("root.ext4");
+    resources::rootfs::demo_rootfs(&rootfs)?;
+    let root = dir.path().join("state");
+    let (root_s, rootfs) = (root.to_string_lossy().into_owned(), rootfs.to_string_lossy().into_owned());
+    let create = ["--root", &root_s, "create", "--id", "ghost", "--image", &image, &rootfs, "--", "sleep", "1000"];
+    ok(&create)?;
+    let owner = runtime_api::Store::new(&root).load("ghost")?.owner_pid;
+    // SAFETY: kill sends a signal; it touches no memory of ours.
+    ensure!(unsafe { libc::kill(owner as i32, libc::SIGKILL) } == 0, "kill -9 {owner}");
+    ensure!(vessel_tests::wait_until(Duration::from_secs(10), || !Path::new(&format!("/proc/{owner}")).exists()));
+    ensure!(ok(&["--root", &root_s, "list"])?.lines().any(|l| l.starts_with("ghost ") && l.contains(" dead ")), "list");
+    let err = refused(&["--root", &root_s, "delete", "ghost"])?;
+    ensure!(err.contains("is dead") && err.contains("force"), "{err}");
+    ok(&["--root", &root_s, "delete", "--force", "ghost"])?;
+    ensure!(!root.join("ghost").exists() && !root.join(".scratch").join("ghost").exists(), "traces left");
+    let qemus: Vec<String> = std::fs::read_dir("/proc")?
+        .flatten()
+        .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
+        .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
+        .filter(|c| c.contains(&root_s))
+        .collect();
+    ensure!(qemus.is_empty(), "processes left: {qemus:?}");
+    ok(&create)?;
+    ok(&["--root", &root_s, "delete", "ghost"])?;
+    Ok(())
+}
+
 fn main() {
     let args = Arguments::from_args();
     let mut trials = vec![
@@ -412,7 +559,18 @@ fn main() {
     ));
     trials.extend(gate(
         if args.list { None } else { sandbox_unavailable() },
-        vec![trial("sandbox_run_is_the_containers_output_and_status", sandbox_run_is_the_containers_output_and_status)],
+        vec![
+            trial("sandbox_run_is_the_containers_output_and_status", sandbox_run_is_the_containers_output_and_status),
+            trial(
+                "run_is_create_start_wait_delete_in_the_foreground",
+                run_is_create_start_wait_delete_in_the_foreground,
+            ),
+            trial("detached_sandboxes_are_driven_command_by_command", detached_sandboxes_are_driven_command_by_command),
+            trial(
+                "a_killed_owner_leaves_a_dead_sandbox_that_delete_force_removes",
+                a_killed_owner_leaves_a_dead_sandbox_that_delete_force_removes,
+            ),
+        ],
     ));
     trials.extend(gate(
         kvm_unavailable(),

@@ -1,0 +1,408 @@
+//! Detached sandboxes: `vessel create` starts one host process per sandbox
+//! that owns its VM (`vessel __own`), and the other commands reach the
+//! sandbox through the sandbox API's fetch (the agent, over the sandbox's
+//! vsock socket) or, for what only the owner can do, through the owner's
+//! control socket in the sandbox's directory.
+//!
+//! Each sandbox has one container with the sandbox's ID. Its output goes
+//! to `<root>/.scratch/<id>/output.log`; `vessel logs ID` prints it.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode, Stdio};
+
+use anyhow::{bail, Context};
+use clap::Args;
+use runtime_api::sandbox::STREAM_TIMEOUT;
+use runtime_api::state::SandboxPhase;
+use runtime_api::{ContainerConfig, HypervisorKind, ProcessConfig, Sandbox, SandboxConfig, Store};
+
+/// The owner's control socket, in the sandbox's directory.
+const CONTROL_SOCKET: &str = "control.sock";
+
+/// What `create` and `run` take.
+#[derive(Args, Debug, Clone)]
+pub(crate) struct SandboxArgs {
+    /// The sandbox's ID (default: a fresh one).
+    #[arg(long)]
+    id: Option<String>,
+    /// The guest image directory (`vessel image build --out DIR`).
+    #[arg(long, default_value = "target/guest-image")]
+    image: PathBuf,
+    /// The hypervisor: builtin or qemu-tcg (default: chosen for this host).
+    #[arg(long)]
+    hypervisor: Option<HypervisorKind>,
+    /// vCPUs.
+    #[arg(long, default_value_t = 1)]
+    cpus: u8,
+    /// Guest memory in MiB.
+    #[arg(long, default_value_t = 256)]
+    memory: u64,
+    /// The container's root: an ext4 image (used in place, written to), a
+    /// directory or an OCI image layout (packed into a fresh image).
+    rootfs: PathBuf,
+    /// The command and its arguments.
+    #[arg(required = true, last = true)]
+    command: Vec<String>,
+}
+
+/// The scratch directory of sandbox `id`: its packed root and its output,
+/// kept while the sandbox lives.
+fn scratch(store: &Store, id: &str) -> PathBuf {
+    store.root().join(".scratch").join(id)
+}
+
+/// A fresh sandbox ID.
+fn fresh_id() -> String {
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos());
+    format!("vessel-{}-{nanos:08x}", std::process::id())
+}
+
+/// The container's root as an ext4 image: `rootfs` itself, or a fresh
+/// image of a directory or OCI layout in `scratch`.
+fn root_image(rootfs: &Path, scratch: &Path) -> anyhow::Result<PathBuf> {
+    if rootfs.is_file() {
+        return Ok(rootfs.to_path_buf());
+    }
+    if !rootfs.is_dir() {
+        bail!("the root {} is neither an ext4 image nor a directory", rootfs.display());
+    }
+    let image = scratch.join("rootfs.ext4");
+    if resources::oci::is_layout(rootfs) {
+        let tree = scratch.join("rootfs-tree");
+        let unpacked = resources::oci::unpack_layout(rootfs, &tree)
+            .with_context(|| format!("unpacking the OCI layout {}", rootfs.display()));
+        let built = unpacked.and_then(|()| Ok(resources::rootfs::build_ext4(&tree, &image, None)?));
+        let _ = std::fs::remove_dir_all(&tree);
+        built?;
+    } else {
+        resources::rootfs::build_ext4(rootfs, &image, None)?;
+    }
+    Ok(image)
+}
+
+fn sandbox_config(args: &SandboxArgs, id: &str, root: PathBuf) -> SandboxConfig {
+    let command: Vec<&str> = args.command.iter().map(String::as_str).collect();
+    let mut config = SandboxConfig::new(id, &args.image);
+    config.hypervisor = args.hypervisor;
+    config.vcpus = args.cpus;
+    config.memory_mib = args.memory;
+    config.containers.push(ContainerConfig::new(id, root, &command));
+    config
+}
+
+/// `vessel create`: starts the owner process and waits until it says the
+/// sandbox is created; prints the ID.
+pub(crate) fn create(store: &Store, args: &SandboxArgs) -> anyhow::Result<ExitCode> {
+    let id = args.id.clone().unwrap_or_else(fresh_id);
+    runtime_api::config::validate_id(&id)?;
+    let scratch = scratch(store, &id);
+    if store.dir(&id)?.exists() {
+        bail!("a sandbox with ID {id:?} exists already");
+    }
+    std::fs::create_dir_all(&scratch).with_context(|| format!("creating {}", scratch.display()))?;
+    let made = (|| {
+        let root = root_image(&args.rootfs, &scratch)?;
+        let config = serde_json::to_string(&sandbox_config(args, &id, root))?;
+        let log = std::fs::File::create(scratch.join("owner.log"))?;
+        let mut owner = Command::new(std::env::current_exe()?)
+            .arg("--root")
+            .arg(store.root())
+            .args(["__own", &config])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(log)
+            .spawn()
+            .context("starting the sandbox's owner process")?;
+        let mut line = String::new();
+        BufReader::new(owner.stdout.take().context("the owner's stdout")?).read_line(&mut line)?;
+        if line.trim() != "ready" {
+            let _ = owner.wait();
+            let log = std::fs::read_to_string(scratch.join("owner.log")).unwrap_or_default();
+            bail!("{}", log.trim().lines().last().unwrap_or("the owner process ended without a word"));
+        }
+        anyhow::Ok(())
+    })();
+    if let Err(e) = made {
+        let _ = std::fs::remove_dir_all(&scratch);
+        return Err(e);
+    }
+    println!("{id}");
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `vessel __own CONFIG`: creates the sandbox, says `ready`, collects the
+/// container's output, and serves the control socket until the sandbox is
+/// stopped.
+pub(crate) fn own(store: &Store, config: &str) -> anyhow::Result<ExitCode> {
+    let config: SandboxConfig = serde_json::from_str(config).context("the sandbox config")?;
+    let id = config.id.clone();
+    // Detached from the terminal and its signals.
+    // SAFETY: setsid has no preconditions; it fails harmlessly if this
+    // process leads a group already.
+    unsafe { libc::setsid() };
+    let mut sandbox = Sandbox::create(store, config, None)?;
+    let output = std::fs::File::create(scratch(store, &id).join("output.log"))?;
+    let io = sandbox.take_io(&id)?;
+    let out = io.stdout.collect_into(output.try_clone()?, STREAM_TIMEOUT);
+    let err = io.stderr.map(|s| s.collect_into(output, STREAM_TIMEOUT));
+    let control = store.dir(&id)?.join(CONTROL_SOCKET);
+    let listener = UnixListener::bind(&control).with_context(|| format!("listening on {}", control.display()))?;
+    std::fs::set_permissions(&control, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+    println!("ready");
+    std::io::stdout().flush()?;
+    for conn in listener.incoming() {
+        let Ok(conn) = conn else { continue };
+        if peer_uid(&conn) != Some(my_uid()) {
+            continue;
+        }
+        let mut line = String::new();
+        let mut reader = BufReader::new(conn.try_clone()?);
+        if reader.read_line(&mut line).is_err() {
+            continue;
+        }
+        let reply = match line.trim() {
+            "stop" => sandbox.stop(false).map_err(|e| error_line(&e)),
+            "stop --force" => sandbox.stop(true).map_err(|e| error_line(&e)),
+            "pause" => sandbox.pause().map_err(|e| error_line(&e)),
+            "resume" => sandbox.resume().map_err(|e| error_line(&e)),
+            other => Err(format!("unknown control request {other:?}")),
+        };
+        let answer = match reply {
+            Ok(()) => "ok\n".to_string(),
+            Err(e) => format!("error {e}\n"),
+        };
+        let mut conn = conn;
+        let _ = conn.write_all(answer.as_bytes());
+        if sandbox.state().phase == SandboxPhase::Stopped {
+            break;
+        }
+    }
+    let _ = std::fs::remove_file(&control);
+    for stream in std::iter::once(out).chain(err) {
+        let _ = stream.join();
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn error_line(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        text = format!("{text}: {c}");
+        cause = c.source();
+    }
+    text.replace('\n', " ")
+}
+
+fn my_uid() -> u32 {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() }
+}
+
+/// The uid of the process at the other end of `conn` (SO_PEERCRED).
+fn peer_uid(conn: &UnixStream) -> Option<u32> {
+    let mut cred = libc::ucred { pid: 0, uid: 0, gid: 0 };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: SO_PEERCRED writes at most `len` bytes into `cred`, which is
+    // a ucred of that size.
+    let rc = unsafe {
+        libc::getsockopt(
+            conn.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&mut cred as *mut libc::ucred).cast(),
+            &mut len,
+        )
+    };
+    (rc == 0).then_some(cred.uid)
+}
+
+/// Sends `request` to sandbox `id`'s owner and waits for its answer.
+fn control(store: &Store, id: &str, request: &str) -> anyhow::Result<()> {
+    let path = store.dir(id)?.join(CONTROL_SOCKET);
+    let mut conn = UnixStream::connect(&path)
+        .with_context(|| format!("sandbox {id:?} has no owner answering on {}", path.display()))?;
+    conn.write_all(format!("{request}\n").as_bytes())?;
+    let mut answer = String::new();
+    BufReader::new(conn).read_line(&mut answer)?;
+    match answer.trim().strip_prefix("error ") {
+        Some(error) => bail!("{error}"),
+        None if answer.trim() == "ok" => Ok(()),
+        None => bail!("the owner of sandbox {id:?} answered {answer:?}"),
+    }
+}
+
+/// The sandbox commands that work on one sandbox.
+pub(crate) enum Op {
+    Start,
+    Status,
+    Ps,
+    Stats,
+    Pause,
+    Resume,
+    Logs,
+    Kill { signal: u32, all: bool },
+    Exec { command: Vec<String> },
+    Delete { force: bool },
+}
+
+pub(crate) fn run_op(store: &Store, id: &str, op: Op) -> anyhow::Result<ExitCode> {
+    match op {
+        Op::Pause => control(store, id, "pause")?,
+        Op::Resume => control(store, id, "resume")?,
+        Op::Logs => {
+            let log = scratch(store, id).join("output.log");
+            let text =
+                std::fs::read(&log).with_context(|| format!("no output of sandbox {id:?} at {}", log.display()))?;
+            std::io::stdout().write_all(&text)?;
+        }
+        Op::Delete { force } => {
+            let state = store.load(id)?;
+            if state.phase != SandboxPhase::Stopped {
+                let request = if force { "stop --force" } else { "stop" };
+                if let Err(e) = control(store, id, request) {
+                    // No owner answering: a dead sandbox, which only a
+                    // forced delete takes (delete_by_id says so).
+                    tracing::debug!(error = %e, "the owner did not stop the sandbox");
+                }
+            }
+            Sandbox::delete_by_id(store, id, force)?;
+            let _ = std::fs::remove_dir_all(scratch(store, id));
+        }
+        Op::Start => Sandbox::fetch(store, id)?.start()?,
+        Op::Status => {
+            let status = Sandbox::fetch(store, id)?.status()?;
+            println!("sandbox {} {} ({})", status.id, status.phase, status.hypervisor);
+            for c in &status.containers {
+                let exit = c.exit_code.map_or("-".into(), |c| c.to_string());
+                println!("container {} {} exit {exit}", c.id, c.phase);
+            }
+        }
+        Op::Ps => {
+            let processes = Sandbox::fetch(store, id)?.process_list(id)?;
+            println!("{:>8} {:>8} {:<10} COMMAND", "PID", "NS-PID", "USER");
+            for p in processes {
+                println!("{:>8} {:>8} {:<10} {}", p.pid, p.ns_pid, p.user, p.command);
+            }
+        }
+        Op::Stats => {
+            let stats = Sandbox::fetch(store, id)?.stats()?;
+            println!("vm uptime {:.1} s, memory {} MiB", stats.vm.uptime.as_secs_f64(), stats.vm.memory_bytes >> 20);
+            for (container, s) in stats.containers {
+                println!(
+                    "container {container}: cpu {} us, memory {} KiB, pids {}",
+                    s.cpu_usage_usec,
+                    s.memory_usage >> 10,
+                    s.pids_current
+                );
+            }
+        }
+        Op::Kill { signal, all } => Sandbox::fetch(store, id)?.kill_container(id, signal, all)?,
+        Op::Exec { command } => {
+            let mut sandbox = Sandbox::fetch(store, id)?;
+            let args: Vec<&str> = command.iter().map(String::as_str).collect();
+            let (exec_id, io) = sandbox.enter_container(id, &ProcessConfig::new(&args))?;
+            let out = io.stdout.collect_into(std::io::stdout(), STREAM_TIMEOUT);
+            let err = io.stderr.map(|s| s.collect_into(std::io::stderr(), STREAM_TIMEOUT));
+            let status = sandbox.wait_process(id, &exec_id, None)?;
+            for stream in std::iter::once(out).chain(err) {
+                let _ = stream.join();
+            }
+            return Ok(ExitCode::from(u8::try_from(status).unwrap_or(255)));
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `vessel list`: every sandbox, dead ones marked.
+pub(crate) fn list(store: &Store, json: bool) -> anyhow::Result<ExitCode> {
+    let all = Sandbox::list(store)?;
+    if json {
+        let items: Vec<serde_json::Value> = all
+            .iter()
+            .map(|s| {
+                serde_json::json!({
+                    "id": s.status.id,
+                    "state": if s.owner_alive { s.status.phase.to_string() } else { "dead".into() },
+                    "hypervisor": s.status.hypervisor.name(),
+                    "containers": s.status.containers.len(),
+                    "created_unix_ms": s.status.created_unix_ms,
+                })
+            })
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&items)?);
+    } else {
+        println!("{:<32} {:<8} {:<9} CONTAINERS", "ID", "STATE", "HYPERVISOR");
+        for s in all {
+            let state = if s.owner_alive { s.status.phase.to_string() } else { "dead".into() };
+            println!(
+                "{:<32} {:<8} {:<9} {}",
+                s.status.id,
+                state,
+                s.status.hypervisor.name(),
+                s.status.containers.len()
+            );
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `vessel run`: create, start, wait, delete, in the foreground; the
+/// container's output is ours, and so is its exit status.
+pub(crate) fn run(store: &Store, args: &SandboxArgs, interactive: bool) -> anyhow::Result<ExitCode> {
+    let id = args.id.clone().unwrap_or_else(fresh_id);
+    let scratch = scratch(store, &id);
+    std::fs::create_dir_all(&scratch).with_context(|| format!("creating {}", scratch.display()))?;
+    let outcome = (|| {
+        let root = root_image(&args.rootfs, &scratch)?;
+        let mut config = sandbox_config(args, &id, root);
+        config.containers[0].process.stdin = interactive;
+        let mut sandbox = Sandbox::create(store, config, None)?;
+        let io = sandbox.take_io(&id)?;
+        let out = io.stdout.collect_into(std::io::stdout(), STREAM_TIMEOUT);
+        let err = io.stderr.map(|s| s.collect_into(std::io::stderr(), STREAM_TIMEOUT));
+        if let Some(stdin) = io.stdin {
+            std::thread::spawn(move || {
+                if let Ok(mut conn) = stdin.accept(STREAM_TIMEOUT) {
+                    let _ = std::io::copy(&mut std::io::stdin().lock(), &mut conn);
+                    let _ = conn.shutdown(std::net::Shutdown::Write);
+                }
+            });
+        }
+        sandbox.start()?;
+        let status = sandbox.wait_process(&id, "", None)?;
+        for stream in std::iter::once(out).chain(err) {
+            let _ = stream.join();
+        }
+        sandbox.stop(false)?;
+        sandbox.delete()?;
+        anyhow::Ok(status)
+    })();
+    let _ = std::fs::remove_dir_all(&scratch);
+    let status = outcome?;
+    Ok(ExitCode::from(u8::try_from(status).unwrap_or(255)))
+}
+
+/// A signal by name (`TERM`, `SIGKILL`) or number.
+pub(crate) fn parse_signal(text: &str) -> Result<u32, String> {
+    if let Ok(n) = text.parse::<u32>() {
+        return Ok(n);
+    }
+    let name = text.trim_start_matches("SIG");
+    let n = match name {
+        "HUP" => libc::SIGHUP,
+        "INT" => libc::SIGINT,
+        "QUIT" => libc::SIGQUIT,
+        "KILL" => libc::SIGKILL,
+        "USR1" => libc::SIGUSR1,
+        "USR2" => libc::SIGUSR2,
+        "TERM" => libc::SIGTERM,
+        "STOP" => libc::SIGSTOP,
+        "CONT" => libc::SIGCONT,
+        _ => return Err(format!("unknown signal {text:?}")),
+    };
+    Ok(n as u32)
+}
