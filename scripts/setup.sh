@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The main job, from a fresh checkout: install what is needed, build vessel
-# and its guest agent, write the sandbox guest image, run a command in a
-# container in a sandbox VM, and boot the bundled test guest on KVM,
-# showing its console output and the boot time measured from inside it.
+# and its guest agent, run a command in a container in a sandbox VM with
+# `vessel run` (its guest image is built on first use), and boot the
+# bundled test guest on KVM, showing its console output and the boot time
+# measured from inside it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -13,13 +14,14 @@ cargo build --release --quiet --bin vessel
 cargo build --release --quiet -p agent --bin vessel-agent
 vessel=target/x86_64-unknown-linux-gnu/release/vessel
 "$vessel" guests --out target/guests >/dev/null
-# The sandbox guest's boot files: the distribution kernel (fetched once,
-# then cached) and an initramfs with the agent next to vessel as /init.
-"$vessel" image build --out target/guest-image
 # The main job: a container in a sandbox VM (QEMU TCG here, our devices
-# over vhost-user), with the demo busybox root.
+# over vhost-user), with a demo busybox root. The first run builds the
+# sandbox guest's boot files in the cache directory: the distribution
+# kernel (fetched once, then cached) and an initramfs with the agent next
+# to vessel as /init.
+"$vessel" image demo-rootfs --out target/demo-rootfs.ext4 >/dev/null
 echo "setup: running a container in a sandbox VM:"
-"$vessel" sandbox run --hostname demo -- sh -c 'echo "hello from a container on $(hostname), kernel $(uname -r)"'
+"$vessel" run --hostname demo target/demo-rootfs.ext4 -- sh -c 'echo "hello from a container on $(hostname), kernel $(uname -r)"'
 
 if [ ! -r /dev/kvm ] || [ ! -w /dev/kvm ]; then
     echo "setup: /dev/kvm is missing or not accessible to $(id -un); vessel is built but cannot boot a VM here" >&2

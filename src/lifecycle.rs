@@ -28,9 +28,10 @@ pub(crate) struct SandboxArgs {
     /// The sandbox's ID (default: a fresh one).
     #[arg(long)]
     id: Option<String>,
-    /// The guest image directory (`vessel image build --out DIR`).
-    #[arg(long, default_value = "target/guest-image")]
-    image: PathBuf,
+    /// The guest image directory (`vessel image build --out DIR`; default:
+    /// one built in the cache directory on first use).
+    #[arg(long, value_name = "DIR")]
+    image: Option<PathBuf>,
     /// The hypervisor: builtin or qemu-tcg (default: chosen for this host).
     #[arg(long)]
     hypervisor: Option<HypervisorKind>,
@@ -40,6 +41,9 @@ pub(crate) struct SandboxArgs {
     /// Guest memory in MiB.
     #[arg(long, default_value_t = 256)]
     memory: u64,
+    /// The container's hostname (default: vessel).
+    #[arg(long)]
+    hostname: Option<String>,
     /// The container's root: an ext4 image (used in place, written to), a
     /// directory or an OCI image layout (packed into a fresh image).
     rootfs: PathBuf,
@@ -83,14 +87,16 @@ fn root_image(rootfs: &Path, scratch: &Path) -> anyhow::Result<PathBuf> {
     Ok(image)
 }
 
-fn sandbox_config(args: &SandboxArgs, id: &str, root: PathBuf) -> SandboxConfig {
+fn sandbox_config(args: &SandboxArgs, id: &str, root: PathBuf) -> anyhow::Result<SandboxConfig> {
     let command: Vec<&str> = args.command.iter().map(String::as_str).collect();
-    let mut config = SandboxConfig::new(id, &args.image);
+    let mut config = SandboxConfig::new(id, crate::guest_image(args.image.as_deref())?);
     config.hypervisor = args.hypervisor;
     config.vcpus = args.cpus;
     config.memory_mib = args.memory;
-    config.containers.push(ContainerConfig::new(id, root, &command));
-    config
+    let mut container = ContainerConfig::new(id, root, &command);
+    container.hostname = args.hostname.clone();
+    config.containers.push(container);
+    Ok(config)
 }
 
 /// `vessel create`: starts the owner process and waits until it says the
@@ -105,7 +111,7 @@ pub(crate) fn create(store: &Store, args: &SandboxArgs) -> anyhow::Result<ExitCo
     std::fs::create_dir_all(&scratch).with_context(|| format!("creating {}", scratch.display()))?;
     let made = (|| {
         let root = root_image(&args.rootfs, &scratch)?;
-        let config = serde_json::to_string(&sandbox_config(args, &id, root))?;
+        let config = serde_json::to_string(&sandbox_config(args, &id, root)?)?;
         let log = std::fs::File::create(scratch.join("owner.log"))?;
         let mut owner = Command::new(std::env::current_exe()?)
             .arg("--root")
@@ -358,7 +364,7 @@ pub(crate) fn run(store: &Store, args: &SandboxArgs, interactive: bool) -> anyho
     std::fs::create_dir_all(&scratch).with_context(|| format!("creating {}", scratch.display()))?;
     let outcome = (|| {
         let root = root_image(&args.rootfs, &scratch)?;
-        let mut config = sandbox_config(args, &id, root);
+        let mut config = sandbox_config(args, &id, root)?;
         config.containers[0].process.stdin = interactive;
         let mut sandbox = Sandbox::create(store, config, None)?;
         let io = sandbox.take_io(&id)?;

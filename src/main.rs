@@ -324,13 +324,17 @@ fn image(cmd: ImageCommand) -> anyhow::Result<()> {
             resources::rootfs::demo_rootfs(&out)?;
             println!("{}", out.display());
         }
-        ImageCommand::Build(args) => image_build(&args)?,
+        ImageCommand::Build(args) => {
+            for line in image_build(&args)? {
+                println!("{line}");
+            }
+        }
     }
     Ok(())
 }
 
 /// `vessel image build`: progress on stderr, the written files on stdout.
-fn image_build(args: &BuildArgs) -> anyhow::Result<()> {
+fn image_build(args: &BuildArgs) -> anyhow::Result<Vec<String>> {
     use resources::{guest_image, kernel};
 
     // The agent first: a wrong one fails before any download.
@@ -366,11 +370,33 @@ fn image_build(args: &BuildArgs) -> anyhow::Result<()> {
     eprintln!("vessel: [4/4] writing the image");
     let initrd = guest_image::build_agent_initramfs(agent, &modules)?.to_bytes();
     let written = guest_image::write_guest_image(&args.out, &kernel.image, &initrd)?;
+    let mut lines = Vec::new();
     for path in [&written.kernel, &written.initrd] {
         let size = std::fs::metadata(path).with_context(|| format!("cannot read {}", path.display()))?.len();
-        println!("{} {size} bytes", path.display());
+        lines.push(format!("{} {size} bytes", path.display()));
     }
-    Ok(())
+    Ok(lines)
+}
+
+/// The guest image a sandbox boots: `explicit` as given, or the one in
+/// the cache directory, built there on first use (and again when the
+/// agent next to this vessel is newer than it), with progress on stderr.
+pub(crate) fn guest_image(explicit: Option<&std::path::Path>) -> anyhow::Result<PathBuf> {
+    if let Some(dir) = explicit {
+        return Ok(dir.to_path_buf());
+    }
+    let dir = resources::cache::dir()?.join("guest-image");
+    let initrd = dir.join(resources::guest_image::INITRD_FILE);
+    let kernel = dir.join(resources::guest_image::KERNEL_FILE);
+    let modified = |p: &std::path::Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+    let agent = default_agent()?;
+    let fresh = kernel.is_file() && modified(&initrd).is_some_and(|built| modified(&agent).is_some_and(|a| a <= built));
+    if !fresh {
+        eprintln!("vessel: building the guest image in {} (once)", dir.display());
+        let args = BuildArgs { out: dir.clone(), kernel: None, modules: None, agent: Some(agent) };
+        image_build(&args)?;
+    }
+    Ok(dir)
 }
 
 /// `vessel-agent` next to the running vessel binary, where cargo builds it.

@@ -14,9 +14,11 @@ use runtime_api::{ContainerConfig, HypervisorKind, Sandbox, SandboxConfig, Store
 
 #[derive(Args, Debug)]
 pub(crate) struct RunArgs {
-    /// The guest image directory (`vessel image build --out DIR`): DIR/kernel and DIR/initrd.img.
-    #[arg(long, default_value = "target/guest-image")]
-    image: PathBuf,
+    /// The guest image directory (`vessel image build --out DIR`): DIR/kernel
+    /// and DIR/initrd.img (default: one built in the cache directory on
+    /// first use).
+    #[arg(long, value_name = "DIR")]
+    image: Option<PathBuf>,
     /// The container's root filesystem, an ext4 image (`vessel image rootfs`
     /// or `vessel image demo-rootfs`), which the container writes to; a copy
     /// of the demo busybox root if not given.
@@ -87,7 +89,7 @@ pub(crate) fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
     let mut container = ContainerConfig::new("run", rootfs, &command);
     container.hostname = Some(args.hostname.clone());
     container.process.stdin = args.interactive;
-    let mut config = SandboxConfig::new(id, &args.image);
+    let mut config = SandboxConfig::new(id, crate::guest_image(args.image.as_deref())?);
     config.hypervisor = args.hypervisor;
     config.vcpus = args.cpus;
     config.memory_mib = args.mem;
