@@ -241,12 +241,38 @@ fn control(store: &Store, id: &str, request: &str) -> anyhow::Result<()> {
     }
 }
 
+/// How listings print.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum Format {
+    /// Aligned columns, for people.
+    Table,
+    /// JSON, for programs.
+    Json,
+}
+
+/// A byte count for people: 1.5 MiB.
+fn human(bytes: u64) -> String {
+    let units = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut value = bytes as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit < units.len() - 1 {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{value:.1} {}", units[unit])
+    }
+}
+
 /// The sandbox commands that work on one sandbox.
 pub(crate) enum Op {
     Start,
     Status,
-    Ps,
-    Stats,
+    Ps { format: Format },
+    Stats { format: Format },
+    Update { cpus: Option<f64>, memory: Option<u64>, pids: Option<u64> },
     Pause,
     Resume,
     Logs,
@@ -287,24 +313,85 @@ pub(crate) fn run_op(store: &Store, id: &str, op: Op) -> anyhow::Result<ExitCode
                 println!("container {} {} exit {exit}", c.id, c.phase);
             }
         }
-        Op::Ps => {
+        Op::Ps { format } => {
             let processes = Sandbox::fetch(store, id)?.process_list(id)?;
-            println!("{:>8} {:>8} {:<10} COMMAND", "PID", "NS-PID", "USER");
-            for p in processes {
-                println!("{:>8} {:>8} {:<10} {}", p.pid, p.ns_pid, p.user, p.command);
+            match format {
+                Format::Json => {
+                    let items: Vec<serde_json::Value> = processes
+                        .iter()
+                        .map(|p| {
+                            serde_json::json!({"pid": p.pid, "ns_pid": p.ns_pid, "uid": p.uid, "user": p.user, "command": p.command})
+                        })
+                        .collect();
+                    println!("{}", serde_json::to_string_pretty(&items)?);
+                }
+                Format::Table => {
+                    println!("{:>8} {:>8} {:<10} COMMAND", "PID", "NS-PID", "USER");
+                    for p in processes {
+                        println!("{:>8} {:>8} {:<10} {}", p.pid, p.ns_pid, p.user, p.command);
+                    }
+                }
             }
         }
-        Op::Stats => {
+        Op::Stats { format } => {
             let stats = Sandbox::fetch(store, id)?.stats()?;
-            println!("vm uptime {:.1} s, memory {} MiB", stats.vm.uptime.as_secs_f64(), stats.vm.memory_bytes >> 20);
-            for (container, s) in stats.containers {
-                println!(
-                    "container {container}: cpu {} us, memory {} KiB, pids {}",
-                    s.cpu_usage_usec,
-                    s.memory_usage >> 10,
-                    s.pids_current
-                );
+            match format {
+                Format::Json => {
+                    let containers: Vec<serde_json::Value> = stats
+                        .containers
+                        .iter()
+                        .map(|(c, s)| {
+                            serde_json::json!({
+                                "id": c, "cpu_usage_usec": s.cpu_usage_usec, "memory_usage": s.memory_usage,
+                                "memory_limit": s.memory_limit, "pids_current": s.pids_current, "pids_limit": s.pids_limit,
+                                "io_read_bytes": s.io_read_bytes, "io_write_bytes": s.io_write_bytes,
+                            })
+                        })
+                        .collect();
+                    let vm = serde_json::json!({
+                        "uptime_ms": stats.vm.uptime.as_millis() as u64, "memory_bytes": stats.vm.memory_bytes,
+                        "memory_resident_bytes": stats.vm.memory_resident_bytes, "vcpu_exits": stats.vm.vcpu_exits,
+                    });
+                    println!(
+                        "{}",
+                        serde_json::to_string_pretty(&serde_json::json!({"vm": vm, "containers": containers}))?
+                    );
+                }
+                Format::Table => {
+                    let resident = stats.vm.memory_resident_bytes.map_or("-".into(), human);
+                    println!(
+                        "VM: up {:.1} s, memory {}, resident on the host {resident}",
+                        stats.vm.uptime.as_secs_f64(),
+                        human(stats.vm.memory_bytes)
+                    );
+                    println!("{:<24} {:>12} {:>12} {:>12} {:>6}", "CONTAINER", "CPU", "MEMORY", "LIMIT", "PIDS");
+                    for (container, s) in stats.containers {
+                        let limit = if s.memory_limit == 0 { "none".into() } else { human(s.memory_limit) };
+                        let cpu = format!("{:.2} s", s.cpu_usage_usec as f64 / 1e6);
+                        println!(
+                            "{container:<24} {cpu:>12} {:>12} {limit:>12} {:>6}",
+                            human(s.memory_usage),
+                            s.pids_current
+                        );
+                    }
+                }
             }
+        }
+        Op::Update { cpus, memory, pids } => {
+            use runtime_api::Limit;
+            let mut resources = runtime_api::Resources::default();
+            if let Some(cpus) = cpus {
+                if !(cpus > 0.0 && cpus <= 1024.0) {
+                    bail!("--cpus {cpus} is not between 0 and 1024");
+                }
+                resources.cpu_quota_us = Some(Limit::Value(((cpus * 100_000.0) as u64, 100_000)));
+            }
+            resources.memory_bytes = memory.map(|m| if m == 0 { Limit::Max } else { Limit::Value(m << 20) });
+            resources.pids = pids.map(|p| if p == 0 { Limit::Max } else { Limit::Value(p) });
+            if resources.is_empty() {
+                bail!("nothing to update: give --cpus, --memory or --pids");
+            }
+            Sandbox::fetch(store, id)?.update_container(id, resources)?;
         }
         Op::Kill { signal, all } => Sandbox::fetch(store, id)?.kill_container(id, signal, all)?,
         Op::Exec { command } => {
@@ -341,7 +428,7 @@ pub(crate) fn list(store: &Store, json: bool) -> anyhow::Result<ExitCode> {
             .collect();
         println!("{}", serde_json::to_string_pretty(&items)?);
     } else {
-        println!("{:<32} {:<8} {:<9} CONTAINERS", "ID", "STATE", "HYPERVISOR");
+        println!("{:<32} {:<8} {:<10} {:<10} CREATED", "ID", "STATE", "HYPERVISOR", "CONTAINERS");
         for s in all {
             let state = if s.owner_alive { s.status.phase.to_string() } else { "dead".into() };
             println!(

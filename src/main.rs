@@ -61,9 +61,32 @@ enum Command {
     /// The sandbox's and its container's state and exit code.
     Status { id: String },
     /// The container's processes.
-    Ps { id: String },
+    Ps {
+        id: String,
+        /// table or json.
+        #[arg(long, default_value = "table")]
+        format: lifecycle::Format,
+    },
     /// The VM's and the container's figures.
-    Stats { id: String },
+    Stats {
+        id: String,
+        /// table or json.
+        #[arg(long, default_value = "table")]
+        format: lifecycle::Format,
+    },
+    /// Change the container's limits.
+    Update {
+        id: String,
+        /// CPUs' worth of time (cpu.max), e.g. 0.5.
+        #[arg(long)]
+        cpus: Option<f64>,
+        /// Memory limit in MiB (0: none).
+        #[arg(long)]
+        memory: Option<u64>,
+        /// Process limit (0: none).
+        #[arg(long)]
+        pids: Option<u64>,
+    },
     /// Pause every vCPU of the sandbox.
     Pause { id: String },
     /// Resume a paused sandbox.
@@ -97,7 +120,7 @@ enum Command {
     List {
         /// table or json.
         #[arg(long, default_value = "table")]
-        format: String,
+        format: lifecycle::Format,
     },
     /// The owner process of a detached sandbox (started by `create`).
     #[command(name = "__own", hide = true)]
@@ -271,15 +294,14 @@ fn main() -> ExitCode {
         Command::Run { interactive, sandbox } => lifecycle::run(&store(&cli.root), &sandbox, interactive),
         Command::Create(args) => lifecycle::create(&store(&cli.root), &args),
         Command::Own { config } => lifecycle::own(&store(&cli.root), &config),
-        Command::List { format } => match format.as_str() {
-            "table" => lifecycle::list(&store(&cli.root), false),
-            "json" => lifecycle::list(&store(&cli.root), true),
-            other => Err(anyhow::anyhow!("unknown format {other:?}: use table or json")),
-        },
+        Command::List { format } => lifecycle::list(&store(&cli.root), format == lifecycle::Format::Json),
         Command::Start { id } => lifecycle::run_op(&store(&cli.root), &id, lifecycle::Op::Start),
         Command::Status { id } => lifecycle::run_op(&store(&cli.root), &id, lifecycle::Op::Status),
-        Command::Ps { id } => lifecycle::run_op(&store(&cli.root), &id, lifecycle::Op::Ps),
-        Command::Stats { id } => lifecycle::run_op(&store(&cli.root), &id, lifecycle::Op::Stats),
+        Command::Ps { id, format } => lifecycle::run_op(&store(&cli.root), &id, lifecycle::Op::Ps { format }),
+        Command::Stats { id, format } => lifecycle::run_op(&store(&cli.root), &id, lifecycle::Op::Stats { format }),
+        Command::Update { id, cpus, memory, pids } => {
+            lifecycle::run_op(&store(&cli.root), &id, lifecycle::Op::Update { cpus, memory, pids })
+        }
         Command::Pause { id } => lifecycle::run_op(&store(&cli.root), &id, lifecycle::Op::Pause),
         Command::Resume { id } => lifecycle::run_op(&store(&cli.root), &id, lifecycle::Op::Resume),
         Command::Logs { id } => lifecycle::run_op(&store(&cli.root), &id, lifecycle::Op::Logs),

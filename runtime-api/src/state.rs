@@ -208,7 +208,7 @@ impl SandboxState {
 }
 
 /// Milliseconds since the epoch, now.
-pub(crate) fn now_unix_ms() -> u64 {
+pub fn now_unix_ms() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 

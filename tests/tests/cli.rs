@@ -488,7 +488,15 @@ fn detached_sandboxes_are_driven_command_by_command() -> TestResult {
     run(&["pause", "box"])?;
     ensure!(run(&["list"])?.contains(" paused "), "list after pause");
     run(&["resume", "box"])?;
-    ensure!(run(&["stats", "box"])?.contains("container box: cpu"), "stats");
+    ensure!(run(&["stats", "box"])?.lines().any(|l| l.starts_with("box ")), "stats");
+    run(&["update", "box", "--memory", "64", "--pids", "20"])?;
+    let stats = run(&["stats", "box", "--format", "json"])?;
+    ensure!(
+        stats.contains("\"memory_limit\": 67108864") && stats.contains("\"pids_limit\": 20"),
+        "after update: {stats}"
+    );
+    ensure!(fail(&["update", "box"])?.contains("nothing to update"), "an empty update");
+    ensure!(run(&["ps", "box", "--format", "json"])?.contains("\"command\": \"sleep 1000\""), "ps --format json");
     run(&["kill", "box", "KILL"])?;
     let stopped = vessel_tests::wait_until(Duration::from_secs(30), || {
         run(&["status", "box"]).is_ok_and(|s| s.contains("container box stopped exit 137"))
