@@ -17,6 +17,9 @@ pub const QEMU: &str = "qemu-system-x86_64";
 /// left about 3 panics in 10 hanging on microvm.
 pub const BASE_CMDLINE: &str = "console=ttyS0 tsc_early_khz=2000000 tsc=reliable no_timer_check panic=-1 reboot=t";
 
+/// QEMU's `-sandbox` setting for every guest it runs.
+pub const SANDBOX: &str = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny";
+
 /// A running QEMU, killed (and reaped) when dropped, so that no guest
 /// outlives whoever started it.
 #[derive(Debug)]
@@ -83,6 +86,10 @@ impl TcgMachine {
             all.extend(pair.map(String::from));
         }
         all.extend(["-nodefaults", "-no-user-config", "-nographic", "-no-reboot"].map(String::from));
+        // QEMU runs an untrusted guest: its own seccomp filter, with no
+        // obsolete syscalls, no privilege changes, no new processes and
+        // no scheduler or affinity changes.
+        all.extend(["-sandbox", SANDBOX].map(String::from));
         all.extend(memory);
         all.extend(self.extra_args.iter().cloned());
         all
@@ -150,7 +157,10 @@ mod tests {
         let joined = plain.join(" ");
         assert!(joined.starts_with("-M microvm,x-option-roms=off,isa-serial=on,rtc=on -accel tcg -cpu qemu64 -m 256M"));
         assert!(joined.contains("-serial stdio -kernel /k -initrd /i"), "{joined}");
-        assert!(joined.ends_with("-nodefaults -no-user-config -nographic -no-reboot"), "{joined}");
+        assert!(
+            joined.ends_with(&format!("-nodefaults -no-user-config -nographic -no-reboot -sandbox {SANDBOX}")),
+            "{joined}"
+        );
         assert!(!joined.contains("memfd"), "{joined}");
         let append = plain.iter().position(|a| a == "-append").map(|i| plain[i + 1].as_str());
         assert_eq!(append, Some(BASE_CMDLINE));

@@ -126,6 +126,11 @@ fn drive(sandbox: &mut Sandbox, store: &Store, roots: [&Path; 2], data: &Path) -
     let listed = Sandbox::list(store)?;
     ensure!(listed.len() == 1 && listed[0].owner_alive && listed[0].status.id == "api", "{listed:?}");
 
+    // QEMU runs the guest under its own seccomp filter (-sandbox).
+    let qemu = sandbox.state().vm_pid.context("no QEMU PID in the state")?;
+    let status = std::fs::read_to_string(format!("/proc/{qemu}/status"))?;
+    ensure!(status.lines().any(|l| l.split_whitespace().eq(["Seccomp:", "2"])), "QEMU is not confined:\n{status}");
+
     let web_out = sandbox.take_io("web")?.stdout.collect(STREAM_TIMEOUT);
     let job_out = sandbox.take_io("job")?.stdout.collect(STREAM_TIMEOUT);
     sandbox.start()?;
