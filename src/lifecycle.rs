@@ -277,7 +277,7 @@ pub(crate) enum Op {
     Resume,
     Logs,
     Kill { signal: u32, all: bool },
-    Exec { command: Vec<String> },
+    Exec { command: Vec<String>, interactive: bool, tty: bool },
     Delete { force: bool },
 }
 
@@ -394,17 +394,20 @@ pub(crate) fn run_op(store: &Store, id: &str, op: Op) -> anyhow::Result<ExitCode
             Sandbox::fetch(store, id)?.update_container(id, resources)?;
         }
         Op::Kill { signal, all } => Sandbox::fetch(store, id)?.kill_container(id, signal, all)?,
-        Op::Exec { command } => {
+        Op::Exec { command, interactive, tty } => {
             let mut sandbox = Sandbox::fetch(store, id)?;
             let args: Vec<&str> = command.iter().map(String::as_str).collect();
-            let (exec_id, io) = sandbox.enter_container(id, &ProcessConfig::new(&args))?;
-            let out = io.stdout.collect_into(std::io::stdout(), STREAM_TIMEOUT);
-            let err = io.stderr.map(|s| s.collect_into(std::io::stderr(), STREAM_TIMEOUT));
-            let status = sandbox.wait_process(id, &exec_id, None)?;
-            for stream in std::iter::once(out).chain(err) {
-                let _ = stream.join();
-            }
-            return Ok(ExitCode::from(u8::try_from(status).unwrap_or(255)));
+            let mut process = ProcessConfig::new(&args);
+            process.stdin = interactive;
+            process.terminal = tty;
+            process.console_size = if tty { crate::terminal::window_size() } else { None };
+            let (exec_id, io) = sandbox.enter_container(id, &process)?;
+            let raw = if tty { crate::terminal::RawMode::enter() } else { None };
+            let foreground = crate::terminal::Foreground::attach(store, id, id, &exec_id, io, tty)?;
+            let status = sandbox.wait_process(id, &exec_id, None);
+            foreground.finish();
+            drop(raw);
+            return Ok(ExitCode::from(u8::try_from(status?).unwrap_or(255)));
         }
     }
     Ok(ExitCode::SUCCESS)
@@ -445,7 +448,7 @@ pub(crate) fn list(store: &Store, json: bool) -> anyhow::Result<ExitCode> {
 
 /// `vessel run`: create, start, wait, delete, in the foreground; the
 /// container's output is ours, and so is its exit status.
-pub(crate) fn run(store: &Store, args: &SandboxArgs, interactive: bool) -> anyhow::Result<ExitCode> {
+pub(crate) fn run(store: &Store, args: &SandboxArgs, interactive: bool, tty: bool) -> anyhow::Result<ExitCode> {
     let id = args.id.clone().unwrap_or_else(fresh_id);
     let scratch = scratch(store, &id);
     std::fs::create_dir_all(&scratch).with_context(|| format!("creating {}", scratch.display()))?;
@@ -453,23 +456,17 @@ pub(crate) fn run(store: &Store, args: &SandboxArgs, interactive: bool) -> anyho
         let root = root_image(&args.rootfs, &scratch)?;
         let mut config = sandbox_config(args, &id, root)?;
         config.containers[0].process.stdin = interactive;
+        config.containers[0].process.terminal = tty;
+        config.containers[0].process.console_size = if tty { crate::terminal::window_size() } else { None };
         let mut sandbox = Sandbox::create(store, config, None)?;
         let io = sandbox.take_io(&id)?;
-        let out = io.stdout.collect_into(std::io::stdout(), STREAM_TIMEOUT);
-        let err = io.stderr.map(|s| s.collect_into(std::io::stderr(), STREAM_TIMEOUT));
-        if let Some(stdin) = io.stdin {
-            std::thread::spawn(move || {
-                if let Ok(mut conn) = stdin.accept(STREAM_TIMEOUT) {
-                    let _ = std::io::copy(&mut std::io::stdin().lock(), &mut conn);
-                    let _ = conn.shutdown(std::net::Shutdown::Write);
-                }
-            });
-        }
+        let raw = if tty { crate::terminal::RawMode::enter() } else { None };
+        let foreground = crate::terminal::Foreground::attach(store, &id, &id, "", io, tty)?;
         sandbox.start()?;
-        let status = sandbox.wait_process(&id, "", None)?;
-        for stream in std::iter::once(out).chain(err) {
-            let _ = stream.join();
-        }
+        let status = sandbox.wait_process(&id, "", None);
+        foreground.finish();
+        drop(raw);
+        let status = status?;
         sandbox.stop(false)?;
         sandbox.delete()?;
         anyhow::Ok(status)

@@ -5,6 +5,7 @@ mod bench_blk;
 mod lifecycle;
 mod sandbox;
 mod serve;
+mod terminal;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -50,6 +51,10 @@ enum Command {
         /// Give the container our stdin.
         #[arg(short, long)]
         interactive: bool,
+        /// Give the container a terminal (ours in raw mode meanwhile,
+        /// window-size changes forwarded).
+        #[arg(short, long)]
+        tty: bool,
         #[command(flatten)]
         sandbox: lifecycle::SandboxArgs,
     },
@@ -96,6 +101,12 @@ enum Command {
     /// Run a command in the sandbox's running container; its output and
     /// exit status are ours.
     Exec {
+        /// Give the process our stdin.
+        #[arg(short, long)]
+        interactive: bool,
+        /// Give the process a terminal.
+        #[arg(short, long)]
+        tty: bool,
         id: String,
         /// The command and its arguments.
         #[arg(required = true, last = true)]
@@ -291,7 +302,7 @@ fn main() -> ExitCode {
         Command::Guests { out } => write_guests(&out).map(|()| ExitCode::SUCCESS),
         Command::Image(cmd) => image(cmd).map(|()| ExitCode::SUCCESS),
         Command::Sandbox(SandboxCommand::Run(args)) => sandbox::run(&args),
-        Command::Run { interactive, sandbox } => lifecycle::run(&store(&cli.root), &sandbox, interactive),
+        Command::Run { interactive, tty, sandbox } => lifecycle::run(&store(&cli.root), &sandbox, interactive, tty),
         Command::Create(args) => lifecycle::create(&store(&cli.root), &args),
         Command::Own { config } => lifecycle::own(&store(&cli.root), &config),
         Command::List { format } => lifecycle::list(&store(&cli.root), format == lifecycle::Format::Json),
@@ -305,7 +316,9 @@ fn main() -> ExitCode {
         Command::Pause { id } => lifecycle::run_op(&store(&cli.root), &id, lifecycle::Op::Pause),
         Command::Resume { id } => lifecycle::run_op(&store(&cli.root), &id, lifecycle::Op::Resume),
         Command::Logs { id } => lifecycle::run_op(&store(&cli.root), &id, lifecycle::Op::Logs),
-        Command::Exec { id, command } => lifecycle::run_op(&store(&cli.root), &id, lifecycle::Op::Exec { command }),
+        Command::Exec { interactive, tty, id, command } => {
+            lifecycle::run_op(&store(&cli.root), &id, lifecycle::Op::Exec { command, interactive, tty })
+        }
         Command::Kill { id, signal, all } => {
             lifecycle::run_op(&store(&cli.root), &id, lifecycle::Op::Kill { signal, all })
         }

@@ -20,6 +20,8 @@ pub struct SpecOptions {
     pub env: Vec<String>,
     /// Disks (by virtio serial) to mount in the container.
     pub disks: Vec<DiskMount>,
+    /// With a terminal, its size at start: rows, columns.
+    pub console_size: Option<(u32, u32)>,
 }
 
 /// A mount `source` naming a virtio disk by its serial
@@ -78,8 +80,12 @@ fn json_strings(items: &[&str]) -> String {
 pub fn process_json(args: &[&str], o: &SpecOptions) -> String {
     let mut env = vec!["PATH=/bin:/sbin:/usr/bin:/usr/sbin"];
     env.extend(o.env.iter().map(String::as_str));
+    let console = o
+        .console_size
+        .map(|(rows, columns)| format!(r#""consoleSize":{{"height":{rows},"width":{columns}}},"#))
+        .unwrap_or_default();
     format!(
-        r#"{{"terminal":{},"user":{{"uid":{},"gid":{}}},"args":{},"env":{},"cwd":"/","noNewPrivileges":true,
+        r#"{{"terminal":{},{console}"user":{{"uid":{},"gid":{}}},"args":{},"env":{},"cwd":"/","noNewPrivileges":true,
             "rlimits":[{{"type":"RLIMIT_NOFILE","hard":1024,"soft":1024}}]}}"#,
         o.terminal,
         o.uid,

@@ -400,7 +400,8 @@ impl Containers {
     /// Runs the helper and waits until the process is set up.
     fn launch(&self, launch: &Launch, ports: &StdioPorts, cgroup: Option<&Path>) -> Result<Arc<Process>> {
         let ([stdin, stdout, stderr], copier) =
-            crate::stdio::plumb(&self.config.link, ports, launch.process.terminal).map_err(Error::failed)?;
+            crate::stdio::plumb(&self.config.link, ports, launch.process.terminal, launch.process.console_size)
+                .map_err(Error::failed)?;
         let json = serde_json::to_vec(launch).map_err(|e| Error::Failed(format!("encoding the launch: {e}")))?;
         let (config_read, config_write) = launch::pipe().map_err(|e| Error::Failed(format!("pipe: {e}")))?;
         let (sync_agent, sync_helper) = UnixStream::pair().map_err(|e| Error::Failed(format!("socketpair: {e}")))?;

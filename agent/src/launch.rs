@@ -163,6 +163,10 @@ pub struct ProcessConfig {
     pub rlimits: Vec<(u32, u64, u64)>,
     /// The process has a terminal (its stdio is a pty's slave side).
     pub terminal: bool,
+    /// The terminal's size at start (rows, columns), from the spec's
+    /// `consoleSize`.
+    #[serde(default)]
+    pub console_size: Option<(u16, u16)>,
     /// `PR_SET_NO_NEW_PRIVS`.
     pub no_new_privileges: bool,
 }

@@ -224,6 +224,11 @@ fn check_process(p: &Process) -> Result<ProcessConfig, SpecError> {
         umask: user.umask(),
         rlimits,
         terminal: p.terminal().unwrap_or(false),
+        // A size that does not fit a terminal's is left for a resize.
+        console_size: p.console_size().as_ref().and_then(|b| {
+            let (rows, columns) = (u16::try_from(b.height()).ok()?, u16::try_from(b.width()).ok()?);
+            (rows > 0 && columns > 0).then_some((rows, columns))
+        }),
         no_new_privileges: p.no_new_privileges().unwrap_or(false),
     })
 }

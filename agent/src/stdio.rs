@@ -58,11 +58,21 @@ fn dial(link: &HostLink, port: u32, what: &'static str) -> Result<Option<File>, 
 }
 
 /// Dials the host for each stream and builds the process's ends.
-pub fn plumb(link: &HostLink, ports: &StdioPorts, terminal: bool) -> Result<(ChildEnds, Copier), StdioError> {
+/// With a terminal, `console_size` (rows, columns) is its size from the
+/// start.
+pub fn plumb(
+    link: &HostLink,
+    ports: &StdioPorts,
+    terminal: bool,
+    console_size: Option<(u16, u16)>,
+) -> Result<(ChildEnds, Copier), StdioError> {
     let stdin = dial(link, ports.stdin_port, "stdin")?;
     let stdout = dial(link, ports.stdout_port, "stdout")?;
     if terminal {
         let (master, slave) = open_pty()?;
+        if let Some((rows, columns)) = console_size {
+            resize(&master, rows, columns).map_err(|e| StdioError::Local("terminal", e))?;
+        }
         let mut copies = Vec::new();
         if let Some(stream) = stdin {
             copies.push((stream, File::from(dup(&master)?), false));

@@ -161,6 +161,9 @@ pub struct ProcessConfig {
     pub terminal: bool,
     /// Give the process a stdin stream (without it, its stdin is /dev/null).
     pub stdin: bool,
+    /// With a terminal, its size at start: rows, columns.
+    #[serde(default)]
+    pub console_size: Option<(u32, u32)>,
 }
 
 impl ProcessConfig {
@@ -173,6 +176,7 @@ impl ProcessConfig {
             gid: 0,
             terminal: false,
             stdin: false,
+            console_size: None,
         }
     }
 }

@@ -447,6 +447,23 @@ fn run_is_create_start_wait_delete_in_the_foreground() -> TestResult {
     ensure!(text(&out.stdout).starts_with("hi from "), "stdout {:?}", text(&out.stdout));
     let listed = ok(&["--root", &root, "list", "--format", "json"])?;
     ensure!(listed.trim() == "[]", "run left a sandbox: {listed}");
+
+    // Our SIGTERM goes to the container, whose exit status is ours.
+    let script = "trap 'echo got TERM; exit 9' TERM; echo ready; while true; do sleep 0.1; done";
+    let mut child = Command::new(vessel_bin())
+        .args(["--root", &root, "run", "--image", &image, &tree, "--", "sh", "-c", script])
+        .stdout(std::process::Stdio::piped())
+        .spawn()?;
+    let mut stdout = std::io::BufReader::new(child.stdout.take().context("stdout")?);
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut stdout, &mut line)?;
+    ensure!(line == "ready\n", "the container said {line:?}");
+    // SAFETY: kill sends a signal; it touches no memory of ours.
+    ensure!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) } == 0);
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut stdout, &mut rest)?;
+    let status = child.wait()?;
+    ensure!(status.code() == Some(9) && rest == "got TERM\n", "after SIGTERM: {status:?}, {rest:?}");
     Ok(())
 }
 
@@ -483,6 +500,12 @@ fn detached_sandboxes_are_driven_command_by_command() -> TestResult {
         text(&exec.stderr)
     );
     ensure!(run(&["logs", "box"])? == "up\n", "logs");
+    // A terminal: ours (40x100 under script(1)) is the process's.
+    if missing_tool(&["script"], "bsdutils").is_none() {
+        let exec = format!("stty rows 40 cols 100; {} --root {root} exec -t box -- stty size", vessel_bin().display());
+        let out = Command::new("script").args(["-qec", &exec, "/dev/null"]).output()?;
+        ensure!(text(&out.stdout).contains("40 100"), "exec -t: {:?} {}", text(&out.stdout), text(&out.stderr));
+    }
     ensure!(run(&["ps", "box"])?.contains("sleep 1000"), "ps");
     ensure!(run(&["status", "box"])?.contains("container box running"), "status");
     run(&["pause", "box"])?;

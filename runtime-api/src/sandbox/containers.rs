@@ -309,6 +309,17 @@ impl Sandbox {
         Ok(())
     }
 
+    /// Sends `signal` to process `exec_id` ("" for the first) of
+    /// container `id`.
+    pub fn signal_process(&mut self, id: &str, exec_id: &str, signal: u32) -> Result<(), SandboxError> {
+        let _lock = self.lock(LockKind::Shared)?;
+        self.require_phase(id, "signal", &[ContainerPhase::Running, ContainerPhase::Paused], "running")?;
+        let request =
+            SignalProcessRequest { container_id: id.into(), exec_id: exec_id.into(), signal, ..Default::default() };
+        self.agent.call("SignalProcess", |c, ctx| c.signal_process(ctx, &request))?;
+        Ok(())
+    }
+
     /// Runs `process` in running container `id` (Kata's EnterContainer);
     /// returns its exec ID and its stdio.
     pub fn enter_container(&mut self, id: &str, process: &ProcessConfig) -> Result<(String, ProcessIo), SandboxError> {

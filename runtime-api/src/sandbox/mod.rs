@@ -200,6 +200,7 @@ fn spec_options(
         terminal: process.terminal,
         resources: resources.oci_json(),
         env: process.env.clone(),
+        console_size: process.console_size,
     }
 }
 
