@@ -102,6 +102,7 @@ fn sandbox_config(args: &SandboxArgs, id: &str, root: PathBuf) -> anyhow::Result
 /// `vessel create`: starts the owner process and waits until it says the
 /// sandbox is created; prints the ID.
 pub(crate) fn create(store: &Store, args: &SandboxArgs) -> anyhow::Result<ExitCode> {
+    sweep(store);
     let id = args.id.clone().unwrap_or_else(fresh_id);
     runtime_api::config::validate_id(&id)?;
     let scratch = scratch(store, &id);
@@ -448,13 +449,48 @@ pub(crate) fn list(store: &Store, json: bool) -> anyhow::Result<ExitCode> {
 
 /// `vessel run`: create, start, wait, delete, in the foreground; the
 /// container's output is ours, and so is its exit status.
+/// The annotation that marks a sandbox of `vessel run`: nobody is to see
+/// it once its process is gone.
+const RUN_ANNOTATION: &str = "vessel.cli/run";
+
+/// Removes what dead `vessel run` processes left (their sandboxes; their
+/// QEMU died with them) and scratch directories of sandboxes that do not
+/// exist.
+fn sweep(store: &Store) {
+    let Ok(all) = Sandbox::list(store) else { return };
+    for s in all.iter().filter(|s| !s.owner_alive) {
+        let ephemeral =
+            store.load(&s.status.id).is_ok_and(|state| state.config.annotations.contains_key(RUN_ANNOTATION));
+        if ephemeral {
+            match Sandbox::delete_by_id(store, &s.status.id, true) {
+                Ok(()) => tracing::info!(id = %s.status.id, "swept the sandbox of a dead vessel run"),
+                Err(e) => tracing::warn!(id = %s.status.id, error = %e, "cannot sweep a dead vessel run's sandbox"),
+            }
+        }
+    }
+    let Ok(scratches) = std::fs::read_dir(store.root().join(".scratch")) else { return };
+    for entry in scratches.flatten() {
+        let id = entry.file_name().to_string_lossy().into_owned();
+        // A scratch directory being made by a create or run right now has
+        // its owner's lock file soon; one a minute old without a sandbox
+        // is left over.
+        let old =
+            entry.metadata().and_then(|m| m.modified()).is_ok_and(|t| t.elapsed().is_ok_and(|a| a.as_secs() > 60));
+        if old && store.dir(&id).is_ok_and(|d| !d.exists()) {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
+}
+
 pub(crate) fn run(store: &Store, args: &SandboxArgs, interactive: bool, tty: bool) -> anyhow::Result<ExitCode> {
+    sweep(store);
     let id = args.id.clone().unwrap_or_else(fresh_id);
     let scratch = scratch(store, &id);
     std::fs::create_dir_all(&scratch).with_context(|| format!("creating {}", scratch.display()))?;
     let outcome = (|| {
         let root = root_image(&args.rootfs, &scratch)?;
         let mut config = sandbox_config(args, &id, root)?;
+        config.annotations.insert(RUN_ANNOTATION.into(), "true".into());
         config.containers[0].process.stdin = interactive;
         config.containers[0].process.terminal = tty;
         config.containers[0].process.console_size = if tty { crate::terminal::window_size() } else { None };

@@ -67,6 +67,9 @@ pub struct SandboxConfig {
     /// The network namespace to join, if any (see [`NetworkConfig`]).
     #[serde(default)]
     pub network: Option<NetworkConfig>,
+    /// Free-form annotations for the caller (Kata's), kept in the state.
+    #[serde(default)]
+    pub annotations: std::collections::BTreeMap<String, String>,
 }
 
 /// A network namespace holding a veth, as a CNI plugin leaves it: the
@@ -95,6 +98,7 @@ impl SandboxConfig {
             containers: Vec::new(),
             hotplug_slots: 2,
             network: None,
+            annotations: Default::default(),
         }
     }
 }

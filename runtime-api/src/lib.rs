@@ -31,6 +31,7 @@
 //! ```
 
 pub mod agent;
+pub mod children;
 pub mod config;
 pub mod hypervisor;
 pub mod network;

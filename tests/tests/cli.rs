@@ -464,6 +464,42 @@ fn run_is_create_start_wait_delete_in_the_foreground() -> TestResult {
     std::io::Read::read_to_string(&mut stdout, &mut rest)?;
     let status = child.wait()?;
     ensure!(status.code() == Some(9) && rest == "got TERM\n", "after SIGTERM: {status:?}, {rest:?}");
+
+    // kill -9 of vessel run itself: its QEMU goes with it, and the next
+    // run sweeps its sandbox.
+    let mut child = Command::new(vessel_bin())
+        .args([
+            "--root",
+            &root,
+            "run",
+            "--id",
+            "killed",
+            "--image",
+            &image,
+            &tree,
+            "--",
+            "sh",
+            "-c",
+            "echo ready; sleep 1000",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .spawn()?;
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(child.stdout.take().context("stdout")?), &mut line)?;
+    ensure!(line == "ready\n", "the container said {line:?}");
+    child.kill()?;
+    child.wait()?;
+    let qemu_gone =
+        vessel_tests::wait_until(Duration::from_secs(10), || {
+            !std::fs::read_dir("/proc").into_iter().flatten().flatten().any(|e| {
+                std::fs::read(e.path().join("cmdline")).is_ok_and(|c| String::from_utf8_lossy(&c).contains(&root))
+            })
+        });
+    ensure!(qemu_gone, "QEMU outlived the vessel run that was killed");
+    ensure!(ok(&["--root", &root, "list"])?.contains(" dead "), "the killed run's sandbox is not listed as dead");
+    ok(&["--root", &root, "run", "--image", &image, &tree, "--", "true"])?;
+    let listed = ok(&["--root", &root, "list", "--format", "json"])?;
+    ensure!(listed.trim() == "[]", "the next run did not sweep the dead one: {listed}");
     Ok(())
 }
 

@@ -542,9 +542,10 @@ fn own_a_sandbox(spec: &str) -> anyhow::Result<()> {
     }
 }
 
-/// The process that owns a sandbox is killed (-9): its lock is not left
-/// behind, `list` shows it dead, fetch refuses it by name, and only a
-/// forced delete cleans up what it left: its QEMU, state and sockets.
+/// The process that owns a sandbox is killed (-9): its QEMU goes with it,
+/// its lock is not left behind, `list` shows it dead, fetch refuses it by
+/// name, and only a forced delete cleans up what it left: its state and
+/// sockets.
 fn a_dead_owner_is_seen_and_cleaned_up() -> anyhow::Result<()> {
     let dir = TempDir::new("api-orphan")?;
     let image = guest_image(dir.path())?;
@@ -567,7 +568,11 @@ fn a_dead_owner_is_seen_and_cleaned_up() -> anyhow::Result<()> {
     ensure!(err.to_string().contains("is dead"), "{err}");
     let err = Sandbox::delete_by_id(&store, "orphan", false).unwrap_err();
     ensure!(err.to_string().contains("delete it with force"), "{err}");
-    ensure!(!processes_mentioning(store.root())?.is_empty(), "QEMU went with its owner (nothing to clean up)");
+    // QEMU dies with its owner, however the owner ends.
+    let gone = vessel_tests::wait_until(Duration::from_secs(10), || {
+        processes_mentioning(store.root()).is_ok_and(|p| p.is_empty())
+    });
+    ensure!(gone, "QEMU outlived its owner: {:?}", processes_mentioning(store.root())?);
     Sandbox::delete_by_id(&store, "orphan", true)?;
     ensure!(store.ids()?.is_empty(), "the sandbox's directory is left");
     let left = processes_mentioning(store.root())?;

@@ -314,12 +314,10 @@ impl Hypervisor for QemuTcg {
         self.console = spec.console_log();
         let console = std::fs::File::create(&self.console).map_err(|e| fail(e.into()))?;
         let console_err = console.try_clone().map_err(|e| fail(e.into()))?;
-        let child = Command::new(QEMU)
-            .args(machine.args())
-            .stdin(Stdio::null())
-            .stdout(console)
-            .stderr(console_err)
-            .spawn()
+        let mut command = Command::new(QEMU);
+        command.args(machine.args()).stdin(Stdio::null()).stdout(console).stderr(console_err);
+        // QEMU dies with this process, however it ends.
+        let child = crate::children::spawn_tied(command)
             .map_err(|e| fail(format!("cannot run {QEMU} (install qemu-system-x86): {e}").into()))?;
         self.qemu = Some(Qemu(child));
         self.started = Some(Instant::now());

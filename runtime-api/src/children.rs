@@ -1,0 +1,85 @@
+//! Child processes that die with this process (QEMU, helpers).
+//!
+//! `PR_SET_PDEATHSIG` fires when the *thread* that forked the child ends,
+//! not the process: a child started from a short-lived thread (a test's, an
+//! embedder's worker) would be killed with that thread. So every such
+//! child is started by one spawner thread that lives as long as the
+//! process, and gets SIGKILL when the process dies, however it dies
+//! (kill -9 included). The child checks after setting it that its parent
+//! is still there, since the parent may have died just before, and fails
+//! to start if not.
+
+use std::os::unix::process::CommandExt;
+use std::process::{Child, Command};
+use std::sync::mpsc::{self, Sender};
+use std::sync::{Mutex, OnceLock};
+
+type Request = (Command, Sender<std::io::Result<Child>>);
+
+/// Starts `command` from the process-long spawner thread, so that the
+/// child gets SIGKILL when this process ends.
+pub fn spawn_tied(mut command: Command) -> std::io::Result<Child> {
+    static SPAWNER: OnceLock<Mutex<Sender<Request>>> = OnceLock::new();
+    let spawner = SPAWNER.get_or_init(|| {
+        let (requests, incoming) = mpsc::channel::<Request>();
+        std::thread::Builder::new()
+            .name("vessel-spawner".into())
+            .spawn(move || {
+                for (mut command, reply) in incoming {
+                    let _ = reply.send(command.spawn());
+                }
+            })
+            .map(drop)
+            .unwrap_or_else(|e| tracing::warn!(error = %e, "no spawner thread: children are started unbound"));
+        Mutex::new(requests)
+    });
+    let parent = std::process::id();
+    let tie = move || {
+        // SAFETY: prctl with PR_SET_PDEATHSIG takes a signal number and
+        // touches no memory; it is async-signal-safe.
+        if unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: getppid has no preconditions.
+        let now = unsafe { libc::getppid() };
+        if now as u32 != parent {
+            // The parent died before the tie took: do not start.
+            return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
+        }
+        Ok(())
+    };
+    // SAFETY: the closure runs in the child between fork and exec; it
+    // calls only prctl and getppid, which are async-signal-safe, and
+    // allocates nothing.
+    unsafe { command.pre_exec(tie) };
+    let (reply, answer) = mpsc::channel();
+    let sent = spawner.lock().unwrap_or_else(|p| p.into_inner()).send((command, reply));
+    match sent {
+        Ok(()) => answer.recv().map_err(|_| std::io::Error::other("the spawner thread is gone"))?,
+        // No spawner thread: start it here, still tied to this thread.
+        Err(mpsc::SendError((mut command, _))) => command.spawn(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_tied_child_outlives_the_thread_that_asked_for_it() {
+        let child = std::thread::spawn(|| {
+            let mut sleep = Command::new("sleep");
+            sleep.arg("30");
+            spawn_tied(sleep).unwrap()
+        })
+        .join()
+        .unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        let mut child = child;
+        assert!(child.try_wait().unwrap().is_none(), "the child died with the thread that asked for it");
+        let status = std::fs::read_to_string(format!("/proc/{}/status", child.id())).unwrap();
+        assert!(status.lines().any(|l| l.starts_with("PPid:")), "{status}");
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+}
