@@ -520,6 +520,65 @@ fn builtin_lifecycle_through_the_trait() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The descriptors this process has open.
+fn open_fds() -> anyhow::Result<usize> {
+    Ok(std::fs::read_dir("/proc/self/fd")?.count())
+}
+
+/// Ten sandboxes created, run and deleted at once, each running a
+/// container: all succeed, and afterwards nothing is left: no process, no
+/// state, no socket, and no descriptor more in this process than before.
+fn ten_sandboxes_at_once_leave_nothing_behind() -> anyhow::Result<()> {
+    let dir = TempDir::new("api-ten")?;
+    let image = guest_image(dir.path())?;
+    let store = Store::new(dir.path().join("state"));
+    let roots: Vec<PathBuf> =
+        (0..10).map(|i| busybox_root(dir.path(), &format!("ten{i}"))).collect::<Result<_, _>>()?;
+    let before = open_fds()?;
+    let runs: Vec<_> = roots
+        .into_iter()
+        .enumerate()
+        .map(|(i, root)| {
+            let (store, image) = (store.clone(), image.clone());
+            std::thread::spawn(move || -> anyhow::Result<String> {
+                let id = format!("ten{i}");
+                let mut config = config(&id, &image, HypervisorKind::QemuTcg);
+                config.boot_timeout_s = 600;
+                config.containers = vec![ContainerConfig::new(&id, root, &["sh", "-c", "echo $(hostname)"])];
+                config.containers[0].hostname = Some(id.clone());
+                let mut sandbox = Sandbox::create(&store, config, None)?;
+                let out = sandbox.take_io(&id)?.stdout.collect(STREAM_TIMEOUT);
+                sandbox.start()?;
+                let status = sandbox.wait_process(&id, "", Some(Duration::from_secs(300)))?;
+                let printed = text(out)?;
+                ensure!(status == 0 && printed == format!("{id}\n"), "{id}: exit {status}, {printed:?}");
+                sandbox.stop(false)?;
+                sandbox.delete()?;
+                Ok(id)
+            })
+        })
+        .collect();
+    for run in runs {
+        run.join().map_err(|_| anyhow!("a sandbox thread panicked"))??;
+    }
+    ensure!(store.ids()?.is_empty(), "state left: {:?}", store.ids()?);
+    let left = processes_mentioning(store.root())?;
+    ensure!(left.is_empty(), "processes left: {left:?}");
+    let leftovers: Vec<_> = std::fs::read_dir(store.root())?.flatten().map(|e| e.file_name()).collect();
+    ensure!(leftovers.is_empty(), "files left under the state root: {leftovers:?}");
+    // Waiter threads end with their agent connections; give them a moment.
+    let settled = vessel_tests::wait_until(Duration::from_secs(10), || open_fds().is_ok_and(|n| n <= before));
+    if !settled {
+        let open: Vec<String> = std::fs::read_dir("/proc/self/fd")?
+            .flatten()
+            .filter_map(|e| std::fs::read_link(e.path()).ok())
+            .map(|p| p.display().to_string())
+            .collect();
+        anyhow::bail!("descriptors: {before} before, {} after: {open:?}", open.len());
+    }
+    Ok(())
+}
+
 /// The environment variable that makes this test binary the owner of a
 /// sandbox for [`a_dead_owner_is_seen_and_cleaned_up`]: `STORE:IMAGE:ROOT`.
 const CHILD_OWNER: &str = "VESSEL_SANDBOX_API_OWNER";
@@ -603,6 +662,7 @@ fn main() {
             trial("containers_on_qemu_tcg", containers_on_qemu_tcg),
             trial("create_rolls_back_at_each_step", create_rolls_back_at_each_step),
             trial("a_dead_owner_is_seen_and_cleaned_up", a_dead_owner_is_seen_and_cleaned_up),
+            trial("ten_sandboxes_at_once_leave_nothing_behind", ten_sandboxes_at_once_leave_nothing_behind),
         ],
     );
     let net = tier3()

@@ -2,6 +2,7 @@
 //! any vhost-user frontend) drives our device code: the frontend owns the
 //! transport and shares guest memory; we process the queues.
 
+use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixListener;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -38,6 +39,12 @@ struct Device {
     /// Our copies of the queue workers' exit notifiers: we run the
     /// connection ourselves (through the proxy), so we tell them to end.
     exits: Mutex<Vec<EventNotifier>>,
+    /// The descriptors of the exit consumers handed to the library, which
+    /// registers each with its epoll through `into_raw_fd` and never
+    /// closes it (vhost-user-backend 0.24, `VringEpollHandler::new`): we
+    /// close them once its workers are gone, or every connection served
+    /// would leak one.
+    leaked_consumers: Mutex<Vec<std::os::fd::RawFd>>,
 }
 
 impl VhostUserBackendMut for Device {
@@ -80,6 +87,7 @@ impl VhostUserBackendMut for Device {
         if let Ok(copy) = notifier.try_clone() {
             self.exits.lock().unwrap_or_else(|p| p.into_inner()).push(copy);
         }
+        self.leaked_consumers.lock().unwrap_or_else(|p| p.into_inner()).push(consumer.as_raw_fd());
         Some((consumer, notifier))
     }
 
@@ -193,7 +201,12 @@ fn serve_on(
 ) -> Result<(), VhostUserError> {
     static DAEMONS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
     let err = |e: String| VhostUserError::Daemon(kind, socket.display().to_string(), e);
-    let device = Arc::new(Mutex::new(Device { backend, mem: None, exits: Mutex::new(Vec::new()) }));
+    let device = Arc::new(Mutex::new(Device {
+        backend,
+        mem: None,
+        exits: Mutex::new(Vec::new()),
+        leaked_consumers: Mutex::new(Vec::new()),
+    }));
     let backend_fd = device.lock().unwrap_or_else(|p| p.into_inner()).backend.backend_fd();
     let queues = device.lock().unwrap_or_else(|p| p.into_inner()).backend.queue_max_sizes().len();
     let mut daemon = VhostUserDaemon::new(
@@ -230,9 +243,31 @@ fn serve_on(
     let proxied = reorder::run(frontend, daemon_conn, channel);
     let waited = daemon.wait();
     // Our own connection handling: the queue workers are told to end here.
-    for exit in device.lock().unwrap_or_else(|p| p.into_inner()).exits.lock().unwrap_or_else(|p| p.into_inner()).iter()
-    {
+    // Our copies of the notifiers are closed once used: the library's
+    // handlers may keep the device alive longer than this connection.
+    let exits = std::mem::take(
+        &mut *device.lock().unwrap_or_else(|p| p.into_inner()).exits.lock().unwrap_or_else(|p| p.into_inner()),
+    );
+    for exit in exits {
         let _ = exit.notify();
+    }
+    // Dropping the daemon drops its handler, which joins the queue workers
+    // and closes their epolls: the exit consumers are then ours to close.
+    drop(daemon);
+    let leaked = std::mem::take(
+        &mut *device
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .leaked_consumers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()),
+    );
+    for fd in leaked {
+        // SAFETY: `fd` is an exit consumer the library took with
+        // `into_raw_fd` and never closes (see `leaked_consumers`); its
+        // workers, the only users, were joined when the daemon dropped, so
+        // nothing else holds this number.
+        unsafe { libc::close(fd) };
     }
     proxied.map_err(io("proxying the frontend"))?;
     match waited {
