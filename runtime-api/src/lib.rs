@@ -33,6 +33,7 @@
 pub mod agent;
 pub mod children;
 pub mod config;
+pub mod console;
 pub mod hypervisor;
 pub mod network;
 pub mod qemu;

@@ -85,7 +85,9 @@ impl Hypervisor for Builtin {
         }))
         .map_err(fail)?;
         self.console = spec.console_log();
-        vm.handle(PrebootAction::ConfigureConsole(ConsoleOutput::File(self.console.clone()))).map_err(fail)?;
+        let log = crate::console::CappedLog::create(&self.console, crate::console::CONSOLE_CAP)
+            .map_err(|e| HypervisorError::Start(KIND, Box::new(e)))?;
+        vm.handle(PrebootAction::ConfigureConsole(ConsoleOutput::Writer(Box::new(log)))).map_err(fail)?;
         let vsock = VsockConfig { guest_cid: GUEST_CID, uds_path: spec.vsock_socket() };
         vm.handle(PrebootAction::AddDevice(DeviceConfig::Vsock(vsock))).map_err(fail)?;
         vm.handle(PrebootAction::AddDevice(DeviceConfig::Rng)).map_err(fail)?;

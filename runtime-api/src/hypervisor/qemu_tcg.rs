@@ -312,14 +312,19 @@ impl Hypervisor for QemuTcg {
             extra_args,
         };
         self.console = spec.console_log();
-        let console = std::fs::File::create(&self.console).map_err(|e| fail(e.into()))?;
-        let console_err = console.try_clone().map_err(|e| fail(e.into()))?;
+        // QEMU's output (the guest's serial console, and its own errors)
+        // goes through a pipe into a capped log.
         let mut command = Command::new(QEMU);
-        command.args(machine.args()).stdin(Stdio::null()).stdout(console).stderr(console_err);
+        command.args(machine.args()).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
         // QEMU dies with this process, however it ends.
-        let child = crate::children::spawn_tied(command)
+        let mut child = crate::children::spawn_tied(command)
             .map_err(|e| fail(format!("cannot run {QEMU} (install qemu-system-x86): {e}").into()))?;
+        let mut outputs: Vec<Box<dyn std::io::Read + Send>> = Vec::new();
+        outputs.extend(child.stdout.take().map(|o| Box::new(o) as Box<dyn std::io::Read + Send>));
+        outputs.extend(child.stderr.take().map(|e| Box::new(e) as Box<dyn std::io::Read + Send>));
+        // Held before the log can fail, so that a failure kills QEMU.
         self.qemu = Some(Qemu(child));
+        crate::console::copy_capped(outputs, &self.console).map_err(|e| fail(e.into()))?;
         self.started = Some(Instant::now());
         self.memory_bytes = spec.memory_mib << 20;
         Ok(())
