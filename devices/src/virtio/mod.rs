@@ -62,6 +62,13 @@ pub enum Wakeup {
 }
 
 /// A device's queue logic and configuration, independent of the transport.
+///
+/// Which thread calls what: the in-process transport calls
+/// `set_acked_features`, `read_config`, `write_config` and `reset` from the
+/// register access of a vCPU thread, under the vCPU seccomp filter (memory,
+/// locks, `close`, `write` to an eventfd; no `epoll_ctl`, no sockets, no
+/// file I/O). Work that needs more waits for `process`, which runs on the
+/// event loop.
 pub trait VirtioBackend: Send + Sync {
     /// virtio device ID.
     fn device_type(&self) -> u32;
@@ -103,7 +110,8 @@ pub trait VirtioBackend: Send + Sync {
     fn backend_fd(&self) -> Option<RawFd> {
         None
     }
-    /// Forgets per-driver state after a device reset.
+    /// Forgets per-driver state after a device reset. Runs on a vCPU thread
+    /// (see above): dropping an fd is fine, changing an epoll set is not.
     fn reset(&mut self) {}
 }
 

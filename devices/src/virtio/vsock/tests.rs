@@ -267,3 +267,33 @@ fn a_guest_ignoring_our_credit_is_reset() {
     assert!(dev.conns.is_empty());
     std::fs::remove_file(port_path(&uds, 78)).unwrap();
 }
+
+#[test]
+fn a_driver_reset_closes_every_connection_and_the_device_serves_the_next_driver() {
+    let mem = memory();
+    let mut drv = Driver::new(&mem);
+    let (mut dev, uds) = device("reset");
+    let listener = UnixListener::bind(port_path(&uds, 79)).unwrap();
+    drv.post_rx(8, 4096);
+    drv.send(&mut dev, guest_header(6002, 79, op::REQUEST, 0), &[]);
+    assert_eq!(drv.received()[0].0.op, op::RESPONSE);
+    let (mut host, _) = listener.accept().unwrap();
+    host.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+
+    VirtioBackend::reset(&mut dev);
+    let mut buf = [0u8; 8];
+    assert_eq!(host.read(&mut buf).unwrap(), 0, "the host side did not see end of file");
+    assert!(dev.conns.is_empty() && dev.by_token.is_empty());
+    // Nothing of the old connection is left in the epoll set.
+    let mut poll = libc::pollfd { fd: dev.backend_fd().unwrap(), events: libc::POLLIN, revents: 0 };
+    // SAFETY: poll on one valid pollfd, without waiting.
+    assert_eq!(unsafe { libc::poll(&mut poll, 1, 0) }, 0, "the backend fd still reports work");
+
+    // A new driver connects to the same port again.
+    let mut drv = Driver::new(&mem);
+    drv.post_rx(8, 4096);
+    drv.send(&mut dev, guest_header(6002, 79, op::REQUEST, 0), &[]);
+    assert_eq!(drv.received()[0].0.op, op::RESPONSE);
+    assert!(listener.accept().is_ok());
+    std::fs::remove_file(port_path(&uds, 79)).unwrap();
+}
