@@ -47,6 +47,10 @@ const MAX_PENDING_CONTROL: usize = 1024;
 const FIRST_HOST_PORT: u32 = 1 << 30;
 /// Longest `CONNECT <port>\n` line.
 const MAX_CONNECT_LINE: usize = 32;
+/// Most connections at once, as in Firecracker: each costs an fd and up to
+/// `BUF_ALLOC` of buffers. Guest requests past it are answered with RST,
+/// host connections past it are closed.
+const MAX_CONNECTIONS: usize = 1023;
 /// Epoll token of the listening socket.
 const LISTENER_TOKEN: u64 = u64::MAX;
 
@@ -393,9 +397,14 @@ impl Vsock {
             self.reset(key);
             return;
         }
+        if self.conns.len() >= MAX_CONNECTIONS {
+            self.counters.errors.fetch_add(1, Ordering::Relaxed);
+            debug!("vsock: guest connection to port {} refused: {MAX_CONNECTIONS} connections open", key.local_port);
+            self.send_control(key, op::RST, 0);
+            return;
+        }
         let path = port_path(&self.uds_path, key.local_port);
-        let stream = UnixStream::connect(&path).and_then(|s| s.set_nonblocking(true).map(|()| s));
-        match stream {
+        match connect_nonblocking(&path) {
             Ok(stream) => {
                 self.add_connection(key, stream, State::Established);
                 if let Some(c) = self.conns.get_mut(&key) {
@@ -504,7 +513,8 @@ impl Vsock {
         };
         let Some(hs) = self.handshakes.remove(&token) else { return };
         let _ = self.epoll.ctl(ControlOperation::Delete, hs.stream.as_raw_fd(), EpollEvent::default());
-        let Some(port) = port else {
+        let Some(port) = port.filter(|_| self.conns.len() < MAX_CONNECTIONS) else {
+            // A bad line, or too many connections: the host sees end of file.
             self.counters.errors.fetch_add(1, Ordering::Relaxed);
             return;
         };
@@ -612,6 +622,19 @@ fn port_path(uds: &Path, port: u32) -> PathBuf {
     let mut p = uds.as_os_str().to_owned();
     p.push(format!("_{port}"));
     PathBuf::from(p)
+}
+
+/// Connects to the Unix socket at `path` without waiting. A listener whose
+/// backlog is full refuses at once (EAGAIN) instead of stalling the event
+/// loop, as `UnixStream::connect` would; the caller treats any error as a
+/// refused connection (an AF_UNIX connect completes or fails at once, it
+/// never answers EINPROGRESS).
+fn connect_nonblocking(path: &Path) -> std::io::Result<UnixStream> {
+    use rustix::net::{connect, socket_with, AddressFamily, SocketAddrUnix, SocketFlags, SocketType};
+    let flags = SocketFlags::NONBLOCK | SocketFlags::CLOEXEC;
+    let fd = socket_with(AddressFamily::UNIX, SocketType::STREAM, flags, None)?;
+    connect(&fd, &SocketAddrUnix::new(path)?)?;
+    Ok(UnixStream::from(fd))
 }
 
 fn parse_connect(line: &[u8]) -> Option<u32> {

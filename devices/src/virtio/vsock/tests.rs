@@ -297,3 +297,81 @@ fn a_driver_reset_closes_every_connection_and_the_device_serves_the_next_driver(
     assert!(listener.accept().is_ok());
     std::fs::remove_file(port_path(&uds, 79)).unwrap();
 }
+
+/// Runs `f` on its own thread and fails the test if it takes longer than
+/// `limit`: a pass that blocks must fail the test, not hang it.
+fn within<T: Send + 'static>(limit: Duration, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    match rx.recv_timeout(limit) {
+        Ok(v) => v,
+        Err(std::sync::mpsc::RecvTimeoutError::Timeout) => panic!("the device stalled for more than {limit:?}"),
+        Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => panic!("the test's thread panicked (see above)"),
+    }
+}
+
+fn open_fds() -> usize {
+    std::fs::read_dir("/proc/self/fd").expect("/proc/self/fd lists this process's fds").count()
+}
+
+/// What came back for `requests` connection requests from the guest, sent
+/// in batches (a fresh driver each: MockSplitQueue does not wrap its
+/// rings): the ops answered, the most fds opened at once, the slowest pass.
+fn request_connections(dev: &mut Vsock, port: u32, requests: u32) -> (Vec<u16>, usize, Duration) {
+    const BATCH: u32 = 25;
+    let mem = memory();
+    let fds_before = open_fds();
+    let (mut ops, mut most_fds, mut slowest) = (Vec::new(), 0, Duration::ZERO);
+    for batch in 0..requests.div_ceil(BATCH) {
+        let mut drv = Driver::new(&mem);
+        let n = BATCH.min(requests - batch * BATCH);
+        drv.post_rx(n as usize, 64);
+        for i in 0..n {
+            let start = std::time::Instant::now();
+            drv.send(dev, guest_header(10_000 + batch * BATCH + i, port, op::REQUEST, 0), &[]);
+            slowest = slowest.max(start.elapsed());
+        }
+        ops.extend(drv.received().iter().map(|p| p.0.op));
+        most_fds = most_fds.max(open_fds().saturating_sub(fds_before));
+    }
+    (ops, most_fds, slowest)
+}
+
+#[test]
+fn connections_past_the_cap_get_rst_and_the_fd_count_stays_bounded() {
+    let (ops, most_fds, slowest) = within(Duration::from_secs(120), || {
+        let (mut dev, uds) = device("cap");
+        let listener = UnixListener::bind(port_path(&uds, 80)).unwrap();
+        // A listener that never accepts, with room in its backlog for more
+        // than the cap (the kernel trims it to net.core.somaxconn).
+        rustix::net::listen(&listener, 4096).unwrap();
+        let got = request_connections(&mut dev, 80, 5000);
+        assert_eq!(dev.conns.len(), MAX_CONNECTIONS);
+        std::fs::remove_file(port_path(&uds, 80)).unwrap();
+        got
+    });
+    let responses = ops.iter().filter(|&&o| o == op::RESPONSE).count();
+    let resets = ops.iter().filter(|&&o| o == op::RST).count();
+    assert_eq!((responses, resets), (MAX_CONNECTIONS, 5000 - MAX_CONNECTIONS), "answers: {ops:?}");
+    // Other tests in this process open fds too: some slack.
+    assert!(most_fds <= MAX_CONNECTIONS + 64, "{most_fds} fds opened");
+    assert!(slowest < Duration::from_millis(100), "a pass took {slowest:?}");
+}
+
+#[test]
+fn a_listener_with_a_full_backlog_refuses_at_once_instead_of_stalling_the_pass() {
+    let (ops, _, slowest) = within(Duration::from_secs(30), || {
+        let (mut dev, uds) = device("backlog");
+        let listener = UnixListener::bind(port_path(&uds, 81)).unwrap();
+        rustix::net::listen(&listener, 1).unwrap();
+        let got = request_connections(&mut dev, 81, 20);
+        std::fs::remove_file(port_path(&uds, 81)).unwrap();
+        got
+    });
+    assert_eq!(ops.len(), 20, "every request is answered: {ops:?}");
+    assert_eq!(ops[0], op::RESPONSE, "the backlog takes the first: {ops:?}");
+    assert_eq!(ops[19], op::RST, "a full backlog refuses: {ops:?}");
+    assert!(slowest < Duration::from_millis(100), "a pass took {slowest:?}");
+}
