@@ -15,7 +15,9 @@ use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
 use super::chain::ChainReader;
-use super::{device_type, read_config_bytes, VirtioBackend, Wakeup, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX};
+use super::{
+    device_type, read_config_bytes, VirtioBackend, Wakeup, PASS_BUDGET, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
+};
 
 const RX: usize = 0;
 const TX: usize = 1;
@@ -258,7 +260,9 @@ impl Net {
     fn process_tx(&mut self, queue: &mut Queue, mem: &GuestMemoryMmap) -> bool {
         let mut reader = ChainReader::new(queue, mem);
         let mut used = false;
-        while let Some(chain) = queue.pop_descriptor_chain(mem) {
+        // At most a budget of frames a pass: the rest wait for the next.
+        for _ in 0..PASS_BUDGET {
+            let Some(chain) = queue.pop_descriptor_chain(mem) else { break };
             let head = chain.head_index();
             let sent = reader.split(chain).ok().and_then(|b| {
                 let len = b.readable_len() as usize;
@@ -293,7 +297,10 @@ impl Net {
         let mut used = false;
         // A frame is read from the TAP only once a buffer waits for it, so
         // nothing is held here while the guest has no buffers.
-        while self.tap_readable {
+        for _ in 0..PASS_BUDGET {
+            if !self.tap_readable {
+                break;
+            }
             let Some(tap) = self.tap.as_mut() else { return used };
             let Some(chain) = queue.pop_descriptor_chain(mem) else { return used };
             let head = chain.head_index();

@@ -2,6 +2,7 @@
 //! any vhost-user frontend) drives our device code: the frontend owns the
 //! transport and shares guest memory; we process the queues.
 
+use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixListener;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -14,7 +15,7 @@ use vmm_sys_util::event::{new_event_consumer_and_notifier, EventConsumer, EventF
 
 use virtio_queue::Queue;
 
-use super::{settle, VirtioBackend, Wakeup};
+use super::{VirtioBackend, Wakeup};
 
 mod reorder;
 
@@ -84,7 +85,7 @@ impl VhostUserBackendMut for Device {
     }
 
     fn set_event_idx(&mut self, _enabled: bool) {
-        // The library sets it on each vring's queue; `settle` follows it.
+        // The library sets it on each vring's queue; `super::serve` follows it.
     }
 
     fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
@@ -119,20 +120,34 @@ impl VhostUserBackendMut for Device {
             // Nothing can be served before the frontend shares memory.
             return Ok(());
         };
-        let notify = {
+        let served = {
             let mut guards: smallvec::SmallVec<[_; 4]> = vrings.iter().map(|v| v.get_mut()).collect();
             let mut queues: smallvec::SmallVec<[&mut Queue; 4]> =
                 guards.iter_mut().map(|g| g.get_queue_mut()).collect();
-            let used = self.backend.process(wakeup, &mut queues, &mem);
-            settle(self.backend.as_mut(), &mut queues, &mem, used)
+            super::serve(self.backend.as_mut(), wakeup, &mut queues, &mem)
         };
         for (index, vring) in vrings.iter().enumerate() {
-            if notify & (1 << index) != 0 {
+            if served.notify & (1 << index) != 0 {
                 vring.signal_used_queue()?;
+            }
+            if served.pending & (1 << index) != 0 {
+                kick(vring)?;
             }
         }
         Ok(())
     }
+}
+
+/// Wakes a queue whose pass ran out of budget, as the driver's kick
+/// would: the library's epoll loop serves it again after its other events.
+fn kick(vring: &VringRwLock) -> std::io::Result<()> {
+    let state = vring.get_ref();
+    let Some(kick) = state.get_kick() else { return Ok(()) };
+    // SAFETY: the kick fd is owned by the vring, whose read guard `state`
+    // holds it open for as long as this borrow lives.
+    let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(kick.as_raw_fd()) };
+    rustix::io::write(fd, &1u64.to_ne_bytes())?;
+    Ok(())
 }
 
 /// The epoll token of the backend's fd: tokens up to the queue count are

@@ -28,7 +28,9 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
 use self::packet::{op, Header, HEADER_LEN, SHUTDOWN_RCV, SHUTDOWN_SEND, TYPE_STREAM};
 use super::chain::{Buffers, ChainReader};
-use super::{device_type, read_config_bytes, VirtioBackend, Wakeup, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX};
+use super::{
+    device_type, read_config_bytes, VirtioBackend, Wakeup, PASS_BUDGET, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
+};
 
 /// The host's context ID.
 pub const HOST_CID: u64 = 2;
@@ -278,12 +280,15 @@ impl Vsock {
         self.conns.insert(key, Connection::new(stream, state));
     }
 
-    /// Takes the guest's transmissions until the queue is empty or too
-    /// many answers wait for receive buffers.
+    /// Takes the guest's transmissions until the queue is empty, too many
+    /// answers wait for receive buffers, or the pass's budget is spent.
     fn process_tx(&mut self, queue: &mut Queue, mem: &GuestMemoryMmap) -> bool {
         let mut reader = ChainReader::new(queue, mem);
         let mut used = false;
-        while self.control.len() < MAX_PENDING_CONTROL {
+        for _ in 0..PASS_BUDGET {
+            if self.control.len() >= MAX_PENDING_CONTROL {
+                break;
+            }
             let Some(chain) = queue.pop_descriptor_chain(mem) else { break };
             let head = chain.head_index();
             match reader.split(chain) {

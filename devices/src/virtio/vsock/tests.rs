@@ -10,7 +10,7 @@ use virtio_queue::mock::MockSplitQueue;
 use vm_memory::{Address, Bytes, GuestAddress};
 
 use super::*;
-use crate::virtio::chain::tests::{memory, WRITE};
+use crate::virtio::chain::tests::{memory, within, WRITE};
 
 const GUEST_CID: u64 = 3;
 const NEXT: u16 = virtio_bindings::bindings::virtio_ring::VRING_DESC_F_NEXT as u16;
@@ -296,20 +296,6 @@ fn a_driver_reset_closes_every_connection_and_the_device_serves_the_next_driver(
     assert_eq!(drv.received()[0].0.op, op::RESPONSE);
     assert!(listener.accept().is_ok());
     std::fs::remove_file(port_path(&uds, 79)).unwrap();
-}
-
-/// Runs `f` on its own thread and fails the test if it takes longer than
-/// `limit`: a pass that blocks must fail the test, not hang it.
-fn within<T: Send + 'static>(limit: Duration, f: impl FnOnce() -> T + Send + 'static) -> T {
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let _ = tx.send(f());
-    });
-    match rx.recv_timeout(limit) {
-        Ok(v) => v,
-        Err(std::sync::mpsc::RecvTimeoutError::Timeout) => panic!("the device stalled for more than {limit:?}"),
-        Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => panic!("the test's thread panicked (see above)"),
-    }
 }
 
 fn open_fds() -> usize {
