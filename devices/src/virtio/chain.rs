@@ -365,7 +365,7 @@ pub(crate) mod tests {
         });
         match rx.recv_timeout(limit) {
             Ok(v) => v,
-            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => panic!("the device stalled for more than {limit:?}"),
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => panic!("stalled: still running after {limit:?}"),
             Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => panic!("the test's thread panicked (see above)"),
         }
     }
