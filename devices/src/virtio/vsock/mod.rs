@@ -546,10 +546,28 @@ impl Vsock {
     /// Fills receive buffers: control packets first, then host data as
     /// the guest's credit allows.
     fn process_rx(&mut self, queue: &mut Queue, mem: &GuestMemoryMmap) -> bool {
+        let mut used = false;
+        // A connection reaching end of file queues a control packet, which
+        // goes before more data: the fill starts over. Each restart has
+        // taken one connection's end of file, so this ends (a loop, not a
+        // recursion per connection).
+        loop {
+            let (filled, again) = self.fill_rx(queue, mem);
+            used |= filled;
+            if !again {
+                return used;
+            }
+        }
+    }
+
+    /// One fill of the receive buffers. Returns whether buffers were used,
+    /// and whether a connection's end of file queued a control packet
+    /// (then the caller fills again).
+    fn fill_rx(&mut self, queue: &mut Queue, mem: &GuestMemoryMmap) -> (bool, bool) {
         let mut reader = ChainReader::new(queue, mem);
         let mut used = false;
         while let Some(h) = self.control.front().copied() {
-            let Some(chain) = queue.pop_descriptor_chain(mem) else { return used };
+            let Some(chain) = queue.pop_descriptor_chain(mem) else { return (used, false) };
             let head = chain.head_index();
             let len = match reader.split(chain) {
                 Ok(b) if b.writable_len() >= HEADER_LEN as u64 => {
@@ -574,7 +592,7 @@ impl Vsock {
                 if credit == 0 || !c.readable {
                     break;
                 }
-                let Some(chain) = queue.pop_descriptor_chain(mem) else { return used };
+                let Some(chain) = queue.pop_descriptor_chain(mem) else { return (used, false) };
                 let head = chain.head_index();
                 let buffers = match reader.split(chain) {
                     Ok(b) if b.writable_len() > HEADER_LEN as u64 => b,
@@ -604,7 +622,7 @@ impl Vsock {
                     } else {
                         self.send_control(key, op::SHUTDOWN, SHUTDOWN_SEND);
                     }
-                    return self.process_rx(queue, mem) || used;
+                    return (used, true);
                 }
                 c.tx_cnt = c.tx_cnt.wrapping_add(n as u32);
                 let mut h = self.header(key, op::RW);
@@ -619,7 +637,7 @@ impl Vsock {
                 self.counters.rx_bytes.fetch_add(n as u64, Ordering::Relaxed);
             }
         }
-        used
+        (used, false)
     }
 }
 

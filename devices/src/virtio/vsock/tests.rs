@@ -24,16 +24,22 @@ struct Driver<'m> {
     rx_next_desc: u16,
     tx_next_desc: u16,
     rx_used_seen: u16,
+    rx_size: u16,
     buf: u64,
 }
 
 impl<'m> Driver<'m> {
     fn new(mem: &'m GuestMemoryMmap) -> Self {
-        let rx = MockSplitQueue::create(mem, GuestAddress(0), 64);
+        Self::with_rx_size(mem, 64)
+    }
+
+    /// A driver whose receive queue has `rx_size` entries (at most 1024).
+    fn with_rx_size(mem: &'m GuestMemoryMmap, rx_size: u16) -> Self {
+        let rx = MockSplitQueue::create(mem, GuestAddress(0), rx_size);
         let tx = MockSplitQueue::create(mem, GuestAddress(0x8000), 64);
         let ev = MockSplitQueue::create(mem, GuestAddress(0x10000), 64);
         let queues = vec![rx.create_queue().unwrap(), tx.create_queue().unwrap(), ev.create_queue().unwrap()];
-        Driver { mem, rx, tx, queues, rx_next_desc: 0, tx_next_desc: 0, rx_used_seen: 0, buf: 0x10_0000 }
+        Driver { mem, rx, tx, queues, rx_next_desc: 0, tx_next_desc: 0, rx_used_seen: 0, rx_size, buf: 0x10_0000 }
     }
 
     fn alloc(&mut self, len: u64) -> u64 {
@@ -78,7 +84,7 @@ impl<'m> Driver<'m> {
         let mut out = Vec::new();
         let used_idx = self.rx.used().idx().load();
         while self.rx_used_seen != used_idx {
-            let elem = self.rx.used().ring().ref_at(usize::from(self.rx_used_seen % 64)).unwrap().load();
+            let elem = self.rx.used().ring().ref_at(usize::from(self.rx_used_seen % self.rx_size)).unwrap().load();
             self.rx_used_seen = self.rx_used_seen.wrapping_add(1);
             let d = SplitDescriptor::from(self.rx.desc_table().load(elem.id() as u16).unwrap());
             let mut raw = [0u8; HEADER_LEN];
@@ -360,4 +366,36 @@ fn a_listener_with_a_full_backlog_refuses_at_once_instead_of_stalling_the_pass()
     assert_eq!(ops[0], op::RESPONSE, "the backlog takes the first: {ops:?}");
     assert_eq!(ops[19], op::RST, "a full backlog refuses: {ops:?}");
     assert!(slowest < Duration::from_millis(100), "a pass took {slowest:?}");
+}
+
+#[test]
+fn a_thousand_connections_at_end_of_file_at_once_are_shut_down_in_one_pass_without_deep_recursion() {
+    const CONNS: u32 = 1000;
+    let (mut dev, uds) = device("eof");
+    let listener = UnixListener::bind(port_path(&uds, 82)).unwrap();
+    rustix::net::listen(&listener, 4096).unwrap();
+    let (ops, _, _) = request_connections(&mut dev, 82, CONNS);
+    assert!(ops.iter().all(|&o| o == op::RESPONSE), "{ops:?}");
+    // Every host side closes: each connection reaches end of file.
+    for _ in 0..CONNS {
+        drop(listener.accept().unwrap());
+    }
+    let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 8 << 20)]).unwrap();
+    let mut drv = Driver::with_rx_size(&mem, 1024);
+    drv.post_rx(CONNS as usize, 64);
+    // A small stack: the old code recursed once per connection at end of
+    // file, and overflowed it.
+    let mut queues = std::mem::take(&mut drv.queues);
+    std::thread::scope(|scope| {
+        let pass = || {
+            let mut refs: Vec<&mut Queue> = queues.iter_mut().collect();
+            dev.process(Wakeup::Backend, &mut refs, &mem)
+        };
+        std::thread::Builder::new().stack_size(256 << 10).spawn_scoped(scope, pass).unwrap().join().unwrap();
+    });
+    drv.queues = queues;
+    let got = drv.received();
+    assert_eq!(got.len(), CONNS as usize);
+    assert!(got.iter().all(|p| p.0.op == op::SHUTDOWN && p.0.flags == SHUTDOWN_SEND), "{got:?}");
+    std::fs::remove_file(port_path(&uds, 82)).unwrap();
 }
