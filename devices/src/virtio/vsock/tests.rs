@@ -304,6 +304,10 @@ fn a_driver_reset_closes_every_connection_and_the_device_serves_the_next_driver(
     std::fs::remove_file(port_path(&uds, 79)).unwrap();
 }
 
+/// Held by the tests that open many fds, so that one's count of this
+/// process's fds does not see another's.
+static MANY_FDS: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 fn open_fds() -> usize {
     std::fs::read_dir("/proc/self/fd").expect("/proc/self/fd lists this process's fds").count()
 }
@@ -333,6 +337,7 @@ fn request_connections(dev: &mut Vsock, port: u32, requests: u32) -> (Vec<u16>, 
 
 #[test]
 fn connections_past_the_cap_get_rst_and_the_fd_count_stays_bounded() {
+    let _many_fds = MANY_FDS.lock().unwrap_or_else(|p| p.into_inner());
     let (ops, most_fds, slowest) = within(Duration::from_secs(120), || {
         let (mut dev, uds) = device("cap");
         let listener = UnixListener::bind(port_path(&uds, 80)).unwrap();
@@ -370,6 +375,7 @@ fn a_listener_with_a_full_backlog_refuses_at_once_instead_of_stalling_the_pass()
 
 #[test]
 fn a_thousand_connections_at_end_of_file_at_once_are_shut_down_in_one_pass_without_deep_recursion() {
+    let _many_fds = MANY_FDS.lock().unwrap_or_else(|p| p.into_inner());
     const CONNS: u32 = 1000;
     let (mut dev, uds) = device("eof");
     let listener = UnixListener::bind(port_path(&uds, 82)).unwrap();
