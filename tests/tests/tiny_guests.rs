@@ -380,6 +380,35 @@ fn vsock_reset_mid_connection() -> TestResult {
     Ok(())
 }
 
+/// Runs in a child process (see `abort_is_not_a_seccomp_refusal`):
+/// a thread under the vCPU filter aborts, as a panic does in release
+/// builds (`panic = "abort"`).
+fn abort_child() -> TestResult {
+    std::thread::spawn(|| {
+        vmm::seccomp::install(vmm::seccomp::ThreadKind::Vcpu).expect("install vCPU filter");
+        println!("filter installed");
+        std::process::abort();
+    })
+    .join()
+    .map_err(|_| anyhow::anyhow!("thread panicked"))?;
+    Ok(())
+}
+
+fn abort_is_not_a_seccomp_refusal() -> TestResult {
+    use std::os::unix::process::ExitStatusExt;
+    let out = Command::new(std::env::current_exe()?)
+        .args([ABORT_CHILD, "--exact", "--nocapture", "--test-threads=1"])
+        .env(CHILD_ENV, "1")
+        .output()?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    ensure!(stdout.contains("filter installed"), "child never installed the filter: {stdout} {stderr}");
+    ensure!(!stderr.contains("seccomp refused"), "the abort was reported as a seccomp refusal: {stderr}");
+    ensure!(out.status.signal() == Some(libc::SIGABRT), "child ended with {:?}; stderr: {stderr}", out.status);
+    Ok(())
+}
+
+const ABORT_CHILD: &str = "abort_child_process";
 const VSOCK_RESET_CHILD: &str = "vsock_reset_child_process";
 const SECCOMP_CHILD: &str = "seccomp_child_process";
 /// Set in a child process: it runs the one child trial it is asked for.
@@ -409,7 +438,11 @@ fn seccomp_refuses_forbidden_syscall() -> TestResult {
 fn main() {
     let args = Arguments::from_args();
     if std::env::var_os(CHILD_ENV).is_some() {
-        let children = vec![trial(SECCOMP_CHILD, seccomp_child), trial(VSOCK_RESET_CHILD, vsock_reset_child)];
+        let children = vec![
+            trial(SECCOMP_CHILD, seccomp_child),
+            trial(VSOCK_RESET_CHILD, vsock_reset_child),
+            trial(ABORT_CHILD, abort_child),
+        ];
         libtest_mimic::run(&args, children).exit();
     }
 
@@ -434,7 +467,13 @@ fn main() {
         trial("bad_kernels_get_clear_errors", bad_kernels),
         trial("bad_machine_and_boot_source_get_clear_errors", bad_machine_and_boot_source),
     ];
-    let mut trials = vec![trial("seccomp_refuses_forbidden_syscall_on_vcpu_thread", seccomp_refuses_forbidden_syscall)];
+    let mut trials = vec![
+        trial("seccomp_refuses_forbidden_syscall_on_vcpu_thread", seccomp_refuses_forbidden_syscall),
+        trial(
+            "an_abort_on_a_vcpu_thread_is_reported_as_an_abort_not_a_seccomp_refusal",
+            abort_is_not_a_seccomp_refusal,
+        ),
+    ];
     trials.extend(gate(kvm_unavailable(), kvm_trials));
     libtest_mimic::run(&args, trials).exit();
 }
