@@ -196,6 +196,12 @@ impl MmioTransport {
     /// Serves what woke the device: a queue notification or backend work.
     pub fn process(&mut self, wakeup: Wakeup) {
         if !self.active {
+            // No driver (not yet, or reset): host-side work is taken in
+            // with no queues, so the backend's fd does not stay readable
+            // and spin the event loop until a driver comes.
+            if let (Wakeup::Backend, Some(backend)) = (wakeup, self.backend.as_mut()) {
+                backend.process(wakeup, &mut [], &self.mem);
+            }
             return;
         }
         let Some(backend) = self.backend.as_mut() else { return };
@@ -595,5 +601,37 @@ mod tests {
         // The pass ended with buffers waiting and no kick to come: the
         // transport wrote the queue's eventfd itself.
         assert_eq!(evts[0].read().unwrap(), 1, "the queue was not woken again");
+    }
+
+    #[test]
+    fn host_work_for_a_device_without_a_driver_is_taken_in_instead_of_spinning() {
+        use crate::virtio::vsock::{Vsock, VsockConfig};
+        use std::io::Write;
+        let mem = memory();
+        let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let mut t = MmioTransport::empty(mem.clone(), Arc::new(MmioInterrupt::new(irq)));
+        let uds = std::env::temp_dir().join(format!("vessel-mmio-idle-{}", std::process::id()));
+        let (vsock, _) = Vsock::new(&VsockConfig { guest_cid: 3, uds_path: uds.clone() }).unwrap();
+        t.attach(Box::new(vsock)).unwrap();
+        let fd = t.backend_fd().unwrap();
+        let readable = || {
+            let mut poll = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
+            // SAFETY: poll on one valid pollfd, without waiting.
+            unsafe { libc::poll(&mut poll, 1, 0) == 1 }
+        };
+        // A host connects while no driver runs the device.
+        let mut host = std::os::unix::net::UnixStream::connect(&uds).unwrap();
+        host.write_all(b"CONNECT 1024\n").unwrap();
+        assert!(readable());
+        // As the event loop would, a few wakeups (the connection, its line,
+        // the new stream's first edge); then there is nothing left to do.
+        for _ in 0..5 {
+            if !readable() {
+                break;
+            }
+            t.process(Wakeup::Backend);
+        }
+        assert!(!readable(), "the backend fd stays readable: the event loop would spin");
+        let _ = std::fs::remove_file(&uds);
     }
 }

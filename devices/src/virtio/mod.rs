@@ -106,7 +106,9 @@ pub trait VirtioBackend: Send + Sync {
     }
     /// A pollable file descriptor for work that arrives from the host side
     /// (sockets, a tap device); when it is readable the transport calls
-    /// `process(Wakeup::Backend, ..)`.
+    /// `process(Wakeup::Backend, ..)`, with no queues while the driver is
+    /// not running: the backend must still take in what made the fd
+    /// readable, or the event loop, which polls it level-triggered, spins.
     fn backend_fd(&self) -> Option<RawFd> {
         None
     }

@@ -365,17 +365,19 @@ impl VirtioBackend for Net {
     }
 
     fn process(&mut self, wakeup: Wakeup, queues: &mut [&mut Queue], mem: &GuestMemoryMmap) -> u64 {
-        if queues.len() < 2 {
-            return 0;
-        }
         self.take_tap_change();
-        let mut used = 0;
+        // Taken in even with no queues (no driver yet, or after a reset),
+        // so that our epoll fd does not stay readable and spin the loop.
         if wakeup == Wakeup::Backend {
             let mut events = [EpollEvent::default(); 4];
             if self.epoll.wait(0, &mut events).is_ok_and(|n| n > 0) {
                 self.tap_readable = true;
             }
         }
+        if queues.len() < 2 {
+            return 0;
+        }
+        let mut used = 0;
         if wakeup == Wakeup::Queue(TX as u16) && queues[TX].ready() && self.process_tx(queues[TX], mem) {
             used |= 1 << TX;
         }

@@ -683,19 +683,19 @@ impl VirtioBackend for Vsock {
     }
 
     fn process(&mut self, wakeup: Wakeup, queues: &mut [&mut Queue], mem: &GuestMemoryMmap) -> u64 {
+        // Host work is taken in even with no queues (no driver yet, or
+        // after a reset): a listener left readable would spin the loop.
+        if wakeup == Wakeup::Backend {
+            self.process_host();
+        }
         if queues.len() < 2 {
             return 0;
         }
         let mut used = 0u64;
-        match wakeup {
-            Wakeup::Queue(i) if usize::from(i) == TX => {
-                if queues[TX].ready() && self.process_tx(queues[TX], mem) {
-                    used |= 1 << TX;
-                }
-            }
-            Wakeup::Backend => self.process_host(),
-            // New receive buffers (or event-queue buffers, which we keep).
-            Wakeup::Queue(_) => {}
+        // New receive buffers (or event-queue buffers, which we keep) need
+        // only the fill below.
+        if wakeup == Wakeup::Queue(TX as u16) && queues[TX].ready() && self.process_tx(queues[TX], mem) {
+            used |= 1 << TX;
         }
         if queues[RX].ready() && self.process_rx(queues[RX], mem) {
             used |= 1 << RX;
