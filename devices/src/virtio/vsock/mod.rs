@@ -720,10 +720,18 @@ impl VirtioBackend for Vsock {
     /// takes it out of the epoll set; no stream here is ever duplicated.
     fn reset(&mut self) {
         // The guest's connections die with its driver: their host sides
-        // see end of file.
-        self.conns.clear();
-        self.by_token.clear();
+        // see end of file. A host connection still waiting for the guest's
+        // answer is asked again of the next driver: a driver resets the
+        // device as it starts, and a host that connected before that must
+        // not lose its connection.
+        self.conns.retain(|_, c| c.state == State::Connecting);
+        let conns = &self.conns;
+        self.by_token.retain(|_, key| conns.contains_key(key));
         self.control.clear();
+        let waiting: Vec<Key> = self.conns.keys().copied().collect();
+        for key in waiting {
+            self.send_control(key, op::REQUEST, 0);
+        }
     }
 }
 

@@ -275,7 +275,7 @@ fn a_guest_ignoring_our_credit_is_reset() {
 }
 
 #[test]
-fn a_driver_reset_closes_every_connection_and_the_device_serves_the_next_driver() {
+fn a_driver_reset_closes_the_guests_connections_and_asks_the_next_driver_for_the_hosts() {
     let mem = memory();
     let mut drv = Driver::new(&mem);
     let (mut dev, uds) = device("reset");
@@ -285,19 +285,35 @@ fn a_driver_reset_closes_every_connection_and_the_device_serves_the_next_driver(
     assert_eq!(drv.received()[0].0.op, op::RESPONSE);
     let (mut host, _) = listener.accept().unwrap();
     host.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    // A host connection the guest has not answered yet.
+    let mut early = UnixStream::connect(&uds).unwrap();
+    early.write_all(b"CONNECT 1024\n").unwrap();
+    serve_host(&mut drv, &mut dev); // accept
+    serve_host(&mut drv, &mut dev); // the line
+    assert_eq!(drv.received()[0].0.op, op::REQUEST);
+    while dev.epoll.wait(0, &mut [EpollEvent::default(); 8]).unwrap() > 0 {}
 
     VirtioBackend::reset(&mut dev);
     let mut buf = [0u8; 8];
     assert_eq!(host.read(&mut buf).unwrap(), 0, "the host side did not see end of file");
-    assert!(dev.conns.is_empty() && dev.by_token.is_empty());
+    assert_eq!((dev.conns.len(), dev.by_token.len()), (1, 1), "only the unanswered connection is kept");
     // Nothing of the old connection is left in the epoll set.
     let mut poll = libc::pollfd { fd: dev.backend_fd().unwrap(), events: libc::POLLIN, revents: 0 };
     // SAFETY: poll on one valid pollfd, without waiting.
     assert_eq!(unsafe { libc::poll(&mut poll, 1, 0) }, 0, "the backend fd still reports work");
 
-    // A new driver connects to the same port again.
+    // A new driver is asked for the unanswered connection again, and
+    // connects to the same port again.
     let mut drv = Driver::new(&mem);
     drv.post_rx(8, 4096);
+    drv.process(&mut dev, Wakeup::Queue(RX as u16));
+    let req = drv.received()[0].0;
+    assert_eq!((req.op, req.dst_port), (op::REQUEST, 1024));
+    drv.send(&mut dev, guest_header(1024, req.src_port, op::RESPONSE, 0), &[]);
+    early.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    let mut line = [0u8; 32];
+    let n = early.read(&mut line).unwrap();
+    assert_eq!(&line[..n], format!("OK {}\n", req.src_port).as_bytes());
     drv.send(&mut dev, guest_header(6002, 79, op::REQUEST, 0), &[]);
     assert_eq!(drv.received()[0].0.op, op::RESPONSE);
     assert!(listener.accept().is_ok());
