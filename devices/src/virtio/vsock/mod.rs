@@ -53,6 +53,10 @@ const MAX_CONNECT_LINE: usize = 32;
 /// `BUF_ALLOC` of buffers. Guest requests past it are answered with RST,
 /// host connections past it are closed.
 const MAX_CONNECTIONS: usize = 1023;
+/// Most host connections that have not sent their `CONNECT` line yet;
+/// more are closed as they are accepted, so the listener is still drained
+/// (it is level-triggered: left readable, it would spin the event loop).
+const MAX_HANDSHAKES: usize = 64;
 /// Epoll token of the listening socket.
 const LISTENER_TOKEN: u64 = u64::MAX;
 
@@ -488,6 +492,10 @@ impl Vsock {
         loop {
             match self.listener.accept() {
                 Ok((stream, _)) => {
+                    if self.handshakes.len() >= MAX_HANDSHAKES {
+                        self.counters.errors.fetch_add(1, Ordering::Relaxed);
+                        continue;
+                    }
                     if stream.set_nonblocking(true).is_err() {
                         continue;
                     }

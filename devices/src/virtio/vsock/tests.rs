@@ -421,3 +421,28 @@ fn a_thousand_connections_at_end_of_file_at_once_are_shut_down_in_one_pass_witho
     assert!(got.iter().all(|p| p.0.op == op::SHUTDOWN && p.0.flags == SHUTDOWN_SEND), "{got:?}");
     std::fs::remove_file(port_path(&uds, 82)).unwrap();
 }
+
+#[test]
+fn host_connections_that_never_say_connect_are_bounded_and_the_listener_is_drained() {
+    let mem = memory();
+    let mut drv = Driver::new(&mem);
+    let (mut dev, uds) = device("silent");
+    let mut hosts: Vec<UnixStream> = (0..100).map(|_| UnixStream::connect(&uds).unwrap()).collect();
+    for _ in 0..5 {
+        drv.process(&mut dev, Wakeup::Backend);
+    }
+    assert_eq!(dev.handshakes.len(), MAX_HANDSHAKES);
+    let mut poll = libc::pollfd { fd: dev.backend_fd().unwrap(), events: libc::POLLIN, revents: 0 };
+    // SAFETY: poll on one valid pollfd, without waiting.
+    assert_eq!(unsafe { libc::poll(&mut poll, 1, 0) }, 0, "the listener is left readable");
+    // The ones past the bound were closed: they see end of file.
+    let mut closed = 0;
+    for h in &mut hosts {
+        h.set_nonblocking(true).unwrap();
+        if matches!(h.read(&mut [0u8; 1]), Ok(0)) {
+            closed += 1;
+        }
+    }
+    assert_eq!(closed, 100 - MAX_HANDSHAKES);
+    let _ = std::fs::remove_file(&uds);
+}
