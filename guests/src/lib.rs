@@ -24,8 +24,10 @@
 //!   interrupt (edge, active high, vector 0x30). It prints `virtio: magic`,
 //!   `virtio: features`, `virtio: queue max`, `virtio: status`,
 //!   `virtio: irq` (or `virtio: no interrupt` after about 2 s),
-//!   `virtio: used`, `virtio: data`, `done`, then the boot-timer byte and
-//!   reset. See `src/asm/virtio.S` for the exact format and the memory it
+//!   `virtio: used`, `virtio: data`, then resets the device (Status = 0)
+//!   and prints `virtio: reset status`, `done`, then the boot-timer byte and
+//!   resets the machine. The driver is generic enough to drive a vsock
+//!   device's receive queue too. See `src/asm/virtio.S` for the exact format and the memory it
 //!   uses (only its own image, above 1 MiB).
 //!
 //! Entries: the 32-bit entry (PVH, and the bzImage's `code32_start`) is at
@@ -50,7 +52,8 @@ pub enum Program {
     /// a loop forever: for pause, resume and stop tests.
     Spin,
     /// Drives a virtio-rng device through the virtio-mmio transport: init
-    /// sequence, one request, its interrupt; reports each step.
+    /// sequence, one request, its interrupt, a device reset; reports each
+    /// step.
     Virtio,
 }
 

@@ -3,6 +3,8 @@
 //! cannot be opened, every test here is reported as skipped, with the
 //! reason; none passes without running.
 
+use std::io::Write;
+use std::os::unix::net::UnixStream;
 use std::process::Command;
 use std::time::Duration;
 
@@ -193,6 +195,10 @@ fn virtio_mmio_rng(format: Format) -> TestResult {
             == Some("virtio: used idx 0x0000000000000001 id 0x0000000000000000 len 0x0000000000000040"),
         "console:\n{c}"
     );
+    ensure!(
+        line("virtio: reset status").as_deref() == Some("virtio: reset status 0x0000000000000000"),
+        "console:\n{c}"
+    );
     let data = line("virtio: data").unwrap_or_default();
     ensure!(!data.is_empty() && !data.contains("0x0000000000000000 0x0000000000000000"), "no entropy: {data}");
     let irq_exits: u64 = run.stats.vcpus.iter().map(|v| v.mmio_write).sum();
@@ -320,14 +326,99 @@ fn seccomp_child() -> TestResult {
     Ok(())
 }
 
+/// Runs in a child process (see `vsock_reset_mid_connection`), because a
+/// refused syscall ends the whole process: the virtio guest drives a vsock
+/// device, takes a host's connection request in its receive buffer, then
+/// resets the device with that connection open. The reset runs on the vCPU
+/// thread, under the vCPU filter; the VM must run on to the guest's end.
+fn vsock_reset_child() -> TestResult {
+    let dir = TempDir::new("vsock-reset")?;
+    let format = Format::Pvh;
+    let kernel = dir.write(guests::file_name(Program::Virtio, format), guests::image(Program::Virtio, format))?;
+    let uds = dir.path().join("vsock.sock");
+    let vsock = vmm::DeviceConfig::Vsock(devices::virtio::vsock::VsockConfig { guest_cid: 3, uds_path: uds.clone() });
+    let guest = vessel_tests::start_kernel_with(&kernel, &BootOptions::default(), &[vsock])?;
+    let mut host = UnixStream::connect(&uds).context("connecting to the vsock socket")?;
+    host.write_all(b"CONNECT 1234\n")?;
+    let run = guest.finish()?;
+    let c = &run.console;
+    let line = |prefix: &str| c.lines().find(|l| l.starts_with(prefix)).map(str::to_owned);
+    ensure!(run.exit == ExitReason::Reset, "ended with {:?}; console:\n{c}", run.exit);
+    ensure!(!c.contains("virtio: error") && !c.contains("exception") && c.contains("\ndone"), "console:\n{c}");
+    ensure!(line("virtio: magic").is_some_and(|l| l.ends_with("device 0x0000000000000013")), "console:\n{c}");
+    // The receive buffer holds the connection request: 44 header bytes,
+    // from CID 2 to CID 3.
+    ensure!(
+        line("virtio: used").as_deref()
+            == Some("virtio: used idx 0x0000000000000001 id 0x0000000000000000 len 0x000000000000002c"),
+        "no connection request reached the guest; console:\n{c}"
+    );
+    ensure!(
+        line("virtio: data").as_deref() == Some("virtio: data 0x0000000000000002 0x0000000000000003"),
+        "console:\n{c}"
+    );
+    ensure!(
+        line("virtio: reset status").as_deref() == Some("virtio: reset status 0x0000000000000000"),
+        "console:\n{c}"
+    );
+    println!("the VM ran on after the vsock reset");
+    Ok(())
+}
+
+fn vsock_reset_mid_connection() -> TestResult {
+    let out = Command::new(std::env::current_exe()?)
+        .args([VSOCK_RESET_CHILD, "--exact", "--nocapture", "--test-threads=1"])
+        .env(CHILD_ENV, "1")
+        .output()?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    ensure!(
+        out.status.success() && stdout.contains("the VM ran on after the vsock reset"),
+        "child ended with {:?}; stdout: {stdout}; stderr: {stderr}",
+        out.status
+    );
+    Ok(())
+}
+
+/// Runs in a child process (see `abort_is_not_a_seccomp_refusal`):
+/// a thread under the vCPU filter aborts, as a panic does in release
+/// builds (`panic = "abort"`).
+fn abort_child() -> TestResult {
+    std::thread::spawn(|| {
+        vmm::seccomp::install(vmm::seccomp::ThreadKind::Vcpu).expect("install vCPU filter");
+        println!("filter installed");
+        std::process::abort();
+    })
+    .join()
+    .map_err(|_| anyhow::anyhow!("thread panicked"))?;
+    Ok(())
+}
+
+fn abort_is_not_a_seccomp_refusal() -> TestResult {
+    use std::os::unix::process::ExitStatusExt;
+    let out = Command::new(std::env::current_exe()?)
+        .args([ABORT_CHILD, "--exact", "--nocapture", "--test-threads=1"])
+        .env(CHILD_ENV, "1")
+        .output()?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    ensure!(stdout.contains("filter installed"), "child never installed the filter: {stdout} {stderr}");
+    ensure!(!stderr.contains("seccomp refused"), "the abort was reported as a seccomp refusal: {stderr}");
+    ensure!(out.status.signal() == Some(libc::SIGABRT), "child ended with {:?}; stderr: {stderr}", out.status);
+    Ok(())
+}
+
+const ABORT_CHILD: &str = "abort_child_process";
+const VSOCK_RESET_CHILD: &str = "vsock_reset_child_process";
 const SECCOMP_CHILD: &str = "seccomp_child_process";
-const SECCOMP_CHILD_ENV: &str = "VESSEL_SECCOMP_CHILD";
+/// Set in a child process: it runs the one child trial it is asked for.
+const CHILD_ENV: &str = "VESSEL_TEST_CHILD";
 
 fn seccomp_refuses_forbidden_syscall() -> TestResult {
     let exe = std::env::current_exe()?;
     let out = Command::new(exe)
         .args([SECCOMP_CHILD, "--exact", "--nocapture", "--test-threads=1"])
-        .env(SECCOMP_CHILD_ENV, "1")
+        .env(CHILD_ENV, "1")
         .output()?;
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -346,8 +437,13 @@ fn seccomp_refuses_forbidden_syscall() -> TestResult {
 
 fn main() {
     let args = Arguments::from_args();
-    if std::env::var_os(SECCOMP_CHILD_ENV).is_some() {
-        libtest_mimic::run(&args, vec![trial(SECCOMP_CHILD, seccomp_child)]).exit();
+    if std::env::var_os(CHILD_ENV).is_some() {
+        let children = vec![
+            trial(SECCOMP_CHILD, seccomp_child),
+            trial(VSOCK_RESET_CHILD, vsock_reset_child),
+            trial(ABORT_CHILD, abort_child),
+        ];
+        libtest_mimic::run(&args, children).exit();
     }
 
     let kvm_trials = vec![
@@ -364,13 +460,20 @@ fn main() {
         trial("virtio_mmio_rng_pvh", || virtio_mmio_rng(Format::Pvh)),
         trial("virtio_mmio_rng_linux64_elf", || virtio_mmio_rng(Format::Linux64Elf)),
         trial("virtio_mmio_rng_bzimage", || virtio_mmio_rng(Format::BzImage)),
+        trial("a_vsock_reset_mid_connection_leaves_the_vm_running", vsock_reset_mid_connection),
         trial("pause_resume_stop", pause_resume_stop),
         trial("stop_while_paused", stop_while_paused),
         trial("hotplug_attach_and_detach", hotplug_attach_and_detach),
         trial("bad_kernels_get_clear_errors", bad_kernels),
         trial("bad_machine_and_boot_source_get_clear_errors", bad_machine_and_boot_source),
     ];
-    let mut trials = vec![trial("seccomp_refuses_forbidden_syscall_on_vcpu_thread", seccomp_refuses_forbidden_syscall)];
+    let mut trials = vec![
+        trial("seccomp_refuses_forbidden_syscall_on_vcpu_thread", seccomp_refuses_forbidden_syscall),
+        trial(
+            "an_abort_on_a_vcpu_thread_is_reported_as_an_abort_not_a_seccomp_refusal",
+            abort_is_not_a_seccomp_refusal,
+        ),
+    ];
     trials.extend(gate(kvm_unavailable(), kvm_trials));
     libtest_mimic::run(&args, trials).exit();
 }

@@ -4,6 +4,8 @@
 //! segments must lie in guest memory and keep the order the spec demands.
 
 use smallvec::SmallVec;
+
+use super::PASS_BUDGET;
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use vm_memory::{
@@ -299,11 +301,13 @@ pub struct Answered {
     pub corrupt: bool,
 }
 
-/// Answers every chain waiting in `queue`: each is split by a
-/// [`ChainReader`] and handed to `answer`, which returns the number of
-/// bytes it wrote into the chain, and is then put in the used ring.
-/// Chains are taken in batches, so the available index is read once per
-/// batch rather than once per chain. The driver can corrupt the index
+/// Answers the chains waiting in `queue`, at most [`PASS_BUDGET`] of them
+/// (a driver adding chains as fast as we answer them must not keep one
+/// pass going; [`super::serve`] leaves the rest for the next pass): each is
+/// split by a [`ChainReader`] and handed to `answer`, which returns the
+/// number of bytes it wrote into the chain, and is then put in the used
+/// ring. Chains are taken in batches, so the available index is read once
+/// per batch rather than once per chain. The driver can corrupt the index
 /// between batches, so `used` holds even when `corrupt` is set.
 pub fn answer_all<'m>(
     queue: &mut Queue,
@@ -314,9 +318,10 @@ pub fn answer_all<'m>(
     let mut chains: SmallVec<[DescriptorChain<&'m GuestMemoryMmap>; BATCH]> = SmallVec::new();
     let mut buffers = Buffers::default();
     let mut done = Answered::default();
+    let mut budget = usize::from(PASS_BUDGET);
     loop {
         match queue.iter(mem) {
-            Ok(avail) => chains.extend(avail.take(BATCH)),
+            Ok(avail) => chains.extend(avail.take(BATCH.min(budget))),
             Err(_) => {
                 done.corrupt = true;
                 return done;
@@ -326,6 +331,7 @@ pub fn answer_all<'m>(
             return done;
         }
         done.used = true;
+        budget -= chains.len();
         for chain in chains.drain(..) {
             let head = chain.head_index();
             let len = answer(reader.split_into(chain, &mut buffers).map(|()| &buffers));
@@ -348,6 +354,20 @@ pub(crate) mod tests {
 
     pub(crate) fn memory() -> GuestMemoryMmap {
         GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x20_0000)]).unwrap()
+    }
+
+    /// Runs `f` on its own thread and fails the test if it takes longer than
+    /// `limit`: a pass that blocks must fail the test, not hang it.
+    pub(crate) fn within<T: Send + 'static>(limit: std::time::Duration, f: impl FnOnce() -> T + Send + 'static) -> T {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(f());
+        });
+        match rx.recv_timeout(limit) {
+            Ok(v) => v,
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => panic!("stalled: still running after {limit:?}"),
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => panic!("the test's thread panicked (see above)"),
+        }
     }
 
     pub(crate) fn desc(addr: u64, len: u32, flags: u16) -> RawDescriptor {

@@ -16,7 +16,7 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
-use super::{settle, VirtioBackend, Wakeup, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX};
+use super::{serve, VirtioBackend, Wakeup, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX};
 use crate::bus::BusDevice;
 
 /// Size of one device's register window.
@@ -196,6 +196,12 @@ impl MmioTransport {
     /// Serves what woke the device: a queue notification or backend work.
     pub fn process(&mut self, wakeup: Wakeup) {
         if !self.active {
+            // No driver (not yet, or reset): host-side work is taken in
+            // with no queues, so the backend's fd does not stay readable
+            // and spin the event loop until a driver comes.
+            if let (Wakeup::Backend, Some(backend)) = (wakeup, self.backend.as_mut()) {
+                backend.process(wakeup, &mut [], &self.mem);
+            }
             return;
         }
         let Some(backend) = self.backend.as_mut() else { return };
@@ -206,9 +212,18 @@ impl MmioTransport {
         }
         // No allocation per notification: devices have a few queues.
         let mut queues: smallvec::SmallVec<[&mut Queue; 4]> = self.queues.iter_mut().collect();
-        let used = backend.process(wakeup, &mut queues, &self.mem);
-        if settle(backend.as_mut(), &mut queues, &self.mem, used) != 0 {
+        let served = serve(backend.as_mut(), wakeup, &mut queues, &self.mem);
+        if served.notify != 0 {
             self.interrupt.raise(INT_USED_RING);
+        }
+        // Queues whose budget ran out: their own eventfd brings them back
+        // after the event loop's other work.
+        for (i, evt) in self.queue_evts.iter().enumerate() {
+            if served.pending & (1 << i) != 0 {
+                if let Err(e) = evt.write(1) {
+                    warn!("cannot wake virtio queue {i} again: {e}");
+                }
+            }
         }
     }
 
@@ -432,6 +447,7 @@ mod tests {
     use super::*;
     use crate::virtio::chain::tests::{desc, memory, WRITE};
     use crate::virtio::rng::Rng;
+    use crate::virtio::tests::Endless;
     use virtio_queue::mock::MockSplitQueue;
 
     const STATUS_ACKNOWLEDGE: u32 = 1;
@@ -570,5 +586,52 @@ mod tests {
         assert!(matches!(t.attach(Box::new(Rng::new().0)), Err(MmioError::SlotInUse)));
         assert!(t.detach().is_some());
         assert_eq!(read(&mut t, REG_DEVICE_ID), 0);
+    }
+
+    #[test]
+    fn a_queue_left_with_buffers_wakes_itself_for_the_next_pass() {
+        let mem = memory();
+        let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let mut t = MmioTransport::empty(mem.clone(), Arc::new(MmioInterrupt::new(irq)));
+        let vq = MockSplitQueue::new(&mem, 16);
+        let evts = t.attach(Box::new(Endless { avail: vq.avail_addr(), answered: 0 })).unwrap();
+        assert_eq!(init(&mut t, &vq, VIRTIO_F_VERSION_1), 0xf);
+        vq.add_desc_chains(&[desc(0x10_0000, 64, WRITE)], 0).unwrap();
+        t.process(Wakeup::Queue(0));
+        // The pass ended with buffers waiting and no kick to come: the
+        // transport wrote the queue's eventfd itself.
+        assert_eq!(evts[0].read().unwrap(), 1, "the queue was not woken again");
+    }
+
+    #[test]
+    fn host_work_for_a_device_without_a_driver_is_taken_in_instead_of_spinning() {
+        use crate::virtio::vsock::{Vsock, VsockConfig};
+        use std::io::Write;
+        let mem = memory();
+        let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let mut t = MmioTransport::empty(mem.clone(), Arc::new(MmioInterrupt::new(irq)));
+        let uds = std::env::temp_dir().join(format!("vessel-mmio-idle-{}", std::process::id()));
+        let (vsock, _) = Vsock::new(&VsockConfig { guest_cid: 3, uds_path: uds.clone() }).unwrap();
+        t.attach(Box::new(vsock)).unwrap();
+        let fd = t.backend_fd().unwrap();
+        let readable = || {
+            let mut poll = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
+            // SAFETY: poll on one valid pollfd, without waiting.
+            unsafe { libc::poll(&mut poll, 1, 0) == 1 }
+        };
+        // A host connects while no driver runs the device.
+        let mut host = std::os::unix::net::UnixStream::connect(&uds).unwrap();
+        host.write_all(b"CONNECT 1024\n").unwrap();
+        assert!(readable());
+        // As the event loop would, a few wakeups (the connection, its line,
+        // the new stream's first edge); then there is nothing left to do.
+        for _ in 0..5 {
+            if !readable() {
+                break;
+            }
+            t.process(Wakeup::Backend);
+        }
+        assert!(!readable(), "the backend fd stays readable: the event loop would spin");
+        let _ = std::fs::remove_file(&uds);
     }
 }

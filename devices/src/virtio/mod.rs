@@ -62,6 +62,13 @@ pub enum Wakeup {
 }
 
 /// A device's queue logic and configuration, independent of the transport.
+///
+/// Which thread calls what: the in-process transport calls
+/// `set_acked_features`, `read_config`, `write_config` and `reset` from the
+/// register access of a vCPU thread, under the vCPU seccomp filter (memory,
+/// locks, `close`, `write` to an eventfd; no `epoll_ctl`, no sockets, no
+/// file I/O). Work that needs more waits for `process`, which runs on the
+/// event loop.
 pub trait VirtioBackend: Send + Sync {
     /// virtio device ID.
     fn device_type(&self) -> u32;
@@ -99,12 +106,48 @@ pub trait VirtioBackend: Send + Sync {
     }
     /// A pollable file descriptor for work that arrives from the host side
     /// (sockets, a tap device); when it is readable the transport calls
-    /// `process(Wakeup::Backend, ..)`.
+    /// `process(Wakeup::Backend, ..)`, with no queues while the driver is
+    /// not running: the backend must still take in what made the fd
+    /// readable, or the event loop, which polls it level-triggered, spins.
     fn backend_fd(&self) -> Option<RawFd> {
         None
     }
-    /// Forgets per-driver state after a device reset.
+    /// Forgets per-driver state after a device reset. Runs on a vCPU thread
+    /// (see above): dropping an fd is fine, changing an epoll set is not.
     fn reset(&mut self) {}
+}
+
+/// The most chains one pass takes from one queue. A driver can add buffers
+/// as fast as we use them; past the budget the pass ends and the queue is
+/// served again after the event loop's other work (control requests, other
+/// queues), so no guest keeps a pass going for ever.
+pub const PASS_BUDGET: u16 = 256;
+
+/// Rounds of re-serving, in one pass, the queues that got buffers while
+/// their notifications were off.
+const SETTLE_ROUNDS: usize = 8;
+
+/// What one pass over a device did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Served {
+    /// Queues (bit i = queue i) whose driver wants an interrupt.
+    pub notify: u64,
+    /// Queues left with buffers when the pass ended (their budget spent):
+    /// the transport wakes them again (writes their kick eventfd), so that
+    /// they are served after whatever else waits, without a driver kick.
+    pub pending: u64,
+}
+
+/// One pass: serves what woke the device, then [`settle`]s its queues.
+pub fn serve(
+    backend: &mut dyn VirtioBackend,
+    wakeup: Wakeup,
+    queues: &mut [&mut Queue],
+    mem: &GuestMemoryMmap,
+) -> Served {
+    let start: smallvec::SmallVec<[u16; 4]> = queues.iter().map(|q| q.next_avail()).collect();
+    let used = backend.process(wakeup, queues, mem);
+    settle(backend, queues, mem, used, &start)
 }
 
 /// After a backend ran: re-arms every ready queue's notifications (with
@@ -113,24 +156,38 @@ pub trait VirtioBackend: Send + Sync {
 /// that has buffers once notifications are back on (the race notification
 /// suppression opens: the driver did not kick for them), and says which of
 /// the `used` queues the driver wants interrupted (with EVENT_IDX, only
-/// those whose used_event was passed).
-pub fn settle(backend: &mut dyn VirtioBackend, queues: &mut [&mut Queue], mem: &GuestMemoryMmap, mut used: u64) -> u64 {
+/// those whose used_event was passed). `start` holds each queue's next
+/// available index when the pass began: a queue that has taken
+/// [`PASS_BUDGET`] chains since is not run again but left `pending`.
+fn settle(
+    backend: &mut dyn VirtioBackend,
+    queues: &mut [&mut Queue],
+    mem: &GuestMemoryMmap,
+    mut used: u64,
+    start: &[u16],
+) -> Served {
     // A queue is served again when buffers are there once notifications
     // are back on: the driver does not kick for buffers it added while we
     // had them off, so nobody else would. Where a pass takes nothing (a
     // receive queue whose buffers wait for host data), that queue is left
     // for the backend's own wakeup, so a waiting queue does not spin.
-    // Bounded: a driver adding buffers as fast as we take them is served on
-    // the next kick instead.
+    // Where a pass has spent its budget, or the rounds run out, the queue
+    // is pending: the transport wakes it again, so no wakeup is lost.
+    let taken = |q: &Queue, i: usize| q.next_avail().wrapping_sub(start.get(i).copied().unwrap_or(q.next_avail()));
     let mut stalled = 0u64;
-    for _ in 0..8 {
+    let mut pending = 0u64;
+    for round in 0..=SETTLE_ROUNDS {
         let mut again = 0u64;
         for (i, q) in queues.iter_mut().enumerate() {
-            if !q.ready() || stalled & (1 << i) != 0 {
+            if !q.ready() || (stalled | pending) & (1 << i) != 0 {
                 continue;
             }
             if q.enable_notification(mem).unwrap_or(false) {
-                again |= 1 << i;
+                if round == SETTLE_ROUNDS || taken(q, i) >= PASS_BUDGET {
+                    pending |= 1 << i;
+                } else {
+                    again |= 1 << i;
+                }
             }
         }
         if again == 0 {
@@ -152,7 +209,7 @@ pub fn settle(backend: &mut dyn VirtioBackend, queues: &mut [&mut Queue], mem: &
             notify |= 1 << i;
         }
     }
-    notify
+    Served { notify, pending }
 }
 
 /// Reads `data.len()` bytes of a little-endian configuration structure
@@ -167,11 +224,45 @@ pub fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
-    use crate::virtio::chain::tests::{desc, memory, WRITE};
+    use crate::virtio::chain::answer_all;
+    use crate::virtio::chain::tests::{desc, memory, within, WRITE};
     use crate::virtio::rng::Rng;
+    use std::time::Duration;
     use virtio_queue::mock::MockSplitQueue;
+    use vm_memory::{Address, Bytes, GuestAddress};
+
+    /// A backend whose driver adds a buffer for each one the device uses:
+    /// the available index never stops advancing.
+    pub(crate) struct Endless {
+        pub(crate) avail: GuestAddress,
+        pub(crate) answered: u64,
+    }
+    impl VirtioBackend for Endless {
+        fn device_type(&self) -> u32 {
+            device_type::RNG
+        }
+        fn queue_max_sizes(&self) -> &[u16] {
+            &[16]
+        }
+        fn features(&self) -> u64 {
+            VIRTIO_F_VERSION_1
+        }
+        fn process_queue(&mut self, _: u16, queue: &mut Queue, mem: &GuestMemoryMmap) -> bool {
+            let (avail, answered) = (self.avail, &mut self.answered);
+            answer_all(queue, mem, |_| {
+                // The driver puts descriptor 0 back in the ring at once:
+                // ring[idx % 16] = 0, then idx + 1.
+                let idx: u16 = mem.read_obj(avail.unchecked_add(2)).unwrap();
+                mem.write_obj(0u16, avail.unchecked_add(4 + 2 * u64::from(idx % 16))).unwrap();
+                mem.write_obj(idx.wrapping_add(1), avail.unchecked_add(2)).unwrap();
+                *answered += 1;
+                0
+            })
+            .used
+        }
+    }
 
     /// With EVENT_IDX the driver does not kick for buffers it adds while
     /// notifications are off; a buffer added after the backend drained the
@@ -189,7 +280,7 @@ mod tests {
         // The driver adds another buffer now: it sees notifications off
         // (avail_event not yet moved past its old index) and does not kick.
         vq.add_desc_chains(&[desc(0x10_1000, 64, WRITE)], 1).unwrap();
-        settle(&mut rng, &mut [&mut q], &mem, used);
+        settle(&mut rng, &mut [&mut q], &mem, used, &[0]);
         assert_eq!(vq.used().idx().load(), 2, "the second buffer was left behind");
     }
 
@@ -219,7 +310,32 @@ mod tests {
         let mut q: Queue = vq.create_queue().unwrap();
         q.set_event_idx(true);
         let mut idle = Idle(0);
-        assert_eq!(settle(&mut idle, &mut [&mut q], &mem, 0), 0);
+        assert_eq!(settle(&mut idle, &mut [&mut q], &mem, 0, &[0]), Served::default());
         assert_eq!(idle.0, 1, "served {} times", idle.0);
+    }
+
+    /// A driver that adds a buffer for each one the device uses: the
+    /// available index never stops advancing. Each pass still ends, within
+    /// its budget, and leaves the queue pending for the next pass.
+    #[test]
+    fn a_driver_adding_buffers_for_ever_gets_a_pass_within_the_budget() {
+        let answered = within(Duration::from_secs(30), || {
+            let mem = memory();
+            let vq = MockSplitQueue::new(&mem, 16);
+            vq.add_desc_chains(&[desc(0x10_0000, 64, WRITE)], 0).unwrap();
+            let mut q: Queue = vq.create_queue().unwrap();
+            let mut endless = Endless { avail: vq.avail_addr(), answered: 0 };
+            let mut passes = Vec::new();
+            for _ in 0..3 {
+                let served = serve(&mut endless, Wakeup::Queue(0), &mut [&mut q], &mem);
+                assert_eq!(served, Served { notify: 1, pending: 1 }, "the queue must be served again");
+                assert_eq!(vq.avail().idx().load(), q.next_avail().wrapping_add(1), "a buffer is left waiting");
+                passes.push(endless.answered - passes.iter().sum::<u64>());
+            }
+            passes
+        });
+        for n in answered {
+            assert!(n >= u64::from(PASS_BUDGET) && n < 2 * u64::from(PASS_BUDGET), "a pass answered {n} chains");
+        }
     }
 }

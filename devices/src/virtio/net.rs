@@ -15,7 +15,9 @@ use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
 use super::chain::ChainReader;
-use super::{device_type, read_config_bytes, VirtioBackend, Wakeup, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX};
+use super::{
+    device_type, read_config_bytes, VirtioBackend, Wakeup, PASS_BUDGET, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
+};
 
 const RX: usize = 0;
 const TX: usize = 1;
@@ -258,7 +260,9 @@ impl Net {
     fn process_tx(&mut self, queue: &mut Queue, mem: &GuestMemoryMmap) -> bool {
         let mut reader = ChainReader::new(queue, mem);
         let mut used = false;
-        while let Some(chain) = queue.pop_descriptor_chain(mem) {
+        // At most a budget of frames a pass: the rest wait for the next.
+        for _ in 0..PASS_BUDGET {
+            let Some(chain) = queue.pop_descriptor_chain(mem) else { break };
             let head = chain.head_index();
             let sent = reader.split(chain).ok().and_then(|b| {
                 let len = b.readable_len() as usize;
@@ -293,7 +297,10 @@ impl Net {
         let mut used = false;
         // A frame is read from the TAP only once a buffer waits for it, so
         // nothing is held here while the guest has no buffers.
-        while self.tap_readable {
+        for _ in 0..PASS_BUDGET {
+            if !self.tap_readable {
+                break;
+            }
             let Some(tap) = self.tap.as_mut() else { return used };
             let Some(chain) = queue.pop_descriptor_chain(mem) else { return used };
             let head = chain.head_index();
@@ -358,17 +365,19 @@ impl VirtioBackend for Net {
     }
 
     fn process(&mut self, wakeup: Wakeup, queues: &mut [&mut Queue], mem: &GuestMemoryMmap) -> u64 {
-        if queues.len() < 2 {
-            return 0;
-        }
         self.take_tap_change();
-        let mut used = 0;
+        // Taken in even with no queues (no driver yet, or after a reset),
+        // so that our epoll fd does not stay readable and spin the loop.
         if wakeup == Wakeup::Backend {
             let mut events = [EpollEvent::default(); 4];
             if self.epoll.wait(0, &mut events).is_ok_and(|n| n > 0) {
                 self.tap_readable = true;
             }
         }
+        if queues.len() < 2 {
+            return 0;
+        }
+        let mut used = 0;
         if wakeup == Wakeup::Queue(TX as u16) && queues[TX].ready() && self.process_tx(queues[TX], mem) {
             used |= 1 << TX;
         }

@@ -15,7 +15,7 @@ use vmm_sys_util::event::{new_event_consumer_and_notifier, EventConsumer, EventF
 
 use virtio_queue::Queue;
 
-use super::{settle, VirtioBackend, Wakeup};
+use super::{VirtioBackend, Wakeup};
 
 mod reorder;
 
@@ -92,7 +92,7 @@ impl VhostUserBackendMut for Device {
     }
 
     fn set_event_idx(&mut self, _enabled: bool) {
-        // The library sets it on each vring's queue; `settle` follows it.
+        // The library sets it on each vring's queue; `super::serve` follows it.
     }
 
     fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
@@ -124,23 +124,42 @@ impl VhostUserBackendMut for Device {
             return Err(std::io::Error::other(format!("event for unknown queue {device_event}")));
         };
         let Some(mem) = self.mem.as_ref().map(|m| m.memory()) else {
-            // Nothing can be served before the frontend shares memory.
+            // No queue can be served before the frontend shares memory, but
+            // host work is taken in (with no queues), so that the backend's
+            // fd does not stay readable and spin this thread.
+            if wakeup == Wakeup::Backend {
+                self.backend.process(wakeup, &mut [], &GuestMemoryMmap::new());
+            }
             return Ok(());
         };
-        let notify = {
+        let served = {
             let mut guards: smallvec::SmallVec<[_; 4]> = vrings.iter().map(|v| v.get_mut()).collect();
             let mut queues: smallvec::SmallVec<[&mut Queue; 4]> =
                 guards.iter_mut().map(|g| g.get_queue_mut()).collect();
-            let used = self.backend.process(wakeup, &mut queues, &mem);
-            settle(self.backend.as_mut(), &mut queues, &mem, used)
+            super::serve(self.backend.as_mut(), wakeup, &mut queues, &mem)
         };
         for (index, vring) in vrings.iter().enumerate() {
-            if notify & (1 << index) != 0 {
+            if served.notify & (1 << index) != 0 {
                 vring.signal_used_queue()?;
+            }
+            if served.pending & (1 << index) != 0 {
+                kick(vring)?;
             }
         }
         Ok(())
     }
+}
+
+/// Wakes a queue whose pass ran out of budget, as the driver's kick
+/// would: the library's epoll loop serves it again after its other events.
+fn kick(vring: &VringRwLock) -> std::io::Result<()> {
+    let state = vring.get_ref();
+    let Some(kick) = state.get_kick() else { return Ok(()) };
+    // SAFETY: the kick fd is owned by the vring, whose read guard `state`
+    // holds it open for as long as this borrow lives.
+    let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(kick.as_raw_fd()) };
+    rustix::io::write(fd, &1u64.to_ne_bytes())?;
+    Ok(())
 }
 
 /// The epoll token of the backend's fd: tokens up to the queue count are
@@ -275,5 +294,51 @@ fn serve_on(
         | Err(vhost_user_backend::Error::HandleRequest(vhost::vhost_user::Error::Disconnected))
         | Err(vhost_user_backend::Error::HandleRequest(vhost::vhost_user::Error::PartialMessage)) => Ok(()),
         Err(e) => Err(err(format!("{e}"))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::virtio::vsock::{Vsock, VsockConfig};
+    use std::io::Write;
+    use std::os::fd::{FromRawFd, IntoRawFd};
+    use vmm_sys_util::eventfd::EventFd;
+
+    fn readable(fd: std::os::fd::RawFd) -> bool {
+        let mut poll = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
+        // SAFETY: poll on one valid pollfd, without waiting.
+        unsafe { libc::poll(&mut poll, 1, 0) == 1 }
+    }
+
+    #[test]
+    fn host_work_before_the_frontend_shares_memory_is_taken_in_instead_of_spinning() {
+        let uds = std::env::temp_dir().join(format!("vessel-vhost-idle-{}", std::process::id()));
+        let (vsock, _) = Vsock::new(&VsockConfig { guest_cid: 3, uds_path: uds.clone() }).unwrap();
+        let fd = vsock.backend_fd().unwrap();
+        let mut device = Device { backend: Box::new(vsock), mem: None, exits: Mutex::new(Vec::new()) };
+        let mut host = std::os::unix::net::UnixStream::connect(&uds).unwrap();
+        host.write_all(b"CONNECT 1024\n").unwrap();
+        assert!(readable(fd));
+        for _ in 0..5 {
+            if !readable(fd) {
+                break;
+            }
+            device.handle_event(backend_token(0) as u16, EventSet::IN, &[], 0).unwrap();
+        }
+        assert!(!readable(fd), "the backend fd stays readable: the daemon's loop would spin");
+        let _ = std::fs::remove_file(&uds);
+    }
+
+    #[test]
+    fn a_pending_queue_is_kicked_through_its_kick_eventfd() {
+        let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
+        let vring = VringRwLock::new(mem, 16).unwrap();
+        let evt = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let theirs = evt.try_clone().unwrap();
+        // SAFETY: the fd was just taken out of an EventFd we own; the File owns it now.
+        vring.set_kick(Some(unsafe { std::fs::File::from_raw_fd(theirs.into_raw_fd()) }));
+        kick(&vring).unwrap();
+        assert_eq!(evt.read().unwrap(), 1);
     }
 }

@@ -21,6 +21,7 @@
  *     or, when none came within about 2 s:  virtio: no interrupt
  *   virtio: used idx <used.idx> id <used.ring[0].id> len <used.ring[0].len>
  *   virtio: data <buffer bytes 0..7> <bytes 8..15>     (little endian)
+ *   virtio: reset status <Status after writing 0>      (expected 0)
  *   done
  * then the boot-timer byte and a reset (FINISH). On a failed check it
  * prints `virtio: error <what>` and goes straight to `done`; an unexpected
@@ -39,7 +40,10 @@
  * InterruptACK, sends the local APIC EOI and counts. A periodic local-APIC
  * timer (10 ms on KVM) wakes the wait so that it can give up after about
  * 2 s of TSC (as report.S's AP wait), or after WAIT_WAKES wake-ups if the
- * TSC does not advance.
+ * TSC does not advance. Last, the driver resets the device (Status = 0) and
+ * reads Status back, as Linux does on unbind: the device runs on, and any
+ * device works, so the same guest drives a vsock device whose receive
+ * buffer takes a host's connection request, then resets it mid-connection.
  *
  * Register accesses to the device are all 32-bit, as virtio-mmio requires.
  * Instruction count matters (see report.S): no loops but the command-line
@@ -347,6 +351,13 @@ main64:
     call    put_hex
     call    put_space
     mov     rax, [rdi + 8]
+    call    put_hex
+    call    put_newline
+
+/* --- reset: the driver lets go of the device, as unbind or kexec do ------ */
+    mov     dword ptr [r15 + VIRTIO_MMIO_STATUS], 0
+    mov     eax, [r15 + VIRTIO_MMIO_STATUS]
+    PRINT   "virtio: reset status "
     call    put_hex
     call    put_newline
 

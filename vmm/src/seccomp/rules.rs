@@ -87,6 +87,14 @@ const CONTROL: &[i64] = &[libc::SYS_getrusage, libc::SYS_mincore, libc::SYS_read
 /// eventfd.
 const FCNTL_ALLOWED: &[u64] = &[libc::F_GETFD as u64, libc::F_DUPFD_CLOEXEC as u64];
 
+/// What `abort()` needs, which a panic calls (the release profile has
+/// `panic = "abort"`): glibc's abort raises SIGABRT with
+/// `tgkill(getpid(), tid, SIGABRT)`. Without them a panic on a filtered
+/// thread is reported as a seccomp refusal of getpid, hiding the panic.
+/// Every thread may signal SIGABRT (only that signal: the event loop's
+/// own rule, which also sends the kick signal, is wider).
+const ABORT: &[i64] = &[libc::SYS_getpid, libc::SYS_gettid];
+
 /// A rule allowing `nr` when its second argument (the ioctl request, the
 /// fcntl command) is one of `values`.
 fn second_arg_in(values: &[u64]) -> Vec<SeccompRule> {
@@ -106,6 +114,14 @@ fn filter(allowed: &[&[i64]], ioctls: &[u64]) -> SeccompFilter {
         .flat_map(|list| list.iter())
         .map(|nr| (*nr, vec![]))
         .collect();
+    for nr in ABORT {
+        rules.insert(*nr, vec![]);
+    }
+    rules.entry(libc::SYS_tgkill).or_insert_with(|| {
+        let sig = SeccompCondition::new(2, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, libc::SIGABRT as u64)
+            .expect("valid argument condition");
+        vec![SeccompRule::new(vec![sig]).expect("valid rule")]
+    });
     rules.insert(libc::SYS_fcntl, second_arg_in(FCNTL_ALLOWED));
     if !ioctls.is_empty() {
         rules.insert(libc::SYS_ioctl, second_arg_in(ioctls));

@@ -35,6 +35,10 @@ const HEADER_LEN: usize = 12;
 const MAX_PAYLOAD: usize = 64 * 1024;
 /// File descriptors per message (a memory table sends one per region).
 const MAX_FDS: usize = 32;
+/// Early `SET_VRING_ENABLE`s held at most: a few per ring is all a
+/// frontend sends before `SET_FEATURES`; one that sends more is broken or
+/// hostile and must not make us hold messages (and their fds) without end.
+const MAX_HELD: usize = 64;
 
 /// One message: header fields, payload, and the fds that came with it.
 pub(super) struct Message {
@@ -258,6 +262,12 @@ pub(super) fn run(frontend: UnixStream, backend: UnixStream, channel: &BackendCh
                 }
                 m.flags &= !NEED_REPLY_FLAG;
             }
+            if held.len() >= MAX_HELD {
+                break Err(std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    format!("more than {MAX_HELD} SET_VRING_ENABLE messages before SET_FEATURES"),
+                ));
+            }
             held.push(m);
             continue;
         }
@@ -281,7 +291,9 @@ pub(super) fn run(frontend: UnixStream, backend: UnixStream, channel: &BackendCh
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::virtio::chain::tests::within;
     use std::io::Read;
+    use std::time::Duration;
 
     fn message(request: u32, flags: u32, payload: &[u8]) -> Message {
         Message { request, flags, payload: payload.to_vec(), fds: Vec::new() }
@@ -374,5 +386,22 @@ mod tests {
         send_with_fds(&a, &header, &fds(MAX_FDS / 2 + 1)).unwrap();
         send_with_fds(&a, &[0; 4], &fds(MAX_FDS / 2 + 1)).unwrap();
         assert_eq!(recv(&b).err().map(|e| e.kind()), Some(std::io::ErrorKind::InvalidData));
+    }
+
+    #[test]
+    fn a_frontend_that_never_sends_set_features_cannot_make_the_proxy_hold_without_end() {
+        let (frontend, proxy_front) = UnixStream::pair().unwrap();
+        let (proxy_back, backend) = UnixStream::pair().unwrap();
+        let proxy = std::thread::spawn(move || run(proxy_front, proxy_back, &BackendChannel::default()));
+        for _ in 0..=MAX_HELD {
+            // The proxy may have given up already: later sends can fail.
+            let _ = send(&frontend, &message(SET_VRING_ENABLE, VERSION, &[0, 0, 0, 0, 1, 0, 0, 0]));
+        }
+        // The old proxy held them all and waited on: that fails here.
+        let result = within(Duration::from_secs(10), move || proxy.join().unwrap());
+        let err = result.unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::InvalidData, "{err}");
+        // Nothing held reached the daemon, and the proxy let go of it.
+        assert!(recv(&backend).unwrap().is_none());
     }
 }

@@ -28,7 +28,9 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
 use self::packet::{op, Header, HEADER_LEN, SHUTDOWN_RCV, SHUTDOWN_SEND, TYPE_STREAM};
 use super::chain::{Buffers, ChainReader};
-use super::{device_type, read_config_bytes, VirtioBackend, Wakeup, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX};
+use super::{
+    device_type, read_config_bytes, VirtioBackend, Wakeup, PASS_BUDGET, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
+};
 
 /// The host's context ID.
 pub const HOST_CID: u64 = 2;
@@ -47,6 +49,14 @@ const MAX_PENDING_CONTROL: usize = 1024;
 const FIRST_HOST_PORT: u32 = 1 << 30;
 /// Longest `CONNECT <port>\n` line.
 const MAX_CONNECT_LINE: usize = 32;
+/// Most connections at once, as in Firecracker: each costs an fd and up to
+/// `BUF_ALLOC` of buffers. Guest requests past it are answered with RST,
+/// host connections past it are closed.
+const MAX_CONNECTIONS: usize = 1023;
+/// Most host connections that have not sent their `CONNECT` line yet;
+/// more are closed as they are accepted, so the listener is still drained
+/// (it is level-triggered: left readable, it would spin the event loop).
+const MAX_HANDSHAKES: usize = 64;
 /// Epoll token of the listening socket.
 const LISTENER_TOKEN: u64 = u64::MAX;
 
@@ -274,12 +284,15 @@ impl Vsock {
         self.conns.insert(key, Connection::new(stream, state));
     }
 
-    /// Takes the guest's transmissions until the queue is empty or too
-    /// many answers wait for receive buffers.
+    /// Takes the guest's transmissions until the queue is empty, too many
+    /// answers wait for receive buffers, or the pass's budget is spent.
     fn process_tx(&mut self, queue: &mut Queue, mem: &GuestMemoryMmap) -> bool {
         let mut reader = ChainReader::new(queue, mem);
         let mut used = false;
-        while self.control.len() < MAX_PENDING_CONTROL {
+        for _ in 0..PASS_BUDGET {
+            if self.control.len() >= MAX_PENDING_CONTROL {
+                break;
+            }
             let Some(chain) = queue.pop_descriptor_chain(mem) else { break };
             let head = chain.head_index();
             match reader.split(chain) {
@@ -393,9 +406,14 @@ impl Vsock {
             self.reset(key);
             return;
         }
+        if self.conns.len() >= MAX_CONNECTIONS {
+            self.counters.errors.fetch_add(1, Ordering::Relaxed);
+            debug!("vsock: guest connection to port {} refused: {MAX_CONNECTIONS} connections open", key.local_port);
+            self.send_control(key, op::RST, 0);
+            return;
+        }
         let path = port_path(&self.uds_path, key.local_port);
-        let stream = UnixStream::connect(&path).and_then(|s| s.set_nonblocking(true).map(|()| s));
-        match stream {
+        match connect_nonblocking(&path) {
             Ok(stream) => {
                 self.add_connection(key, stream, State::Established);
                 if let Some(c) = self.conns.get_mut(&key) {
@@ -474,6 +492,10 @@ impl Vsock {
         loop {
             match self.listener.accept() {
                 Ok((stream, _)) => {
+                    if self.handshakes.len() >= MAX_HANDSHAKES {
+                        self.counters.errors.fetch_add(1, Ordering::Relaxed);
+                        continue;
+                    }
                     if stream.set_nonblocking(true).is_err() {
                         continue;
                     }
@@ -504,7 +526,8 @@ impl Vsock {
         };
         let Some(hs) = self.handshakes.remove(&token) else { return };
         let _ = self.epoll.ctl(ControlOperation::Delete, hs.stream.as_raw_fd(), EpollEvent::default());
-        let Some(port) = port else {
+        let Some(port) = port.filter(|_| self.conns.len() < MAX_CONNECTIONS) else {
+            // A bad line, or too many connections: the host sees end of file.
             self.counters.errors.fetch_add(1, Ordering::Relaxed);
             return;
         };
@@ -531,10 +554,28 @@ impl Vsock {
     /// Fills receive buffers: control packets first, then host data as
     /// the guest's credit allows.
     fn process_rx(&mut self, queue: &mut Queue, mem: &GuestMemoryMmap) -> bool {
+        let mut used = false;
+        // A connection reaching end of file queues a control packet, which
+        // goes before more data: the fill starts over. Each restart has
+        // taken one connection's end of file, so this ends (a loop, not a
+        // recursion per connection).
+        loop {
+            let (filled, again) = self.fill_rx(queue, mem);
+            used |= filled;
+            if !again {
+                return used;
+            }
+        }
+    }
+
+    /// One fill of the receive buffers. Returns whether buffers were used,
+    /// and whether a connection's end of file queued a control packet
+    /// (then the caller fills again).
+    fn fill_rx(&mut self, queue: &mut Queue, mem: &GuestMemoryMmap) -> (bool, bool) {
         let mut reader = ChainReader::new(queue, mem);
         let mut used = false;
         while let Some(h) = self.control.front().copied() {
-            let Some(chain) = queue.pop_descriptor_chain(mem) else { return used };
+            let Some(chain) = queue.pop_descriptor_chain(mem) else { return (used, false) };
             let head = chain.head_index();
             let len = match reader.split(chain) {
                 Ok(b) if b.writable_len() >= HEADER_LEN as u64 => {
@@ -559,7 +600,7 @@ impl Vsock {
                 if credit == 0 || !c.readable {
                     break;
                 }
-                let Some(chain) = queue.pop_descriptor_chain(mem) else { return used };
+                let Some(chain) = queue.pop_descriptor_chain(mem) else { return (used, false) };
                 let head = chain.head_index();
                 let buffers = match reader.split(chain) {
                     Ok(b) if b.writable_len() > HEADER_LEN as u64 => b,
@@ -589,7 +630,7 @@ impl Vsock {
                     } else {
                         self.send_control(key, op::SHUTDOWN, SHUTDOWN_SEND);
                     }
-                    return self.process_rx(queue, mem) || used;
+                    return (used, true);
                 }
                 c.tx_cnt = c.tx_cnt.wrapping_add(n as u32);
                 let mut h = self.header(key, op::RW);
@@ -604,7 +645,7 @@ impl Vsock {
                 self.counters.rx_bytes.fetch_add(n as u64, Ordering::Relaxed);
             }
         }
-        used
+        (used, false)
     }
 }
 
@@ -612,6 +653,19 @@ fn port_path(uds: &Path, port: u32) -> PathBuf {
     let mut p = uds.as_os_str().to_owned();
     p.push(format!("_{port}"));
     PathBuf::from(p)
+}
+
+/// Connects to the Unix socket at `path` without waiting. A listener whose
+/// backlog is full refuses at once (EAGAIN) instead of stalling the event
+/// loop, as `UnixStream::connect` would; the caller treats any error as a
+/// refused connection (an AF_UNIX connect completes or fails at once, it
+/// never answers EINPROGRESS).
+fn connect_nonblocking(path: &Path) -> std::io::Result<UnixStream> {
+    use rustix::net::{connect, socket_with, AddressFamily, SocketAddrUnix, SocketFlags, SocketType};
+    let flags = SocketFlags::NONBLOCK | SocketFlags::CLOEXEC;
+    let fd = socket_with(AddressFamily::UNIX, SocketType::STREAM, flags, None)?;
+    connect(&fd, &SocketAddrUnix::new(path)?)?;
+    Ok(UnixStream::from(fd))
 }
 
 fn parse_connect(line: &[u8]) -> Option<u32> {
@@ -637,19 +691,19 @@ impl VirtioBackend for Vsock {
     }
 
     fn process(&mut self, wakeup: Wakeup, queues: &mut [&mut Queue], mem: &GuestMemoryMmap) -> u64 {
+        // Host work is taken in even with no queues (no driver yet, or
+        // after a reset): a listener left readable would spin the loop.
+        if wakeup == Wakeup::Backend {
+            self.process_host();
+        }
         if queues.len() < 2 {
             return 0;
         }
         let mut used = 0u64;
-        match wakeup {
-            Wakeup::Queue(i) if usize::from(i) == TX => {
-                if queues[TX].ready() && self.process_tx(queues[TX], mem) {
-                    used |= 1 << TX;
-                }
-            }
-            Wakeup::Backend => self.process_host(),
-            // New receive buffers (or event-queue buffers, which we keep).
-            Wakeup::Queue(_) => {}
+        // New receive buffers (or event-queue buffers, which we keep) need
+        // only the fill below.
+        if wakeup == Wakeup::Queue(TX as u16) && queues[TX].ready() && self.process_tx(queues[TX], mem) {
+            used |= 1 << TX;
         }
         if queues[RX].ready() && self.process_rx(queues[RX], mem) {
             used |= 1 << RX;
@@ -668,13 +722,24 @@ impl VirtioBackend for Vsock {
         Some(self.epoll.as_raw_fd())
     }
 
+    /// Runs on the vCPU thread that wrote the status register, under the
+    /// vCPU seccomp filter: no `epoll_ctl` here (`remove` would make one).
+    /// Dropping a stream closes its fd, and closing the only fd of a socket
+    /// takes it out of the epoll set; no stream here is ever duplicated.
     fn reset(&mut self) {
-        // The guest's connections die with its driver.
-        let keys: Vec<Key> = self.conns.keys().copied().collect();
-        for key in keys {
-            self.remove(key);
-        }
+        // The guest's connections die with its driver: their host sides
+        // see end of file. A host connection still waiting for the guest's
+        // answer is asked again of the next driver: a driver resets the
+        // device as it starts, and a host that connected before that must
+        // not lose its connection.
+        self.conns.retain(|_, c| c.state == State::Connecting);
+        let conns = &self.conns;
+        self.by_token.retain(|_, key| conns.contains_key(key));
         self.control.clear();
+        let waiting: Vec<Key> = self.conns.keys().copied().collect();
+        for key in waiting {
+            self.send_control(key, op::REQUEST, 0);
+        }
     }
 }
 

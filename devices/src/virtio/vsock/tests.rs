@@ -10,7 +10,7 @@ use virtio_queue::mock::MockSplitQueue;
 use vm_memory::{Address, Bytes, GuestAddress};
 
 use super::*;
-use crate::virtio::chain::tests::{memory, WRITE};
+use crate::virtio::chain::tests::{memory, within, WRITE};
 
 const GUEST_CID: u64 = 3;
 const NEXT: u16 = virtio_bindings::bindings::virtio_ring::VRING_DESC_F_NEXT as u16;
@@ -24,16 +24,22 @@ struct Driver<'m> {
     rx_next_desc: u16,
     tx_next_desc: u16,
     rx_used_seen: u16,
+    rx_size: u16,
     buf: u64,
 }
 
 impl<'m> Driver<'m> {
     fn new(mem: &'m GuestMemoryMmap) -> Self {
-        let rx = MockSplitQueue::create(mem, GuestAddress(0), 64);
+        Self::with_rx_size(mem, 64)
+    }
+
+    /// A driver whose receive queue has `rx_size` entries (at most 1024).
+    fn with_rx_size(mem: &'m GuestMemoryMmap, rx_size: u16) -> Self {
+        let rx = MockSplitQueue::create(mem, GuestAddress(0), rx_size);
         let tx = MockSplitQueue::create(mem, GuestAddress(0x8000), 64);
         let ev = MockSplitQueue::create(mem, GuestAddress(0x10000), 64);
         let queues = vec![rx.create_queue().unwrap(), tx.create_queue().unwrap(), ev.create_queue().unwrap()];
-        Driver { mem, rx, tx, queues, rx_next_desc: 0, tx_next_desc: 0, rx_used_seen: 0, buf: 0x10_0000 }
+        Driver { mem, rx, tx, queues, rx_next_desc: 0, tx_next_desc: 0, rx_used_seen: 0, rx_size, buf: 0x10_0000 }
     }
 
     fn alloc(&mut self, len: u64) -> u64 {
@@ -78,7 +84,7 @@ impl<'m> Driver<'m> {
         let mut out = Vec::new();
         let used_idx = self.rx.used().idx().load();
         while self.rx_used_seen != used_idx {
-            let elem = self.rx.used().ring().ref_at(usize::from(self.rx_used_seen % 64)).unwrap().load();
+            let elem = self.rx.used().ring().ref_at(usize::from(self.rx_used_seen % self.rx_size)).unwrap().load();
             self.rx_used_seen = self.rx_used_seen.wrapping_add(1);
             let d = SplitDescriptor::from(self.rx.desc_table().load(elem.id() as u16).unwrap());
             let mut raw = [0u8; HEADER_LEN];
@@ -266,4 +272,177 @@ fn a_guest_ignoring_our_credit_is_reset() {
     assert!(ops.contains(&op::RST), "{ops:?}");
     assert!(dev.conns.is_empty());
     std::fs::remove_file(port_path(&uds, 78)).unwrap();
+}
+
+#[test]
+fn a_driver_reset_closes_the_guests_connections_and_asks_the_next_driver_for_the_hosts() {
+    let mem = memory();
+    let mut drv = Driver::new(&mem);
+    let (mut dev, uds) = device("reset");
+    let listener = UnixListener::bind(port_path(&uds, 79)).unwrap();
+    drv.post_rx(8, 4096);
+    drv.send(&mut dev, guest_header(6002, 79, op::REQUEST, 0), &[]);
+    assert_eq!(drv.received()[0].0.op, op::RESPONSE);
+    let (mut host, _) = listener.accept().unwrap();
+    host.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    // A host connection the guest has not answered yet.
+    let mut early = UnixStream::connect(&uds).unwrap();
+    early.write_all(b"CONNECT 1024\n").unwrap();
+    serve_host(&mut drv, &mut dev); // accept
+    serve_host(&mut drv, &mut dev); // the line
+    assert_eq!(drv.received()[0].0.op, op::REQUEST);
+    while dev.epoll.wait(0, &mut [EpollEvent::default(); 8]).unwrap() > 0 {}
+
+    VirtioBackend::reset(&mut dev);
+    let mut buf = [0u8; 8];
+    assert_eq!(host.read(&mut buf).unwrap(), 0, "the host side did not see end of file");
+    assert_eq!((dev.conns.len(), dev.by_token.len()), (1, 1), "only the unanswered connection is kept");
+    // Nothing of the old connection is left in the epoll set.
+    let mut poll = libc::pollfd { fd: dev.backend_fd().unwrap(), events: libc::POLLIN, revents: 0 };
+    // SAFETY: poll on one valid pollfd, without waiting.
+    assert_eq!(unsafe { libc::poll(&mut poll, 1, 0) }, 0, "the backend fd still reports work");
+
+    // A new driver is asked for the unanswered connection again, and
+    // connects to the same port again.
+    let mut drv = Driver::new(&mem);
+    drv.post_rx(8, 4096);
+    drv.process(&mut dev, Wakeup::Queue(RX as u16));
+    let req = drv.received()[0].0;
+    assert_eq!((req.op, req.dst_port), (op::REQUEST, 1024));
+    drv.send(&mut dev, guest_header(1024, req.src_port, op::RESPONSE, 0), &[]);
+    early.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    let mut line = [0u8; 32];
+    let n = early.read(&mut line).unwrap();
+    assert_eq!(&line[..n], format!("OK {}\n", req.src_port).as_bytes());
+    drv.send(&mut dev, guest_header(6002, 79, op::REQUEST, 0), &[]);
+    assert_eq!(drv.received()[0].0.op, op::RESPONSE);
+    assert!(listener.accept().is_ok());
+    std::fs::remove_file(port_path(&uds, 79)).unwrap();
+}
+
+/// Held by the tests that open many fds, so that one's count of this
+/// process's fds does not see another's.
+static MANY_FDS: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn open_fds() -> usize {
+    std::fs::read_dir("/proc/self/fd").expect("/proc/self/fd lists this process's fds").count()
+}
+
+/// What came back for `requests` connection requests from the guest, sent
+/// in batches (a fresh driver each: MockSplitQueue does not wrap its
+/// rings): the ops answered, the most fds opened at once, the slowest pass.
+fn request_connections(dev: &mut Vsock, port: u32, requests: u32) -> (Vec<u16>, usize, Duration) {
+    const BATCH: u32 = 25;
+    let mem = memory();
+    let fds_before = open_fds();
+    let (mut ops, mut most_fds, mut slowest) = (Vec::new(), 0, Duration::ZERO);
+    for batch in 0..requests.div_ceil(BATCH) {
+        let mut drv = Driver::new(&mem);
+        let n = BATCH.min(requests - batch * BATCH);
+        drv.post_rx(n as usize, 64);
+        for i in 0..n {
+            let start = std::time::Instant::now();
+            drv.send(dev, guest_header(10_000 + batch * BATCH + i, port, op::REQUEST, 0), &[]);
+            slowest = slowest.max(start.elapsed());
+        }
+        ops.extend(drv.received().iter().map(|p| p.0.op));
+        most_fds = most_fds.max(open_fds().saturating_sub(fds_before));
+    }
+    (ops, most_fds, slowest)
+}
+
+#[test]
+fn connections_past_the_cap_get_rst_and_the_fd_count_stays_bounded() {
+    let _many_fds = MANY_FDS.lock().unwrap_or_else(|p| p.into_inner());
+    let (ops, most_fds, slowest) = within(Duration::from_secs(120), || {
+        let (mut dev, uds) = device("cap");
+        let listener = UnixListener::bind(port_path(&uds, 80)).unwrap();
+        // A listener that never accepts, with room in its backlog for more
+        // than the cap (the kernel trims it to net.core.somaxconn).
+        rustix::net::listen(&listener, 4096).unwrap();
+        let got = request_connections(&mut dev, 80, 5000);
+        assert_eq!(dev.conns.len(), MAX_CONNECTIONS);
+        std::fs::remove_file(port_path(&uds, 80)).unwrap();
+        got
+    });
+    let responses = ops.iter().filter(|&&o| o == op::RESPONSE).count();
+    let resets = ops.iter().filter(|&&o| o == op::RST).count();
+    assert_eq!((responses, resets), (MAX_CONNECTIONS, 5000 - MAX_CONNECTIONS), "answers: {ops:?}");
+    // Other tests in this process open fds too: some slack.
+    assert!(most_fds <= MAX_CONNECTIONS + 64, "{most_fds} fds opened");
+    assert!(slowest < Duration::from_millis(100), "a pass took {slowest:?}");
+}
+
+#[test]
+fn a_listener_with_a_full_backlog_refuses_at_once_instead_of_stalling_the_pass() {
+    let (ops, _, slowest) = within(Duration::from_secs(30), || {
+        let (mut dev, uds) = device("backlog");
+        let listener = UnixListener::bind(port_path(&uds, 81)).unwrap();
+        rustix::net::listen(&listener, 1).unwrap();
+        let got = request_connections(&mut dev, 81, 20);
+        std::fs::remove_file(port_path(&uds, 81)).unwrap();
+        got
+    });
+    assert_eq!(ops.len(), 20, "every request is answered: {ops:?}");
+    assert_eq!(ops[0], op::RESPONSE, "the backlog takes the first: {ops:?}");
+    assert_eq!(ops[19], op::RST, "a full backlog refuses: {ops:?}");
+    assert!(slowest < Duration::from_millis(100), "a pass took {slowest:?}");
+}
+
+#[test]
+fn a_thousand_connections_at_end_of_file_at_once_are_shut_down_in_one_pass_without_deep_recursion() {
+    let _many_fds = MANY_FDS.lock().unwrap_or_else(|p| p.into_inner());
+    const CONNS: u32 = 1000;
+    let (mut dev, uds) = device("eof");
+    let listener = UnixListener::bind(port_path(&uds, 82)).unwrap();
+    rustix::net::listen(&listener, 4096).unwrap();
+    let (ops, _, _) = request_connections(&mut dev, 82, CONNS);
+    assert!(ops.iter().all(|&o| o == op::RESPONSE), "{ops:?}");
+    // Every host side closes: each connection reaches end of file.
+    for _ in 0..CONNS {
+        drop(listener.accept().unwrap());
+    }
+    let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 8 << 20)]).unwrap();
+    let mut drv = Driver::with_rx_size(&mem, 1024);
+    drv.post_rx(CONNS as usize, 64);
+    // A small stack: the old code recursed once per connection at end of
+    // file, and overflowed it.
+    let mut queues = std::mem::take(&mut drv.queues);
+    std::thread::scope(|scope| {
+        let pass = || {
+            let mut refs: Vec<&mut Queue> = queues.iter_mut().collect();
+            dev.process(Wakeup::Backend, &mut refs, &mem)
+        };
+        std::thread::Builder::new().stack_size(256 << 10).spawn_scoped(scope, pass).unwrap().join().unwrap();
+    });
+    drv.queues = queues;
+    let got = drv.received();
+    assert_eq!(got.len(), CONNS as usize);
+    assert!(got.iter().all(|p| p.0.op == op::SHUTDOWN && p.0.flags == SHUTDOWN_SEND), "{got:?}");
+    std::fs::remove_file(port_path(&uds, 82)).unwrap();
+}
+
+#[test]
+fn host_connections_that_never_say_connect_are_bounded_and_the_listener_is_drained() {
+    let mem = memory();
+    let mut drv = Driver::new(&mem);
+    let (mut dev, uds) = device("silent");
+    let mut hosts: Vec<UnixStream> = (0..100).map(|_| UnixStream::connect(&uds).unwrap()).collect();
+    for _ in 0..5 {
+        drv.process(&mut dev, Wakeup::Backend);
+    }
+    assert_eq!(dev.handshakes.len(), MAX_HANDSHAKES);
+    let mut poll = libc::pollfd { fd: dev.backend_fd().unwrap(), events: libc::POLLIN, revents: 0 };
+    // SAFETY: poll on one valid pollfd, without waiting.
+    assert_eq!(unsafe { libc::poll(&mut poll, 1, 0) }, 0, "the listener is left readable");
+    // The ones past the bound were closed: they see end of file.
+    let mut closed = 0;
+    for h in &mut hosts {
+        h.set_nonblocking(true).unwrap();
+        if matches!(h.read(&mut [0u8; 1]), Ok(0)) {
+            closed += 1;
+        }
+    }
+    assert_eq!(closed, 100 - MAX_HANDSHAKES);
+    let _ = std::fs::remove_file(&uds);
 }
