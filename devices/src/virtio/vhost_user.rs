@@ -316,7 +316,12 @@ mod tests {
         let uds = std::env::temp_dir().join(format!("vessel-vhost-idle-{}", std::process::id()));
         let (vsock, _) = Vsock::new(&VsockConfig { guest_cid: 3, uds_path: uds.clone() }).unwrap();
         let fd = vsock.backend_fd().unwrap();
-        let mut device = Device { backend: Box::new(vsock), mem: None, exits: Mutex::new(Vec::new()) };
+        let mut device = Device {
+            backend: Box::new(vsock),
+            mem: None,
+            exits: Mutex::new(Vec::new()),
+            leaked_consumers: Mutex::new(Vec::new()),
+        };
         let mut host = std::os::unix::net::UnixStream::connect(&uds).unwrap();
         host.write_all(b"CONNECT 1024\n").unwrap();
         assert!(readable(fd));
