@@ -171,10 +171,10 @@ pub(crate) fn own(store: &Store, config: &str) -> anyhow::Result<ExitCode> {
             continue;
         }
         let reply = match line.trim() {
-            "stop" => sandbox.stop(false).map_err(|e| error_line(&e)),
-            "stop --force" => sandbox.stop(true).map_err(|e| error_line(&e)),
-            "pause" => sandbox.pause().map_err(|e| error_line(&e)),
-            "resume" => sandbox.resume().map_err(|e| error_line(&e)),
+            "stop" => sandbox.stop(false).map_err(|e| runtime_api::error_chain(&e).replace('\n', " ")),
+            "stop --force" => sandbox.stop(true).map_err(|e| runtime_api::error_chain(&e).replace('\n', " ")),
+            "pause" => sandbox.pause().map_err(|e| runtime_api::error_chain(&e).replace('\n', " ")),
+            "resume" => sandbox.resume().map_err(|e| runtime_api::error_chain(&e).replace('\n', " ")),
             other => Err(format!("unknown control request {other:?}")),
         };
         let answer = match reply {
@@ -192,16 +192,6 @@ pub(crate) fn own(store: &Store, config: &str) -> anyhow::Result<ExitCode> {
         let _ = stream.join();
     }
     Ok(ExitCode::SUCCESS)
-}
-
-fn error_line(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut cause = e.source();
-    while let Some(c) = cause {
-        text = format!("{text}: {c}");
-        cause = c.source();
-    }
-    text.replace('\n', " ")
 }
 
 fn my_uid() -> u32 {

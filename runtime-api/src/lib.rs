@@ -47,3 +47,15 @@ pub use config::{ContainerConfig, DiskMount, Limit, NetworkConfig, ProcessConfig
 pub use hypervisor::{Hypervisor, HypervisorKind};
 pub use sandbox::{ContainerStatus, Factory, ProcessIo, Sandbox, SandboxError, SandboxStatus};
 pub use state::{ContainerPhase, SandboxPhase, Store};
+
+/// An error and its causes, as one line (`a: b: c`), for logs and for
+/// answers that cross a process boundary.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        text = format!("{text}: {c}");
+        cause = c.source();
+    }
+    text
+}

@@ -184,17 +184,6 @@ impl Drop for Fixture {
     }
 }
 
-/// An error and its causes, as one line.
-fn chain(err: &dyn std::error::Error) -> String {
-    let mut text = err.to_string();
-    let mut cause = err.source();
-    while let Some(c) = cause {
-        text = format!("{text}: {c}");
-        cause = c.source();
-    }
-    text
-}
-
 fn step(err: &SandboxError) -> Option<CreateStep> {
     match err {
         SandboxError::Create { step, .. } => Some(*step),
@@ -225,7 +214,7 @@ fn a_failure_at_each_create_step_names_it_and_leaves_nothing() {
     // A guest that never answers: the error says what was waited for.
     let (vm, _) = FakeVm::new(Fault::Silent);
     let err = Sandbox::create_with(&f.store, f.config("box", &[]), Box::new(vm)).unwrap_err();
-    let text = chain(&err);
+    let text = crate::error_chain(&err);
     assert!(text.contains("reaching the guest's agent") && text.contains("nothing within 1s"), "{text}");
 }
 

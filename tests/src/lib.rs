@@ -284,6 +284,21 @@ pub fn parse_report(console: &str) -> anyhow::Result<Report> {
     Ok(r)
 }
 
+/// The processes whose command line mentions `path` (a sandbox's QEMU
+/// names its sockets under the sandbox's state root), as `PID: cmdline`.
+pub fn processes_mentioning(path: &Path) -> anyhow::Result<Vec<String>> {
+    let needle = path.to_string_lossy().into_owned();
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc")?.flatten() {
+        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else { continue };
+        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+        if cmdline.contains(&needle) {
+            found.push(format!("{}: {cmdline}", entry.file_name().to_string_lossy()));
+        }
+    }
+    Ok(found)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

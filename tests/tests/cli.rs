@@ -489,12 +489,9 @@ fn run_is_create_start_wait_delete_in_the_foreground() -> TestResult {
     ensure!(line == "ready\n", "the container said {line:?}");
     child.kill()?;
     child.wait()?;
-    let qemu_gone =
-        vessel_tests::wait_until(Duration::from_secs(10), || {
-            !std::fs::read_dir("/proc").into_iter().flatten().flatten().any(|e| {
-                std::fs::read(e.path().join("cmdline")).is_ok_and(|c| String::from_utf8_lossy(&c).contains(&root))
-            })
-        });
+    let qemu_gone = vessel_tests::wait_until(Duration::from_secs(10), || {
+        vessel_tests::processes_mentioning(Path::new(&root)).is_ok_and(|p| p.is_empty())
+    });
     ensure!(qemu_gone, "QEMU outlived the vessel run that was killed");
     ensure!(ok(&["--root", &root, "list"])?.contains(" dead "), "the killed run's sandbox is not listed as dead");
     ok(&["--root", &root, "run", "--image", &image, &tree, "--", "true"])?;
@@ -599,13 +596,8 @@ fn a_killed_owner_leaves_a_dead_sandbox_that_delete_force_removes() -> TestResul
     ensure!(err.contains("is dead") && err.contains("force"), "{err}");
     ok(&["--root", &root_s, "delete", "--force", "ghost"])?;
     ensure!(!root.join("ghost").exists() && !root.join(".scratch").join("ghost").exists(), "traces left");
-    let qemus: Vec<String> = std::fs::read_dir("/proc")?
-        .flatten()
-        .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
-        .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
-        .filter(|c| c.contains(&root_s))
-        .collect();
-    ensure!(qemus.is_empty(), "processes left: {qemus:?}");
+    let left = vessel_tests::processes_mentioning(&root)?;
+    ensure!(left.is_empty(), "processes left: {left:?}");
     ok(&create)?;
     ok(&["--root", &root_s, "delete", "ghost"])?;
     Ok(())

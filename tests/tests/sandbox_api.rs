@@ -24,7 +24,7 @@ use runtime_api::{
 use vessel_tests::harness::{e2fsprogs_unavailable, gate, missing_tool, trial, workspace_binary};
 use vessel_tests::netns::{ip, NetNs};
 use vessel_tests::tier3::{qemu_tcg_unavailable, test_kernel};
-use vessel_tests::{kvm_unavailable, TempDir};
+use vessel_tests::{kvm_unavailable, processes_mentioning, TempDir};
 
 /// A guest image (kernel and initramfs with the agent) and busybox root
 /// images, in `dir`.
@@ -38,6 +38,14 @@ fn guest_image(dir: &Path) -> anyhow::Result<PathBuf> {
     resources::guest_image::build_agent_initramfs(agent, &modules)?
         .write_atomic(&image.join(resources::guest_image::INITRD_FILE))?;
     Ok(image)
+}
+
+/// A guest image at `dir` with `image`'s kernel and `initrd`.
+fn image_with_initrd(image: &Path, dir: &Path, initrd: &[u8]) -> anyhow::Result<PathBuf> {
+    std::fs::create_dir_all(dir)?;
+    std::fs::copy(image.join(resources::guest_image::KERNEL_FILE), dir.join(resources::guest_image::KERNEL_FILE))?;
+    std::fs::write(dir.join(resources::guest_image::INITRD_FILE), initrd)?;
+    Ok(dir.to_path_buf())
 }
 
 /// A fresh busybox ext4 root at `dir/name`.
@@ -54,21 +62,6 @@ fn config(id: &str, image: &Path, kind: HypervisorKind) -> SandboxConfig {
     config.hypervisor = Some(kind);
     config.boot_timeout_s = 240;
     config
-}
-
-/// The processes whose command line mentions `path` (a sandbox's QEMU
-/// names its sockets under the store).
-fn processes_mentioning(path: &Path) -> anyhow::Result<Vec<String>> {
-    let needle = path.to_string_lossy().into_owned();
-    let mut found = Vec::new();
-    for entry in std::fs::read_dir("/proc")?.flatten() {
-        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else { continue };
-        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
-        if cmdline.contains(&needle) {
-            found.push(format!("{}: {cmdline}", entry.file_name().to_string_lossy()));
-        }
-    }
-    Ok(found)
 }
 
 /// An error and its causes, as one line.
@@ -313,10 +306,7 @@ fn create_rolls_back_at_each_step() -> anyhow::Result<()> {
 
     // The agent step: an initramfs the kernel cannot use, so no agent
     // ever announces itself and the guest dies.
-    let broken = dir.path().join("broken");
-    std::fs::create_dir_all(&broken)?;
-    std::fs::copy(image.join(resources::guest_image::KERNEL_FILE), broken.join(resources::guest_image::KERNEL_FILE))?;
-    std::fs::write(broken.join(resources::guest_image::INITRD_FILE), b"not an initramfs")?;
+    let broken = image_with_initrd(&image, &dir.path().join("broken"), b"not an initramfs")?;
     let mut silent = config("agent-step", &broken, HypervisorKind::QemuTcg);
     silent.boot_timeout_s = 120;
     let err = Sandbox::create(&store, silent, None).unwrap_err();
@@ -325,12 +315,9 @@ fn create_rolls_back_at_each_step() -> anyhow::Result<()> {
 
     // A guest that boots but never answers (a busybox init that only
     // sleeps): the agent step times out, naming what it waited for.
-    let mute = dir.path().join("mute");
-    std::fs::create_dir_all(&mute)?;
-    std::fs::copy(image.join(resources::guest_image::KERNEL_FILE), mute.join(resources::guest_image::KERNEL_FILE))?;
     let busybox = resources::test_image::find_busybox()?;
-    resources::test_image::build_test_image(&busybox, &test_kernel()?, &[], "sleep 600\n", &[])?
-        .write_atomic(&mute.join(resources::guest_image::INITRD_FILE))?;
+    let sleeper = resources::test_image::build_test_image(&busybox, &test_kernel()?, &[], "sleep 600\n", &[])?;
+    let mute = image_with_initrd(&image, &dir.path().join("mute"), &sleeper.to_bytes())?;
     let mut mute_config = config("mute", &mute, HypervisorKind::QemuTcg);
     mute_config.boot_timeout_s = 15;
     let err = Sandbox::create(&store, mute_config, None).unwrap_err();

@@ -21,17 +21,6 @@ use super::{
 
 const KIND: HypervisorKind = HypervisorKind::Builtin;
 
-/// An error and its causes, as one line.
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut cause = e.source();
-    while let Some(c) = cause {
-        text = format!("{text}: {c}");
-        cause = c.source();
-    }
-    text
-}
-
 /// The kernel command line a sandbox guest gets (the virtio-mmio windows
 /// are added by the VMM, from its device manager).
 const CMDLINE: &str = "console=ttyS0 reboot=k panic=1 quiet";
@@ -122,7 +111,7 @@ impl Hypervisor for Builtin {
                     ExitReason::Reset => "the guest reset the machine".into(),
                     ExitReason::Shutdown => "the guest shut down".into(),
                     ExitReason::Stopped => "the VM was stopped".into(),
-                    ExitReason::Error(e) => format!("the VM failed: {}", error_chain(&e)),
+                    ExitReason::Error(e) => format!("the VM failed: {}", crate::error_chain(&e)),
                 });
                 self.vm = None;
             }
