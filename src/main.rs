@@ -24,8 +24,25 @@ struct Cli {
     /// /run/vessel for root, $TMPDIR/vessel-UID for others).
     #[arg(long, global = true, value_name = "DIR")]
     root: Option<PathBuf>,
+    /// What to log to stderr: error, warn, info, debug or trace, or
+    /// per-crate directives as RUST_LOG takes them (default: RUST_LOG, else
+    /// warn).
+    #[arg(long, global = true, value_name = "LEVEL")]
+    log_level: Option<String>,
+    /// Log lines as text, or as JSON objects for log collectors.
+    #[arg(long, global = true, value_enum, default_value = "text")]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
+}
+
+/// How log lines look.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    /// One line of text an event.
+    Text,
+    /// One JSON object an event.
+    Json,
 }
 
 #[derive(Subcommand, Debug)]
@@ -271,29 +288,34 @@ pub(crate) struct BootArgs {
 }
 
 /// Installs the one tracing subscriber: events to stderr, at the levels
-/// `RUST_LOG` names (`info`, `runtime_api=debug,warn`, ...), warnings and
-/// errors only by default. `log` records from dependencies arrive too.
-fn init_logging() {
+/// `--log-level` or `RUST_LOG` names (`info`, `runtime_api=debug,warn`,
+/// ...), warnings and errors only by default, as text or JSON. `log`
+/// records from dependencies arrive too.
+fn init_logging(level: Option<&str>, format: LogFormat) {
     use tracing_subscriber::filter::{LevelFilter, Targets};
     use tracing_subscriber::prelude::*;
-    let filter = match std::env::var("RUST_LOG") {
-        Ok(spec) => spec.parse::<Targets>().unwrap_or_else(|e| {
-            eprintln!("vessel: ignoring RUST_LOG={spec:?}: {e}");
+    let spec = level.map(str::to_string).or_else(|| std::env::var("RUST_LOG").ok());
+    let filter = match spec {
+        Some(spec) => spec.parse::<Targets>().unwrap_or_else(|e| {
+            eprintln!("vessel: ignoring the log level {spec:?}: {e}");
             Targets::new().with_default(LevelFilter::WARN)
         }),
-        Err(_) => Targets::new().with_default(LevelFilter::WARN),
+        None => Targets::new().with_default(LevelFilter::WARN),
     };
     // Colours only for a person at a terminal, not for a log file.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let layer = tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_ansi(ansi);
-    if let Err(e) = tracing_subscriber::registry().with(layer).with(filter).try_init() {
+    let text = (format == LogFormat::Text)
+        .then(|| tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_ansi(ansi));
+    let json =
+        (format == LogFormat::Json).then(|| tracing_subscriber::fmt::layer().json().with_writer(std::io::stderr));
+    if let Err(e) = tracing_subscriber::registry().with(text).with(json).with(filter).try_init() {
         eprintln!("vessel: cannot install the log subscriber: {e}");
     }
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging();
+    init_logging(cli.log_level.as_deref(), cli.log_format);
     let result = match cli.command {
         Command::Vm(VmCommand::Boot(args)) => boot(&args),
         Command::Bench(BenchCommand::Launch(args)) => bench::run(&args).map(|()| ExitCode::SUCCESS),

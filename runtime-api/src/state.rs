@@ -309,10 +309,9 @@ impl Store {
         let mut json =
             serde_json::to_vec_pretty(state).map_err(|source| StateError::Corrupt { path: path.clone(), source })?;
         json.push(b'\n');
-        resources::cache::write_atomic(&path, &json).map_err(|e| StateError::Io {
-            what: "write",
-            path,
-            source: std::io::Error::other(e.to_string()),
+        resources::cache::write_atomic(&path, &json).map_err(|e| match e {
+            resources::cache::CacheError::Write { source, .. } => StateError::Io { what: "write", path, source },
+            other => StateError::Io { what: "write", path, source: std::io::Error::other(other) },
         })
     }
 

@@ -431,20 +431,18 @@ fn run_is_create_start_wait_delete_in_the_foreground() -> TestResult {
     resources::rootfs::busybox_tree(&tree)?;
     let root = dir.path().join("state");
     let (root, tree) = (root.to_string_lossy().into_owned(), tree.to_string_lossy().into_owned());
-    let out = vessel(&[
-        "--root",
-        &root,
-        "run",
-        "--image",
-        &image,
-        &tree,
-        "--",
-        "sh",
-        "-c",
-        "echo hi from $(hostname); exit 4",
-    ])?;
+    let script = "echo hi from $(hostname); exit 4";
+    let logs = ["--log-level", "runtime_api=debug", "--log-format", "json"];
+    let out =
+        vessel(&[&logs[..], &["--root", &root, "run", "--image", &image, &tree, "--", "sh", "-c", script]].concat())?;
     ensure!(out.status.code() == Some(4), "exit {:?}: {}", out.status, text(&out.stderr));
     ensure!(text(&out.stdout).starts_with("hi from "), "stdout {:?}", text(&out.stdout));
+    // The per-step durations of create, one JSON object a line.
+    let steps = text(&out.stderr)
+        .lines()
+        .filter(|l| l.starts_with('{') && l.contains("\"message\":\"create step done\"") && l.contains("\"ms\":"))
+        .count();
+    ensure!(steps >= 5, "{steps} create steps logged as JSON: {}", text(&out.stderr));
     let listed = ok(&["--root", &root, "list", "--format", "json"])?;
     ensure!(listed.trim() == "[]", "run left a sandbox: {listed}");
 
@@ -522,6 +520,9 @@ fn detached_sandboxes_are_driven_command_by_command() -> TestResult {
     ensure!(id.trim() == "box", "create printed {id:?}");
     ensure!(fail(&["create", "--id", "box", "--image", &image, &rootfs, "--", "true"])?.contains("exists already"));
     ensure!(run(&["list"])?.lines().any(|l| l.starts_with("box ") && l.contains(" ready ")), "list");
+    // A lock file left with junk in it (a stale lock) changes nothing:
+    // the lock is the flock, which dies with its holder.
+    std::fs::write(Path::new(&root).join("box").join("lock"), b"stale junk from a dead process")?;
     run(&["start", "box"])?;
     let exec = vessel(
         &v(&["exec", "box", "--", "sh", "-c", "echo in exec; exit 3"]).iter().map(String::as_str).collect::<Vec<_>>(),

@@ -566,6 +566,55 @@ fn ten_sandboxes_at_once_leave_nothing_behind() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A state root on a full disk (a tiny tmpfs filled up): create fails at
+/// the step that could not write, says so, and leaves nothing: no
+/// half-written state, no sandbox directory, no QEMU.
+fn a_full_state_disk_fails_create_cleanly() -> anyhow::Result<()> {
+    let dir = TempDir::new("api-full")?;
+    let image = guest_image(dir.path())?;
+    let root = busybox_root(dir.path(), "full")?;
+    let mount_point = dir.path().join("tiny");
+    std::fs::create_dir_all(&mount_point)?;
+    let mounted = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=256k,mode=0700", "tmpfs"])
+        .arg(&mount_point)
+        .status()?;
+    ensure!(mounted.success(), "mounting a tmpfs");
+    let outcome = (|| -> anyhow::Result<()> {
+        // Fill it to the last byte.
+        let mut filler = std::fs::File::create(mount_point.join("filler"))?;
+        while std::io::Write::write_all(&mut filler, &[0u8; 4096]).is_ok() {}
+        drop(filler);
+        let store = Store::new(mount_point.join("state"));
+        let mut config = config("full", &image, HypervisorKind::QemuTcg);
+        config.containers = vec![ContainerConfig::new("a", &root, &["true"])];
+        let err = Sandbox::create(&store, config, None).unwrap_err();
+        let text = chain(err);
+        ensure!(text.contains("No space left on device"), "the error does not say the disk is full: {text}");
+        ensure!(store.ids().unwrap_or_default().is_empty(), "a sandbox directory is left: {:?}", store.ids());
+        let stray: Vec<_> = walk(&mount_point).into_iter().filter(|p| !p.ends_with("filler")).collect();
+        ensure!(stray.iter().all(|p| p.is_dir()), "files left on the full disk: {stray:?}");
+        let left = processes_mentioning(&mount_point)?;
+        ensure!(left.is_empty(), "processes left: {left:?}");
+        Ok(())
+    })();
+    let _ = std::process::Command::new("umount").arg(&mount_point).status();
+    outcome
+}
+
+/// Every path under `dir`.
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut all = Vec::new();
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            all.extend(walk(&path));
+        }
+        all.push(path);
+    }
+    all
+}
+
 /// The environment variable that makes this test binary the owner of a
 /// sandbox for [`a_dead_owner_is_seen_and_cleaned_up`]: `STORE:IMAGE:ROOT`.
 const CHILD_OWNER: &str = "VESSEL_SANDBOX_API_OWNER";
@@ -652,6 +701,14 @@ fn main() {
             trial("ten_sandboxes_at_once_leave_nothing_behind", ten_sandboxes_at_once_leave_nothing_behind),
         ],
     );
+    let root_needed = tier3().or_else(|| {
+        // SAFETY: geteuid has no preconditions.
+        (unsafe { libc::geteuid() } != 0).then(|| "needs root (mounting a tiny tmpfs)".to_string())
+    });
+    trials.extend(gate(
+        root_needed,
+        [trial("a_full_state_disk_fails_create_cleanly", a_full_state_disk_fails_create_cleanly)],
+    ));
     let net = tier3()
         .or_else(vessel_tests::netns::unavailable)
         .or_else(|| missing_tool(&["nsenter", "tc"], "util-linux, iproute2"));
