@@ -151,10 +151,7 @@ pub(crate) fn own(store: &Store, config: &str) -> anyhow::Result<ExitCode> {
     // process leads a group already.
     unsafe { libc::setsid() };
     let mut sandbox = Sandbox::create(store, config, None)?;
-    let output = std::fs::File::create(scratch(store, &id).join("output.log"))?;
-    let io = sandbox.take_io(&id)?;
-    let out = io.stdout.collect_into(output.try_clone()?, STREAM_TIMEOUT);
-    let err = io.stderr.map(|s| s.collect_into(output, STREAM_TIMEOUT));
+    let mut streams = collect_output(&mut sandbox, &scratch(store, &id), &id)?;
     let control = store.dir(&id)?.join(CONTROL_SOCKET);
     let listener = UnixListener::bind(&control).with_context(|| format!("listening on {}", control.display()))?;
     std::fs::set_permissions(&control, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
@@ -170,7 +167,20 @@ pub(crate) fn own(store: &Store, config: &str) -> anyhow::Result<ExitCode> {
         if reader.read_line(&mut line).is_err() {
             continue;
         }
+        let chain = |e: runtime_api::SandboxError| runtime_api::error_chain(&e).replace('\n', " ");
         let reply = match line.trim() {
+            create if create.starts_with("create-container ") => {
+                match serde_json::from_str::<ContainerConfig>(&create["create-container ".len()..]) {
+                    Ok(container) => {
+                        let cid = container.id.clone();
+                        sandbox.create_container(container).map_err(chain).and_then(|()| {
+                            let collected = collect_output(&mut sandbox, &scratch(store, &id), &cid);
+                            collected.map(|s| streams.extend(s)).map_err(|e| format!("{e:#}"))
+                        })
+                    }
+                    Err(e) => Err(format!("the container config: {e}")),
+                }
+            }
             "stop" => sandbox.stop(false).map_err(|e| runtime_api::error_chain(&e).replace('\n', " ")),
             "stop --force" => sandbox.stop(true).map_err(|e| runtime_api::error_chain(&e).replace('\n', " ")),
             "pause" => sandbox.pause().map_err(|e| runtime_api::error_chain(&e).replace('\n', " ")),
@@ -188,8 +198,94 @@ pub(crate) fn own(store: &Store, config: &str) -> anyhow::Result<ExitCode> {
         }
     }
     let _ = std::fs::remove_file(&control);
-    for stream in std::iter::once(out).chain(err) {
+    for stream in streams {
         let _ = stream.join();
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The log a container's output goes to, in the sandbox's scratch
+/// directory: `output.log` for the sandbox's own container, else
+/// `<container>.log`.
+fn output_log(scratch: &Path, sandbox: &str, container: &str) -> PathBuf {
+    if container == sandbox {
+        scratch.join("output.log")
+    } else {
+        scratch.join(format!("{container}.log"))
+    }
+}
+
+type Stream = std::thread::JoinHandle<Result<(), runtime_api::agent::AgentError>>;
+
+/// Collects container `container`'s stdout and stderr into its log.
+fn collect_output(sandbox: &mut Sandbox, scratch: &Path, container: &str) -> anyhow::Result<Vec<Stream>> {
+    let output = std::fs::File::create(output_log(scratch, sandbox.id(), container))?;
+    let io = sandbox.take_io(container)?;
+    let mut streams = vec![io.stdout.collect_into(output.try_clone()?, STREAM_TIMEOUT)];
+    streams.extend(io.stderr.map(|s| s.collect_into(output, STREAM_TIMEOUT)));
+    Ok(streams)
+}
+
+/// `vessel container ...`: more containers in a detached sandbox.
+pub(crate) enum ContainerOp {
+    Create { container: String, hostname: Option<String>, rootfs: PathBuf, command: Vec<String> },
+    Start { container: String },
+    Exec { container: String, command: Vec<String> },
+    Kill { container: String, signal: u32, all: bool },
+    Delete { container: String },
+    Logs { container: String },
+    List,
+}
+
+pub(crate) fn container_op(store: &Store, sandbox: &str, op: ContainerOp) -> anyhow::Result<ExitCode> {
+    match op {
+        ContainerOp::Create { container, hostname, rootfs, command } => {
+            runtime_api::config::validate_id(&container)?;
+            let scratch = scratch(store, sandbox);
+            let packed = scratch.join(&container);
+            std::fs::create_dir_all(&packed)?;
+            let root = root_image(&rootfs, &packed)?;
+            let args: Vec<&str> = command.iter().map(String::as_str).collect();
+            let mut config = ContainerConfig::new(&container, root, &args);
+            config.hostname = hostname;
+            // Its root disk is hot-plugged, which only the owner can do.
+            control(store, sandbox, &format!("create-container {}", serde_json::to_string(&config)?))?;
+        }
+        ContainerOp::Start { container } => Sandbox::fetch(store, sandbox)?.start_container(&container)?,
+        ContainerOp::Kill { container, signal, all } => {
+            Sandbox::fetch(store, sandbox)?.kill_container(&container, signal, all)?
+        }
+        ContainerOp::Delete { container } => {
+            let mut handle = Sandbox::fetch(store, sandbox)?;
+            if handle.state().containers.len() == 1 {
+                bail!("{container:?} is the sandbox's last container: delete the sandbox instead");
+            }
+            handle.delete_container(&container)?;
+            let _ = std::fs::remove_dir_all(scratch(store, sandbox).join(&container));
+        }
+        ContainerOp::Logs { container } => {
+            let log = output_log(&scratch(store, sandbox), sandbox, &container);
+            let text =
+                std::fs::read(&log).with_context(|| format!("no output of {container:?} at {}", log.display()))?;
+            std::io::stdout().write_all(&text)?;
+        }
+        ContainerOp::List => {
+            let status = Sandbox::fetch(store, sandbox)?.status()?;
+            println!("{:<24} {:<8} EXIT", "CONTAINER", "STATE");
+            for c in status.containers {
+                let exit = c.exit_code.map_or("-".into(), |c| c.to_string());
+                println!("{:<24} {:<8} {exit}", c.id, c.phase.to_string());
+            }
+        }
+        ContainerOp::Exec { container, command } => {
+            let mut handle = Sandbox::fetch(store, sandbox)?;
+            let args: Vec<&str> = command.iter().map(String::as_str).collect();
+            let (exec_id, io) = handle.enter_container(&container, &ProcessConfig::new(&args))?;
+            let foreground = crate::terminal::Foreground::attach(store, sandbox, &container, &exec_id, io, false)?;
+            let status = handle.wait_process(&container, &exec_id, None);
+            foreground.finish();
+            return Ok(ExitCode::from(u8::try_from(status?).unwrap_or(255)));
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -150,6 +150,9 @@ enum Command {
         #[arg(long, default_value = "table")]
         format: lifecycle::Format,
     },
+    /// More containers in a detached sandbox.
+    #[command(subcommand)]
+    Container(ContainerCommand),
     /// The owner process of a detached sandbox (started by `create`).
     #[command(name = "__own", hide = true)]
     Own { config: String },
@@ -159,6 +162,51 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
+}
+
+#[derive(Subcommand, Debug)]
+enum ContainerCommand {
+    /// Create a container in a running sandbox (its root is hot-plugged).
+    Create {
+        sandbox: String,
+        /// The container's ID.
+        #[arg(long)]
+        id: String,
+        /// Its hostname.
+        #[arg(long)]
+        hostname: Option<String>,
+        /// Its root: an ext4 image, a directory or an OCI image layout.
+        rootfs: PathBuf,
+        /// The command and its arguments.
+        #[arg(required = true, last = true)]
+        command: Vec<String>,
+    },
+    /// Start a created container.
+    Start { sandbox: String, container: String },
+    /// Run a command in a running container.
+    Exec {
+        sandbox: String,
+        container: String,
+        /// The command and its arguments.
+        #[arg(required = true, last = true)]
+        command: Vec<String>,
+    },
+    /// Send a signal to a container (default TERM).
+    Kill {
+        sandbox: String,
+        container: String,
+        #[arg(value_parser = lifecycle::parse_signal, default_value = "TERM")]
+        signal: u32,
+        /// Every process in the container.
+        #[arg(long)]
+        all: bool,
+    },
+    /// Delete a stopped container.
+    Delete { sandbox: String, container: String },
+    /// What a container wrote.
+    Logs { sandbox: String, container: String },
+    /// The sandbox's containers.
+    List { sandbox: String },
 }
 
 #[derive(Subcommand, Debug)]
@@ -326,6 +374,23 @@ fn main() -> ExitCode {
         Command::Sandbox(SandboxCommand::Run(args)) => sandbox::run(&args),
         Command::Run { interactive, tty, sandbox } => lifecycle::run(&store(&cli.root), &sandbox, interactive, tty),
         Command::Create(args) => lifecycle::create(&store(&cli.root), &args),
+        Command::Container(command) => {
+            use lifecycle::ContainerOp as Op;
+            let (sandbox, op) = match command {
+                ContainerCommand::Create { sandbox, id, hostname, rootfs, command } => {
+                    (sandbox, Op::Create { container: id, hostname, rootfs, command })
+                }
+                ContainerCommand::Start { sandbox, container } => (sandbox, Op::Start { container }),
+                ContainerCommand::Exec { sandbox, container, command } => (sandbox, Op::Exec { container, command }),
+                ContainerCommand::Kill { sandbox, container, signal, all } => {
+                    (sandbox, Op::Kill { container, signal, all })
+                }
+                ContainerCommand::Delete { sandbox, container } => (sandbox, Op::Delete { container }),
+                ContainerCommand::Logs { sandbox, container } => (sandbox, Op::Logs { container }),
+                ContainerCommand::List { sandbox } => (sandbox, Op::List),
+            };
+            lifecycle::container_op(&store(&cli.root), &sandbox, op)
+        }
         Command::Own { config } => lifecycle::own(&store(&cli.root), &config),
         Command::List { format } => lifecycle::list(&store(&cli.root), format == lifecycle::Format::Json),
         Command::Start { id } => lifecycle::run_op(&store(&cli.root), &id, lifecycle::Op::Start),

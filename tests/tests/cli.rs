@@ -554,6 +554,43 @@ fn detached_sandboxes_are_driven_command_by_command() -> TestResult {
     );
     ensure!(fail(&["update", "box"])?.contains("nothing to update"), "an empty update");
     ensure!(run(&["ps", "box", "--format", "json"])?.contains("\"command\": \"sleep 1000\""), "ps --format json");
+    // A second container in the sandbox: its root is hot-plugged.
+    let side_root = dir.path().join("side.ext4");
+    resources::rootfs::demo_rootfs(&side_root)?;
+    let side_root = side_root.to_string_lossy().into_owned();
+    run(&[
+        "container",
+        "create",
+        "box",
+        "--id",
+        "side",
+        &side_root,
+        "--",
+        "sh",
+        "-c",
+        "echo side up; exec sleep 1000",
+    ])?;
+    run(&["container", "start", "box", "side"])?;
+    let side_up = vessel_tests::wait_until(Duration::from_secs(30), || {
+        run(&["container", "logs", "box", "side"]).is_ok_and(|l| l == "side up\n")
+    });
+    ensure!(side_up, "the second container's log: {:?}", run(&["container", "logs", "box", "side"]));
+    ensure!(run(&["container", "exec", "box", "side", "--", "echo", "in side"])? == "in side\n", "container exec");
+    let listed = run(&["container", "list", "box"])?;
+    ensure!(listed.lines().filter(|l| l.contains(" running ")).count() == 2, "container list: {listed}");
+    ensure!(
+        fail(&["container", "delete", "box", "side"])?.contains("needs it stopped"),
+        "deleting a running container"
+    );
+    run(&["container", "kill", "box", "side", "KILL"])?;
+    let side_stopped = vessel_tests::wait_until(Duration::from_secs(30), || {
+        run(&["container", "list", "box"]).is_ok_and(|l| l.lines().any(|l| l.starts_with("side ") && l.contains("137")))
+    });
+    ensure!(side_stopped, "container list after kill: {}", run(&["container", "list", "box"])?);
+    run(&["container", "delete", "box", "side"])?;
+    ensure!(!run(&["container", "list", "box"])?.contains("side "), "the deleted container is listed");
+    ensure!(fail(&["container", "delete", "box", "box"])?.contains("last container"), "deleting the last container");
+
     run(&["kill", "box", "KILL"])?;
     let stopped = vessel_tests::wait_until(Duration::from_secs(30), || {
         run(&["status", "box"]).is_ok_and(|s| s.contains("container box stopped exit 137"))
