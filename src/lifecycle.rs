@@ -185,6 +185,21 @@ pub(crate) fn own(store: &Store, config: &str) -> anyhow::Result<ExitCode> {
             "stop --force" => sandbox.stop(true).map_err(|e| runtime_api::error_chain(&e).replace('\n', " ")),
             "pause" => sandbox.pause().map_err(|e| runtime_api::error_chain(&e).replace('\n', " ")),
             "resume" => sandbox.resume().map_err(|e| runtime_api::error_chain(&e).replace('\n', " ")),
+            add if add.starts_with("add-interface ") => {
+                match serde_json::from_str::<runtime_api::NetworkConfig>(&add["add-interface ".len()..]) {
+                    Ok(network) => sandbox.add_interface(&network).map(drop).map_err(chain),
+                    Err(e) => Err(format!("the network config: {e}")),
+                }
+            }
+            remove if remove.starts_with("remove-interface ") => {
+                sandbox.remove_interface(&remove["remove-interface ".len()..]).map_err(chain)
+            }
+            add if add.starts_with("add-disk ") => {
+                match serde_json::from_str::<(PathBuf, String)>(&add["add-disk ".len()..]) {
+                    Ok((path, serial)) => sandbox.add_disk(&path, &serial).map_err(chain),
+                    Err(e) => Err(format!("the disk: {e}")),
+                }
+            }
             other => Err(format!("unknown control request {other:?}")),
         };
         let answer = match reply {
@@ -226,9 +241,50 @@ fn collect_output(sandbox: &mut Sandbox, scratch: &Path, container: &str) -> any
     Ok(streams)
 }
 
+/// `vessel network ...` and `vessel device ...`.
+pub(crate) enum DeviceOp {
+    AddInterface { netns: PathBuf, interface: String },
+    RemoveInterface { name: String },
+    ListInterfaces,
+    Routes,
+    AddDisk { file: PathBuf, serial: String },
+}
+
+pub(crate) fn device_op(store: &Store, sandbox: &str, op: DeviceOp) -> anyhow::Result<ExitCode> {
+    match op {
+        // Hotplug is the owner's to do.
+        DeviceOp::AddInterface { netns, interface } => {
+            let network = runtime_api::NetworkConfig { netns, interface };
+            control(store, sandbox, &format!("add-interface {}", serde_json::to_string(&network)?))?;
+        }
+        DeviceOp::RemoveInterface { name } => control(store, sandbox, &format!("remove-interface {name}"))?,
+        DeviceOp::AddDisk { file, serial } => {
+            let file = file.canonicalize().with_context(|| format!("the disk image {}", file.display()))?;
+            control(store, sandbox, &format!("add-disk {}", serde_json::to_string(&(file, serial))?))?;
+        }
+        DeviceOp::ListInterfaces => {
+            let interfaces = Sandbox::fetch(store, sandbox)?.list_interfaces()?;
+            println!("{:<12} {:<18} {:<6} {:<4} ADDRESSES", "NAME", "MAC", "MTU", "UP");
+            for i in interfaces.interfaces {
+                let addresses: Vec<String> =
+                    i.addresses.iter().map(|a| format!("{}/{}", a.address, a.prefix_len)).collect();
+                println!("{:<12} {:<18} {:<6} {:<4} {}", i.name, i.hw_addr, i.mtu, i.up, addresses.join(" "));
+            }
+        }
+        DeviceOp::Routes => {
+            let routes = Sandbox::fetch(store, sandbox)?.list_routes()?;
+            println!("{:<20} {:<16} {:<12} SOURCE", "DESTINATION", "GATEWAY", "DEVICE");
+            for r in routes.routes {
+                println!("{:<20} {:<16} {:<12} {}", r.dest, r.gateway, r.device, r.source);
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 /// `vessel container ...`: more containers in a detached sandbox.
 pub(crate) enum ContainerOp {
-    Create { container: String, hostname: Option<String>, rootfs: PathBuf, command: Vec<String> },
+    Create { container: String, hostname: Option<String>, disks: Vec<String>, rootfs: PathBuf, command: Vec<String> },
     Start { container: String },
     Exec { container: String, command: Vec<String> },
     Kill { container: String, signal: u32, all: bool },
@@ -239,7 +295,7 @@ pub(crate) enum ContainerOp {
 
 pub(crate) fn container_op(store: &Store, sandbox: &str, op: ContainerOp) -> anyhow::Result<ExitCode> {
     match op {
-        ContainerOp::Create { container, hostname, rootfs, command } => {
+        ContainerOp::Create { container, hostname, disks, rootfs, command } => {
             runtime_api::config::validate_id(&container)?;
             let scratch = scratch(store, sandbox);
             let packed = scratch.join(&container);
@@ -248,6 +304,16 @@ pub(crate) fn container_op(store: &Store, sandbox: &str, op: ContainerOp) -> any
             let args: Vec<&str> = command.iter().map(String::as_str).collect();
             let mut config = ContainerConfig::new(&container, root, &args);
             config.hostname = hostname;
+            for disk in disks {
+                let (serial, path) =
+                    disk.split_once(':').with_context(|| format!("--disk {disk:?} is not SERIAL:PATH"))?;
+                config.disks.push(runtime_api::DiskMount {
+                    serial: serial.into(),
+                    destination: path.into(),
+                    fstype: "ext4".into(),
+                    read_only: false,
+                });
+            }
             // Its root disk is hot-plugged, which only the owner can do.
             control(store, sandbox, &format!("create-container {}", serde_json::to_string(&config)?))?;
         }

@@ -56,7 +56,7 @@ enum Command {
     /// Build guest images.
     #[command(subcommand)]
     Image(ImageCommand),
-    /// Serve a device backend to another VMM.
+    /// Serve a device backend to another VMM, or hot-plug one into a sandbox.
     #[command(subcommand)]
     Device(DeviceCommand),
     /// Run containers in sandbox VMs.
@@ -153,6 +153,9 @@ enum Command {
     /// More containers in a detached sandbox.
     #[command(subcommand)]
     Container(ContainerCommand),
+    /// A detached sandbox's network interfaces and routes.
+    #[command(subcommand)]
+    Network(NetworkCommand),
     /// The owner process of a detached sandbox (started by `create`).
     #[command(name = "__own", hide = true)]
     Own { config: String },
@@ -162,6 +165,27 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
+}
+
+#[derive(Subcommand, Debug)]
+enum NetworkCommand {
+    /// Add the veth INTERFACE of the network namespace NETNS (a CNI's
+    /// result): a NIC is hot-plugged and takes its identity.
+    Add {
+        sandbox: String,
+        /// The namespace's file (/var/run/netns/NAME).
+        #[arg(long)]
+        netns: PathBuf,
+        /// The veth in it.
+        #[arg(long, default_value = "eth0")]
+        interface: String,
+    },
+    /// Remove an interface that `network add` added.
+    Remove { sandbox: String, name: String },
+    /// The guest's interfaces.
+    List { sandbox: String },
+    /// The guest's routes.
+    Routes { sandbox: String },
 }
 
 #[derive(Subcommand, Debug)]
@@ -175,6 +199,10 @@ enum ContainerCommand {
         /// Its hostname.
         #[arg(long)]
         hostname: Option<String>,
+        /// Mount the sandbox's ext4 disk with this serial (`vessel device
+        /// add`) at PATH in the container (repeatable).
+        #[arg(long, value_name = "SERIAL:PATH")]
+        disk: Vec<String>,
         /// Its root: an ext4 image, a directory or an OCI image layout.
         rootfs: PathBuf,
         /// The command and its arguments.
@@ -277,6 +305,17 @@ enum BenchCommand {
 
 #[derive(Subcommand, Debug)]
 enum DeviceCommand {
+    /// Hot-plug a block device file into a detached sandbox; containers
+    /// created later mount it with `container create --disk SERIAL:PATH`.
+    Add {
+        sandbox: String,
+        /// The disk image.
+        #[arg(long)]
+        block: PathBuf,
+        /// The serial the guest sees (at most 20 bytes).
+        #[arg(long)]
+        serial: String,
+    },
     /// Serve a virtio device over vhost-user in the foreground, until the
     /// frontend disconnects or SIGTERM.
     #[command(subcommand)]
@@ -377,8 +416,8 @@ fn main() -> ExitCode {
         Command::Container(command) => {
             use lifecycle::ContainerOp as Op;
             let (sandbox, op) = match command {
-                ContainerCommand::Create { sandbox, id, hostname, rootfs, command } => {
-                    (sandbox, Op::Create { container: id, hostname, rootfs, command })
+                ContainerCommand::Create { sandbox, id, hostname, disk, rootfs, command } => {
+                    (sandbox, Op::Create { container: id, hostname, disks: disk, rootfs, command })
                 }
                 ContainerCommand::Start { sandbox, container } => (sandbox, Op::Start { container }),
                 ContainerCommand::Exec { sandbox, container, command } => (sandbox, Op::Exec { container, command }),
@@ -390,6 +429,19 @@ fn main() -> ExitCode {
                 ContainerCommand::List { sandbox } => (sandbox, Op::List),
             };
             lifecycle::container_op(&store(&cli.root), &sandbox, op)
+        }
+        Command::Network(command) => {
+            use lifecycle::DeviceOp as Op;
+            let (sandbox, op) = match command {
+                NetworkCommand::Add { sandbox, netns, interface } => (sandbox, Op::AddInterface { netns, interface }),
+                NetworkCommand::Remove { sandbox, name } => (sandbox, Op::RemoveInterface { name }),
+                NetworkCommand::List { sandbox } => (sandbox, Op::ListInterfaces),
+                NetworkCommand::Routes { sandbox } => (sandbox, Op::Routes),
+            };
+            lifecycle::device_op(&store(&cli.root), &sandbox, op)
+        }
+        Command::Device(DeviceCommand::Add { sandbox, block, serial }) => {
+            lifecycle::device_op(&store(&cli.root), &sandbox, lifecycle::DeviceOp::AddDisk { file: block, serial })
         }
         Command::Own { config } => lifecycle::own(&store(&cli.root), &config),
         Command::List { format } => lifecycle::list(&store(&cli.root), format == lifecycle::Format::Json),

@@ -55,6 +55,26 @@ impl Drop for NetNs {
     }
 }
 
+/// Two network namespaces joined by a veth pair, as a CNI plugin leaves
+/// them: `eth0` with `<net>.2/24` and a default route via `<net>.1` in the
+/// first, its peer with `<net>.1/24` in the second.
+pub fn veth_pair(tag: &str, net: &str) -> anyhow::Result<(NetNs, NetNs)> {
+    let sandbox_ns = NetNs::new(&format!("{tag}-sbx"))?;
+    let peer_ns = NetNs::new(&format!("{tag}-peer"))?;
+    let n = std::process::id() % 10_000;
+    let (veth, peer) = (format!("vs{tag}{n}"), format!("vp{tag}{n}"));
+    ip(&["link", "add", &veth, "type", "veth", "peer", "name", &peer])?;
+    ip(&["link", "set", &veth, "netns", &sandbox_ns.0])?;
+    ip(&["link", "set", &peer, "netns", &peer_ns.0])?;
+    sandbox_ns.ip(&["link", "set", &veth, "name", "eth0"])?;
+    sandbox_ns.ip(&["addr", "add", &format!("{net}.2/24"), "dev", "eth0"])?;
+    sandbox_ns.ip(&["link", "set", "eth0", "up"])?;
+    sandbox_ns.ip(&["route", "add", "default", "via", &format!("{net}.1")])?;
+    peer_ns.ip(&["addr", "add", &format!("{net}.1/24"), "dev", &peer])?;
+    peer_ns.ip(&["link", "set", &peer, "up"])?;
+    Ok((sandbox_ns, peer_ns))
+}
+
 /// Runs `ip <args>`, returning its output; a failure names the command
 /// and says what ip said.
 pub fn ip(args: &[&str]) -> anyhow::Result<String> {

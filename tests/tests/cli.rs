@@ -641,6 +641,74 @@ fn a_killed_owner_leaves_a_dead_sandbox_that_delete_force_removes() -> TestResul
     Ok(())
 }
 
+/// `network add|list|routes|remove` and `device add` on a detached
+/// sandbox: a veth from a test-made namespace reached from the container,
+/// and a hot-plugged disk mounted in a container created afterwards,
+/// whose write reaches the host file.
+fn network_and_device_commands_reach_a_detached_sandbox() -> TestResult {
+    let dir = TempDir::new("cli-netdev")?;
+    let image = built_guest_image(&dir)?;
+    let (sandbox_ns, _peer) = vessel_tests::netns::veth_pair("cli", "10.83.0")?;
+    let roots: Vec<String> = ["a", "b"]
+        .iter()
+        .map(|n| {
+            let path = dir.path().join(format!("{n}.ext4"));
+            resources::rootfs::demo_rootfs(&path).map(|()| path.to_string_lossy().into_owned())
+        })
+        .collect::<Result<_, _>>()?;
+    let data = dir.path().join("data.img");
+    std::fs::write(&data, [])?;
+    let made = Command::new("mkfs.ext4").args(["-q", "-F", "-O", "^has_journal"]).arg(&data).arg("4M").output()?;
+    ensure!(made.status.success(), "mkfs.ext4: {}", text(&made.stderr));
+    let root = dir.path().join("state").to_string_lossy().into_owned();
+    let run = |args: &[&str]| ok(&[&["--root", root.as_str()][..], args].concat());
+
+    run(&["create", "--id", "netbox", "--image", &image, &roots[0], "--", "sleep", "1000"])?;
+    let outcome = (|| -> TestResult {
+        run(&["start", "netbox"])?;
+        let netns = format!("/var/run/netns/{}", sandbox_ns.0);
+        run(&["network", "add", "netbox", "--netns", &netns, "--interface", "eth0"])?;
+        ensure!(run(&["network", "list", "netbox"])?.contains("10.83.0.2/24"), "network list");
+        ensure!(run(&["network", "routes", "netbox"])?
+            .lines()
+            .any(|l| l.starts_with("default") && l.contains("10.83.0.1")));
+        ensure!(
+            run(&["exec", "netbox", "--", "ping", "-c", "1", "-W", "5", "10.83.0.1"])?.contains("1 packets received")
+        );
+        run(&["network", "remove", "netbox", "eth0"])?;
+        ensure!(!run(&["network", "list", "netbox"])?.contains("10.83.0.2"), "the address outlived the interface");
+
+        run(&["device", "add", "netbox", "--block", &data.to_string_lossy(), "--serial", "data-9"])?;
+        let script = "echo from the cli > /data/note && sync";
+        run(&[
+            "container",
+            "create",
+            "netbox",
+            "--id",
+            "writer",
+            "--disk",
+            "data-9:/data",
+            &roots[1],
+            "--",
+            "sh",
+            "-c",
+            script,
+        ])?;
+        run(&["container", "start", "netbox", "writer"])?;
+        let done = vessel_tests::wait_until(Duration::from_secs(30), || {
+            run(&["container", "list", "netbox"])
+                .is_ok_and(|l| l.lines().any(|l| l.starts_with("writer ") && l.contains(" stopped ")))
+        });
+        ensure!(done, "the writer did not finish: {}", run(&["container", "list", "netbox"])?);
+        Ok(())
+    })();
+    run(&["delete", "--force", "netbox"])?;
+    outcome?;
+    let note = Command::new("debugfs").args(["-R", "cat /note"]).arg(&data).output()?;
+    ensure!(text(&note.stdout) == "from the cli\n", "the host file holds {:?}", text(&note.stdout));
+    Ok(())
+}
+
 fn main() {
     let args = Arguments::from_args();
     let mut trials = vec![
@@ -668,6 +736,13 @@ fn main() {
                 a_killed_owner_leaves_a_dead_sandbox_that_delete_force_removes,
             ),
         ],
+    ));
+    trials.extend(gate(
+        if args.list { None } else { sandbox_unavailable().or_else(vessel_tests::netns::unavailable) },
+        [trial(
+            "network_and_device_commands_reach_a_detached_sandbox",
+            network_and_device_commands_reach_a_detached_sandbox,
+        )],
     ));
     trials.extend(gate(
         kvm_unavailable(),

@@ -22,7 +22,7 @@ use runtime_api::{
     Sandbox, SandboxConfig, SandboxError, SandboxPhase, Store,
 };
 use vessel_tests::harness::{e2fsprogs_unavailable, gate, missing_tool, trial, workspace_binary};
-use vessel_tests::netns::{ip, NetNs};
+use vessel_tests::netns::veth_pair;
 use vessel_tests::tier3::{qemu_tcg_unavailable, test_kernel};
 use vessel_tests::{kvm_unavailable, processes_mentioning, TempDir};
 
@@ -337,26 +337,6 @@ fn create_rolls_back_at_each_step() -> anyhow::Result<()> {
     ensure!(chain(err).contains("CreateContainer"), "the agent's refusal is not in the error");
     nothing_left("containers step")?;
     Ok(())
-}
-
-/// Two network namespaces joined by a veth pair, as a CNI plugin leaves
-/// them: `eth0` with `<net>.2/24` and a default route via `<net>.1` in the
-/// first, its peer with `<net>.1/24` in the second.
-fn veth_pair(tag: &str, net: &str) -> anyhow::Result<(NetNs, NetNs)> {
-    let sandbox_ns = NetNs::new(&format!("{tag}-sbx"))?;
-    let peer_ns = NetNs::new(&format!("{tag}-peer"))?;
-    let n = std::process::id() % 10_000;
-    let (veth, peer) = (format!("vs{tag}{n}"), format!("vp{tag}{n}"));
-    ip(&["link", "add", &veth, "type", "veth", "peer", "name", &peer])?;
-    ip(&["link", "set", &veth, "netns", &sandbox_ns.0])?;
-    ip(&["link", "set", &peer, "netns", &peer_ns.0])?;
-    sandbox_ns.ip(&["link", "set", &veth, "name", "eth0"])?;
-    sandbox_ns.ip(&["addr", "add", &format!("{net}.2/24"), "dev", "eth0"])?;
-    sandbox_ns.ip(&["link", "set", "eth0", "up"])?;
-    sandbox_ns.ip(&["route", "add", "default", "via", &format!("{net}.1")])?;
-    peer_ns.ip(&["addr", "add", &format!("{net}.1/24"), "dev", &peer])?;
-    peer_ns.ip(&["link", "set", &peer, "up"])?;
-    Ok((sandbox_ns, peer_ns))
 }
 
 /// Runs `script` in container `id` and returns its exit status and output.
