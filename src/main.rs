@@ -2,6 +2,7 @@
 
 mod bench;
 mod bench_blk;
+mod bench_sandbox;
 mod lifecycle;
 mod sandbox;
 mod serve;
@@ -301,6 +302,8 @@ enum BenchCommand {
     Launch(bench::BenchArgs),
     /// virtio-blk 4 KiB reads through the backend against host pread.
     Blk(bench_blk::BlkBenchArgs),
+    /// A sandbox's cold start step by step, and an idle sandbox's host memory.
+    Sandbox(bench_sandbox::SandboxBenchArgs),
 }
 
 #[derive(Subcommand, Debug)]
@@ -407,6 +410,7 @@ fn main() -> ExitCode {
         Command::Vm(VmCommand::Boot(args)) => boot(&args),
         Command::Bench(BenchCommand::Launch(args)) => bench::run(&args).map(|()| ExitCode::SUCCESS),
         Command::Bench(BenchCommand::Blk(args)) => bench_blk::run(&args).map(|()| ExitCode::SUCCESS),
+        Command::Bench(BenchCommand::Sandbox(args)) => bench_sandbox::run(&args).map(|()| ExitCode::SUCCESS),
         Command::Device(DeviceCommand::Serve(cmd)) => serve::run(cmd).map(|()| ExitCode::SUCCESS),
         Command::Guests { out } => write_guests(&out).map(|()| ExitCode::SUCCESS),
         Command::Image(cmd) => image(cmd).map(|()| ExitCode::SUCCESS),
