@@ -106,7 +106,7 @@ pub(crate) fn create(store: &Store, args: &SandboxArgs) -> anyhow::Result<ExitCo
     let id = args.id.clone().unwrap_or_else(fresh_id);
     runtime_api::config::validate_id(&id)?;
     let scratch = scratch(store, &id);
-    if store.dir(&id)?.exists() {
+    if store.dir(&id)?.exists() && !store.abandoned(&id) {
         bail!("a sandbox with ID {id:?} exists already");
     }
     std::fs::create_dir_all(&scratch).with_context(|| format!("creating {}", scratch.display()))?;
@@ -445,6 +445,11 @@ pub(crate) fn run_op(store: &Store, id: &str, op: Op) -> anyhow::Result<ExitCode
             std::io::stdout().write_all(&text)?;
         }
         Op::Delete { force } => {
+            if store.abandoned(id) {
+                Sandbox::delete_by_id(store, id, force)?;
+                let _ = std::fs::remove_dir_all(scratch(store, id));
+                return Ok(ExitCode::SUCCESS);
+            }
             let state = store.load(id)?;
             if state.phase != SandboxPhase::Stopped {
                 let request = if force { "stop --force" } else { "stop" };

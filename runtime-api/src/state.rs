@@ -227,6 +227,37 @@ pub struct SandboxLock {
     _file: File,
 }
 
+/// Opens (making it if needed) the lock file at `path` and flocks it
+/// with `op` (`LOCK_SH` or `LOCK_EX`, maybe with `LOCK_NB`). A missing
+/// directory is [`StateError::NotFound`] (with the directory's name).
+fn lock_file(path: &Path, op: libc::c_int) -> Result<SandboxLock, StateError> {
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(path)
+        .map_err(|source| match source.kind() {
+        std::io::ErrorKind::NotFound => {
+            let dir = path.parent().and_then(Path::file_name).map_or(String::new(), |n| n.to_string_lossy().into());
+            StateError::NotFound(dir)
+        }
+        _ => StateError::Io { what: "open the lock file", path: path.to_path_buf(), source },
+    })?;
+    loop {
+        // SAFETY: flock on a descriptor this function owns; it touches no
+        // memory.
+        if unsafe { libc::flock(file.as_raw_fd(), op) } == 0 {
+            return Ok(SandboxLock { _file: file });
+        }
+        let err = std::io::Error::last_os_error();
+        if err.kind() != std::io::ErrorKind::Interrupted {
+            return Err(StateError::Io { what: "lock", path: path.to_path_buf(), source: err });
+        }
+    }
+}
+
 /// The sandboxes under one root directory.
 #[derive(Clone, Debug)]
 pub struct Store {
@@ -270,36 +301,68 @@ impl Store {
         }
     }
 
+    /// Makes sandbox `id`'s directory with its lock already held: the
+    /// directory is made under a temporary name, locked, then renamed into
+    /// place, so that nobody ever sees it unlocked before its state is
+    /// written. Refuses an ID that exists.
+    pub fn create_locked(&self, id: &str) -> Result<(PathBuf, SandboxLock), StateError> {
+        let dir = self.dir(id)?;
+        let io = |what, path: &Path| {
+            let path = path.to_path_buf();
+            move |source| StateError::Io { what, path, source }
+        };
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&self.root)
+            .map_err(io("create the state root", &self.root))?;
+        if dir.exists() {
+            return Err(StateError::Exists(id.to_string()));
+        }
+        let temp = resources::cache::temp_name(&self.root, id);
+        std::fs::DirBuilder::new().mode(0o700).create(&temp).map_err(io("create the sandbox directory", &temp))?;
+        let locked = (|| {
+            let lock = lock_file(&temp.join(LOCK_FILE), libc::LOCK_EX)?;
+            // rename(2) replaces an empty directory: refuse an existing one.
+            if dir.exists() {
+                return Err(StateError::Exists(id.to_string()));
+            }
+            std::fs::rename(&temp, &dir).map_err(io("create the sandbox directory", &dir))?;
+            Ok(lock)
+        })();
+        match locked {
+            Ok(lock) => Ok((dir, lock)),
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&temp);
+                Err(e)
+            }
+        }
+    }
+
+    /// Whether sandbox `id`'s directory was left by a create that died
+    /// before writing the state: it has no state file and nobody holds its
+    /// lock (a live create holds it from the start, see
+    /// [`Store::create_locked`]).
+    pub fn abandoned(&self, id: &str) -> bool {
+        let Ok(dir) = self.dir(id) else { return false };
+        if !dir.is_dir() || dir.join(STATE_FILE).exists() {
+            return false;
+        }
+        lock_file(&dir.join(LOCK_FILE), libc::LOCK_EX | libc::LOCK_NB).is_ok()
+    }
+
     /// Takes sandbox `id`'s lock, waiting for other holders as `kind`
     /// requires. A sandbox with no directory is [`StateError::NotFound`].
     pub fn lock(&self, id: &str, kind: LockKind) -> Result<SandboxLock, StateError> {
         let path = self.dir(id)?.join(LOCK_FILE);
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .mode(0o600)
-            .open(&path)
-            .map_err(|source| match source.kind() {
-                std::io::ErrorKind::NotFound => StateError::NotFound(id.to_string()),
-                _ => StateError::Io { what: "open the lock file", path: path.clone(), source },
-            })?;
         let op = match kind {
             LockKind::Shared => libc::LOCK_SH,
             LockKind::Exclusive => libc::LOCK_EX,
         };
-        loop {
-            // SAFETY: flock on a descriptor this function owns; it touches
-            // no memory.
-            if unsafe { libc::flock(file.as_raw_fd(), op) } == 0 {
-                return Ok(SandboxLock { _file: file });
-            }
-            let err = std::io::Error::last_os_error();
-            if err.kind() != std::io::ErrorKind::Interrupted {
-                return Err(StateError::Io { what: "lock", path, source: err });
-            }
-        }
+        lock_file(&path, op).map_err(|e| match e {
+            StateError::NotFound(_) => StateError::NotFound(id.to_string()),
+            other => other,
+        })
     }
 
     /// Writes `state` atomically (temp file, fsync, rename, fsync of the
@@ -453,6 +516,24 @@ mod tests {
         std::fs::write(&path, text.replacen("\"id\": \"box\"", "\"id\": \"other\"", 1)).unwrap();
         let err = store.load("box").unwrap_err();
         assert!(format!("{:?}", err).contains("names sandbox"), "{err:?}");
+        std::fs::remove_dir_all(store.root()).unwrap();
+    }
+
+    #[test]
+    fn a_directory_appears_locked_and_one_left_by_a_dead_create_is_abandoned() {
+        let store = temp_store("abandoned");
+        let (dir, lock) = store.create_locked("box").unwrap();
+        assert!(dir.is_dir());
+        assert!(!store.abandoned("box"), "a create in progress looks abandoned");
+        assert!(matches!(store.create_locked("box"), Err(StateError::Exists(_))));
+        store.save(&state("box")).unwrap();
+        drop(lock);
+        assert!(!store.abandoned("box"), "a sandbox with state looks abandoned");
+        std::fs::remove_file(dir.join(STATE_FILE)).unwrap();
+        assert!(store.abandoned("box"), "a stateless, unlocked directory is not seen as abandoned");
+        // No temporary directory is left in the root, and only the ID lists.
+        assert_eq!(store.ids().unwrap(), ["box"]);
+        assert_eq!(std::fs::read_dir(store.root()).unwrap().count(), 1);
         std::fs::remove_dir_all(store.root()).unwrap();
     }
 

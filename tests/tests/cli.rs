@@ -638,6 +638,35 @@ fn a_killed_owner_leaves_a_dead_sandbox_that_delete_force_removes() -> TestResul
     ensure!(left.is_empty(), "processes left: {left:?}");
     ok(&create)?;
     ok(&["--root", &root_s, "delete", "ghost"])?;
+
+    // kill -9 of the owner *during* create (while the guest boots): create
+    // fails, delete --force takes what is left, and the ID is free again.
+    let creating = Command::new(vessel_bin())
+        .args(create)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    let owner = || -> Option<i32> {
+        std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
+            let cmdline = std::fs::read(e.path().join("cmdline")).ok()?;
+            let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+            (cmdline.contains("__own") && cmdline.contains(&root_s)).then(|| e.file_name().to_str()?.parse().ok())?
+        })
+    };
+    let booting =
+        vessel_tests::wait_until(Duration::from_secs(30), || root.join("ghost").is_dir() && owner().is_some());
+    ensure!(booting, "the owner never started creating");
+    let pid = owner().context("the owner's PID")?;
+    // SAFETY: kill sends a signal; it touches no memory of ours.
+    ensure!(unsafe { libc::kill(pid, libc::SIGKILL) } == 0, "kill -9 {pid}");
+    let out = creating.wait_with_output()?;
+    ensure!(!out.status.success(), "create succeeded with its owner killed");
+    ok(&["--root", &root_s, "delete", "--force", "ghost"])?;
+    ensure!(!root.join("ghost").exists(), "delete --force left the half-created sandbox");
+    let left = vessel_tests::processes_mentioning(&root)?;
+    ensure!(left.is_empty(), "processes left: {left:?}");
+    ok(&create)?;
+    ok(&["--root", &root_s, "delete", "ghost"])?;
     Ok(())
 }
 

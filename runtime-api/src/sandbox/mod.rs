@@ -249,18 +249,19 @@ impl Sandbox {
             }
         }
 
-        // Directory and lock. Undo: remove the directory.
-        let dir = store.create_dir(&id).map_err(|e| SandboxError::at(CreateStep::Directory, &id)(e.into()))?;
+        // Directory and lock. Undo: remove the directory. One left by a
+        // create that died before writing its state is taken over.
+        let made = match store.create_locked(&id) {
+            Err(StateError::Exists(_)) if store.abandoned(&id) => {
+                warn!("taking over the directory of a create that died");
+                store.remove(&id).and_then(|()| store.create_locked(&id))
+            }
+            other => other,
+        };
+        let (dir, lock) = made.map_err(|e| SandboxError::at(CreateStep::Directory, &id)(e.into()))?;
         let undo_dir = || {
             if let Err(e) = store.remove(&id) {
                 warn!(error = %e, "rollback: cannot remove the sandbox directory");
-            }
-        };
-        let lock = match store.lock(&id, LockKind::Exclusive) {
-            Ok(lock) => lock,
-            Err(e) => {
-                undo_dir();
-                return Err(SandboxError::at(CreateStep::Directory, &id)(e.into()));
             }
         };
         step_done(CreateStep::Directory, began);
@@ -454,6 +455,11 @@ impl Sandbox {
     /// through its handle first.
     pub fn delete_by_id(store: &Store, id: &str, force: bool) -> Result<(), SandboxError> {
         let _span = info_span!("delete_sandbox", id, force).entered();
+        if store.abandoned(id) {
+            // A create that died before writing its state: nothing but the
+            // directory (its QEMU died with it).
+            return Ok(store.remove(id)?);
+        }
         let lock = store.lock(id, LockKind::Exclusive)?;
         let state = store.load(id)?;
         let owner_alive = attached::process_alive(state.owner_pid);
