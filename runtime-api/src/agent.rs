@@ -205,9 +205,4 @@ impl Agent {
     ) -> Result<T, AgentError> {
         f(&self.client, context(timeout)).map_err(|e| AgentError::Rpc { rpc, message: agent_proto::error_message(&e) })
     }
-
-    /// The raw client, for what this wrapper does not cover.
-    pub fn client(&self) -> &AgentClient {
-        &self.client
-    }
 }

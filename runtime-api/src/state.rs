@@ -281,26 +281,6 @@ impl Store {
         Ok(self.root.join(id))
     }
 
-    /// Makes sandbox `id`'s directory (0700, and the root if missing);
-    /// refuses an ID that exists.
-    pub fn create_dir(&self, id: &str) -> Result<PathBuf, StateError> {
-        let dir = self.dir(id)?;
-        let io = |what, path: &Path| {
-            let path = path.to_path_buf();
-            move |source| StateError::Io { what, path, source }
-        };
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(&self.root)
-            .map_err(io("create the state root", &self.root))?;
-        match std::fs::DirBuilder::new().mode(0o700).create(&dir) {
-            Ok(()) => Ok(dir),
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Err(StateError::Exists(id.to_string())),
-            Err(e) => Err(io("create the sandbox directory", &dir)(e)),
-        }
-    }
-
     /// Makes sandbox `id`'s directory with its lock already held: the
     /// directory is made under a temporary name, locked, then renamed into
     /// place, so that nobody ever sees it unlocked before its state is
@@ -466,12 +446,12 @@ mod tests {
     #[test]
     fn state_survives_a_round_trip_and_the_directory_is_private() {
         let store = temp_store("round");
-        let dir = store.create_dir("box").unwrap();
+        let dir = store.create_locked("box").unwrap().0;
         let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&dir).unwrap().permissions());
         assert_eq!(mode & 0o777, 0o700);
         store.save(&state("box")).unwrap();
         assert_eq!(store.load("box").unwrap(), state("box"));
-        assert!(matches!(store.create_dir("box"), Err(StateError::Exists(id)) if id == "box"));
+        assert!(matches!(store.create_locked("box"), Err(StateError::Exists(id)) if id == "box"));
         assert_eq!(store.ids().unwrap(), ["box"]);
         store.remove("box").unwrap();
         assert!(store.ids().unwrap().is_empty());
@@ -492,7 +472,7 @@ mod tests {
     #[test]
     fn truncated_corrupt_and_foreign_state_files_are_errors_naming_the_file() {
         let store = temp_store("corrupt");
-        store.create_dir("box").unwrap();
+        store.create_locked("box").unwrap();
         store.save(&state("box")).unwrap();
         let path = store.root().join("box").join(STATE_FILE);
         let good = std::fs::read(&path).unwrap();
@@ -540,7 +520,7 @@ mod tests {
     #[test]
     fn an_exclusive_lock_waits_for_readers_and_readers_share() {
         let store = temp_store("lock");
-        store.create_dir("box").unwrap();
+        store.create_locked("box").unwrap();
         let r1 = store.lock("box", LockKind::Shared).unwrap();
         let r2 = store.lock("box", LockKind::Shared).unwrap();
         let (tx, rx) = std::sync::mpsc::channel();
@@ -557,7 +537,7 @@ mod tests {
         rx.recv_timeout(std::time::Duration::from_secs(5)).expect("the writer never got the lock");
         writer.join().unwrap();
         // Another sandbox's lock never waits on this one's.
-        store.create_dir("other").unwrap();
+        store.create_locked("other").unwrap();
         let _held = store.lock("box", LockKind::Exclusive).unwrap();
         drop(store.lock("other", LockKind::Exclusive).unwrap());
         std::fs::remove_dir_all(store.root()).unwrap();
