@@ -58,6 +58,13 @@ fn scratch(store: &Store, id: &str) -> PathBuf {
     store.root().join(".scratch").join(id)
 }
 
+/// Makes `dir` (and its parents) 0700, whatever the umask.
+fn make_private_dir(dir: &Path) -> anyhow::Result<()> {
+    std::os::unix::fs::DirBuilderExt::mode(std::fs::DirBuilder::new().recursive(true), 0o700)
+        .create(dir)
+        .with_context(|| format!("creating {}", dir.display()))
+}
+
 /// A fresh sandbox ID.
 fn fresh_id() -> String {
     let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos());
@@ -109,7 +116,7 @@ pub(crate) fn create(store: &Store, args: &SandboxArgs) -> anyhow::Result<ExitCo
     if store.dir(&id)?.exists() && !store.abandoned(&id) {
         bail!("a sandbox with ID {id:?} exists already");
     }
-    std::fs::create_dir_all(&scratch).with_context(|| format!("creating {}", scratch.display()))?;
+    make_private_dir(&scratch)?;
     let made = (|| {
         let root = root_image(&args.rootfs, &scratch)?;
         let config = serde_json::to_string(&sandbox_config(args, &id, root)?)?;
@@ -299,7 +306,7 @@ pub(crate) fn container_op(store: &Store, sandbox: &str, op: ContainerOp) -> any
             runtime_api::config::validate_id(&container)?;
             let scratch = scratch(store, sandbox);
             let packed = scratch.join(&container);
-            std::fs::create_dir_all(&packed)?;
+            make_private_dir(&packed)?;
             let root = root_image(&rootfs, &packed)?;
             let args: Vec<&str> = command.iter().map(String::as_str).collect();
             let mut config = ContainerConfig::new(&container, root, &args);
@@ -643,7 +650,7 @@ pub(crate) fn run(store: &Store, args: &SandboxArgs, interactive: bool, tty: boo
     sweep(store);
     let id = args.id.clone().unwrap_or_else(fresh_id);
     let scratch = scratch(store, &id);
-    std::fs::create_dir_all(&scratch).with_context(|| format!("creating {}", scratch.display()))?;
+    make_private_dir(&scratch)?;
     let outcome = (|| {
         let root = root_image(&args.rootfs, &scratch)?;
         let mut config = sandbox_config(args, &id, root)?;

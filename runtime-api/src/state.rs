@@ -57,6 +57,14 @@ pub enum StateError {
         #[source]
         source: serde_json::Error,
     },
+    /// The state root is not this user's alone.
+    #[error("the state root {path} is unsafe: {why}")]
+    UnsafeRoot {
+        /// The root.
+        path: PathBuf,
+        /// What is wrong with it.
+        why: String,
+    },
     /// The state file was written by another version of vessel.
     #[error("the state file {path} has format version {found}; this vessel reads version {STATE_VERSION}")]
     Version {
@@ -296,6 +304,7 @@ impl Store {
             .mode(0o700)
             .create(&self.root)
             .map_err(io("create the state root", &self.root))?;
+        self.check_root()?;
         if dir.exists() {
             return Err(StateError::Exists(id.to_string()));
         }
@@ -316,6 +325,33 @@ impl Store {
                 let _ = std::fs::remove_dir_all(&temp);
                 Err(e)
             }
+        }
+    }
+
+    /// Refuses a state root that another user could have made or can
+    /// write to (a `/tmp/vessel-UID` made first by someone else, say): its
+    /// sockets reach the agents and the owners.
+    fn check_root(&self) -> Result<(), StateError> {
+        use std::os::unix::fs::MetadataExt;
+        let meta = std::fs::symlink_metadata(&self.root).map_err(|source| StateError::Io {
+            what: "read",
+            path: self.root.clone(),
+            source,
+        })?;
+        // SAFETY: geteuid has no preconditions.
+        let me = unsafe { libc::geteuid() };
+        let why = if !meta.is_dir() {
+            Some("it is not a directory (a symbolic link?)".to_string())
+        } else if meta.uid() != me {
+            Some(format!("it belongs to uid {}, not to this user ({me})", meta.uid()))
+        } else if meta.mode() & 0o022 != 0 {
+            Some(format!("others may write to it (mode {:o})", meta.mode() & 0o777))
+        } else {
+            None
+        };
+        match why {
+            Some(why) => Err(StateError::UnsafeRoot { path: self.root.clone(), why }),
+            None => Ok(()),
         }
     }
 
@@ -514,6 +550,19 @@ mod tests {
         // No temporary directory is left in the root, and only the ID lists.
         assert_eq!(store.ids().unwrap(), ["box"]);
         assert_eq!(std::fs::read_dir(store.root()).unwrap().count(), 1);
+        std::fs::remove_dir_all(store.root()).unwrap();
+    }
+
+    #[test]
+    fn a_state_root_others_can_write_to_is_refused() {
+        let store = temp_store("unsafe");
+        std::fs::create_dir_all(store.root()).unwrap();
+        std::fs::set_permissions(store.root(), std::os::unix::fs::PermissionsExt::from_mode(0o777)).unwrap();
+        let err = store.create_locked("box").unwrap_err();
+        assert!(err.to_string().contains("others may write to it (mode 777)"), "{err}");
+        assert!(!store.root().join("box").exists());
+        std::fs::set_permissions(store.root(), std::os::unix::fs::PermissionsExt::from_mode(0o700)).unwrap();
+        store.create_locked("box").unwrap();
         std::fs::remove_dir_all(store.root()).unwrap();
     }
 
