@@ -27,29 +27,29 @@ const CONTROL_SOCKET: &str = "control.sock";
 pub(crate) struct SandboxArgs {
     /// The sandbox's ID (default: a fresh one).
     #[arg(long)]
-    id: Option<String>,
+    pub(crate) id: Option<String>,
     /// The guest image directory (`vessel image build --out DIR`; default:
     /// one built in the cache directory on first use).
     #[arg(long, value_name = "DIR")]
-    image: Option<PathBuf>,
+    pub(crate) image: Option<PathBuf>,
     /// The hypervisor: builtin or qemu-tcg (default: chosen for this host).
     #[arg(long)]
-    hypervisor: Option<HypervisorKind>,
+    pub(crate) hypervisor: Option<HypervisorKind>,
     /// vCPUs.
     #[arg(long, default_value_t = 1)]
-    cpus: u8,
+    pub(crate) cpus: u8,
     /// Guest memory in MiB.
     #[arg(long, default_value_t = 256)]
-    memory: u64,
+    pub(crate) memory: u64,
     /// The container's hostname (default: vessel).
     #[arg(long)]
-    hostname: Option<String>,
+    pub(crate) hostname: Option<String>,
     /// The container's root: an ext4 image (used in place, written to), a
     /// directory or an OCI image layout (packed into a fresh image).
-    rootfs: PathBuf,
+    pub(crate) rootfs: PathBuf,
     /// The command and its arguments.
     #[arg(required = true, last = true)]
-    command: Vec<String>,
+    pub(crate) command: Vec<String>,
 }
 
 /// The scratch directory of sandbox `id`: its packed root and its output,

@@ -414,7 +414,7 @@ fn main() -> ExitCode {
         Command::Device(DeviceCommand::Serve(cmd)) => serve::run(cmd).map(|()| ExitCode::SUCCESS),
         Command::Guests { out } => write_guests(&out).map(|()| ExitCode::SUCCESS),
         Command::Image(cmd) => image(cmd).map(|()| ExitCode::SUCCESS),
-        Command::Sandbox(SandboxCommand::Run(args)) => sandbox::run(&args),
+        Command::Sandbox(SandboxCommand::Run(args)) => sandbox::run(&store(&cli.root), &args),
         Command::Run { interactive, tty, sandbox } => lifecycle::run(&store(&cli.root), &sandbox, interactive, tty),
         Command::Create(args) => lifecycle::create(&store(&cli.root), &args),
         Command::Container(command) => {

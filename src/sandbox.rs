@@ -1,16 +1,15 @@
-//! `vessel sandbox run`: one container in a fresh sandbox, its output on
-//! our stdout and stderr, its exit status ours. Everything it does is a
-//! call into the sandbox API (runtime-api); this file parses, forwards
-//! streams and prints.
+//! `vessel sandbox run`, the older form of `vessel run` (which it calls),
+//! with the demo busybox root by default; and where sandboxes live unless
+//! `--root` says otherwise.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::Instant;
 
 use anyhow::Context;
 use clap::Args;
-use runtime_api::sandbox::STREAM_TIMEOUT;
-use runtime_api::{ContainerConfig, HypervisorKind, Sandbox, SandboxConfig, Store};
+use runtime_api::{HypervisorKind, Store};
+
+use crate::lifecycle::SandboxArgs;
 
 #[derive(Args, Debug)]
 pub(crate) struct RunArgs {
@@ -45,15 +44,6 @@ pub(crate) struct RunArgs {
     command: Vec<String>,
 }
 
-/// A scratch directory, removed when dropped.
-struct Scratch(PathBuf);
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 /// Where sandboxes keep their state unless `--root` says otherwise: the
 /// system's state root for root, a private one under the temporary
 /// directory for others.
@@ -67,64 +57,33 @@ pub(crate) fn default_store() -> Store {
     }
 }
 
-pub(crate) fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
-    let began = Instant::now();
-    let scratch = Scratch(resources::cache::temp_name(&std::env::temp_dir(), "vessel-sandbox"));
-    std::fs::create_dir_all(&scratch.0).with_context(|| format!("creating {}", scratch.0.display()))?;
+/// `sandbox run` is `vessel run` with the demo root by default: a fresh
+/// copy of it (the container writes to its root), removed afterwards.
+pub(crate) fn run(store: &Store, args: &RunArgs) -> anyhow::Result<ExitCode> {
+    let mut copy = None;
     let rootfs = match &args.rootfs {
         Some(path) => path.clone(),
         None => {
-            // The container writes to its root: each run gets its own copy
-            // of the cached demo image.
-            let image = scratch.0.join("rootfs.ext4");
             let cached = resources::rootfs::cached_demo_rootfs().context("the demo root filesystem")?;
+            let image = resources::cache::temp_name(&std::env::temp_dir(), "vessel-demo-root");
             std::fs::copy(&cached, &image).with_context(|| format!("copying {}", cached.display()))?;
+            copy = Some(image.clone());
             image
         }
     };
-
-    let id =
-        scratch.0.file_name().map_or("run".into(), |n| n.to_string_lossy().trim_start_matches('.').replace(".tmp", ""));
-    let command: Vec<&str> = args.command.iter().map(String::as_str).collect();
-    let mut container = ContainerConfig::new("run", rootfs, &command);
-    container.hostname = Some(args.hostname.clone());
-    container.process.stdin = args.interactive;
-    let mut config = SandboxConfig::new(id, crate::guest_image(args.image.as_deref())?);
-    config.hypervisor = args.hypervisor;
-    config.vcpus = args.cpus;
-    config.memory_mib = args.mem;
-    config.containers.push(container);
-
-    let mut sandbox = Sandbox::create(&default_store(), config, None)?;
-    let ready_after = began.elapsed();
-    let io = sandbox.take_io("run")?;
-    // Streams are accepted in threads: the agent dials them while the
-    // container starts.
-    let out = io.stdout.collect_into(std::io::stdout(), STREAM_TIMEOUT);
-    let err = io.stderr.map(|s| s.collect_into(std::io::stderr(), STREAM_TIMEOUT));
-    if let Some(stdin) = io.stdin {
-        std::thread::spawn(move || {
-            if let Ok(mut conn) = stdin.accept(STREAM_TIMEOUT) {
-                let _ = std::io::copy(&mut std::io::stdin().lock(), &mut conn);
-                let _ = conn.shutdown(std::net::Shutdown::Write);
-            }
-        });
+    let sandbox = SandboxArgs {
+        id: None,
+        image: args.image.clone(),
+        hypervisor: args.hypervisor,
+        cpus: args.cpus,
+        memory: args.mem,
+        hostname: Some(args.hostname.clone()),
+        rootfs,
+        command: args.command.clone(),
+    };
+    let outcome = crate::lifecycle::run(store, &sandbox, args.interactive, false);
+    if let Some(copy) = copy {
+        let _ = std::fs::remove_file(copy);
     }
-    let started = Instant::now();
-    sandbox.start()?;
-    let status = sandbox.wait_process("run", "", None)?;
-    let ran = started.elapsed();
-    for stream in std::iter::once(out).chain(err) {
-        let _ = stream.join();
-    }
-    let kind = sandbox.state().hypervisor;
-    let version = sandbox.guest_details().agent_version.clone();
-    sandbox.stop(false)?;
-    sandbox.delete()?;
-    eprintln!(
-        "vessel: sandbox ready in {:.2} s (agent {version}, {kind}); container exited {status} after {:.2} s",
-        ready_after.as_secs_f64(),
-        ran.as_secs_f64()
-    );
-    Ok(ExitCode::from(u8::try_from(status).unwrap_or(255)))
+    outcome
 }
