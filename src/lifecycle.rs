@@ -275,14 +275,27 @@ pub(crate) fn device_op(store: &Store, sandbox: &str, op: DeviceOp) -> anyhow::R
             for i in interfaces.interfaces {
                 let addresses: Vec<String> =
                     i.addresses.iter().map(|a| format!("{}/{}", a.address, a.prefix_len)).collect();
-                println!("{:<12} {:<18} {:<6} {:<4} {}", i.name, i.hw_addr, i.mtu, i.up, addresses.join(" "));
+                println!(
+                    "{:<12} {:<18} {:<6} {:<4} {}",
+                    shown(&i.name),
+                    shown(&i.hw_addr),
+                    i.mtu,
+                    i.up,
+                    shown(&addresses.join(" "))
+                );
             }
         }
         DeviceOp::Routes => {
             let routes = Sandbox::fetch(store, sandbox)?.list_routes()?;
             println!("{:<20} {:<16} {:<12} SOURCE", "DESTINATION", "GATEWAY", "DEVICE");
             for r in routes.routes {
-                println!("{:<20} {:<16} {:<12} {}", r.dest, r.gateway, r.device, r.source);
+                println!(
+                    "{:<20} {:<16} {:<12} {}",
+                    shown(&r.dest),
+                    shown(&r.gateway),
+                    shown(&r.device),
+                    shown(&r.source)
+                );
             }
         }
     }
@@ -410,6 +423,13 @@ pub(crate) enum Format {
     Json,
 }
 
+/// `text` from the guest (a process's command line, a user name, an
+/// interface), safe to print on a terminal: control characters, which
+/// could move the cursor or retitle the window, become `?`.
+fn shown(text: &str) -> String {
+    text.chars().map(|c| if c.is_control() { '?' } else { c }).collect()
+}
+
 /// A byte count for people: 1.5 MiB.
 fn human(bytes: u64) -> String {
     let units = ["B", "KiB", "MiB", "GiB", "TiB"];
@@ -493,7 +513,7 @@ pub(crate) fn run_op(store: &Store, id: &str, op: Op) -> anyhow::Result<ExitCode
                 Format::Table => {
                     println!("{:>8} {:>8} {:<10} COMMAND", "PID", "NS-PID", "USER");
                     for p in processes {
-                        println!("{:>8} {:>8} {:<10} {}", p.pid, p.ns_pid, p.user, p.command);
+                        println!("{:>8} {:>8} {:<10} {}", p.pid, p.ns_pid, shown(&p.user), shown(&p.command));
                     }
                 }
             }
@@ -695,4 +715,22 @@ pub(crate) fn parse_signal(text: &str) -> Result<u32, String> {
         _ => return Err(format!("unknown signal {text:?}")),
     };
     Ok(n as u32)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn guest_text_loses_its_control_characters() {
+        assert_eq!(shown("sleep 1000"), "sleep 1000");
+        assert_eq!(shown("evil\x1b]0;owned\x07\nname"), "evil?]0;owned??name");
+    }
+
+    #[test]
+    fn byte_counts_read_as_people_write_them() {
+        assert_eq!(human(512), "512 B");
+        assert_eq!(human(1536), "1.5 KiB");
+        assert_eq!(human(64 << 20), "64.0 MiB");
+    }
 }
