@@ -172,18 +172,21 @@ impl QemuTcg {
         qmp.execute(command).map_err(Self::op_error(command))
     }
 
+    /// Serves `backend` over vhost-user on a fresh socket in the sandbox's
+    /// directory; returns the socket and the channel that tells QEMU of a
+    /// config change.
     fn serve(
         &mut self,
         spec: &VmSpec,
         name: String,
         backend: Box<dyn devices::virtio::VirtioBackend>,
         counters: Arc<dyn CounterSet + Send + Sync>,
-    ) -> Result<PathBuf, HypervisorError> {
+    ) -> Result<(PathBuf, vhost_user::BackendChannel), HypervisorError> {
         let socket = spec.dir.join(format!("vhost-{}.sock", self.served.len()));
-        let thread =
-            vhost_user::spawn("sandbox", backend, &socket).map_err(|e| HypervisorError::Start(KIND, Box::new(e)))?;
+        let (thread, channel) = vhost_user::spawn_with_channel("sandbox", backend, &socket)
+            .map_err(|e| HypervisorError::Start(KIND, Box::new(e)))?;
         self.served.push(Served { socket: socket.clone(), thread, name, counters });
-        Ok(socket)
+        Ok((socket, channel))
     }
 
     /// Ends every backend thread: QEMU's going ends the ones it connected
@@ -252,14 +255,14 @@ impl Hypervisor for QemuTcg {
         let (vsock, counters) = Vsock::new(&VsockConfig { guest_cid: GUEST_CID, uds_path: spec.vsock_socket() })
             .map_err(|e| fail(e.into()))?;
         let counters: Arc<VsockCounters> = counters;
-        let vsock_socket = self.serve(spec, format!("vsock cid {GUEST_CID}"), Box::new(vsock), counters)?;
+        let (vsock_socket, _) = self.serve(spec, format!("vsock cid {GUEST_CID}"), Box::new(vsock), counters)?;
         let mut extra_args = vhost_user_device_args(&vsock_socket, "vhost-user-vsock-device");
         for disk in &spec.disks {
             let config =
                 BlockConfig { path: disk.path.clone(), read_only: disk.read_only, id: Some(disk.serial.clone()) };
             let (blk, counters) = Block::open(&config).map_err(|e| fail(e.into()))?;
             let counters: Arc<BlockCounters> = counters;
-            let socket = self.serve(spec, format!("blk {}", disk.path.display()), Box::new(blk), counters)?;
+            let (socket, _) = self.serve(spec, format!("blk {}", disk.path.display()), Box::new(blk), counters)?;
             extra_args.extend(vhost_user_device_args(&socket, "vhost-user-blk"));
         }
         for nic in &spec.nics {
@@ -272,17 +275,13 @@ impl Hypervisor for QemuTcg {
             };
             let (net, counters) = opened.map_err(|e| fail(e.into()))?;
             let counters: Arc<NetCounters> = counters;
-            let socket = self.serve(spec, format!("net {}", nic.tap), Box::new(net), counters)?;
+            let (socket, _) = self.serve(spec, format!("net {}", nic.tap), Box::new(net), counters)?;
             extra_args.extend(vhost_user_net_args(&socket, &crate::network::format_mac(&nic.mac)));
         }
         for index in 0..spec.hotplug_slots {
             let (blk, counters, slot) = Block::placeholder().map_err(|e| fail(e.into()))?;
             let counters: Arc<BlockCounters> = counters;
-            let socket = spec.dir.join(format!("vhost-{}.sock", self.served.len()));
-            let (thread, channel) =
-                vhost_user::spawn_with_channel("sandbox", Box::new(blk), &socket).map_err(|e| fail(e.into()))?;
-            let name = format!("blk hotplug slot {index}");
-            self.served.push(Served { socket: socket.clone(), thread, name, counters });
+            let (socket, channel) = self.serve(spec, format!("blk hotplug slot {index}"), Box::new(blk), counters)?;
             self.placeholders.push(Placeholder { slot, channel });
             extra_args.extend(vhost_user_device_args(&socket, "vhost-user-blk"));
         }
@@ -290,11 +289,7 @@ impl Hypervisor for QemuTcg {
             let mac = placeholder_mac(&spec.dir, index);
             let (net, counters, slot) = Net::placeholder(mac).map_err(|e| fail(e.into()))?;
             let counters: Arc<NetCounters> = counters;
-            let socket = spec.dir.join(format!("vhost-{}.sock", self.served.len()));
-            let (thread, channel) =
-                vhost_user::spawn_with_channel("sandbox", Box::new(net), &socket).map_err(|e| fail(e.into()))?;
-            let name = format!("net hotplug slot {index}");
-            self.served.push(Served { socket: socket.clone(), thread, name, counters });
+            let (socket, channel) = self.serve(spec, format!("net hotplug slot {index}"), Box::new(net), counters)?;
             self.nic_placeholders.push(NicPlaceholder { slot, channel, mac });
             extra_args.extend(vhost_user_net_args(&socket, &crate::network::format_mac(&mac)));
         }
