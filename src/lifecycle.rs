@@ -17,7 +17,9 @@ use anyhow::{bail, Context};
 use clap::Args;
 use runtime_api::sandbox::STREAM_TIMEOUT;
 use runtime_api::state::SandboxPhase;
-use runtime_api::{ContainerConfig, HypervisorKind, ProcessConfig, Sandbox, SandboxConfig, Store};
+use runtime_api::{
+    ContainerConfig, DiskConfig, DiskMount, HypervisorKind, ProcessConfig, Sandbox, SandboxConfig, Store,
+};
 
 /// The owner's control socket, in the sandbox's directory.
 const CONTROL_SOCKET: &str = "control.sock";
@@ -44,6 +46,19 @@ pub(crate) struct SandboxArgs {
     /// The container's hostname (default: vessel).
     #[arg(long)]
     pub(crate) hostname: Option<String>,
+    /// Join the network namespace NETNS (`/var/run/netns/NAME`, as a CNI
+    /// plugin leaves it): the guest takes its eth0's MAC, addresses and
+    /// routes.
+    #[arg(long, value_name = "NETNS")]
+    pub(crate) net: Option<PathBuf>,
+    /// Devices reserved for hot-plugging (disks and the roots of containers
+    /// created later); each costs a little host memory while unused.
+    #[arg(long, default_value_t = 4, value_name = "N")]
+    pub(crate) hotplug_slots: u8,
+    /// Give the container the disk image HOST (ext4), mounted at GUEST;
+    /// `:ro` attaches and mounts it read-only (repeatable).
+    #[arg(short = 'v', long = "volume", value_name = "HOST:GUEST[:ro]")]
+    pub(crate) volumes: Vec<String>,
     /// The container's root: an ext4 image (used in place, written to), a
     /// directory or an OCI image layout (packed into a fresh image).
     pub(crate) rootfs: PathBuf,
@@ -94,14 +109,59 @@ fn root_image(rootfs: &Path, scratch: &Path) -> anyhow::Result<PathBuf> {
     Ok(image)
 }
 
+/// A `-v HOST:GUEST[:ro]` volume: the disk and its mount.
+#[derive(Debug, PartialEq)]
+pub(crate) struct Volume {
+    pub(crate) host: PathBuf,
+    pub(crate) guest: String,
+    pub(crate) read_only: bool,
+}
+
+/// Parses `HOST:GUEST[:ro]`. HOST must be a disk image (a regular file or
+/// a block device); GUEST an absolute path.
+pub(crate) fn parse_volume(spec: &str) -> anyhow::Result<Volume> {
+    let (rest, read_only) = match spec.strip_suffix(":ro") {
+        Some(rest) => (rest, true),
+        None => (spec.strip_suffix(":rw").unwrap_or(spec), false),
+    };
+    let Some((host, guest)) = rest.split_once(':') else {
+        bail!("the volume {spec:?} is not HOST:GUEST[:ro]");
+    };
+    if host.is_empty() || !guest.starts_with('/') || guest.contains(':') {
+        bail!("the volume {spec:?} is not HOST:GUEST[:ro] with GUEST an absolute path");
+    }
+    let host = Path::new(host).canonicalize().with_context(|| format!("the volume's host side {host:?}"))?;
+    let kind = std::fs::metadata(&host)?.file_type();
+    if kind.is_dir() {
+        bail!("the volume {spec:?} is a directory; only disk images can be volumes until virtio-fs is built");
+    }
+    if !kind.is_file() && !std::os::unix::fs::FileTypeExt::is_block_device(&kind) {
+        bail!("the volume {spec:?} is neither a disk image file nor a block device");
+    }
+    Ok(Volume { host, guest: guest.to_string(), read_only })
+}
+
 fn sandbox_config(args: &SandboxArgs, id: &str, root: PathBuf) -> anyhow::Result<SandboxConfig> {
     let command: Vec<&str> = args.command.iter().map(String::as_str).collect();
     let mut config = SandboxConfig::new(id, crate::guest_image(args.image.as_deref())?);
     config.hypervisor = args.hypervisor;
     config.vcpus = args.cpus;
     config.memory_mib = args.memory;
+    config.hotplug_slots = args.hotplug_slots;
+    config.network = args.net.clone().map(|netns| runtime_api::NetworkConfig { netns, interface: "eth0".into() });
     let mut container = ContainerConfig::new(id, root, &command);
     container.hostname = args.hostname.clone();
+    for (n, spec) in args.volumes.iter().enumerate() {
+        let volume = parse_volume(spec)?;
+        let serial = format!("vol-{n}");
+        config.disks.push(DiskConfig { path: volume.host, serial: serial.clone(), read_only: volume.read_only });
+        container.disks.push(DiskMount {
+            serial,
+            destination: volume.guest,
+            fstype: "ext4".into(),
+            read_only: volume.read_only,
+        });
+    }
     config.containers.push(container);
     Ok(config)
 }
@@ -202,8 +262,8 @@ pub(crate) fn own(store: &Store, config: &str) -> anyhow::Result<ExitCode> {
                 sandbox.remove_interface(&remove["remove-interface ".len()..]).map_err(chain)
             }
             add if add.starts_with("add-disk ") => {
-                match serde_json::from_str::<(PathBuf, String)>(&add["add-disk ".len()..]) {
-                    Ok((path, serial)) => sandbox.add_disk(&path, &serial).map_err(chain),
+                match serde_json::from_str::<DiskConfig>(&add["add-disk ".len()..]) {
+                    Ok(disk) => sandbox.add_disk(&disk).map_err(chain),
                     Err(e) => Err(format!("the disk: {e}")),
                 }
             }
@@ -250,11 +310,23 @@ fn collect_output(sandbox: &mut Sandbox, scratch: &Path, container: &str) -> any
 
 /// `vessel network ...` and `vessel device ...`.
 pub(crate) enum DeviceOp {
-    AddInterface { netns: PathBuf, interface: String },
-    RemoveInterface { name: String },
+    AddInterface {
+        netns: PathBuf,
+        interface: String,
+    },
+    RemoveInterface {
+        name: String,
+    },
     ListInterfaces,
     Routes,
-    AddDisk { file: PathBuf, serial: String },
+    /// Hot-plug `file`; with `mount`, mount it in a container (the
+    /// sandbox's own by default) at a path.
+    AddDisk {
+        file: PathBuf,
+        serial: Option<String>,
+        read_only: bool,
+        mount: Option<(Option<String>, String)>,
+    },
 }
 
 pub(crate) fn device_op(store: &Store, sandbox: &str, op: DeviceOp) -> anyhow::Result<ExitCode> {
@@ -265,9 +337,23 @@ pub(crate) fn device_op(store: &Store, sandbox: &str, op: DeviceOp) -> anyhow::R
             control(store, sandbox, &format!("add-interface {}", serde_json::to_string(&network)?))?;
         }
         DeviceOp::RemoveInterface { name } => control(store, sandbox, &format!("remove-interface {name}"))?,
-        DeviceOp::AddDisk { file, serial } => {
-            let file = file.canonicalize().with_context(|| format!("the disk image {}", file.display()))?;
-            control(store, sandbox, &format!("add-disk {}", serde_json::to_string(&(file, serial))?))?;
+        DeviceOp::AddDisk { file, serial, read_only, mount } => {
+            let path = file.canonicalize().with_context(|| format!("the disk image {}", file.display()))?;
+            let serial = match serial {
+                Some(serial) => serial,
+                None => {
+                    // The first vol-N no disk of the sandbox has.
+                    let used: Vec<String> = store.load(sandbox)?.devices.into_iter().map(|d| d.serial).collect();
+                    (0..).map(|n| format!("vol-{n}")).find(|s| !used.contains(s)).context("no free serial")?
+                }
+            };
+            let disk = DiskConfig { path, serial: serial.clone(), read_only };
+            control(store, sandbox, &format!("add-disk {}", serde_json::to_string(&disk)?))?;
+            if let Some((container, destination)) = mount {
+                let container = container.unwrap_or_else(|| sandbox.to_string());
+                let mount = DiskMount { serial, destination, fstype: "ext4".into(), read_only };
+                Sandbox::fetch(store, sandbox)?.mount_disk(&container, &mount)?;
+            }
         }
         DeviceOp::ListInterfaces => {
             let interfaces = Sandbox::fetch(store, sandbox)?.list_interfaces()?;
@@ -491,11 +577,26 @@ pub(crate) fn run_op(store: &Store, id: &str, op: Op) -> anyhow::Result<ExitCode
         }
         Op::Start => Sandbox::fetch(store, id)?.start()?,
         Op::Status => {
-            let status = Sandbox::fetch(store, id)?.status()?;
-            println!("sandbox {} {} ({})", status.id, status.phase, status.hypervisor);
+            // A stopped or dead sandbox has no agent to ask: its state file
+            // says what there is to say.
+            let summary = Sandbox::summary(store, id)?;
+            let live = summary.owner_alive && summary.status.phase != SandboxPhase::Stopped;
+            let status = if live { Sandbox::fetch(store, id)?.status()? } else { summary.status.clone() };
+            let state = store.load(id)?;
+            let vm_pid = state.vm_pid.map_or("-".into(), |p| p.to_string());
+            println!(
+                "sandbox {} {} ({}) owner pid {} vm pid {vm_pid} created {}",
+                status.id,
+                shown_state(&summary),
+                status.hypervisor,
+                state.owner_pid,
+                created_ago(status.created_unix_ms)
+            );
             for c in &status.containers {
                 let exit = c.exit_code.map_or("-".into(), |c| c.to_string());
-                println!("container {} {} exit {exit}", c.id, c.phase);
+                let pid = c.pid.map_or("-".into(), |p| p.to_string());
+                let started = c.started_unix_ms.map_or("-".into(), created_ago);
+                println!("container {} {} exit {exit} pid {pid} started {started}", c.id, c.phase);
             }
         }
         Op::Ps { format } => {
@@ -598,6 +699,28 @@ pub(crate) fn run_op(store: &Store, id: &str, op: Op) -> anyhow::Result<ExitCode
     Ok(ExitCode::SUCCESS)
 }
 
+/// A sandbox's state as `list` shows it: "dead" when the process that
+/// owned a live one is gone.
+fn shown_state(s: &runtime_api::sandbox::SandboxSummary) -> String {
+    if s.owner_alive || s.status.phase == SandboxPhase::Stopped {
+        s.status.phase.to_string()
+    } else {
+        "dead".into()
+    }
+}
+
+/// How long ago `unix_ms` was, as people say it ("5s ago", "3m ago").
+fn created_ago(unix_ms: u64) -> String {
+    let now = runtime_api::state::now_unix_ms();
+    let s = now.saturating_sub(unix_ms) / 1000;
+    match s {
+        0..60 => format!("{s}s ago"),
+        60..3600 => format!("{}m ago", s / 60),
+        3600..86400 => format!("{}h ago", s / 3600),
+        _ => format!("{}d ago", s / 86400),
+    }
+}
+
 /// `vessel list`: every sandbox, dead ones marked.
 pub(crate) fn list(store: &Store, json: bool) -> anyhow::Result<ExitCode> {
     let all = Sandbox::list(store)?;
@@ -607,7 +730,7 @@ pub(crate) fn list(store: &Store, json: bool) -> anyhow::Result<ExitCode> {
             .map(|s| {
                 serde_json::json!({
                     "id": s.status.id,
-                    "state": if s.owner_alive { s.status.phase.to_string() } else { "dead".into() },
+                    "state": shown_state(s),
                     "hypervisor": s.status.hypervisor.name(),
                     "containers": s.status.containers.len(),
                     "created_unix_ms": s.status.created_unix_ms,
@@ -617,24 +740,22 @@ pub(crate) fn list(store: &Store, json: bool) -> anyhow::Result<ExitCode> {
         println!("{}", serde_json::to_string_pretty(&items)?);
     } else {
         println!("{:<32} {:<8} {:<10} {:<10} CREATED", "ID", "STATE", "HYPERVISOR", "CONTAINERS");
-        for s in all {
-            let state = if s.owner_alive { s.status.phase.to_string() } else { "dead".into() };
+        for s in &all {
             println!(
-                "{:<32} {:<8} {:<9} {}",
+                "{:<32} {:<8} {:<10} {:<10} {}",
                 s.status.id,
-                state,
+                shown_state(s),
                 s.status.hypervisor.name(),
-                s.status.containers.len()
+                s.status.containers.len(),
+                created_ago(s.status.created_unix_ms)
             );
         }
     }
     Ok(ExitCode::SUCCESS)
 }
 
-/// `vessel run`: create, start, wait, delete, in the foreground; the
-/// container's output is ours, and so is its exit status.
-/// The annotation that marks a sandbox of `vessel run`: nobody is to see
-/// it once its process is gone.
+/// The annotation that marks a sandbox of `vessel run`: once its process
+/// is gone, a sandbox it did not stop is swept.
 const RUN_ANNOTATION: &str = "vessel.cli/run";
 
 /// Removes what dead `vessel run` processes left (their sandboxes; their
@@ -643,9 +764,13 @@ const RUN_ANNOTATION: &str = "vessel.cli/run";
 fn sweep(store: &Store) {
     let Ok(all) = Sandbox::list(store) else { return };
     for s in all.iter().filter(|s| !s.owner_alive) {
-        let ephemeral =
-            store.load(&s.status.id).is_ok_and(|state| state.config.annotations.contains_key(RUN_ANNOTATION));
-        if ephemeral {
+        // A run's sandbox whose process died before it was stopped, or
+        // before an `--rm` could delete it.
+        let stopped = s.status.phase == SandboxPhase::Stopped;
+        let left = store
+            .load(&s.status.id)
+            .is_ok_and(|state| state.config.annotations.get(RUN_ANNOTATION).is_some_and(|how| !stopped || how == "rm"));
+        if left {
             match Sandbox::delete_by_id(store, &s.status.id, true) {
                 Ok(()) => tracing::info!(id = %s.status.id, "swept the sandbox of a dead vessel run"),
                 Err(e) => tracing::warn!(id = %s.status.id, error = %e, "cannot sweep a dead vessel run's sandbox"),
@@ -666,7 +791,16 @@ fn sweep(store: &Store) {
     }
 }
 
-pub(crate) fn run(store: &Store, args: &SandboxArgs, interactive: bool, tty: bool) -> anyhow::Result<ExitCode> {
+/// `vessel run`: create, start, wait and stop in the foreground (and
+/// delete, with `--rm`); the container's output is ours, and so is its
+/// exit status.
+pub(crate) fn run(
+    store: &Store,
+    args: &SandboxArgs,
+    interactive: bool,
+    tty: bool,
+    remove: bool,
+) -> anyhow::Result<ExitCode> {
     sweep(store);
     let id = args.id.clone().unwrap_or_else(fresh_id);
     let scratch = scratch(store, &id);
@@ -674,7 +808,7 @@ pub(crate) fn run(store: &Store, args: &SandboxArgs, interactive: bool, tty: boo
     let outcome = (|| {
         let root = root_image(&args.rootfs, &scratch)?;
         let mut config = sandbox_config(args, &id, root)?;
-        config.annotations.insert(RUN_ANNOTATION.into(), "true".into());
+        config.annotations.insert(RUN_ANNOTATION.into(), if remove { "rm" } else { "keep" }.into());
         config.containers[0].process.stdin = interactive;
         config.containers[0].process.terminal = tty;
         config.containers[0].process.console_size = if tty { crate::terminal::window_size() } else { None };
@@ -688,10 +822,16 @@ pub(crate) fn run(store: &Store, args: &SandboxArgs, interactive: bool, tty: boo
         drop(raw);
         let status = status?;
         sandbox.stop(false)?;
-        sandbox.delete()?;
+        if remove {
+            sandbox.delete()?;
+        }
         anyhow::Ok(status)
     })();
-    let _ = std::fs::remove_dir_all(&scratch);
+    // Without --rm a stopped sandbox stays, with its packed root, until
+    // `vessel delete`; a failed run leaves nothing either way.
+    if remove || outcome.is_err() {
+        let _ = std::fs::remove_dir_all(&scratch);
+    }
     let status = outcome?;
     Ok(ExitCode::from(u8::try_from(status).unwrap_or(255)))
 }
@@ -725,6 +865,30 @@ mod tests {
     fn guest_text_loses_its_control_characters() {
         assert_eq!(shown("sleep 1000"), "sleep 1000");
         assert_eq!(shown("evil\x1b]0;owned\x07\nname"), "evil?]0;owned??name");
+    }
+
+    #[test]
+    fn volumes_are_disk_images_at_absolute_paths() {
+        let dir = std::env::temp_dir().join(format!("vessel-volume-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let image = dir.join("data.img");
+        std::fs::write(&image, b"").unwrap();
+        let spec = |s: &str| format!("{}{s}", image.display());
+        let v = parse_volume(&spec(":/data:ro")).unwrap();
+        assert_eq!(v, Volume { host: image.canonicalize().unwrap(), guest: "/data".into(), read_only: true });
+        assert!(!parse_volume(&spec(":/data")).unwrap().read_only);
+        assert!(!parse_volume(&spec(":/data:rw")).unwrap().read_only);
+        for (bad, why) in [
+            (spec(""), "not HOST:GUEST"),
+            (spec(":data"), "absolute path"),
+            (format!("{}:/data", dir.display()), "directory"),
+            ("/no/such/file:/data".into(), "host side"),
+            ("/dev/null:/data".into(), "neither a disk image"),
+        ] {
+            let err = format!("{:#}", parse_volume(&bad).unwrap_err());
+            assert!(err.contains(why), "{bad}: {err}");
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -73,6 +73,10 @@ enum Command {
         /// window-size changes forwarded).
         #[arg(short, long)]
         tty: bool,
+        /// Delete the sandbox when the container exits (without it, the
+        /// stopped sandbox stays until `vessel delete`).
+        #[arg(long)]
+        rm: bool,
         #[command(flatten)]
         sandbox: lifecycle::SandboxArgs,
     },
@@ -308,16 +312,27 @@ enum BenchCommand {
 
 #[derive(Subcommand, Debug)]
 enum DeviceCommand {
-    /// Hot-plug a block device file into a detached sandbox; containers
-    /// created later mount it with `container create --disk SERIAL:PATH`.
+    /// Hot-plug a block device file into a detached sandbox, and mount it
+    /// at --path in a container that runs; containers created later can
+    /// mount it too (`container create --disk SERIAL:PATH`).
     Add {
         sandbox: String,
         /// The disk image.
         #[arg(long)]
         block: PathBuf,
-        /// The serial the guest sees (at most 20 bytes).
+        /// The serial the guest sees (at most 20 bytes; default: the first
+        /// free `vol-N`).
         #[arg(long)]
-        serial: String,
+        serial: Option<String>,
+        /// Attach and mount it read-only.
+        #[arg(long)]
+        read_only: bool,
+        /// Mount it (ext4) at this path in the container.
+        #[arg(long, value_name = "GUESTPATH")]
+        path: Option<String>,
+        /// The container to mount it in (default: the sandbox's own).
+        #[arg(long, requires = "path")]
+        container: Option<String>,
     },
     /// Serve a virtio device over vhost-user in the foreground, until the
     /// frontend disconnects or SIGTERM.
@@ -415,7 +430,9 @@ fn main() -> ExitCode {
         Command::Guests { out } => write_guests(&out).map(|()| ExitCode::SUCCESS),
         Command::Image(cmd) => image(cmd).map(|()| ExitCode::SUCCESS),
         Command::Sandbox(SandboxCommand::Run(args)) => sandbox::run(&store(&cli.root), &args),
-        Command::Run { interactive, tty, sandbox } => lifecycle::run(&store(&cli.root), &sandbox, interactive, tty),
+        Command::Run { interactive, tty, rm, sandbox } => {
+            lifecycle::run(&store(&cli.root), &sandbox, interactive, tty, rm)
+        }
         Command::Create(args) => lifecycle::create(&store(&cli.root), &args),
         Command::Container(command) => {
             use lifecycle::ContainerOp as Op;
@@ -444,8 +461,10 @@ fn main() -> ExitCode {
             };
             lifecycle::device_op(&store(&cli.root), &sandbox, op)
         }
-        Command::Device(DeviceCommand::Add { sandbox, block, serial }) => {
-            lifecycle::device_op(&store(&cli.root), &sandbox, lifecycle::DeviceOp::AddDisk { file: block, serial })
+        Command::Device(DeviceCommand::Add { sandbox, block, serial, read_only, path, container }) => {
+            let mount = path.map(|p| (container, p));
+            let op = lifecycle::DeviceOp::AddDisk { file: block, serial, read_only, mount };
+            lifecycle::device_op(&store(&cli.root), &sandbox, op)
         }
         Command::Own { config } => lifecycle::own(&store(&cli.root), &config),
         Command::List { format } => lifecycle::list(&store(&cli.root), format == lifecycle::Format::Json),

@@ -78,10 +78,13 @@ pub(crate) fn run(store: &Store, args: &RunArgs) -> anyhow::Result<ExitCode> {
         cpus: args.cpus,
         memory: args.mem,
         hostname: Some(args.hostname.clone()),
+        net: None,
+        volumes: Vec::new(),
+        hotplug_slots: 2,
         rootfs,
         command: args.command.clone(),
     };
-    let outcome = crate::lifecycle::run(store, &sandbox, args.interactive, false);
+    let outcome = crate::lifecycle::run(store, &sandbox, args.interactive, false, true);
     if let Some(copy) = copy {
         let _ = std::fs::remove_file(copy);
     }

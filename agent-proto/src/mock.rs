@@ -23,9 +23,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crate::agent::{
     ContainerRequest, ContainerState, ContainerStatusResponse, CreateContainerRequest, Empty, ExecProcessRequest,
-    GuestDetails, HealthCheckResponse, ListProcessesResponse, OOMEvent, RemoveProcessRequest, ResizeTerminalRequest,
-    Resources, SignalProcessRequest, StatsContainerResponse, UpdateContainerRequest, WaitProcessRequest,
-    WaitProcessResponse,
+    GuestDetails, HealthCheckResponse, ListProcessesResponse, MountDiskRequest, OOMEvent, RemoveProcessRequest,
+    ResizeTerminalRequest, Resources, SignalProcessRequest, StatsContainerResponse, UpdateContainerRequest,
+    WaitProcessRequest, WaitProcessResponse,
 };
 use crate::agent_ttrpc::{create_agent, Agent};
 use ttrpc::{Code, TtrpcContext};
@@ -72,6 +72,8 @@ pub struct Container {
     pub pid: i32,
     /// When it was started (Unix ms; 0 before).
     pub started_at_ms: u64,
+    /// MountDisk calls: (serial, destination, read-only).
+    pub mounts: Vec<(String, String, bool)>,
 }
 
 #[derive(Debug, Default)]
@@ -359,6 +361,7 @@ impl Agent for MockAgent {
                 limits: unlimited(),
                 pid,
                 started_at_ms: 0,
+                mounts: Vec::new(),
             },
         );
         Ok(Empty::new())
@@ -513,6 +516,20 @@ impl Agent for MockAgent {
                 exit_code: exit.unwrap_or(0),
                 ..Default::default()
             })
+        })
+    }
+
+    fn mount_disk(&self, _: &TtrpcContext, req: MountDiskRequest) -> ttrpc::Result<Empty> {
+        self.record("MountDisk");
+        if !req.destination.starts_with('/') {
+            return Err(invalid(format!("the mount destination {:?} is not an absolute path", req.destination)));
+        }
+        self.with(&req.container_id, |c| {
+            if c.state == State::Stopped {
+                return Err(invalid(format!("container {:?} is Stopped", req.container_id)));
+            }
+            c.mounts.push((req.serial.clone(), req.destination.clone(), req.read_only));
+            Ok(Empty::new())
         })
     }
 

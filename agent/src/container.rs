@@ -548,6 +548,20 @@ impl Containers {
         self.with(id, |c| Ok(c.status()))
     }
 
+    /// Mounts the disk with `serial` at `destination` in container `id`,
+    /// which must exist and not have stopped.
+    pub fn mount_disk(&self, id: &str, serial: &str, destination: &Path, fstype: &str, read_only: bool) -> Result<()> {
+        crate::hotmount::check_destination(destination).map_err(Error::Invalid)?;
+        let pid = self.with(id, |c| match c.state() {
+            State::Created | State::Running | State::Paused => Ok(c.init.pid),
+            other => Err(Error::Invalid(format!("container {id:?} is {other:?}; a disk is mounted into a live one"))),
+        })?;
+        let device = find_disk(serial)?;
+        let fstype = if fstype.is_empty() { "ext4" } else { fstype };
+        let mount = crate::hotmount::HotMount { device: &device, fstype, read_only, destination };
+        crate::hotmount::mount_into(pid, &mount).map_err(Error::Failed)
+    }
+
     /// Sets the size of a process's terminal.
     pub fn resize(&self, id: &str, exec_id: &str, rows: u32, columns: u32) -> Result<()> {
         let size = |what: &str, n: u32| {

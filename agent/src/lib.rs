@@ -21,6 +21,7 @@
 pub mod cgroup;
 pub mod container;
 pub mod guest;
+pub mod hotmount;
 pub mod launch;
 pub mod limits;
 pub mod link;

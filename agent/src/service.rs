@@ -7,10 +7,10 @@ use std::time::{Duration, Instant};
 
 use agent_proto::agent::{
     ContainerRequest, ContainerState, ContainerStatusResponse, CreateContainerRequest, Empty, ExecProcessRequest,
-    GuestDetails, HealthCheckResponse, Interface, Interfaces, ListProcessesResponse, OOMEvent, OnlineCPUMemRequest,
-    ProcessInfo, RemoveProcessRequest, ResizeTerminalRequest, Resources, Routes, SignalProcessRequest,
-    StatsContainerResponse, UpdateContainerRequest, UpdateInterfaceRequest, UpdateRoutesRequest, VirtioSlot,
-    VirtioSlotRequest, VirtioSlots, WaitProcessRequest, WaitProcessResponse,
+    GuestDetails, HealthCheckResponse, Interface, Interfaces, ListProcessesResponse, MountDiskRequest, OOMEvent,
+    OnlineCPUMemRequest, ProcessInfo, RemoveProcessRequest, ResizeTerminalRequest, Resources, Routes,
+    SignalProcessRequest, StatsContainerResponse, UpdateContainerRequest, UpdateInterfaceRequest, UpdateRoutesRequest,
+    VirtioSlot, VirtioSlotRequest, VirtioSlots, WaitProcessRequest, WaitProcessResponse,
 };
 use agent_proto::ttrpc::{self, Code, TtrpcContext};
 
@@ -194,6 +194,12 @@ impl agent_proto::agent_ttrpc::Agent for Service {
 
     fn resize_terminal(&self, _: &TtrpcContext, req: ResizeTerminalRequest) -> ttrpc::Result<Empty> {
         reply(self.containers.resize(&req.container_id, &req.exec_id, req.rows, req.columns)).map(|()| Empty::new())
+    }
+
+    fn mount_disk(&self, _: &TtrpcContext, req: MountDiskRequest) -> ttrpc::Result<Empty> {
+        let destination = std::path::Path::new(&req.destination);
+        reply(self.containers.mount_disk(&req.container_id, &req.serial, destination, &req.fstype, req.read_only))
+            .map(|()| Empty::new())
     }
 
     fn remove_process(&self, _: &TtrpcContext, req: RemoveProcessRequest) -> ttrpc::Result<Empty> {

@@ -67,6 +67,10 @@ pub struct SandboxConfig {
     /// The network namespace to join, if any (see [`NetworkConfig`]).
     #[serde(default)]
     pub network: Option<NetworkConfig>,
+    /// Disks attached at boot, besides the containers' roots; containers
+    /// mount them by serial ([`ContainerConfig::disks`]).
+    #[serde(default)]
+    pub disks: Vec<DiskConfig>,
     /// Free-form annotations for the caller (Kata's), kept in the state.
     #[serde(default)]
     pub annotations: std::collections::BTreeMap<String, String>,
@@ -98,6 +102,7 @@ impl SandboxConfig {
             containers: Vec::new(),
             hotplug_slots: 2,
             network: None,
+            disks: Vec::new(),
             annotations: Default::default(),
         }
     }
@@ -121,6 +126,54 @@ pub struct ContainerConfig {
     /// `add_disk`) mounted in the container.
     #[serde(default)]
     pub disks: Vec<DiskMount>,
+}
+
+/// A block device file given to the sandbox's VM as a virtio disk.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskConfig {
+    /// The image file (or block device) on the host.
+    pub path: PathBuf,
+    /// The virtio serial the guest finds it by (see [`validate_serial`]).
+    pub serial: String,
+    /// Attached read-only: the guest cannot write to it at all.
+    pub read_only: bool,
+}
+
+/// The longest virtio-blk serial (the device's ID field).
+pub const MAX_SERIAL_LEN: usize = 20;
+
+/// The prefix of the serials vessel gives container root disks; callers'
+/// disks may not use it.
+pub const ROOT_SERIAL_PREFIX: &str = "ctr-";
+
+/// Why a disk serial was refused.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("invalid disk serial {serial:?}: {why}")]
+pub struct InvalidSerial {
+    /// The serial as given.
+    pub serial: String,
+    /// What is wrong with it.
+    pub why: &'static str,
+}
+
+/// Checks a caller's disk serial: 1 to 20 of `[A-Za-z0-9_.-]`, not starting
+/// with [`ROOT_SERIAL_PREFIX`]. The guest compares serials byte for byte,
+/// and virtio-blk has room for 20.
+pub fn validate_serial(serial: &str) -> Result<(), InvalidSerial> {
+    let refuse = |why| Err(InvalidSerial { serial: serial.to_string(), why });
+    if serial.is_empty() {
+        return refuse("it is empty");
+    }
+    if serial.len() > MAX_SERIAL_LEN {
+        return refuse("it is longer than 20 bytes");
+    }
+    if !serial.chars().all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c)) {
+        return refuse("only letters, digits, '_', '.' and '-' are allowed");
+    }
+    if serial.starts_with(ROOT_SERIAL_PREFIX) {
+        return refuse("serials starting with \"ctr-\" are vessel's own, for container roots");
+    }
+    Ok(())
 }
 
 /// A sandbox disk, named by its virtio serial, mounted in a container.

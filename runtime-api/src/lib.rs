@@ -43,7 +43,9 @@ pub mod state;
 #[cfg(test)]
 mod sandbox_tests;
 
-pub use config::{ContainerConfig, DiskMount, Limit, NetworkConfig, ProcessConfig, Resources, SandboxConfig};
+pub use config::{
+    ContainerConfig, DiskConfig, DiskMount, Limit, NetworkConfig, ProcessConfig, Resources, SandboxConfig,
+};
 pub use hypervisor::{Hypervisor, HypervisorKind};
 pub use sandbox::{ContainerStatus, Factory, ProcessIo, Sandbox, SandboxError, SandboxStatus};
 pub use state::{ContainerPhase, SandboxPhase, Store};

@@ -239,6 +239,60 @@ fn bad_configs_are_refused_before_anything_is_made() {
 }
 
 #[test]
+fn disks_are_checked_recorded_and_mounted_into_live_containers() {
+    let f = Fixture::new("disks");
+    let disk = |serial: &str| crate::DiskConfig { path: "/d".into(), serial: serial.into(), read_only: true };
+    let mount = |serial: &str, at: &str| crate::DiskMount {
+        serial: serial.into(),
+        destination: at.into(),
+        fstype: "ext4".into(),
+        read_only: true,
+    };
+    for (disks, mounted, want) in [
+        (vec![disk("a"), disk("a")], None, r#"sandbox "box" has a disk with serial "a" already"#),
+        (vec![disk("ctr-0")], None, r#"invalid disk serial "ctr-0""#),
+        (vec![disk("twenty-one-bytes-long")], None, "longer than 20 bytes"),
+        (vec![disk("a b")], None, "only letters"),
+        (vec![disk("a")], Some("b"), r#"sandbox "box" has no disk with serial "b""#),
+    ] {
+        let mut config = f.config("box", &["c"]);
+        config.disks = disks;
+        config.containers[0].disks.extend(mounted.map(|s| mount(s, "/x")));
+        let (vm, running) = FakeVm::new(Fault::None);
+        let err = Sandbox::create_with(&f.store, config, Box::new(vm)).unwrap_err();
+        assert!(err.to_string().contains(want), "{err}");
+        assert!(!running.load(Ordering::SeqCst) && f.store.ids().unwrap().is_empty());
+    }
+
+    let mut config = f.config("box", &["c"]);
+    config.disks = vec![disk("data"), disk("more")];
+    config.containers[0].disks.push(mount("data", "/data"));
+    let (vm, _) = FakeVm::new(Fault::None);
+    let mock = vm.mock.clone();
+    let mut sandbox = Sandbox::create_with(&f.store, config, Box::new(vm)).unwrap();
+    let serials: Vec<&str> = sandbox.state().devices.iter().map(|d| d.serial.as_str()).collect();
+    assert_eq!(serials, ["ctr-0", "data", "more"], "the boot disks, the root first");
+    assert!(sandbox.state().devices[1].read_only);
+
+    // Into the created container: the agent is asked, the state keeps it.
+    sandbox.mount_disk("c", &mount("more", "/more")).unwrap();
+    assert_eq!(mock.containers()["c"].mounts, [("more".to_string(), "/more".to_string(), true)]);
+    let kept = &f.store.load("box").unwrap().containers[0].config.disks;
+    assert_eq!(kept.iter().map(|m| m.destination.as_str()).collect::<Vec<_>>(), ["/data", "/more"]);
+    let err = sandbox.mount_disk("c", &mount("gone", "/gone")).unwrap_err();
+    assert_eq!(err.to_string(), r#"sandbox "box" has no disk with serial "gone""#);
+    let err = sandbox.mount_disk("ghost", &mount("more", "/m")).unwrap_err();
+    assert_eq!(err.to_string(), r#"sandbox "box" has no container with ID "ghost""#);
+    // A stopped container has no namespace to mount into.
+    sandbox.start().unwrap();
+    assert_eq!(sandbox.wait_process("c", "", Some(Duration::from_secs(5))).unwrap(), 3);
+    let err = sandbox.mount_disk("c", &mount("more", "/again")).unwrap_err();
+    assert!(err.to_string().contains("mount a disk needs it created or running"), "{err}");
+    sandbox.stop(false).unwrap();
+    sandbox.delete().unwrap();
+}
+
+#[test]
 fn the_lifecycle_through_the_mock_agent_is_recorded_in_the_state() {
     let f = Fixture::new("life");
     let (vm, running) = FakeVm::new(Fault::None);

@@ -138,6 +138,9 @@ pub struct ContainerRecord {
     pub exit_code: Option<i32>,
     /// The virtio serial of its root disk, which the agent finds it by.
     pub disk_serial: String,
+    /// Its first process's PID in the guest (as the agent reported it).
+    #[serde(default)]
+    pub pid: Option<i32>,
 }
 
 /// A device hot-plugged into a running sandbox.
@@ -147,6 +150,9 @@ pub struct DeviceRecord {
     pub path: PathBuf,
     /// The virtio serial the guest sees.
     pub serial: String,
+    /// Attached read-only.
+    #[serde(default)]
+    pub read_only: bool,
     /// The virtio-mmio window it went to, where the guest had to bind one.
     pub mmio_address: Option<u64>,
 }
@@ -191,7 +197,8 @@ pub struct SandboxState {
     pub created_unix_ms: u64,
     /// Its containers, in creation order.
     pub containers: Vec<ContainerRecord>,
-    /// Hot-plugged devices, in plug order.
+    /// The VM's disks, those attached at boot (container roots first)
+    /// then the hot-plugged ones, in plug order.
     pub devices: Vec<DeviceRecord>,
     /// Network interfaces, the one it was created with first.
     #[serde(default)]
@@ -473,6 +480,7 @@ mod tests {
                 started_unix_ms: Some(3),
                 exit_code: Some(7),
                 disk_serial: "ctr-0".into(),
+                pid: Some(7),
             }],
             devices: vec![],
             nics: vec![],

@@ -408,6 +408,21 @@ fn built_guest_image(dir: &TempDir) -> anyhow::Result<String> {
     Ok(image.to_string_lossy().into_owned())
 }
 
+/// A 4 MiB journal-less ext4 image at `path`, so that what a guest synced
+/// is there for debugfs to read without a journal replay.
+fn make_ext4(path: &Path) -> anyhow::Result<()> {
+    std::fs::write(path, [])?;
+    let made = Command::new("mkfs.ext4").args(["-q", "-F", "-O", "^has_journal"]).arg(path).arg("4M").output()?;
+    ensure!(made.status.success(), "mkfs.ext4: {}", text(&made.stderr));
+    Ok(())
+}
+
+/// The file `inside` of the ext4 image `image`, read with debugfs.
+fn debugfs_cat(image: &Path, inside: &str) -> anyhow::Result<String> {
+    let out = Command::new("debugfs").args(["-R", &format!("cat {inside}")]).arg(image).output()?;
+    Ok(text(&out.stdout))
+}
+
 /// `vessel ARGS` that must succeed; its stdout.
 fn ok(args: &[&str]) -> anyhow::Result<String> {
     let out = vessel(args)?;
@@ -433,8 +448,9 @@ fn run_is_create_start_wait_delete_in_the_foreground() -> TestResult {
     let (root, tree) = (root.to_string_lossy().into_owned(), tree.to_string_lossy().into_owned());
     let script = "echo hi from $(hostname); exit 4";
     let logs = ["--log-level", "runtime_api=debug", "--log-format", "json"];
-    let out =
-        vessel(&[&logs[..], &["--root", &root, "run", "--image", &image, &tree, "--", "sh", "-c", script]].concat())?;
+    let out = vessel(
+        &[&logs[..], &["--root", &root, "run", "--rm", "--image", &image, &tree, "--", "sh", "-c", script]].concat(),
+    )?;
     ensure!(out.status.code() == Some(4), "exit {:?}: {}", out.status, text(&out.stderr));
     ensure!(text(&out.stdout).starts_with("hi from "), "stdout {:?}", text(&out.stdout));
     // The per-step durations of create, one JSON object a line.
@@ -444,12 +460,46 @@ fn run_is_create_start_wait_delete_in_the_foreground() -> TestResult {
         .count();
     ensure!(steps >= 5, "{steps} create steps logged as JSON: {}", text(&out.stderr));
     let listed = ok(&["--root", &root, "list", "--format", "json"])?;
-    ensure!(listed.trim() == "[]", "run left a sandbox: {listed}");
+    ensure!(listed.trim() == "[]", "run --rm left a sandbox: {listed}");
+
+    // Without --rm the stopped sandbox stays, with its exit code, until
+    // delete; its packed root goes with it.
+    let kept = vessel(&["--root", &root, "run", "--id", "kept", "--image", &image, &tree, "--", "sh", "-c", "exit 2"])?;
+    ensure!(kept.status.code() == Some(2), "run without --rm: {:?} {}", kept.status, text(&kept.stderr));
+    let listed = ok(&["--root", &root, "list"])?;
+    ensure!(listed.lines().any(|l| l.starts_with("kept ") && l.contains(" stopped ")), "list: {listed}");
+    let status = ok(&["--root", &root, "status", "kept"])?;
+    ensure!(status.contains("container kept stopped exit 2"), "status: {status}");
+    ok(&["--root", &root, "run", "--rm", "--image", &image, &tree, "--", "true"])?;
+    ensure!(ok(&["--root", &root, "list"])?.contains("kept "), "the next run swept a stopped sandbox");
+    ok(&["--root", &root, "delete", "kept"])?;
+    ensure!(!Path::new(&root).join(".scratch").join("kept").exists(), "delete left the packed root");
+
+    // -v: a disk image mounted at a path, written to, then read-only.
+    let volume = dir.path().join("volume.img");
+    make_ext4(&volume)?;
+    let v = format!("{}:/vol", volume.display());
+    let script = "echo from the volume > /vol/note && sync";
+    ok(&["--root", &root, "run", "--rm", "-v", &v, "--image", &image, &tree, "--", "sh", "-c", script])?;
+    ensure!(debugfs_cat(&volume, "/note")? == "from the volume\n", "the volume does not hold the note");
+    let v = format!("{v}:ro");
+    let script = "cat /vol/note; touch /vol/other";
+    let out = vessel(&["--root", &root, "run", "--rm", "-v", &v, "--image", &image, &tree, "--", "sh", "-c", script])?;
+    ensure!(text(&out.stdout) == "from the volume\n", "a read-only volume: {:?}", text(&out.stdout));
+    ensure!(
+        out.status.code() == Some(1) && text(&out.stderr).contains("Read-only file system"),
+        "a write to a read-only volume: {:?} {}",
+        out.status,
+        text(&out.stderr)
+    );
+    let err =
+        refused(&["--root", &root, "run", "--rm", "-v", "/nowhere.img:/v", "--image", &image, &tree, "--", "true"])?;
+    ensure!(err.contains("/nowhere.img"), "a missing volume: {err}");
 
     // Our SIGTERM goes to the container, whose exit status is ours.
     let script = "trap 'echo got TERM; exit 9' TERM; echo ready; while true; do sleep 0.1; done";
     let mut child = Command::new(vessel_bin())
-        .args(["--root", &root, "run", "--image", &image, &tree, "--", "sh", "-c", script])
+        .args(["--root", &root, "run", "--rm", "--image", &image, &tree, "--", "sh", "-c", script])
         .stdout(std::process::Stdio::piped())
         .spawn()?;
     let mut stdout = std::io::BufReader::new(child.stdout.take().context("stdout")?);
@@ -470,6 +520,7 @@ fn run_is_create_start_wait_delete_in_the_foreground() -> TestResult {
             "--root",
             &root,
             "run",
+            "--rm",
             "--id",
             "killed",
             "--image",
@@ -492,7 +543,7 @@ fn run_is_create_start_wait_delete_in_the_foreground() -> TestResult {
     });
     ensure!(qemu_gone, "QEMU outlived the vessel run that was killed");
     ensure!(ok(&["--root", &root, "list"])?.contains(" dead "), "the killed run's sandbox is not listed as dead");
-    ok(&["--root", &root, "run", "--image", &image, &tree, "--", "true"])?;
+    ok(&["--root", &root, "run", "--rm", "--image", &image, &tree, "--", "true"])?;
     let listed = ok(&["--root", &root, "list", "--format", "json"])?;
     ensure!(listed.trim() == "[]", "the next run did not sweep the dead one: {listed}");
     Ok(())
@@ -685,16 +736,23 @@ fn network_and_device_commands_reach_a_detached_sandbox() -> TestResult {
         })
         .collect::<Result<_, _>>()?;
     let data = dir.path().join("data.img");
-    std::fs::write(&data, [])?;
-    let made = Command::new("mkfs.ext4").args(["-q", "-F", "-O", "^has_journal"]).arg(&data).arg("4M").output()?;
-    ensure!(made.status.success(), "mkfs.ext4: {}", text(&made.stderr));
+    make_ext4(&data)?;
     let root = dir.path().join("state").to_string_lossy().into_owned();
     let run = |args: &[&str]| ok(&[&["--root", root.as_str()][..], args].concat());
 
+    // vessel run --net: the sandbox joins the namespace for its life.
+    let netns = format!("/var/run/netns/{}", sandbox_ns.0);
+    let ping = ["ping", "-c", "1", "-W", "5", "10.83.0.1"];
+    let pinged = run(&[&["run", "--rm", "--net", &netns, "--image", &image, &roots[0], "--"][..], &ping].concat())?;
+    ensure!(pinged.contains("1 packets received"), "ping from run --net: {pinged}");
+
+    let hot = dir.path().join("hot.img");
+    make_ext4(&hot)?;
+    let read_only = dir.path().join("ro.img");
+    make_ext4(&read_only)?;
     run(&["create", "--id", "netbox", "--image", &image, &roots[0], "--", "sleep", "1000"])?;
     let outcome = (|| -> TestResult {
         run(&["start", "netbox"])?;
-        let netns = format!("/var/run/netns/{}", sandbox_ns.0);
         run(&["network", "add", "netbox", "--netns", &netns, "--interface", "eth0"])?;
         ensure!(run(&["network", "list", "netbox"])?.contains("10.83.0.2/24"), "network list");
         ensure!(run(&["network", "routes", "netbox"])?
@@ -705,6 +763,23 @@ fn network_and_device_commands_reach_a_detached_sandbox() -> TestResult {
         );
         run(&["network", "remove", "netbox", "eth0"])?;
         ensure!(!run(&["network", "list", "netbox"])?.contains("10.83.0.2"), "the address outlived the interface");
+
+        // A disk mounted into the container that runs, and seen by exec.
+        run(&["device", "add", "netbox", "--block", &hot.to_string_lossy(), "--path", "/mnt/hot"])?;
+        run(&["exec", "netbox", "--", "sh", "-c", "echo hot > /mnt/hot/f && sync"])?;
+        let ro = read_only.to_string_lossy();
+        run(&["device", "add", "netbox", "--block", &ro, "--read-only", "--path", "/mnt/ro", "--container", "netbox"])?;
+        let out = vessel(&["--root", &root, "exec", "netbox", "--", "touch", "/mnt/ro/x"])?;
+        ensure!(
+            !out.status.success() && text(&out.stderr).contains("Read-only file system"),
+            "a write to a read-only hot mount: {:?} {}",
+            out.status,
+            text(&out.stderr)
+        );
+        let out = vessel(&["--root", &root, "exec", "netbox", "--", "mount", "-o", "remount,rw", "/mnt/ro"])?;
+        ensure!(!out.status.success(), "the read-only disk was remounted read-write: {}", text(&out.stdout));
+        let err = refused(&["--root", &root, "device", "add", "netbox", "--block", &ro, "--serial", "vol-0"])?;
+        ensure!(err.contains(r#"has a disk with serial "vol-0" already"#), "a second vol-0: {err}");
 
         run(&["device", "add", "netbox", "--block", &data.to_string_lossy(), "--serial", "data-9"])?;
         let script = "echo from the cli > /data/note && sync";
@@ -734,6 +809,107 @@ fn network_and_device_commands_reach_a_detached_sandbox() -> TestResult {
     outcome?;
     let note = Command::new("debugfs").args(["-R", "cat /note"]).arg(&data).output()?;
     ensure!(text(&note.stdout) == "from the cli\n", "the host file holds {:?}", text(&note.stdout));
+    ensure!(debugfs_cat(&hot, "/f")? == "hot\n", "the hot-mounted disk does not hold what exec wrote");
+    Ok(())
+}
+
+/// The number of open fds of process `pid`.
+fn fd_count(pid: u32) -> anyhow::Result<usize> {
+    Ok(std::fs::read_dir(format!("/proc/{pid}/fd"))?.count())
+}
+
+/// Ten `vessel run`s at once, each its own process and sandbox: all
+/// succeed with their own output, and nothing is left (processes, state,
+/// sockets, scratch). Then execs and stats on one detached sandbox while
+/// another is deleted: all succeed, and the owner's fds return to their
+/// count. Last, while one sandbox's lock is held (a mutation under way),
+/// commands on another do not wait, and one on the locked sandbox does
+/// until the lock is let go.
+fn many_sandboxes_at_once_through_the_cli() -> TestResult {
+    let dir = TempDir::new("cli-many")?;
+    let image = built_guest_image(&dir)?;
+    let tree = dir.path().join("tree");
+    resources::rootfs::busybox_tree(&tree)?;
+    let root = dir.path().join("state");
+    let (root_s, tree) = (root.to_string_lossy().into_owned(), tree.to_string_lossy().into_owned());
+    let runs: Vec<_> = (0..10)
+        .map(|n| {
+            let script = format!("echo run {n} on $(hostname)");
+            Command::new(vessel_bin())
+                .args(["--root", &root_s, "run", "--rm", "--id", &format!("many-{n}"), "--image", &image, &tree])
+                .args(["--", "sh", "-c", &script])
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+        })
+        .collect::<Result<_, _>>()?;
+    for (n, child) in runs.into_iter().enumerate() {
+        let out = child.wait_with_output()?;
+        ensure!(out.status.success(), "run {n}: {:?} {}", out.status, text(&out.stderr));
+        ensure!(text(&out.stdout) == format!("run {n} on vessel\n"), "run {n} printed {:?}", text(&out.stdout));
+    }
+    ensure!(ok(&["--root", &root_s, "list", "--format", "json"])?.trim() == "[]", "the runs left sandboxes");
+    let left: Vec<_> = std::fs::read_dir(&root)?.flatten().map(|e| e.file_name()).collect();
+    ensure!(left.iter().all(|n| n == ".scratch"), "left in the state root: {left:?}");
+    ensure!(std::fs::read_dir(root.join(".scratch"))?.next().is_none(), "scratch left behind");
+    let processes = vessel_tests::processes_mentioning(&root)?;
+    ensure!(processes.is_empty(), "processes left: {processes:?}");
+
+    // Work on one sandbox while another is deleted.
+    let rootfs = |name: &str| -> anyhow::Result<String> {
+        let path = dir.path().join(format!("{name}.ext4"));
+        resources::rootfs::demo_rootfs(&path)?;
+        Ok(path.to_string_lossy().into_owned())
+    };
+    let (busy_root, doomed_root, locked_root) = (rootfs("busy")?, rootfs("doomed")?, rootfs("locked")?);
+    for (id, rootfs) in [("busy", &busy_root), ("doomed", &doomed_root), ("locked", &locked_root)] {
+        ok(&["--root", &root_s, "create", "--id", id, "--image", &image, rootfs, "--", "sleep", "1000"])?;
+        ok(&["--root", &root_s, "start", id])?;
+    }
+    let owner = runtime_api::Store::new(&root).load("busy")?.owner_pid;
+    let fds_before = fd_count(owner)?;
+    std::thread::scope(|scope| -> TestResult {
+        let delete = scope.spawn(|| ok(&["--root", &root_s, "delete", "doomed"]));
+        let workers: Vec<_> = (0..4)
+            .map(|n| {
+                let root_s = &root_s;
+                scope.spawn(move || -> TestResult {
+                    let said = ok(&["--root", root_s, "exec", "busy", "--", "echo", &format!("exec {n}")])?;
+                    ensure!(said == format!("exec {n}\n"), "exec {n} said {said:?}");
+                    ensure!(ok(&["--root", root_s, "stats", "busy"])?.contains("busy "), "stats {n}");
+                    Ok(())
+                })
+            })
+            .collect();
+        for worker in workers {
+            worker.join().map_err(|_| anyhow::anyhow!("a worker panicked"))??;
+        }
+        delete.join().map_err(|_| anyhow::anyhow!("the delete panicked"))??;
+        Ok(())
+    })?;
+    ensure!(!root.join("doomed").exists(), "the deleted sandbox is still there");
+    let settled = vessel_tests::wait_until(Duration::from_secs(10), || fd_count(owner).is_ok_and(|n| n == fds_before));
+    ensure!(settled, "the owner had {fds_before} fds before the execs and {} after", fd_count(owner)?);
+
+    // A mutation holds a sandbox's lock: others do not wait for it.
+    let lock = std::fs::File::open(root.join("locked").join("lock"))?;
+    // SAFETY: flock on an fd we own.
+    ensure!(unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&lock), libc::LOCK_EX) } == 0, "flock");
+    let mut waiting = Command::new(vessel_bin())
+        .args(["--root", &root_s, "exec", "locked", "--", "echo", "after the lock"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()?;
+    let said = ok(&["--root", &root_s, "exec", "busy", "--", "echo", "not waiting"])?;
+    ensure!(said == "not waiting\n", "exec on another sandbox: {said:?}");
+    ensure!(waiting.try_wait()?.is_none(), "a command on a locked sandbox did not wait for the lock");
+    drop(lock);
+    let out = waiting.wait_with_output()?;
+    ensure!(out.status.success() && text(&out.stdout) == "after the lock\n", "after the lock: {out:?}");
+    for id in ["busy", "locked"] {
+        ok(&["--root", &root_s, "delete", id])?;
+    }
+    let processes = vessel_tests::processes_mentioning(&root)?;
+    ensure!(processes.is_empty(), "processes left: {processes:?}");
     Ok(())
 }
 
@@ -763,6 +939,7 @@ fn main() {
                 "a_killed_owner_leaves_a_dead_sandbox_that_delete_force_removes",
                 a_killed_owner_leaves_a_dead_sandbox_that_delete_force_removes,
             ),
+            trial("many_sandboxes_at_once_through_the_cli", many_sandboxes_at_once_through_the_cli),
         ],
     ));
     trials.extend(gate(

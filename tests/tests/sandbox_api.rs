@@ -18,8 +18,8 @@ use libtest_mimic::Arguments;
 use runtime_api::hypervisor::{builtin::Builtin, Disk, Hypervisor, VmSpec};
 use runtime_api::sandbox::{CreateStep, STREAM_TIMEOUT};
 use runtime_api::{
-    ContainerConfig, ContainerPhase, DiskMount, HypervisorKind, Limit, NetworkConfig, ProcessConfig, Resources,
-    Sandbox, SandboxConfig, SandboxError, SandboxPhase, Store,
+    ContainerConfig, ContainerPhase, DiskConfig, DiskMount, HypervisorKind, Limit, NetworkConfig, ProcessConfig,
+    Resources, Sandbox, SandboxConfig, SandboxError, SandboxPhase, Store,
 };
 use vessel_tests::harness::{e2fsprogs_unavailable, gate, missing_tool, trial, workspace_binary};
 use vessel_tests::netns::veth_pair;
@@ -226,15 +226,22 @@ fn drive(sandbox: &mut Sandbox, store: &Store, roots: [&Path; 2], data: &Path) -
         fstype: "ext4".into(),
         read_only: false,
     });
-    sandbox.add_disk(data, "data-1")?;
+    let data_disk = DiskConfig { path: data.to_path_buf(), serial: "data-1".into(), read_only: false };
+    sandbox.add_disk(&data_disk)?;
+    let err = sandbox.add_disk(&data_disk).unwrap_err();
+    ensure!(err.to_string() == r#"sandbox "api" has a disk with serial "data-1" already"#, "{err}");
+    let err = sandbox.add_disk(&DiskConfig { serial: "ctr-9".into(), ..data_disk.clone() }).unwrap_err();
+    ensure!(err.to_string().contains("vessel's own"), "{err}");
     sandbox.create_container(late)?;
     let late_out = sandbox.take_io("late")?.stdout.collect(STREAM_TIMEOUT);
     sandbox.start_container("late")?;
     ensure!(sandbox.wait_process("late", "", Some(Duration::from_secs(60)))? == 0, "the late container failed");
     let listing = text(late_out)?;
     ensure!(listing.lines().any(|l| l == "data-1 8192"), "the hot-plugged data disk is not in the guest: {listing}");
+    // Every disk is recorded: the boot roots, then the hot-plugged ones.
     let devices = &sandbox.state().devices;
-    ensure!(devices.len() == 2 && devices[0].serial == "data-1", "hot-plugged devices not recorded: {devices:?}");
+    let serials: Vec<&str> = devices.iter().map(|d| d.serial.as_str()).collect();
+    ensure!(serials == ["ctr-0", "ctr-1", "data-1", "ctr-2"], "devices not recorded: {devices:?}");
     ensure!(!sandbox.cleanup_container("late", false)?, "the sandbox went with a container");
 
     // An OOM kill is reported with the container's ID.

@@ -76,10 +76,6 @@ pub enum BlockError {
     /// The ID is too long.
     #[error("disk ID {0:?} is longer than {DISK_ID_LEN} bytes")]
     IdTooLong(String),
-    /// A placeholder's medium must be writable (its features were fixed
-    /// at boot, without read-only).
-    #[error("the disk image {0} cannot go into an empty slot read-only")]
-    PlaceholderReadOnly(PathBuf),
     /// A placeholder slot already holds a medium.
     #[error("this empty disk slot holds a medium already")]
     SlotUsed,
@@ -156,6 +152,7 @@ struct Medium {
     file: File,
     capacity: u64,
     id: [u8; DISK_ID_LEN],
+    read_only: bool,
 }
 
 /// Where a placeholder disk's medium is inserted (see
@@ -167,12 +164,11 @@ impl MediumSlot {
     /// Opens the disk `config` names for this slot: the device takes it in
     /// before its next request, and its config space shows the new
     /// capacity from now on (tell the driver with a config change). A
-    /// slot takes one medium; a placeholder offers no read-only or discard
-    /// feature, so `config` must be writable.
+    /// slot takes one medium. The driver negotiated the placeholder's
+    /// features, which offer neither read-only nor discard: a read-only
+    /// medium is opened read-only and the device fails every write to it,
+    /// which the guest sees as I/O errors (mount it read-only there).
     pub fn insert(&self, config: &BlockConfig) -> Result<u64, BlockError> {
-        if config.read_only {
-            return Err(BlockError::PlaceholderReadOnly(config.path.clone()));
-        }
         if self.1.swap(true, std::sync::atomic::Ordering::SeqCst) {
             return Err(BlockError::SlotUsed);
         }
@@ -184,7 +180,8 @@ impl MediumSlot {
                 return Err(e);
             }
         };
-        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = Some(Medium { file, capacity, id });
+        let medium = Medium { file, capacity, id, read_only: config.read_only };
+        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = Some(medium);
         Ok(capacity)
     }
 
@@ -263,6 +260,7 @@ impl Block {
             self.file = medium.file;
             self.capacity = medium.capacity;
             self.id = medium.id;
+            self.read_only = medium.read_only;
             self.inbox = None;
         }
     }
@@ -621,7 +619,8 @@ mod tests {
 
         let (_, _, path) = disk(8, false);
         let config = |read_only| BlockConfig { path: path.clone(), read_only, id: Some("hot-1".into()) };
-        assert!(matches!(slot.insert(&config(true)), Err(BlockError::PlaceholderReadOnly(_))));
+        let missing = BlockConfig { path: path.with_extension("missing"), read_only: false, id: None };
+        assert!(matches!(slot.insert(&missing), Err(BlockError::Open(..))));
         assert!(!slot.is_used(), "a refused medium used the slot up");
         assert_eq!(slot.insert(&config(false)).unwrap(), 8);
         // The config space shows it before the device has taken it in.
@@ -637,6 +636,21 @@ mod tests {
         let mut name = [0u8; 5];
         mem.read_slice(&mut name, GuestAddress(DATA)).unwrap();
         assert_eq!(&name, b"hot-1");
+
+        // A read-only medium in a slot whose driver was never told so:
+        // reads work, every write fails, and the file is untouched.
+        let (mut ro, _, ro_slot) = Block::placeholder().unwrap();
+        ro.set_acked_features(ro.features());
+        assert_eq!(ro_slot.insert(&config(true)).unwrap(), 8);
+        header(&mem, VIRTIO_BLK_T_IN, 0);
+        assert_eq!(run(&mut ro, &mem, &read), (0, 513));
+        mem.write_slice(&[0xcd; 512], GuestAddress(DATA)).unwrap();
+        header(&mem, VIRTIO_BLK_T_OUT, 0);
+        let write = [desc(HDR, 16, 0), desc(DATA, 512, 0), desc(STATUS, 1, WRITE)];
+        assert_eq!(run(&mut ro, &mem, &write).0, Status::IoErr as u8, "a write reached a read-only medium");
+        let mut first = [0u8; 512];
+        File::open(&path).unwrap().read_exact(&mut first).unwrap();
+        assert_eq!(first[..4], [0, 1, 2, 3], "the read-only medium was written");
         std::fs::remove_file(path).unwrap();
     }
 

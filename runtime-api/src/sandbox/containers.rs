@@ -5,9 +5,9 @@
 use std::time::{Duration, Instant};
 
 use agent_proto::agent::{
-    CreateContainerRequest, Empty, ExecProcessRequest, ProcessInfo, RemoveProcessRequest, ResizeTerminalRequest,
-    Resources as AgentResources, Rootfs, SignalProcessRequest, StatsContainerResponse, Stdio, UpdateContainerRequest,
-    VirtioSlotRequest, WaitProcessRequest,
+    CreateContainerRequest, Empty, ExecProcessRequest, MountDiskRequest, ProcessInfo, RemoveProcessRequest,
+    ResizeTerminalRequest, Resources as AgentResources, Rootfs, SignalProcessRequest, StatsContainerResponse, Stdio,
+    UpdateContainerRequest, VirtioSlotRequest, WaitProcessRequest,
 };
 use agent_proto::spec::{process_json, spec_json};
 use tracing::{debug, info_span, warn};
@@ -17,7 +17,10 @@ use super::{
     SandboxError, STOP_TIMEOUT,
 };
 use crate::agent::AgentError;
-use crate::config::{validate_id, ContainerConfig, Limit, ProcessConfig, Resources};
+use crate::config::{
+    validate_id, validate_serial, ContainerConfig, DiskConfig, DiskMount, Limit, ProcessConfig, Resources,
+    ROOT_SERIAL_PREFIX,
+};
 use crate::hypervisor::Disk;
 use crate::state::{now_unix_ms, ContainerPhase, ContainerRecord, DeviceRecord, LockKind, SandboxPhase};
 
@@ -86,6 +89,9 @@ impl Sandbox {
         };
         self.agent.call("CreateContainer", |c, ctx| c.create_container(ctx, &request))?;
         debug!(container = %config.id, ms = began.elapsed().as_secs_f64() * 1000.0, "container created");
+        let asked =
+            self.agent.call("ContainerStatus", |c, ctx| c.container_status(ctx, &container_request(&config.id)));
+        let pid = asked.ok().map(|s| s.pid).filter(|pid| *pid > 0);
         self.io.insert(config.id.clone(), io);
         self.state.containers.push(ContainerRecord {
             config: config.clone(),
@@ -93,6 +99,7 @@ impl Sandbox {
             started_unix_ms: None,
             exit_code: None,
             disk_serial: serial,
+            pid,
         });
         Ok(())
     }
@@ -106,7 +113,10 @@ impl Sandbox {
         if self.state.container(&config.id).is_some() {
             return Err(SandboxError::ContainerExists { sandbox: self.id().into(), id: config.id });
         }
-        let serial = disk_serial(self.state.containers.len() + self.state.devices.len());
+        for m in &config.disks {
+            self.require_disk(&m.serial)?;
+        }
+        let serial = self.fresh_root_serial();
         let disk = Disk { path: config.rootfs.clone(), read_only: false, serial: serial.clone() };
         self.plug(&disk)?;
         self.create_on_disk(&config, serial)?;
@@ -123,17 +133,68 @@ impl Sandbox {
         self.state.devices.push(DeviceRecord {
             path: disk.path.clone(),
             serial: disk.serial.clone(),
+            read_only: disk.read_only,
             mmio_address: plugged.bind_address,
         });
         Ok(())
     }
 
+    /// A serial for a container's root disk that no disk of this sandbox
+    /// has had: `ctr-N`, one past the highest N in use (disks stay attached
+    /// when their container goes, so a count would repeat one).
+    fn fresh_root_serial(&self) -> String {
+        let index = |serial: &str| serial.strip_prefix(ROOT_SERIAL_PREFIX).and_then(|n| n.parse::<usize>().ok());
+        let used = self.state.devices.iter().map(|d| d.serial.as_str());
+        let used = used.chain(self.state.containers.iter().map(|c| c.disk_serial.as_str()));
+        disk_serial(used.filter_map(index).max().map_or(0, |n| n + 1))
+    }
+
+    /// Fails unless the sandbox has a disk with `serial`.
+    fn require_disk(&self, serial: &str) -> Result<(), SandboxError> {
+        if self.state.devices.iter().any(|d| d.serial == serial) {
+            return Ok(());
+        }
+        Err(SandboxError::NoSuchDisk { sandbox: self.id().into(), serial: serial.into() })
+    }
+
     /// Hot-plugs a block device file into the running sandbox (Kata's
-    /// AddDevice); the guest sees it as a virtio disk with `serial`.
-    pub fn add_disk(&mut self, path: &std::path::Path, serial: &str) -> Result<(), SandboxError> {
+    /// AddDevice); the guest sees it as a virtio disk with `disk.serial`,
+    /// which no other disk of the sandbox may have.
+    pub fn add_disk(&mut self, disk: &DiskConfig) -> Result<(), SandboxError> {
         let _lock = self.lock(LockKind::Exclusive)?;
         self.require_vm("add a device")?;
-        self.plug(&Disk { path: path.to_path_buf(), read_only: false, serial: serial.into() })?;
+        validate_serial(&disk.serial)?;
+        if self.state.devices.iter().any(|d| d.serial == disk.serial) {
+            return Err(SandboxError::DiskExists { sandbox: self.id().into(), serial: disk.serial.clone() });
+        }
+        self.plug(&Disk { path: disk.path.clone(), read_only: disk.read_only, serial: disk.serial.clone() })?;
+        self.save()
+    }
+
+    /// Mounts a disk of the sandbox into container `id`, which exists and
+    /// has not stopped: its processes, and those entered later, see it at
+    /// `mount.destination`. The mount is kept in the container's config.
+    pub fn mount_disk(&mut self, id: &str, mount: &DiskMount) -> Result<(), SandboxError> {
+        let _span = info_span!("mount_disk", id, serial = %mount.serial).entered();
+        let _lock = self.lock(LockKind::Exclusive)?;
+        self.require_vm("mount a disk")?;
+        self.require_phase(
+            id,
+            "mount a disk",
+            &[ContainerPhase::Ready, ContainerPhase::Running],
+            "created or running",
+        )?;
+        self.require_disk(&mount.serial)?;
+        let request = MountDiskRequest {
+            container_id: id.into(),
+            serial: mount.serial.clone(),
+            destination: mount.destination.clone(),
+            fstype: mount.fstype.clone(),
+            read_only: mount.read_only,
+            ..Default::default()
+        };
+        self.agent.call("MountDisk", |c, ctx| c.mount_disk(ctx, &request))?;
+        self.record_mut(id)?.config.disks.push(mount.clone());
         self.save()
     }
 

@@ -48,6 +48,9 @@ pub enum SandboxError {
     /// The state could not be read or written.
     #[error(transparent)]
     State(#[from] StateError),
+    /// A bad disk serial.
+    #[error(transparent)]
+    Serial(#[from] crate::config::InvalidSerial),
     /// The hypervisor failed.
     #[error(transparent)]
     Hypervisor(#[from] HypervisorError),
@@ -81,6 +84,22 @@ pub enum SandboxError {
         sandbox: String,
         /// The container.
         id: String,
+    },
+    /// Two disks with one serial.
+    #[error("sandbox {sandbox:?} has a disk with serial {serial:?} already")]
+    DiskExists {
+        /// The sandbox.
+        sandbox: String,
+        /// The serial asked for.
+        serial: String,
+    },
+    /// No disk with that serial.
+    #[error("sandbox {sandbox:?} has no disk with serial {serial:?}")]
+    NoSuchDisk {
+        /// The sandbox.
+        sandbox: String,
+        /// The serial asked for.
+        serial: String,
     },
     /// No such container.
     #[error("sandbox {sandbox:?} has no container with ID {id:?}")]

@@ -18,12 +18,12 @@ use agent_proto::spec::SpecOptions;
 use tracing::{debug, info, info_span, warn};
 
 use crate::agent::{Agent, AgentError, HostSide, PendingStream};
-use crate::config::{validate_id, DiskMount, NetworkConfig, ProcessConfig, Resources, SandboxConfig};
+use crate::config::{validate_id, validate_serial, DiskMount, NetworkConfig, ProcessConfig, Resources, SandboxConfig};
 use crate::hypervisor::{attached, new_hypervisor, Disk, Hypervisor, HypervisorKind, Nic, VmFigures, VmSpec};
 use crate::network;
 use crate::state::{
-    now_unix_ms, ContainerPhase, ContainerRecord, LockKind, NicRecord, SandboxLock, SandboxPhase, SandboxState,
-    StateError, Store, STATE_VERSION,
+    now_unix_ms, ContainerPhase, ContainerRecord, DeviceRecord, LockKind, NicRecord, SandboxLock, SandboxPhase,
+    SandboxState, StateError, Store, STATE_VERSION,
 };
 
 mod containers;
@@ -112,6 +112,8 @@ pub struct ContainerStatus {
     pub started_unix_ms: Option<u64>,
     /// How its first process ended.
     pub exit_code: Option<i32>,
+    /// Its first process's PID in the guest.
+    pub pid: Option<i32>,
     /// Its root image.
     pub rootfs: std::path::PathBuf,
 }
@@ -241,6 +243,18 @@ impl Sandbox {
                 return Err(SandboxError::ContainerExists { sandbox: id, id: c.id.clone() });
             }
         }
+        let mut serials = std::collections::HashSet::new();
+        for d in &config.disks {
+            validate_serial(&d.serial)?;
+            if !serials.insert(d.serial.as_str()) {
+                return Err(SandboxError::DiskExists { sandbox: id, serial: d.serial.clone() });
+            }
+        }
+        for m in config.containers.iter().flat_map(|c| &c.disks) {
+            if !serials.contains(m.serial.as_str()) {
+                return Err(SandboxError::NoSuchDisk { sandbox: id, serial: m.serial.clone() });
+            }
+        }
         let kernel = config.guest_image.join(resources::guest_image::KERNEL_FILE);
         let initrd = config.guest_image.join(resources::guest_image::INITRD_FILE);
         for file in [&kernel, &initrd] {
@@ -293,6 +307,11 @@ impl Sandbox {
                 .iter()
                 .enumerate()
                 .map(|(i, c)| Disk { path: c.rootfs.clone(), read_only: false, serial: disk_serial(i) })
+                .chain(config.disks.iter().map(|d| Disk {
+                    path: d.path.clone(),
+                    read_only: d.read_only,
+                    serial: d.serial.clone(),
+                }))
                 .collect(),
             nics: plan.iter().map(|p| Nic { netns: Some(p.netns.clone()), tap: p.tap.clone(), mac: p.mac }).collect(),
             hotplug_slots: config.hotplug_slots,
@@ -353,7 +372,16 @@ impl Sandbox {
             vm_pid: vm.process_id(),
             created_unix_ms: now_unix_ms(),
             containers: Vec::new(),
-            devices: Vec::new(),
+            devices: spec
+                .disks
+                .iter()
+                .map(|d| DeviceRecord {
+                    path: d.path.clone(),
+                    serial: d.serial.clone(),
+                    read_only: d.read_only,
+                    mmio_address: None,
+                })
+                .collect(),
             nics: plan
                 .iter()
                 .map(|p| NicRecord {
@@ -705,6 +733,14 @@ impl Sandbox {
         Ok(SandboxStats { vm, containers })
     }
 
+    /// Sandbox `id` as its state file says, with whether its owner lives:
+    /// the status of a stopped or dead sandbox, which cannot be fetched.
+    pub fn summary(store: &Store, id: &str) -> Result<SandboxSummary, SandboxError> {
+        let _lock = store.lock(id, LockKind::Shared)?;
+        let state = store.load(id)?;
+        Ok(SandboxSummary { status: status_of(&state), owner_alive: attached::process_alive(state.owner_pid) })
+    }
+
     /// The sandboxes in `store`, as their state files say, with whether
     /// each one's owner lives. A store whose root is missing holds none.
     pub fn list(store: &Store) -> Result<Vec<SandboxSummary>, SandboxError> {
@@ -758,6 +794,7 @@ fn container_status_of(c: &ContainerRecord) -> ContainerStatus {
         phase: c.phase,
         started_unix_ms: c.started_unix_ms,
         exit_code: c.exit_code,
+        pid: c.pid,
         rootfs: c.config.rootfs.clone(),
     }
 }
