@@ -21,7 +21,7 @@ vessel=target/x86_64-unknown-linux-gnu/release/vessel
 # to vessel as /init.
 "$vessel" image demo-rootfs --out target/demo-rootfs.ext4 >/dev/null
 echo "setup: running a container in a sandbox VM:"
-"$vessel" run --hostname demo target/demo-rootfs.ext4 -- sh -c 'echo "hello from a container on $(hostname), kernel $(uname -r)"'
+"$vessel" run --rm --hostname demo target/demo-rootfs.ext4 -- sh -c 'echo "hello from a container on $(hostname), kernel $(uname -r)"'
 
 if [ ! -r /dev/kvm ] || [ ! -w /dev/kvm ]; then
     echo "setup: /dev/kvm is missing or not accessible to $(id -un); vessel is built but cannot boot a VM here" >&2

@@ -813,6 +813,30 @@ fn network_and_device_commands_reach_a_detached_sandbox() -> TestResult {
     Ok(())
 }
 
+/// Tier 4: `vessel run` and a detached sandbox on the builtin hypervisor
+/// (vessel's own VMM, in the owner process), where hardware KVM exists.
+fn run_and_create_on_builtin() -> TestResult {
+    let dir = TempDir::new("cli-builtin")?;
+    let image = built_guest_image(&dir)?;
+    let tree = dir.path().join("tree");
+    resources::rootfs::busybox_tree(&tree)?;
+    let root = dir.path().join("state").to_string_lossy().into_owned();
+    let tree = tree.to_string_lossy().into_owned();
+    let on_builtin = ["--hypervisor", "builtin", "--image", &image];
+    let out =
+        vessel(&[&["--root", &root, "run", "--rm"][..], &on_builtin, &[&tree, "--", "sh", "-c", "exit 6"]].concat())?;
+    ensure!(out.status.code() == Some(6), "run on builtin: {:?} {}", out.status, text(&out.stderr));
+    let create =
+        [&["--root", &root, "create", "--id", "bi"][..], &on_builtin, &[&tree, "--", "sleep", "1000"]].concat();
+    ok(&create)?;
+    ok(&["--root", &root, "start", "bi"])?;
+    ensure!(ok(&["--root", &root, "exec", "bi", "--", "echo", "in builtin"])? == "in builtin\n", "exec on builtin");
+    ensure!(ok(&["--root", &root, "status", "bi"])?.contains("(builtin)"), "status on builtin");
+    ok(&["--root", &root, "delete", "bi"])?;
+    ensure!(ok(&["--root", &root, "list", "--format", "json"])?.trim() == "[]", "delete left the sandbox");
+    Ok(())
+}
+
 /// The number of open fds of process `pid`.
 fn fd_count(pid: u32) -> anyhow::Result<usize> {
     Ok(std::fs::read_dir(format!("/proc/{pid}/fd"))?.count())
@@ -948,6 +972,13 @@ fn main() {
             "network_and_device_commands_reach_a_detached_sandbox",
             network_and_device_commands_reach_a_detached_sandbox,
         )],
+    ));
+    let tier4 = if args.list { None } else { runtime_api::hypervisor::hardware_virtualization_unusable() };
+    trials.extend(gate(
+        tier4
+            .map(|why| format!("Linux on the builtin hypervisor needs hardware virtualization: {why}"))
+            .or_else(|| if args.list { None } else { sandbox_unavailable() }),
+        [trial("run_and_create_on_builtin", run_and_create_on_builtin)],
     ));
     trials.extend(gate(
         kvm_unavailable(),
