@@ -563,8 +563,16 @@ pub(crate) fn run_op(store: &Store, id: &str, op: Op) -> anyhow::Result<ExitCode
                 let _ = std::fs::remove_dir_all(scratch(store, id));
                 return Ok(ExitCode::SUCCESS);
             }
-            let state = store.load(id)?;
-            if state.phase != SandboxPhase::Stopped {
+            // An unreadable state is for a forced delete to clean up.
+            let state = match store.load(id) {
+                Ok(state) => Some(state),
+                Err(e) if force => {
+                    tracing::warn!(error = %e, "deleting a sandbox whose state cannot be read");
+                    None
+                }
+                Err(e) => return Err(e.into()),
+            };
+            if state.is_some_and(|s| s.phase != SandboxPhase::Stopped) {
                 let request = if force { "stop --force" } else { "stop" };
                 if let Err(e) = control(store, id, request) {
                     // No owner answering: a dead sandbox, which only a
@@ -723,32 +731,46 @@ fn created_ago(unix_ms: u64) -> String {
 
 /// `vessel list`: every sandbox, dead ones marked.
 pub(crate) fn list(store: &Store, json: bool) -> anyhow::Result<ExitCode> {
-    let all = Sandbox::list(store)?;
+    // One sandbox whose state cannot be read is listed as such, with the
+    // reason; it hides none of the others.
+    let mut all = Vec::new();
+    for id in store.ids()? {
+        match Sandbox::summary(store, &id) {
+            Ok(summary) => all.push(Ok(summary)),
+            // Being created, or deleted, as we look.
+            Err(runtime_api::SandboxError::State(runtime_api::state::StateError::NotFound(_))) => {}
+            Err(e) => all.push(Err((id, runtime_api::error_chain(&e).replace('\n', " ")))),
+        }
+    }
     if json {
         let items: Vec<serde_json::Value> = all
             .iter()
-            .map(|s| {
-                serde_json::json!({
+            .map(|s| match s {
+                Ok(s) => serde_json::json!({
                     "id": s.status.id,
                     "state": shown_state(s),
                     "hypervisor": s.status.hypervisor.name(),
                     "containers": s.status.containers.len(),
                     "created_unix_ms": s.status.created_unix_ms,
-                })
+                }),
+                Err((id, error)) => serde_json::json!({ "id": id, "state": "unreadable", "error": error }),
             })
             .collect();
         println!("{}", serde_json::to_string_pretty(&items)?);
     } else {
-        println!("{:<32} {:<8} {:<10} {:<10} CREATED", "ID", "STATE", "HYPERVISOR", "CONTAINERS");
+        println!("{:<32} {:<10} {:<10} {:<10} CREATED", "ID", "STATE", "HYPERVISOR", "CONTAINERS");
         for s in &all {
-            println!(
-                "{:<32} {:<8} {:<10} {:<10} {}",
-                s.status.id,
-                shown_state(s),
-                s.status.hypervisor.name(),
-                s.status.containers.len(),
-                created_ago(s.status.created_unix_ms)
-            );
+            match s {
+                Ok(s) => println!(
+                    "{:<32} {:<10} {:<10} {:<10} {}",
+                    s.status.id,
+                    shown_state(s),
+                    s.status.hypervisor.name(),
+                    s.status.containers.len(),
+                    created_ago(s.status.created_unix_ms)
+                ),
+                Err((id, error)) => println!("{id:<32} unreadable ({error})"),
+            }
         }
     }
     Ok(ExitCode::SUCCESS)

@@ -837,6 +837,77 @@ fn run_and_create_on_builtin() -> TestResult {
     Ok(())
 }
 
+/// A corrupt, a truncated and a future state file: each is an error that
+/// names the file, hides no other sandbox, and loses nothing (the state
+/// put back, the sandbox works again); a forced delete of an unreadable
+/// one ends its processes. A missing root and a broken OCI layout are
+/// refused by name before any sandbox exists.
+fn bad_state_files_and_roots_are_named_and_hide_nothing() -> TestResult {
+    let dir = TempDir::new("cli-badstate")?;
+    let image = built_guest_image(&dir)?;
+    let root = dir.path().join("state");
+    let root_s = root.to_string_lossy().into_owned();
+    let run = |args: &[&str]| ok(&[&["--root", root_s.as_str()][..], args].concat());
+    let fail = |args: &[&str]| refused(&[&["--root", root_s.as_str()][..], args].concat());
+    for id in ["hurt", "fine"] {
+        let rootfs = dir.path().join(format!("{id}.ext4"));
+        resources::rootfs::demo_rootfs(&rootfs)?;
+        run(&["create", "--id", id, "--image", &image, &rootfs.to_string_lossy(), "--", "sleep", "1000"])?;
+        run(&["start", id])?;
+    }
+    let state_file = root.join("hurt").join("state.json");
+    let good = std::fs::read(&state_file)?;
+    let future = String::from_utf8(good.clone())?.replacen("\"version\": 1,", "\"version\": 99,", 1);
+    ensure!(future.as_bytes() != good, "the state file has no version 1 to change: {}", text(&good));
+    for (what, bytes, want) in [
+        ("corrupt", b"{ not json at all".to_vec(), "is not valid sandbox state"),
+        ("truncated", good[..good.len() / 2].to_vec(), "is not valid sandbox state"),
+        ("future", future.into_bytes(), "has format version 99"),
+    ] {
+        std::fs::write(&state_file, &bytes)?;
+        let err = fail(&["status", "hurt"])?;
+        ensure!(err.contains(&state_file.to_string_lossy().into_owned()) && err.contains(want), "{what}: {err}");
+        let err = fail(&["delete", "hurt"])?;
+        ensure!(err.contains(want), "{what}: delete without --force: {err}");
+        let listed = run(&["list"])?;
+        ensure!(
+            listed.lines().any(|l| l.starts_with("hurt ") && l.contains("unreadable") && l.contains(want))
+                && listed.lines().any(|l| l.starts_with("fine ") && l.contains(" running ")),
+            "{what}: list: {listed}"
+        );
+        ensure!(run(&["exec", "fine", "--", "echo", "unhurt"])? == "unhurt\n", "{what}: the other sandbox");
+        std::fs::write(&state_file, &good)?;
+        ensure!(run(&["exec", "hurt", "--", "echo", "back"])? == "back\n", "{what}: the state put back");
+    }
+    std::fs::write(&state_file, b"garbage")?;
+    run(&["delete", "--force", "hurt"])?;
+    ensure!(!root.join("hurt").exists(), "delete --force left the unreadable sandbox");
+    let hurt_dir = format!("{}/", root.join("hurt").display());
+    let gone = vessel_tests::wait_until(Duration::from_secs(10), || {
+        vessel_tests::processes_mentioning(Path::new(&hurt_dir)).is_ok_and(|p| p.is_empty())
+    });
+    ensure!(
+        gone,
+        "processes of the unreadable sandbox: {:?}",
+        vessel_tests::processes_mentioning(Path::new(&hurt_dir))
+    );
+    run(&["delete", "fine"])?;
+
+    let missing = dir.path().join("no-such-root");
+    let err = fail(&["run", "--rm", "--image", &image, &missing.to_string_lossy(), "--", "true"])?;
+    ensure!(err.contains("no-such-root"), "a missing root: {err}");
+    let layout = dir.path().join("layout");
+    std::fs::create_dir_all(layout.join("blobs"))?;
+    std::fs::write(layout.join("oci-layout"), br#"{"imageLayoutVersion": "1.0.0"}"#)?;
+    std::fs::write(layout.join("index.json"), b"{ broken")?;
+    let err = fail(&["run", "--rm", "--image", &image, &layout.to_string_lossy(), "--", "true"])?;
+    ensure!(err.contains("index.json") || err.contains("OCI layout"), "a broken OCI layout: {err}");
+    ensure!(run(&["list", "--format", "json"])?.trim() == "[]", "a refused run left a sandbox");
+    let processes = vessel_tests::processes_mentioning(&root)?;
+    ensure!(processes.is_empty(), "processes left: {processes:?}");
+    Ok(())
+}
+
 /// The number of open fds of process `pid`.
 fn fd_count(pid: u32) -> anyhow::Result<usize> {
     Ok(std::fs::read_dir(format!("/proc/{pid}/fd"))?.count())
@@ -964,6 +1035,10 @@ fn main() {
                 a_killed_owner_leaves_a_dead_sandbox_that_delete_force_removes,
             ),
             trial("many_sandboxes_at_once_through_the_cli", many_sandboxes_at_once_through_the_cli),
+            trial(
+                "bad_state_files_and_roots_are_named_and_hide_nothing",
+                bad_state_files_and_roots_are_named_and_hide_nothing,
+            ),
         ],
     ));
     trials.extend(gate(

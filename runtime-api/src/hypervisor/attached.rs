@@ -8,7 +8,8 @@
 //! (hotplug, or any VM operation on builtin) is refused with the owner's
 //! PID.
 
-use std::path::PathBuf;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use super::qemu_tcg::Qmp;
@@ -23,6 +24,47 @@ pub(crate) fn process_alive(pid: u32) -> bool {
     // process exists and may be signalled.
     let rc = unsafe { libc::kill(pid, 0) };
     rc == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
+}
+
+/// The processes tied to directory `dir` when no state file says which:
+/// those holding a Unix socket bound inside it (an owner's vsock and
+/// backend sockets; as this network namespace's `/proc/net/unix` lists
+/// them) and those naming it on their command line (QEMU). This process
+/// is never among them.
+pub(crate) fn processes_using(dir: &Path) -> Vec<u32> {
+    let mut prefix = dir.as_os_str().as_bytes().to_vec();
+    prefix.push(b'/');
+    let contains = |hay: &[u8]| hay.windows(prefix.len()).any(|w| w == prefix.as_slice());
+    // "Num RefCount Protocol Flags Type St Inode Path", a socket a line.
+    let unix = std::fs::read_to_string("/proc/net/unix").unwrap_or_default();
+    let inodes: std::collections::HashSet<String> = unix
+        .lines()
+        .skip(1)
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let (inode, path) = (fields.get(6)?, fields.get(7)?);
+            path.as_bytes().starts_with(&prefix).then(|| format!("socket:[{inode}]"))
+        })
+        .collect();
+    let me = std::process::id();
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else { continue };
+        if pid == me {
+            continue;
+        }
+        let named = std::fs::read(entry.path().join("cmdline")).is_ok_and(|c| contains(&c));
+        let holds =
+            || {
+                std::fs::read_dir(entry.path().join("fd")).into_iter().flatten().flatten().any(|fd| {
+                    std::fs::read_link(fd.path()).is_ok_and(|l| inodes.contains(l.to_string_lossy().as_ref()))
+                })
+            };
+        if named || (!inodes.is_empty() && holds()) {
+            found.push(pid);
+        }
+    }
+    found
 }
 
 /// A VM owned by another process; see the module docs.

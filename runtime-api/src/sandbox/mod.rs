@@ -489,7 +489,25 @@ impl Sandbox {
             return Ok(store.remove(id)?);
         }
         let lock = store.lock(id, LockKind::Exclusive)?;
-        let state = store.load(id)?;
+        let state = match store.load(id) {
+            Ok(state) => state,
+            Err(e @ (StateError::Corrupt { .. } | StateError::Version { .. })) if force => {
+                // No state to say what runs: end what is tied to the
+                // directory, then remove it. A TAP in a CNI namespace is
+                // left to the namespace's owner.
+                let dir = store.dir(id)?;
+                for pid in attached::processes_using(&dir) {
+                    warn!(pid, error = %e, "ending a process of a sandbox whose state is unreadable");
+                    if let Ok(pid) = libc::pid_t::try_from(pid) {
+                        // SAFETY: kill sends a signal; no memory is touched.
+                        unsafe { libc::kill(pid, libc::SIGKILL) };
+                    }
+                }
+                drop(lock);
+                return Ok(store.remove(id)?);
+            }
+            Err(e) => return Err(e.into()),
+        };
         let owner_alive = attached::process_alive(state.owner_pid);
         let dead = !owner_alive && force;
         if state.phase != SandboxPhase::Stopped && !dead {
@@ -742,19 +760,18 @@ impl Sandbox {
     }
 
     /// The sandboxes in `store`, as their state files say, with whether
-    /// each one's owner lives. A store whose root is missing holds none.
+    /// each one's owner lives. A store whose root is missing holds none. A
+    /// sandbox whose state cannot be read is left out with a warning (ask
+    /// [`Sandbox::summary`] for its error); it hides none of the others.
     pub fn list(store: &Store) -> Result<Vec<SandboxSummary>, SandboxError> {
         let mut all = Vec::new();
         for id in store.ids()? {
-            let _lock = store.lock(&id, LockKind::Shared)?;
-            let state = match store.load(&id) {
-                Ok(state) => state,
+            match Self::summary(store, &id) {
+                Ok(summary) => all.push(summary),
                 // Being created, or deleted, as we look.
-                Err(StateError::NotFound(_)) => continue,
-                Err(e) => return Err(e.into()),
-            };
-            let owner_alive = attached::process_alive(state.owner_pid);
-            all.push(SandboxSummary { status: status_of(&state), owner_alive });
+                Err(SandboxError::State(StateError::NotFound(_))) => {}
+                Err(e) => warn!(id, error = %e, "a sandbox whose state cannot be read"),
+            }
         }
         Ok(all)
     }
