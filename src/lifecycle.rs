@@ -96,6 +96,8 @@ fn root_image(rootfs: &Path, scratch: &Path) -> anyhow::Result<PathBuf> {
         bail!("the root {} is neither an ext4 image nor a directory", rootfs.display());
     }
     let image = scratch.join("rootfs.ext4");
+    let _progress =
+        resources::progress::Step::start(&format!("vessel: packing {} into an ext4 image", rootfs.display()));
     if resources::oci::is_layout(rootfs) {
         let tree = scratch.join("rootfs-tree");
         let unpacked = resources::oci::unpack_layout(rootfs, &tree)

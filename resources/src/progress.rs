@@ -1,4 +1,5 @@
-//! A progress bar on stderr for long steps (the kernel package download).
+//! Progress on stderr for long steps: a bar for the kernel package
+//! download, elapsed time for steps of unknown length (packing a root).
 //!
 //! On a terminal it redraws one line in place (`\r`); otherwise (a log, a
 //! CI run) it prints a line at each quarter, so that logs stay short.
@@ -95,6 +96,58 @@ impl DirWatch {
 }
 
 impl Drop for DirWatch {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// A step of unknown length that a person waits on (packing a root
+/// image): after a second it says so on stderr, with the time spent (redrawn
+/// each second on a terminal, one line otherwise), and when dropped it
+/// says how long it took. A step done within a second says nothing.
+pub struct Step {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Step {
+    /// Starts timing `label` (e.g. "vessel: packing /srv/root").
+    pub fn start(label: &str) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (flag, label) = (stop.clone(), label.to_string());
+        let tty = std::io::stderr().is_terminal();
+        let thread = std::thread::spawn(move || {
+            let began = std::time::Instant::now();
+            let mut shown = false;
+            loop {
+                let stopping = flag.load(Ordering::Relaxed);
+                let secs = began.elapsed().as_secs_f64();
+                if secs >= 1.0 || (shown && stopping) {
+                    let mut err = std::io::stderr().lock();
+                    match (tty, stopping) {
+                        (true, false) => _ = write!(err, "\r{label}... {secs:.0} s"),
+                        (true, true) => _ = writeln!(err, "\r{label}: done in {secs:.1} s"),
+                        (false, false) if !shown => _ = writeln!(err, "{label}..."),
+                        (false, true) => _ = writeln!(err, "{label}: done in {secs:.1} s"),
+                        (false, false) => {}
+                    }
+                    shown = true;
+                }
+                if stopping {
+                    return;
+                }
+                // Wakes often enough to end promptly once dropped.
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        });
+        Step { stop, thread: Some(thread) }
+    }
+}
+
+impl Drop for Step {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
         if let Some(t) = self.thread.take() {
