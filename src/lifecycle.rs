@@ -18,7 +18,7 @@ use clap::Args;
 use runtime_api::sandbox::STREAM_TIMEOUT;
 use runtime_api::state::SandboxPhase;
 use runtime_api::{
-    ContainerConfig, DiskConfig, DiskMount, HypervisorKind, ProcessConfig, Sandbox, SandboxConfig, Store,
+    ContainerConfig, DiskConfig, DiskMount, HypervisorKind, ProcessConfig, Sandbox, SandboxConfig, Store, VolumeConfig,
 };
 
 /// The owner's control socket, in the sandbox's directory.
@@ -86,6 +86,26 @@ fn fresh_id() -> String {
     format!("vessel-{}-{nanos:08x}", std::process::id())
 }
 
+/// Whether directories can be shared into sandboxes on `hypervisor`
+/// (virtio-fs): the shared directory is made of bind mounts, which need
+/// root, and the builtin hypervisor's virtio-fs is not wired in yet.
+fn can_share(hypervisor: Option<HypervisorKind>) -> bool {
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    root && hypervisor.unwrap_or_else(HypervisorKind::detect) == HypervisorKind::QemuTcg
+}
+
+/// The container's root: a directory as it is where it can be shared
+/// (`share`), else an ext4 image: `rootfs` itself, or a fresh image of a
+/// directory or OCI layout in `scratch`.
+fn container_root(rootfs: &Path, scratch: &Path, share: bool) -> anyhow::Result<PathBuf> {
+    if share && rootfs.is_dir() && !resources::oci::is_layout(rootfs) {
+        let real = rootfs.canonicalize().with_context(|| format!("the root {}", rootfs.display()))?;
+        return Ok(real);
+    }
+    root_image(rootfs, scratch)
+}
+
 /// The container's root as an ext4 image: `rootfs` itself, or a fresh
 /// image of a directory or OCI layout in `scratch`.
 fn root_image(rootfs: &Path, scratch: &Path) -> anyhow::Result<PathBuf> {
@@ -132,13 +152,23 @@ pub(crate) fn parse_volume(spec: &str) -> anyhow::Result<Volume> {
     if host.is_empty() || !guest.starts_with('/') || guest.contains(':') {
         bail!("the volume {spec:?} is not HOST:GUEST[:ro] with GUEST an absolute path");
     }
-    let host = Path::new(host).canonicalize().with_context(|| format!("the volume's host side {host:?}"))?;
+    if Path::new(guest).components().any(|c| c == std::path::Component::ParentDir) {
+        bail!("the volume {spec:?} has '..' in its guest path");
+    }
+    let given = Path::new(host);
+    if given.components().any(|c| c == std::path::Component::ParentDir) {
+        bail!("the volume {spec:?} has '..' in its host path");
+    }
+    let host = given.canonicalize().with_context(|| format!("the volume's host side {host:?}"))?;
     let kind = std::fs::metadata(&host)?.file_type();
     if kind.is_dir() {
-        bail!("the volume {spec:?} is a directory; only disk images can be volumes until virtio-fs is built");
-    }
-    if !kind.is_file() && !std::os::unix::fs::FileTypeExt::is_block_device(&kind) {
-        bail!("the volume {spec:?} is neither a disk image file nor a block device");
+        // Shared live: the real path, not one through a symlink.
+        let absolute = std::env::current_dir()?.join(given);
+        if absolute != host {
+            bail!("the volume {spec:?} goes through a symlink (to {}); give the real path", host.display());
+        }
+    } else if !kind.is_file() && !std::os::unix::fs::FileTypeExt::is_block_device(&kind) {
+        bail!("the volume {spec:?} is neither a directory, a disk image file nor a block device");
     }
     Ok(Volume { host, guest: guest.to_string(), read_only })
 }
@@ -155,6 +185,14 @@ fn sandbox_config(args: &SandboxArgs, id: &str, root: PathBuf) -> anyhow::Result
     container.hostname = args.hostname.clone();
     for (n, spec) in args.volumes.iter().enumerate() {
         let volume = parse_volume(spec)?;
+        if volume.host.is_dir() {
+            if !can_share(args.hypervisor) {
+                bail!("the volume {spec:?} is a directory, which needs virtio-fs: run as root, on qemu-tcg");
+            }
+            let (source, destination) = (volume.host, volume.guest);
+            container.volumes.push(VolumeConfig { source, destination, read_only: volume.read_only });
+            continue;
+        }
         let serial = format!("vol-{n}");
         config.disks.push(DiskConfig { path: volume.host, serial: serial.clone(), read_only: volume.read_only });
         container.disks.push(DiskMount {
@@ -164,6 +202,9 @@ fn sandbox_config(args: &SandboxArgs, id: &str, root: PathBuf) -> anyhow::Result
             read_only: volume.read_only,
         });
     }
+    // Detached sandboxes keep a shared directory for containers created
+    // later with a directory root.
+    config.shared_fs = can_share(args.hypervisor);
     config.containers.push(container);
     Ok(config)
 }
@@ -180,7 +221,7 @@ pub(crate) fn create(store: &Store, args: &SandboxArgs) -> anyhow::Result<ExitCo
     }
     make_private_dir(&scratch)?;
     let made = (|| {
-        let root = root_image(&args.rootfs, &scratch)?;
+        let root = container_root(&args.rootfs, &scratch, can_share(args.hypervisor))?;
         let config = serde_json::to_string(&sandbox_config(args, &id, root)?)?;
         let log = std::fs::File::create(scratch.join("owner.log"))?;
         let mut owner = Command::new(std::env::current_exe()?)
@@ -408,7 +449,8 @@ pub(crate) fn container_op(store: &Store, sandbox: &str, op: ContainerOp) -> any
             let scratch = scratch(store, sandbox);
             let packed = scratch.join(&container);
             make_private_dir(&packed)?;
-            let root = root_image(&rootfs, &packed)?;
+            let shared = store.load(sandbox)?.config.shared_fs;
+            let root = container_root(&rootfs, &packed, shared)?;
             let args: Vec<&str> = command.iter().map(String::as_str).collect();
             let mut config = ContainerConfig::new(&container, root, &args);
             config.hostname = hostname;
@@ -830,8 +872,10 @@ pub(crate) fn run(
     let scratch = scratch(store, &id);
     make_private_dir(&scratch)?;
     let outcome = (|| {
-        let root = root_image(&args.rootfs, &scratch)?;
+        let root = container_root(&args.rootfs, &scratch, can_share(args.hypervisor))?;
         let mut config = sandbox_config(args, &id, root)?;
+        // A foreground run makes no containers later.
+        config.shared_fs = config.containers.iter().any(ContainerConfig::needs_shared_fs);
         config.annotations.insert(RUN_ANNOTATION.into(), if remove { "rm" } else { "keep" }.into());
         config.containers[0].process.stdin = interactive;
         config.containers[0].process.terminal = tty;
@@ -902,12 +946,22 @@ mod tests {
         assert_eq!(v, Volume { host: image.canonicalize().unwrap(), guest: "/data".into(), read_only: true });
         assert!(!parse_volume(&spec(":/data")).unwrap().read_only);
         assert!(!parse_volume(&spec(":/data:rw")).unwrap().read_only);
+        // A directory is shared live, by its real path only.
+        let real = dir.canonicalize().unwrap();
+        let v = parse_volume(&format!("{}:/data", real.display())).unwrap();
+        assert_eq!(v.host, real);
+        std::os::unix::fs::symlink(&real, dir.join("link")).unwrap();
         for (bad, why) in [
             (spec(""), "not HOST:GUEST"),
             (spec(":data"), "absolute path"),
-            (format!("{}:/data", dir.display()), "directory"),
+            (spec(":/data/../etc"), "'..' in its guest path"),
+            (
+                format!("{}/../{}:/data", real.display(), real.file_name().unwrap().to_string_lossy()),
+                "'..' in its host",
+            ),
+            (format!("{}:/data", real.join("link").display()), "symlink"),
             ("/no/such/file:/data".into(), "host side"),
-            ("/dev/null:/data".into(), "neither a disk image"),
+            ("/dev/null:/data".into(), "neither a directory"),
         ] {
             let err = format!("{:#}", parse_volume(&bad).unwrap_err());
             assert!(err.contains(why), "{bad}: {err}");

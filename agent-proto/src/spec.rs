@@ -22,6 +22,41 @@ pub struct SpecOptions {
     pub disks: Vec<DiskMount>,
     /// With a terminal, its size at start: rows, columns.
     pub console_size: Option<(u32, u32)>,
+    /// Directories of the sandbox's shared filesystem bind-mounted in the
+    /// container (volumes).
+    pub shared: Vec<SharedMount>,
+}
+
+/// A mount `source` naming a directory of the sandbox's shared filesystem
+/// (virtio-fs, tag [`SHARED_TAG`]) by its path relative to the share's
+/// root (`vessel-shared:PATH`): the agent bind-mounts it.
+pub const SHARED_SOURCE_PREFIX: &str = "vessel-shared:";
+
+/// The virtio-fs tag of the sandbox's shared filesystem.
+pub const SHARED_TAG: &str = "vessel-shared";
+
+/// A directory of the shared filesystem bind-mounted in a container.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SharedMount {
+    /// Its path relative to the share's root.
+    pub path: String,
+    /// Where it is mounted in the container.
+    pub destination: String,
+    /// Mounted read-only.
+    pub read_only: bool,
+}
+
+impl SharedMount {
+    /// The OCI mount object.
+    fn json(&self) -> String {
+        let options =
+            if self.read_only { r#"["rbind","ro","nosuid","nodev"]"# } else { r#"["rbind","rw","nosuid","nodev"]"# };
+        format!(
+            r#"{{"destination":{},"type":"bind","source":{},"options":{options}}}"#,
+            json_string(&self.destination),
+            json_string(&format!("{SHARED_SOURCE_PREFIX}{}", self.path)),
+        )
+    }
 }
 
 /// A mount `source` naming a virtio disk by its serial
@@ -102,6 +137,7 @@ pub fn spec_json(args: &[&str], o: &SpecOptions) -> Vec<u8> {
     let hostname = json_string(o.hostname.as_deref().unwrap_or("vessel"));
     let resources = o.resources.as_ref().map(|r| format!(r#","resources":{r}"#)).unwrap_or_default();
     let disks: String = o.disks.iter().map(|d| format!(",{}", d.json())).collect();
+    let disks = disks + &o.shared.iter().map(|m| format!(",{}", m.json())).collect::<String>();
     format!(
         r#"{{"ociVersion":"1.0.2","process":{},"root":{{"path":"rootfs"}},"hostname":{hostname},
         "mounts":[

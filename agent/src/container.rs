@@ -373,6 +373,7 @@ impl Containers {
                 }
                 Ok((path, None))
             }
+            Some(Source::SharedPath(path)) => Ok((crate::shared::directory(path).map_err(Error::Invalid)?, None)),
             Some(Source::DiskSerial(serial)) => {
                 let device = find_disk(serial)?;
                 let dir = self.config.run_dir.join(id).join("rootfs");
@@ -856,8 +857,15 @@ fn read_passwd(root: &Path) -> HashMap<u32, String> {
 }
 
 /// Turns each mount source `vessel-disk:SERIAL` into the guest's block
-/// device with that serial.
+/// device with that serial, and each `vessel-shared:PATH` into that
+/// directory of the shared filesystem.
 fn resolve_disk_sources(mounts: &mut [crate::launch::MountConfig]) -> Result<()> {
+    for m in mounts.iter_mut() {
+        let Some(path) = m.source.to_str().and_then(|s| s.strip_prefix(agent_proto::spec::SHARED_SOURCE_PREFIX)) else {
+            continue;
+        };
+        m.source = crate::shared::directory(path).map_err(Error::Invalid)?;
+    }
     for m in mounts {
         let Some(serial) = m.source.to_str().and_then(|s| s.strip_prefix(agent_proto::spec::DISK_SOURCE_PREFIX)) else {
             continue;

@@ -29,6 +29,7 @@ pub mod netlink;
 pub mod network;
 pub mod reaper;
 pub mod service;
+pub mod shared;
 pub mod slots;
 pub mod spec;
 pub mod stdio;

@@ -311,7 +311,10 @@ fn check_mount(m: &Mount) -> Result<MountConfig, SpecError> {
     if fstype == "bind" || fstype.is_empty() {
         flags |= libc::MS_BIND;
     }
-    if flags & libc::MS_BIND != 0 {
+    // A directory of the shared filesystem is resolved when the container
+    // is made (see container.rs), once the share is mounted.
+    let shared = source.to_str().is_some_and(|s| s.starts_with(agent_proto::spec::SHARED_SOURCE_PREFIX));
+    if flags & libc::MS_BIND != 0 && !shared {
         if !source.is_absolute() {
             return Err(SpecError::RelativeBindSource { from: source, destination: destination.clone() });
         }

@@ -86,6 +86,7 @@ fn with_guest(
         disks: vec![Disk { path: image, read_only: false, serial: DISK_SERIAL.into() }],
         nics: nic.into_iter().collect(),
         hotplug_slots: 0,
+        shared_fs: None,
     };
     let uds = spec.vsock_socket();
     let host = HostSide::new(uds.clone());

@@ -44,10 +44,11 @@ pub const MODULES_DIR: &str = "/lib/modules/vessel";
 pub const MODULES_LOAD: &str = "/lib/modules/vessel/modules.load";
 
 /// The drivers the agent needs: the virtio-mmio transport, disks, network,
-/// entropy, vsock to the host, and ext4 for container root filesystems.
-/// Debian's cloud kernel has ext4 built in and the rest as modules.
-pub const AGENT_MODULES: [&str; 6] =
-    ["virtio_mmio", "virtio_blk", "virtio_net", "virtio_rng", "vmw_vsock_virtio_transport", "ext4"];
+/// entropy, vsock to the host, ext4 for container root filesystems, and
+/// virtio-fs for the sandbox's shared directory. Debian's cloud kernel has
+/// ext4 built in and the rest as modules (virtiofs needs fuse).
+pub const AGENT_MODULES: [&str; 7] =
+    ["virtio_mmio", "virtio_blk", "virtio_net", "virtio_rng", "vmw_vsock_virtio_transport", "ext4", "virtiofs"];
 
 /// The kernel's file name in an output directory.
 pub const KERNEL_FILE: &str = "kernel";

@@ -71,6 +71,11 @@ pub struct SandboxConfig {
     /// mount them by serial ([`ContainerConfig::disks`]).
     #[serde(default)]
     pub disks: Vec<DiskConfig>,
+    /// Give the sandbox its shared directory (virtio-fs) even if no
+    /// container it starts with needs it, for containers created later
+    /// with a directory root or volumes. It has one anyway when one does.
+    #[serde(default)]
+    pub shared_fs: bool,
     /// Free-form annotations for the caller (Kata's), kept in the state.
     #[serde(default)]
     pub annotations: std::collections::BTreeMap<String, String>,
@@ -103,6 +108,7 @@ impl SandboxConfig {
             hotplug_slots: 2,
             network: None,
             disks: Vec::new(),
+            shared_fs: false,
             annotations: Default::default(),
         }
     }
@@ -114,7 +120,8 @@ pub struct ContainerConfig {
     /// Its ID, unique in the sandbox (see [`validate_id`]).
     pub id: String,
     /// Its root filesystem: an ext4 image (`vessel image rootfs`), which
-    /// the container writes to.
+    /// the container writes to, attached as a disk; or a directory, shared
+    /// live through the sandbox's shared directory (virtio-fs), not copied.
     pub rootfs: PathBuf,
     /// The first process.
     pub process: ProcessConfig,
@@ -126,6 +133,34 @@ pub struct ContainerConfig {
     /// `add_disk`) mounted in the container.
     #[serde(default)]
     pub disks: Vec<DiskMount>,
+    /// Host directories shared live into the container (through the
+    /// sandbox's shared directory).
+    #[serde(default)]
+    pub volumes: Vec<VolumeConfig>,
+}
+
+/// A host directory bind-mounted into a container through the sandbox's
+/// shared directory: what either side writes, the other sees.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeConfig {
+    /// The host directory: absolute, its real path (no symlink, no `..`).
+    pub source: PathBuf,
+    /// An absolute path in the container, without `..`.
+    pub destination: String,
+    /// Read-only, on the host and in the guest.
+    pub read_only: bool,
+}
+
+impl ContainerConfig {
+    /// Whether its root is a directory (shared) rather than a disk image.
+    pub fn root_is_directory(&self) -> bool {
+        self.rootfs.is_dir()
+    }
+
+    /// Whether it needs the sandbox's shared directory.
+    pub fn needs_shared_fs(&self) -> bool {
+        self.root_is_directory() || !self.volumes.is_empty()
+    }
 }
 
 /// A block device file given to the sandbox's VM as a virtio disk.
@@ -199,6 +234,7 @@ impl ContainerConfig {
             hostname: None,
             resources: Resources::default(),
             disks: Vec::new(),
+            volumes: Vec::new(),
         }
     }
 }

@@ -38,13 +38,14 @@ pub mod hypervisor;
 pub mod network;
 pub mod qemu;
 pub mod sandbox;
+pub mod shared_fs;
 pub mod state;
 
 #[cfg(test)]
 mod sandbox_tests;
 
 pub use config::{
-    ContainerConfig, DiskConfig, DiskMount, Limit, NetworkConfig, ProcessConfig, Resources, SandboxConfig,
+    ContainerConfig, DiskConfig, DiskMount, Limit, NetworkConfig, ProcessConfig, Resources, SandboxConfig, VolumeConfig,
 };
 pub use hypervisor::{Hypervisor, HypervisorKind};
 pub use sandbox::{ContainerStatus, Factory, ProcessIo, Sandbox, SandboxError, SandboxStatus};

@@ -132,6 +132,18 @@ pub fn vhost_user_net_args(socket: &std::path::Path, mac: &str) -> Vec<String> {
     ]
 }
 
+/// QEMU arguments attaching a virtio-fs device with `tag`, served by the
+/// vhost-user daemon (virtiofsd) listening on `socket`.
+pub fn vhost_user_fs_args(socket: &std::path::Path, tag: &str) -> Vec<String> {
+    let id = socket_id(socket);
+    vec![
+        "-chardev".into(),
+        format!("socket,id={id},path={}", socket.display()),
+        "-device".into(),
+        format!("vhost-user-fs-device,chardev={id},tag={tag}"),
+    ]
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -449,6 +449,14 @@ impl Store {
     /// Removes sandbox `id`'s directory and everything in it.
     pub fn remove(&self, id: &str) -> Result<(), StateError> {
         let dir = self.dir(id)?;
+        // A bind mount left in the shared directory (an owner killed before
+        // it could unmount) leads to the caller's own files: unmount first,
+        // and remove nothing while a mount is left.
+        crate::shared_fs::unmount_under(&dir).map_err(|e| StateError::Io {
+            what: "unmount what is left in",
+            path: dir.clone(),
+            source: std::io::Error::other(e),
+        })?;
         match std::fs::remove_dir_all(&dir) {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),

@@ -908,6 +908,89 @@ fn bad_state_files_and_roots_are_named_and_hide_nothing() -> TestResult {
     Ok(())
 }
 
+/// virtio-fs (tier 3): a directory root and volumes shared live, each way;
+/// a read-only volume stays read-only whatever the container does; path
+/// escapes refused; a container added later on a directory root; nothing
+/// left after delete (daemon, mounts, sockets).
+fn directories_are_shared_live_into_containers() -> TestResult {
+    let dir = TempDir::new("cli-virtiofs")?;
+    let image = built_guest_image(&dir)?;
+    let tree = dir.path().join("tree");
+    resources::rootfs::busybox_tree(&tree)?;
+    let (vol, ro) = (dir.path().join("vol"), dir.path().join("ro"));
+    std::fs::create_dir_all(&vol)?;
+    std::fs::create_dir_all(&ro)?;
+    std::fs::write(ro.join("fixed"), "read only\n")?;
+    let root = dir.path().join("state");
+    let root_s = root.to_string_lossy().into_owned();
+    let run = |args: &[&str]| ok(&[&["--root", root_s.as_str()][..], args].concat());
+    let fail = |args: &[&str]| refused(&[&["--root", root_s.as_str()][..], args].concat());
+    let (tree_s, vol_v, ro_v) =
+        (tree.to_string_lossy().into_owned(), format!("{}:/vol", vol.display()), format!("{}:/ro:ro", ro.display()));
+
+    // A foreground run: the root's and the volumes' writes land on the host.
+    let script = "echo made in the guest > /made && cat /ro/fixed && echo to the host > /vol/out && \
+                  if touch /ro/x 2>/dev/null; then echo WROTE-RO; fi; \
+                  mount -o remount,rw /ro 2>/dev/null && touch /ro/y 2>/dev/null && echo WROTE-AFTER-REMOUNT; true";
+    let said = run(&["run", "--rm", "-v", &vol_v, "-v", &ro_v, "--image", &image, &tree_s, "--", "sh", "-c", script])?;
+    ensure!(said == "read only\n", "the run said {said:?}");
+    ensure!(
+        std::fs::read_to_string(tree.join("made"))? == "made in the guest\n",
+        "the root's write is not on the host"
+    );
+    ensure!(std::fs::read_to_string(vol.join("out"))? == "to the host\n", "the volume's write is not on the host");
+    ensure!(!ro.join("x").exists() && !ro.join("y").exists(), "the read-only volume was written");
+
+    // Escapes are refused before anything runs.
+    std::os::unix::fs::symlink(&vol, dir.path().join("link"))?;
+    for (bad, why) in [
+        (format!("{}:/vol", dir.path().join("link").display()), "symlink"),
+        (format!("{}/../vol:/vol", vol.display()), "'..'"),
+        (format!("{}:/vol/../../etc", vol.display()), "'..'"),
+    ] {
+        let err = fail(&["run", "--rm", "-v", &bad, "--image", &image, &tree_s, "--", "true"])?;
+        ensure!(err.contains(why), "{bad}: {err}");
+    }
+
+    // Detached: a host write is seen in the container, at once.
+    run(&["create", "--id", "fs", "-v", &vol_v, "--image", &image, &tree_s, "--", "sleep", "1000"])?;
+    let outcome = (|| -> TestResult {
+        run(&["start", "fs"])?;
+        std::fs::write(vol.join("late"), "written on the host\n")?;
+        ensure!(run(&["exec", "fs", "--", "cat", "/vol/late"])? == "written on the host\n", "a new host file");
+        std::fs::write(vol.join("late"), "changed on the host\n")?;
+        ensure!(run(&["exec", "fs", "--", "cat", "/vol/late"])? == "changed on the host\n", "a changed host file");
+        // A second container, on a directory root, added later.
+        let second = dir.path().join("second");
+        resources::rootfs::busybox_tree(&second)?;
+        let script = "echo second > /made-too";
+        run(&["container", "create", "fs", "--id", "two", &second.to_string_lossy(), "--", "sh", "-c", script])?;
+        run(&["container", "start", "fs", "two"])?;
+        let done = vessel_tests::wait_until(Duration::from_secs(30), || second.join("made-too").exists());
+        ensure!(done, "the second container's write is not on the host");
+        Ok(())
+    })();
+    run(&["delete", "--force", "fs"])?;
+    outcome?;
+    let left = runtime_api::shared_fs::mounts_under(&root);
+    ensure!(left.is_empty(), "mounts left: {left:?}");
+    let processes = vessel_tests::processes_mentioning(&root)?;
+    ensure!(processes.is_empty(), "processes left: {processes:?}");
+    ensure!(run(&["list", "--format", "json"])?.trim() == "[]", "delete left the sandbox");
+    ensure!(vol.join("late").exists() && tree.join("bin/busybox").exists(), "delete removed the shared directories");
+    Ok(())
+}
+
+/// Why directories cannot be shared here, if they cannot: the shared
+/// directory is bind mounts (root), served by virtiofsd.
+fn virtiofs_unavailable() -> Option<String> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return Some("sharing directories needs root (the shared directory is bind mounts)".into());
+    }
+    runtime_api::shared_fs::find_virtiofsd().err().map(|e| e.to_string())
+}
+
 /// The number of open fds of process `pid`.
 fn fd_count(pid: u32) -> anyhow::Result<usize> {
     Ok(std::fs::read_dir(format!("/proc/{pid}/fd"))?.count())
@@ -1040,6 +1123,10 @@ fn main() {
                 bad_state_files_and_roots_are_named_and_hide_nothing,
             ),
         ],
+    ));
+    trials.extend(gate(
+        if args.list { None } else { sandbox_unavailable().or_else(virtiofs_unavailable) },
+        [trial("directories_are_shared_live_into_containers", directories_are_shared_live_into_containers)],
     ));
     trials.extend(gate(
         if args.list { None } else { sandbox_unavailable().or_else(vessel_tests::netns::unavailable) },

@@ -463,6 +463,7 @@ fn builtin_lifecycle_through_the_trait() -> anyhow::Result<()> {
         disks: vec![],
         nics: vec![],
         hotplug_slots: 2,
+        shared_fs: None,
     };
     let mut vm: Box<dyn Hypervisor> = Box::new(Builtin::default());
     ensure!(vm.kind() == HypervisorKind::Builtin);

@@ -58,6 +58,13 @@ impl Hypervisor for Builtin {
 
     fn start(&mut self, spec: &VmSpec) -> Result<(), HypervisorError> {
         let fail = |e: vmm::VmmActionError| HypervisorError::Start(KIND, Box::new(e));
+        if spec.shared_fs.is_some() {
+            return Err(HypervisorError::Unsupported {
+                kind: KIND,
+                op: "share a directory",
+                why: "its vhost-user frontend for virtio-fs is not wired in yet",
+            });
+        }
         let mut vm = Vmm::new();
         let cmdline = self.cmdline.clone().unwrap_or_else(|| CMDLINE.to_string());
         vm.handle(PrebootAction::ConfigureBootSource(BootSourceConfig {

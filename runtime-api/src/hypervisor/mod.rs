@@ -131,6 +131,9 @@ pub struct VmSpec {
     /// Devices reserved for hotplug: empty virtio-mmio slots (builtin) or
     /// placeholder disks (qemu-tcg).
     pub hotplug_slots: u8,
+    /// A virtio-fs device served by the vhost-user daemon (virtiofsd)
+    /// listening on this socket, with tag [`crate::shared_fs::SHARED_TAG`].
+    pub shared_fs: Option<PathBuf>,
 }
 
 impl VmSpec {

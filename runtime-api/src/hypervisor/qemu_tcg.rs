@@ -293,6 +293,9 @@ impl Hypervisor for QemuTcg {
             self.nic_placeholders.push(NicPlaceholder { slot, channel, mac });
             extra_args.extend(vhost_user_net_args(&socket, &crate::network::format_mac(&mac)));
         }
+        if let Some(socket) = &spec.shared_fs {
+            extra_args.extend(crate::qemu::vhost_user_fs_args(socket, crate::shared_fs::SHARED_TAG));
+        }
         // Entropy from the first boot: QEMU's own virtio-rng.
         extra_args.extend(["-device".into(), "virtio-rng-device".into()]);
         self.qmp_path = spec.dir.join("qmp.sock");

@@ -13,8 +13,8 @@ use agent_proto::spec::{process_json, spec_json};
 use tracing::{debug, info_span, warn};
 
 use super::{
-    container_request, container_status_of, disk_serial, spec_options, ContainerStatus, ProcessIo, Sandbox,
-    SandboxError, STOP_TIMEOUT,
+    container_request, container_status_of, disk_serial, share_container, spec_options, ContainerStatus, ProcessIo,
+    RootOn, Sandbox, SandboxError, STOP_TIMEOUT,
 };
 use crate::agent::AgentError;
 use crate::config::{
@@ -22,6 +22,7 @@ use crate::config::{
     ROOT_SERIAL_PREFIX,
 };
 use crate::hypervisor::Disk;
+use crate::shared_fs::SharedDir;
 use crate::state::{now_unix_ms, ContainerPhase, ContainerRecord, DeviceRecord, LockKind, SandboxPhase};
 
 impl Sandbox {
@@ -72,14 +73,35 @@ impl Sandbox {
         });
     }
 
-    pub(super) fn create_on_disk(&mut self, config: &ContainerConfig, serial: String) -> Result<(), SandboxError> {
+    /// Has the agent create container `config` on `root` (a disk already
+    /// attached, or its directory already in the shared directory).
+    pub(super) fn create_on(&mut self, config: &ContainerConfig, root_on: RootOn) -> Result<(), SandboxError> {
         let _span = info_span!("create_container", id = %config.id).entered();
         let began = Instant::now();
         let args: Vec<&str> = config.process.args.iter().map(String::as_str).collect();
-        let options = spec_options(&config.process, config.hostname.as_deref(), &config.resources, &config.disks);
+        let mut options = spec_options(&config.process, config.hostname.as_deref(), &config.resources, &config.disks);
+        options.shared = config
+            .volumes
+            .iter()
+            .enumerate()
+            .map(|(n, v)| agent_proto::spec::SharedMount {
+                path: format!("{}/volumes/{n}", config.id),
+                destination: v.destination.clone(),
+                read_only: v.read_only,
+            })
+            .collect();
         let (io, stdio) = self.process_io(&config.process)?;
         let mut root = Rootfs::new();
-        root.set_disk_serial(serial.clone());
+        let serial = match root_on {
+            RootOn::Disk(serial) => {
+                root.set_disk_serial(serial.clone());
+                serial
+            }
+            RootOn::Shared => {
+                root.set_shared_path(format!("{}/rootfs", config.id));
+                String::new()
+            }
+        };
         let request = CreateContainerRequest {
             container_id: config.id.clone(),
             oci_spec_json: spec_json(&args, &options),
@@ -116,11 +138,32 @@ impl Sandbox {
         for m in &config.disks {
             self.require_disk(&m.serial)?;
         }
+        if config.needs_shared_fs() {
+            if !self.state.config.shared_fs {
+                return Err(SandboxError::NoSharedFs { sandbox: self.id().into(), id: config.id });
+            }
+            let shared = SharedDir::of(&self.store.dir(self.id())?);
+            share_container(&shared, &config)?;
+            let created = match config.root_is_directory() {
+                true => self.create_on(&config, RootOn::Shared),
+                false => self.plug_root(&config),
+            };
+            if let Err(e) = created {
+                let _ = shared.remove_container(&config.id);
+                return Err(e);
+            }
+        } else {
+            self.plug_root(&config)?;
+        }
+        self.save()
+    }
+
+    /// Hot-plugs container `config`'s root disk and creates it on it.
+    fn plug_root(&mut self, config: &ContainerConfig) -> Result<(), SandboxError> {
         let serial = self.fresh_root_serial();
         let disk = Disk { path: config.rootfs.clone(), read_only: false, serial: serial.clone() };
         self.plug(&disk)?;
-        self.create_on_disk(&config, serial)?;
-        self.save()
+        self.create_on(config, RootOn::Disk(serial))
     }
 
     /// Hot-plugs `disk` and has the guest probe it; records it.
@@ -288,8 +331,12 @@ impl Sandbox {
         if self.state.phase != SandboxPhase::Stopped {
             self.agent.call("RemoveContainer", |c, ctx| c.remove_container(ctx, &container_request(id)))?;
         }
+        let shared = self.state.container(id).is_some_and(|c| c.config.needs_shared_fs());
         self.state.containers.retain(|c| c.config.id != id);
         self.io.remove(id);
+        if shared {
+            SharedDir::of(&self.store.dir(self.id())?).remove_container(id)?;
+        }
         Ok(())
     }
 

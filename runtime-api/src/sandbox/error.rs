@@ -16,6 +16,8 @@ pub enum CreateStep {
     Directory,
     /// The TAP and redirects in the sandbox's network namespace.
     Network,
+    /// The shared directory (bind mounts, virtiofsd).
+    SharedFs,
     /// The VM boots.
     Vm,
     /// The agent announces itself and describes the guest.
@@ -31,6 +33,7 @@ impl std::fmt::Display for CreateStep {
         f.write_str(match self {
             CreateStep::Directory => "making its directory",
             CreateStep::Network => "setting up its network",
+            CreateStep::SharedFs => "sharing its directories",
             CreateStep::Vm => "booting the VM",
             CreateStep::Agent => "reaching the guest's agent and configuring its network",
             CreateStep::Containers => "creating the containers",
@@ -57,6 +60,9 @@ pub enum SandboxError {
     /// The agent could not be reached, or refused.
     #[error(transparent)]
     Agent(#[from] AgentError),
+    /// The shared directory could not be set up or taken down.
+    #[error(transparent)]
+    SharedFs(#[from] crate::shared_fs::SharedFsError),
     /// The network namespace could not be set up.
     #[error(transparent)]
     Network(#[from] crate::network::NetworkError),
@@ -80,6 +86,17 @@ pub enum SandboxError {
     /// Two containers with one ID.
     #[error("sandbox {sandbox:?} has a container with ID {id:?} already")]
     ContainerExists {
+        /// The sandbox.
+        sandbox: String,
+        /// The container.
+        id: String,
+    },
+    /// A container needs the shared directory the sandbox was made without.
+    #[error(
+        "container {id:?} has a directory root or volumes, but sandbox {sandbox:?} was created without a shared \
+         directory (create it with shared_fs)"
+    )]
+    NoSharedFs {
         /// The sandbox.
         sandbox: String,
         /// The container.

@@ -18,9 +18,12 @@ use agent_proto::spec::SpecOptions;
 use tracing::{debug, info, info_span, warn};
 
 use crate::agent::{Agent, AgentError, HostSide, PendingStream};
-use crate::config::{validate_id, validate_serial, DiskMount, NetworkConfig, ProcessConfig, Resources, SandboxConfig};
+use crate::config::{
+    validate_id, validate_serial, ContainerConfig, DiskMount, NetworkConfig, ProcessConfig, Resources, SandboxConfig,
+};
 use crate::hypervisor::{attached, new_hypervisor, Disk, Hypervisor, HypervisorKind, Nic, VmFigures, VmSpec};
 use crate::network;
+use crate::shared_fs::{self, SharedDir};
 use crate::state::{
     now_unix_ms, ContainerPhase, ContainerRecord, DeviceRecord, LockKind, NicRecord, SandboxLock, SandboxPhase,
     SandboxState, StateError, Store, STATE_VERSION,
@@ -162,6 +165,8 @@ pub struct Sandbox {
     exits: Arc<Exits>,
     details: GuestDetails,
     io: HashMap<String, ProcessIo>,
+    /// virtiofsd, serving the shared directory (the owner's handle only).
+    fs_daemon: Option<std::process::Child>,
 }
 
 impl std::fmt::Debug for Sandbox {
@@ -187,6 +192,7 @@ fn spec_options(
     disks: &[DiskMount],
 ) -> SpecOptions {
     SpecOptions {
+        shared: Vec::new(),
         disks: disks
             .iter()
             .map(|d| agent_proto::spec::DiskMount {
@@ -295,6 +301,39 @@ impl Sandbox {
         };
         step_done(CreateStep::Network, began);
 
+        // The shared directory: the containers' directories bind-mounted,
+        // virtiofsd serving it. Undo: stop the daemon, unmount.
+        let needs_fs = config.shared_fs || config.containers.iter().any(ContainerConfig::needs_shared_fs);
+        let shared = SharedDir::of(&dir);
+        let undo_shared = |daemon: Option<std::process::Child>| {
+            if let Some(mut daemon) = daemon {
+                let _ = daemon.kill();
+                let _ = daemon.wait();
+            }
+            if let Err(e) = shared.tear_down() {
+                warn!(error = %e, "rollback: cannot unmount the shared directory");
+            }
+        };
+        let mut fs_daemon = None;
+        if needs_fs {
+            let shared_up = shared
+                .create()
+                .and_then(|()| config.containers.iter().try_for_each(|c| share_container(&shared, c)))
+                .and_then(|()| {
+                    shared_fs::spawn_daemon(&shared, &dir.join(shared_fs::SOCKET), &dir.join("virtiofsd.log"))
+                });
+            match shared_up {
+                Ok(daemon) => fs_daemon = Some(daemon),
+                Err(e) => {
+                    undo_shared(None);
+                    undo_network();
+                    undo_dir();
+                    return Err(SandboxError::at(CreateStep::SharedFs, &id)(e.into()));
+                }
+            }
+        }
+        step_done(CreateStep::SharedFs, began);
+
         // The VM. Undo: stop it.
         let spec = VmSpec {
             dir: dir.clone(),
@@ -306,6 +345,7 @@ impl Sandbox {
                 .containers
                 .iter()
                 .enumerate()
+                .filter(|(_, c)| !c.root_is_directory())
                 .map(|(i, c)| Disk { path: c.rootfs.clone(), read_only: false, serial: disk_serial(i) })
                 .chain(config.disks.iter().map(|d| Disk {
                     path: d.path.clone(),
@@ -315,6 +355,7 @@ impl Sandbox {
                 .collect(),
             nics: plan.iter().map(|p| Nic { netns: Some(p.netns.clone()), tap: p.tap.clone(), mac: p.mac }).collect(),
             hotplug_slots: config.hotplug_slots,
+            shared_fs: needs_fs.then(|| dir.join(shared_fs::SOCKET)),
         };
         let host = HostSide::new(spec.vsock_socket());
         let booted = host.listen(link::DEFAULT_PORT).map_err(SandboxError::from).and_then(|ready| {
@@ -325,6 +366,7 @@ impl Sandbox {
             Ok(ready) => ready,
             Err(e) => {
                 let _ = vm.stop();
+                undo_shared(fs_daemon.take());
                 undo_network();
                 undo_dir();
                 return Err(SandboxError::at(CreateStep::Vm, &id)(e));
@@ -356,6 +398,7 @@ impl Sandbox {
                     warn!("the guest's console ended with:\n{console}");
                 }
                 let _ = vm.stop();
+                undo_shared(fs_daemon.take());
                 undo_network();
                 undo_dir();
                 return Err(SandboxError::at(CreateStep::Agent, &id)(e.into()));
@@ -393,7 +436,7 @@ impl Sandbox {
                     bind_address: None,
                 })
                 .collect(),
-            config: SandboxConfig { containers: Vec::new(), ..config.clone() },
+            config: SandboxConfig { containers: Vec::new(), shared_fs: needs_fs, ..config.clone() },
         };
         let mut sandbox = Sandbox {
             store: store.clone(),
@@ -404,11 +447,14 @@ impl Sandbox {
             exits: Arc::default(),
             details,
             io: HashMap::new(),
+            fs_daemon: None,
         };
 
         // The containers, then the state. Undo: remove them, stop the VM.
-        let made =
-            config.containers.iter().enumerate().try_for_each(|(i, c)| sandbox.create_on_disk(c, disk_serial(i)));
+        let made = config.containers.iter().enumerate().try_for_each(|(i, c)| {
+            let root = if c.root_is_directory() { RootOn::Shared } else { RootOn::Disk(disk_serial(i)) };
+            sandbox.create_on(c, root)
+        });
         let outcome = made.map_err(SandboxError::at(CreateStep::Containers, &id)).and_then(|()| {
             step_done(CreateStep::Containers, began);
             sandbox.store.save(&sandbox.state).map_err(|e| SandboxError::at(CreateStep::State, &id)(e.into()))
@@ -423,11 +469,13 @@ impl Sandbox {
                 }
             }
             let _ = sandbox.vm.stop();
+            undo_shared(fs_daemon.take());
             undo_network();
             drop(lock);
             undo_dir();
             return Err(e);
         }
+        sandbox.fs_daemon = fs_daemon;
         step_done(CreateStep::State, began);
         info!(ms = began.elapsed().as_millis() as u64, "sandbox created");
         Ok(sandbox)
@@ -474,6 +522,7 @@ impl Sandbox {
             exits: Arc::default(),
             details,
             io: HashMap::new(),
+            fs_daemon: None,
         })
     }
 
@@ -685,6 +734,7 @@ impl Sandbox {
         for nic in &self.state.nics {
             network::teardown(&nic.network, &nic.tap);
         }
+        self.stop_shared_fs()?;
         for c in &mut self.state.containers {
             c.phase = ContainerPhase::Stopped;
         }
@@ -777,15 +827,57 @@ impl Sandbox {
     }
 }
 
+impl Sandbox {
+    /// Ends virtiofsd (it ends by itself once its VM is gone; this one may
+    /// be another process's) and unmounts the shared directory.
+    fn stop_shared_fs(&mut self) -> Result<(), SandboxError> {
+        if let Some(mut daemon) = self.fs_daemon.take() {
+            let _ = daemon.kill();
+            let _ = daemon.wait();
+        }
+        if self.state.config.shared_fs {
+            SharedDir::of(&self.store.dir(self.id())?).tear_down()?;
+        }
+        Ok(())
+    }
+}
+
 impl Drop for Sandbox {
-    /// The owner's handle dropped without stop leaves no VM behind; its
-    /// state says where it was, and `list` shows its owner gone. A fetched
-    /// handle leaves the sandbox as it is.
+    /// The owner's handle dropped without stop leaves no VM behind, and no
+    /// mounts; its state says where it was, and `list` shows its owner
+    /// gone. A fetched handle leaves the sandbox as it is.
     fn drop(&mut self) {
         if self.vm.owned() {
             let _ = self.vm.stop();
+            let _ = self.stop_shared_fs();
         }
     }
+}
+
+/// Bind-mounts container `c`'s directory root and volumes into the shared
+/// directory.
+fn share_container(shared: &SharedDir, c: &ContainerConfig) -> Result<(), shared_fs::SharedFsError> {
+    let made = (|| {
+        if c.root_is_directory() {
+            shared.add_root(&c.id, &c.rootfs)?;
+        }
+        for (n, v) in c.volumes.iter().enumerate() {
+            shared.add_volume(&c.id, n, &v.source, v.read_only)?;
+        }
+        Ok(())
+    })();
+    if made.is_err() {
+        let _ = shared.remove_container(&c.id);
+    }
+    made
+}
+
+/// Where a container's root comes from.
+pub(super) enum RootOn {
+    /// A disk with this serial.
+    Disk(String),
+    /// Its directory in the shared directory.
+    Shared,
 }
 
 /// Gives the guest the veth's identity: its NIC (found by MAC) gets the
