@@ -2,6 +2,7 @@
 
 mod bench;
 mod bench_blk;
+mod bench_fs;
 mod bench_sandbox;
 mod lifecycle;
 mod sandbox;
@@ -308,6 +309,9 @@ enum BenchCommand {
     Blk(bench_blk::BlkBenchArgs),
     /// A sandbox's cold start step by step, and an idle sandbox's host memory.
     Sandbox(bench_sandbox::SandboxBenchArgs),
+    /// virtio-fs against ext4 images: a container's start with a large
+    /// root, and reading a large file in the guest.
+    Fs(bench_fs::FsBenchArgs),
 }
 
 #[derive(Subcommand, Debug)]
@@ -426,6 +430,7 @@ fn main() -> ExitCode {
         Command::Bench(BenchCommand::Launch(args)) => bench::run(&args).map(|()| ExitCode::SUCCESS),
         Command::Bench(BenchCommand::Blk(args)) => bench_blk::run(&args).map(|()| ExitCode::SUCCESS),
         Command::Bench(BenchCommand::Sandbox(args)) => bench_sandbox::run(&args).map(|()| ExitCode::SUCCESS),
+        Command::Bench(BenchCommand::Fs(args)) => bench_fs::run(&args).map(|()| ExitCode::SUCCESS),
         Command::Device(DeviceCommand::Serve(cmd)) => serve::run(cmd).map(|()| ExitCode::SUCCESS),
         Command::Guests { out } => write_guests(&out).map(|()| ExitCode::SUCCESS),
         Command::Image(cmd) => image(cmd).map(|()| ExitCode::SUCCESS),
