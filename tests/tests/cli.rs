@@ -803,10 +803,24 @@ fn network_and_device_commands_reach_a_detached_sandbox() -> TestResult {
                 .is_ok_and(|l| l.lines().any(|l| l.starts_with("writer ") && l.contains(" stopped ")))
         });
         ensure!(done, "the writer did not finish: {}", run(&["container", "list", "netbox"])?);
+
+        // kill -9 of the owner with an interface in: delete --force takes
+        // its TAP out of the namespace too.
+        run(&["network", "add", "netbox", "--netns", &netns, "--interface", "eth0"])?;
+        ensure!(sandbox_ns.ip(&["link", "show"])?.contains("vessel-tap"), "no TAP beside the veth");
+        let owner = runtime_api::Store::new(&root).load("netbox")?.owner_pid;
+        // SAFETY: kill sends a signal; it touches no memory of ours.
+        ensure!(unsafe { libc::kill(owner as i32, libc::SIGKILL) } == 0, "kill -9 {owner}");
+        ensure!(vessel_tests::wait_until(Duration::from_secs(10), || !Path::new(&format!("/proc/{owner}")).exists()));
         Ok(())
     })();
     run(&["delete", "--force", "netbox"])?;
     outcome?;
+    let links = sandbox_ns.ip(&["link", "show"])?;
+    ensure!(!links.contains("vessel-tap"), "delete --force left the TAP: {links}");
+    ensure!(links.contains("eth0"), "delete --force took the veth: {links}");
+    let left = vessel_tests::processes_mentioning(Path::new(&root))?;
+    ensure!(left.is_empty(), "processes left: {left:?}");
     let note = Command::new("debugfs").args(["-R", "cat /note"]).arg(&data).output()?;
     ensure!(text(&note.stdout) == "from the cli\n", "the host file holds {:?}", text(&note.stdout));
     ensure!(debugfs_cat(&hot, "/f")? == "hot\n", "the hot-mounted disk does not hold what exec wrote");
