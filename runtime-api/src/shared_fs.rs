@@ -292,7 +292,8 @@ pub fn find_virtiofsd() -> Result<PathBuf, SharedFsError> {
 /// Starts virtiofsd serving `shared` on `socket`, tied to this process
 /// (see [`crate::children`]), and waits for its socket. It runs in its own
 /// mount namespace with its seccomp filter on (`--sandbox namespace`,
-/// `--seccomp kill`), and exits when its frontend disconnects.
+/// `--seccomp kill`), without the capabilities to make device nodes or set
+/// file capabilities, and exits when its frontend disconnects.
 pub fn spawn_daemon(shared: &SharedDir, socket: &Path, log: &Path) -> Result<Child, SharedFsError> {
     let daemon = find_virtiofsd()?;
     let log = std::fs::File::create(log).map_err(io("create", log))?;
@@ -303,6 +304,9 @@ pub fn spawn_daemon(shared: &SharedDir, socket: &Path, log: &Path) -> Result<Chi
         .arg("--shared-dir")
         .arg(shared.path())
         .args(["--cache", "auto", "--sandbox", "namespace", "--seccomp", "kill", "--announce-submounts"])
+        // Containers see their roots nodev and have no extended
+        // attributes here: no device nodes, no file capabilities.
+        .arg("--modcaps=-mknod:-setfcap")
         .args(["--log-level", "warn"])
         .stdin(Stdio::null())
         .stdout(log.try_clone().map_err(io("duplicate", socket))?)
