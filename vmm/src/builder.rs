@@ -25,7 +25,7 @@ use crate::device_manager::{DeviceManager, DeviceManagerError};
 use crate::event_loop::{self, Runtime};
 use crate::handle::VmmHandle;
 use crate::stats::{VcpuCounters, VmCounters};
-use crate::vcpu::{self, VcpuSet, VcpuThreadConfig};
+use crate::vcpu::{self, ConsoleFlush, VcpuSet, VcpuThreadConfig};
 
 /// Why a VM could not be started.
 #[derive(Debug, thiserror::Error)]
@@ -144,12 +144,18 @@ pub(crate) fn build_and_start(resources: VmResources, started: Instant) -> Resul
     // Legacy devices on the PIO bus.
     let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(StartError::EventFd)?;
     vm.register_irqfd(&serial_irq, COM1_IRQ).map_err(setup("KVM_IRQFD (serial)"))?;
-    let (serial, serial_counters) = SerialConsole::new(EventFdTrigger(serial_irq), console);
+    // Console output goes out in batches; the event loop writes out a
+    // partial line that no vCPU exit has (see event_loop::CONSOLE_DELAY).
+    let console_evt = EventFd::new(libc::EFD_NONBLOCK).map_err(StartError::EventFd)?;
+    let notify = console_evt.try_clone().map_err(StartError::EventFd)?;
+    let (serial, serial_counters, pending) = SerialConsole::new(EventFdTrigger(serial_irq), console, Some(notify));
+    let serial = Arc::new(Mutex::new(serial));
+    let console_flush = ConsoleFlush { device: serial.clone(), pending };
     let reset_evt = EventFd::new(libc::EFD_NONBLOCK).map_err(StartError::EventFd)?;
     let i8042 = I8042::new(reset_evt.try_clone().map_err(StartError::EventFd)?);
     let (boot_timer, boot_time_ns) = BootTimer::new(started);
     let mut pio = Bus::new();
-    pio.insert(Arc::new(Mutex::new(serial)), COM1_PORT, 8)?;
+    pio.insert(serial, COM1_PORT, 8)?;
     pio.insert(Arc::new(Mutex::new(i8042)), I8042_PORT_DATA, 5)?;
     pio.insert(Arc::new(Mutex::new(boot_timer)), BOOT_TIMER_PORT, 1)?;
 
@@ -173,8 +179,12 @@ pub(crate) fn build_and_start(resources: VmResources, started: Instant) -> Resul
 
     // Go: vCPU threads first (the guest starts here), then the event loop.
     let vcpu_exit_evt = EventFd::new(libc::EFD_NONBLOCK).map_err(StartError::EventFd)?;
-    let thread_config =
-        VcpuThreadConfig { seccomp: machine.seccomp, pio: Arc::new(pio), mmio: Arc::new(boot_devices.mmio_bus) };
+    let thread_config = VcpuThreadConfig {
+        seccomp: machine.seccomp,
+        pio: Arc::new(pio),
+        mmio: Arc::new(boot_devices.mmio_bus),
+        console: Some(console_flush.clone()),
+    };
     let vcpus = VcpuSet::start(vcpus, &thread_config, vcpu_exit_evt.try_clone().map_err(StartError::EventFd)?)?;
     let wake = EventFd::new(libc::EFD_NONBLOCK).map_err(StartError::EventFd)?;
     let (requests_tx, requests) = mpsc::channel();
@@ -187,6 +197,9 @@ pub(crate) fn build_and_start(resources: VmResources, started: Instant) -> Resul
         counters: counters.clone(),
         exit: None,
         devices: device_manager,
+        console_evt,
+        console: console_flush,
+        console_deadline: None,
         vm,
     };
     let seccomp = machine.seccomp;

@@ -14,7 +14,7 @@ use crate::api::{Request, VmmAction, VmmActionError, VmmData};
 use crate::device_manager::{DeviceEvents, DeviceManager, HOTPLUG_TOKEN_BASE};
 use crate::exit::{ExitReason, VmError};
 use crate::stats::VmCounters;
-use crate::vcpu::VcpuSet;
+use crate::vcpu::{ConsoleFlush, VcpuSet};
 
 /// A control request is queued.
 const TOKEN_CONTROL: u32 = 1;
@@ -22,6 +22,12 @@ const TOKEN_CONTROL: u32 = 1;
 const TOKEN_RESET: u32 = 2;
 /// A vCPU ended the VM (shutdown, reset event, error).
 const TOKEN_VCPU_EXIT: u32 = 3;
+/// The console started holding output.
+const TOKEN_CONSOLE: u32 = 4;
+
+/// How long console output may be held when no vCPU exit writes it out (a
+/// prompt without a newline, the guest then idle in the kernel's HLT).
+pub(crate) const CONSOLE_DELAY: std::time::Duration = std::time::Duration::from_millis(5);
 // Tokens from HOTPLUG_TOKEN_BASE up belong to hot-plugged devices.
 
 /// Everything the running VM owns. Dropping it stops the vCPUs, then
@@ -36,6 +42,12 @@ pub(crate) struct Runtime {
     pub(crate) exit: Option<ExitReason>,
     /// The hotplug slots and what they hold.
     pub(crate) devices: DeviceManager,
+    /// Written when the console starts holding output.
+    pub(crate) console_evt: EventFd,
+    /// The console, to write out what it holds.
+    pub(crate) console: ConsoleFlush,
+    /// When held console output is to be written out at the latest.
+    pub(crate) console_deadline: Option<std::time::Instant>,
     /// Declared last: dropped after the vCPU threads have stopped.
     pub(crate) vm: VmFd,
 }
@@ -45,7 +57,24 @@ impl Runtime {
         if self.exit.is_none() {
             info!(?reason, "VM ending");
             self.vcpus.stop();
+            self.console.flush();
             self.exit = Some(reason);
+        }
+    }
+
+    /// Milliseconds until held console output is due (-1: none held).
+    fn console_timeout(&self) -> i32 {
+        match self.console_deadline {
+            Some(due) => due.saturating_duration_since(std::time::Instant::now()).as_millis().min(1000) as i32,
+            None => -1,
+        }
+    }
+
+    /// Writes out held console output that is due.
+    fn console_due(&mut self) {
+        if self.console_deadline.is_some_and(|due| due <= std::time::Instant::now()) {
+            self.console_deadline = None;
+            self.console.flush();
         }
     }
 
@@ -88,6 +117,12 @@ impl MutEventSubscriber for Runtime {
                 let _ = self.reset_evt.read();
                 self.end(ExitReason::Reset);
             }
+            TOKEN_CONSOLE => {
+                let _ = self.console_evt.read();
+                if self.console_deadline.is_none() {
+                    self.console_deadline = Some(std::time::Instant::now() + CONSOLE_DELAY);
+                }
+            }
             TOKEN_VCPU_EXIT => {
                 let _ = self.vcpu_exit_evt.read();
                 let reason = self.vcpus.exit_reason().unwrap_or(ExitReason::Error(VmError::NoReason));
@@ -103,6 +138,7 @@ impl MutEventSubscriber for Runtime {
             Events::with_data(&self.wake, TOKEN_CONTROL, EventSet::IN),
             Events::with_data(&self.reset_evt, TOKEN_RESET, EventSet::IN),
             Events::with_data(&self.vcpu_exit_evt, TOKEN_VCPU_EXIT, EventSet::IN),
+            Events::with_data(&self.console_evt, TOKEN_CONSOLE, EventSet::IN),
         ];
         for event in events {
             if let Err(e) = ops.add(event) {
@@ -135,10 +171,15 @@ pub(crate) fn run(runtime: Runtime, devices: Vec<DeviceEvents>, seccomp: bool) -
         }
     }
     loop {
-        if let Some(reason) = lock(&runtime).exit.clone() {
-            return reason;
-        }
-        if let Err(e) = manager.run() {
+        let timeout = {
+            let mut runtime = lock(&runtime);
+            if let Some(reason) = runtime.exit.clone() {
+                return reason;
+            }
+            runtime.console_due();
+            runtime.console_timeout()
+        };
+        if let Err(e) = manager.run_with_timeout(timeout) {
             lock(&runtime).end(ExitReason::Error(VmError::EventLoop(Arc::new(e))));
         }
     }

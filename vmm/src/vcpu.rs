@@ -14,6 +14,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use boot::EntryPoint;
+use devices::legacy::{ConsolePending, SerialConsole, COM1_PORT};
 use devices::Bus;
 use kvm_bindings::{kvm_cpuid_entry2, kvm_msr_entry, kvm_run, CpuId, Msrs, KVM_SYSTEM_EVENT_RESET};
 use kvm_ioctls::{VcpuExit, VcpuFd};
@@ -239,6 +240,34 @@ pub struct VcpuThreadConfig {
     pub pio: Arc<Bus>,
     /// The MMIO bus.
     pub mmio: Arc<Bus>,
+    /// The serial console, whose held output a vCPU writes out at its next
+    /// exit that is not the console's own.
+    pub console: Option<ConsoleFlush>,
+}
+
+/// The serial console's held output (see `devices::legacy::ConsolePending`)
+/// and the device that holds it.
+#[derive(Clone)]
+pub struct ConsoleFlush {
+    /// The UART.
+    pub device: Arc<Mutex<SerialConsole>>,
+    /// Whether it holds output.
+    pub pending: Arc<ConsolePending>,
+}
+
+impl ConsoleFlush {
+    /// Writes out what the console holds, if anything.
+    pub fn flush(&self) {
+        if self.pending.is_set() {
+            self.device.lock().unwrap_or_else(|p| p.into_inner()).flush_output();
+        }
+    }
+}
+
+/// COM1's eight registers: the exits that make console output, which do
+/// not flush it.
+fn is_console_port(port: u16) -> bool {
+    (COM1_PORT..COM1_PORT + 8).contains(&u64::from(port))
 }
 
 impl VcpuSet {
@@ -263,11 +292,12 @@ impl VcpuSet {
             let control = set.control.clone();
             let pio = config.pio.clone();
             let mmio = config.mmio.clone();
+            let console = config.console.clone();
             let seccomp = config.seccomp;
             let thread = std::thread::Builder::new()
                 .name(format!("vcpu{index}"))
                 .spawn(move || {
-                    let mut vcpu = Vcpu { fd, index, counters, pio, mmio, control: control.clone() };
+                    let mut vcpu = Vcpu { fd, index, counters, pio, mmio, console, control: control.clone() };
                     vcpu.run(seccomp);
                     let mut counts = control.counts();
                     counts.1 -= 1;
@@ -356,6 +386,7 @@ struct Vcpu {
     counters: Arc<VcpuCounters>,
     pio: Arc<Bus>,
     mmio: Arc<Bus>,
+    console: Option<ConsoleFlush>,
     control: Arc<Control>,
 }
 
@@ -368,37 +399,44 @@ impl Vcpu {
             }
         }
         KVM_RUN.with(|p| p.set(self.fd.get_kvm_run()));
+        let flush = |console: &Option<ConsoleFlush>| console.iter().for_each(ConsoleFlush::flush);
         loop {
             match self.control.desired() {
                 Desired::Run => {}
                 Desired::Pause => {
+                    flush(&self.console);
                     self.control.park();
                     continue;
                 }
                 Desired::Exit => break,
             }
-            if let Some(reason) = self.run_once() {
+            let (reason, console_exit) = self.run_once();
+            if !console_exit {
+                flush(&self.console);
+            }
+            if let Some(reason) = reason {
                 self.control.end_vm(reason);
                 break;
             }
         }
+        flush(&self.console);
         KVM_RUN.with(|p| p.set(std::ptr::null_mut()));
     }
 
-    /// Runs the guest until one exit and handles it; Some(reason) when the
-    /// exit ends the VM.
-    fn run_once(&mut self) -> Option<ExitReason> {
+    /// Runs the guest until one exit and handles it: Some(reason) when the
+    /// exit ends the VM, and whether it was the console's own.
+    fn run_once(&mut self) -> (Option<ExitReason>, bool) {
         let count = |kind| self.counters.count(kind);
-        match self.fd.run() {
+        let ends = match self.fd.run() {
             Ok(VcpuExit::IoIn(port, data)) => {
                 count(ExitKind::IoIn);
                 self.pio.read(u64::from(port), data);
-                None
+                return (None, is_console_port(port));
             }
             Ok(VcpuExit::IoOut(port, data)) => {
                 count(ExitKind::IoOut);
                 self.pio.write(u64::from(port), data);
-                None
+                return (None, is_console_port(port));
             }
             Ok(VcpuExit::MmioRead(addr, data)) => {
                 count(ExitKind::MmioRead);
@@ -447,7 +485,8 @@ impl Vcpu {
                 None
             }
             Err(e) => Some(ExitReason::Error(VmError::Run(self.index, e))),
-        }
+        };
+        (ends, false)
     }
 }
 

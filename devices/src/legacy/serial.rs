@@ -2,7 +2,7 @@
 //! VMM's caller said: a file, a pipe, stdout.
 
 use std::io::Write;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use vm_superio::serial::SerialEvents;
@@ -49,17 +49,104 @@ impl SerialEvents for Events {
     fn in_buffer_empty(&self) {}
 }
 
+/// How much output is held before it is written out regardless.
+pub const CONSOLE_BATCH: usize = 4096;
+
+/// Whether the console holds output not written out yet, for the threads
+/// that flush it (a vCPU at its next other exit, the event loop after a
+/// short delay); `notify` is written once per batch, when it starts.
+#[derive(Debug)]
+pub struct ConsolePending {
+    held: AtomicBool,
+    notify: Option<EventFd>,
+}
+
+impl ConsolePending {
+    /// Whether output is held.
+    pub fn is_set(&self) -> bool {
+        self.held.load(Ordering::Acquire)
+    }
+}
+
+/// The UART's output, written out a batch at a time: at a newline, when
+/// [`CONSOLE_BATCH`] bytes are held, or when [`SerialConsole::flush_output`]
+/// is called. The guest writes a byte per exit, and a host `write` per byte
+/// cost more than the exit itself.
+struct Batched {
+    out: Box<dyn Write + Send>,
+    held: Vec<u8>,
+    pending: Arc<ConsolePending>,
+    counters: Arc<SerialCounters>,
+}
+
+impl Batched {
+    /// Writes out what is held. What cannot be written is counted lost.
+    fn drain(&mut self) {
+        if !self.held.is_empty() {
+            if self.out.write_all(&self.held).and_then(|()| self.out.flush()).is_err() {
+                self.counters.tx_lost_bytes.fetch_add(self.held.len() as u64, Ordering::Relaxed);
+            }
+            self.held.clear();
+        }
+        self.pending.held.store(false, Ordering::Release);
+    }
+}
+
+impl Write for Batched {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        self.held.extend_from_slice(bytes);
+        if bytes.contains(&b'\n') || self.held.len() >= CONSOLE_BATCH {
+            self.drain();
+        } else if !self.pending.held.swap(true, Ordering::AcqRel) {
+            if let Some(notify) = &self.pending.notify {
+                // The event loop writes it out if no vCPU exit does first.
+                let _ = notify.write(1);
+            }
+        }
+        Ok(bytes.len())
+    }
+
+    /// vm-superio flushes after every byte; batching is the point, so this
+    /// does nothing (see [`Batched::drain`]).
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 /// COM1 on the PIO bus.
 pub struct SerialConsole {
-    uart: Serial<EventFdTrigger, Events, Box<dyn Write + Send>>,
+    uart: Serial<EventFdTrigger, Events, Batched>,
 }
 
 impl SerialConsole {
-    /// A UART writing to `out` and interrupting through `irq`.
-    pub fn new(irq: EventFdTrigger, out: Box<dyn Write + Send>) -> (Self, Arc<SerialCounters>) {
+    /// A UART writing to `out` in batches and interrupting through `irq`;
+    /// `notify` is written when a batch starts (see [`ConsolePending`]).
+    pub fn new(
+        irq: EventFdTrigger,
+        out: Box<dyn Write + Send>,
+        notify: Option<EventFd>,
+    ) -> (Self, Arc<SerialCounters>, Arc<ConsolePending>) {
         let counters = Arc::new(SerialCounters::default());
+        let pending = Arc::new(ConsolePending { held: AtomicBool::new(false), notify });
+        let out = Batched {
+            out,
+            held: Vec::with_capacity(CONSOLE_BATCH),
+            pending: pending.clone(),
+            counters: counters.clone(),
+        };
         let uart = Serial::with_events(irq, Events(counters.clone()), out);
-        (Self { uart }, counters)
+        (Self { uart }, counters, pending)
+    }
+
+    /// Writes out the output held so far.
+    pub fn flush_output(&mut self) {
+        self.uart.writer_mut().drain();
+    }
+}
+
+impl Drop for SerialConsole {
+    fn drop(&mut self) {
+        self.flush_output();
     }
 }
 
@@ -99,10 +186,38 @@ mod tests {
     }
 
     #[test]
+    fn output_goes_out_at_newlines_when_full_or_flushed() {
+        let sink = Sink::default();
+        let irq = EventFdTrigger(EventFd::new(libc::EFD_NONBLOCK).unwrap());
+        let notify = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let (mut com1, _, pending) = SerialConsole::new(irq, Box::new(sink.clone()), Some(notify.try_clone().unwrap()));
+        for b in b"prompt> " {
+            com1.write(0, &[*b]);
+        }
+        assert!(sink.0.lock().unwrap().is_empty(), "a partial line went out at once");
+        assert!(pending.is_set());
+        assert_eq!(notify.read().unwrap(), 1, "one notification for the whole batch");
+        com1.flush_output();
+        assert_eq!(&*sink.0.lock().unwrap(), b"prompt> ");
+        assert!(!pending.is_set());
+        for b in b"a line\nand more" {
+            com1.write(0, &[*b]);
+        }
+        assert_eq!(&*sink.0.lock().unwrap(), b"prompt> a line\n");
+        sink.0.lock().unwrap().clear();
+        for _ in 0..CONSOLE_BATCH {
+            com1.write(0, b"x");
+        }
+        assert_eq!(sink.0.lock().unwrap().len(), CONSOLE_BATCH, "a full batch is written without a newline");
+        drop(com1);
+        assert_eq!(sink.0.lock().unwrap().len(), CONSOLE_BATCH + "and more".len(), "dropping the UART lost output");
+    }
+
+    #[test]
     fn transmitted_bytes_reach_the_output_and_are_counted() {
         let sink = Sink::default();
         let irq = EventFdTrigger(EventFd::new(libc::EFD_NONBLOCK).unwrap());
-        let (mut com1, counters) = SerialConsole::new(irq, Box::new(sink.clone()));
+        let (mut com1, counters, _) = SerialConsole::new(irq, Box::new(sink.clone()), None);
         for b in b"hi\n" {
             com1.write(0, &[*b]);
         }
