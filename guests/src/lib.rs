@@ -27,7 +27,10 @@
 //!   `virtio: used`, `virtio: data`, then resets the device (Status = 0)
 //!   and prints `virtio: reset status`, `done`, then the boot-timer byte and
 //!   resets the machine. The driver is generic enough to drive a vsock
-//!   device's receive queue too. See `src/asm/virtio.S` for the exact format and the memory it
+//!   device's receive queue too, and a virtio-fs device (ID 26): its tag
+//!   and request-queue count from the config space (`virtio: fs tag`),
+//!   queues 0 and 1, one FUSE_INIT request on queue 1 (`virtio: fs init`
+//!   prints the reply's major and minor). See `src/asm/virtio.S` for the exact format and the memory it
 //!   uses (only its own image, above 1 MiB).
 //!
 //! Entries: the 32-bit entry (PVH, and the bzImage's `code32_start`) is at
@@ -51,9 +54,9 @@ pub enum Program {
     /// Prints one line, signals the boot timer, then writes to port 0x80 in
     /// a loop forever: for pause, resume and stop tests.
     Spin,
-    /// Drives a virtio-rng device through the virtio-mmio transport: init
-    /// sequence, one request, its interrupt, a device reset; reports each
-    /// step.
+    /// Drives a virtio-rng (or vsock, or virtio-fs) device through the
+    /// virtio-mmio transport: init sequence, one request, its interrupt, a
+    /// device reset; reports each step.
     Virtio,
 }
 

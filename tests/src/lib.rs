@@ -7,6 +7,7 @@ pub mod harness;
 pub mod netns;
 pub mod pattern;
 pub mod tier3;
+pub mod virtiofsd;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};

@@ -310,6 +310,118 @@ fn hotplug_attach_and_detach() -> TestResult {
     Ok(())
 }
 
+/// A virtio-fs device on a real `virtiofsd`: the VMM as vhost-user
+/// frontend. The virtio guest finds device 26, reads the tag from the
+/// config space (the daemon's, through GET_CONFIG, when it has `--tag`;
+/// else the one the VMM was configured with), sets up the high-priority
+/// and the request queue, and sends FUSE_INIT: the daemon's reply in the
+/// guest's buffer and the used ring prove that the memory table, the
+/// rings, the kick and the call all reached it; the device's counters say
+/// what was negotiated.
+fn virtio_fs_on_virtiofsd(daemon_tag: Option<&str>) -> TestResult {
+    use devices::virtio::vhost_user_frontend::{VhostUserConfig, VhostUserDevice};
+    let dir = TempDir::new("virtiofs")?;
+    let shared = dir.path().join("shared");
+    std::fs::create_dir(&shared)?;
+    let daemon = vessel_tests::virtiofsd::Virtiofsd::start(dir.path(), &shared, daemon_tag)?;
+    let format = Format::Pvh;
+    let kernel = dir.write(guests::file_name(Program::Virtio, format), guests::image(Program::Virtio, format))?;
+    let fs = vmm::DeviceConfig::VhostUser(VhostUserConfig {
+        socket: daemon.socket.clone(),
+        device: VhostUserDevice::Fs { tag: "vessel-fs".into(), request_queues: 1, queue_size: 128 },
+    });
+    let guest = vessel_tests::start_kernel_with(&kernel, &BootOptions::default(), &[fs])?;
+    let run = guest.finish()?;
+    let c = &run.console;
+    let ctx = || format!("console:\n{c}\nvirtiofsd:\n{}", daemon.log_text());
+    let line = |prefix: &str| c.lines().find(|l| l.starts_with(prefix)).map(str::to_owned);
+    let hex = |prefix: &str, field: usize| -> anyhow::Result<u64> {
+        let l = line(prefix).with_context(|| format!("no {prefix:?} line; {}", ctx()))?;
+        let word = l[prefix.len()..].split_whitespace().nth(field).context("short line")?;
+        Ok(u64::from_str_radix(word.trim_start_matches("0x"), 16)?)
+    };
+    ensure!(run.exit == ExitReason::Reset, "ended with {:?}; {}", run.exit, ctx());
+    ensure!(!c.contains("virtio: error") && !c.contains("exception") && c.contains("\ndone"), "{}", ctx());
+    ensure!(line("virtio: magic").is_some_and(|l| l.ends_with("device 0x000000000000001a")), "{}", ctx());
+    let tag = daemon_tag.unwrap_or("vessel-fs");
+    ensure!(
+        line("virtio: fs tag") == Some(format!("virtio: fs tag {tag} request queues 0x0000000000000001")),
+        "the config space did not carry the tag; {}",
+        ctx()
+    );
+    ensure!(line("virtio: status").as_deref() == Some("virtio: status 0x000000000000000f"), "{}", ctx());
+    ensure!(hex("virtio: irq", 2)? & 1 == 1, "no used-buffer interrupt; {}", ctx());
+    // The reply: fuse_out_header (len, error 0, our unique 0x5a), then
+    // fuse_init_out (major 7, the daemon's minor).
+    let (used_idx, used_len) = (hex("virtio: used idx", 0)?, hex("virtio: used idx", 4)?);
+    ensure!(used_idx == 1, "the daemon did not use the request; {}", ctx());
+    let header = hex("virtio: data", 0)?;
+    ensure!(header == used_len && used_len >= 16 + 24, "reply header {header:#x}, used len {used_len:#x}; {}", ctx());
+    ensure!(hex("virtio: data", 1)? == 0x5a, "the reply is not for our request; {}", ctx());
+    let init = hex("virtio: fs init", 0)?;
+    ensure!(init & 0xffff_ffff == 7 && init >> 32 >= 27, "FUSE_INIT answered {init:#x}; {}", ctx());
+    ensure!(line("virtio: reset status").as_deref() == Some("virtio: reset status 0x0000000000000000"), "{}", ctx());
+
+    let name = format!("vhost-user {}", daemon.socket.display());
+    let dev = run.stats.devices.iter().find(|d| d.name == name).context("no vhost-user device in the stats")?;
+    let counter = |n: &str| dev.counters.iter().find(|(k, _)| *k == n).map(|(_, v)| *v).unwrap_or(0);
+    ensure!(counter("daemon_features") & (1 << 32) != 0, "daemon features {:#x}", counter("daemon_features"));
+    let protocol = counter("protocol_features");
+    let want_protocol = if daemon_tag.is_some() { 0x209 } else { 0x9 }; // MQ, REPLY_ACK (+ CONFIG)
+    ensure!(protocol == want_protocol, "protocol features {protocol:#x}, want {want_protocol:#x}");
+    ensure!(counter("acked_features") == (1 << 32) | (1 << 30), "acked {:#x}", counter("acked_features"));
+    ensure!(counter("mem_regions") == 1 && counter("rings_started") == 2, "counters {:?}", dev.counters);
+    ensure!(counter("activations") == 1 && counter("calls") >= 1, "counters {:?}", dev.counters);
+    ensure!(counter("errors") == 0, "counters {:?}; {}", dev.counters, ctx());
+    Ok(())
+}
+
+/// A vhost-user device goes into an empty hotplug slot like any other:
+/// the daemon is reached from the event loop thread, under its seccomp
+/// filter; a socket nobody listens on is an attach error; detaching frees
+/// the slot.
+fn virtio_fs_hotplug() -> TestResult {
+    use devices::virtio::vhost_user_frontend::{FrontendError, VhostUserConfig, VhostUserDevice};
+    let dir = TempDir::new("virtiofs-hotplug")?;
+    let shared = dir.path().join("shared");
+    std::fs::create_dir(&shared)?;
+    let daemon = vessel_tests::virtiofsd::Virtiofsd::start(dir.path(), &shared, Some("hot"))?;
+    let opts = BootOptions { hotplug_slots: 1, ..Default::default() };
+    let guest = start_guest(Program::Spin, Format::Pvh, &opts)?;
+    let h = &guest.handle;
+    ensure!(wait_until(Duration::from_secs(10), || h.stats().boot_time.is_some()), "the guest never started");
+    let fs = |socket| {
+        vmm::DeviceConfig::VhostUser(VhostUserConfig {
+            socket,
+            device: VhostUserDevice::Fs { tag: "hot".into(), request_queues: 1, queue_size: 128 },
+        })
+    };
+    let nobody = h.request(VmmAction::AttachDevice(fs(dir.path().join("nobody.sock"))));
+    ensure!(
+        matches!(
+            nobody,
+            Err(VmmActionError::Attach(DeviceManagerError::Backend(vmm::BackendError::VhostUser(
+                FrontendError::Connect(..)
+            ))))
+        ),
+        "attaching to a socket nobody listens on gave {nobody:?}"
+    );
+    let attached = h.request(VmmAction::AttachDevice(fs(daemon.socket.clone())))?;
+    ensure!(
+        attached == VmmData::Attached { slot: 0, addr: 0xd000_0000, irq: 5 },
+        "attached as {attached:?}; virtiofsd:\n{}",
+        daemon.log_text()
+    );
+    let name = format!("vhost-user {}", daemon.socket.display());
+    let stats = h.stats();
+    let dev = stats.devices.iter().find(|d| d.name == name).context("no vhost-user device in the stats")?;
+    ensure!(dev.counters.contains(&("protocol_features", 0x209)), "counters {:?}", dev.counters);
+    h.request(VmmAction::DetachDevice(0))?;
+    let before = h.stats().vcpus[0].io_out;
+    ensure!(wait_until(Duration::from_secs(10), || h.stats().vcpus[0].io_out > before + 100), "the guest stopped");
+    Ok(())
+}
+
 /// Runs in a child process (see `seccomp_refuses_forbidden_syscall`): a thread
 /// with the vCPU filter does what vCPU threads do, then makes a syscall no
 /// vCPU thread needs. The filter must kill the process with its report.
@@ -475,5 +587,12 @@ fn main() {
         ),
     ];
     trials.extend(gate(kvm_unavailable(), kvm_trials));
+    let virtiofsd_trials = vec![
+        trial("virtio_fs_on_virtiofsd_with_the_daemons_config_space", || virtio_fs_on_virtiofsd(Some("from-daemon"))),
+        trial("virtio_fs_on_virtiofsd_with_a_config_space_of_the_vmms", || virtio_fs_on_virtiofsd(None)),
+        trial("virtio_fs_is_hot_plugged_into_an_empty_slot", virtio_fs_hotplug),
+    ];
+    let virtiofsd_missing = vessel_tests::virtiofsd::binary().err();
+    trials.extend(gate(kvm_unavailable().or(virtiofsd_missing), virtiofsd_trials));
     libtest_mimic::run(&args, trials).exit();
 }
