@@ -147,6 +147,16 @@ pub fn start_kernel_with(kernel: &Path, opts: &BootOptions, devices: &[DeviceCon
     start(kernel, None, opts, devices)
 }
 
+/// Starts `kernel` with the initrd file `initrd` and virtio `devices`.
+pub fn start_kernel_with_initrd(
+    kernel: &Path,
+    initrd: &Path,
+    opts: &BootOptions,
+    devices: &[DeviceConfig],
+) -> anyhow::Result<RunningGuest> {
+    start(kernel, Some(initrd.to_path_buf()), opts, devices)
+}
+
 fn start(
     kernel: &Path,
     initrd: Option<PathBuf>,
