@@ -669,6 +669,41 @@ mod tests {
         let _ = std::fs::remove_file(&sock);
     }
 
+    /// A setup the daemon cannot take (here: guest memory that is not
+    /// file-backed, so there is nothing to share) fails on the event loop,
+    /// and the driver is told to reset the device; a reset clears it.
+    #[test]
+    fn a_setup_that_fails_asks_the_driver_for_a_reset() {
+        let sock = socket("fail");
+        let _daemon = crate::virtio::vhost_user::spawn("rng", Box::new(Rng::new().0), &sock).unwrap();
+        let (frontend, counters) = VhostUserFrontend::connect(&rng_device(sock.clone())).unwrap();
+        let mem = crate::virtio::chain::tests::memory();
+        let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let mut t = MmioTransport::empty(mem.clone(), Arc::new(MmioInterrupt::new(irq.try_clone().unwrap())));
+        t.attach(Box::new(frontend)).unwrap();
+        let vq = MockSplitQueue::new(&mem, 16);
+        write(&mut t, STATUS, 3);
+        write(&mut t, DRIVER_FEATURES_SEL, 1);
+        write(&mut t, DRIVER_FEATURES, 1);
+        write(&mut t, STATUS, 0xb);
+        write(&mut t, QUEUE_NUM, 16);
+        write(&mut t, QUEUE_DESC, vq.desc_table_addr().0 as u32);
+        write(&mut t, QUEUE_DRIVER, vq.avail_addr().0 as u32);
+        write(&mut t, QUEUE_DEVICE, vq.used_addr().0 as u32);
+        write(&mut t, QUEUE_READY, 1);
+        write(&mut t, STATUS, 0xf);
+        t.process(Wakeup::Backend);
+        assert_eq!(read(&mut t, STATUS), 0x4f, "DEVICE_NEEDS_RESET");
+        assert_eq!(irq.read().unwrap(), 1);
+        assert_eq!(read(&mut t, INTERRUPT_STATUS), 2, "a configuration-change interrupt");
+        assert_eq!(counters.errors.load(Ordering::Relaxed), 1);
+        assert_eq!(counters.activations.load(Ordering::Relaxed), 0);
+        write(&mut t, STATUS, 0);
+        t.process(Wakeup::Backend);
+        assert_eq!(read(&mut t, STATUS), 0);
+        let _ = std::fs::remove_file(&sock);
+    }
+
     #[test]
     fn a_daemon_with_fewer_queues_than_the_device_is_refused() {
         let sock = socket("mq");
