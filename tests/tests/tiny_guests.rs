@@ -317,7 +317,7 @@ fn hotplug_attach_and_detach() -> TestResult {
 /// and the request queue, and sends FUSE_INIT: the daemon's reply in the
 /// guest's buffer and the used ring prove that the memory table, the
 /// rings, the kick and the call all reached it; the device's counters say
-/// what was negotiated.
+/// what was negotiated. Runs in a child process (see `in_child`).
 fn virtio_fs_on_virtiofsd(daemon_tag: Option<&str>) -> TestResult {
     use devices::virtio::vhost_user_frontend::{VhostUserConfig, VhostUserDevice};
     let dir = TempDir::new("virtiofs")?;
@@ -379,7 +379,7 @@ fn virtio_fs_on_virtiofsd(daemon_tag: Option<&str>) -> TestResult {
 /// A vhost-user device goes into an empty hotplug slot like any other:
 /// the daemon is reached from the event loop thread, under its seccomp
 /// filter; a socket nobody listens on is an attach error; detaching frees
-/// the slot.
+/// the slot. Runs in a child process (see `in_child`).
 fn virtio_fs_hotplug() -> TestResult {
     use devices::virtio::vhost_user_frontend::{FrontendError, VhostUserConfig, VhostUserDevice};
     let dir = TempDir::new("virtiofs-hotplug")?;
@@ -520,6 +520,27 @@ fn abort_is_not_a_seccomp_refusal() -> TestResult {
     Ok(())
 }
 
+/// Runs the child trial `name` in a child process of this test binary,
+/// as the tests that reach a seccomp filter do: a refused syscall ends
+/// that process, not every test in this one.
+fn in_child(name: &str) -> TestResult {
+    let out = Command::new(std::env::current_exe()?)
+        .args([name, "--exact", "--nocapture", "--test-threads=1"])
+        .env(CHILD_ENV, "1")
+        .output()?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    ensure!(
+        out.status.success() && stdout.contains(" 1 passed"),
+        "child {name} ended with {:?}; stdout: {stdout}; stderr: {stderr}",
+        out.status
+    );
+    Ok(())
+}
+
+const FS_DAEMON_CONFIG_CHILD: &str = "virtio_fs_daemon_config_child_process";
+const FS_VMM_CONFIG_CHILD: &str = "virtio_fs_vmm_config_child_process";
+const FS_HOTPLUG_CHILD: &str = "virtio_fs_hotplug_child_process";
 const ABORT_CHILD: &str = "abort_child_process";
 const VSOCK_RESET_CHILD: &str = "vsock_reset_child_process";
 const SECCOMP_CHILD: &str = "seccomp_child_process";
@@ -554,6 +575,9 @@ fn main() {
             trial(SECCOMP_CHILD, seccomp_child),
             trial(VSOCK_RESET_CHILD, vsock_reset_child),
             trial(ABORT_CHILD, abort_child),
+            trial(FS_DAEMON_CONFIG_CHILD, || virtio_fs_on_virtiofsd(Some("from-daemon"))),
+            trial(FS_VMM_CONFIG_CHILD, || virtio_fs_on_virtiofsd(None)),
+            trial(FS_HOTPLUG_CHILD, virtio_fs_hotplug),
         ];
         libtest_mimic::run(&args, children).exit();
     }
@@ -588,9 +612,9 @@ fn main() {
     ];
     trials.extend(gate(kvm_unavailable(), kvm_trials));
     let virtiofsd_trials = vec![
-        trial("virtio_fs_on_virtiofsd_with_the_daemons_config_space", || virtio_fs_on_virtiofsd(Some("from-daemon"))),
-        trial("virtio_fs_on_virtiofsd_with_a_config_space_of_the_vmms", || virtio_fs_on_virtiofsd(None)),
-        trial("virtio_fs_is_hot_plugged_into_an_empty_slot", virtio_fs_hotplug),
+        trial("virtio_fs_on_virtiofsd_with_the_daemons_config_space", || in_child(FS_DAEMON_CONFIG_CHILD)),
+        trial("virtio_fs_on_virtiofsd_with_a_config_space_of_the_vmms", || in_child(FS_VMM_CONFIG_CHILD)),
+        trial("virtio_fs_is_hot_plugged_into_an_empty_slot", || in_child(FS_HOTPLUG_CHILD)),
     ];
     let virtiofsd_missing = vessel_tests::virtiofsd::binary().err();
     trials.extend(gate(kvm_unavailable().or(virtiofsd_missing), virtiofsd_trials));
