@@ -310,28 +310,34 @@ fn hotplug_attach_and_detach() -> TestResult {
     Ok(())
 }
 
-/// A virtio-fs device on a real `virtiofsd`: the VMM as vhost-user
-/// frontend. The virtio guest finds device 26, reads the tag from the
-/// config space (the daemon's, through GET_CONFIG, when it has `--tag`;
-/// else the one the VMM was configured with), sets up the high-priority
-/// and the request queue, and sends FUSE_INIT: the daemon's reply in the
-/// guest's buffer and the used ring prove that the memory table, the
-/// rings, the kick and the call all reached it; the device's counters say
-/// what was negotiated. Runs in a child process (see `in_child`).
-fn virtio_fs_on_virtiofsd(daemon_tag: Option<&str>) -> TestResult {
-    use devices::virtio::vhost_user_frontend::{VhostUserConfig, VhostUserDevice};
-    let dir = TempDir::new("virtiofs")?;
+/// A shared directory served by a real virtiofsd, with the config-space
+/// tag `tag` if given.
+fn virtiofsd(dir: &TempDir, tag: Option<&str>) -> anyhow::Result<vessel_tests::virtiofsd::Virtiofsd> {
     let shared = dir.path().join("shared");
-    std::fs::create_dir(&shared)?;
-    let daemon = vessel_tests::virtiofsd::Virtiofsd::start(dir.path(), &shared, daemon_tag)?;
-    let format = Format::Pvh;
-    let kernel = dir.write(guests::file_name(Program::Virtio, format), guests::image(Program::Virtio, format))?;
-    let fs = vmm::DeviceConfig::VhostUser(VhostUserConfig {
-        socket: daemon.socket.clone(),
-        device: VhostUserDevice::Fs { tag: "vessel-fs".into(), request_queues: 1, queue_size: 128 },
-    });
-    let guest = vessel_tests::start_kernel_with(&kernel, &BootOptions::default(), &[fs])?;
-    let run = guest.finish()?;
+    std::fs::create_dir_all(&shared)?;
+    vessel_tests::virtiofsd::Virtiofsd::start(dir.path(), &shared, tag)
+}
+
+/// A virtio-fs device on the daemon's socket, with tag `tag`.
+fn fs_device(socket: std::path::PathBuf, tag: &str) -> vmm::DeviceConfig {
+    use devices::virtio::vhost_user_frontend::{VhostUserConfig, VhostUserDevice};
+    vmm::DeviceConfig::VhostUser(VhostUserConfig {
+        socket,
+        device: VhostUserDevice::Fs { tag: tag.into(), request_queues: 1, queue_size: 128 },
+    })
+}
+
+/// What the virtio guest printed about a virtio-fs device (tag `tag` in
+/// its config space) and what the device's counters say: the daemon's
+/// FUSE_INIT reply in the guest's buffer and the used ring prove that the
+/// memory table, the rings, the kick and the call all reached it.
+/// `protocol` is the protocol features both sides should use.
+fn check_virtio_fs_run(
+    run: &vessel_tests::GuestRun,
+    daemon: &vessel_tests::virtiofsd::Virtiofsd,
+    tag: &str,
+    protocol: u64,
+) -> TestResult {
     let c = &run.console;
     let ctx = || format!("console:\n{c}\nvirtiofsd:\n{}", daemon.log_text());
     let line = |prefix: &str| c.lines().find(|l| l.starts_with(prefix)).map(str::to_owned);
@@ -343,7 +349,6 @@ fn virtio_fs_on_virtiofsd(daemon_tag: Option<&str>) -> TestResult {
     ensure!(run.exit == ExitReason::Reset, "ended with {:?}; {}", run.exit, ctx());
     ensure!(!c.contains("virtio: error") && !c.contains("exception") && c.contains("\ndone"), "{}", ctx());
     ensure!(line("virtio: magic").is_some_and(|l| l.ends_with("device 0x000000000000001a")), "{}", ctx());
-    let tag = daemon_tag.unwrap_or("vessel-fs");
     ensure!(
         line("virtio: fs tag") == Some(format!("virtio: fs tag {tag} request queues 0x0000000000000001")),
         "the config space did not carry the tag; {}",
@@ -366,9 +371,7 @@ fn virtio_fs_on_virtiofsd(daemon_tag: Option<&str>) -> TestResult {
     let dev = run.stats.devices.iter().find(|d| d.name == name).context("no vhost-user device in the stats")?;
     let counter = |n: &str| dev.counters.iter().find(|(k, _)| *k == n).map(|(_, v)| *v).unwrap_or(0);
     ensure!(counter("daemon_features") & (1 << 32) != 0, "daemon features {:#x}", counter("daemon_features"));
-    let protocol = counter("protocol_features");
-    let want_protocol = if daemon_tag.is_some() { 0x209 } else { 0x9 }; // MQ, REPLY_ACK (+ CONFIG)
-    ensure!(protocol == want_protocol, "protocol features {protocol:#x}, want {want_protocol:#x}");
+    ensure!(counter("protocol_features") == protocol, "protocol features {:?}, want {protocol:#x}", dev.counters);
     ensure!(counter("acked_features") == (1 << 32) | (1 << 30), "acked {:#x}", counter("acked_features"));
     ensure!(counter("mem_regions") == 1 && counter("rings_started") == 2, "counters {:?}", dev.counters);
     ensure!(counter("activations") == 1 && counter("calls") >= 1, "counters {:?}", dev.counters);
@@ -376,27 +379,45 @@ fn virtio_fs_on_virtiofsd(daemon_tag: Option<&str>) -> TestResult {
     Ok(())
 }
 
-/// A vhost-user device goes into an empty hotplug slot like any other:
-/// the daemon is reached from the event loop thread, under its seccomp
-/// filter; a socket nobody listens on is an attach error; detaching frees
-/// the slot. Runs in a child process (see `in_child`).
+/// Protocol features used with virtiofsd: MQ and REPLY_ACK, and CONFIG
+/// when it has a tag.
+const VIRTIOFSD_PROTOCOL: u64 = 0x9;
+const VIRTIOFSD_PROTOCOL_WITH_CONFIG: u64 = 0x209;
+
+/// A virtio-fs device on a real `virtiofsd`, present at boot: the VMM as
+/// vhost-user frontend. The virtio guest finds device 26, reads the tag
+/// from the config space (the daemon's, through GET_CONFIG, when it has
+/// `--tag`; else the one the VMM was configured with), sets up the
+/// high-priority and the request queue, and sends FUSE_INIT. Runs in a
+/// child process (see `in_child`).
+fn virtio_fs_on_virtiofsd(daemon_tag: Option<&str>) -> TestResult {
+    let dir = TempDir::new("virtiofs")?;
+    let daemon = virtiofsd(&dir, daemon_tag)?;
+    let format = Format::Pvh;
+    let kernel = dir.write(guests::file_name(Program::Virtio, format), guests::image(Program::Virtio, format))?;
+    let fs = fs_device(daemon.socket.clone(), "vessel-fs");
+    let guest = vessel_tests::start_kernel_with(&kernel, &BootOptions::default(), &[fs])?;
+    let run = guest.finish()?;
+    let protocol = if daemon_tag.is_some() { VIRTIOFSD_PROTOCOL_WITH_CONFIG } else { VIRTIOFSD_PROTOCOL };
+    check_virtio_fs_run(&run, &daemon, daemon_tag.unwrap_or("vessel-fs"), protocol)
+}
+
+/// A vhost-user device goes into an empty hotplug slot like any other: the
+/// daemon is reached from the event loop thread, under its seccomp
+/// filter, and the virtio guest, which waits at the empty slot, drives it
+/// as it does a boot-time one (the event loop must leave the kicks to the
+/// daemon). A socket nobody listens on is an attach error; detaching a
+/// vhost-user device frees its slot while the guest runs on. Runs in a
+/// child process (see `in_child`).
 fn virtio_fs_hotplug() -> TestResult {
-    use devices::virtio::vhost_user_frontend::{FrontendError, VhostUserConfig, VhostUserDevice};
+    use devices::virtio::vhost_user_frontend::FrontendError;
     let dir = TempDir::new("virtiofs-hotplug")?;
-    let shared = dir.path().join("shared");
-    std::fs::create_dir(&shared)?;
-    let daemon = vessel_tests::virtiofsd::Virtiofsd::start(dir.path(), &shared, Some("hot"))?;
+    let daemon = virtiofsd(&dir, Some("hot"))?;
     let opts = BootOptions { hotplug_slots: 1, ..Default::default() };
-    let guest = start_guest(Program::Spin, Format::Pvh, &opts)?;
+    // The guest's default window and GSI are the first slot's.
+    let guest = start_guest(Program::Virtio, Format::Pvh, &opts)?;
     let h = &guest.handle;
-    ensure!(wait_until(Duration::from_secs(10), || h.stats().boot_time.is_some()), "the guest never started");
-    let fs = |socket| {
-        vmm::DeviceConfig::VhostUser(VhostUserConfig {
-            socket,
-            device: VhostUserDevice::Fs { tag: "hot".into(), request_queues: 1, queue_size: 128 },
-        })
-    };
-    let nobody = h.request(VmmAction::AttachDevice(fs(dir.path().join("nobody.sock"))));
+    let nobody = h.request(VmmAction::AttachDevice(fs_device(dir.path().join("nobody.sock"), "hot")));
     ensure!(
         matches!(
             nobody,
@@ -406,20 +427,31 @@ fn virtio_fs_hotplug() -> TestResult {
         ),
         "attaching to a socket nobody listens on gave {nobody:?}"
     );
-    let attached = h.request(VmmAction::AttachDevice(fs(daemon.socket.clone())))?;
+    let attached = h.request(VmmAction::AttachDevice(fs_device(daemon.socket.clone(), "hot")))?;
     ensure!(
         attached == VmmData::Attached { slot: 0, addr: 0xd000_0000, irq: 5 },
         "attached as {attached:?}; virtiofsd:\n{}",
         daemon.log_text()
     );
-    let name = format!("vhost-user {}", daemon.socket.display());
-    let stats = h.stats();
-    let dev = stats.devices.iter().find(|d| d.name == name).context("no vhost-user device in the stats")?;
-    ensure!(dev.counters.contains(&("protocol_features", 0x209)), "counters {:?}", dev.counters);
+    let run = guest.finish()?;
+    check_virtio_fs_run(&run, &daemon, "hot", VIRTIOFSD_PROTOCOL_WITH_CONFIG)?;
+
+    // Detaching: virtiofsd serves one connection, so a second daemon.
+    let second = TempDir::new("virtiofs-detach")?;
+    let daemon = virtiofsd(&second, None)?;
+    let guest = start_guest(Program::Spin, Format::Pvh, &opts)?;
+    let h = &guest.handle;
+    ensure!(wait_until(Duration::from_secs(10), || h.stats().boot_time.is_some()), "the guest never started");
+    h.request(VmmAction::AttachDevice(fs_device(daemon.socket.clone(), "gone")))?;
     h.request(VmmAction::DetachDevice(0))?;
+    ensure!(attach_rng(h)? == VmmData::Attached { slot: 0, addr: 0xd000_0000, irq: 5 }, "the slot was not free again");
     let before = h.stats().vcpus[0].io_out;
     ensure!(wait_until(Duration::from_secs(10), || h.stats().vcpus[0].io_out > before + 100), "the guest stopped");
     Ok(())
+}
+
+fn attach_rng(h: &vmm::VmmHandle) -> anyhow::Result<VmmData> {
+    Ok(h.request(VmmAction::AttachDevice(vmm::DeviceConfig::Rng))?)
 }
 
 /// Runs in a child process (see `seccomp_refuses_forbidden_syscall`): a thread

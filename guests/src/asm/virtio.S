@@ -33,7 +33,8 @@
  * and finishes without `done`.
  *
  * Sequence (virtio spec 3.1.1 and 4.2.3): check magic, version 2 and a
- * non-zero device ID; reset (Status = 0, wait for it to read 0);
+ * non-zero device ID (an empty hotplug slot, ID 0, is read again for
+ * about 2 s, until a device is plugged into it); reset (Status = 0, wait for it to read 0);
  * ACKNOWLEDGE; DRIVER; read the device features; accept only
  * VIRTIO_F_VERSION_1; FEATURES_OK and check it stuck; set up queue 0
  * (QueueSel, QueueNumMax, QueueNum, the three ring addresses, QueueReady);
@@ -165,6 +166,8 @@
 #define WAIT_TSC_TICKS      5000000000  /* about 2 s at 2.5 GHz */
 #define WAIT_WAKES          400         /* 4 s of 10 ms timer ticks */
 #define RESET_POLLS         1000
+#define DEVICE_POLLS        2000        /* reads of an empty slot's device ID */
+#define DEVICE_POLL_PAUSES  100000      /* between two of them */
 
 #define CMDLINE_MAX         4096
 
@@ -207,7 +210,10 @@ main64:
     call    put_hex
     PRINT   " device "
     mov     eax, [r15 + VIRTIO_MMIO_DEVICE_ID]
-    call    put_hex
+    test    eax, eax
+    jnz     1f
+    call    wait_for_device             /* an empty slot: one may be plugged */
+1:  call    put_hex
     call    put_newline
     cmp     r8d, VIRTIO_MAGIC
     jne     .Lno_device
@@ -415,6 +421,44 @@ main64:
     ERROR   "queue not available"
 
 /* ------------------------------------------------------------------------ */
+/*
+ * wait_for_device: EAX = the device ID, read again until it is not 0 (a
+ * device hot-plugged into the empty slot), for about 2 s of TSC or
+ * DEVICE_POLLS reads, whichever ends first; 0 if none came. Keeps every
+ * register but RAX and flags.
+ */
+wait_for_device:
+    push    rcx
+    push    rdx
+    push    r9
+    push    r10
+    rdtsc
+    shl     rdx, 32
+    or      rax, rdx
+    mov     r9, WAIT_TSC_TICKS
+    add     r9, rax                     /* R9 = deadline */
+    mov     r10d, DEVICE_POLLS
+1:  mov     ecx, DEVICE_POLL_PAUSES     /* not an MMIO exit every instruction */
+2:  pause
+    dec     ecx
+    jnz     2b
+    mov     eax, [r15 + VIRTIO_MMIO_DEVICE_ID]
+    test    eax, eax
+    jnz     3f
+    dec     r10d
+    jz      3f
+    rdtsc
+    shl     rdx, 32
+    or      rax, rdx
+    cmp     rax, r9
+    jb      1b
+    xor     eax, eax
+3:  pop     r10
+    pop     r9
+    pop     rdx
+    pop     rcx
+    ret
+
 /*
  * setup_queue: ECX = queue index, EDI = its rings: three 4 KiB pages below
  * 4 GiB (descriptors, avail ring, used ring). Prints `virtio: queue max`;
