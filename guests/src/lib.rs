@@ -19,7 +19,8 @@
 //! * [`Program::Virtio`] drives one virtio-rng device over virtio-mmio
 //!   (modern, register layout version 2): the window and IOAPIC pin from
 //!   `virtio_mmio.device=<size>@<base>:<gsi>` on the command line (default
-//!   `4K@0xd0000000:5`), feature negotiation (VERSION_1 only), queue 0 with
+//!   `4K@0xd0000000:5`; an empty slot, device ID 0, is read again for
+//!   about 2 s, so a test can hot-plug a device), feature negotiation (VERSION_1 only), queue 0 with
 //!   one 64-byte device-writable buffer, a notify, and the used-buffer
 //!   interrupt (edge, active high, vector 0x30). It prints `virtio: magic`,
 //!   `virtio: features`, `virtio: queue max`, `virtio: status`,
