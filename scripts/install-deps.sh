@@ -55,5 +55,6 @@ rust_virtiofsd() {
 }
 if ! rust_virtiofsd; then
     echo "install-deps: building virtiofsd (cargo install virtiofsd --locked; a few minutes)"
-    cargo install virtiofsd --locked
+    # From outside the repository: its .cargo/config.toml links statically.
+    (cd / && cargo install virtiofsd --locked)
 fi
