@@ -19,8 +19,9 @@
 //! space) happens when the device is made, on the thread that makes it
 //! (the boot path, or the event loop for a hot-plugged device). A daemon
 //! that errs or stalls (every reply waits at most [`DAEMON_TIMEOUT`]) fails
-//! that step with an error: the device then asks the driver for a reset
-//! (DEVICE_NEEDS_RESET); the VMM runs on.
+//! that step with an error, never a panic: while connecting, the boot or
+//! the attach fails; after DRIVER_OK, the device asks the driver for a
+//! reset (DEVICE_NEEDS_RESET). The VMM runs on either way.
 //!
 //! Dropping the device (hot-unplug, the VM's end) closes the connection,
 //! which is how vhost-user tells a daemon to let go: no message is sent
