@@ -1,5 +1,5 @@
 //! A real `virtiofsd` (the Rust daemon, `cargo install virtiofsd`) for
-//! the virtio-fs tests: found on PATH or in ~/.cargo/bin, started on a
+//! the virtio-fs tests: found where the runtime finds it, started on a
 //! socket of the test's own, killed when dropped.
 
 use std::path::{Path, PathBuf};
@@ -10,18 +10,16 @@ use anyhow::{bail, Context};
 
 use crate::wait_until;
 
-/// The daemon's binary, or why there is none (a skip reason). QEMU's old
-/// C daemon (`/usr/lib/qemu/virtiofsd`, "virtiofsd version 7.x") does not
-/// count.
+/// The daemon's binary, as the runtime finds it
+/// (`runtime_api::shared_fs::find_virtiofsd`: `$VESSEL_VIRTIOFSD`, PATH,
+/// ~/.cargo/bin), or why there is none (a skip reason). QEMU's old C
+/// daemon ("virtiofsd version 7.x") does not count.
 pub fn binary() -> Result<PathBuf, String> {
-    let on_path = std::env::var_os("PATH")
-        .map(|paths| std::env::split_paths(&paths).map(|p| p.join("virtiofsd")).collect::<Vec<_>>())
-        .unwrap_or_default();
-    let cargo_bin = std::env::var_os("HOME").map(|home| Path::new(&home).join(".cargo/bin/virtiofsd"));
-    on_path.into_iter().chain(cargo_bin).find(|bin| is_rust_virtiofsd(bin)).ok_or_else(|| {
-        "virtiofsd (the Rust daemon) is not installed: `cargo install virtiofsd --locked`, or scripts/install-deps.sh"
-            .to_owned()
-    })
+    let bin = runtime_api::shared_fs::find_virtiofsd().map_err(|e| e.to_string())?;
+    if !is_rust_virtiofsd(&bin) {
+        return Err(format!("{} is not the Rust virtiofsd: `cargo install virtiofsd --locked`", bin.display()));
+    }
+    Ok(bin)
 }
 
 fn is_rust_virtiofsd(bin: &Path) -> bool {

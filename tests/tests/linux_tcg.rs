@@ -24,8 +24,8 @@ use vessel_tests::harness::{e2fsprogs_unavailable, gate, trial};
 use vessel_tests::netns::NetNs;
 use vessel_tests::pattern::{exchange, hex, pattern_sha256};
 use vessel_tests::tier3::{
-    boot_linux_tcg, qemu_tcg_unavailable, test_kernel, vhost_user_device_args, LinuxOptions, LinuxRun, Verdict,
-    VIRTIO_MMIO,
+    boot_linux_tcg, qemu_tcg_unavailable, test_kernel, vhost_user_device_args, vhost_user_fs_args, LinuxOptions,
+    LinuxRun, Verdict, VIRTIO_MMIO,
 };
 use vessel_tests::TempDir;
 
@@ -443,7 +443,7 @@ fn qemu_virtio_fs_on_virtiofsd() -> TestResult {
     let initrd = test_initramfs(&kernel, &VIRTIO_FS_MODULES, VIRTIO_FS_SCRIPT, &[])?;
     let mut opts = LinuxOptions::new(&kernel.image, &initrd);
     opts.machine.vhost_user = true;
-    opts.machine.extra_args = vhost_user_device_args(&daemon.socket, "vhost-user-fs-device,tag=vesselfs");
+    opts.machine.extra_args = vhost_user_fs_args(&daemon.socket, "vesselfs");
     let run = boot_linux_tcg(&opts)?;
     check_virtio_fs_run(&dir, &run, &daemon)
 }
