@@ -19,7 +19,8 @@
 //! * [`Program::Virtio`] drives one virtio-rng device over virtio-mmio
 //!   (modern, register layout version 2): the window and IOAPIC pin from
 //!   `virtio_mmio.device=<size>@<base>:<gsi>` on the command line (default
-//!   `4K@0xd0000000:5`), feature negotiation (VERSION_1 only), queue 0 with
+//!   `4K@0xd0000000:5`; an empty slot, device ID 0, is read again for
+//!   about 2 s, so a test can hot-plug a device), feature negotiation (VERSION_1 only), queue 0 with
 //!   one 64-byte device-writable buffer, a notify, and the used-buffer
 //!   interrupt (edge, active high, vector 0x30). It prints `virtio: magic`,
 //!   `virtio: features`, `virtio: queue max`, `virtio: status`,
@@ -27,7 +28,10 @@
 //!   `virtio: used`, `virtio: data`, then resets the device (Status = 0)
 //!   and prints `virtio: reset status`, `done`, then the boot-timer byte and
 //!   resets the machine. The driver is generic enough to drive a vsock
-//!   device's receive queue too. See `src/asm/virtio.S` for the exact format and the memory it
+//!   device's receive queue too, and a virtio-fs device (ID 26): its tag
+//!   and request-queue count from the config space (`virtio: fs tag`),
+//!   queues 0 and 1, one FUSE_INIT request on queue 1 (`virtio: fs init`
+//!   prints the reply's major and minor). See `src/asm/virtio.S` for the exact format and the memory it
 //!   uses (only its own image, above 1 MiB).
 //!
 //! Entries: the 32-bit entry (PVH, and the bzImage's `code32_start`) is at
@@ -51,9 +55,9 @@ pub enum Program {
     /// Prints one line, signals the boot timer, then writes to port 0x80 in
     /// a loop forever: for pause, resume and stop tests.
     Spin,
-    /// Drives a virtio-rng device through the virtio-mmio transport: init
-    /// sequence, one request, its interrupt, a device reset; reports each
-    /// step.
+    /// Drives a virtio-rng (or vsock, or virtio-fs) device through the
+    /// virtio-mmio transport: init sequence, one request, its interrupt, a
+    /// device reset; reports each step.
     Virtio,
 }
 

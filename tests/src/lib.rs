@@ -7,6 +7,7 @@ pub mod harness;
 pub mod netns;
 pub mod pattern;
 pub mod tier3;
+pub mod virtiofsd;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -144,6 +145,16 @@ pub fn start_kernel(kernel: &Path, initrd: Option<PathBuf>, opts: &BootOptions) 
 /// Starts `kernel` in this process with virtio `devices` (initrd from opts ignored).
 pub fn start_kernel_with(kernel: &Path, opts: &BootOptions, devices: &[DeviceConfig]) -> anyhow::Result<RunningGuest> {
     start(kernel, None, opts, devices)
+}
+
+/// Starts `kernel` with the initrd file `initrd` and virtio `devices`.
+pub fn start_kernel_with_initrd(
+    kernel: &Path,
+    initrd: &Path,
+    opts: &BootOptions,
+    devices: &[DeviceConfig],
+) -> anyhow::Result<RunningGuest> {
+    start(kernel, Some(initrd.to_path_buf()), opts, devices)
 }
 
 fn start(

@@ -19,7 +19,7 @@ use anyhow::{bail, Context};
 use resources::kernel::{self, Kernel};
 use resources::test_image::{self, INIT_MARKER, RESULT_MARKER, VALUE_MARKER};
 
-pub use runtime_api::qemu::{vhost_user_device_args, Qemu, TcgMachine, BASE_CMDLINE, QEMU};
+pub use runtime_api::qemu::{vhost_user_device_args, vhost_user_fs_args, Qemu, TcgMachine, BASE_CMDLINE, QEMU};
 
 /// The virtio modules a test image loads for virtio-mmio devices: the
 /// transport (its dependencies virtio_ring and virtio come with it).

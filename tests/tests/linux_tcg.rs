@@ -3,6 +3,10 @@
 //! virtio drivers run against the devices attached. Where QEMU, a static
 //! busybox or the kernel cannot be had, every test here is reported as
 //! skipped, with the reason; none passes without running.
+//!
+//! The virtio-fs guest also runs on the builtin VMM, as a vhost-user
+//! frontend for the same virtiofsd (tier 4): only where hardware
+//! virtualization is usable, skipped by name elsewhere.
 
 use std::io::{Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -20,8 +24,8 @@ use vessel_tests::harness::{e2fsprogs_unavailable, gate, trial};
 use vessel_tests::netns::NetNs;
 use vessel_tests::pattern::{exchange, hex, pattern_sha256};
 use vessel_tests::tier3::{
-    boot_linux_tcg, qemu_tcg_unavailable, test_kernel, vhost_user_device_args, LinuxOptions, LinuxRun, Verdict,
-    VIRTIO_MMIO,
+    boot_linux_tcg, qemu_tcg_unavailable, test_kernel, vhost_user_device_args, vhost_user_fs_args, LinuxOptions,
+    LinuxRun, Verdict, VIRTIO_MMIO,
 };
 use vessel_tests::TempDir;
 
@@ -398,6 +402,94 @@ fn bench_vhost_user_blk() -> anyhow::Result<u64> {
     Ok(vessel_ns)
 }
 
+/// The guest side of the virtio-fs tests: mount the tag, read what the
+/// host put there, write a file back, unmount.
+const VIRTIO_FS_SCRIPT: &str = r#"set -e
+mkdir -p /mnt/fs
+mount -t virtiofs vesselfs /mnt/fs
+echo "VESSEL-VALUE: from-host $(cat /mnt/fs/from-host)"
+echo "written by the guest" > /mnt/fs/from-guest
+umount /mnt/fs
+echo "VESSEL-TEST-RESULT: ok"
+"#;
+
+/// The modules the virtio-fs guest loads (fuse comes as a dependency).
+const VIRTIO_FS_MODULES: [&str; 2] = [VIRTIO_MMIO, "virtiofs"];
+
+/// A directory to share, with a file in it, and virtiofsd serving it.
+fn virtio_fs_share(dir: &TempDir) -> anyhow::Result<vessel_tests::virtiofsd::Virtiofsd> {
+    let shared = dir.path().join("shared");
+    std::fs::create_dir(&shared)?;
+    std::fs::write(shared.join("from-host"), "hello from the host\n")?;
+    vessel_tests::virtiofsd::Virtiofsd::start(dir.path(), &shared, None)
+}
+
+/// What the guest left in the shared directory and printed.
+fn check_virtio_fs_run(dir: &TempDir, run: &LinuxRun, daemon: &vessel_tests::virtiofsd::Virtiofsd) -> TestResult {
+    let ctx = || format!("{}--- virtiofsd ---\n{}", run.context(), daemon.log_text());
+    run.ensure_ok().with_context(ctx)?;
+    ensure!(run.expect_value("from-host")? == "hello from the host", "{}", ctx());
+    let back = std::fs::read_to_string(dir.path().join("shared/from-guest")).with_context(ctx)?;
+    ensure!(back == "written by the guest\n", "the guest wrote {back:?}");
+    Ok(())
+}
+
+/// Linux's virtio-fs driver on virtiofsd under QEMU's own vhost-user
+/// frontend: the guest half of the builtin tier-4 test below, proven here.
+fn qemu_virtio_fs_on_virtiofsd() -> TestResult {
+    let kernel = test_kernel()?;
+    let dir = TempDir::new("virtiofs-qemu")?;
+    let daemon = virtio_fs_share(&dir)?;
+    let initrd = test_initramfs(&kernel, &VIRTIO_FS_MODULES, VIRTIO_FS_SCRIPT, &[])?;
+    let mut opts = LinuxOptions::new(&kernel.image, &initrd);
+    opts.machine.vhost_user = true;
+    opts.machine.extra_args = vhost_user_fs_args(&daemon.socket, "vesselfs");
+    let run = boot_linux_tcg(&opts)?;
+    check_virtio_fs_run(&dir, &run, &daemon)
+}
+
+/// Tier 4: the same guest on the builtin VMM, whose virtio-mmio device is
+/// a vhost-user frontend for virtiofsd. Init powers off at the end, which
+/// the builtin VMM may not see as an exit, so the test stops the VM once
+/// the result is on the console.
+fn builtin_virtio_fs_on_virtiofsd() -> TestResult {
+    use devices::virtio::vhost_user_frontend::{VhostUserConfig, VhostUserDevice};
+    let kernel = test_kernel()?;
+    let dir = TempDir::new("virtiofs-builtin")?;
+    let daemon = virtio_fs_share(&dir)?;
+    let initrd = test_initramfs(&kernel, &VIRTIO_FS_MODULES, VIRTIO_FS_SCRIPT, &[])?;
+    let fs = vmm::DeviceConfig::VhostUser(VhostUserConfig {
+        socket: daemon.socket.clone(),
+        device: VhostUserDevice::Fs { tag: "vesselfs".into(), request_queues: 1, queue_size: 1024 },
+    });
+    let opts = vessel_tests::BootOptions {
+        mem_mib: 256,
+        cmdline: "console=ttyS0 reboot=k panic=1".into(),
+        ..Default::default()
+    };
+    let mut guest = vessel_tests::start_kernel_with_initrd(&kernel.image, &initrd, &opts, &[fs])?;
+    let done = vessel_tests::wait_until(Duration::from_secs(120), || {
+        guest.console.text().contains(resources::test_image::RESULT_MARKER) || guest.handle.try_wait().is_some()
+    });
+    // Let a failing script print all its lines before the VM stops.
+    std::thread::sleep(Duration::from_millis(200));
+    let console = guest.console.text().replace('\r', "");
+    drop(guest);
+    let (verdict, values, _) = vessel_tests::tier3::parse_console(&console);
+    let run = LinuxRun {
+        console,
+        stderr: String::new(),
+        verdict,
+        values,
+        timed_out: !done,
+        exit: None,
+        init_after: None,
+        guest_uptime_at_init: None,
+        elapsed: Duration::ZERO,
+    };
+    check_virtio_fs_run(&dir, &run, &daemon)
+}
+
 /// Boots a test image whose script is `script` (no modules), with `timeout`.
 fn boot_script(script: &str, timeout: Duration) -> anyhow::Result<LinuxRun> {
     let kernel = test_kernel()?;
@@ -529,6 +621,17 @@ fn main() {
             trial("harness_timeout_kills_qemu", harness_timeout_kills_qemu),
         ],
     );
+    let virtiofsd = || vessel_tests::virtiofsd::binary().err();
+    trials.extend(gate(
+        if args.list { None } else { tcg.clone().or_else(virtiofsd) },
+        [trial("qemu_virtio_fs_on_virtiofsd", qemu_virtio_fs_on_virtiofsd)],
+    ));
+    let tier4 = runtime_api::hypervisor::hardware_virtualization_unusable()
+        .map(|why| format!("Linux on the builtin VMM needs hardware virtualization: {why}"));
+    trials.extend(gate(
+        if args.list { None } else { tier4.or_else(|| tcg.clone()).or_else(virtiofsd) },
+        [trial("builtin_virtio_fs_on_virtiofsd", builtin_virtio_fs_on_virtiofsd)],
+    ));
     trials.extend(gate(
         if args.list { None } else { tcg.clone().or_else(e2fsprogs_unavailable) },
         [trial("vessel_blk_demo_rootfs_mounts", vessel_blk_demo_rootfs_mounts)],

@@ -310,6 +310,150 @@ fn hotplug_attach_and_detach() -> TestResult {
     Ok(())
 }
 
+/// A shared directory served by a real virtiofsd, with the config-space
+/// tag `tag` if given.
+fn virtiofsd(dir: &TempDir, tag: Option<&str>) -> anyhow::Result<vessel_tests::virtiofsd::Virtiofsd> {
+    let shared = dir.path().join("shared");
+    std::fs::create_dir_all(&shared)?;
+    vessel_tests::virtiofsd::Virtiofsd::start(dir.path(), &shared, tag)
+}
+
+/// A virtio-fs device on the daemon's socket, with tag `tag`.
+fn fs_device(socket: std::path::PathBuf, tag: &str) -> vmm::DeviceConfig {
+    use devices::virtio::vhost_user_frontend::{VhostUserConfig, VhostUserDevice};
+    vmm::DeviceConfig::VhostUser(VhostUserConfig {
+        socket,
+        device: VhostUserDevice::Fs { tag: tag.into(), request_queues: 1, queue_size: 128 },
+    })
+}
+
+/// What the virtio guest printed about a virtio-fs device (tag `tag` in
+/// its config space) and what the device's counters say: the daemon's
+/// FUSE_INIT reply in the guest's buffer and the used ring prove that the
+/// memory table, the rings, the kick and the call all reached it.
+/// `protocol` is the protocol features both sides should use.
+fn check_virtio_fs_run(
+    run: &vessel_tests::GuestRun,
+    daemon: &vessel_tests::virtiofsd::Virtiofsd,
+    tag: &str,
+    protocol: u64,
+) -> TestResult {
+    let c = &run.console;
+    let ctx = || format!("console:\n{c}\nvirtiofsd:\n{}", daemon.log_text());
+    let line = |prefix: &str| c.lines().find(|l| l.starts_with(prefix)).map(str::to_owned);
+    let hex = |prefix: &str, field: usize| -> anyhow::Result<u64> {
+        let l = line(prefix).with_context(|| format!("no {prefix:?} line; {}", ctx()))?;
+        let word = l[prefix.len()..].split_whitespace().nth(field).context("short line")?;
+        Ok(u64::from_str_radix(word.trim_start_matches("0x"), 16)?)
+    };
+    ensure!(run.exit == ExitReason::Reset, "ended with {:?}; {}", run.exit, ctx());
+    ensure!(!c.contains("virtio: error") && !c.contains("exception") && c.contains("\ndone"), "{}", ctx());
+    ensure!(line("virtio: magic").is_some_and(|l| l.ends_with("device 0x000000000000001a")), "{}", ctx());
+    ensure!(
+        line("virtio: fs tag") == Some(format!("virtio: fs tag {tag} request queues 0x0000000000000001")),
+        "the config space did not carry the tag; {}",
+        ctx()
+    );
+    ensure!(line("virtio: status").as_deref() == Some("virtio: status 0x000000000000000f"), "{}", ctx());
+    ensure!(hex("virtio: irq", 2)? & 1 == 1, "no used-buffer interrupt; {}", ctx());
+    // The reply: fuse_out_header (len, error 0, our unique 0x5a), then
+    // fuse_init_out (major 7, the daemon's minor).
+    let (used_idx, used_len) = (hex("virtio: used idx", 0)?, hex("virtio: used idx", 4)?);
+    ensure!(used_idx == 1, "the daemon did not use the request; {}", ctx());
+    let header = hex("virtio: data", 0)?;
+    ensure!(header == used_len && used_len >= 16 + 24, "reply header {header:#x}, used len {used_len:#x}; {}", ctx());
+    ensure!(hex("virtio: data", 1)? == 0x5a, "the reply is not for our request; {}", ctx());
+    let init = hex("virtio: fs init", 0)?;
+    ensure!(init & 0xffff_ffff == 7 && init >> 32 >= 27, "FUSE_INIT answered {init:#x}; {}", ctx());
+    ensure!(line("virtio: reset status").as_deref() == Some("virtio: reset status 0x0000000000000000"), "{}", ctx());
+
+    let name = format!("vhost-user {}", daemon.socket.display());
+    let dev = run.stats.devices.iter().find(|d| d.name == name).context("no vhost-user device in the stats")?;
+    let counter = |n: &str| dev.counters.iter().find(|(k, _)| *k == n).map(|(_, v)| *v).unwrap_or(0);
+    ensure!(counter("daemon_features") & (1 << 32) != 0, "daemon features {:#x}", counter("daemon_features"));
+    ensure!(counter("protocol_features") == protocol, "protocol features {:?}, want {protocol:#x}", dev.counters);
+    ensure!(counter("acked_features") == (1 << 32) | (1 << 30), "acked {:#x}", counter("acked_features"));
+    ensure!(counter("mem_regions") == 1 && counter("rings_started") == 2, "counters {:?}", dev.counters);
+    ensure!(counter("activations") == 1 && counter("calls") >= 1, "counters {:?}", dev.counters);
+    ensure!(counter("errors") == 0, "counters {:?}; {}", dev.counters, ctx());
+    Ok(())
+}
+
+/// Protocol features used with virtiofsd: MQ and REPLY_ACK, and CONFIG
+/// when it has a tag.
+const VIRTIOFSD_PROTOCOL: u64 = 0x9;
+const VIRTIOFSD_PROTOCOL_WITH_CONFIG: u64 = 0x209;
+
+/// A virtio-fs device on a real `virtiofsd`, present at boot: the VMM as
+/// vhost-user frontend. The virtio guest finds device 26, reads the tag
+/// from the config space (the daemon's, through GET_CONFIG, when it has
+/// `--tag`; else the one the VMM was configured with), sets up the
+/// high-priority and the request queue, and sends FUSE_INIT. Runs in a
+/// child process (see `in_child`).
+fn virtio_fs_on_virtiofsd(daemon_tag: Option<&str>) -> TestResult {
+    let dir = TempDir::new("virtiofs")?;
+    let daemon = virtiofsd(&dir, daemon_tag)?;
+    let format = Format::Pvh;
+    let kernel = dir.write(guests::file_name(Program::Virtio, format), guests::image(Program::Virtio, format))?;
+    let fs = fs_device(daemon.socket.clone(), "vessel-fs");
+    let guest = vessel_tests::start_kernel_with(&kernel, &BootOptions::default(), &[fs])?;
+    let run = guest.finish()?;
+    let protocol = if daemon_tag.is_some() { VIRTIOFSD_PROTOCOL_WITH_CONFIG } else { VIRTIOFSD_PROTOCOL };
+    check_virtio_fs_run(&run, &daemon, daemon_tag.unwrap_or("vessel-fs"), protocol)
+}
+
+/// A vhost-user device goes into an empty hotplug slot like any other: the
+/// daemon is reached from the event loop thread, under its seccomp
+/// filter, and the virtio guest, which waits at the empty slot, drives it
+/// as it does a boot-time one (the event loop must leave the kicks to the
+/// daemon). A socket nobody listens on is an attach error; detaching a
+/// vhost-user device frees its slot while the guest runs on. Runs in a
+/// child process (see `in_child`).
+fn virtio_fs_hotplug() -> TestResult {
+    use devices::virtio::vhost_user_frontend::FrontendError;
+    let dir = TempDir::new("virtiofs-hotplug")?;
+    let daemon = virtiofsd(&dir, Some("hot"))?;
+    let opts = BootOptions { hotplug_slots: 1, ..Default::default() };
+    // The guest's default window and GSI are the first slot's.
+    let guest = start_guest(Program::Virtio, Format::Pvh, &opts)?;
+    let h = &guest.handle;
+    let nobody = h.request(VmmAction::AttachDevice(fs_device(dir.path().join("nobody.sock"), "hot")));
+    ensure!(
+        matches!(
+            nobody,
+            Err(VmmActionError::Attach(DeviceManagerError::Backend(vmm::BackendError::VhostUser(
+                FrontendError::Connect(..)
+            ))))
+        ),
+        "attaching to a socket nobody listens on gave {nobody:?}"
+    );
+    let attached = h.request(VmmAction::AttachDevice(fs_device(daemon.socket.clone(), "hot")))?;
+    ensure!(
+        attached == VmmData::Attached { slot: 0, addr: 0xd000_0000, irq: 5 },
+        "attached as {attached:?}; virtiofsd:\n{}",
+        daemon.log_text()
+    );
+    let run = guest.finish()?;
+    check_virtio_fs_run(&run, &daemon, "hot", VIRTIOFSD_PROTOCOL_WITH_CONFIG)?;
+
+    // Detaching: virtiofsd serves one connection, so a second daemon.
+    let second = TempDir::new("virtiofs-detach")?;
+    let daemon = virtiofsd(&second, None)?;
+    let guest = start_guest(Program::Spin, Format::Pvh, &opts)?;
+    let h = &guest.handle;
+    ensure!(wait_until(Duration::from_secs(10), || h.stats().boot_time.is_some()), "the guest never started");
+    h.request(VmmAction::AttachDevice(fs_device(daemon.socket.clone(), "gone")))?;
+    h.request(VmmAction::DetachDevice(0))?;
+    ensure!(attach_rng(h)? == VmmData::Attached { slot: 0, addr: 0xd000_0000, irq: 5 }, "the slot was not free again");
+    let before = h.stats().vcpus[0].io_out;
+    ensure!(wait_until(Duration::from_secs(10), || h.stats().vcpus[0].io_out > before + 100), "the guest stopped");
+    Ok(())
+}
+
+fn attach_rng(h: &vmm::VmmHandle) -> anyhow::Result<VmmData> {
+    Ok(h.request(VmmAction::AttachDevice(vmm::DeviceConfig::Rng))?)
+}
+
 /// Runs in a child process (see `seccomp_refuses_forbidden_syscall`): a thread
 /// with the vCPU filter does what vCPU threads do, then makes a syscall no
 /// vCPU thread needs. The filter must kill the process with its report.
@@ -408,6 +552,27 @@ fn abort_is_not_a_seccomp_refusal() -> TestResult {
     Ok(())
 }
 
+/// Runs the child trial `name` in a child process of this test binary,
+/// as the tests that reach a seccomp filter do: a refused syscall ends
+/// that process, not every test in this one.
+fn in_child(name: &str) -> TestResult {
+    let out = Command::new(std::env::current_exe()?)
+        .args([name, "--exact", "--nocapture", "--test-threads=1"])
+        .env(CHILD_ENV, "1")
+        .output()?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    ensure!(
+        out.status.success() && stdout.contains(" 1 passed"),
+        "child {name} ended with {:?}; stdout: {stdout}; stderr: {stderr}",
+        out.status
+    );
+    Ok(())
+}
+
+const FS_DAEMON_CONFIG_CHILD: &str = "virtio_fs_daemon_config_child_process";
+const FS_VMM_CONFIG_CHILD: &str = "virtio_fs_vmm_config_child_process";
+const FS_HOTPLUG_CHILD: &str = "virtio_fs_hotplug_child_process";
 const ABORT_CHILD: &str = "abort_child_process";
 const VSOCK_RESET_CHILD: &str = "vsock_reset_child_process";
 const SECCOMP_CHILD: &str = "seccomp_child_process";
@@ -442,6 +607,9 @@ fn main() {
             trial(SECCOMP_CHILD, seccomp_child),
             trial(VSOCK_RESET_CHILD, vsock_reset_child),
             trial(ABORT_CHILD, abort_child),
+            trial(FS_DAEMON_CONFIG_CHILD, || virtio_fs_on_virtiofsd(Some("from-daemon"))),
+            trial(FS_VMM_CONFIG_CHILD, || virtio_fs_on_virtiofsd(None)),
+            trial(FS_HOTPLUG_CHILD, virtio_fs_hotplug),
         ];
         libtest_mimic::run(&args, children).exit();
     }
@@ -475,5 +643,12 @@ fn main() {
         ),
     ];
     trials.extend(gate(kvm_unavailable(), kvm_trials));
+    let virtiofsd_trials = vec![
+        trial("virtio_fs_on_virtiofsd_with_the_daemons_config_space", || in_child(FS_DAEMON_CONFIG_CHILD)),
+        trial("virtio_fs_on_virtiofsd_with_a_config_space_of_the_vmms", || in_child(FS_VMM_CONFIG_CHILD)),
+        trial("virtio_fs_is_hot_plugged_into_an_empty_slot", || in_child(FS_HOTPLUG_CHILD)),
+    ];
+    let virtiofsd_missing = vessel_tests::virtiofsd::binary().err();
+    trials.extend(gate(kvm_unavailable().or(virtiofsd_missing), virtiofsd_trials));
     libtest_mimic::run(&args, trials).exit();
 }

@@ -59,6 +59,9 @@ pub enum DeviceConfig {
     Vsock(devices::virtio::vsock::VsockConfig),
     /// A network card on a TAP device.
     Net(devices::virtio::net::NetConfig),
+    /// A device whose queues a vhost-user daemon serves (virtio-fs by
+    /// virtiofsd): the VMM is its vhost-user frontend.
+    VhostUser(devices::virtio::vhost_user_frontend::VhostUserConfig),
 }
 
 /// Everything a VM is built from, as the pre-boot actions left it.
@@ -193,6 +196,7 @@ mod tests {
 
     #[test]
     fn configurations_survive_a_round_trip_through_json() {
+        use devices::virtio::vhost_user_frontend::{VhostUserConfig, VhostUserDevice};
         use devices::virtio::{block::BlockConfig, net::NetConfig, vsock::VsockConfig};
         let machine = MachineConfig { vcpus: 2, mem_mib: 256, seccomp: false, hotplug_slots: 3 };
         let boot = BootSourceConfig {
@@ -209,6 +213,10 @@ mod tests {
             }),
             DeviceConfig::Vsock(VsockConfig { guest_cid: 3, uds_path: "/run/vessel/vsock.sock".into() }),
             DeviceConfig::Net(NetConfig { tap: "tap0".into(), mac: [0x02, 0, 0, 0, 0, 1] }),
+            DeviceConfig::VhostUser(VhostUserConfig {
+                socket: "/run/vessel/fs.sock".into(),
+                device: VhostUserDevice::Fs { tag: "shared".into(), request_queues: 1, queue_size: 512 },
+            }),
         ];
         let json = serde_json::to_string(&(&machine, &boot, &devices)).unwrap();
         let back: (MachineConfig, BootSourceConfig, Vec<DeviceConfig>) = serde_json::from_str(&json).unwrap();

@@ -151,7 +151,14 @@ impl MmioTransport {
             .iter()
             .map(|_| EventFd::new(libc::EFD_NONBLOCK).map_err(MmioError::EventFd))
             .collect::<Result<Vec<_>, _>>()?;
-        let clones = evts.iter().map(|e| e.try_clone().map_err(MmioError::EventFd)).collect::<Result<Vec<_>, _>>()?;
+        let clone_all =
+            || evts.iter().map(|e| e.try_clone().map_err(MmioError::EventFd)).collect::<Result<Vec<_>, _>>();
+        let clones = clone_all()?;
+        let mut backend = backend;
+        if backend.queues_served_elsewhere() {
+            // The same notifications, for the process that serves the rings.
+            backend.set_kick_events(clone_all()?);
+        }
         self.reset();
         self.queues = queues;
         self.queue_evts = evts;
@@ -177,6 +184,13 @@ impl MmioTransport {
         self.active
     }
 
+    /// Whether another process serves the backend's rings (see
+    /// [`VirtioBackend::queues_served_elsewhere`]): the queue eventfds are
+    /// then that process's to read, and the event loop must not watch them.
+    pub fn queues_served_elsewhere(&self) -> bool {
+        self.backend.as_ref().is_some_and(|b| b.queues_served_elsewhere())
+    }
+
     fn reset(&mut self) {
         for q in &mut self.queues {
             q.reset();
@@ -195,6 +209,10 @@ impl MmioTransport {
 
     /// Serves what woke the device: a queue notification or backend work.
     pub fn process(&mut self, wakeup: Wakeup) {
+        if self.queues_served_elsewhere() {
+            self.process_elsewhere(wakeup);
+            return;
+        }
         if !self.active {
             // No driver (not yet, or reset): host-side work is taken in
             // with no queues, so the backend's fd does not stay readable
@@ -224,6 +242,24 @@ impl MmioTransport {
                     warn!("cannot wake virtio queue {i} again: {e}");
                 }
             }
+        }
+    }
+
+    /// A wakeup of a device whose rings another process serves: its backend
+    /// talks to that process and says whether buffers were used.
+    fn process_elsewhere(&mut self, wakeup: Wakeup) {
+        let Some(backend) = self.backend.as_mut() else { return };
+        if wakeup != Wakeup::Backend {
+            return;
+        }
+        let used = backend.process(wakeup, &mut [], &self.mem);
+        if backend.needs_reset() {
+            if self.status & STATUS_DEVICE_NEEDS_RESET == 0 {
+                self.status |= STATUS_DEVICE_NEEDS_RESET;
+                self.interrupt.raise(INT_CONFIG);
+            }
+        } else if used != 0 && self.active {
+            self.interrupt.raise(INT_USED_RING);
         }
     }
 
@@ -346,6 +382,9 @@ impl MmioTransport {
                     q.set_event_idx(event_idx);
                 }
                 self.active = true;
+                if backend.queues_served_elsewhere() {
+                    backend.activate(&self.queues);
+                }
             } else {
                 // A ready queue outside guest memory: the device cannot run.
                 status |= STATUS_DEVICE_NEEDS_RESET;
@@ -428,7 +467,10 @@ impl MutEventSubscriber for MmioQueueEvents {
     }
 
     fn init(&mut self, ops: &mut EventOps) {
-        for (index, evt) in self.evts.iter().enumerate() {
+        let elsewhere = self.transport.lock().unwrap_or_else(|p| p.into_inner()).queues_served_elsewhere();
+        // The queue eventfds of a device served elsewhere are its daemon's.
+        let queues = if elsewhere { &self.evts[..0] } else { &self.evts[..] };
+        for (index, evt) in queues.iter().enumerate() {
             if let Err(e) = ops.add(Events::with_data(evt, index as u32, EventSet::IN)) {
                 warn!("cannot watch virtio queue {index}: {e:?}");
             }

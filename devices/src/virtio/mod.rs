@@ -9,12 +9,14 @@ pub mod mmio;
 pub mod net;
 pub mod rng;
 pub mod vhost_user;
+pub mod vhost_user_frontend;
 pub mod vsock;
 
 use std::os::fd::RawFd;
 
 use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::EventFd;
 
 /// VIRTIO_F_VERSION_1: the device follows virtio 1.x (required by modern
 /// virtio-mmio and by vhost-user frontends).
@@ -32,6 +34,8 @@ pub mod device_type {
     pub const RNG: u32 = 4;
     /// Socket device.
     pub const VSOCK: u32 = 19;
+    /// File system device (virtio-fs).
+    pub const FS: u32 = 26;
 }
 
 /// A device's counters, read by name for a stats call.
@@ -115,6 +119,29 @@ pub trait VirtioBackend: Send + Sync {
     /// Forgets per-driver state after a device reset. Runs on a vCPU thread
     /// (see above): dropping an fd is fine, changing an epoll set is not.
     fn reset(&mut self) {}
+
+    /// Whether another process serves this device's rings (a vhost-user
+    /// frontend). Then the transport never touches them: it does not watch
+    /// the queue eventfds (they go to [`VirtioBackend::set_kick_events`]),
+    /// it hands the driver's queue setup to [`VirtioBackend::activate`],
+    /// and it raises the used-buffer interrupt whenever
+    /// `process(Wakeup::Backend, ..)` returns non-zero.
+    fn queues_served_elsewhere(&self) -> bool {
+        false
+    }
+    /// For a device whose queues are served elsewhere: the driver's queue
+    /// notifications, in queue order (the eventfds the VMM registers as
+    /// ioeventfds), given once when the device is put in its slot.
+    fn set_kick_events(&mut self, _kicks: Vec<EventFd>) {}
+    /// For a device whose queues are served elsewhere: the driver set
+    /// DRIVER_OK with `queues` set up. Runs on a vCPU thread (see above),
+    /// so work that needs more waits for `process(Wakeup::Backend, ..)`.
+    fn activate(&mut self, _queues: &[Queue]) {}
+    /// Whether the device failed and needs the driver to reset it
+    /// (DEVICE_NEEDS_RESET); asked after each backend wakeup.
+    fn needs_reset(&self) -> bool {
+        false
+    }
 }
 
 /// The most chains one pass takes from one queue. A driver can add buffers

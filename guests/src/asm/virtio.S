@@ -15,12 +15,16 @@
  * Output on COM1, every number as 0x + 16 lowercase hex digits:
  *   virtio: magic <MagicValue> version <Version> device <DeviceID>
  *   virtio: features <DeviceFeatures, 64 bits>
- *   virtio: queue max <QueueNumMax of queue 0>
+ *   virtio: fs tag <tag text> request queues <num_request_queues>
+ *                                                      (virtio-fs only)
+ *   virtio: queue max <QueueNumMax>                    (each queue set up)
  *   virtio: status <Status after DRIVER_OK>            (expected 0xf)
  *   virtio: irq <interrupts taken> isr <InterruptStatus, ORed over them>
  *     or, when none came within about 2 s:  virtio: no interrupt
  *   virtio: used idx <used.idx> id <used.ring[0].id> len <used.ring[0].len>
  *   virtio: data <buffer bytes 0..7> <bytes 8..15>     (little endian)
+ *   virtio: fs init <reply bytes 16..23>               (virtio-fs only:
+ *                                                      FUSE major, minor)
  *   virtio: reset status <Status after writing 0>      (expected 0)
  *   done
  * then the boot-timer byte and a reset (FINISH). On a failed check it
@@ -29,7 +33,8 @@
  * and finishes without `done`.
  *
  * Sequence (virtio spec 3.1.1 and 4.2.3): check magic, version 2 and a
- * non-zero device ID; reset (Status = 0, wait for it to read 0);
+ * non-zero device ID (an empty hotplug slot, ID 0, is read again for
+ * about 2 s, until a device is plugged into it); reset (Status = 0, wait for it to read 0);
  * ACKNOWLEDGE; DRIVER; read the device features; accept only
  * VIRTIO_F_VERSION_1; FEATURES_OK and check it stuck; set up queue 0
  * (QueueSel, QueueNumMax, QueueNum, the three ring addresses, QueueReady);
@@ -45,14 +50,24 @@
  * device works, so the same guest drives a vsock device whose receive
  * buffer takes a host's connection request, then resets it mid-connection.
  *
+ * A virtio-fs device (ID 26) gets what its driver needs instead: the tag
+ * and request-queue count read from its config space (byte and 32-bit
+ * reads), queue 0 (high priority, left empty) and queue 1 (requests) set
+ * up, and on queue 1 one FUSE_INIT request (a 104-byte device-readable
+ * descriptor: fuse_in_header, unique FUSE_UNIQUE, and fuse_init_in 7.31,
+ * no flags) chained to a 256-byte device-writable one for the reply,
+ * notified on queue 1. The `used` and `data` lines are then queue 1's and
+ * the reply's fuse_out_header (len and error, then unique).
+ *
  * Register accesses to the device are all 32-bit, as virtio-mmio requires.
  * Instruction count matters (see report.S): no loops but the command-line
  * scan, the bounded waits and one `rep stosq`.
  *
  * Guest-physical memory written: only our own image (see guest.ld; .bss
- * right after .data): the virtqueue, the buffer and the IDT in five
+ * right after .data): the virtqueues, the buffers and the IDT in nine
  * 4 KiB-aligned .bss pages (virtq_desc, virtq_avail, virtq_used,
- * virtio_buffer, idt, zeroed at start), the stack, and a few variables in
+ * virtio_buffer, fuse_request, hiprio_rings (3), idt, zeroed at start),
+ * the stack, and a few variables in
  * .data. Nothing below 1 MiB is written. MMIO: the device window, the local
  * APIC (0xfee00000), the IOAPIC (0xfec00000); ports: COM1, the 8259 masks
  * (0x21, 0xa1) and FINISH's ports.
@@ -89,6 +104,7 @@
 #define VIRTIO_MMIO_QUEUE_DRIVER_HIGH   0x094
 #define VIRTIO_MMIO_QUEUE_DEVICE_LOW    0x0a0   /* the used ring */
 #define VIRTIO_MMIO_QUEUE_DEVICE_HIGH   0x0a4
+#define VIRTIO_MMIO_CONFIG              0x100   /* the device's config space */
 
 #define VIRTIO_MAGIC        0x74726976  /* "virt", little endian */
 #define VIRTIO_MMIO_MODERN  2
@@ -101,9 +117,20 @@
 
 #define VIRTIO_F_VERSION_1  32          /* feature bit */
 
+/* virtio-fs (virtio spec 5.11) and the FUSE request it carries. */
+#define DEVICE_FS           26
+#define FS_TAG_LEN          36          /* config: u8 tag[36]; le32 num_request_queues */
+#define FUSE_INIT           26          /* opcode */
+#define FUSE_UNIQUE         0x5a        /* our request's ID, echoed in the reply */
+#define FUSE_IN_HEADER_LEN  40
+#define FUSE_INIT_IN_LEN    64          /* major, minor, max_readahead, flags, flags2, unused[11] */
+#define FUSE_REPLY_LEN      256         /* the reply buffer */
+
 /* Split virtqueue (virtio spec 2.7). */
 #define QUEUE_SIZE          8
+#define VIRTQ_DESC_F_NEXT   1
 #define VIRTQ_DESC_F_WRITE  2
+#define DESC_SIZE           16
 #define DESC_ADDR           0           /* struct virtq_desc: u64 */
 #define DESC_LEN            8           /* u32 */
 #define DESC_FLAGS          12          /* u16 */
@@ -139,6 +166,8 @@
 #define WAIT_TSC_TICKS      5000000000  /* about 2 s at 2.5 GHz */
 #define WAIT_WAKES          400         /* 4 s of 10 ms timer ticks */
 #define RESET_POLLS         1000
+#define DEVICE_POLLS        2000        /* reads of an empty slot's device ID */
+#define DEVICE_POLL_PAUSES  100000      /* between two of them */
 
 #define CMDLINE_MAX         4096
 
@@ -153,7 +182,8 @@
 
 /*
  * main64: RSI = boot_params or hvm_start_info, EBP = BOOT_* kind.
- * R15 = the device's register window throughout.
+ * R15 = the device's register window, R14D = its device ID, R13D = the
+ * queue that carries the request (0, or 1 for virtio-fs) throughout.
  */
 main64:
     mov     rbx, rsi
@@ -180,7 +210,10 @@ main64:
     call    put_hex
     PRINT   " device "
     mov     eax, [r15 + VIRTIO_MMIO_DEVICE_ID]
-    call    put_hex
+    test    eax, eax
+    jnz     1f
+    call    wait_for_device             /* an empty slot: one may be plugged */
+1:  call    put_hex
     call    put_newline
     cmp     r8d, VIRTIO_MAGIC
     jne     .Lno_device
@@ -188,6 +221,7 @@ main64:
     jne     .Lnot_modern
     test    eax, eax
     jz      .Lno_device
+    mov     r14d, eax
 
 /* --- reset, ACKNOWLEDGE, DRIVER ---------------------------------------- */
     mov     dword ptr [r15 + VIRTIO_MMIO_STATUS], 0
@@ -222,28 +256,22 @@ main64:
     test    eax, STATUS_FEATURES_OK
     jz      .Lfeatures_rejected
 
-/* --- queue 0 ---------------------------------------------------------------- */
-    mov     dword ptr [r15 + VIRTIO_MMIO_QUEUE_SEL], 0
-    mov     eax, [r15 + VIRTIO_MMIO_QUEUE_NUM_MAX]
-    PRINT   "virtio: queue max "
-    call    put_hex
-    call    put_newline
-    test    eax, eax
-    jz      .Lno_queue
-    mov     ecx, QUEUE_SIZE
-    cmp     eax, ecx
-    cmovb   ecx, eax                    /* a smaller maximum: use it */
-    mov     [r15 + VIRTIO_MMIO_QUEUE_NUM], ecx
-    mov     eax, offset virtq_desc      /* all below 4 GiB: high halves 0 */
-    mov     [r15 + VIRTIO_MMIO_QUEUE_DESC_LOW], eax
-    mov     dword ptr [r15 + VIRTIO_MMIO_QUEUE_DESC_HIGH], 0
-    mov     eax, offset virtq_avail
-    mov     [r15 + VIRTIO_MMIO_QUEUE_DRIVER_LOW], eax
-    mov     dword ptr [r15 + VIRTIO_MMIO_QUEUE_DRIVER_HIGH], 0
-    mov     eax, offset virtq_used
-    mov     [r15 + VIRTIO_MMIO_QUEUE_DEVICE_LOW], eax
-    mov     dword ptr [r15 + VIRTIO_MMIO_QUEUE_DEVICE_HIGH], 0
-    mov     dword ptr [r15 + VIRTIO_MMIO_QUEUE_READY], 1
+/* --- virtio-fs: the config space, and the high-priority queue 0 ------- */
+    xor     r13d, r13d
+    cmp     r14d, DEVICE_FS
+    jne     1f
+    call    print_fs_config
+    xor     ecx, ecx
+    mov     edi, offset hiprio_rings
+    call    setup_queue
+    jc      .Lno_queue
+    mov     r13d, 1
+
+/* --- the request queue: 0, or 1 for virtio-fs ------------------------------ */
+1:  mov     ecx, r13d
+    mov     edi, offset virtq_desc
+    call    setup_queue
+    jc      .Lno_queue
 
 /* --- DRIVER_OK ---------------------------------------------------------------- */
     mov     dword ptr [r15 + VIRTIO_MMIO_STATUS], STATUS_ACKNOWLEDGE + STATUS_DRIVER + STATUS_FEATURES_OK + STATUS_DRIVER_OK
@@ -274,14 +302,18 @@ main64:
     mov     [rdi + IOAPIC_REGSEL], ecx
     mov     dword ptr [rdi + IOAPIC_WINDOW], VECTOR_VIRTIO
 
-/* --- one device-writable buffer, published and notified ------------------ */
-    mov     edi, offset virtq_desc      /* descriptor 0 */
+/* --- one request (a device-writable buffer, or FUSE_INIT), notified ----- */
+    cmp     r14d, DEVICE_FS
+    jne     1f
+    call    build_fuse_init
+    jmp     2f
+1:  mov     edi, offset virtq_desc      /* descriptor 0 */
     mov     eax, offset virtio_buffer
     mov     [rdi + DESC_ADDR], rax
     mov     dword ptr [rdi + DESC_LEN], BUFFER_LEN
     mov     word ptr [rdi + DESC_FLAGS], VIRTQ_DESC_F_WRITE
     mov     word ptr [rdi + DESC_NEXT], 0
-    mov     edi, offset virtq_avail
+2:  mov     edi, offset virtq_avail
     mov     word ptr [rdi + AVAIL_RING], 0      /* ring[0] = descriptor 0 */
     mfence                              /* the entry before the index */
     mov     word ptr [rdi + AVAIL_IDX], 1
@@ -298,7 +330,7 @@ main64:
     mov     r9, WAIT_TSC_TICKS
     add     r9, rax                     /* R9 = deadline */
     mov     r10d, WAIT_WAKES
-    mov     dword ptr [r15 + VIRTIO_MMIO_QUEUE_NOTIFY], 0
+    mov     [r15 + VIRTIO_MMIO_QUEUE_NOTIFY], r13d
 
 /* --- wait for the interrupt ---------------------------------------------- */
 .Lwait:
@@ -353,6 +385,13 @@ main64:
     mov     rax, [rdi + 8]
     call    put_hex
     call    put_newline
+    cmp     r14d, DEVICE_FS
+    jne     1f
+    PRINT   "virtio: fs init "
+    mov     rax, [rdi + 16]             /* fuse_init_out: major, minor */
+    call    put_hex
+    call    put_newline
+1:
 
 /* --- reset: the driver lets go of the device, as unbind or kexec do ------ */
     mov     dword ptr [r15 + VIRTIO_MMIO_STATUS], 0
@@ -379,7 +418,131 @@ main64:
     call    put_newline
     jmp     .Ldone
 .Lno_queue:
-    ERROR   "queue 0 not available"
+    ERROR   "queue not available"
+
+/* ------------------------------------------------------------------------ */
+/*
+ * wait_for_device: EAX = the device ID, read again until it is not 0 (a
+ * device hot-plugged into the empty slot), for about 2 s of TSC or
+ * DEVICE_POLLS reads, whichever ends first; 0 if none came. Keeps every
+ * register but RAX and flags.
+ */
+wait_for_device:
+    push    rcx
+    push    rdx
+    push    r9
+    push    r10
+    rdtsc
+    shl     rdx, 32
+    or      rax, rdx
+    mov     r9, WAIT_TSC_TICKS
+    add     r9, rax                     /* R9 = deadline */
+    mov     r10d, DEVICE_POLLS
+1:  mov     ecx, DEVICE_POLL_PAUSES     /* not an MMIO exit every instruction */
+2:  pause
+    dec     ecx
+    jnz     2b
+    mov     eax, [r15 + VIRTIO_MMIO_DEVICE_ID]
+    test    eax, eax
+    jnz     3f
+    dec     r10d
+    jz      3f
+    rdtsc
+    shl     rdx, 32
+    or      rax, rdx
+    cmp     rax, r9
+    jb      1b
+    xor     eax, eax
+3:  pop     r10
+    pop     r9
+    pop     rdx
+    pop     rcx
+    ret
+
+/*
+ * setup_queue: ECX = queue index, EDI = its rings: three 4 KiB pages below
+ * 4 GiB (descriptors, avail ring, used ring). Prints `virtio: queue max`;
+ * sets CF if the device has no such queue. Keeps every register but RAX,
+ * RCX and flags.
+ */
+setup_queue:
+    mov     [r15 + VIRTIO_MMIO_QUEUE_SEL], ecx
+    mov     eax, [r15 + VIRTIO_MMIO_QUEUE_NUM_MAX]
+    PRINT   "virtio: queue max "
+    call    put_hex
+    call    put_newline
+    test    eax, eax
+    jz      1f
+    mov     ecx, QUEUE_SIZE
+    cmp     eax, ecx
+    cmovb   ecx, eax                    /* a smaller maximum: use it */
+    mov     [r15 + VIRTIO_MMIO_QUEUE_NUM], ecx
+    mov     [r15 + VIRTIO_MMIO_QUEUE_DESC_LOW], edi   /* high halves 0 */
+    mov     dword ptr [r15 + VIRTIO_MMIO_QUEUE_DESC_HIGH], 0
+    lea     eax, [rdi + 4096]
+    mov     [r15 + VIRTIO_MMIO_QUEUE_DRIVER_LOW], eax
+    mov     dword ptr [r15 + VIRTIO_MMIO_QUEUE_DRIVER_HIGH], 0
+    lea     eax, [rdi + 8192]
+    mov     [r15 + VIRTIO_MMIO_QUEUE_DEVICE_LOW], eax
+    mov     dword ptr [r15 + VIRTIO_MMIO_QUEUE_DEVICE_HIGH], 0
+    mov     dword ptr [r15 + VIRTIO_MMIO_QUEUE_READY], 1
+    clc
+    ret
+1:  stc
+    ret
+
+/*
+ * print_fs_config: `virtio: fs tag <tag> request queues <n>`; the tag's
+ * bytes read one at a time up to the first NUL (at most FS_TAG_LEN).
+ */
+print_fs_config:
+    push    rax
+    push    rcx
+    PRINT   "virtio: fs tag "
+    xor     ecx, ecx
+1:  mov     al, [r15 + VIRTIO_MMIO_CONFIG + rcx]
+    test    al, al
+    jz      2f
+    call    putc
+    inc     ecx
+    cmp     ecx, FS_TAG_LEN
+    jb      1b
+2:  PRINT   " request queues "
+    mov     eax, [r15 + VIRTIO_MMIO_CONFIG + FS_TAG_LEN]
+    call    put_hex
+    call    put_newline
+    pop     rcx
+    pop     rax
+    ret
+
+/*
+ * build_fuse_init: FUSE_INIT in fuse_request (the rest of the page is
+ * zero), descriptor 0 (device-readable, the request) chained to
+ * descriptor 1 (device-writable, the reply in virtio_buffer).
+ */
+build_fuse_init:
+    push    rax
+    push    rdi
+    mov     edi, offset fuse_request
+    mov     dword ptr [rdi], FUSE_IN_HEADER_LEN + FUSE_INIT_IN_LEN  /* len */
+    mov     dword ptr [rdi + 4], FUSE_INIT                          /* opcode */
+    mov     qword ptr [rdi + 8], FUSE_UNIQUE                        /* unique */
+    mov     dword ptr [rdi + FUSE_IN_HEADER_LEN], 7                 /* major */
+    mov     dword ptr [rdi + FUSE_IN_HEADER_LEN + 4], 31            /* minor */
+    mov     edi, offset virtq_desc
+    mov     eax, offset fuse_request
+    mov     [rdi + DESC_ADDR], rax
+    mov     dword ptr [rdi + DESC_LEN], FUSE_IN_HEADER_LEN + FUSE_INIT_IN_LEN
+    mov     word ptr [rdi + DESC_FLAGS], VIRTQ_DESC_F_NEXT
+    mov     word ptr [rdi + DESC_NEXT], 1
+    mov     eax, offset virtio_buffer
+    mov     [rdi + DESC_SIZE + DESC_ADDR], rax
+    mov     dword ptr [rdi + DESC_SIZE + DESC_LEN], FUSE_REPLY_LEN
+    mov     word ptr [rdi + DESC_SIZE + DESC_FLAGS], VIRTQ_DESC_F_WRITE
+    mov     word ptr [rdi + DESC_SIZE + DESC_NEXT], 0
+    pop     rdi
+    pop     rax
+    ret
 
 /* ------------------------------------------------------------------------ */
 /*
@@ -631,7 +794,7 @@ idt_descriptor:
     .word   IDT_ENTRIES * 16 - 1
     .quad   idt
 
-/* Zeroed by main64: the virtqueue, the buffer, the IDT. */
+/* Zeroed by main64: the virtqueues, the buffers, the IDT. */
     .bss
     .balign 4096
 bss_pages:
@@ -643,6 +806,10 @@ virtq_used:                             /* struct virtq_used */
     .skip   4096
 virtio_buffer:                          /* the device-writable buffer */
     .skip   4096
+fuse_request:                           /* virtio-fs: the FUSE_INIT request */
+    .skip   4096
+hiprio_rings:                           /* virtio-fs: queue 0's three pages */
+    .skip   3 * 4096
 idt:
     .skip   IDT_ENTRIES * 16
 bss_pages_end:

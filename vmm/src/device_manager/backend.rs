@@ -7,6 +7,7 @@ use std::sync::Arc;
 use devices::virtio::block::{Block, BlockError};
 use devices::virtio::net::{Net, NetError};
 use devices::virtio::rng::Rng;
+use devices::virtio::vhost_user_frontend::{FrontendError, VhostUserFrontend};
 use devices::virtio::vsock::{Vsock, VsockError};
 use devices::virtio::{CounterSet, VirtioBackend};
 
@@ -27,6 +28,9 @@ pub enum BackendError {
     /// The vsock device or its host socket could not be made.
     #[error("cannot create the virtio-vsock device")]
     Vsock(#[from] VsockError),
+    /// The vhost-user daemon could not be reached or refused the device.
+    #[error("cannot create the vhost-user device")]
+    VhostUser(#[from] FrontendError),
 }
 
 /// Makes the backend `config` describes.
@@ -42,5 +46,8 @@ pub(crate) fn create(config: &DeviceConfig) -> Result<(Box<dyn VirtioBackend>, N
         DeviceConfig::Block(block) => named(format!("blk {}", block.path.display()), Block::open(block)?),
         DeviceConfig::Net(net) => named(format!("net {}", net.tap), Net::new(net)?),
         DeviceConfig::Vsock(vsock) => named(format!("vsock cid {}", vsock.guest_cid), Vsock::new(vsock)?),
+        DeviceConfig::VhostUser(vu) => {
+            named(format!("vhost-user {}", vu.socket.display()), VhostUserFrontend::connect(vu)?)
+        }
     })
 }

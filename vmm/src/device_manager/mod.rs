@@ -107,6 +107,8 @@ pub(crate) struct Plugged {
 /// A device in a hotplug slot: the events the loop watches for it.
 struct PluggedDevice {
     queue_evts: Vec<EventFd>,
+    /// The queue eventfds are a vhost-user daemon's to read, not the loop's.
+    queues_elsewhere: bool,
     backend_fd: Option<RawFd>,
 }
 
@@ -161,7 +163,11 @@ impl DeviceManager {
         let (backend, counters) = backend::create(config)?;
         let transport = &self.transports[index];
         let queue_evts = connect(vm, transport, slot, backend)?;
-        let device = PluggedDevice { queue_evts, backend_fd: lock(transport).backend_fd() };
+        let (queues_elsewhere, backend_fd) = {
+            let t = lock(transport);
+            (t.queues_served_elsewhere(), t.backend_fd())
+        };
+        let device = PluggedDevice { queue_evts, queues_elsewhere, backend_fd };
         if let Err(e) = watch(ops, &device, hotplug_token(index, 0)) {
             disconnect(vm, transport, slot, &device.queue_evts);
             return Err(DeviceManagerError::Watch(slot.addr, e));
@@ -251,7 +257,8 @@ fn disconnect(vm: &VmFd, transport: &Mutex<MmioTransport>, slot: MmioSlot, queue
 /// Adds a hot-plugged device's queue events and backend fd to the loop,
 /// tokens from `base`; on failure removes what it added.
 fn watch(ops: &mut EventOps, device: &PluggedDevice, base: u32) -> Result<(), event_manager::Error> {
-    let queues = device.queue_evts.iter().enumerate();
+    let watched = if device.queues_elsewhere { &device.queue_evts[..0] } else { &device.queue_evts[..] };
+    let queues = watched.iter().enumerate();
     let mut events: Vec<Events> =
         queues.map(|(queue, evt)| Events::with_data(evt, base + queue as u32, EventSet::IN)).collect();
     if let Some(fd) = device.backend_fd {

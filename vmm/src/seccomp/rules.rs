@@ -19,6 +19,11 @@ const KVM_IOEVENTFD: u64 = 0x4040_ae79;
 /// TUNSETIFF, TUNSETOFFLOAD, TUNSETVNETHDRSZ: opening a hot-plugged TAP.
 const TUN_IOCTLS: [u64; 3] = [0x4004_54ca, 0x4004_54d0, 0x4004_54d8];
 
+/// setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO or SO_SNDTIMEO): the timeouts
+/// of a hot-plugged vhost-user device's socket, so a stalled daemon cannot
+/// hold the event loop.
+const SOCKET_TIMEOUTS: &[u64] = &[libc::SO_RCVTIMEO as u64, libc::SO_SNDTIMEO as u64];
+
 /// What every thread needs: memory, locks, signals, time, leaving.
 const COMMON: &[i64] = &[
     libc::SYS_brk,
@@ -44,7 +49,8 @@ const VCPU: &[i64] = &[];
 
 /// The event loop: wait on eventfds, kick and join vCPU threads, read stats,
 /// serve virtio queues (disk I/O, entropy, vsock's Unix sockets, the TAP),
-/// and hot-plug devices (open their files and sockets, make eventfds).
+/// talk to vhost-user daemons (sendmsg/recvmsg with fds), and hot-plug
+/// devices (open their files and sockets, make eventfds).
 const EVENT_LOOP: &[i64] = &[
     libc::SYS_accept4,
     libc::SYS_bind,
@@ -108,7 +114,21 @@ fn second_arg_in(values: &[u64]) -> Vec<SeccompRule> {
         .collect()
 }
 
-fn filter(allowed: &[&[i64]], ioctls: &[u64]) -> SeccompFilter {
+/// setsockopt at level SOL_SOCKET, for the options in `options` only.
+fn sol_socket_options(options: &[u64]) -> Vec<SeccompRule> {
+    options
+        .iter()
+        .map(|option| {
+            let level = SeccompCondition::new(1, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, libc::SOL_SOCKET as u64)
+                .expect("valid argument condition");
+            let name = SeccompCondition::new(2, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, *option)
+                .expect("valid argument condition");
+            SeccompRule::new(vec![level, name]).expect("valid rule")
+        })
+        .collect()
+}
+
+fn filter(allowed: &[&[i64]], ioctls: &[u64], sockopts: &[u64]) -> SeccompFilter {
     let mut rules: BTreeMap<i64, Vec<SeccompRule>> = allowed
         .iter()
         .flat_map(|list| list.iter())
@@ -126,6 +146,9 @@ fn filter(allowed: &[&[i64]], ioctls: &[u64]) -> SeccompFilter {
     if !ioctls.is_empty() {
         rules.insert(libc::SYS_ioctl, second_arg_in(ioctls));
     }
+    if !sockopts.is_empty() {
+        rules.insert(libc::SYS_setsockopt, sol_socket_options(sockopts));
+    }
     SeccompFilter::new(rules, SeccompAction::Trap, SeccompAction::Allow, TargetArch::x86_64)
         .expect("valid seccomp filter")
 }
@@ -133,8 +156,15 @@ fn filter(allowed: &[&[i64]], ioctls: &[u64]) -> SeccompFilter {
 /// (file name, filter) for each thread kind.
 fn thread_filters() -> Vec<(&'static str, SeccompFilter)> {
     vec![
-        ("vcpu", filter(&[COMMON, VCPU], &[KVM_RUN])),
-        ("event_loop", filter(&[COMMON, EVENT_LOOP], &[FIONBIO, KVM_IOEVENTFD, TUN_IOCTLS[0], TUN_IOCTLS[1], TUN_IOCTLS[2]])),
-        ("control", filter(&[COMMON, CONTROL], &[])),
+        ("vcpu", filter(&[COMMON, VCPU], &[KVM_RUN], &[])),
+        (
+            "event_loop",
+            filter(
+                &[COMMON, EVENT_LOOP],
+                &[FIONBIO, KVM_IOEVENTFD, TUN_IOCTLS[0], TUN_IOCTLS[1], TUN_IOCTLS[2]],
+                SOCKET_TIMEOUTS,
+            ),
+        ),
+        ("control", filter(&[COMMON, CONTROL], &[], &[])),
     ]
 }
