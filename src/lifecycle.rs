@@ -86,13 +86,13 @@ fn fresh_id() -> String {
     format!("vessel-{}-{nanos:08x}", std::process::id())
 }
 
-/// Whether directories can be shared into sandboxes on `hypervisor`
-/// (virtio-fs): the shared directory is made of bind mounts, which need
-/// root, and the builtin hypervisor's virtio-fs is not wired in yet.
-fn can_share(hypervisor: Option<HypervisorKind>) -> bool {
+/// Whether directories can be shared into sandboxes (virtio-fs): the
+/// shared directory is made of bind mounts, which need root, and served by
+/// virtiofsd.
+fn can_share() -> bool {
     // SAFETY: geteuid has no preconditions.
     let root = unsafe { libc::geteuid() } == 0;
-    root && hypervisor.unwrap_or_else(HypervisorKind::detect) == HypervisorKind::QemuTcg
+    root && runtime_api::shared_fs::find_virtiofsd().is_ok()
 }
 
 /// The container's root: a directory as it is where it can be shared
@@ -186,8 +186,10 @@ fn sandbox_config(args: &SandboxArgs, id: &str, root: PathBuf) -> anyhow::Result
     for (n, spec) in args.volumes.iter().enumerate() {
         let volume = parse_volume(spec)?;
         if volume.host.is_dir() {
-            if !can_share(args.hypervisor) {
-                bail!("the volume {spec:?} is a directory, which needs virtio-fs: run as root, on qemu-tcg");
+            if !can_share() {
+                bail!(
+                    "the volume {spec:?} is a directory, which needs virtio-fs: run as root, with virtiofsd installed"
+                );
             }
             let (source, destination) = (volume.host, volume.guest);
             container.volumes.push(VolumeConfig { source, destination, read_only: volume.read_only });
@@ -204,7 +206,7 @@ fn sandbox_config(args: &SandboxArgs, id: &str, root: PathBuf) -> anyhow::Result
     }
     // Detached sandboxes keep a shared directory for containers created
     // later with a directory root.
-    config.shared_fs = can_share(args.hypervisor);
+    config.shared_fs = can_share();
     config.containers.push(container);
     Ok(config)
 }
@@ -221,7 +223,7 @@ pub(crate) fn create(store: &Store, args: &SandboxArgs) -> anyhow::Result<ExitCo
     }
     make_private_dir(&scratch)?;
     let made = (|| {
-        let root = container_root(&args.rootfs, &scratch, can_share(args.hypervisor))?;
+        let root = container_root(&args.rootfs, &scratch, can_share())?;
         let config = serde_json::to_string(&sandbox_config(args, &id, root)?)?;
         let log = std::fs::File::create(scratch.join("owner.log"))?;
         let mut owner = Command::new(std::env::current_exe()?)
@@ -872,7 +874,7 @@ pub(crate) fn run(
     let scratch = scratch(store, &id);
     make_private_dir(&scratch)?;
     let outcome = (|| {
-        let root = container_root(&args.rootfs, &scratch, can_share(args.hypervisor))?;
+        let root = container_root(&args.rootfs, &scratch, can_share())?;
         let mut config = sandbox_config(args, &id, root)?;
         // A foreground run makes no containers later.
         config.shared_fs = config.containers.iter().any(ContainerConfig::needs_shared_fs);

@@ -8,6 +8,7 @@ use std::time::Instant;
 
 use devices::virtio::block::BlockConfig;
 use devices::virtio::net::NetConfig;
+use devices::virtio::vhost_user_frontend::{VhostUserConfig, VhostUserDevice};
 use devices::virtio::vsock::VsockConfig;
 use vmm::{
     BootSourceConfig, ConsoleOutput, DeviceConfig, ExitReason, MachineConfig, PrebootAction, Vmm, VmmAction, VmmData,
@@ -58,13 +59,6 @@ impl Hypervisor for Builtin {
 
     fn start(&mut self, spec: &VmSpec) -> Result<(), HypervisorError> {
         let fail = |e: vmm::VmmActionError| HypervisorError::Start(KIND, Box::new(e));
-        if spec.shared_fs.is_some() {
-            return Err(HypervisorError::Unsupported {
-                kind: KIND,
-                op: "share a directory",
-                why: "its vhost-user frontend for virtio-fs is not wired in yet",
-            });
-        }
         let mut vm = Vmm::new();
         let cmdline = self.cmdline.clone().unwrap_or_else(|| CMDLINE.to_string());
         vm.handle(PrebootAction::ConfigureBootSource(BootSourceConfig {
@@ -95,6 +89,13 @@ impl Hypervisor for Builtin {
         for nic in &spec.nics {
             let config = NetConfig { tap: nic.tap.clone(), mac: nic.mac };
             vm.handle(PrebootAction::AddDevice(DeviceConfig::Net(config))).map_err(fail)?;
+        }
+        // The shared directory: virtiofsd's queues, our vhost-user frontend.
+        if let Some(socket) = &spec.shared_fs {
+            let device =
+                VhostUserDevice::Fs { tag: crate::shared_fs::SHARED_TAG.into(), request_queues: 1, queue_size: 1024 };
+            let fs = VhostUserConfig { socket: socket.clone(), device };
+            vm.handle(PrebootAction::AddDevice(DeviceConfig::VhostUser(fs))).map_err(fail)?;
         }
         // A sandbox in a network namespace runs its VMM there, as Kata
         // runs QEMU there: the TAPs open in it, and every VMM thread is
