@@ -128,8 +128,11 @@ pub fn check_source(path: &Path) -> Result<(), SharedFsError> {
 }
 
 /// The mount points at or below `dir`, deepest first, as this process's
-/// mount namespace has them.
+/// mount namespace has them. mountinfo has real paths, so `dir` is
+/// compared as given and as resolved (`/var/run` is a symlink to `/run` on
+/// Debian, and a miss here would let a removal walk into a bind mount).
 pub fn mounts_under(dir: &Path) -> Vec<PathBuf> {
+    let real = dir.canonicalize().unwrap_or_else(|_| dir.to_path_buf());
     let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
     let mut found: Vec<PathBuf> = info
         .lines()
@@ -137,7 +140,7 @@ pub fn mounts_under(dir: &Path) -> Vec<PathBuf> {
         // backslash written in octal.
         .filter_map(|line| line.split(' ').nth(4))
         .map(|escaped| PathBuf::from(unescape(escaped)))
-        .filter(|point| point.starts_with(dir))
+        .filter(|point| point.starts_with(dir) || point.starts_with(&real))
         .collect();
     found.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
     found.dedup();
@@ -340,6 +343,32 @@ mod tests {
         assert_eq!(unescape(r"/x\134y"), r"/x\y");
         assert_eq!(unescape(r"/plain"), "/plain");
         assert_eq!(unescape(r"/short\04"), r"/short\04");
+    }
+
+    /// Needs root (bind mounts); skipped otherwise, with the reason.
+    #[test]
+    fn a_bind_mount_reached_through_a_symlinked_root_is_unmounted_not_removed() {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("skipped: bind mounts need root");
+            return;
+        }
+        let base = std::env::temp_dir().join(format!("vessel-sharedfs-link-{}", std::process::id()));
+        let (real_root, precious) = (base.join("real-root"), base.join("precious"));
+        std::fs::create_dir_all(real_root.join("box")).unwrap();
+        std::fs::create_dir_all(&precious).unwrap();
+        std::fs::write(precious.join("keep"), b"the caller's file").unwrap();
+        std::os::unix::fs::symlink(&real_root, base.join("link-root")).unwrap();
+        // The sandbox directory as a caller names it: through the symlink.
+        let sandbox = base.join("link-root").join("box");
+        let shared = SharedDir::of(&sandbox);
+        shared.create().unwrap();
+        shared.add_root("c1", &precious.canonicalize().unwrap()).unwrap();
+        assert!(!mounts_under(&sandbox).is_empty(), "the mounts under a symlinked path are not seen");
+        unmount_under(&sandbox).unwrap();
+        std::fs::remove_dir_all(&sandbox).unwrap();
+        assert_eq!(std::fs::read(precious.join("keep")).unwrap(), b"the caller's file");
+        std::fs::remove_dir_all(&base).unwrap();
     }
 
     #[test]
