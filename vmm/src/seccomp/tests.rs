@@ -1,0 +1,275 @@
+//! Each thread kind's filter, loaded in a forked child that then makes one
+//! syscall: the child's end (exit 0, or killed by SIGSYS) says whether the
+//! filter let it through. The child does only async-signal-safe work: the
+//! program is decoded before the fork, and the probes are raw syscalls.
+
+use super::*;
+
+/// What a probe expects of a filter.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Verdict {
+    Allowed,
+    Refused,
+}
+use Verdict::{Allowed, Refused};
+
+/// A page mapped read-write in the parent, for the memory probes.
+fn page() -> usize {
+    // SAFETY: a fresh anonymous mapping; nothing else uses it.
+    let addr = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            4096,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        )
+    };
+    assert_ne!(addr, libc::MAP_FAILED);
+    addr as usize
+}
+
+/// Runs `probe` in a child under `kind`'s filter and says how it ended.
+fn run(kind: ThreadKind, probe: fn(usize), arg: usize) -> Verdict {
+    let program = kind.program();
+    // SAFETY: the child runs only async-signal-safe code (the filter's
+    // prctl and seccomp calls, the probe's raw syscalls, _exit) on memory
+    // prepared before the fork.
+    let pid = unsafe { libc::fork() };
+    assert!(pid >= 0, "fork failed");
+    if pid == 0 {
+        if seccompiler::apply_filter(&program).is_err() {
+            // SAFETY: _exit is async-signal-safe.
+            unsafe { libc::_exit(2) };
+        }
+        probe(arg);
+        // SAFETY: as above.
+        unsafe { libc::_exit(0) };
+    }
+    let mut status = 0;
+    // SAFETY: waits for the child forked above, into a local.
+    assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
+    let sigsys = (libc::WIFSIGNALED(status) && libc::WTERMSIG(status) == libc::SIGSYS)
+        || (libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == SIGSYS_EXIT_CODE);
+    if sigsys {
+        Refused
+    } else {
+        assert!(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0, "{kind:?}: child status {status:#x}");
+        Allowed
+    }
+}
+
+// The probes. Each makes one syscall; its result does not matter, only
+// whether the filter let it through.
+
+fn socket_inet(_: usize) {
+    // SAFETY: socket(2) with constant arguments.
+    unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0) };
+}
+
+fn socket_unix(_: usize) {
+    // SAFETY: socket(2) with constant arguments.
+    unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+}
+
+fn mprotect_exec(page: usize) {
+    // SAFETY: changes the protection of a page this test mapped.
+    unsafe { libc::mprotect(page as *mut libc::c_void, 4096, libc::PROT_READ | libc::PROT_EXEC) };
+}
+
+fn mprotect_none(page: usize) {
+    // SAFETY: as above; a guard page, as glibc makes for thread stacks.
+    unsafe { libc::mprotect(page as *mut libc::c_void, 4096, libc::PROT_NONE) };
+}
+
+fn mmap_exec(_: usize) {
+    // SAFETY: a fresh anonymous mapping the child never uses.
+    unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            4096,
+            libc::PROT_READ | libc::PROT_EXEC,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        )
+    };
+}
+
+fn mmap_fixed(page: usize) {
+    // SAFETY: maps over a page this test mapped and the child never uses.
+    unsafe {
+        libc::mmap(
+            page as *mut libc::c_void,
+            4096,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED,
+            -1,
+            0,
+        )
+    };
+}
+
+fn mmap_private(_: usize) {
+    // SAFETY: a fresh anonymous mapping the child never uses.
+    unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            4096,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+            -1,
+            0,
+        )
+    };
+}
+
+fn madvise_dontneed(page: usize) {
+    // SAFETY: advice on a page this test mapped.
+    unsafe { libc::madvise(page as *mut libc::c_void, 4096, libc::MADV_DONTNEED) };
+}
+
+fn madvise_dontfork(page: usize) {
+    // SAFETY: as above.
+    unsafe { libc::madvise(page as *mut libc::c_void, 4096, libc::MADV_DONTFORK) };
+}
+
+fn futex_wake(page: usize) {
+    // SAFETY: wakes no one on a word of a page this test mapped.
+    unsafe { libc::syscall(libc::SYS_futex, page, libc::FUTEX_WAKE | libc::FUTEX_PRIVATE_FLAG, 1, 0, 0, 0) };
+}
+
+fn futex_requeue(page: usize) {
+    // SAFETY: requeues no one between two words of a page this test mapped.
+    unsafe { libc::syscall(libc::SYS_futex, page, libc::FUTEX_CMP_REQUEUE, 1, 1, page + 8, 0) };
+}
+
+fn ioctl_create_vm(_: usize) {
+    // SAFETY: ioctl on an invalid fd: EBADF if it gets through.
+    unsafe { libc::ioctl(-1, 0xae01, 0) };
+}
+
+fn ioctl_fionbio(_: usize) {
+    // SAFETY: as above.
+    unsafe { libc::ioctl(-1, libc::FIONBIO, 0) };
+}
+
+fn ioctl_kvm_run(_: usize) {
+    // SAFETY: as above.
+    unsafe { libc::ioctl(-1, 0xae80, 0) };
+}
+
+fn openat(_: usize) {
+    // SAFETY: opens a NUL-terminated constant path.
+    unsafe { libc::open(c"/dev/null".as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC) };
+}
+
+fn bind(_: usize) {
+    // SAFETY: bind(2) on an invalid fd with a null address: EBADF if it gets through.
+    unsafe { libc::bind(-1, std::ptr::null(), 0) };
+}
+
+fn check(probe: fn(usize), name: &str, want: [Verdict; 4]) {
+    let page = page();
+    for (kind, want) in ThreadKind::ALL.into_iter().zip(want) {
+        assert_eq!(run(kind, probe, page), want, "{name} on a {kind:?} thread");
+    }
+}
+
+// Verdicts in the order of `ThreadKind::ALL`: vCPU, event loop, control, vhost-user.
+
+#[test]
+fn no_thread_may_open_an_inet_socket() {
+    check(socket_inet, "socket(AF_INET)", [Refused; 4]);
+}
+
+#[test]
+fn unix_sockets_are_for_the_threads_that_serve_vsock_or_hot_plug_it() {
+    check(socket_unix, "socket(AF_UNIX)", [Refused, Allowed, Allowed, Allowed]);
+}
+
+#[test]
+fn no_thread_may_make_memory_executable() {
+    check(mprotect_exec, "mprotect(PROT_EXEC)", [Refused; 4]);
+    check(mmap_exec, "mmap(PROT_EXEC)", [Refused; 4]);
+}
+
+#[test]
+fn no_thread_may_map_over_existing_memory() {
+    check(mmap_fixed, "mmap(MAP_FIXED)", [Refused; 4]);
+}
+
+#[test]
+fn every_thread_may_map_and_protect_plain_memory() {
+    check(mmap_private, "mmap(private, anonymous)", [Allowed; 4]);
+    check(mprotect_none, "mprotect(PROT_NONE)", [Allowed; 4]);
+    check(madvise_dontneed, "madvise(MADV_DONTNEED)", [Allowed; 4]);
+    check(futex_wake, "futex(FUTEX_WAKE_PRIVATE)", [Allowed; 4]);
+}
+
+#[test]
+fn only_the_listed_madvise_advice_and_futex_operations_pass() {
+    check(madvise_dontfork, "madvise(MADV_DONTFORK)", [Refused; 4]);
+    check(futex_requeue, "futex(FUTEX_CMP_REQUEUE)", [Refused; 4]);
+}
+
+#[test]
+fn ioctls_are_filtered_by_request_number() {
+    check(ioctl_create_vm, "ioctl(KVM_CREATE_VM)", [Refused; 4]);
+    check(ioctl_kvm_run, "ioctl(KVM_RUN)", [Allowed, Refused, Refused, Refused]);
+    check(ioctl_fionbio, "ioctl(FIONBIO)", [Refused, Allowed, Allowed, Allowed]);
+}
+
+#[test]
+fn only_the_control_thread_opens_files_and_binds_sockets() {
+    check(openat, "openat", [Refused, Refused, Allowed, Refused]);
+    check(bind, "bind", [Refused, Refused, Allowed, Refused]);
+}
+
+#[test]
+fn every_thread_kind_has_a_nonempty_filter() {
+    for kind in ThreadKind::ALL {
+        let program = kind.program();
+        assert!(program.len() > 10, "{kind:?} filter has {} instructions", program.len());
+        assert_eq!(kind.bpf_bytes().len() % 8, 0);
+    }
+}
+
+#[test]
+fn threads_under_a_filter_make_malloc_arenas_without_reading_files() {
+    // SAFETY: glibc's fork resets malloc's locks in the child, so the child
+    // may allocate and start threads; it leaves with _exit.
+    let pid = unsafe { libc::fork() };
+    assert!(pid >= 0, "fork failed");
+    if pid == 0 {
+        let code = match install(ThreadKind::VhostUser) {
+            Ok(()) => {
+                // More threads than glibc's first eight arenas, all alive
+                // at once, each allocating: the ninth arena makes glibc
+                // settle its arena limit.
+                let barrier = std::sync::Arc::new(std::sync::Barrier::new(16));
+                let threads: Vec<_> = (0..16)
+                    .map(|_| {
+                        let barrier = barrier.clone();
+                        std::thread::spawn(move || {
+                            let v = vec![1u8; 4096];
+                            barrier.wait();
+                            v.len()
+                        })
+                    })
+                    .collect();
+                let ok = threads.into_iter().all(|t| t.join().is_ok_and(|n| n == 4096));
+                i32::from(!ok)
+            }
+            Err(_) => 2,
+        };
+        // SAFETY: _exit runs no destructors; the child's work is done.
+        unsafe { libc::_exit(code) };
+    }
+    let mut status = 0;
+    // SAFETY: waits for the child forked above, into a local.
+    assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
+    assert!(libc::WIFEXITED(status), "child status {status:#x}");
+    assert_eq!(libc::WEXITSTATUS(status), 0, "child exit (159: a seccomp refusal)");
+}
