@@ -26,36 +26,56 @@ pub enum ThreadKind {
     /// the frontend's messages and the guest's queues. Installed through
     /// [`confine_vhost_user`].
     VhostUser,
+    /// Copies the guest's console output into its log (runtime-api).
+    Console,
 }
 
 impl ThreadKind {
     /// Every kind, for tests that check each filter.
-    pub const ALL: [ThreadKind; 4] =
-        [ThreadKind::Vcpu, ThreadKind::EventLoop, ThreadKind::Control, ThreadKind::VhostUser];
-}
+    pub const ALL: [ThreadKind; 5] =
+        [ThreadKind::Vcpu, ThreadKind::EventLoop, ThreadKind::Control, ThreadKind::VhostUser, ThreadKind::Console];
 
-impl ThreadKind {
     fn bpf_bytes(self) -> &'static [u8] {
         match self {
             ThreadKind::Vcpu => include_bytes!(concat!(env!("OUT_DIR"), "/vcpu.bpf")),
             ThreadKind::EventLoop => include_bytes!(concat!(env!("OUT_DIR"), "/event_loop.bpf")),
             ThreadKind::Control => include_bytes!(concat!(env!("OUT_DIR"), "/control.bpf")),
             ThreadKind::VhostUser => include_bytes!(concat!(env!("OUT_DIR"), "/vhost_user.bpf")),
+            ThreadKind::Console => include_bytes!(concat!(env!("OUT_DIR"), "/console.bpf")),
         }
     }
 
     /// The compiled filter.
     pub fn program(self) -> BpfProgram {
-        self.bpf_bytes()
-            .chunks_exact(8)
-            .map(|i| sock_filter {
-                code: u16::from_le_bytes([i[0], i[1]]),
-                jt: i[2],
-                jf: i[3],
-                k: u32::from_le_bytes([i[4], i[5], i[6], i[7]]),
-            })
-            .collect()
+        decode(self.bpf_bytes())
     }
+
+    /// The filters to install, in order: threads that start threads get
+    /// the clone3 filter first (see rules.rs, `clone3_enosys`).
+    fn programs(self) -> Vec<BpfProgram> {
+        match self {
+            ThreadKind::VhostUser => vec![decode(CLONE3_ENOSYS), self.program()],
+            ThreadKind::Vcpu | ThreadKind::EventLoop | ThreadKind::Control | ThreadKind::Console => {
+                vec![self.program()]
+            }
+        }
+    }
+}
+
+/// Answers clone3 with ENOSYS, so that glibc falls back to clone, whose
+/// flags a filter can check.
+const CLONE3_ENOSYS: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/clone3_enosys.bpf"));
+
+fn decode(bytes: &[u8]) -> BpfProgram {
+    bytes
+        .chunks_exact(8)
+        .map(|i| sock_filter {
+            code: u16::from_le_bytes([i[0], i[1]]),
+            jt: i[2],
+            jf: i[3],
+            k: u32::from_le_bytes([i[4], i[5], i[6], i[7]]),
+        })
+        .collect()
 }
 
 /// Why a filter could not be installed.
@@ -83,6 +103,7 @@ impl ThreadKind {
             ThreadKind::EventLoop => b"event loop",
             ThreadKind::Control => b"control",
             ThreadKind::VhostUser => b"vhost-user",
+            ThreadKind::Console => b"console",
         }
     }
 }
@@ -91,8 +112,9 @@ impl ThreadKind {
 pub fn install(kind: ThreadKind) -> Result<(), SeccompError> {
     register_sigsys_reporter()?;
     fix_malloc_arena_limit();
-    let program = kind.program();
-    seccompiler::apply_filter(&program).map_err(|e| SeccompError::Install(kind, e))?;
+    for program in kind.programs() {
+        seccompiler::apply_filter(&program).map_err(|e| SeccompError::Install(kind, e))?;
+    }
     INSTALLED.with(|k| k.set(kind.label()));
     Ok(())
 }

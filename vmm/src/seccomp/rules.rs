@@ -78,8 +78,10 @@ const EVENT_LOOP: &[i64] = &[libc::SYS_mincore, libc::SYS_tgkill];
 /// frontend's messages (and the guest memory they share, mapped here) and
 /// the guest's queues. Its sockets are open before the filter goes on.
 const VHOST_USER: &[i64] = &[
-    // Threads: the library's queue worker and request handler, our proxy.
-    libc::SYS_clone,
+    // Threads: the library's queue worker and request handler, our proxy
+    // (clone with a thread's flags only, see `clone_rules`; clone3, whose
+    // flags a filter cannot see, is answered ENOSYS by `clone3_enosys`,
+    // and glibc then falls back to clone).
     libc::SYS_clone3,
     libc::SYS_rseq,
     libc::SYS_set_robust_list,
@@ -108,6 +110,11 @@ const CONTROL: &[i64] = &[
     libc::SYS_unlink,
     libc::SYS_chmod,
 ];
+
+/// A console copier: reads the guest's console bytes (QEMU's output, or
+/// the builtin VMM's serial through a pipe) and appends them to the
+/// console log, which it rotates (rename, then create; see `console_rules`).
+const CONSOLE: &[i64] = &[libc::SYS_read, libc::SYS_rename];
 
 /// fcntl(fd, F_GETFD): Rust's standard library checks an fd is open before
 /// closing it (in debug builds); F_DUPFD_CLOEXEC: `try_clone` of a file or
@@ -197,6 +204,42 @@ fn getsockopt_rules() -> Vec<SeccompRule> {
         .collect()
 }
 
+/// openat only as `File::create` calls it (write-only, create, truncate,
+/// close-on-exec): a fresh console log after a rotation. The path cannot
+/// be checked by a filter; nothing else can be opened.
+fn console_rules() -> Vec<(i64, Vec<SeccompRule>)> {
+    let create = (libc::O_WRONLY | libc::O_CREAT | libc::O_TRUNC | libc::O_CLOEXEC) as u64;
+    vec![(libc::SYS_openat, arg_in(2, &[create]))]
+}
+
+/// The flags glibc's pthread_create passes to clone: a thread sharing
+/// everything, never a new process.
+const THREAD_CLONE_FLAGS: u64 = (libc::CLONE_VM
+    | libc::CLONE_FS
+    | libc::CLONE_FILES
+    | libc::CLONE_SIGHAND
+    | libc::CLONE_THREAD
+    | libc::CLONE_SYSVSEM
+    | libc::CLONE_SETTLS
+    | libc::CLONE_PARENT_SETTID
+    | libc::CLONE_CHILD_CLEARTID) as u64;
+
+/// clone(2) only as pthread_create calls it.
+fn clone_rules() -> Vec<SeccompRule> {
+    vec![rule(vec![SeccompCondition::new(0, SeccompCmpArgLen::Qword, SeccompCmpOp::Eq, THREAD_CLONE_FLAGS)
+        .expect("valid argument condition")])]
+}
+
+/// A filter stacked under a thread kind's own: clone3 fails with ENOSYS,
+/// everything else is left to the other filter. The kernel takes the
+/// strictest answer of all filters, so the kind's filter must allow
+/// clone3 for this ENOSYS to be the answer.
+fn clone3_enosys() -> SeccompFilter {
+    let rules = BTreeMap::from([(libc::SYS_clone3, vec![])]);
+    SeccompFilter::new(rules, SeccompAction::Allow, SeccompAction::Errno(libc::ENOSYS as u32), TargetArch::x86_64)
+        .expect("valid seccomp filter")
+}
+
 /// The syscalls of one thread kind: those in `allowed` with any
 /// arguments, the common rules, ioctl requests in `ioctls`, and the
 /// argument-checked calls in `extra`.
@@ -222,13 +265,15 @@ fn filter(allowed: &[&[i64]], ioctls: &[u64], extra: Vec<(i64, Vec<SeccompRule>)
         .expect("valid seccomp filter")
 }
 
-/// (file name, filter) for each thread kind.
+/// (file name, filter) for each thread kind, and the clone3 filter.
 fn thread_filters() -> Vec<(&'static str, SeccompFilter)> {
     let sockets = || vec![(libc::SYS_socket, socket_rules()), (libc::SYS_getsockopt, getsockopt_rules())];
     vec![
         ("vcpu", filter(&[COMMON, VCPU], &[KVM_RUN], vec![])),
         ("event_loop", filter(&[COMMON, QUEUES, EVENT_LOOP], &[FIONBIO, KVM_IOEVENTFD], sockets())),
-        ("vhost_user", filter(&[COMMON, QUEUES, VHOST_USER], &[FIONBIO], sockets())),
+        ("vhost_user", filter(&[COMMON, QUEUES, VHOST_USER], &[FIONBIO], [sockets(), vec![(libc::SYS_clone, clone_rules())]].concat())),
+        ("console", filter(&[COMMON, CONSOLE], &[], console_rules())),
+        ("clone3_enosys", clone3_enosys()),
         ("control", filter(&[COMMON, CONTROL], &[FIONBIO, TUN_IOCTLS[0], TUN_IOCTLS[1], TUN_IOCTLS[2]], sockets())),
     ]
 }

@@ -32,16 +32,18 @@ fn page() -> usize {
 
 /// Runs `probe` in a child under `kind`'s filter and says how it ended.
 fn run(kind: ThreadKind, probe: fn(usize), arg: usize) -> Verdict {
-    let program = kind.program();
+    let programs = kind.programs();
     // SAFETY: the child runs only async-signal-safe code (the filter's
     // prctl and seccomp calls, the probe's raw syscalls, _exit) on memory
     // prepared before the fork.
     let pid = unsafe { libc::fork() };
     assert!(pid >= 0, "fork failed");
     if pid == 0 {
-        if seccompiler::apply_filter(&program).is_err() {
-            // SAFETY: _exit is async-signal-safe.
-            unsafe { libc::_exit(2) };
+        for program in &programs {
+            if seccompiler::apply_filter(program).is_err() {
+                // SAFETY: _exit is async-signal-safe.
+                unsafe { libc::_exit(2) };
+            }
         }
         probe(arg);
         // SAFETY: as above.
@@ -165,66 +167,97 @@ fn openat(_: usize) {
     unsafe { libc::open(c"/dev/null".as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC) };
 }
 
+fn create_log(_: usize) {
+    // SAFETY: opens a NUL-terminated constant path as File::create does.
+    unsafe {
+        libc::open(c"/dev/null".as_ptr(), libc::O_WRONLY | libc::O_CREAT | libc::O_TRUNC | libc::O_CLOEXEC, 0o600)
+    };
+}
+
 fn bind(_: usize) {
     // SAFETY: bind(2) on an invalid fd with a null address: EBADF if it gets through.
     unsafe { libc::bind(-1, std::ptr::null(), 0) };
 }
 
-fn check(probe: fn(usize), name: &str, want: [Verdict; 4]) {
+fn clone_process(_: usize) {
+    // SAFETY: clone(2) as fork does; parent and child both go on to the
+    // probe's _exit, and the test's waitpid reaps only the probe.
+    unsafe { libc::syscall(libc::SYS_clone, libc::SIGCHLD, 0, 0, 0, 0) };
+}
+
+fn clone3_is_enosys(_: usize) {
+    // SAFETY: clone3 with no arguments: EINVAL (or ENOSYS from the
+    // filter) before the kernel reads anything.
+    let rc = unsafe { libc::syscall(libc::SYS_clone3, 0, 0) };
+    let enosys = rc == -1 && std::io::Error::last_os_error().raw_os_error() == Some(libc::ENOSYS);
+    // SAFETY: _exit is async-signal-safe; 3 says clone3 got through.
+    unsafe { libc::_exit(if enosys { 0 } else { 3 }) };
+}
+
+fn check(probe: fn(usize), name: &str, want: [Verdict; 5]) {
     let page = page();
     for (kind, want) in ThreadKind::ALL.into_iter().zip(want) {
         assert_eq!(run(kind, probe, page), want, "{name} on a {kind:?} thread");
     }
 }
 
-// Verdicts in the order of `ThreadKind::ALL`: vCPU, event loop, control, vhost-user.
+// Verdicts in the order of `ThreadKind::ALL`: vCPU, event loop, control,
+// vhost-user, console.
 
 #[test]
 fn no_thread_may_open_an_inet_socket() {
-    check(socket_inet, "socket(AF_INET)", [Refused; 4]);
+    check(socket_inet, "socket(AF_INET)", [Refused; 5]);
 }
 
 #[test]
 fn unix_sockets_are_for_the_threads_that_serve_vsock_or_hot_plug_it() {
-    check(socket_unix, "socket(AF_UNIX)", [Refused, Allowed, Allowed, Allowed]);
+    check(socket_unix, "socket(AF_UNIX)", [Refused, Allowed, Allowed, Allowed, Refused]);
 }
 
 #[test]
 fn no_thread_may_make_memory_executable() {
-    check(mprotect_exec, "mprotect(PROT_EXEC)", [Refused; 4]);
-    check(mmap_exec, "mmap(PROT_EXEC)", [Refused; 4]);
+    check(mprotect_exec, "mprotect(PROT_EXEC)", [Refused; 5]);
+    check(mmap_exec, "mmap(PROT_EXEC)", [Refused; 5]);
 }
 
 #[test]
 fn no_thread_may_map_over_existing_memory() {
-    check(mmap_fixed, "mmap(MAP_FIXED)", [Refused; 4]);
+    check(mmap_fixed, "mmap(MAP_FIXED)", [Refused; 5]);
 }
 
 #[test]
 fn every_thread_may_map_and_protect_plain_memory() {
-    check(mmap_private, "mmap(private, anonymous)", [Allowed; 4]);
-    check(mprotect_none, "mprotect(PROT_NONE)", [Allowed; 4]);
-    check(madvise_dontneed, "madvise(MADV_DONTNEED)", [Allowed; 4]);
-    check(futex_wake, "futex(FUTEX_WAKE_PRIVATE)", [Allowed; 4]);
+    check(mmap_private, "mmap(private, anonymous)", [Allowed; 5]);
+    check(mprotect_none, "mprotect(PROT_NONE)", [Allowed; 5]);
+    check(madvise_dontneed, "madvise(MADV_DONTNEED)", [Allowed; 5]);
+    check(futex_wake, "futex(FUTEX_WAKE_PRIVATE)", [Allowed; 5]);
 }
 
 #[test]
 fn only_the_listed_madvise_advice_and_futex_operations_pass() {
-    check(madvise_dontfork, "madvise(MADV_DONTFORK)", [Refused; 4]);
-    check(futex_requeue, "futex(FUTEX_CMP_REQUEUE)", [Refused; 4]);
+    check(madvise_dontfork, "madvise(MADV_DONTFORK)", [Refused; 5]);
+    check(futex_requeue, "futex(FUTEX_CMP_REQUEUE)", [Refused; 5]);
 }
 
 #[test]
 fn ioctls_are_filtered_by_request_number() {
-    check(ioctl_create_vm, "ioctl(KVM_CREATE_VM)", [Refused; 4]);
-    check(ioctl_kvm_run, "ioctl(KVM_RUN)", [Allowed, Refused, Refused, Refused]);
-    check(ioctl_fionbio, "ioctl(FIONBIO)", [Refused, Allowed, Allowed, Allowed]);
+    check(ioctl_create_vm, "ioctl(KVM_CREATE_VM)", [Refused; 5]);
+    check(ioctl_kvm_run, "ioctl(KVM_RUN)", [Allowed, Refused, Refused, Refused, Refused]);
+    check(ioctl_fionbio, "ioctl(FIONBIO)", [Refused, Allowed, Allowed, Allowed, Refused]);
 }
 
 #[test]
-fn only_the_control_thread_opens_files_and_binds_sockets() {
-    check(openat, "openat", [Refused, Refused, Allowed, Refused]);
-    check(bind, "bind", [Refused, Refused, Allowed, Refused]);
+fn only_the_control_thread_opens_files_and_binds_sockets_and_the_copier_creates_logs() {
+    // The console copier creates a fresh log after a rotation, and nothing else.
+    check(create_log, "openat(O_WRONLY|O_CREAT|O_TRUNC)", [Refused, Refused, Allowed, Refused, Allowed]);
+    check(openat, "openat", [Refused, Refused, Allowed, Refused, Refused]);
+    check(bind, "bind", [Refused, Refused, Allowed, Refused, Refused]);
+}
+
+#[test]
+fn threads_start_threads_only_through_clone_with_a_threads_flags() {
+    check(clone_process, "clone(SIGCHLD), a fork", [Refused; 5]);
+    check(clone3_is_enosys, "clone3 answered ENOSYS", [Refused, Refused, Refused, Allowed, Refused]);
 }
 
 #[test]
