@@ -55,14 +55,17 @@ impl Write for CappedLog {
 /// Copies everything each of `sources` gives into one capped log at
 /// `path`, a thread each, until end-of-file. The bytes are the guest's:
 /// each thread runs under the console seccomp filter (read, write, the
-/// rotation's rename and create), and copies nothing if it cannot.
+/// rotation's rename and create). One that cannot install it logs nothing
+/// of the guest's and only drains its source, so the writer (QEMU, or the
+/// builtin VMM's serial port) never blocks on a full pipe.
 pub fn copy_capped(sources: Vec<Box<dyn std::io::Read + Send>>, path: &Path) -> std::io::Result<()> {
     let log = std::sync::Arc::new(std::sync::Mutex::new(CappedLog::create(path, CONSOLE_CAP)?));
     for mut from in sources {
         let log = log.clone();
         std::thread::Builder::new().name("vessel-console".into()).spawn(move || {
             if let Err(e) = vmm::seccomp::install(vmm::seccomp::ThreadKind::Console) {
-                tracing::error!(error = %e, "the console copier cannot confine itself; copying nothing");
+                tracing::error!(error = %e, "the console copier cannot confine itself; discarding the console");
+                let _ = std::io::copy(&mut from, &mut std::io::sink());
                 return;
             }
             let mut buf = [0u8; 8192];
