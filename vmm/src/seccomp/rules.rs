@@ -53,7 +53,6 @@ const QUEUES: &[i64] = &[
     libc::SYS_epoll_pwait,
     libc::SYS_epoll_wait,
     libc::SYS_eventfd2,
-    libc::SYS_fallocate,
     libc::SYS_fdatasync,
     libc::SYS_fstat,
     // Who may connect: a connection's peer uid against ours.
@@ -99,6 +98,8 @@ const CONTROL: &[i64] = &[
     libc::SYS_epoll_create1,
     libc::SYS_epoll_ctl,
     libc::SYS_fstat,
+    // A backend's hash maps seed themselves.
+    libc::SYS_getrandom,
     libc::SYS_getrusage,
     libc::SYS_listen,
     libc::SYS_mincore,
@@ -191,6 +192,12 @@ fn socket_rules() -> Vec<SeccompRule> {
     arg_in(0, &[libc::AF_UNIX as u64])
 }
 
+/// fallocate only to punch holes (a disk's discard; the control thread
+/// probes for it when it opens a disk): never to grow a file.
+fn fallocate_rules() -> Vec<SeccompRule> {
+    arg_in(1, &[(libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE) as u64])
+}
+
 /// getsockopt(SOL_SOCKET, SO_PEERCRED): who is at the other end of a
 /// connection (only our user may use our sockets); SO_DOMAIN: the vhost
 /// crate checks that the frontend's backend channel is a Unix stream
@@ -267,7 +274,14 @@ fn filter(allowed: &[&[i64]], ioctls: &[u64], extra: Vec<(i64, Vec<SeccompRule>)
 
 /// (file name, filter) for each thread kind, and the clone3 filter.
 fn thread_filters() -> Vec<(&'static str, SeccompFilter)> {
-    let sockets = || vec![(libc::SYS_socket, socket_rules()), (libc::SYS_getsockopt, getsockopt_rules())];
+    // The socket and disk calls of the threads that serve queues or make backends.
+    let sockets = || {
+        vec![
+            (libc::SYS_socket, socket_rules()),
+            (libc::SYS_getsockopt, getsockopt_rules()),
+            (libc::SYS_fallocate, fallocate_rules()),
+        ]
+    };
     vec![
         ("vcpu", filter(&[COMMON, VCPU], &[KVM_RUN], vec![])),
         ("event_loop", filter(&[COMMON, QUEUES, EVENT_LOOP], &[FIONBIO, KVM_IOEVENTFD], sockets())),

@@ -194,6 +194,16 @@ fn clone3_is_enosys(_: usize) {
     unsafe { libc::_exit(if enosys { 0 } else { 3 }) };
 }
 
+fn fallocate_grow(_: usize) {
+    // SAFETY: fallocate on an invalid fd: EBADF if it gets through.
+    unsafe { libc::fallocate(-1, 0, 0, 4096) };
+}
+
+fn fallocate_punch_hole(_: usize) {
+    // SAFETY: as above.
+    unsafe { libc::fallocate(-1, libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE, 0, 4096) };
+}
+
 fn check(probe: fn(usize), name: &str, want: [Verdict; 5]) {
     let page = page();
     for (kind, want) in ThreadKind::ALL.into_iter().zip(want) {
@@ -261,6 +271,12 @@ fn threads_start_threads_only_through_clone_with_a_threads_flags() {
 }
 
 #[test]
+fn fallocate_only_punches_holes() {
+    check(fallocate_grow, "fallocate(0)", [Refused; 5]);
+    check(fallocate_punch_hole, "fallocate(PUNCH_HOLE)", [Refused, Allowed, Allowed, Allowed, Refused]);
+}
+
+#[test]
 fn every_thread_kind_has_a_nonempty_filter() {
     for kind in ThreadKind::ALL {
         let program = kind.program();
@@ -305,4 +321,44 @@ fn threads_under_a_filter_make_malloc_arenas_without_reading_files() {
     assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
     assert!(libc::WIFEXITED(status), "child status {status:#x}");
     assert_eq!(libc::WEXITSTATUS(status), 0, "child exit (159: a seccomp refusal)");
+}
+
+#[test]
+fn the_control_thread_can_make_hot_plugged_disks_and_vsock_devices() {
+    use devices::virtio::block::BlockConfig;
+    use devices::virtio::vsock::VsockConfig;
+    let dir = std::env::temp_dir().join(format!("vessel-seccomp-control-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir(&dir).unwrap();
+    let disk = dir.join("disk.img");
+    std::fs::write(&disk, [0u8; 4096]).unwrap();
+    let configs = [
+        crate::DeviceConfig::Block(BlockConfig { path: disk, read_only: false, id: None }),
+        crate::DeviceConfig::Vsock(VsockConfig { guest_cid: 3, uds_path: dir.join("vsock.sock") }),
+        // A stale vsock socket is replaced (lstat, unlink, bind, chmod, listen).
+        crate::DeviceConfig::Vsock(VsockConfig { guest_cid: 3, uds_path: dir.join("vsock.sock") }),
+        crate::DeviceConfig::Rng,
+    ];
+    // SAFETY: glibc's fork resets malloc's locks in the child, which may
+    // then allocate; it leaves with _exit.
+    let pid = unsafe { libc::fork() };
+    assert!(pid >= 0, "fork failed");
+    if pid == 0 {
+        let code = match install(ThreadKind::Control) {
+            Ok(()) => {
+                // Each backend is dropped (closing its files) before the next.
+                let made = configs.iter().all(|c| crate::device_manager::prepare(c).is_ok());
+                i32::from(!made)
+            }
+            Err(_) => 2,
+        };
+        // SAFETY: _exit runs no destructors; the child's work is done.
+        unsafe { libc::_exit(code) };
+    }
+    let mut status = 0;
+    // SAFETY: waits for the child forked above, into a local.
+    assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
+    std::fs::remove_dir_all(&dir).unwrap();
+    assert!(libc::WIFEXITED(status), "child status {status:#x}");
+    assert_eq!(libc::WEXITSTATUS(status), 0, "child exit (1: a backend failed, 159: a seccomp refusal)");
 }
