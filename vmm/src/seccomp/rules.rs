@@ -71,7 +71,7 @@ const QUEUES: &[i64] = &[
 /// The event loop: kick and join vCPU threads, read stats, serve the
 /// queues of the devices it holds, and hot-plug devices whose backends
 /// the control thread made (so it opens no file and binds no socket).
-const EVENT_LOOP: &[i64] = &[libc::SYS_mincore, libc::SYS_tgkill];
+const EVENT_LOOP: &[i64] = &[libc::SYS_mincore];
 
 /// A vhost-user serving thread and the library's threads it starts: the
 /// frontend's messages (and the guest memory they share, mapped here) and
@@ -126,8 +126,8 @@ const FCNTL_ALLOWED: &[u64] = &[libc::F_GETFD as u64, libc::F_DUPFD_CLOEXEC as u
 /// `panic = "abort"`): glibc's abort raises SIGABRT with
 /// `tgkill(getpid(), tid, SIGABRT)`. Without them a panic on a filtered
 /// thread is reported as a seccomp refusal of getpid, hiding the panic.
-/// Every thread may signal SIGABRT (only that signal: the event loop's
-/// own rule, which also sends the kick signal, is wider).
+/// Every thread may signal SIGABRT (only that signal: the event loop
+/// also sends the kick signal, see `kick_rules`).
 const ABORT: &[i64] = &[libc::SYS_getpid, libc::SYS_gettid];
 
 /// mmap flags any thread may use: private or shared mappings, anonymous
@@ -219,6 +219,13 @@ fn console_rules() -> Vec<(i64, Vec<SeccompRule>)> {
     vec![(libc::SYS_openat, arg_in(2, &[create]))]
 }
 
+/// tgkill on the event loop: the vCPU kick signal (vmm-sys-util's
+/// SIGRTMIN, glibc's first free real-time signal) to pause or stop vCPU
+/// threads, and SIGABRT as every thread may.
+fn kick_rules() -> Vec<SeccompRule> {
+    arg_in(2, &[libc::SIGABRT as u64, libc::SIGRTMIN() as u64])
+}
+
 /// The flags glibc's pthread_create passes to clone: a thread sharing
 /// everything, never a new process.
 const THREAD_CLONE_FLAGS: u64 = (libc::CLONE_VM
@@ -284,7 +291,14 @@ fn thread_filters() -> Vec<(&'static str, SeccompFilter)> {
     };
     vec![
         ("vcpu", filter(&[COMMON, VCPU], &[KVM_RUN], vec![])),
-        ("event_loop", filter(&[COMMON, QUEUES, EVENT_LOOP], &[FIONBIO, KVM_IOEVENTFD], sockets())),
+        (
+            "event_loop",
+            filter(
+                &[COMMON, QUEUES, EVENT_LOOP],
+                &[FIONBIO, KVM_IOEVENTFD],
+                [sockets(), vec![(libc::SYS_tgkill, kick_rules())]].concat(),
+            ),
+        ),
         ("vhost_user", filter(&[COMMON, QUEUES, VHOST_USER], &[FIONBIO], [sockets(), vec![(libc::SYS_clone, clone_rules())]].concat())),
         ("console", filter(&[COMMON, CONSOLE], &[], console_rules())),
         ("clone3_enosys", clone3_enosys()),

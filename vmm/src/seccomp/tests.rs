@@ -204,6 +204,18 @@ fn fallocate_punch_hole(_: usize) {
     unsafe { libc::fallocate(-1, libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE, 0, 4096) };
 }
 
+fn tgkill_usr1(_: usize) {
+    let pid = std::process::id();
+    // SAFETY: tgkill with thread id 0: EINVAL if it gets through.
+    unsafe { libc::syscall(libc::SYS_tgkill, pid, 0, libc::SIGUSR1) };
+}
+
+fn tgkill_kick(_: usize) {
+    let pid = std::process::id();
+    // SAFETY: tgkill with thread id 0: EINVAL if it gets through.
+    unsafe { libc::syscall(libc::SYS_tgkill, pid, 0, libc::SIGRTMIN()) };
+}
+
 fn check(probe: fn(usize), name: &str, want: [Verdict; 5]) {
     let page = page();
     for (kind, want) in ThreadKind::ALL.into_iter().zip(want) {
@@ -274,6 +286,12 @@ fn threads_start_threads_only_through_clone_with_a_threads_flags() {
 fn fallocate_only_punches_holes() {
     check(fallocate_grow, "fallocate(0)", [Refused; 5]);
     check(fallocate_punch_hole, "fallocate(PUNCH_HOLE)", [Refused, Allowed, Allowed, Allowed, Refused]);
+}
+
+#[test]
+fn only_the_event_loop_sends_the_kick_signal_and_nothing_else() {
+    check(tgkill_usr1, "tgkill(SIGUSR1)", [Refused; 5]);
+    check(tgkill_kick, "tgkill(kick signal)", [Refused, Allowed, Refused, Refused, Refused]);
 }
 
 #[test]
