@@ -9,7 +9,7 @@
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::fd::AsRawFd;
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode, Stdio};
 
@@ -265,8 +265,8 @@ pub(crate) fn own(store: &Store, config: &str) -> anyhow::Result<ExitCode> {
     let mut sandbox = Sandbox::create(store, config, None)?;
     let mut streams = collect_output(&mut sandbox, &scratch(store, &id), &id)?;
     let control = store.dir(&id)?.join(CONTROL_SOCKET);
-    let listener = UnixListener::bind(&control).with_context(|| format!("listening on {}", control.display()))?;
-    std::fs::set_permissions(&control, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+    let listener =
+        devices::host_socket::bind_private(&control).with_context(|| format!("listening on {}", control.display()))?;
     println!("ready");
     std::io::stdout().flush()?;
     for conn in listener.incoming() {
@@ -324,7 +324,7 @@ pub(crate) fn own(store: &Store, config: &str) -> anyhow::Result<ExitCode> {
             break;
         }
     }
-    let _ = std::fs::remove_file(&control);
+    let _ = devices::host_socket::remove_socket(&control);
     for stream in streams {
         let _ = stream.join();
     }

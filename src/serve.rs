@@ -1,18 +1,14 @@
 //! `vessel device serve`: one virtio backend on a vhost-user socket.
 
-use std::ffi::CString;
-use std::os::raw::{c_int, c_void};
-use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
-use std::sync::OnceLock;
 
-use anyhow::Context;
 use clap::Subcommand;
 use devices::virtio::block::{Block, BlockConfig};
 use devices::virtio::net::{Net, NetConfig};
 use devices::virtio::rng::Rng;
 use devices::virtio::vhost_user;
 use devices::virtio::vsock::{Vsock, VsockConfig};
+use devices::virtio::VirtioBackend;
 
 #[derive(Subcommand, Debug)]
 pub(crate) enum ServeCommand {
@@ -65,50 +61,60 @@ pub(crate) enum ServeCommand {
     },
 }
 
-/// The socket to remove when SIGTERM arrives.
-static SOCKET: OnceLock<CString> = OnceLock::new();
-
-extern "C" fn on_sigterm(_num: c_int, _info: *mut libc::siginfo_t, _ctx: *mut c_void) {
-    if let Some(path) = SOCKET.get() {
-        // SAFETY: unlink(2) on a NUL-terminated path that lives forever;
-        // async-signal-safe.
-        unsafe { libc::unlink(path.as_ptr()) };
-    }
-    // SAFETY: _exit is async-signal-safe and runs no destructors.
-    unsafe { libc::_exit(0) };
-}
-
-fn remove_socket_on_sigterm(socket: &Path) -> anyhow::Result<()> {
-    let path = CString::new(socket.as_os_str().as_bytes()).context("socket path contains a NUL byte")?;
-    let _ = SOCKET.set(path);
-    vmm_sys_util::signal::register_signal_handler(libc::SIGTERM, on_sigterm)
-        .map_err(|e| anyhow::anyhow!("cannot handle SIGTERM: {e}"))
-}
-
 pub(crate) fn run(cmd: ServeCommand) -> anyhow::Result<()> {
     match cmd {
         ServeCommand::Blk { socket, file, read_only, id } => {
             let (block, _counters) = Block::open(&BlockConfig { path: file, read_only, id })?;
-            remove_socket_on_sigterm(&socket)?;
-            vhost_user::serve("blk", Box::new(block), &socket)?;
+            serve_until_term("blk", Box::new(block), &socket)
         }
         ServeCommand::Vsock { socket, guest_cid, uds } => {
             let (vsock, _counters) = Vsock::new(&VsockConfig { guest_cid, uds_path: uds })?;
-            remove_socket_on_sigterm(&socket)?;
-            vhost_user::serve("vsock", Box::new(vsock), &socket)?;
+            serve_until_term("vsock", Box::new(vsock), &socket)
         }
         ServeCommand::Net { socket, tap, mac } => {
             let (net, _counters) = Net::new(&NetConfig { tap, mac })?;
-            remove_socket_on_sigterm(&socket)?;
-            vhost_user::serve("net", Box::new(net), &socket)?;
+            serve_until_term("net", Box::new(net), &socket)
         }
         ServeCommand::Rng { socket } => {
             let (rng, _counters) = Rng::new();
-            remove_socket_on_sigterm(&socket)?;
-            vhost_user::serve("rng", Box::new(rng), &socket)?;
+            serve_until_term("rng", Box::new(rng), &socket)
         }
     }
+}
+
+/// Serves `backend` on a thread under the vhost-user seccomp filter until
+/// the frontend disconnects; a SIGTERM meanwhile removes the socket and
+/// ends the process. The signal is taken here, on the unfiltered main
+/// thread (the serving threads block it): the filter allows no unlink.
+fn serve_until_term(kind: &'static str, backend: Box<dyn VirtioBackend>, socket: &Path) -> anyhow::Result<()> {
+    let term = sigterm_set();
+    // SAFETY: blocks SIGTERM in this thread with a set made just above;
+    // the threads it starts inherit the mask.
+    let rc = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &term, std::ptr::null_mut()) };
+    anyhow::ensure!(rc == 0, "cannot block SIGTERM: {}", std::io::Error::from_raw_os_error(rc));
+    let server = vhost_user::spawn(kind, backend, socket, vmm::seccomp::confine_vhost_user)?;
+    let tick = libc::timespec { tv_sec: 0, tv_nsec: 100_000_000 };
+    while !server.is_finished() {
+        // SAFETY: waits for a signal of `term` with a timeout; both live
+        // for the call, and no siginfo is asked for.
+        let got = unsafe { libc::sigtimedwait(&term, std::ptr::null_mut(), &tick) };
+        if got == libc::SIGTERM {
+            let _ = devices::host_socket::remove_socket(socket);
+            std::process::exit(0);
+        }
+    }
+    server.join().map_err(|_| anyhow::anyhow!("the serving thread panicked"))??;
     Ok(())
+}
+
+fn sigterm_set() -> libc::sigset_t {
+    // SAFETY: sigset_t is plain data that sigemptyset initialises.
+    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: empties `set`, a live local.
+    unsafe { libc::sigemptyset(&mut set) };
+    // SAFETY: adds a valid signal number to `set`, a live local.
+    unsafe { libc::sigaddset(&mut set, libc::SIGTERM) };
+    set
 }
 
 /// Parses a MAC address written as six colon-separated hex bytes.

@@ -4,6 +4,7 @@
 //! and the VMM routes vCPU exits to them through a [`bus::Bus`].
 
 pub mod bus;
+pub mod host_socket;
 pub mod legacy;
 pub mod virtio;
 

@@ -60,11 +60,11 @@ impl HostSide {
         HostSide { prefix, next_port: AtomicU32::new(start) }
     }
 
-    /// Listens on `<prefix>_<port>` (an old socket there is replaced).
+    /// Listens on `<prefix>_<port>`, mode 0600 (an old socket there is
+    /// replaced; any other file is refused).
     pub fn listen(&self, port: u32) -> Result<UnixListener, AgentError> {
         let path = link::port_path(&self.prefix, port);
-        let _ = std::fs::remove_file(&path);
-        UnixListener::bind(&path).map_err(|e| AgentError::Listen(path, e))
+        devices::host_socket::bind_private(&path).map_err(|e| AgentError::Listen(path, e))
     }
 
     /// A fresh port number for a stream.
@@ -80,7 +80,7 @@ impl HostSide {
         loop {
             let port = self.port();
             let path = link::port_path(&self.prefix, port);
-            match UnixListener::bind(&path) {
+            match devices::host_socket::bind_new_private(&path) {
                 Ok(listener) => return Ok(PendingStream { port, path, listener }),
                 Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => continue,
                 Err(e) => return Err(AgentError::Listen(path, e)),
@@ -114,7 +114,7 @@ impl PendingStream {
     /// listening socket is removed either way.
     pub fn accept(self, timeout: Duration) -> Result<UnixStream, AgentError> {
         let conn = link::accept_within(&self.listener, &self.path, timeout, || None);
-        let _ = std::fs::remove_file(&self.path);
+        let _ = devices::host_socket::remove_socket(&self.path);
         Ok(conn?)
     }
 

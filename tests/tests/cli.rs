@@ -1105,10 +1105,63 @@ fn many_sandboxes_at_once_through_the_cli() -> TestResult {
     Ok(())
 }
 
+/// `vessel device serve`: the socket is 0600 whatever the umask, the
+/// threads that serve the guest's queues run under a seccomp filter, and
+/// SIGTERM removes the socket and ends the process cleanly.
+fn device_serve_confines_its_threads_and_removes_its_socket_on_sigterm() -> TestResult {
+    use std::os::unix::fs::MetadataExt;
+    use std::os::unix::process::CommandExt;
+    let dir = TempDir::new("cli-serve")?;
+    let socket = dir.path().join("rng.sock");
+    let mut command = Command::new(vessel_bin());
+    command.args(["device", "serve", "rng", "--socket"]).arg(&socket);
+    let widest_umask = || {
+        // SAFETY: umask(2) is async-signal-safe and has no preconditions.
+        unsafe { libc::umask(0) };
+        Ok(())
+    };
+    // SAFETY: the closure runs between fork and exec and makes only an
+    // async-signal-safe call.
+    unsafe { command.pre_exec(widest_umask) };
+    let mut child = command.spawn()?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !socket.exists() {
+        ensure!(std::time::Instant::now() < deadline, "no socket at {}", socket.display());
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let mode = std::fs::symlink_metadata(&socket)?.mode() & 0o777;
+    // The serving threads are up once the socket is (it is made before them).
+    std::thread::sleep(Duration::from_millis(200));
+    // (name, filtered) of every thread but the main one, which waits for
+    // SIGTERM unfiltered.
+    let mut filtered = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{}/task", child.id()))? {
+        let dir = task?.path();
+        if dir.file_name().is_some_and(|tid| *tid == *child.id().to_string()) {
+            continue;
+        }
+        let comm = std::fs::read_to_string(dir.join("comm"))?.trim_end().to_string();
+        let status = std::fs::read_to_string(dir.join("status"))?;
+        filtered.push((comm, status.lines().any(|l| l.split_whitespace().eq(["Seccomp:", "2"]))));
+    }
+    // SAFETY: kill sends a signal; it touches no memory of ours.
+    ensure!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) } == 0);
+    let status = child.wait()?;
+    ensure!(mode == 0o600, "socket mode {mode:o} under umask 0");
+    ensure!(filtered.len() >= 2 && filtered.iter().all(|(_, f)| *f), "threads (name, filtered): {filtered:?}");
+    ensure!(status.success(), "after SIGTERM: {status:?}");
+    ensure!(!socket.exists(), "the socket is still there after SIGTERM");
+    Ok(())
+}
+
 fn main() {
     let args = Arguments::from_args();
     let mut trials = vec![
         trial("bad_arguments_are_usage_errors", bad_arguments_are_usage_errors),
+        trial(
+            "device_serve_confines_its_threads_and_removes_its_socket_on_sigterm",
+            device_serve_confines_its_threads_and_removes_its_socket_on_sigterm,
+        ),
         trial("missing_kernel_is_a_clear_error", missing_kernel_is_a_clear_error),
         trial("guests_are_written_out", guests_are_written_out),
         trial("image_build_refuses_a_bad_or_missing_agent", image_build_refuses_a_bad_or_missing_agent),

@@ -124,7 +124,10 @@ fn blk_roundtrip(backend: BlkBackend) -> TestResult {
             let socket = dir.path().join("blk.sock");
             let config = BlockConfig { path: disk_path.clone(), read_only: false, id: Some("vessel-test".into()) };
             let (block, counters) = Block::open(&config)?;
-            served = Some((devices::virtio::vhost_user::spawn("blk", Box::new(block), &socket)?, counters));
+            served = Some((
+                devices::virtio::vhost_user::spawn("blk", Box::new(block), &socket, vmm::seccomp::confine_vhost_user)?,
+                counters,
+            ));
             vhost_user_device_args(&socket, "vhost-user-blk")
         }
     };
@@ -210,7 +213,8 @@ fn vessel_vhost_user_vsock() -> TestResult {
     let uds = dir.path().join("vsock.sock");
     let socket = dir.path().join("vhost-vsock.sock");
     let (vsock, counters) = Vsock::new(&VsockConfig { guest_cid: GUEST_CID, uds_path: uds.clone() })?;
-    let server = devices::virtio::vhost_user::spawn("vsock", Box::new(vsock), &socket)?;
+    let server =
+        devices::virtio::vhost_user::spawn("vsock", Box::new(vsock), &socket, vmm::seccomp::confine_vhost_user)?;
 
     // The host side, in its own threads.
     let g2h = UnixListener::bind(format!("{}_5000", uds.display()))?;
@@ -258,6 +262,10 @@ fn vessel_vhost_user_vsock() -> TestResult {
 
     let mut opts = LinuxOptions::new(&kernel.image, &initrd);
     opts.machine.vhost_user = true;
+    // The guest tool, a debug build, is about 70 MiB (debug info of every
+    // crate it links), which the initramfs unpacks into RAM: 256 MiB is
+    // just too little ("Initramfs unpacking failed: write error").
+    opts.machine.mem_mib = 512;
     opts.timeout = Duration::from_secs(600);
     opts.machine.extra_args = vhost_user_device_args(&socket, "vhost-user-vsock-device");
     let run = boot_linux_tcg(&opts)?;
@@ -319,7 +327,12 @@ fn vessel_blk_demo_rootfs_mounts() -> TestResult {
     let initrd = test_initramfs(&kernel, &[VIRTIO_MMIO, "virtio_blk", "ext4"], ROOTFS_SCRIPT, &[])?;
     let socket = dir.path().join("blk.sock");
     let config = BlockConfig { path: image, read_only: true, id: Some("rootfs".into()) };
-    let server = devices::virtio::vhost_user::spawn("blk", Box::new(Block::open(&config)?.0), &socket)?;
+    let server = devices::virtio::vhost_user::spawn(
+        "blk",
+        Box::new(Block::open(&config)?.0),
+        &socket,
+        vmm::seccomp::confine_vhost_user,
+    )?;
     let mut opts = LinuxOptions::new(&kernel.image, &initrd);
     opts.machine.vhost_user = true;
     opts.machine.extra_args = vhost_user_device_args(&socket, "vhost-user-blk");
@@ -359,7 +372,12 @@ fn bench_vhost_user_blk() -> anyhow::Result<u64> {
         let mut server = None;
         if backend == "vessel" {
             let config = BlockConfig { path: disk.clone(), read_only: true, id: None };
-            server = Some(devices::virtio::vhost_user::spawn("blk", Box::new(Block::open(&config)?.0), &socket)?);
+            server = Some(devices::virtio::vhost_user::spawn(
+                "blk",
+                Box::new(Block::open(&config)?.0),
+                &socket,
+                vmm::seccomp::confine_vhost_user,
+            )?);
         } else {
             let child = std::process::Command::new("qemu-storage-daemon")
                 .arg("--blockdev")
@@ -588,7 +606,7 @@ fn vessel_vhost_user_net_ping() -> TestResult {
     ns.ip(&["link", "set", "vtap1", "up"])?;
     let initrd = test_initramfs(&kernel, &[VIRTIO_MMIO, "virtio_net"], NET_SCRIPT, &[])?;
     let socket = dir.path().join("vhost-net.sock");
-    let server = devices::virtio::vhost_user::spawn("net", Box::new(net), &socket)?;
+    let server = devices::virtio::vhost_user::spawn("net", Box::new(net), &socket, vmm::seccomp::confine_vhost_user)?;
     let mut opts = LinuxOptions::new(&kernel.image, &initrd);
     opts.machine.vhost_user = true;
     opts.machine.extra_args = runtime_api::qemu::vhost_user_net_args(&socket, &mac_string(&NET_GUEST_MAC));

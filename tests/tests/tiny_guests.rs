@@ -305,6 +305,20 @@ fn hotplug_attach_and_detach() -> TestResult {
         attach(vmm::DeviceConfig::Rng)? == VmmData::Attached { slot: 1, addr: 0xd000_1000, irq: 6 },
         "after a failure"
     );
+    // Devices that open a file or bind a socket: their backends are made
+    // on this (the requesting) thread, since the event loop's seccomp
+    // filter allows neither; the VM would end with a refusal otherwise.
+    let disk = dir.write("disk.img", &[0u8; 4096])?;
+    for device in [
+        vmm::DeviceConfig::Block(devices::virtio::block::BlockConfig { path: disk, read_only: false, id: None }),
+        vmm::DeviceConfig::Vsock(devices::virtio::vsock::VsockConfig {
+            guest_cid: 3,
+            uds_path: dir.path().join("vsock.sock"),
+        }),
+    ] {
+        h.request(VmmAction::DetachDevice(1))?;
+        ensure!(attach(device)? == VmmData::Attached { slot: 1, addr: 0xd000_1000, irq: 6 }, "a disk or vsock device");
+    }
     let before = h.stats().vcpus[0].io_out;
     ensure!(wait_until(Duration::from_secs(10), || h.stats().vcpus[0].io_out > before + 100), "the guest stopped");
     Ok(())

@@ -7,7 +7,7 @@
 use std::sync::mpsc::Sender;
 
 use crate::config::{BootSourceConfig, ConfigError, ConsoleOutput, DeviceConfig, MachineConfig};
-use crate::device_manager::DeviceManagerError;
+use crate::device_manager::{DeviceManagerError, PreparedDevice};
 use crate::stats::VmStats;
 use crate::vcpu::PauseError;
 
@@ -83,5 +83,10 @@ pub enum VmmActionError {
 /// A request as the event loop receives it.
 pub(crate) struct Request {
     pub(crate) action: VmmAction,
+    /// For `AttachDevice`: its backend, made by the requesting thread (which
+    /// opens the disk or TAP and binds the vsock socket), so that the
+    /// event loop, which serves the guest's queues, never opens a file or
+    /// binds a socket itself (see seccomp/rules.rs).
+    pub(crate) prepared: Option<PreparedDevice>,
     pub(crate) reply: Sender<Result<VmmData, VmmActionError>>,
 }

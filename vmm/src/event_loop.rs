@@ -11,7 +11,7 @@ use tracing::{info, warn};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::api::{Request, VmmAction, VmmActionError, VmmData};
-use crate::device_manager::{DeviceEvents, DeviceManager, HOTPLUG_TOKEN_BASE};
+use crate::device_manager::{DeviceEvents, DeviceManager, DeviceManagerError, PreparedDevice, HOTPLUG_TOKEN_BASE};
 use crate::exit::{ExitReason, VmError};
 use crate::stats::VmCounters;
 use crate::vcpu::{ConsoleFlush, VcpuSet};
@@ -78,7 +78,12 @@ impl Runtime {
         }
     }
 
-    fn handle(&mut self, action: VmmAction, ops: &mut EventOps) -> Result<VmmData, VmmActionError> {
+    fn handle(
+        &mut self,
+        action: VmmAction,
+        prepared: Option<PreparedDevice>,
+        ops: &mut EventOps,
+    ) -> Result<VmmData, VmmActionError> {
         if self.exit.is_some() {
             return Err(VmmActionError::NotRunning);
         }
@@ -87,8 +92,10 @@ impl Runtime {
             VmmAction::Resume => self.vcpus.resume(),
             VmmAction::Stop => self.end(ExitReason::Stopped),
             VmmAction::GetStats => return Ok(VmmData::Stats(self.counters.snapshot())),
-            VmmAction::AttachDevice(config) => {
-                let plugged = self.devices.attach(&self.vm, &config, ops).map_err(VmmActionError::Attach)?;
+            VmmAction::AttachDevice(_) => {
+                // The handle made the backend on its own thread (see `Request`).
+                let prepared = prepared.ok_or(VmmActionError::Attach(DeviceManagerError::NotPrepared))?;
+                let plugged = self.devices.attach(&self.vm, prepared, ops).map_err(VmmActionError::Attach)?;
                 self.counters.devices.lock().unwrap_or_else(|p| p.into_inner()).push(plugged.counters);
                 let (addr, irq) = (plugged.slot.addr, plugged.slot.irq);
                 return Ok(VmmData::Attached { slot: plugged.index, addr, irq });
@@ -108,7 +115,7 @@ impl MutEventSubscriber for Runtime {
                 // Drain the counter; the channel says how many requests.
                 let _ = self.wake.read();
                 while let Ok(request) = self.requests.try_recv() {
-                    let answer = self.handle(request.action, ops);
+                    let answer = self.handle(request.action, request.prepared, ops);
                     // The requester may have given up waiting; that is fine.
                     let _ = request.reply.send(answer);
                 }

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::api::{Request, VmmAction, VmmActionError, VmmData};
+use crate::device_manager::prepare;
 use crate::exit::{ExitReason, VmError};
 use crate::stats::{VmCounters, VmStats};
 
@@ -36,7 +37,11 @@ impl VmmHandle {
     /// Sends `action` to the VM and waits for the answer.
     pub fn request(&self, action: VmmAction) -> Result<VmmData, VmmActionError> {
         let (reply, answer): (_, Receiver<_>) = mpsc::channel();
-        self.requests.send(Request { action, reply }).map_err(|_| VmmActionError::NotRunning)?;
+        let prepared = match &action {
+            VmmAction::AttachDevice(config) => Some(prepare(config).map_err(VmmActionError::Attach)?),
+            _ => None,
+        };
+        self.requests.send(Request { action, prepared, reply }).map_err(|_| VmmActionError::NotRunning)?;
         self.wake.write(1).map_err(|_| VmmActionError::NotRunning)?;
         answer.recv().map_err(|_| VmmActionError::NotRunning)?
     }

@@ -3,6 +3,7 @@
 //! transport and shares guest memory; we process the queues.
 
 use std::os::fd::AsRawFd;
+use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::net::UnixListener;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -16,6 +17,7 @@ use vmm_sys_util::event::{new_event_consumer_and_notifier, EventConsumer, EventF
 use virtio_queue::Queue;
 
 use super::{VirtioBackend, Wakeup};
+use crate::host_socket;
 
 mod reorder;
 
@@ -168,11 +170,30 @@ fn backend_token(queues: usize) -> u64 {
     queues as u64 + 1
 }
 
-/// Serves `backend` on a vhost-user socket at `socket` (created; an old one
-/// is replaced) until the frontend disconnects.
-pub fn serve(kind: &'static str, backend: Box<dyn VirtioBackend>, socket: &Path) -> Result<(), VhostUserError> {
+/// Called on a serving thread once its sockets are open, before it reads a
+/// byte from the frontend or the guest's queues, and before the library's
+/// worker threads exist (they inherit what it sets up): the place for a
+/// seccomp filter. devices cannot name the VMM's filters, so its caller
+/// passes one.
+pub type Confine = fn() -> Result<(), Box<dyn std::error::Error + Send + Sync>>;
+
+/// A [`Confine`] that leaves the thread as it is, for tests that run in
+/// this crate (the filters live in the VMM's crate).
+pub fn unconfined() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    Ok(())
+}
+
+/// Serves `backend` on a vhost-user socket at `socket` (created 0600; an
+/// old socket is replaced, any other file refused) until the frontend
+/// disconnects, confined by `confine` once the sockets are open.
+pub fn serve(
+    kind: &'static str,
+    backend: Box<dyn VirtioBackend>,
+    socket: &Path,
+    confine: Confine,
+) -> Result<(), VhostUserError> {
     let listener = listen(kind, socket)?;
-    serve_on(kind, backend, listener, socket, &BackendChannel::default())
+    serve_on(kind, backend, listener, socket, &BackendChannel::default(), confine)
 }
 
 /// [`serve`] in a thread of its own; returns once the socket is there for
@@ -181,8 +202,9 @@ pub fn spawn(
     kind: &'static str,
     backend: Box<dyn VirtioBackend>,
     socket: &Path,
+    confine: Confine,
 ) -> Result<std::thread::JoinHandle<Result<(), VhostUserError>>, VhostUserError> {
-    Ok(spawn_with_channel(kind, backend, socket)?.0)
+    Ok(spawn_with_channel(kind, backend, socket, confine)?.0)
 }
 
 /// [`spawn`], also returning the frontend's backend-request channel once
@@ -191,18 +213,45 @@ pub fn spawn_with_channel(
     kind: &'static str,
     backend: Box<dyn VirtioBackend>,
     socket: &Path,
+    confine: Confine,
 ) -> Result<(std::thread::JoinHandle<Result<(), VhostUserError>>, BackendChannel), VhostUserError> {
     let listener = listen(kind, socket)?;
     let path = socket.to_path_buf();
     let channel = BackendChannel::default();
     let kept = channel.clone();
-    Ok((std::thread::spawn(move || serve_on(kind, backend, listener, &path, &kept)), channel))
+    Ok((std::thread::spawn(move || serve_on(kind, backend, listener, &path, &kept, confine)), channel))
 }
 
 fn listen(kind: &'static str, socket: &Path) -> Result<UnixListener, VhostUserError> {
-    let _ = std::fs::remove_file(socket);
-    UnixListener::bind(socket)
+    host_socket::bind_private(socket)
         .map_err(|e| VhostUserError::Daemon(kind, socket.display().to_string(), format!("listening: {e}")))
+}
+
+/// A listening socket for our own daemon to connect to, which no other
+/// process can reach: bound next to `socket`, then unlinked before it
+/// listens, so its name never accepts a connection. The daemon reaches it
+/// through `/proc/self/fd/<n>` of the returned `O_PATH` descriptor (the
+/// library connects only by path, so a socketpair cannot be handed to it).
+fn private_listener(socket: &Path) -> std::io::Result<(UnixListener, std::fs::File, String)> {
+    static DAEMONS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = DAEMONS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let mut private = socket.as_os_str().to_owned();
+    private.push(format!(".daemon-{}-{n}", std::process::id()));
+    let private = std::path::PathBuf::from(private);
+    host_socket::remove_socket(&private)?;
+    let fd = rustix::net::socket_with(
+        rustix::net::AddressFamily::UNIX,
+        rustix::net::SocketType::STREAM,
+        rustix::net::SocketFlags::CLOEXEC,
+        None,
+    )?;
+    rustix::net::bind(&fd, &rustix::net::SocketAddrUnix::new(&private)?)?;
+    let name = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_PATH).open(&private);
+    let _ = std::fs::remove_file(&private);
+    let name = name?;
+    rustix::net::listen(&fd, 1)?;
+    let path = format!("/proc/self/fd/{}", name.as_raw_fd());
+    Ok((UnixListener::from(fd), name, path))
 }
 
 /// Serves the first frontend that connects to `listener`.
@@ -217,9 +266,12 @@ fn serve_on(
     listener: UnixListener,
     socket: &Path,
     channel: &BackendChannel,
+    confine: Confine,
 ) -> Result<(), VhostUserError> {
-    static DAEMONS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
     let err = |e: String| VhostUserError::Daemon(kind, socket.display().to_string(), e);
+    let io = |what: &'static str| move |e: std::io::Error| err(format!("{what}: {e}"));
+    let (inner, inner_name, inner_path) = private_listener(socket).map_err(io("listening for the daemon"))?;
+    confine().map_err(|e| err(format!("cannot confine the serving thread: {e}")))?;
     let device = Arc::new(Mutex::new(Device {
         backend,
         mem: None,
@@ -243,22 +295,16 @@ fn serve_on(
             .register_listener(fd, EventSet::IN, backend_token(queues))
             .map_err(|e| err(format!("cannot watch the backend: {e}")))?;
     }
-    let io = |what: &'static str| move |e: std::io::Error| err(format!("{what}: {e}"));
-    // The daemon connects to a socket of ours that exists only until it has.
-    let n = DAEMONS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let mut private = socket.as_os_str().to_owned();
-    private.push(format!(".daemon-{}-{n}", std::process::id()));
-    let private = std::path::PathBuf::from(private);
-    let _ = std::fs::remove_file(&private);
-    let inner = UnixListener::bind(&private).map_err(io("listening for the daemon"))?;
-    let private_str = private.to_str().ok_or_else(|| err("the socket path is not UTF-8".into()))?.to_string();
-    let connect = std::thread::spawn(move || inner.accept().map(|(conn, _)| conn));
-    let started = daemon.start_client(&private_str).map_err(|e| err(format!("{e}")));
-    let _ = std::fs::remove_file(&private);
-    started?;
-    let daemon_conn =
-        connect.join().map_err(|_| err("the accepting thread panicked".into()))?.map_err(io("accepting the daemon"))?;
-    let (frontend, _) = listener.accept().map_err(io("accepting the frontend"))?;
+    // The connect completes into the backlog, so it can be accepted after.
+    daemon.start_client(&inner_path).map_err(|e| err(format!("{e}")))?;
+    drop(inner_name);
+    let (daemon_conn, _) = inner.accept().map_err(io("accepting the daemon"))?;
+    drop(inner);
+    // The guest's memory goes down this connection: it must be our daemon's.
+    if !host_socket::peer_is_this_process(&daemon_conn).map_err(io("checking the daemon"))? {
+        return Err(err("the daemon's socket was reached by another process".into()));
+    }
+    let frontend = host_socket::accept_same_user(&listener).map_err(io("accepting the frontend"))?;
     let proxied = reorder::run(frontend, daemon_conn, channel);
     let waited = daemon.wait();
     // Our own connection handling: the queue workers are told to end here.
@@ -333,6 +379,31 @@ mod tests {
         }
         assert!(!readable(fd), "the backend fd stays readable: the daemon's loop would spin");
         let _ = std::fs::remove_file(&uds);
+    }
+
+    #[test]
+    fn serving_never_replaces_a_file_that_is_not_a_socket() {
+        let path = std::env::temp_dir().join(format!("vessel-vhost-file-{}", std::process::id()));
+        std::fs::write(&path, b"data").unwrap();
+        let (rng, _) = crate::virtio::rng::Rng::new();
+        assert!(spawn("rng", Box::new(rng), &path, unconfined).is_err());
+        assert_eq!(std::fs::read(&path).unwrap(), b"data", "a regular file was replaced");
+        std::fs::remove_file(&path).unwrap();
+    }
+
+    #[test]
+    fn the_daemon_connects_through_a_socket_that_has_no_name() {
+        let dir = std::env::temp_dir().join(format!("vessel-vhost-private-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir(&dir).unwrap();
+        let (listener, name, path) = private_listener(&dir.join("s.sock")).unwrap();
+        // Nothing in the directory: no one else can find the socket.
+        assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 0);
+        let _ours = std::os::unix::net::UnixStream::connect(&path).unwrap();
+        let (conn, _) = listener.accept().unwrap();
+        assert!(host_socket::peer_is_this_process(&conn).unwrap());
+        drop(name);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -604,7 +604,13 @@ mod tests {
     #[test]
     fn a_driver_is_served_by_a_vhost_user_daemon_through_the_transport() {
         let sock = socket("rng");
-        let _daemon = crate::virtio::vhost_user::spawn("rng", Box::new(Rng::new().0), &sock).unwrap();
+        let _daemon = crate::virtio::vhost_user::spawn(
+            "rng",
+            Box::new(Rng::new().0),
+            &sock,
+            crate::virtio::vhost_user::unconfined,
+        )
+        .unwrap();
         let (frontend, counters) = VhostUserFrontend::connect(&rng_device(sock.clone())).unwrap();
         let mem = shared_memory();
         let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
@@ -676,7 +682,13 @@ mod tests {
     #[test]
     fn a_setup_that_fails_asks_the_driver_for_a_reset() {
         let sock = socket("fail");
-        let _daemon = crate::virtio::vhost_user::spawn("rng", Box::new(Rng::new().0), &sock).unwrap();
+        let _daemon = crate::virtio::vhost_user::spawn(
+            "rng",
+            Box::new(Rng::new().0),
+            &sock,
+            crate::virtio::vhost_user::unconfined,
+        )
+        .unwrap();
         let (frontend, counters) = VhostUserFrontend::connect(&rng_device(sock.clone())).unwrap();
         let mem = crate::virtio::chain::tests::memory();
         let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
@@ -708,7 +720,13 @@ mod tests {
     #[test]
     fn a_daemon_with_fewer_queues_than_the_device_is_refused() {
         let sock = socket("mq");
-        let _daemon = crate::virtio::vhost_user::spawn("rng", Box::new(Rng::new().0), &sock).unwrap();
+        let _daemon = crate::virtio::vhost_user::spawn(
+            "rng",
+            Box::new(Rng::new().0),
+            &sock,
+            crate::virtio::vhost_user::unconfined,
+        )
+        .unwrap();
         let mut config = rng_device(sock.clone());
         config.device = VhostUserDevice::Generic { device_type: 4, queue_sizes: vec![16, 16], config: vec![] };
         match VhostUserFrontend::connect(&config) {

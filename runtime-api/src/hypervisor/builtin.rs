@@ -75,9 +75,13 @@ impl Hypervisor for Builtin {
         }))
         .map_err(fail)?;
         self.console = spec.console_log();
-        let log = crate::console::CappedLog::create(&self.console, crate::console::CONSOLE_CAP)
+        // The serial port writes into a pipe; a copier thread writes the
+        // capped log. Rotating the log takes a rename and a create, which
+        // the vCPU thread that emulates the serial port may not make.
+        let (from_guest, to_log) = crate::console::pipe().map_err(|e| HypervisorError::Start(KIND, Box::new(e)))?;
+        crate::console::copy_capped(vec![Box::new(from_guest)], &self.console)
             .map_err(|e| HypervisorError::Start(KIND, Box::new(e)))?;
-        vm.handle(PrebootAction::ConfigureConsole(ConsoleOutput::Writer(Box::new(log)))).map_err(fail)?;
+        vm.handle(PrebootAction::ConfigureConsole(ConsoleOutput::Writer(Box::new(to_log)))).map_err(fail)?;
         let vsock = VsockConfig { guest_cid: GUEST_CID, uds_path: spec.vsock_socket() };
         vm.handle(PrebootAction::AddDevice(DeviceConfig::Vsock(vsock))).map_err(fail)?;
         vm.handle(PrebootAction::AddDevice(DeviceConfig::Rng)).map_err(fail)?;

@@ -183,8 +183,11 @@ impl QemuTcg {
         counters: Arc<dyn CounterSet + Send + Sync>,
     ) -> Result<(PathBuf, vhost_user::BackendChannel), HypervisorError> {
         let socket = spec.dir.join(format!("vhost-{}.sock", self.served.len()));
-        let (thread, channel) = vhost_user::spawn_with_channel("sandbox", backend, &socket)
-            .map_err(|e| HypervisorError::Start(KIND, Box::new(e)))?;
+        // The serving thread parses the guest's queues: it runs under the
+        // vhost-user seccomp filter, as do the threads it starts.
+        let (thread, channel) =
+            vhost_user::spawn_with_channel("sandbox", backend, &socket, vmm::seccomp::confine_vhost_user)
+                .map_err(|e| HypervisorError::Start(KIND, Box::new(e)))?;
         self.served.push(Served { socket: socket.clone(), thread, name, counters });
         Ok((socket, channel))
     }
@@ -214,7 +217,7 @@ impl QemuTcg {
                 tracing::warn!(device = %served.name, "a device backend did not end; leaving its thread");
                 self.backend_errors.push(format!("{}: did not end", served.name));
             }
-            let _ = std::fs::remove_file(&served.socket);
+            let _ = devices::host_socket::remove_socket(&served.socket);
         }
     }
 }
@@ -345,7 +348,7 @@ impl Hypervisor for QemuTcg {
         // Dropping kills and reaps QEMU.
         self.qemu = None;
         self.end_backends();
-        let _ = std::fs::remove_file(&self.qmp_path);
+        let _ = devices::host_socket::remove_socket(&self.qmp_path);
         Ok(())
     }
 

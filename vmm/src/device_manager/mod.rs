@@ -75,6 +75,10 @@ pub enum DeviceManagerError {
     /// The event loop could not watch the device.
     #[error("cannot watch the events of the device at {0:#x}")]
     Watch(u64, #[source] event_manager::Error),
+    /// A hot-plug request reached the event loop without its backend (the
+    /// requesting thread makes it, see `api::Request`).
+    #[error("the device's backend was not made before the request")]
+    NotPrepared,
     /// The window collides on the MMIO bus.
     #[error("cannot place the virtio-mmio window at {0:#x} on the bus")]
     Bus(u64, #[source] BusError),
@@ -92,6 +96,21 @@ pub(crate) struct BootDevices {
     pub(crate) events: Vec<DeviceEvents>,
     /// The boot-time devices' counters.
     pub(crate) counters: Vec<NamedCounters>,
+}
+
+/// A device to hot-plug, its backend made by the thread that asks for it
+/// (see [`prepare`]).
+pub(crate) struct PreparedDevice {
+    backend: Box<dyn VirtioBackend>,
+    counters: NamedCounters,
+}
+
+/// Makes the backend `config` describes for [`DeviceManager::attach`]: on
+/// the thread that asks, so that the event loop opens no file and binds
+/// no socket (its seccomp filter allows neither).
+pub(crate) fn prepare(config: &DeviceConfig) -> Result<PreparedDevice, DeviceManagerError> {
+    let (backend, counters) = backend::create(config)?;
+    Ok(PreparedDevice { backend, counters })
 }
 
 /// Where a hot-plugged device went, and its counters.
@@ -150,17 +169,17 @@ impl DeviceManager {
         Ok((manager, boot))
     }
 
-    /// Puts the device `config` describes in the first empty hotplug slot:
-    /// its queues' ioeventfds go to KVM, its events to the loop behind
-    /// `ops`. The guest then binds the slot's platform device again.
+    /// Puts the `prepared` device in the first empty hotplug slot: its
+    /// queues' ioeventfds go to KVM, its events to the loop behind `ops`.
+    /// The guest then binds the slot's platform device again.
     pub(crate) fn attach(
         &mut self,
         vm: &VmFd,
-        config: &DeviceConfig,
+        prepared: PreparedDevice,
         ops: &mut EventOps,
     ) -> Result<Plugged, DeviceManagerError> {
         let (index, slot) = self.plugged.first_free()?;
-        let (backend, counters) = backend::create(config)?;
+        let PreparedDevice { backend, counters } = prepared;
         let transport = &self.transports[index];
         let queue_evts = connect(vm, transport, slot, backend)?;
         let (queues_elsewhere, backend_fd) = {

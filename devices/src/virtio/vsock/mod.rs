@@ -213,9 +213,8 @@ impl Vsock {
         if config.guest_cid <= HOST_CID {
             return Err(VsockError::ReservedCid(config.guest_cid));
         }
-        let _ = std::fs::remove_file(&config.uds_path);
-        let listener =
-            UnixListener::bind(&config.uds_path).map_err(|e| VsockError::Listen(config.uds_path.clone(), e))?;
+        let listener = crate::host_socket::bind_private(&config.uds_path)
+            .map_err(|e| VsockError::Listen(config.uds_path.clone(), e))?;
         listener.set_nonblocking(true).map_err(|e| VsockError::Listen(config.uds_path.clone(), e))?;
         let epoll = Epoll::new().map_err(VsockError::Epoll)?;
         epoll
@@ -493,6 +492,11 @@ impl Vsock {
             match self.listener.accept() {
                 Ok((stream, _)) => {
                     if self.handshakes.len() >= MAX_HANDSHAKES {
+                        self.counters.errors.fetch_add(1, Ordering::Relaxed);
+                        continue;
+                    }
+                    // Only our user reaches the guest's ports.
+                    if !crate::host_socket::peer_is_same_user(&stream).unwrap_or(false) {
                         self.counters.errors.fetch_add(1, Ordering::Relaxed);
                         continue;
                     }

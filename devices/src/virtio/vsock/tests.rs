@@ -446,3 +446,25 @@ fn host_connections_that_never_say_connect_are_bounded_and_the_listener_is_drain
     assert_eq!(closed, 100 - MAX_HANDSHAKES);
     let _ = std::fs::remove_file(&uds);
 }
+
+#[test]
+fn the_host_socket_is_0600_whatever_the_umask_and_never_replaces_a_file() {
+    use std::os::unix::fs::MetadataExt;
+    let dir = std::env::temp_dir().join(format!("vessel-vsock-mode-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir(&dir).unwrap();
+    let uds = dir.join("v.sock");
+    // umask is per process: other tests meanwhile create files with wider
+    // modes, which only concerns their own temporary files.
+    let old = rustix::process::umask(rustix::fs::Mode::empty());
+    let made = Vsock::new(&VsockConfig { guest_cid: GUEST_CID, uds_path: uds.clone() });
+    rustix::process::umask(old);
+    let (dev, _) = made.unwrap();
+    assert_eq!(std::fs::symlink_metadata(&uds).unwrap().mode() & 0o777, 0o600);
+    drop(dev);
+    let file = dir.join("precious");
+    std::fs::write(&file, b"data").unwrap();
+    assert!(Vsock::new(&VsockConfig { guest_cid: GUEST_CID, uds_path: file.clone() }).is_err());
+    assert_eq!(std::fs::read(&file).unwrap(), b"data", "a regular file was replaced");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
