@@ -101,6 +101,10 @@ struct Container {
     started_at_ms: u64,
     /// The cgroup's OOM kills already reported by an OOM event.
     oom_kills_reported: u64,
+    /// The spec's seccomp filter, which its execs get too.
+    seccomp: Option<crate::seccomp::Filter>,
+    /// The first process's bounding set: no exec gets more.
+    bounding: u64,
 }
 
 /// How to find a container's processes (see [`Membership::pids`]).
@@ -331,6 +335,10 @@ impl Containers {
             undo_root(&mounted_root);
             return Err(e);
         }
+        if self.config.cgroups.is_none() && checked.devices.as_ref().is_some_and(|d| !d.is_empty()) {
+            undo_root(&mounted_root);
+            return Err(Error::Invalid("the spec sets device rules, but this agent has no cgroup v2 hierarchy".into()));
+        }
         let cgroup = match self.make_cgroup(id, &checked.limits) {
             Ok(c) => c,
             Err(e) => {
@@ -338,8 +346,24 @@ impl Containers {
                 return Err(e);
             }
         };
+        let (seccomp, bounding) = (checked.process.seccomp.clone(), checked.process.caps.bounding);
         let launch = Launch { kind: Kind::Init(checked.init), process: checked.process };
-        let process = match self.launch(&launch, stdio, cgroup.as_deref()) {
+        let devices = checked.devices.unwrap_or_default();
+        // The device program goes on once the process has set up its root
+        // (mounting a disk opens a block device), before it may exec.
+        let launched = self.launch(&launch, stdio, cgroup.as_deref()).and_then(|p| match &cgroup {
+            Some(cg) => match crate::devices::apply(cg, &devices) {
+                Ok(()) => Ok(p),
+                Err(e) => {
+                    drop(p.sync.lock().unwrap_or_else(|e| e.into_inner()).take());
+                    kill(p.pid, libc::SIGKILL);
+                    p.exit.wait();
+                    Err(Error::failed(e))
+                }
+            },
+            None => Ok(p),
+        });
+        let process = match launched {
             Ok(p) => p,
             Err(e) => {
                 if let Some(cg) = &cgroup {
@@ -359,6 +383,8 @@ impl Containers {
                 mounted_root,
                 started_at_ms: 0,
                 oom_kills_reported: 0,
+                seccomp,
+                bounding,
             },
         );
         Ok(())
@@ -488,17 +514,21 @@ impl Containers {
     /// Starts another process in a running container.
     pub fn exec(&self, id: &str, exec_id: &str, process_json: &[u8], stdio: &StdioPorts) -> Result<()> {
         check_id("exec ID", exec_id)?;
-        let process = spec::parse_process(process_json).map_err(|e| Error::Invalid(error_chain(&e)))?;
-        let ((init_pid, cgroup), _pending) = self.reserve(format!("{id}/{exec_id}"), |containers| {
-            let c = containers.get_mut(id).ok_or_else(|| Error::NotFound(format!("no container with ID {id:?}")))?;
-            match c.state() {
-                State::Running if c.execs.contains_key(exec_id) => {
-                    Err(Error::Invalid(format!("container {id:?} already has a process with exec ID {exec_id:?}")))
+        let mut process = spec::parse_process(process_json).map_err(|e| Error::Invalid(error_chain(&e)))?;
+        let ((init_pid, cgroup, seccomp, bounding), _pending) =
+            self.reserve(format!("{id}/{exec_id}"), |containers| {
+                let c =
+                    containers.get_mut(id).ok_or_else(|| Error::NotFound(format!("no container with ID {id:?}")))?;
+                match c.state() {
+                    State::Running if c.execs.contains_key(exec_id) => {
+                        Err(Error::Invalid(format!("container {id:?} already has a process with exec ID {exec_id:?}")))
+                    }
+                    State::Running => Ok((c.init.pid, c.cgroup.clone(), c.seccomp.clone(), c.bounding)),
+                    other => Err(Error::Invalid(format!("container {id:?} is {other:?}, not Running"))),
                 }
-                State::Running => Ok((c.init.pid, c.cgroup.clone())),
-                other => Err(Error::Invalid(format!("container {id:?} is {other:?}, not Running"))),
-            }
-        })?;
+            })?;
+        process.seccomp = seccomp;
+        process.caps = process.caps.within(bounding);
         let launch = Launch { kind: Kind::Exec { init_pid }, process };
         let started = self.launch(&launch, stdio, cgroup.as_deref())?;
         release(&started)?;
@@ -688,17 +718,26 @@ impl Containers {
         })
     }
 
-    /// Removes a container, killing what still runs in it.
+    /// Removes a container, killing what still runs in it. Everything in
+    /// its cgroup is killed (`cgroup.kill`), so a process that left its
+    /// first process's PID namespace, or shares the agent's, goes too. If
+    /// the cgroup cannot be removed, the container stays (with its root
+    /// mounted) and the error is reported: a later Remove tries again.
     pub fn remove(&self, id: &str) -> Result<()> {
         let container =
             self.lock().remove(id).ok_or_else(|| Error::NotFound(format!("no container with ID {id:?}")))?;
         if let Some(cg) = &container.cgroup {
             // Frozen processes cannot die.
             let _ = cgroup::freeze(cg, false);
+            if cgroup::kill_all(cg).is_err() {
+                // No cgroup.kill (before Linux 5.14): what is there now.
+                for pid in cgroup::procs(cg).unwrap_or_default() {
+                    kill(pid, libc::SIGKILL);
+                }
+            }
         }
         // Closing the sync socket of a created, never started container
-        // makes its process exit; a running one is killed. Killing the
-        // first process of a PID namespace kills all of it.
+        // makes its process exit; a running one is killed.
         drop(container.init.sync.lock().unwrap_or_else(|e| e.into_inner()).take());
         if container.init.exit.get().is_none() {
             kill(container.init.pid, libc::SIGKILL);
@@ -709,19 +748,18 @@ impl Containers {
                 kill(exec.pid, libc::SIGKILL);
             }
         }
-        let mut errors = Vec::new();
         if let Some(cg) = &container.cgroup {
             if let Err(e) = cgroup::remove(cg) {
-                errors.push(error_chain(&e));
+                let why = format!("container {id:?} is kept: {}", error_chain(&e));
+                // Unless a new container took the ID meanwhile.
+                self.lock().entry(id.to_string()).or_insert(container);
+                return Err(Error::Failed(why));
             }
         }
         if let Some(dir) = &container.mounted_root {
             unmount(dir);
         }
-        match errors.is_empty() {
-            true => Ok(()),
-            false => Err(Error::Failed(errors.join("; "))),
-        }
+        Ok(())
     }
 
     /// Kills and removes every container (sandbox teardown); every one is
@@ -939,6 +977,48 @@ mod tests {
         std::fs::create_dir(&passwd).unwrap();
         assert!(read_in_root(&root, "etc/passwd", 1 << 20).is_err());
         std::fs::remove_dir_all(&root).unwrap();
+    }
+
+    /// A stopped container whose cgroup is `cgroup`.
+    fn stopped(cgroup: PathBuf) -> Container {
+        let exit = Arc::new(Exit::default());
+        exit.set(0);
+        Container {
+            state: State::Stopped,
+            init: Arc::new(Process { pid: i32::MAX, exit, sync: Mutex::new(None), terminal: None }),
+            execs: HashMap::new(),
+            cgroup: Some(cgroup),
+            mounted_root: None,
+            started_at_ms: 1,
+            oom_kills_reported: 0,
+            seccomp: None,
+            bounding: 0,
+        }
+    }
+
+    #[test]
+    fn a_container_whose_cgroup_cannot_be_removed_is_kept_and_the_error_reported() {
+        let dir = std::env::temp_dir().join(format!("vessel-keep-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let cg = dir.join("cg");
+        std::fs::create_dir_all(cg.join("busy")).unwrap();
+        let config = Config {
+            link: HostLink::Unix { prefix: dir.join("host") },
+            cgroups: None,
+            run_dir: dir.join("run"),
+            self_exe: PathBuf::from("/nonexistent"),
+        };
+        let containers = Containers::new(config, Arc::new(Reaper::default()));
+        containers.lock().insert("web".into(), stopped(cg.clone()));
+        // A directory that is not empty: rmdir fails at once.
+        let err = containers.remove("web").unwrap_err().to_string();
+        assert!(err.contains("\"web\" is kept") && err.contains("cannot remove cgroup"), "{err}");
+        assert_eq!(containers.status("web").unwrap().state, State::Stopped);
+        // Once it can go, a second Remove takes it.
+        std::fs::remove_dir_all(&cg).unwrap();
+        containers.remove("web").unwrap();
+        assert!(matches!(containers.status("web"), Err(Error::NotFound(_))));
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

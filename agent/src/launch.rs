@@ -30,6 +30,9 @@ use std::path::{Component, Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::caps::{self, CapSets};
+use crate::seccomp::Filter;
+
 /// The helper's argument (argv[1]).
 pub const LAUNCH_ARG: &str = "__launch";
 /// The fd the [`Launch`] arrives on.
@@ -169,6 +172,12 @@ pub struct ProcessConfig {
     pub console_size: Option<(u16, u16)>,
     /// `PR_SET_NO_NEW_PRIVS`.
     pub no_new_privileges: bool,
+    /// The capability sets the process gets.
+    #[serde(default)]
+    pub caps: CapSets,
+    /// The container's seccomp filter, installed last.
+    #[serde(default)]
+    pub seccomp: Option<Filter>,
 }
 
 impl ProcessConfig {
@@ -466,6 +475,10 @@ fn run_process(launch: &Launch, sync: &mut UnixStream) -> Result<std::convert::I
     let argv: Vec<CString> = process.args.iter().map(cstring).collect::<Result<_, _>>()?;
     let envp: Vec<CString> = process.env.iter().map(cstring).collect::<Result<_, _>>()?;
     let cwd = cstring(&process.cwd)?;
+    // The bounding set needs CAP_SETPCAP, so before the user changes; the
+    // permitted set is kept across it until the end of the setup.
+    caps::drop_bounding(process.caps.bounding)?;
+    caps::keep_across_setuid()?;
     // SAFETY: the gid list outlives the call; length matches.
     if unsafe { libc::setgroups(process.additional_gids.len(), process.additional_gids.as_ptr()) } != 0 {
         return Err(errno("setgroups"));
@@ -478,6 +491,7 @@ fn run_process(launch: &Launch, sync: &mut UnixStream) -> Result<std::convert::I
     if unsafe { libc::setuid(process.uid) } != 0 {
         return Err(errno(format_args!("setuid {}", process.uid)));
     }
+    caps::raise_permitted()?;
     // SAFETY: a valid NUL-terminated path.
     if unsafe { libc::chdir(cwd.as_ptr()) } != 0 {
         return Err(errno(format_args!("chdir {}", process.cwd.display())));
@@ -520,6 +534,18 @@ fn run_process(launch: &Launch, sync: &mut UnixStream) -> Result<std::convert::I
     unsafe { libc::sigemptyset(&mut none) };
     // SAFETY: a valid, initialised set; no old set wanted.
     unsafe { libc::sigprocmask(libc::SIG_SETMASK, &none, std::ptr::null_mut()) };
+    // As runc: without no_new_privs the filter needs CAP_SYS_ADMIN, so it
+    // goes in before the capabilities are dropped (and the profile must
+    // allow capset and prctl); with it, last, so that the profile only
+    // needs to allow execve.
+    let install = |filter: &Filter| crate::seccomp::install(filter).map_err(|e| format!("installing seccomp: {e}"));
+    if let (Some(filter), false) = (&process.seccomp, process.no_new_privileges) {
+        install(filter)?;
+    }
+    caps::set(&process.caps)?;
+    if let (Some(filter), true) = (&process.seccomp, process.no_new_privileges) {
+        install(filter)?;
+    }
     let mut argv_ptrs: Vec<*const libc::c_char> = argv.iter().map(|a| a.as_ptr()).collect();
     argv_ptrs.push(std::ptr::null());
     let mut envp_ptrs: Vec<*const libc::c_char> = envp.iter().map(|e| e.as_ptr()).collect();
@@ -576,6 +602,26 @@ fn mount(source: Option<&Path>, target: &Path, fstype: Option<&str>, flags: u64,
     Ok(())
 }
 
+/// The per-mount flags of the mount `path` is on, as `MS_*` flags.
+fn mount_flags(path: &Path) -> Result<u64, String> {
+    let c = cstring(path)?;
+    // SAFETY: statvfs is plain data; all-zero is a valid value.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid NUL-terminated path and a statvfs to fill.
+    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+        return Err(errno(format_args!("statvfs {}", path.display())));
+    }
+    let pairs = [
+        (libc::ST_RDONLY, libc::MS_RDONLY),
+        (libc::ST_NOSUID, libc::MS_NOSUID),
+        (libc::ST_NOEXEC, libc::MS_NOEXEC),
+        (libc::ST_NOATIME, libc::MS_NOATIME),
+        (libc::ST_NODIRATIME, libc::MS_NODIRATIME),
+        (libc::ST_RELATIME, libc::MS_RELATIME),
+    ];
+    Ok(pairs.iter().filter(|(st_flag, _)| st.f_flag & st_flag != 0).fold(0, |acc, (_, ms)| acc | ms))
+}
+
 const BIND: u64 = libc::MS_BIND;
 const REC: u64 = libc::MS_REC;
 const REMOUNT: u64 = libc::MS_REMOUNT;
@@ -589,6 +635,10 @@ fn set_up_root(init: &InitConfig) -> Result<(), String> {
     mount(None, Path::new("/"), None, REC | libc::MS_PRIVATE, "")?;
     // pivot_root needs the new root to be a mount point.
     mount(Some(root), root, None, BIND | REC, "")?;
+    // Device nodes in the image are not devices: the root is nodev (the
+    // spec's own mounts, /dev among them, say for themselves). A bind
+    // remount sets every per-mount flag, so the ones it has are kept.
+    mount(None, root, None, BIND | REMOUNT | libc::MS_NODEV | mount_flags(root)?, "")?;
     let root_fd =
         std::fs::File::open(root).map(OwnedFd::from).map_err(|e| format!("opening {}: {e}", root.display()))?;
     for m in &init.mounts {
