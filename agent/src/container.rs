@@ -567,10 +567,25 @@ impl Containers {
         }
     }
 
-    /// Waits for a process to exit; returns its status.
-    pub fn wait(&self, id: &str, exec_id: &str) -> Result<i32> {
+    /// Waits for a process to exit and returns its status; between looks
+    /// (each at most `slice` long) `go_on` says whether to keep waiting
+    /// (`Ok(None)` when it says no).
+    pub fn wait(
+        &self,
+        id: &str,
+        exec_id: &str,
+        slice: std::time::Duration,
+        mut go_on: impl FnMut() -> bool,
+    ) -> Result<Option<i32>> {
         let process = self.with(id, |c| c.process(exec_id, id))?;
-        Ok(process.exit.wait())
+        loop {
+            if let Some(status) = process.exit.wait_timeout(slice) {
+                return Ok(Some(status));
+            }
+            if !go_on() {
+                return Ok(None);
+            }
+        }
     }
 
     /// The container's state and its first process's PID, start and exit.

@@ -563,6 +563,43 @@ fn interfaces_and_routes_through_netlink() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Far more blocked WaitProcess calls than the agent has threads: those
+/// past its bound are refused at once, and RemoveContainer still gets a
+/// thread (it used to starve behind them).
+fn blocked_waits_leave_threads_for_remove() -> anyhow::Result<()> {
+    let a = agent("waits")?;
+    let create =
+        create_request("sleeper", spec_json(&["sleep", "1000"], &SpecOptions::default()), root(), Stdio::new());
+    a.client.create_container(ctx(), &create).map_err(rpc_error)?;
+    a.client.start_container(ctx(), &container("sleeper")).map_err(rpc_error)?;
+    let (done, results) = std::sync::mpsc::channel();
+    for _ in 0..agent::service::THREADS {
+        let (client, done) = (a.client.clone(), done.clone());
+        std::thread::spawn(move || {
+            // No deadline: blocked until the process exits.
+            let r = client.wait_process(agent_proto::ttrpc::context::Context::default(), &wait_for("sleeper", ""));
+            let _ = done.send(r.map(|w| w.status).map_err(rpc_error));
+        });
+    }
+    let refused = agent::service::THREADS - agent::service::MAX_BLOCKED_WAITS;
+    for _ in 0..refused {
+        let r = results.recv_timeout(std::time::Duration::from_secs(60)).context("no wait was refused")?;
+        let err = r.err().context("a wait returned while its process runs")?;
+        ensure!(err.to_string().contains("WaitProcess calls are waiting already"), "{err}");
+    }
+    let (removed_tx, removed) = std::sync::mpsc::channel();
+    let client = a.client.clone();
+    std::thread::spawn(move || {
+        let _ = removed_tx.send(client.remove_container(ctx(), &container("sleeper")).map_err(rpc_error));
+    });
+    removed.recv_timeout(std::time::Duration::from_secs(30)).context("RemoveContainer starved")??;
+    for _ in 0..agent::service::MAX_BLOCKED_WAITS {
+        let status = results.recv_timeout(std::time::Duration::from_secs(30)).context("a wait never returned")??;
+        ensure!(status == 137, "the removed container's process exited {status}");
+    }
+    Ok(())
+}
+
 fn main() {
     let args = Arguments::from_args();
     let skip = unavailable();
@@ -590,6 +627,7 @@ fn main() {
                 "bad_requests_get_clear_errors_and_the_agent_stays",
                 bad_requests_get_clear_errors_and_the_agent_stays,
             ),
+            trial("blocked_waits_leave_threads_for_remove", blocked_waits_leave_threads_for_remove),
         ],
     );
     // It makes a veth pair in a network namespace of its own.
