@@ -87,6 +87,9 @@ struct Process {
     sync: Mutex<Option<UnixStream>>,
     /// Its terminal's master side, when it has one (for resizing).
     terminal: Option<OwnedFd>,
+    /// A pidfd of a container's first process, which execs join: the
+    /// process itself, never whoever has its PID later.
+    pidfd: Option<OwnedFd>,
 }
 
 struct Container {
@@ -351,7 +354,7 @@ impl Containers {
         let devices = checked.devices.unwrap_or_default();
         // The device program goes on once the process has set up its root
         // (mounting a disk opens a block device), before it may exec.
-        let launched = self.launch(&launch, stdio, cgroup.as_deref()).and_then(|p| match &cgroup {
+        let launched = self.launch(&launch, stdio, cgroup.as_deref(), None).and_then(|p| match &cgroup {
             Some(cg) => match crate::devices::apply(cg, &devices) {
                 Ok(()) => Ok(p),
                 Err(e) => {
@@ -424,7 +427,13 @@ impl Containers {
     }
 
     /// Runs the helper and waits until the process is set up.
-    fn launch(&self, launch: &Launch, ports: &StdioPorts, cgroup: Option<&Path>) -> Result<Arc<Process>> {
+    fn launch(
+        &self,
+        launch: &Launch,
+        ports: &StdioPorts,
+        cgroup: Option<&Path>,
+        join: Option<&OwnedFd>,
+    ) -> Result<Arc<Process>> {
         let ([stdin, stdout, stderr], copier) =
             crate::stdio::plumb(&self.config.link, ports, launch.process.terminal, launch.process.console_size)
                 .map_err(Error::failed)?;
@@ -435,11 +444,15 @@ impl Containers {
         // never finds one already in place, or overwrites the other.
         let config_read = above_helper_fds(config_read)?;
         let sync_helper = above_helper_fds(OwnedFd::from(sync_helper))?;
+        let join = join.map(|fd| fd.try_clone().map_err(|e| Error::Failed(format!("dup: {e}")))).transpose()?;
+        let join = join.map(above_helper_fds).transpose()?;
+        let join_fd = join.as_ref().map(|fd| fd.as_raw_fd());
         let mut command = Command::new(&self.config.self_exe);
         command.arg(launch::LAUNCH_ARG).env_clear().stdin(stdin).stdout(stdout).stderr(stderr);
         let (config_fd, sync_fd) = (config_read.as_raw_fd(), sync_helper.as_raw_fd());
         let move_fds = move || {
-            for (from, to) in [(config_fd, launch::CONFIG_FD), (sync_fd, launch::SYNC_FD)] {
+            let pidfd = join_fd.map(|fd| (fd, launch::PIDFD_FD));
+            for (from, to) in [(config_fd, launch::CONFIG_FD), (sync_fd, launch::SYNC_FD)].into_iter().chain(pidfd) {
                 // SAFETY: dup2 takes integers and is async-signal-safe; onto
                 // fds 3 and 4 (never `from`, see above) it also clears their
                 // close-on-exec flag.
@@ -461,7 +474,7 @@ impl Containers {
             (pid, registry.watch(pid))
         };
         drop(command);
-        drop((config_read, sync_helper));
+        drop((config_read, sync_helper, join));
         let failed = |e: Error| {
             kill(helper, libc::SIGKILL);
             e
@@ -492,9 +505,14 @@ impl Containers {
             "ready" => {}
             other => return Err(failed(Error::Failed(format!("the helper said {other:?}")))),
         }
+        // Set up and waiting for the go: alive, and its PID not free.
+        let pidfd = match launch.kind {
+            Kind::Init(_) => Some(pidfd_open(pid).map_err(failed)?),
+            Kind::Exec { .. } => None,
+        };
         let terminal = copier.terminal().map_err(|e| failed(Error::failed(e)))?;
         copier.start();
-        Ok(Arc::new(Process { pid, exit, sync: Mutex::new(Some(sync_agent)), terminal }))
+        Ok(Arc::new(Process { pid, exit, sync: Mutex::new(Some(sync_agent)), terminal, pidfd }))
     }
 
     /// Lets the container's first process `exec`.
@@ -515,22 +533,21 @@ impl Containers {
     pub fn exec(&self, id: &str, exec_id: &str, process_json: &[u8], stdio: &StdioPorts) -> Result<()> {
         check_id("exec ID", exec_id)?;
         let mut process = spec::parse_process(process_json).map_err(|e| Error::Invalid(error_chain(&e)))?;
-        let ((init_pid, cgroup, seccomp, bounding), _pending) =
-            self.reserve(format!("{id}/{exec_id}"), |containers| {
-                let c =
-                    containers.get_mut(id).ok_or_else(|| Error::NotFound(format!("no container with ID {id:?}")))?;
-                match c.state() {
-                    State::Running if c.execs.contains_key(exec_id) => {
-                        Err(Error::Invalid(format!("container {id:?} already has a process with exec ID {exec_id:?}")))
-                    }
-                    State::Running => Ok((c.init.pid, c.cgroup.clone(), c.seccomp.clone(), c.bounding)),
-                    other => Err(Error::Invalid(format!("container {id:?} is {other:?}, not Running"))),
+        let ((init, cgroup, seccomp, bounding), _pending) = self.reserve(format!("{id}/{exec_id}"), |containers| {
+            let c = containers.get_mut(id).ok_or_else(|| Error::NotFound(format!("no container with ID {id:?}")))?;
+            match c.state() {
+                State::Running if c.execs.contains_key(exec_id) => {
+                    Err(Error::Invalid(format!("container {id:?} already has a process with exec ID {exec_id:?}")))
                 }
-            })?;
+                State::Running => Ok((c.init.clone(), c.cgroup.clone(), c.seccomp.clone(), c.bounding)),
+                other => Err(Error::Invalid(format!("container {id:?} is {other:?}, not Running"))),
+            }
+        })?;
         process.seccomp = seccomp;
         process.caps = process.caps.within(bounding);
-        let launch = Launch { kind: Kind::Exec { init_pid }, process };
-        let started = self.launch(&launch, stdio, cgroup.as_deref())?;
+        let launch = Launch { kind: Kind::Exec { init_pid: init.pid }, process };
+        let pidfd = init.pidfd.as_ref().ok_or_else(|| Error::Failed(format!("container {id:?} has no pidfd")))?;
+        let started = self.launch(&launch, stdio, cgroup.as_deref(), Some(pidfd))?;
         release(&started)?;
         let pid = started.pid;
         self.with(id, |c| {
@@ -860,9 +877,21 @@ fn read_in_root(root: &Path, path: &str, limit: u64) -> std::io::Result<Vec<u8>>
     Ok(bytes)
 }
 
+/// A pidfd of `pid` (pidfd_open, Linux 5.3).
+fn pidfd_open(pid: i32) -> Result<OwnedFd> {
+    // SAFETY: pidfd_open takes integers and returns a new descriptor.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if fd < 0 {
+        return Err(Error::Failed(format!("pidfd_open {pid}: {}", std::io::Error::last_os_error())));
+    }
+    // SAFETY: a new descriptor that nothing else owns; pidfds are
+    // close-on-exec.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
 /// `fd` moved to a number above the launch helper's fixed ones.
 fn above_helper_fds(fd: OwnedFd) -> Result<OwnedFd> {
-    let floor = launch::CONFIG_FD.max(launch::SYNC_FD) + 1;
+    let floor = launch::CONFIG_FD.max(launch::SYNC_FD).max(launch::PIDFD_FD) + 1;
     // SAFETY: F_DUPFD_CLOEXEC on our own descriptor makes a new one.
     let moved = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_DUPFD_CLOEXEC, floor) };
     if moved < 0 {
@@ -1000,7 +1029,7 @@ mod tests {
         exit.set(0);
         Container {
             state: State::Stopped,
-            init: Arc::new(Process { pid: i32::MAX, exit, sync: Mutex::new(None), terminal: None }),
+            init: Arc::new(Process { pid: i32::MAX, exit, sync: Mutex::new(None), terminal: None, pidfd: None }),
             execs: HashMap::new(),
             cgroup: Some(cgroup),
             mounted_root: None,

@@ -6,7 +6,9 @@
 //! a single-threaded helper, `vessel-agent __launch`, with:
 //! - fd 0, 1, 2: the process's stdio (pipes, a terminal, or /dev/null);
 //! - fd 3: a pipe carrying the [`Launch`] as JSON, read to its end;
-//! - fd 4: the sync socket (a stream socketpair) to the agent.
+//! - fd 4: the sync socket (a stream socketpair) to the agent;
+//! - fd 5, for an exec: a pidfd of the container's first process, whose
+//!   namespaces it joins (never looked up by PID, which can be reused).
 //!
 //! The helper enters or creates the namespaces, then forks the process
 //! (which, for a new PID namespace, becomes its PID 1) and reports on the
@@ -39,6 +41,8 @@ pub const LAUNCH_ARG: &str = "__launch";
 pub const CONFIG_FD: i32 = 3;
 /// The fd of the sync socket.
 pub const SYNC_FD: i32 = 4;
+/// For an exec: the fd of a pidfd of the container's first process.
+pub const PIDFD_FD: i32 = 5;
 
 /// `PATH` when the process's environment has none.
 const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
@@ -57,7 +61,8 @@ pub struct Launch {
 pub enum Kind {
     /// The container's first process: new namespaces and its root.
     Init(InitConfig),
-    /// A process entering the namespaces of the first process, `init_pid`.
+    /// A process entering the namespaces of the first process, `init_pid`
+    /// (named in messages; the pidfd on [`PIDFD_FD`] is what is joined).
     Exec {
         /// The container's first process, as the agent sees it.
         init_pid: i32,
@@ -412,32 +417,49 @@ fn enter_namespaces(kind: &Kind) -> Result<(), String> {
             }
             Ok(())
         }
-        Kind::Exec { init_pid } => {
-            // Open them all first: once in the container's mount namespace,
-            // /proc is the container's.
-            let order =
-                [Namespace::Cgroup, Namespace::Ipc, Namespace::Uts, Namespace::Net, Namespace::Pid, Namespace::Mount];
-            let mut opened = Vec::new();
-            for ns in order {
-                let path = PathBuf::from(format!("/proc/{init_pid}/ns/{}", ns.proc_name()));
-                let own = PathBuf::from(format!("/proc/self/ns/{}", ns.proc_name()));
-                // Joining the namespace we are already in is skipped (and
-                // setns to our own mount namespace would reset our root).
-                if std::fs::read_link(&path).ok() == std::fs::read_link(&own).ok() {
-                    continue;
-                }
-                let file = std::fs::File::open(&path).map_err(|e| format!("opening {}: {e}", path.display()))?;
-                opened.push((ns, file));
-            }
-            for (ns, file) in opened {
-                // SAFETY: a valid namespace fd; the helper is single-threaded.
-                if unsafe { libc::setns(file.as_raw_fd(), ns.clone_flag()) } != 0 {
-                    return Err(errno(format_args!("setns {} of pid {init_pid}", ns.proc_name())));
-                }
-            }
-            Ok(())
-        }
+        Kind::Exec { init_pid } => join_by_pidfd(*init_pid),
     }
+}
+
+/// Joins every namespace of the process whose pidfd is on [`PIDFD_FD`]:
+/// the container's first process itself, whatever its PID is now (a
+/// process that has exited is refused, and its PID, reused, is never
+/// looked at). A target in the agent's own mount namespace is refused:
+/// the exec would run in the agent's context.
+fn join_by_pidfd(init_pid: i32) -> Result<(), String> {
+    // The agent's /proc, which still shows this process once it is in
+    // the container's mount namespace.
+    let proc = std::fs::File::open("/proc").map_err(|e| format!("opening /proc: {e}"))?;
+    let own_mnt = mnt_ns_inode(&proc)?;
+    let all = [Namespace::Cgroup, Namespace::Ipc, Namespace::Uts, Namespace::Net, Namespace::Pid, Namespace::Mount]
+        .iter()
+        .fold(0, |acc, ns| acc | ns.clone_flag());
+    // SAFETY: setns on the pidfd the agent passed; the helper is
+    // single-threaded.
+    if unsafe { libc::setns(PIDFD_FD, all) } != 0 {
+        return Err(match std::io::Error::last_os_error().raw_os_error() {
+            Some(libc::ESRCH) => format!("the container's first process (pid {init_pid}) has exited"),
+            _ => errno(format_args!("joining the namespaces of the container's first process (pid {init_pid})")),
+        });
+    }
+    if mnt_ns_inode(&proc)? == own_mnt {
+        return Err(format!(
+            "the container's first process (pid {init_pid}) is in the agent's own mount namespace: not joined"
+        ));
+    }
+    Ok(())
+}
+
+/// The inode of this process's mount namespace, read through `proc`.
+fn mnt_ns_inode(proc: &std::fs::File) -> Result<u64, String> {
+    let path = cstring("thread-self/ns/mnt")?;
+    // SAFETY: stat is plain data; all-zero is a valid value.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid directory fd, NUL-terminated path and stat to fill.
+    if unsafe { libc::fstatat(proc.as_raw_fd(), path.as_ptr(), &mut st, 0) } != 0 {
+        return Err(errno("reading the mount namespace"));
+    }
+    Ok(st.st_ino)
 }
 
 /// In the forked process: set up, report ready, wait for the go, exec.
