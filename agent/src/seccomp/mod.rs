@@ -322,7 +322,12 @@ pub fn compile(profile: &LinuxSeccomp) -> Result<Filter, SeccompError> {
             return Err(SeccompError::NoNames);
         }
         let ret = ret_value(entry.action(), entry.errno_ret())?;
-        let rules = rules(entry.args().as_deref().unwrap_or_default())?;
+        let args = entry.args().as_deref().unwrap_or_default();
+        // Each condition is at most 6 instructions (seccompiler's bound).
+        if prog.len() + 6 * args.len() > BPF_MAXINSNS {
+            return Err(SeccompError::TooLong(prog.len() + 6 * args.len()));
+        }
+        let rules = rules(args)?;
         // What runs once the number matched: return, or try each rule and
         // fall through to the next entry when none holds.
         let block: BpfProgram = match rules.is_empty() {
@@ -339,6 +344,12 @@ pub fn compile(profile: &LinuxSeccomp) -> Result<Filter, SeccompError> {
         let conditional = block.len() > 1;
         for name in entry.names() {
             let Some(nr) = syscall_number(name)? else { continue };
+            // Checked before it grows: a hostile spec must not make the
+            // agent build a program it will refuse anyway.
+            let grown = prog.len() + 3 + block.len();
+            if grown > BPF_MAXINSNS {
+                return Err(SeccompError::TooLong(grown));
+            }
             if !holds_nr {
                 prog.push(stmt(BPF_LD_W_ABS, NR_OFFSET));
             }
@@ -348,9 +359,6 @@ pub fn compile(profile: &LinuxSeccomp) -> Result<Filter, SeccompError> {
             prog.push(stmt(BPF_JMP_JA, block.len() as u32));
             prog.extend(block.iter().cloned());
             holds_nr = !conditional;
-        }
-        if prog.len() > BPF_MAXINSNS {
-            return Err(SeccompError::TooLong(prog.len()));
         }
     }
     prog.push(stmt(BPF_RET_K, default));

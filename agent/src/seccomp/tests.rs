@@ -154,3 +154,14 @@ fn containerds_default_profile_compiles_and_denies_vsock_and_modules() {
     assert_eq!(call(libc::SYS_clone3, 0), RET_ERRNO | libc::ENOSYS as u32);
     assert!(f.insns.len() < 1024, "{} instructions", f.insns.len());
 }
+
+#[test]
+fn a_profile_too_long_for_the_kernel_is_refused_before_it_is_built() {
+    let args: Vec<String> = (0..2000).map(|v| format!(r#"{{"index":0,"value":{v},"op":"SCMP_CMP_EQ"}}"#)).collect();
+    let json = format!(
+        r#"{{"defaultAction":"SCMP_ACT_ALLOW","syscalls":[{{"names":["read","write"],"action":"SCMP_ACT_KILL","args":[{}]}}]}}"#,
+        args.join(",")
+    );
+    let err = compile(&profile(&json)).unwrap_err().to_string();
+    assert!(err.contains("more than the kernel's 4096"), "{err}");
+}
