@@ -111,16 +111,37 @@ fn json_strings(items: &[&str]) -> String {
     format!("[{}]", quoted.join(","))
 }
 
-/// The OCI `process` object.
+/// containerd's default capabilities: bounding, effective and permitted
+/// (the inheritable and ambient sets are empty).
+pub const DEFAULT_CAPABILITIES: [&str; 14] = [
+    "CAP_CHOWN",
+    "CAP_DAC_OVERRIDE",
+    "CAP_FSETID",
+    "CAP_FOWNER",
+    "CAP_MKNOD",
+    "CAP_NET_RAW",
+    "CAP_SETGID",
+    "CAP_SETUID",
+    "CAP_SETFCAP",
+    "CAP_SETPCAP",
+    "CAP_NET_BIND_SERVICE",
+    "CAP_SYS_CHROOT",
+    "CAP_KILL",
+    "CAP_AUDIT_WRITE",
+];
+
+/// The OCI `process` object, with containerd's default capabilities.
 pub fn process_json(args: &[&str], o: &SpecOptions) -> String {
     let mut env = vec!["PATH=/bin:/sbin:/usr/bin:/usr/sbin"];
     env.extend(o.env.iter().map(String::as_str));
+    let caps = json_strings(&DEFAULT_CAPABILITIES);
     let console = o
         .console_size
         .map(|(rows, columns)| format!(r#""consoleSize":{{"height":{rows},"width":{columns}}},"#))
         .unwrap_or_default();
     format!(
         r#"{{"terminal":{},{console}"user":{{"uid":{},"gid":{}}},"args":{},"env":{},"cwd":"/","noNewPrivileges":true,
+            "capabilities":{{"bounding":{caps},"effective":{caps},"permitted":{caps}}},
             "rlimits":[{{"type":"RLIMIT_NOFILE","hard":1024,"soft":1024}}]}}"#,
         o.terminal,
         o.uid,

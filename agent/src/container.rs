@@ -87,6 +87,9 @@ struct Process {
     sync: Mutex<Option<UnixStream>>,
     /// Its terminal's master side, when it has one (for resizing).
     terminal: Option<OwnedFd>,
+    /// A pidfd of a container's first process, which execs join: the
+    /// process itself, never whoever has its PID later.
+    pidfd: Option<OwnedFd>,
 }
 
 struct Container {
@@ -101,6 +104,10 @@ struct Container {
     started_at_ms: u64,
     /// The cgroup's OOM kills already reported by an OOM event.
     oom_kills_reported: u64,
+    /// The spec's seccomp filter, which its execs get too.
+    seccomp: Option<crate::seccomp::Filter>,
+    /// The first process's bounding set: no exec gets more.
+    bounding: u64,
 }
 
 /// How to find a container's processes (see [`Membership::pids`]).
@@ -331,6 +338,10 @@ impl Containers {
             undo_root(&mounted_root);
             return Err(e);
         }
+        if self.config.cgroups.is_none() && checked.devices.as_ref().is_some_and(|d| !d.is_empty()) {
+            undo_root(&mounted_root);
+            return Err(Error::Invalid("the spec sets device rules, but this agent has no cgroup v2 hierarchy".into()));
+        }
         let cgroup = match self.make_cgroup(id, &checked.limits) {
             Ok(c) => c,
             Err(e) => {
@@ -338,8 +349,24 @@ impl Containers {
                 return Err(e);
             }
         };
+        let (seccomp, bounding) = (checked.process.seccomp.clone(), checked.process.caps.bounding);
         let launch = Launch { kind: Kind::Init(checked.init), process: checked.process };
-        let process = match self.launch(&launch, stdio, cgroup.as_deref()) {
+        let devices = checked.devices.unwrap_or_default();
+        // The device program goes on once the process has set up its root
+        // (mounting a disk opens a block device), before it may exec.
+        let launched = self.launch(&launch, stdio, cgroup.as_deref(), None).and_then(|p| match &cgroup {
+            Some(cg) => match crate::devices::apply(cg, &devices) {
+                Ok(()) => Ok(p),
+                Err(e) => {
+                    drop(p.sync.lock().unwrap_or_else(|e| e.into_inner()).take());
+                    kill(p.pid, libc::SIGKILL);
+                    p.exit.wait();
+                    Err(Error::failed(e))
+                }
+            },
+            None => Ok(p),
+        });
+        let process = match launched {
             Ok(p) => p,
             Err(e) => {
                 if let Some(cg) = &cgroup {
@@ -359,6 +386,8 @@ impl Containers {
                 mounted_root,
                 started_at_ms: 0,
                 oom_kills_reported: 0,
+                seccomp,
+                bounding,
             },
         );
         Ok(())
@@ -399,7 +428,13 @@ impl Containers {
     }
 
     /// Runs the helper and waits until the process is set up.
-    fn launch(&self, launch: &Launch, ports: &StdioPorts, cgroup: Option<&Path>) -> Result<Arc<Process>> {
+    fn launch(
+        &self,
+        launch: &Launch,
+        ports: &StdioPorts,
+        cgroup: Option<&Path>,
+        join: Option<&OwnedFd>,
+    ) -> Result<Arc<Process>> {
         let ([stdin, stdout, stderr], copier) =
             crate::stdio::plumb(&self.config.link, ports, launch.process.terminal, launch.process.console_size)
                 .map_err(Error::failed)?;
@@ -410,11 +445,15 @@ impl Containers {
         // never finds one already in place, or overwrites the other.
         let config_read = above_helper_fds(config_read)?;
         let sync_helper = above_helper_fds(OwnedFd::from(sync_helper))?;
+        let join = join.map(|fd| fd.try_clone().map_err(|e| Error::Failed(format!("dup: {e}")))).transpose()?;
+        let join = join.map(above_helper_fds).transpose()?;
+        let join_fd = join.as_ref().map(|fd| fd.as_raw_fd());
         let mut command = Command::new(&self.config.self_exe);
         command.arg(launch::LAUNCH_ARG).env_clear().stdin(stdin).stdout(stdout).stderr(stderr);
         let (config_fd, sync_fd) = (config_read.as_raw_fd(), sync_helper.as_raw_fd());
         let move_fds = move || {
-            for (from, to) in [(config_fd, launch::CONFIG_FD), (sync_fd, launch::SYNC_FD)] {
+            let pidfd = join_fd.map(|fd| (fd, launch::PIDFD_FD));
+            for (from, to) in [(config_fd, launch::CONFIG_FD), (sync_fd, launch::SYNC_FD)].into_iter().chain(pidfd) {
                 // SAFETY: dup2 takes integers and is async-signal-safe; onto
                 // fds 3 and 4 (never `from`, see above) it also clears their
                 // close-on-exec flag.
@@ -436,7 +475,7 @@ impl Containers {
             (pid, registry.watch(pid))
         };
         drop(command);
-        drop((config_read, sync_helper));
+        drop((config_read, sync_helper, join));
         let failed = |e: Error| {
             kill(helper, libc::SIGKILL);
             e
@@ -467,9 +506,14 @@ impl Containers {
             "ready" => {}
             other => return Err(failed(Error::Failed(format!("the helper said {other:?}")))),
         }
+        // Set up and waiting for the go: alive, and its PID not free.
+        let pidfd = match launch.kind {
+            Kind::Init(_) => Some(pidfd_open(pid).map_err(failed)?),
+            Kind::Exec { .. } => None,
+        };
         let terminal = copier.terminal().map_err(|e| failed(Error::failed(e)))?;
         copier.start();
-        Ok(Arc::new(Process { pid, exit, sync: Mutex::new(Some(sync_agent)), terminal }))
+        Ok(Arc::new(Process { pid, exit, sync: Mutex::new(Some(sync_agent)), terminal, pidfd }))
     }
 
     /// Lets the container's first process `exec`.
@@ -489,19 +533,22 @@ impl Containers {
     /// Starts another process in a running container.
     pub fn exec(&self, id: &str, exec_id: &str, process_json: &[u8], stdio: &StdioPorts) -> Result<()> {
         check_id("exec ID", exec_id)?;
-        let process = spec::parse_process(process_json).map_err(|e| Error::Invalid(error_chain(&e)))?;
-        let ((init_pid, cgroup), _pending) = self.reserve(format!("{id}/{exec_id}"), |containers| {
+        let mut process = spec::parse_process(process_json).map_err(|e| Error::Invalid(error_chain(&e)))?;
+        let ((init, cgroup, seccomp, bounding), _pending) = self.reserve(format!("{id}/{exec_id}"), |containers| {
             let c = containers.get_mut(id).ok_or_else(|| Error::NotFound(format!("no container with ID {id:?}")))?;
             match c.state() {
                 State::Running if c.execs.contains_key(exec_id) => {
                     Err(Error::Invalid(format!("container {id:?} already has a process with exec ID {exec_id:?}")))
                 }
-                State::Running => Ok((c.init.pid, c.cgroup.clone())),
+                State::Running => Ok((c.init.clone(), c.cgroup.clone(), c.seccomp.clone(), c.bounding)),
                 other => Err(Error::Invalid(format!("container {id:?} is {other:?}, not Running"))),
             }
         })?;
-        let launch = Launch { kind: Kind::Exec { init_pid }, process };
-        let started = self.launch(&launch, stdio, cgroup.as_deref())?;
+        process.seccomp = seccomp;
+        process.caps = process.caps.within(bounding);
+        let launch = Launch { kind: Kind::Exec { init_pid: init.pid }, process };
+        let pidfd = init.pidfd.as_ref().ok_or_else(|| Error::Failed(format!("container {id:?} has no pidfd")))?;
+        let started = self.launch(&launch, stdio, cgroup.as_deref(), Some(pidfd))?;
         release(&started)?;
         let pid = started.pid;
         self.with(id, |c| {
@@ -538,10 +585,25 @@ impl Containers {
         }
     }
 
-    /// Waits for a process to exit; returns its status.
-    pub fn wait(&self, id: &str, exec_id: &str) -> Result<i32> {
+    /// Waits for a process to exit and returns its status; between looks
+    /// (each at most `slice` long) `go_on` says whether to keep waiting
+    /// (`Ok(None)` when it says no).
+    pub fn wait(
+        &self,
+        id: &str,
+        exec_id: &str,
+        slice: std::time::Duration,
+        mut go_on: impl FnMut() -> bool,
+    ) -> Result<Option<i32>> {
         let process = self.with(id, |c| c.process(exec_id, id))?;
-        Ok(process.exit.wait())
+        loop {
+            if let Some(status) = process.exit.wait_timeout(slice) {
+                return Ok(Some(status));
+            }
+            if !go_on() {
+                return Ok(None);
+            }
+        }
     }
 
     /// The container's state and its first process's PID, start and exit.
@@ -703,17 +765,26 @@ impl Containers {
         })
     }
 
-    /// Removes a container, killing what still runs in it.
+    /// Removes a container, killing what still runs in it. Everything in
+    /// its cgroup is killed (`cgroup.kill`), so a process that left its
+    /// first process's PID namespace, or shares the agent's, goes too. If
+    /// the cgroup cannot be removed, the container stays (with its root
+    /// mounted) and the error is reported: a later Remove tries again.
     pub fn remove(&self, id: &str) -> Result<()> {
         let container =
             self.lock().remove(id).ok_or_else(|| Error::NotFound(format!("no container with ID {id:?}")))?;
         if let Some(cg) = &container.cgroup {
             // Frozen processes cannot die.
             let _ = cgroup::freeze(cg, false);
+            if cgroup::kill_all(cg).is_err() {
+                // No cgroup.kill (before Linux 5.14): what is there now.
+                for pid in cgroup::procs(cg).unwrap_or_default() {
+                    kill(pid, libc::SIGKILL);
+                }
+            }
         }
         // Closing the sync socket of a created, never started container
-        // makes its process exit; a running one is killed. Killing the
-        // first process of a PID namespace kills all of it.
+        // makes its process exit; a running one is killed.
         drop(container.init.sync.lock().unwrap_or_else(|e| e.into_inner()).take());
         if container.init.exit.get().is_none() {
             kill(container.init.pid, libc::SIGKILL);
@@ -724,19 +795,18 @@ impl Containers {
                 kill(exec.pid, libc::SIGKILL);
             }
         }
-        let mut errors = Vec::new();
         if let Some(cg) = &container.cgroup {
             if let Err(e) = cgroup::remove(cg) {
-                errors.push(error_chain(&e));
+                let why = format!("container {id:?} is kept: {}", error_chain(&e));
+                // Unless a new container took the ID meanwhile.
+                self.lock().entry(id.to_string()).or_insert(container);
+                return Err(Error::Failed(why));
             }
         }
         if let Some(dir) = &container.mounted_root {
             unmount(dir);
         }
-        match errors.is_empty() {
-            true => Ok(()),
-            false => Err(Error::Failed(errors.join("; "))),
-        }
+        Ok(())
     }
 
     /// Kills and removes every container (sandbox teardown); every one is
@@ -822,9 +892,21 @@ fn read_in_root(root: &Path, path: &str, limit: u64) -> std::io::Result<Vec<u8>>
     Ok(bytes)
 }
 
+/// A pidfd of `pid` (pidfd_open, Linux 5.3).
+fn pidfd_open(pid: i32) -> Result<OwnedFd> {
+    // SAFETY: pidfd_open takes integers and returns a new descriptor.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if fd < 0 {
+        return Err(Error::Failed(format!("pidfd_open {pid}: {}", std::io::Error::last_os_error())));
+    }
+    // SAFETY: a new descriptor that nothing else owns; pidfds are
+    // close-on-exec.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
 /// `fd` moved to a number above the launch helper's fixed ones.
 fn above_helper_fds(fd: OwnedFd) -> Result<OwnedFd> {
-    let floor = launch::CONFIG_FD.max(launch::SYNC_FD) + 1;
+    let floor = launch::CONFIG_FD.max(launch::SYNC_FD).max(launch::PIDFD_FD) + 1;
     // SAFETY: F_DUPFD_CLOEXEC on our own descriptor makes a new one.
     let moved = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_DUPFD_CLOEXEC, floor) };
     if moved < 0 {
@@ -961,6 +1043,48 @@ mod tests {
         std::fs::create_dir(&passwd).unwrap();
         assert!(read_in_root(&root, "etc/passwd", 1 << 20).is_err());
         std::fs::remove_dir_all(&root).unwrap();
+    }
+
+    /// A stopped container whose cgroup is `cgroup`.
+    fn stopped(cgroup: PathBuf) -> Container {
+        let exit = Arc::new(Exit::default());
+        exit.set(0);
+        Container {
+            state: State::Stopped,
+            init: Arc::new(Process { pid: i32::MAX, exit, sync: Mutex::new(None), terminal: None, pidfd: None }),
+            execs: HashMap::new(),
+            cgroup: Some(cgroup),
+            mounted_root: None,
+            started_at_ms: 1,
+            oom_kills_reported: 0,
+            seccomp: None,
+            bounding: 0,
+        }
+    }
+
+    #[test]
+    fn a_container_whose_cgroup_cannot_be_removed_is_kept_and_the_error_reported() {
+        let dir = std::env::temp_dir().join(format!("vessel-keep-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let cg = dir.join("cg");
+        std::fs::create_dir_all(cg.join("busy")).unwrap();
+        let config = Config {
+            link: HostLink::Unix { prefix: dir.join("host") },
+            cgroups: None,
+            run_dir: dir.join("run"),
+            self_exe: PathBuf::from("/nonexistent"),
+        };
+        let containers = Containers::new(config, Arc::new(Reaper::default()));
+        containers.lock().insert("web".into(), stopped(cg.clone()));
+        // A directory that is not empty: rmdir fails at once.
+        let err = containers.remove("web").unwrap_err().to_string();
+        assert!(err.contains("\"web\" is kept") && err.contains("cannot remove cgroup"), "{err}");
+        assert_eq!(containers.status("web").unwrap().state, State::Stopped);
+        // Once it can go, a second Remove takes it.
+        std::fs::remove_dir_all(&cg).unwrap();
+        containers.remove("web").unwrap();
+        assert!(matches!(containers.status("web"), Err(Error::NotFound(_))));
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

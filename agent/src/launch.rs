@@ -6,7 +6,9 @@
 //! a single-threaded helper, `vessel-agent __launch`, with:
 //! - fd 0, 1, 2: the process's stdio (pipes, a terminal, or /dev/null);
 //! - fd 3: a pipe carrying the [`Launch`] as JSON, read to its end;
-//! - fd 4: the sync socket (a stream socketpair) to the agent.
+//! - fd 4: the sync socket (a stream socketpair) to the agent;
+//! - fd 5, for an exec: a pidfd of the container's first process, whose
+//!   namespaces it joins (never looked up by PID, which can be reused).
 //!
 //! The helper enters or creates the namespaces, then forks the process
 //! (which, for a new PID namespace, becomes its PID 1) and reports on the
@@ -30,12 +32,17 @@ use std::path::{Component, Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::caps::{self, CapSets};
+use crate::seccomp::Filter;
+
 /// The helper's argument (argv[1]).
 pub const LAUNCH_ARG: &str = "__launch";
 /// The fd the [`Launch`] arrives on.
 pub const CONFIG_FD: i32 = 3;
 /// The fd of the sync socket.
 pub const SYNC_FD: i32 = 4;
+/// For an exec: the fd of a pidfd of the container's first process.
+pub const PIDFD_FD: i32 = 5;
 
 /// `PATH` when the process's environment has none.
 const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
@@ -54,7 +61,8 @@ pub struct Launch {
 pub enum Kind {
     /// The container's first process: new namespaces and its root.
     Init(InitConfig),
-    /// A process entering the namespaces of the first process, `init_pid`.
+    /// A process entering the namespaces of the first process, `init_pid`
+    /// (named in messages; the pidfd on [`PIDFD_FD`] is what is joined).
     Exec {
         /// The container's first process, as the agent sees it.
         init_pid: i32,
@@ -169,6 +177,12 @@ pub struct ProcessConfig {
     pub console_size: Option<(u16, u16)>,
     /// `PR_SET_NO_NEW_PRIVS`.
     pub no_new_privileges: bool,
+    /// The capability sets the process gets.
+    #[serde(default)]
+    pub caps: CapSets,
+    /// The container's seccomp filter, installed last.
+    #[serde(default)]
+    pub seccomp: Option<Filter>,
 }
 
 impl ProcessConfig {
@@ -403,32 +417,49 @@ fn enter_namespaces(kind: &Kind) -> Result<(), String> {
             }
             Ok(())
         }
-        Kind::Exec { init_pid } => {
-            // Open them all first: once in the container's mount namespace,
-            // /proc is the container's.
-            let order =
-                [Namespace::Cgroup, Namespace::Ipc, Namespace::Uts, Namespace::Net, Namespace::Pid, Namespace::Mount];
-            let mut opened = Vec::new();
-            for ns in order {
-                let path = PathBuf::from(format!("/proc/{init_pid}/ns/{}", ns.proc_name()));
-                let own = PathBuf::from(format!("/proc/self/ns/{}", ns.proc_name()));
-                // Joining the namespace we are already in is skipped (and
-                // setns to our own mount namespace would reset our root).
-                if std::fs::read_link(&path).ok() == std::fs::read_link(&own).ok() {
-                    continue;
-                }
-                let file = std::fs::File::open(&path).map_err(|e| format!("opening {}: {e}", path.display()))?;
-                opened.push((ns, file));
-            }
-            for (ns, file) in opened {
-                // SAFETY: a valid namespace fd; the helper is single-threaded.
-                if unsafe { libc::setns(file.as_raw_fd(), ns.clone_flag()) } != 0 {
-                    return Err(errno(format_args!("setns {} of pid {init_pid}", ns.proc_name())));
-                }
-            }
-            Ok(())
-        }
+        Kind::Exec { init_pid } => join_by_pidfd(*init_pid),
     }
+}
+
+/// Joins every namespace of the process whose pidfd is on [`PIDFD_FD`]:
+/// the container's first process itself, whatever its PID is now (a
+/// process that has exited is refused, and its PID, reused, is never
+/// looked at). A target in the agent's own mount namespace is refused:
+/// the exec would run in the agent's context.
+fn join_by_pidfd(init_pid: i32) -> Result<(), String> {
+    // The agent's /proc, which still shows this process once it is in
+    // the container's mount namespace.
+    let proc = std::fs::File::open("/proc").map_err(|e| format!("opening /proc: {e}"))?;
+    let own_mnt = mnt_ns_inode(&proc)?;
+    let all = [Namespace::Cgroup, Namespace::Ipc, Namespace::Uts, Namespace::Net, Namespace::Pid, Namespace::Mount]
+        .iter()
+        .fold(0, |acc, ns| acc | ns.clone_flag());
+    // SAFETY: setns on the pidfd the agent passed; the helper is
+    // single-threaded.
+    if unsafe { libc::setns(PIDFD_FD, all) } != 0 {
+        return Err(match std::io::Error::last_os_error().raw_os_error() {
+            Some(libc::ESRCH) => format!("the container's first process (pid {init_pid}) has exited"),
+            _ => errno(format_args!("joining the namespaces of the container's first process (pid {init_pid})")),
+        });
+    }
+    if mnt_ns_inode(&proc)? == own_mnt {
+        return Err(format!(
+            "the container's first process (pid {init_pid}) is in the agent's own mount namespace: not joined"
+        ));
+    }
+    Ok(())
+}
+
+/// The inode of this process's mount namespace, read through `proc`.
+fn mnt_ns_inode(proc: &std::fs::File) -> Result<u64, String> {
+    let path = cstring("thread-self/ns/mnt")?;
+    // SAFETY: stat is plain data; all-zero is a valid value.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid directory fd, NUL-terminated path and stat to fill.
+    if unsafe { libc::fstatat(proc.as_raw_fd(), path.as_ptr(), &mut st, 0) } != 0 {
+        return Err(errno("reading the mount namespace"));
+    }
+    Ok(st.st_ino)
 }
 
 /// In the forked process: set up, report ready, wait for the go, exec.
@@ -466,6 +497,10 @@ fn run_process(launch: &Launch, sync: &mut UnixStream) -> Result<std::convert::I
     let argv: Vec<CString> = process.args.iter().map(cstring).collect::<Result<_, _>>()?;
     let envp: Vec<CString> = process.env.iter().map(cstring).collect::<Result<_, _>>()?;
     let cwd = cstring(&process.cwd)?;
+    // The bounding set needs CAP_SETPCAP, so before the user changes; the
+    // permitted set is kept across it until the end of the setup.
+    caps::drop_bounding(process.caps.bounding)?;
+    caps::keep_across_setuid()?;
     // SAFETY: the gid list outlives the call; length matches.
     if unsafe { libc::setgroups(process.additional_gids.len(), process.additional_gids.as_ptr()) } != 0 {
         return Err(errno("setgroups"));
@@ -478,6 +513,7 @@ fn run_process(launch: &Launch, sync: &mut UnixStream) -> Result<std::convert::I
     if unsafe { libc::setuid(process.uid) } != 0 {
         return Err(errno(format_args!("setuid {}", process.uid)));
     }
+    caps::raise_permitted()?;
     // SAFETY: a valid NUL-terminated path.
     if unsafe { libc::chdir(cwd.as_ptr()) } != 0 {
         return Err(errno(format_args!("chdir {}", process.cwd.display())));
@@ -520,6 +556,18 @@ fn run_process(launch: &Launch, sync: &mut UnixStream) -> Result<std::convert::I
     unsafe { libc::sigemptyset(&mut none) };
     // SAFETY: a valid, initialised set; no old set wanted.
     unsafe { libc::sigprocmask(libc::SIG_SETMASK, &none, std::ptr::null_mut()) };
+    // As runc: without no_new_privs the filter needs CAP_SYS_ADMIN, so it
+    // goes in before the capabilities are dropped (and the profile must
+    // allow capset and prctl); with it, last, so that the profile only
+    // needs to allow execve.
+    let install = |filter: &Filter| crate::seccomp::install(filter).map_err(|e| format!("installing seccomp: {e}"));
+    if let (Some(filter), false) = (&process.seccomp, process.no_new_privileges) {
+        install(filter)?;
+    }
+    caps::set(&process.caps)?;
+    if let (Some(filter), true) = (&process.seccomp, process.no_new_privileges) {
+        install(filter)?;
+    }
     let mut argv_ptrs: Vec<*const libc::c_char> = argv.iter().map(|a| a.as_ptr()).collect();
     argv_ptrs.push(std::ptr::null());
     let mut envp_ptrs: Vec<*const libc::c_char> = envp.iter().map(|e| e.as_ptr()).collect();
@@ -576,6 +624,26 @@ fn mount(source: Option<&Path>, target: &Path, fstype: Option<&str>, flags: u64,
     Ok(())
 }
 
+/// The per-mount flags of the mount `path` is on, as `MS_*` flags.
+fn mount_flags(path: &Path) -> Result<u64, String> {
+    let c = cstring(path)?;
+    // SAFETY: statvfs is plain data; all-zero is a valid value.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid NUL-terminated path and a statvfs to fill.
+    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+        return Err(errno(format_args!("statvfs {}", path.display())));
+    }
+    let pairs = [
+        (libc::ST_RDONLY, libc::MS_RDONLY),
+        (libc::ST_NOSUID, libc::MS_NOSUID),
+        (libc::ST_NOEXEC, libc::MS_NOEXEC),
+        (libc::ST_NOATIME, libc::MS_NOATIME),
+        (libc::ST_NODIRATIME, libc::MS_NODIRATIME),
+        (libc::ST_RELATIME, libc::MS_RELATIME),
+    ];
+    Ok(pairs.iter().filter(|(st_flag, _)| st.f_flag & st_flag != 0).fold(0, |acc, (_, ms)| acc | ms))
+}
+
 const BIND: u64 = libc::MS_BIND;
 const REC: u64 = libc::MS_REC;
 const REMOUNT: u64 = libc::MS_REMOUNT;
@@ -589,6 +657,10 @@ fn set_up_root(init: &InitConfig) -> Result<(), String> {
     mount(None, Path::new("/"), None, REC | libc::MS_PRIVATE, "")?;
     // pivot_root needs the new root to be a mount point.
     mount(Some(root), root, None, BIND | REC, "")?;
+    // Device nodes in the image are not devices: the root is nodev (the
+    // spec's own mounts, /dev among them, say for themselves). A bind
+    // remount sets every per-mount flag, so the ones it has are kept.
+    mount(None, root, None, BIND | REMOUNT | libc::MS_NODEV | mount_flags(root)?, "")?;
     let root_fd =
         std::fs::File::open(root).map(OwnedFd::from).map_err(|e| format!("opening {}: {e}", root.display()))?;
     for m in &init.mounts {

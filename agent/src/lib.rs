@@ -8,7 +8,9 @@
 //!
 //! - [`launch`]: the single-threaded helper that sets up and execs a
 //!   container process (namespaces, mounts, `pivot_root`, user, limits).
-//! - [`spec`]: OCI runtime spec checking and translation.
+//! - [`spec`]: OCI runtime spec checking and translation; what a spec
+//!   grants, compiled: [`caps`], [`seccomp`] (BPF filters), [`devices`]
+//!   (a cgroup device program).
 //! - [`container`]: the containers and their processes.
 //! - [`cgroup`]: cgroup v2 limits, stats and freezer.
 //! - [`stdio`]: process stdio over streams to the host.
@@ -18,8 +20,10 @@
 //! - [`slots`]: binding hot-plugged virtio-mmio slots.
 //! - [`link`], [`reaper`]: dialing the host; collecting children.
 
+pub mod caps;
 pub mod cgroup;
 pub mod container;
+pub mod devices;
 pub mod guest;
 pub mod hotmount;
 pub mod launch;
@@ -28,6 +32,7 @@ pub mod link;
 pub mod netlink;
 pub mod network;
 pub mod reaper;
+pub mod seccomp;
 pub mod service;
 pub mod shared;
 pub mod slots;

@@ -51,8 +51,9 @@ fn serve(listener: OwnedFd, service: Service) -> Result<agent_proto::ttrpc::Serv
         .add_listener(listener.as_raw_fd())
         .map_err(|e| format!("ttrpc listener: {e}"))?
         .register_service(service)
-        // WaitProcess blocks a thread per waiting process.
-        .set_thread_count_max(256);
+        // WaitProcess blocks a thread per waiting process, up to
+        // MAX_BLOCKED_WAITS of them.
+        .set_thread_count_max(agent::service::THREADS);
     server.start().map_err(|e| format!("starting the ttrpc server: {e}"))?;
     let _ = listener.into_raw_fd();
     Ok(server)
@@ -127,8 +128,12 @@ fn guest_main() -> ! {
     // Listen first, then tell the host: it connects only once told.
     let _server = loop {
         let served = agent::link::vsock_listen(port).and_then(|fd| {
-            let service =
-                Service { containers: containers.clone(), guest: true, ready_after_boot_ms: guest::uptime_ms() };
+            let service = Service {
+                containers: containers.clone(),
+                guest: true,
+                ready_after_boot_ms: guest::uptime_ms(),
+                blocked_waits: Default::default(),
+            };
             serve(fd, service).map_err(std::io::Error::other)
         });
         match served {
@@ -185,7 +190,7 @@ fn host_main(args: &[String]) -> Result<(), String> {
     let self_exe = std::env::current_exe().map_err(|e| format!("finding our own binary: {e}"))?;
     let containers = Arc::new(Containers::new(Config { link: link.clone(), cgroups, run_dir, self_exe }, reaper));
     let listener = UnixListener::bind(&listen).map_err(|e| format!("listening on {}: {e}", listen.display()))?;
-    let service = Service { containers, guest: false, ready_after_boot_ms: 0 };
+    let service = Service { containers, guest: false, ready_after_boot_ms: 0, blocked_waits: Default::default() };
     let _server = serve(OwnedFd::from(listener), service)?;
     announce(&link, port, Some(Duration::from_secs(30)))?;
     loop {

@@ -31,12 +31,20 @@ impl Exit {
         }
     }
 
+    /// Blocks until the child exited or `timeout` passed.
+    pub fn wait_timeout(&self, timeout: std::time::Duration) -> Option<i32> {
+        let status = self.status.lock().unwrap_or_else(|e| e.into_inner());
+        let (status, _) =
+            self.done.wait_timeout_while(status, timeout, |s| s.is_none()).unwrap_or_else(|e| e.into_inner());
+        *status
+    }
+
     /// The status if the child has exited.
     pub fn get(&self) -> Option<i32> {
         *self.status.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn set(&self, status: i32) {
+    pub(crate) fn set(&self, status: i32) {
         *self.status.lock().unwrap_or_else(|e| e.into_inner()) = Some(status);
         self.done.notify_all();
     }

@@ -2,6 +2,7 @@
 //! facilities underneath, clear error replies out. A bad request never
 //! takes the agent down: it is PID 1, and its death is the VM's.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -20,6 +21,18 @@ use crate::limits::{check_cpuset, check_weight, shares_to_weight, update_limit, 
 /// How often GetOOMEvent looks at the containers' memory.events.
 const OOM_POLL: Duration = Duration::from_millis(100);
 
+/// The most requests the agent serves at once on one connection (ttrpc's
+/// threads).
+pub const THREADS: usize = 256;
+
+/// The most WaitProcess calls blocked at once: the threads they take are
+/// not there for Remove or DestroySandbox, so some are always kept free.
+pub const MAX_BLOCKED_WAITS: usize = THREADS - 64;
+
+/// How long a blocked WaitProcess sleeps between looks at its deadline
+/// and connection (an exit wakes it at once).
+const WAIT_SLICE: Duration = Duration::from_millis(500);
+
 /// What the service needs besides the containers.
 pub struct Service {
     /// The containers.
@@ -30,6 +43,32 @@ pub struct Service {
     /// When the agent became ready, in milliseconds since the kernel
     /// started (0 on the host).
     pub ready_after_boot_ms: u64,
+    /// WaitProcess calls blocked now.
+    pub blocked_waits: AtomicUsize,
+}
+
+/// A place among [`MAX_BLOCKED_WAITS`], given back when dropped.
+struct WaitSlot<'a>(&'a AtomicUsize);
+
+impl<'a> WaitSlot<'a> {
+    fn take(count: &'a AtomicUsize) -> Option<Self> {
+        count.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < MAX_BLOCKED_WAITS).then_some(n + 1)).ok()?;
+        Some(WaitSlot(count))
+    }
+}
+
+impl Drop for WaitSlot<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// When the call must be answered by (its timeout, if it has one).
+fn deadline(ctx: &TtrpcContext) -> Option<Instant> {
+    u64::try_from(ctx.timeout_nano)
+        .ok()
+        .filter(|n| *n > 0)
+        .and_then(|n| Instant::now().checked_add(Duration::from_nanos(n)))
 }
 
 fn status(code: Code, message: String) -> ttrpc::Error {
@@ -102,9 +141,24 @@ impl agent_proto::agent_ttrpc::Agent for Service {
         reply(self.containers.signal(&req.container_id, &req.exec_id, req.signal, req.all)).map(|()| Empty::new())
     }
 
-    fn wait_process(&self, _: &TtrpcContext, req: WaitProcessRequest) -> ttrpc::Result<WaitProcessResponse> {
-        let status = reply(self.containers.wait(&req.container_id, &req.exec_id))?;
-        Ok(WaitProcessResponse { status, ..Default::default() })
+    fn wait_process(&self, ctx: &TtrpcContext, req: WaitProcessRequest) -> ttrpc::Result<WaitProcessResponse> {
+        let _slot = WaitSlot::take(&self.blocked_waits).ok_or_else(|| {
+            let why = format!("{MAX_BLOCKED_WAITS} WaitProcess calls are waiting already; try again later");
+            status(Code::RESOURCE_EXHAUSTED, why)
+        })?;
+        let deadline = deadline(ctx);
+        let mut gone = false;
+        // Until the deadline, and while the connection is there (ttrpc
+        // drops the sender when it goes).
+        let go_on = || {
+            gone = !matches!(ctx.cancel_rx.try_recv(), Err(e) if e.is_empty());
+            !gone && deadline.is_none_or(|d| Instant::now() < d)
+        };
+        match reply(self.containers.wait(&req.container_id, &req.exec_id, WAIT_SLICE, go_on))? {
+            Some(status) => Ok(WaitProcessResponse { status, ..Default::default() }),
+            None if gone => Err(status(Code::CANCELLED, "the WaitProcess call was cancelled".into())),
+            None => Err(status(Code::DEADLINE_EXCEEDED, "the process did not exit before the call's deadline".into())),
+        }
     }
 
     fn list_processes(&self, _: &TtrpcContext, req: ContainerRequest) -> ttrpc::Result<ListProcessesResponse> {
@@ -207,10 +261,7 @@ impl agent_proto::agent_ttrpc::Agent for Service {
     }
 
     fn get_oom_event(&self, ctx: &TtrpcContext, _: Empty) -> ttrpc::Result<OOMEvent> {
-        let deadline = u64::try_from(ctx.timeout_nano)
-            .ok()
-            .filter(|n| *n > 0)
-            .and_then(|n| Instant::now().checked_add(Duration::from_nanos(n)));
+        let deadline = deadline(ctx);
         // Sleeps OOM_POLL (less near the deadline); false once the deadline
         // passed or the connection went (ttrpc then drops the sender).
         let pause = || {

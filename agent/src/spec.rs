@@ -2,17 +2,21 @@
 //! host sent is checked here, and a bad value is refused with an error
 //! that names it.
 //!
-//! Not applied yet, and accepted so that ordinary specs (containerd's
-//! defaults carry them) still run: `process.capabilities` (a non-root
-//! user loses every capability at `setuid`; root keeps the agent's),
-//! `linux.seccomp`, `linux.sysctl`, `linux.resources.devices`, hooks.
+//! What a spec grants is all a container gets: `process.capabilities`
+//! (a set left out is empty), `linux.seccomp` (compiled here, so a
+//! profile that cannot be applied is refused before anything runs) and
+//! `linux.resources.devices` (a cgroup device program). Not applied yet,
+//! and accepted so that ordinary specs still run: `linux.sysctl`, hooks.
 //! User namespaces are refused.
 
 use std::path::{Path, PathBuf};
 
 use oci_spec::runtime::{LinuxNamespaceType, Mount, Process, Spec};
 
+use crate::caps::{CapSets, CapsError};
+use crate::devices::{DeviceRule, DevicesError};
 use crate::launch::{is_clean_absolute, InitConfig, MountConfig, Namespace, ProcessConfig};
+use crate::seccomp::SeccompError;
 
 /// What is wrong with a spec or a process (the reply says it).
 #[derive(Debug, thiserror::Error)]
@@ -95,6 +99,15 @@ pub enum SpecError {
     /// A weight or cpuset the cgroup would not take.
     #[error(transparent)]
     Limit(#[from] LimitsError),
+    /// Capability sets that cannot hold together.
+    #[error(transparent)]
+    Caps(#[from] CapsError),
+    /// A seccomp profile that cannot be applied.
+    #[error(transparent)]
+    Seccomp(#[from] SeccompError),
+    /// A device rule that cannot be applied.
+    #[error(transparent)]
+    Devices(#[from] DevicesError),
 }
 
 pub use crate::limits::Limits;
@@ -110,14 +123,23 @@ pub struct Checked {
     pub process: ProcessConfig,
     /// cgroup limits.
     pub limits: Limits,
+    /// The spec's device rules (`linux.resources.devices`); None when it
+    /// has none, which allows only the default devices all the same.
+    pub devices: Option<Vec<DeviceRule>>,
 }
 
 /// Parses and checks a spec (config.json bytes).
 pub fn parse_spec(json: &[u8], rootfs: &Path) -> Result<Checked, SpecError> {
     let spec: Spec = serde_json::from_slice(json).map_err(SpecError::Spec)?;
     let process = spec.process().as_ref().ok_or(SpecError::NoProcess)?;
-    let process = check_process(process)?;
+    let mut process = check_process(process)?;
     let linux = spec.linux().as_ref();
+    process.seccomp = linux.and_then(|l| l.seccomp().as_ref()).map(crate::seccomp::compile).transpose()?;
+    let devices = linux
+        .and_then(|l| l.resources().as_ref())
+        .and_then(|r| r.devices().as_ref())
+        .map(|d| crate::devices::check(d))
+        .transpose()?;
 
     let mut new_namespaces = Vec::new();
     let mut join_namespaces = Vec::new();
@@ -185,6 +207,7 @@ pub fn parse_spec(json: &[u8], rootfs: &Path) -> Result<Checked, SpecError> {
         },
         process,
         limits,
+        devices,
     })
 }
 
@@ -230,6 +253,9 @@ fn check_process(p: &Process) -> Result<ProcessConfig, SpecError> {
             (rows > 0 && columns > 0).then_some((rows, columns))
         }),
         no_new_privileges: p.no_new_privileges().unwrap_or(false),
+        caps: CapSets::from_spec(p.capabilities().as_ref())?,
+        // The container's, for an exec.
+        seccomp: None,
     })
 }
 

@@ -6,7 +6,8 @@
 //! agent-proto: output, exec, cgroup v2 stats, limit updates read back
 //! (weight, cpuset, limits lifted back to max), an OOM kill reported by
 //! GetOOMEvent, pause (no progress) and resume, kill and exit codes, then
-//! DestroySandbox, after which the harness stops QEMU itself.
+//! DestroySandbox, after which the harness stops QEMU itself. And a
+//! container gets what its spec grants and no more (`security.rs`).
 //!
 //! Skipped, with the reason, where QEMU, busybox or the kernel cannot be
 //! had.
@@ -33,6 +34,9 @@ use vessel_tests::harness::{e2fsprogs_unavailable, gate, trial};
 use vessel_tests::netns::NetNs;
 use vessel_tests::tier3::{qemu_tcg_unavailable, test_kernel};
 use vessel_tests::TempDir;
+
+#[path = "guest_tcg/security.rs"]
+mod security;
 
 const AGENT: &str = env!("CARGO_BIN_EXE_vessel-agent");
 const DISK_SERIAL: &str = "rootfs";
@@ -66,6 +70,17 @@ fn with_guest(
     nic: Option<Nic>,
     scenario: impl FnOnce(&Guest) -> anyhow::Result<String>,
 ) -> anyhow::Result<(String, VmFigures)> {
+    with_guest_files(tag, nic, &[], scenario)
+}
+
+/// [`with_guest`], with more executables in the container's root
+/// (`/bin/<name>`).
+fn with_guest_files(
+    tag: &str,
+    nic: Option<Nic>,
+    files: &[(&str, Vec<u8>)],
+    scenario: impl FnOnce(&Guest) -> anyhow::Result<String>,
+) -> anyhow::Result<(String, VmFigures)> {
     let kernel = test_kernel()?;
     let dir = TempDir::new(tag)?;
     let agent = resources::guest_image::read_agent(Path::new(AGENT))?;
@@ -74,6 +89,11 @@ fn with_guest(
     resources::guest_image::build_agent_initramfs(agent, &modules)?.write_atomic(&initrd)?;
     let tree = dir.path().join("tree");
     resources::rootfs::busybox_tree(&tree)?;
+    for (name, bytes) in files {
+        let path = tree.join("bin").join(name);
+        std::fs::write(&path, bytes)?;
+        std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
+    }
     let image = dir.path().join("rootfs.ext4");
     resources::rootfs::build_ext4(&tree, &image, Some(32 << 20))?;
 
@@ -459,7 +479,16 @@ fn main() {
     // The root disk is an ext4 image made here.
     let tcg = if args.list { None } else { e2fsprogs_unavailable().or_else(qemu_tcg_unavailable) };
     let net = tcg.clone().or_else(vessel_tests::netns::unavailable);
-    let mut trials = gate(tcg, [trial("containers_in_a_guest", containers_in_a_guest)]);
+    let mut trials = gate(
+        tcg.clone(),
+        [
+            trial("containers_in_a_guest", containers_in_a_guest),
+            trial(
+                "a_container_gets_what_its_spec_grants_in_a_guest",
+                security::a_container_gets_what_its_spec_grants_in_a_guest,
+            ),
+        ],
+    );
     trials.extend(gate(net, [trial("container_network_in_a_guest", container_network_in_a_guest)]));
     libtest_mimic::run(&args, trials).exit();
 }

@@ -563,6 +563,112 @@ fn interfaces_and_routes_through_netlink() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Far more blocked WaitProcess calls than the agent has threads: those
+/// past its bound are refused at once, and RemoveContainer still gets a
+/// thread (it used to starve behind them).
+fn blocked_waits_leave_threads_for_remove() -> anyhow::Result<()> {
+    let a = agent("waits")?;
+    let create =
+        create_request("sleeper", spec_json(&["sleep", "1000"], &SpecOptions::default()), root(), Stdio::new());
+    a.client.create_container(ctx(), &create).map_err(rpc_error)?;
+    a.client.start_container(ctx(), &container("sleeper")).map_err(rpc_error)?;
+    let (done, results) = std::sync::mpsc::channel();
+    for _ in 0..agent::service::THREADS {
+        let (client, done) = (a.client.clone(), done.clone());
+        std::thread::spawn(move || {
+            // No deadline: blocked until the process exits.
+            let r = client.wait_process(agent_proto::ttrpc::context::Context::default(), &wait_for("sleeper", ""));
+            let _ = done.send(r.map(|w| w.status).map_err(rpc_error));
+        });
+    }
+    let refused = agent::service::THREADS - agent::service::MAX_BLOCKED_WAITS;
+    for _ in 0..refused {
+        let r = results.recv_timeout(std::time::Duration::from_secs(60)).context("no wait was refused")?;
+        let err = r.err().context("a wait returned while its process runs")?;
+        ensure!(err.to_string().contains("WaitProcess calls are waiting already"), "{err}");
+    }
+    let (removed_tx, removed) = std::sync::mpsc::channel();
+    let client = a.client.clone();
+    std::thread::spawn(move || {
+        let _ = removed_tx.send(client.remove_container(ctx(), &container("sleeper")).map_err(rpc_error));
+    });
+    removed.recv_timeout(std::time::Duration::from_secs(30)).context("RemoveContainer starved")??;
+    for _ in 0..agent::service::MAX_BLOCKED_WAITS {
+        let status = results.recv_timeout(std::time::Duration::from_secs(30)).context("a wait never returned")??;
+        ensure!(status == 137, "the removed container's process exited {status}");
+    }
+    Ok(())
+}
+
+/// The launch helper joins the process its pidfd holds, never a PID: when
+/// that process is in the agent's own mount namespace (as when a dead
+/// container's PID is reused by a process of the agent's), it refuses,
+/// and nothing runs in the agent's context. Here this test plays the
+/// agent and a `sleep` of its own is the target.
+fn an_exec_never_joins_the_agents_own_namespaces() -> anyhow::Result<()> {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    use std::os::unix::process::CommandExt;
+
+    let mut target = std::process::Command::new("sleep").arg("100").spawn()?;
+    let pid = target.id() as i32;
+    // SAFETY: pidfd_open takes integers and returns a new descriptor.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    ensure!(fd >= 0, "pidfd_open: {}", std::io::Error::last_os_error());
+    // SAFETY: a new descriptor nothing else owns.
+    let pidfd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+    let process: agent::launch::ProcessConfig = serde_json::from_value(serde_json::json!({
+        "args": ["true"], "env": [], "cwd": "/", "uid": 0, "gid": 0, "additional_gids": [], "umask": null,
+        "rlimits": [], "terminal": false, "no_new_privileges": true
+    }))?;
+    let launch = agent::launch::Launch { kind: agent::launch::Kind::Exec { init_pid: pid }, process };
+    let (config_read, config_write) = agent::launch::pipe()?;
+    let (mut sync, helper_sync) = std::os::unix::net::UnixStream::pair()?;
+    let fds = [
+        (config_read.as_raw_fd(), agent::launch::CONFIG_FD),
+        (helper_sync.as_raw_fd(), agent::launch::SYNC_FD),
+        (pidfd.as_raw_fd(), agent::launch::PIDFD_FD),
+    ];
+    // Above the helper's numbers first, so that no dup2 overwrites another.
+    let high: Vec<(OwnedFd, i32)> = fds
+        .iter()
+        .map(|&(fd, to)| {
+            // SAFETY: F_DUPFD_CLOEXEC on our own descriptor makes a new one.
+            let moved = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 10) };
+            // SAFETY: a new descriptor nothing else owns.
+            (unsafe { OwnedFd::from_raw_fd(moved) }, to)
+        })
+        .collect();
+    let pairs: Vec<(i32, i32)> = high.iter().map(|(fd, to)| (fd.as_raw_fd(), *to)).collect();
+    let mut command = std::process::Command::new(AGENT);
+    command.arg(agent::launch::LAUNCH_ARG).stdin(std::process::Stdio::null());
+    let move_fds = move || {
+        for &(from, to) in &pairs {
+            // SAFETY: dup2 takes integers and is async-signal-safe.
+            if unsafe { libc::dup2(from, to) } < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+        }
+        Ok(())
+    };
+    // SAFETY: the hook only calls dup2, which is safe between fork and exec.
+    unsafe { command.pre_exec(move_fds) };
+    let mut helper = command.spawn()?;
+    drop((config_read, helper_sync, high));
+    std::fs::File::from(config_write).write_all(&serde_json::to_vec(&launch)?)?;
+    // One line: an error, or (joined) the pid of a process set up to run.
+    let mut said = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(&mut sync), &mut said)?;
+    let _ = helper.kill();
+    let status = helper.wait()?;
+    target.kill()?;
+    target.wait()?;
+    ensure!(
+        said.starts_with("error ") && said.contains("is in the agent's own mount namespace: not joined"),
+        "the helper said {said:?} (exit {status})"
+    );
+    Ok(())
+}
+
 fn main() {
     let args = Arguments::from_args();
     let skip = unavailable();
@@ -590,6 +696,8 @@ fn main() {
                 "bad_requests_get_clear_errors_and_the_agent_stays",
                 bad_requests_get_clear_errors_and_the_agent_stays,
             ),
+            trial("blocked_waits_leave_threads_for_remove", blocked_waits_leave_threads_for_remove),
+            trial("an_exec_never_joins_the_agents_own_namespaces", an_exec_never_joins_the_agents_own_namespaces),
         ],
     );
     // It makes a veth pair in a network namespace of its own.
