@@ -123,6 +123,10 @@ fn drive(sandbox: &mut Sandbox, store: &Store, roots: [&Path; 2], data: &Path) -
     let qemu = sandbox.state().vm_pid.context("no QEMU PID in the state")?;
     let status = std::fs::read_to_string(format!("/proc/{qemu}/status"))?;
     ensure!(status.lines().any(|l| l.split_whitespace().eq(["Seccomp:", "2"])), "QEMU is not confined:\n{status}");
+    for set in ["CapPrm:", "CapEff:", "CapBnd:"] {
+        let line = status.lines().find(|l| l.starts_with(set)).unwrap_or_default();
+        ensure!(line.ends_with("0000000000000000"), "QEMU keeps capabilities: {line}");
+    }
 
     let web_out = sandbox.take_io("web")?.stdout.collect(STREAM_TIMEOUT);
     let job_out = sandbox.take_io("job")?.stdout.collect(STREAM_TIMEOUT);

@@ -318,6 +318,8 @@ impl Hypervisor for QemuTcg {
         let mut command = Command::new(QEMU);
         command.args(machine.args()).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
         // QEMU dies with this process, however it ends.
+        // TCG needs no privilege: QEMU gets no capability, root or not.
+        crate::children::without_privileges(&mut command);
         let mut child = crate::children::spawn_tied(command)
             .map_err(|e| fail(format!("cannot run {QEMU} (install qemu-system-x86): {e}").into()))?;
         let mut outputs: Vec<Box<dyn std::io::Read + Send>> = Vec::new();
