@@ -68,50 +68,53 @@ pub fn spawn_tied(mut command: Command) -> std::io::Result<Child> {
 /// privilege: QEMU running a guest under TCG talks to sockets and files
 /// this process made for it, and to nothing else.
 pub fn without_privileges(command: &mut Command) {
-    let drop_all = || {
-        // SAFETY: prctl and capset take plain integers and a pointer to
-        // structs on this stack; they are async-signal-safe and allocate
-        // nothing, as the code between fork and exec must.
-        unsafe {
-            if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            // Capability numbers past the kernel's last are EINVAL: done.
-            for cap in 0..64 {
-                if libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0) != 0 {
-                    if *libc::__errno_location() == libc::EINVAL {
-                        break;
-                    }
-                    return Err(std::io::Error::last_os_error());
-                }
-            }
-            if libc::prctl(libc::PR_CAP_AMBIENT, libc::PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            #[repr(C)]
-            struct Header {
-                version: u32,
-                pid: i32,
-            }
-            #[repr(C)]
-            #[derive(Clone, Copy)]
-            struct Data {
-                effective: u32,
-                permitted: u32,
-                inheritable: u32,
-            }
-            // _LINUX_CAPABILITY_VERSION_3: two 32-bit words of each set.
-            let header = Header { version: 0x2008_0522, pid: 0 };
-            let none = [Data { effective: 0, permitted: 0, inheritable: 0 }; 2];
-            if libc::syscall(libc::SYS_capset, &header, none.as_ptr()) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
+    // SAFETY: the closure runs between fork and exec; it makes only the
+    // prctl and capset calls below, which are async-signal-safe and
+    // allocate nothing.
+    unsafe { command.pre_exec(drop_every_capability) };
+}
+
+/// prctl(option, arg) with the other arguments 0.
+fn prctl(option: libc::c_int, arg: libc::c_ulong) -> std::io::Result<()> {
+    // SAFETY: prctl takes plain integers here and touches no memory of ours.
+    match unsafe { libc::prctl(option, arg, 0, 0, 0) } {
+        0 => Ok(()),
+        _ => Err(std::io::Error::last_os_error()),
+    }
+}
+
+/// The body of [`without_privileges`], in the child before exec.
+fn drop_every_capability() -> std::io::Result<()> {
+    prctl(libc::PR_SET_NO_NEW_PRIVS, 1)?;
+    // Capability numbers past the kernel's last are EINVAL: done.
+    for cap in 0..64 {
+        match prctl(libc::PR_CAPBSET_DROP, cap) {
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => break,
+            other => other?,
         }
-        Ok(())
-    };
-    // SAFETY: the closure runs between fork and exec and only makes the
-    // system calls above (see there).
-    unsafe { command.pre_exec(drop_all) };
+    }
+    prctl(libc::PR_CAP_AMBIENT, libc::PR_CAP_AMBIENT_CLEAR_ALL as libc::c_ulong)?;
+    #[repr(C)]
+    struct Header {
+        version: u32,
+        pid: i32,
+    }
+    #[repr(C)]
+    #[derive(Clone, Copy)]
+    struct Data {
+        effective: u32,
+        permitted: u32,
+        inheritable: u32,
+    }
+    // _LINUX_CAPABILITY_VERSION_3: two 32-bit words of each set.
+    let header = Header { version: 0x2008_0522, pid: 0 };
+    let none = [Data { effective: 0, permitted: 0, inheritable: 0 }; 2];
+    // SAFETY: capset reads a header and two data structs, which live on
+    // this stack for the call.
+    match unsafe { libc::syscall(libc::SYS_capset, &header, none.as_ptr()) } {
+        0 => Ok(()),
+        _ => Err(std::io::Error::last_os_error()),
+    }
 }
 
 #[cfg(test)]
