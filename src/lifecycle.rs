@@ -8,7 +8,6 @@
 //! to `<root>/.scratch/<id>/output.log`; `vessel logs ID` prints it.
 
 use std::io::{BufRead, BufReader, Write};
-use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode, Stdio};
@@ -271,7 +270,7 @@ pub(crate) fn own(store: &Store, config: &str) -> anyhow::Result<ExitCode> {
     std::io::stdout().flush()?;
     for conn in listener.incoming() {
         let Ok(conn) = conn else { continue };
-        if peer_uid(&conn) != Some(my_uid()) {
+        if !devices::host_socket::peer_is_same_user(&conn).unwrap_or(false) {
             continue;
         }
         let mut line = String::new();
@@ -506,29 +505,6 @@ pub(crate) fn container_op(store: &Store, sandbox: &str, op: ContainerOp) -> any
         }
     }
     Ok(ExitCode::SUCCESS)
-}
-
-fn my_uid() -> u32 {
-    // SAFETY: geteuid has no preconditions.
-    unsafe { libc::geteuid() }
-}
-
-/// The uid of the process at the other end of `conn` (SO_PEERCRED).
-fn peer_uid(conn: &UnixStream) -> Option<u32> {
-    let mut cred = libc::ucred { pid: 0, uid: 0, gid: 0 };
-    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
-    // SAFETY: SO_PEERCRED writes at most `len` bytes into `cred`, which is
-    // a ucred of that size.
-    let rc = unsafe {
-        libc::getsockopt(
-            conn.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_PEERCRED,
-            (&mut cred as *mut libc::ucred).cast(),
-            &mut len,
-        )
-    };
-    (rc == 0).then_some(cred.uid)
 }
 
 /// Sends `request` to sandbox `id`'s owner and waits for its answer.

@@ -118,7 +118,11 @@ pub fn accept_within(
     let start = Instant::now();
     let conn = loop {
         match listener.accept() {
-            Ok((conn, _)) => break conn,
+            // Only our user's processes (the VMM's vsock backend, here or
+            // in the sandbox's owner) may hand us a stream; another user's
+            // connection is closed unanswered.
+            Ok((conn, _)) if peer_uid(&conn) == Some(effective_uid()) => break conn,
+            Ok(_) => {}
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                 if let Some(why) = gone() {
                     return Err(not_ready(why));
@@ -133,6 +137,29 @@ pub fn accept_within(
     };
     conn.set_nonblocking(false).map_err(io("cannot make blocking"))?;
     Ok(conn)
+}
+
+fn effective_uid() -> u32 {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() }
+}
+
+/// The uid of the process at the other end of `conn` (SO_PEERCRED).
+fn peer_uid(conn: &UnixStream) -> Option<u32> {
+    let mut cred = libc::ucred { pid: 0, uid: 0, gid: 0 };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: SO_PEERCRED writes at most `len` bytes into `cred`, a ucred
+    // of that size.
+    let rc = unsafe {
+        libc::getsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(conn),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&mut cred as *mut libc::ucred).cast(),
+            &mut len,
+        )
+    };
+    (rc == 0).then_some(cred.uid)
 }
 
 /// Guest side: a vsock stream connected to `cid`:`port`.

@@ -135,6 +135,24 @@ fn accept_passes_over_another_user() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The host side of the agent's link (`<uds>_<port>`, where the agent's
+/// streams and readiness arrive) passes over another user's connection
+/// and takes the next one of ours.
+fn agent_link_accept_passes_over_another_user() -> anyhow::Result<()> {
+    let dir = TempDir::new("host-sockets-link")?;
+    let path = dir.path().join("vsock.sock_1024");
+    let listener = host_socket::bind_private(&path)?;
+    widen(dir.path(), &path)?;
+    let child = stranger_connects(&path)?;
+    std::thread::sleep(Duration::from_millis(300));
+    let _ours = UnixStream::connect(&path)?;
+    let conn = agent_proto::link::accept_within(&listener, &path, Duration::from_secs(10), || None)?;
+    ensure!(host_socket::peer_is_this_process(&conn)?, "accepted someone else's connection");
+    let code = wait(child)?;
+    ensure!(code == 0, "the other user's connection: child exit {code} (1: left open, 2: no connect, 3: no setuid)");
+    Ok(())
+}
+
 fn main() {
     let args = Arguments::from_args();
     // SAFETY: geteuid has no preconditions.
@@ -143,6 +161,7 @@ fn main() {
     let trials = [
         trial("vsock_host_socket_closes_on_another_user", vsock_host_socket_closes_on_another_user),
         trial("accept_passes_over_another_user", accept_passes_over_another_user),
+        trial("agent_link_accept_passes_over_another_user", agent_link_accept_passes_over_another_user),
     ];
     libtest_mimic::run(&args, gate(reason, trials)).exit();
 }
