@@ -82,6 +82,9 @@ struct Inner {
     /// OOM events not taken yet.
     ooms: VecDeque<String>,
     next_pid: i32,
+    /// WaitProcess calls still to refuse as the agent does when too many
+    /// wait at once (RESOURCE_EXHAUSTED).
+    refused_waits: usize,
 }
 
 #[derive(Debug, Default)]
@@ -263,6 +266,12 @@ impl MockAgent {
     }
 
     /// Makes an OOM event for container `id`, for one GetOOMEvent to take.
+    /// Has the next `n` WaitProcess calls refused as busy, as the agent
+    /// refuses calls past its bound on blocked waits.
+    pub fn refuse_waits(&self, n: usize) {
+        self.lock().refused_waits = n;
+    }
+
     pub fn oom(&self, id: &str) {
         self.lock().ooms.push_back(id.to_string());
         self.shared.changed.notify_all();
@@ -422,6 +431,13 @@ impl Agent for MockAgent {
 
     fn wait_process(&self, ctx: &TtrpcContext, req: WaitProcessRequest) -> ttrpc::Result<WaitProcessResponse> {
         self.record("WaitProcess");
+        {
+            let mut inner = self.lock();
+            if inner.refused_waits > 0 {
+                inner.refused_waits -= 1;
+                return Err(error(Code::RESOURCE_EXHAUSTED, "too many WaitProcess calls are waiting".into()));
+            }
+        }
         let (id, exec_id) = (req.container_id, req.exec_id);
         let reply = |status| Some(Ok(WaitProcessResponse { status, ..Default::default() }));
         // Seen running, then gone: removed, which kills it (as the agent's

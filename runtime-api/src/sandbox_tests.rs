@@ -293,6 +293,20 @@ fn disks_are_checked_recorded_and_mounted_into_live_containers() {
 }
 
 #[test]
+fn a_wait_the_agent_refuses_as_one_too_many_is_asked_again() {
+    let f = Fixture::new("busy");
+    let (vm, _) = FakeVm::new(Fault::None);
+    let mock = vm.mock.clone();
+    let mut sandbox = Sandbox::create_with(&f.store, f.config("box", &["a"]), Box::new(vm)).unwrap();
+    mock.refuse_waits(2);
+    sandbox.start().unwrap();
+    assert_eq!(sandbox.wait_process("a", "", Some(Duration::from_secs(10))).unwrap(), 3);
+    assert!(mock.calls().iter().filter(|c| **c == "WaitProcess").count() >= 3, "{:?}", mock.calls());
+    sandbox.stop(false).unwrap();
+    sandbox.delete().unwrap();
+}
+
+#[test]
 fn the_lifecycle_through_the_mock_agent_is_recorded_in_the_state() {
     let f = Fixture::new("life");
     let (vm, running) = FakeVm::new(Fault::None);

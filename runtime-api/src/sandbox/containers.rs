@@ -25,6 +25,9 @@ use crate::hypervisor::Disk;
 use crate::shared_fs::SharedDir;
 use crate::state::{now_unix_ms, ContainerPhase, ContainerRecord, DeviceRecord, LockKind, SandboxPhase};
 
+/// How long a waiter refused as one too many waits before it asks again.
+const WAIT_RETRY: Duration = Duration::from_millis(250);
+
 impl Sandbox {
     /// Stdio streams for `process`, and the ports to name in its request.
     pub(super) fn process_io(&self, process: &ProcessConfig) -> Result<(ProcessIo, Stdio), SandboxError> {
@@ -50,8 +53,19 @@ impl Sandbox {
         std::thread::spawn(move || {
             let request =
                 WaitProcessRequest { container_id: id.clone(), exec_id: exec_id.clone(), ..Default::default() };
-            // No timeout: a process runs as long as it runs.
-            match agent.call_within("WaitProcess", Duration::ZERO, |c, ctx| c.wait_process(ctx, &request)) {
+            // No timeout: a process runs as long as it runs. An agent with
+            // too many waits blocked already refuses (RESOURCE_EXHAUSTED):
+            // ask again a little later rather than never learn the exit.
+            let waited = loop {
+                match agent.call_within("WaitProcess", Duration::ZERO, |c, ctx| c.wait_process(ctx, &request)) {
+                    Err(AgentError::Rpc { message, .. }) if message.starts_with("RESOURCE_EXHAUSTED") => {
+                        debug!(container = %id, exec = %exec_id, "the agent has too many waits; asking again");
+                        std::thread::sleep(WAIT_RETRY);
+                    }
+                    other => break other,
+                }
+            };
+            match waited {
                 Ok(reply) => {
                     // An exec'd process is forgotten by the agent once its
                     // status is here, so the agent keeps nothing per exec.
