@@ -319,6 +319,7 @@ impl Unpacker {
             let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
             let whiteout = if name == ".wh..wh..opq" { Some(None) } else { name.strip_prefix(".wh.").map(Some) };
             let Some(hidden) = whiteout else {
+                self.make_way(&path, entry.header().entry_type().is_dir()).map_err(unpack_err)?;
                 if !entry.unpack_in(&self.dest).map_err(unpack_err)? {
                     return Err(escape(&path));
                 }
@@ -350,6 +351,26 @@ impl Unpacker {
                     }
                 }
             }
+        }
+        Ok(())
+    }
+
+    /// Removes what a lower layer left at `path` that an entry of another
+    /// kind replaces: a directory (with what it holds) under a file or a
+    /// link, a file under a directory. tar replaces only files, and a
+    /// directory kept under a symlink would hold on to lower layers' files.
+    /// A directory entry over a symlink keeps the link (usrmerge's `/bin`).
+    fn make_way(&mut self, path: &Path, is_dir: bool) -> std::io::Result<()> {
+        let (Ok(Some(parent)), Some(name)) = (self.inside(path.parent().unwrap_or(Path::new(""))), path.file_name())
+        else {
+            // Not there, or outside: tar makes the path or refuses it.
+            return Ok(());
+        };
+        let at = parent.join(name);
+        let Ok(meta) = fs::symlink_metadata(self.root.join(&at)) else { return Ok(()) };
+        if meta.is_dir() != is_dir && !(is_dir && meta.file_type().is_symlink()) {
+            remove(&self.root.join(&at))?;
+            self.forget(&at);
         }
         Ok(())
     }
@@ -774,5 +795,28 @@ mod tests {
             .expect("setpriv (util-linux) runs the test as nobody");
         let text = String::from_utf8_lossy(&out.stdout);
         assert!(out.status.success() && text.contains("1 passed"), "{text}{}", String::from_utf8_lossy(&out.stderr));
+    }
+
+    #[test]
+    fn an_entry_replaces_a_lower_layers_directory_of_another_kind() {
+        let l = Layout::new("replace");
+        let base = l.blob(&tar_with(&[
+            E("bin", 0, 0o755, Kind::Dir),
+            E("bin/sh", 0, 0o755, Kind::File(b"old")),
+            E("var/cache", 0, 0o755, Kind::Dir),
+            E("var/cache/x", 0, 0o644, Kind::File(b"x")),
+        ]));
+        let top = l.blob(&tar_with(&[
+            E("usr/bin/sh", 0, 0o755, Kind::File(b"new")),
+            E("bin", 0, 0o777, Kind::Symlink("usr/bin")),
+            E("var/cache", 0, 0o600, Kind::File(b"now a file")),
+        ]));
+        l.image(&[(base, TAR), (top, TAR)]);
+        let dest = l.0.join("rootfs");
+        let owners = unpack_layout(&l.0, &dest, &Limits::default()).unwrap();
+        assert_eq!(fs::read_link(dest.join("bin")).unwrap(), Path::new("usr/bin"));
+        assert_eq!(fs::read(dest.join("bin/sh")).unwrap(), b"new");
+        assert_eq!(fs::read(dest.join("var/cache")).unwrap(), b"now a file");
+        assert!(!owners.0.contains_key(Path::new("var/cache/x")));
     }
 }
