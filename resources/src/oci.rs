@@ -785,10 +785,15 @@ mod tests {
             check_owners_in_image(&l);
             return;
         }
-        let exe = std::env::current_exe().unwrap();
+        // A copy of this test binary that nobody can run, wherever the
+        // build put it (a target directory under /root is closed to it).
+        let exe = l.0.join("test-binary");
+        fs::copy(std::env::current_exe().unwrap(), &exe).unwrap();
+        fs::set_permissions(&l.0, fs::Permissions::from_mode(0o755)).unwrap();
+        fs::set_permissions(&exe, fs::Permissions::from_mode(0o755)).unwrap();
         let out = std::process::Command::new("setpriv")
             .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
-            .arg(exe)
+            .arg(&exe)
             .args(["--exact", "oci::tests::an_image_built_by_a_user_keeps_the_owners_and_modes_of_its_layers"])
             .env("TMPDIR", "/tmp")
             .output()
