@@ -311,4 +311,29 @@ mod tests {
         assert!(matches!(build_ext4(&dir, &dir.join("x.img"), Some(4096)), Err(RootfsError::TooSmall { .. })));
         fs::remove_dir_all(&dir).unwrap();
     }
+
+    #[test]
+    fn owner_commands_quote_every_name_and_refuse_a_newline() {
+        let dir = std::env::temp_dir().join(format!("vessel-rootfs-owners-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(dir.join("a b")).unwrap();
+        fs::write(dir.join("a b/say \"hi\""), b"x").unwrap();
+        fs::set_permissions(dir.join("a b/say \"hi\""), fs::Permissions::from_mode(0o644)).unwrap();
+        fs::set_permissions(&dir, fs::Permissions::from_mode(0o755)).unwrap();
+        fs::set_permissions(dir.join("a b"), fs::Permissions::from_mode(0o755)).unwrap();
+        let mut owners = Ownership::default();
+        owners.0.insert("a b/say \"hi\"".into(), Owner { uid: 7, gid: 8, mode: 0o4711 });
+        let uid = fs::metadata(&dir).unwrap().uid();
+        let script = String::from_utf8(owner_commands(&dir, &owners).unwrap()).unwrap();
+        let file = "set_inode_field \"/a b/say \"\"hi\"\"\"";
+        assert!(script.contains(&format!("{file} uid 7\n{file} gid 8\n{file} mode 0104711\n")), "{script}");
+        // Unlisted files are root's: only a runner other than root has
+        // anything to change there.
+        assert_eq!(script.contains("\"/a b\" uid 0"), uid != 0, "{script}");
+        // A name debugfs cannot read is refused when it needs a change.
+        fs::write(dir.join("new\nline"), b"x").unwrap();
+        owners.0.insert("new\nline".into(), Owner { uid: 5, gid: 5, mode: 0o644 });
+        assert!(matches!(owner_commands(&dir, &owners), Err(RootfsError::Name(_))));
+        fs::remove_dir_all(&dir).unwrap();
+    }
 }
