@@ -96,7 +96,7 @@ def vsock():
     packets = [
         vsock_header(5000, 1024, REQUEST),
         vsock_header(5000, 1024, RW, 2) + b"hi",
-        vsock_header(5000, 1024, CREDIT_UPDATE, fwd_cnt=10),
+        vsock_header(5000, 1024, CREDIT_UPDATE),
         vsock_header(5001, 1025, REQUEST),
     ]
     write("vsock_host", "guest-connects", bytes([len(script)]) + script + vsock_memory(packets))
