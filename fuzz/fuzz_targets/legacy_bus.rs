@@ -28,6 +28,9 @@ impl BusDevice for Scratch {
     }
 }
 
+/// A device on the bus at (base, length).
+type Placed = (Arc<Mutex<dyn BusDevice>>, u64, u64);
+
 struct Input<'a>(&'a [u8]);
 
 impl Input<'_> {
@@ -47,7 +50,7 @@ fuzz_target!(|data: &[u8]| {
     );
     let i8042 = I8042::new(EventFd::new(libc::EFD_NONBLOCK).expect("eventfd"));
     let (timer, _) = BootTimer::new(std::time::Instant::now());
-    let legacy: [(Arc<Mutex<dyn BusDevice>>, u64, u64); 3] = [
+    let legacy: [Placed; 3] = [
         (Arc::new(Mutex::new(serial)), 0x3f8, 8),
         (Arc::new(Mutex::new(i8042)), 0x60, 5),
         (Arc::new(Mutex::new(timer)), 0x440, 1),
