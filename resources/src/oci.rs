@@ -824,4 +824,25 @@ mod tests {
         assert_eq!(fs::read(dest.join("var/cache")).unwrap(), b"now a file");
         assert!(!owners.0.contains_key(Path::new("var/cache/x")));
     }
+
+    #[test]
+    fn owners_beyond_the_header_fields_come_from_pax_records() {
+        // tar applies PAX uid/gid records to the header it hands us; this
+        // keeps it so (a rootless build's uids do not fit ustar's fields).
+        let mut b = tar::Builder::new(Vec::new());
+        b.append_pax_extensions([("uid", &b"3000000000"[..]), ("gid", &b"3000000001"[..])]).unwrap();
+        let mut h = tar::Header::new_ustar();
+        h.set_uid(0);
+        h.set_gid(0);
+        h.set_mode(0o640);
+        h.set_size(1);
+        h.set_cksum();
+        b.append_data(&mut h, "f", &b"x"[..]).unwrap();
+        let layer = b.into_inner().unwrap();
+        let dest = std::env::temp_dir().join(format!("vessel-oci-pax-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dest);
+        let owners = unpack_layers(&[&layer], &dest, &Limits::default()).unwrap();
+        fs::remove_dir_all(&dest).unwrap();
+        assert_eq!(owners.0[Path::new("f")], Owner { uid: 3_000_000_000, gid: 3_000_000_001, mode: 0o640 });
+    }
 }
