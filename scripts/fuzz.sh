@@ -13,7 +13,13 @@ log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 for target in $(cargo fuzz list); do
     echo "fuzz: $target for ${seconds}s"
-    if ! cargo fuzz run -O "$target" -- -max_total_time="$seconds" >"$log" 2>&1; then
+    # New inputs go to corpus/<target> (ignored by git); the committed
+    # seeds/<target>, where there are some, start the run on inputs that
+    # reach past the formats' first checks.
+    mkdir -p "corpus/$target"
+    corpora=("corpus/$target")
+    [ -d "seeds/$target" ] && corpora+=("seeds/$target")
+    if ! cargo fuzz run -O "$target" "${corpora[@]}" -- -max_total_time="$seconds" >"$log" 2>&1; then
         tail -n 40 "$log"
         echo "fuzz: $target FAILED (the crashing input is under fuzz/artifacts/$target)"
         exit 1

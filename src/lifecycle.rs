@@ -118,12 +118,8 @@ fn root_image(rootfs: &Path, scratch: &Path) -> anyhow::Result<PathBuf> {
     let _progress =
         resources::progress::Step::start(&format!("vessel: packing {} into an ext4 image", rootfs.display()));
     if resources::oci::is_layout(rootfs) {
-        let tree = scratch.join("rootfs-tree");
-        let unpacked = resources::oci::unpack_layout(rootfs, &tree)
-            .with_context(|| format!("unpacking the OCI layout {}", rootfs.display()));
-        let built = unpacked.and_then(|()| Ok(resources::rootfs::build_ext4(&tree, &image, None)?));
-        let _ = std::fs::remove_dir_all(&tree);
-        built?;
+        resources::oci::build_image(rootfs, &image, None, scratch)
+            .with_context(|| format!("making an image of the OCI layout {}", rootfs.display()))?;
     } else {
         resources::rootfs::build_ext4(rootfs, &image, None)?;
     }

@@ -511,12 +511,7 @@ fn image(cmd: ImageCommand) -> anyhow::Result<()> {
             let size = size_mib.map(|m| m << 20);
             if resources::oci::is_layout(&from) {
                 // An OCI image layout: its layers, unpacked, are the rootfs.
-                let tree = resources::cache::temp_name(&std::env::temp_dir(), "vessel-oci-rootfs");
-                let built = resources::oci::unpack_layout(&from, &tree)
-                    .map_err(anyhow::Error::from)
-                    .and_then(|()| resources::rootfs::build_ext4(&tree, &out, size).map_err(anyhow::Error::from));
-                let _ = std::fs::remove_dir_all(&tree);
-                built?;
+                resources::oci::build_image(&from, &out, size, &std::env::temp_dir())?;
             } else {
                 resources::rootfs::build_ext4(&from, &out, size)?;
             }

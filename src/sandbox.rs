@@ -66,7 +66,14 @@ pub(crate) fn run(store: &Store, args: &RunArgs) -> anyhow::Result<ExitCode> {
         None => {
             let cached = resources::rootfs::cached_demo_rootfs().context("the demo root filesystem")?;
             let image = resources::cache::temp_name(&std::env::temp_dir(), "vessel-demo-root");
-            std::fs::copy(&cached, &image).with_context(|| format!("copying {}", cached.display()))?;
+            // create_new: a name planted in the shared temp directory is
+            // refused, never written through.
+            let copied = std::fs::File::open(&cached).and_then(|mut from| {
+                use std::os::unix::fs::OpenOptionsExt;
+                let mut to = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&image)?;
+                std::io::copy(&mut from, &mut to)
+            });
+            copied.with_context(|| format!("copying {}", cached.display()))?;
             copy = Some(image.clone());
             image
         }

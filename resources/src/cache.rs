@@ -54,7 +54,9 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), CacheError> {
     let name = path.file_name().map_or("file".into(), |n| n.to_string_lossy().into_owned());
     let tmp = temp_name(dir, &name);
     let result = (|| {
-        let mut f = std::fs::File::create(&tmp)?;
+        // create_new: a name someone else made (a link planted in a shared
+        // directory) is refused, not followed.
+        let mut f = std::fs::OpenOptions::new().write(true).create_new(true).open(&tmp)?;
         f.write_all(bytes)?;
         f.sync_all()?;
         std::fs::rename(&tmp, path)?;
@@ -65,6 +67,34 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), CacheError> {
         let _ = std::fs::remove_file(&tmp);
     }
     result.map_err(err)
+}
+
+/// A fresh directory only its owner can enter (0700), made with a name no
+/// one else uses (an existing one is an error, never reused) and removed
+/// with what it holds when dropped: the scratch space for trees that hold
+/// an image's files on their way into an image.
+#[derive(Debug)]
+pub struct ScratchDir(PathBuf);
+
+impl ScratchDir {
+    /// Makes `<parent>/.<tag>.tmp-...`.
+    pub fn new(parent: &Path, tag: &str) -> std::io::Result<Self> {
+        use std::os::unix::fs::DirBuilderExt;
+        let path = temp_name(parent, tag);
+        std::fs::DirBuilder::new().mode(0o700).create(&path)?;
+        Ok(Self(path))
+    }
+
+    /// Where it is.
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for ScratchDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
 
 #[cfg(test)]
@@ -117,5 +147,17 @@ mod tests {
         let blocked = dir.path().join("sub").join("f").join("g");
         let err = write_atomic(&blocked, b"x").unwrap_err();
         assert!(err.to_string().starts_with("cannot write "), "{err}");
+    }
+
+    #[test]
+    fn scratch_directories_are_private_and_removed() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = TempDir::new("scratch");
+        let scratch = ScratchDir::new(dir.path(), "tree").unwrap();
+        let path = scratch.path().to_path_buf();
+        std::fs::write(path.join("f"), b"x").unwrap();
+        assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o7777, 0o700);
+        drop(scratch);
+        assert!(!path.exists());
     }
 }

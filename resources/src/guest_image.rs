@@ -220,6 +220,8 @@ mod tests {
             "kernel/net/vmw_vsock/vmw_vsock_virtio_transport.ko",
             "virtio,vmw_vsock_virtio_transport_common,virtio_ring,vsock",
         );
+        put("kernel/fs/fuse/fuse.ko", "");
+        put("kernel/fs/fuse/virtiofs.ko", "fuse,virtio,virtio_ring");
         put("kernel/drivers/virtio/virtio_balloon.ko", "virtio,virtio_ring");
         std::fs::write(
             dir.join("modules.builtin"),
@@ -314,6 +316,8 @@ mod tests {
                 "vsock.ko",
                 "vmw_vsock_virtio_transport_common.ko",
                 "vmw_vsock_virtio_transport.ko",
+                "fuse.ko",
+                "virtiofs.ko",
             ]
         );
 
@@ -357,7 +361,7 @@ mod tests {
             )),
             "{err}"
         );
-        assert!(err.contains("vmw_vsock_virtio_transport, ext4 cannot be loaded"), "{err}");
+        assert!(err.contains("vmw_vsock_virtio_transport, ext4, virtiofs cannot be loaded"), "{err}");
 
         // A modules directory that has some of them, and nothing built in.
         let modules = dir.path().join("modules");
@@ -372,7 +376,7 @@ mod tests {
             chain,
             format!(
                 "cannot collect the kernel modules the agent needs: modules virtio_blk, virtio_net, virtio_rng, \
-                 vmw_vsock_virtio_transport, ext4 are neither in {} nor built into the kernel",
+                 vmw_vsock_virtio_transport, ext4, virtiofs are neither in {} nor built into the kernel",
                 modules.display()
             )
         );

@@ -12,7 +12,8 @@
 //!   (`mkfs.ext4 -d`), and a demo busybox tree.
 //! - [`progress`]: a progress bar on stderr for the long steps.
 //! - [`oci`]: unpacking an OCI image layout (skopeo/umoci output) into a
-//!   directory, layer by layer with whiteouts, digests verified.
+//!   directory, layer by layer with whiteouts, digests verified, sizes
+//!   capped; the layers' owners and modes go into the ext4 image.
 //! - [`guest_image`]: the sandbox guest's boot files: the kernel and an
 //!   initramfs with the agent as `/init` and the modules it loads (listed
 //!   in `modules.load`, a contract with the agent), cached by content.

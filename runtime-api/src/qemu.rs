@@ -96,6 +96,14 @@ impl TcgMachine {
     }
 }
 
+/// `value` as one QEMU option value (`key=value` in a `,`-separated
+/// list): QEMU reads a doubled comma as a comma in the value, and a single
+/// one as the start of the next option, so a path with a comma would end
+/// early and what follows would be read as options.
+pub fn opt_value(value: &str) -> String {
+    value.replace(',', ",,")
+}
+
 /// A QEMU object ID for the device served on `socket`: each socket serves
 /// one device, so two devices of one model get two IDs.
 fn socket_id(socket: &std::path::Path) -> String {
@@ -111,7 +119,7 @@ pub fn vhost_user_device_args(socket: &std::path::Path, model: &str) -> Vec<Stri
     let id = socket_id(socket);
     vec![
         "-chardev".into(),
-        format!("socket,id={id},path={}", socket.display()),
+        format!("socket,id={id},path={}", opt_value(&socket.display().to_string())),
         "-device".into(),
         format!("{model},chardev={id}"),
     ]
@@ -124,7 +132,7 @@ pub fn vhost_user_net_args(socket: &std::path::Path, mac: &str) -> Vec<String> {
     let id = socket_id(socket);
     vec![
         "-chardev".into(),
-        format!("socket,id={id},path={}", socket.display()),
+        format!("socket,id={id},path={}", opt_value(&socket.display().to_string())),
         "-netdev".into(),
         format!("vhost-user,id={id}-net,chardev={id}"),
         "-device".into(),
@@ -186,6 +194,19 @@ mod tests {
         assert_eq!(a[3], "vhost-user-blk,chardev=vu-disk-a.sock");
         assert_eq!(b[3], "vhost-user-blk,chardev=vu-disk_b.sock");
         let net = vhost_user_net_args(std::path::Path::new("/n.sock"), "52:54:00:00:00:01").join(" ");
+        assert!(net.contains("-chardev socket,id=vu-n.sock,path=/n.sock -netdev"), "{net}");
         assert!(net.contains("-netdev vhost-user,id=vu-n.sock-net,chardev=vu-n.sock"), "{net}");
+    }
+
+    #[test]
+    fn commas_in_socket_paths_are_doubled() {
+        // "/run/a,server=on/x.sock" must stay one path, not become a path
+        // "/run/a" and an option.
+        let path = std::path::Path::new("/run/a,server=on/x.sock");
+        let blk = vhost_user_device_args(path, "vhost-user-blk");
+        assert_eq!(blk[1], "socket,id=vu-x.sock,path=/run/a,,server=on/x.sock");
+        let net = vhost_user_net_args(path, "52:54:00:00:00:01");
+        assert_eq!(net[1], "socket,id=vu-x.sock,path=/run/a,,server=on/x.sock");
+        assert_eq!(opt_value("a,,b"), "a,,,,b");
     }
 }

@@ -169,14 +169,20 @@ fn image_rootfs_packs_a_directory() -> TestResult {
 }
 
 /// `vessel image rootfs` also takes an OCI image layout: the layer's files
-/// end up in the ext4 image.
+/// end up in the ext4 image, with the layer's owners.
 fn image_rootfs_from_an_oci_layout() -> TestResult {
     let dir = TempDir::new("cli-oci")?;
     let layer_dir = dir.path().join("layer");
     std::fs::create_dir_all(layer_dir.join("etc"))?;
     std::fs::write(layer_dir.join("etc/os-release"), "NAME=vessel-test\n")?;
     let layer = dir.path().join("layer.tar");
-    let tar = Command::new("tar").arg("-C").arg(&layer_dir).arg("-cf").arg(&layer).arg("etc").status()?;
+    let tar = Command::new("tar")
+        .args(["--owner=999", "--group=998", "-C"])
+        .arg(&layer_dir)
+        .arg("-cf")
+        .arg(&layer)
+        .arg("etc")
+        .status()?;
     ensure!(tar.success(), "tar failed");
     let oci = dir.path().join("oci");
     std::fs::create_dir_all(oci.join("blobs/sha256"))?;
@@ -203,6 +209,10 @@ fn image_rootfs_from_an_oci_layout() -> TestResult {
     ensure!(out.status.success(), "exit {:?}: {}", out.status, text(&out.stderr));
     let cat = Command::new("debugfs").args(["-R", "cat /etc/os-release"]).arg(&img).output()?;
     ensure!(text(&cat.stdout) == "NAME=vessel-test\n", "debugfs read {:?}", text(&cat.stdout));
+    // The layer's owners, not whoever ran vessel.
+    let stat = Command::new("debugfs").args(["-R", "stat /etc/os-release"]).arg(&img).output()?;
+    let stat = text(&stat.stdout);
+    ensure!(stat.contains("User:   999   Group:   998"), "debugfs stat: {stat}");
     Ok(())
 }
 

@@ -119,7 +119,14 @@ impl TapSlot {
     /// config space shows the link up from now on (tell the driver with a
     /// config change).
     pub fn insert(&self, name: &str) -> Result<(), NetError> {
-        let tap = open_tap(name)?;
+        self.insert_file(open_tap(name)?)
+    }
+
+    /// [`TapSlot::insert`] with a TAP opened already (non-blocking, with
+    /// 12-byte virtio-net headers, as [`open_tap`] opens one). Anything
+    /// that reads and writes whole frames stands in for one: the fuzz
+    /// target gives a `SOCK_SEQPACKET` socket.
+    pub fn insert_file(&self, tap: File) -> Result<(), NetError> {
         let mut change = self.change.lock().unwrap_or_else(|p| p.into_inner());
         if change.link_up {
             return Err(NetError::SlotUsed);

@@ -21,6 +21,9 @@ use crate::host_socket;
 
 mod reorder;
 
+/// The control-plane proxy itself, for the fuzz target (`reorder.rs`).
+#[doc(hidden)]
+pub use reorder::run as reorder_proxy;
 pub use reorder::BackendChannel;
 
 /// Largest split virtqueue the virtio spec allows.

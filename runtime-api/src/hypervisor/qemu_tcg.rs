@@ -302,7 +302,10 @@ impl Hypervisor for QemuTcg {
         // Entropy from the first boot: QEMU's own virtio-rng.
         extra_args.extend(["-device".into(), "virtio-rng-device".into()]);
         self.qmp_path = spec.dir.join("qmp.sock");
-        extra_args.extend(["-qmp".into(), format!("unix:{},server=on,wait=off", self.qmp_path.display())]);
+        extra_args.extend([
+            "-qmp".into(),
+            format!("unix:{},server=on,wait=off", crate::qemu::opt_value(&self.qmp_path.display().to_string())),
+        ]);
         let machine = TcgMachine {
             kernel: spec.kernel.clone(),
             initrd: spec.initrd.clone(),

@@ -227,7 +227,7 @@ impl BackendChannel {
 }
 
 /// Forwards between `frontend` and `backend` until either side closes.
-pub(super) fn run(frontend: UnixStream, backend: UnixStream, channel: &BackendChannel) -> std::io::Result<()> {
+pub fn run(frontend: UnixStream, backend: UnixStream, channel: &BackendChannel) -> std::io::Result<()> {
     let frontend_out = Arc::new(Mutex::new(frontend.try_clone()?));
     let backend_in = backend.try_clone()?;
     // Replies (and anything else) from our daemon go straight back.
