@@ -11,6 +11,8 @@ use std::time::{Duration, Instant};
 use anyhow::{ensure, Context};
 use clap::Args;
 use runtime_api::sandbox::STREAM_TIMEOUT;
+
+use crate::bench_sandbox::{ms, spread};
 use runtime_api::{
     ContainerConfig, DiskConfig, DiskMount, HypervisorKind, ProcessConfig, Sandbox, SandboxConfig, Store, VolumeConfig,
 };
@@ -34,19 +36,6 @@ pub(crate) struct FsBenchArgs {
     /// be dropped rather than squeezed).
     #[arg(long, default_value_t = 512)]
     memory: u64,
-}
-
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1000.0
-}
-
-/// min / median / max of `values`.
-fn spread(mut values: Vec<f64>) -> String {
-    values.sort_by(f64::total_cmp);
-    match values.as_slice() {
-        [] => "-".into(),
-        v => format!("{:.0} / {:.0} / {:.0}", v[0], v[v.len() / 2], v[v.len() - 1]),
-    }
 }
 
 /// Writes `mib` MiB of pseudo-random bytes (xorshift; nothing compresses
@@ -193,17 +182,12 @@ pub(crate) fn run(args: &FsBenchArgs) -> anyhow::Result<()> {
         sandbox.stop(true)?;
         sandbox.delete()?;
         measured?;
-        let rate = |v: Vec<f64>| {
-            let mut v = v;
-            v.sort_by(f64::total_cmp);
-            format!("{:.1} / {:.1} / {:.1}", v[0], v[v.len() / 2], v[v.len() - 1])
-        };
         println!(
             "reading a {} MiB file in the guest, qemu-tcg, each file once (min / median / max, MiB/s):",
             args.file_mib
         );
-        println!("  virtio-blk (ext4 image)                       {}", rate(blk));
-        println!("  virtio-fs (cache=auto)                        {}", rate(fs));
+        println!("  virtio-blk (ext4 image)                       {}", spread(blk));
+        println!("  virtio-fs (cache=auto)                        {}", spread(fs));
         anyhow::Ok(())
     })();
     let _ = std::fs::remove_dir_all(&scratch);

@@ -41,12 +41,12 @@ fn rss(pid: u32) -> u64 {
         .map_or(0, |kib| kib * 1024)
 }
 
-fn ms(d: Duration) -> f64 {
+pub(crate) fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
 /// min / median / max of `values`.
-fn spread(mut values: Vec<f64>) -> String {
+pub(crate) fn spread(mut values: Vec<f64>) -> String {
     values.sort_by(f64::total_cmp);
     match values.as_slice() {
         [] => "-".into(),
