@@ -44,9 +44,11 @@ impl Input<'_> {
 fuzz_target!(|data: &[u8]| {
     let mut bus = Bus::new();
     let mut model: Vec<(u64, u64)> = Vec::new();
-    let (serial, _) = SerialConsole::new(
+    // With a batch notification, as the VMM has it.
+    let (serial, _, _) = SerialConsole::new(
         EventFdTrigger(EventFd::new(libc::EFD_NONBLOCK).expect("eventfd")),
         Box::new(std::io::sink()),
+        Some(EventFd::new(libc::EFD_NONBLOCK).expect("eventfd")),
     );
     let i8042 = I8042::new(EventFd::new(libc::EFD_NONBLOCK).expect("eventfd"));
     let (timer, _) = BootTimer::new(std::time::Instant::now());

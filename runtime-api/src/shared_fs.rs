@@ -6,13 +6,16 @@
 //! root when the caller gave a directory, and `<id>/volumes/<n>` are its
 //! volumes. Both are bind mounts of the caller's directories: nothing is
 //! copied, and what either side writes the other sees. A read-only volume
-//! is bind-mounted read-only on the host too, so the guest cannot write it
-//! whatever it remounts.
+//! is bind-mounted read-only on the host too (every mount below it as
+//! well), so the guest cannot write it whatever it remounts.
 //!
-//! The shared directory is itself a bind mount made a shared peer group,
-//! so that mounts added under it after virtiofsd started (containers
-//! created later) reach the daemon's own mount namespace, which is a slave
-//! of ours.
+//! The host makes all this in `mounts/`, which the guest never sees, and
+//! `shared/` is a read-only view of it (see [`SharedDir::create`]), as
+//! Kata keeps `mounts/` apart from `shared/`: a guest that could write
+//! beside its mounts could plant a symlink where the host is about to
+//! mount or unmount by path. Mounts added later (containers created after
+//! boot) propagate from `mounts/` to `shared/` and on into virtiofsd's own
+//! mount namespace, a slave of ours.
 //!
 //! Cache modes: virtiofsd runs with `--cache auto`: the guest caches file
 //! data and attributes for a second and revalidates on open, so a host
@@ -23,14 +26,18 @@
 
 use std::ffi::CString;
 use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Component, Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 pub use agent_proto::spec::SHARED_TAG;
 
-/// The shared directory's name in the sandbox's directory.
+/// The shared directory's name in the sandbox's directory: what virtiofsd
+/// serves.
 pub const SHARED_DIR: &str = "shared";
+/// Where the host makes the shared directory's contents (see [`SharedDir`]).
+pub const MOUNTS_DIR: &str = "mounts";
 /// virtiofsd's socket in the sandbox's directory.
 pub const SOCKET: &str = "virtiofsd.sock";
 /// How long virtiofsd may take to create its socket.
@@ -184,6 +191,92 @@ pub fn unmount_under(dir: &Path) -> Result<(), SharedFsError> {
     Ok(())
 }
 
+// From <linux/mount.h>.
+const OPEN_TREE_CLONE: libc::c_uint = 1;
+const AT_RECURSIVE: libc::c_uint = 0x8000;
+const MOUNT_ATTR_RDONLY: u64 = 0x1;
+const MOUNT_ATTR_NOSUID: u64 = 0x2;
+const MOUNT_ATTR_NODEV: u64 = 0x4;
+const MOVE_MOUNT_F_EMPTY_PATH: libc::c_uint = 0x4;
+
+/// `struct mount_attr` for mount_setattr(2).
+#[repr(C)]
+struct MountAttr {
+    attr_set: u64,
+    attr_clr: u64,
+    propagation: u64,
+    userns_fd: u64,
+}
+
+/// A detached copy of the mount tree at `host` (every mount below it
+/// included), opened without following a symlink at its last component,
+/// and read-only all through when `read_only`. It is read-only before it
+/// is attached anywhere, so the copies that propagate to virtiofsd's view
+/// are read-only too (a remount afterwards would not propagate).
+fn clone_tree(host: &Path, read_only: bool) -> Result<std::os::fd::OwnedFd, SharedFsError> {
+    use std::os::fd::{AsRawFd, FromRawFd};
+    let dir = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_PATH | libc::O_DIRECTORY | libc::O_NOFOLLOW)
+        .open(host)
+        .map_err(io("open", host))?;
+    let flags = OPEN_TREE_CLONE | AT_RECURSIVE | libc::O_CLOEXEC as libc::c_uint | libc::AT_EMPTY_PATH as libc::c_uint;
+    // SAFETY: a valid fd and an empty NUL-terminated path; returns a new
+    // fd or -1.
+    let tree = unsafe { libc::syscall(libc::SYS_open_tree, dir.as_raw_fd(), c"".as_ptr(), flags) };
+    if tree < 0 {
+        return Err(io("copy the mounts of", host)(std::io::Error::last_os_error()));
+    }
+    // SAFETY: open_tree returned this fd, owned by nobody else.
+    let tree = unsafe { std::os::fd::OwnedFd::from_raw_fd(tree as i32) };
+    if read_only {
+        let attr = MountAttr {
+            attr_set: MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV,
+            attr_clr: 0,
+            propagation: 0,
+            userns_fd: 0,
+        };
+        let flags = libc::AT_EMPTY_PATH as libc::c_uint | AT_RECURSIVE;
+        // SAFETY: a detached mount fd, an empty path and a mount_attr of
+        // the size given, on this stack.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_mount_setattr,
+                tree.as_raw_fd(),
+                c"".as_ptr(),
+                flags,
+                &attr,
+                std::mem::size_of::<MountAttr>(),
+            )
+        };
+        if rc != 0 {
+            return Err(io("make read-only the mounts of", host)(std::io::Error::last_os_error()));
+        }
+    }
+    Ok(tree)
+}
+
+/// Attaches the detached mount tree `tree` at `target`.
+fn attach(tree: &std::os::fd::OwnedFd, target: &Path) -> Result<(), SharedFsError> {
+    use std::os::fd::AsRawFd;
+    let target_c = cstring(target)?;
+    // SAFETY: a detached mount fd, NUL-terminated paths.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_move_mount,
+            tree.as_raw_fd(),
+            c"".as_ptr(),
+            libc::AT_FDCWD,
+            target_c.as_ptr(),
+            MOVE_MOUNT_F_EMPTY_PATH,
+        )
+    };
+    if rc != 0 {
+        return Err(io("bind-mount a directory at", target)(std::io::Error::last_os_error()));
+    }
+    Ok(())
+}
+
 /// Makes `dir` a directory only its owner can enter.
 fn private_dir(dir: &Path) -> Result<(), SharedFsError> {
     std::os::unix::fs::DirBuilderExt::mode(std::fs::DirBuilder::new().recursive(true), 0o700)
@@ -194,47 +287,65 @@ fn private_dir(dir: &Path) -> Result<(), SharedFsError> {
 /// A sandbox's shared directory.
 #[derive(Debug, Clone)]
 pub struct SharedDir {
-    root: PathBuf,
+    /// Where the host makes the containers' directories and bind mounts:
+    /// never visible to the guest.
+    mounts: PathBuf,
+    /// What virtiofsd serves: a read-only view of `mounts`, whose bind
+    /// mounts (read-write where they are) appear in it as they are made.
+    shared: PathBuf,
 }
 
 impl SharedDir {
     /// The shared directory of the sandbox whose directory is `sandbox_dir`
     /// (made or not).
     pub fn of(sandbox_dir: &Path) -> Self {
-        SharedDir { root: sandbox_dir.join(SHARED_DIR) }
+        SharedDir { mounts: sandbox_dir.join(MOUNTS_DIR), shared: sandbox_dir.join(SHARED_DIR) }
     }
 
-    /// Its path on the host.
+    /// What virtiofsd serves.
     pub fn path(&self) -> &Path {
-        &self.root
+        &self.shared
     }
 
-    /// Makes it: a private directory, bind-mounted on itself as a shared
-    /// peer group (see the module docs).
+    /// Makes it. `mounts/` is bind-mounted on itself and made a peer group
+    /// of its own (private first, so that it does not join the group of
+    /// the mount it sits on, and our binds propagate nowhere else).
+    /// `shared/` is a recursive bind of it, made its slave (mounts added
+    /// under `mounts/` later appear there, nothing goes the other way) and
+    /// read-only at its top: the guest can write inside the callers'
+    /// directories it was given, but cannot make or rename the directories
+    /// and symlinks around them that the host works on by path.
     pub fn create(&self) -> Result<(), SharedFsError> {
-        private_dir(&self.root)?;
-        mount(Some(&self.root), &self.root, libc::MS_BIND, "bind-mount onto itself")?;
-        mount(None, &self.root, libc::MS_SHARED, "make a shared mount").inspect_err(|_| {
-            let _ = unmount_under(&self.root);
-        })
+        let made = (|| {
+            private_dir(&self.mounts)?;
+            private_dir(&self.shared)?;
+            mount(Some(&self.mounts), &self.mounts, libc::MS_BIND, "bind-mount onto itself")?;
+            mount(None, &self.mounts, libc::MS_PRIVATE, "make a private mount")?;
+            mount(None, &self.mounts, libc::MS_SHARED, "make a shared mount")?;
+            mount(Some(&self.mounts), &self.shared, libc::MS_BIND | libc::MS_REC, "bind-mount the mounts at")?;
+            mount(None, &self.shared, libc::MS_SLAVE, "make a slave mount")?;
+            let read_only = libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV;
+            mount(None, &self.shared, read_only, "make read-only the mount at")
+        })();
+        if made.is_err() {
+            let _ = self.tear_down();
+        }
+        made
     }
 
     /// Bind-mounts the caller's directory `host` at `<container>/<name>`;
     /// returns that path relative to the share's root, as the agent names
-    /// it. Read-only mounts are read-only here, on the host.
+    /// it. Read-only mounts are read-only here, on the host, and so is
+    /// every mount below them.
     fn bind(&self, container: &str, name: &Path, host: &Path, read_only: bool) -> Result<String, SharedFsError> {
         check_source(host)?;
+        crate::config::validate_id(container)
+            .map_err(|e| SharedFsError::BadSource { path: host.to_path_buf(), why: e.to_string() })?;
         let relative = Path::new(container).join(name);
-        let target = self.root.join(&relative);
+        let target = self.mounts.join(&relative);
         private_dir(&target)?;
-        mount(Some(host), &target, libc::MS_BIND | libc::MS_REC, "bind-mount a directory at")?;
-        if read_only {
-            let flags = libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV;
-            if let Err(e) = mount(None, &target, flags, "make read-only the bind mount at") {
-                let _ = unmount_under(&target);
-                return Err(e);
-            }
-        }
+        let tree = clone_tree(host, read_only)?;
+        attach(&tree, &target)?;
         Ok(relative.to_string_lossy().into_owned())
     }
 
@@ -260,7 +371,8 @@ impl SharedDir {
     /// its subdirectory (never the caller's directories: nothing is removed
     /// while a mount is left).
     pub fn remove_container(&self, container: &str) -> Result<(), SharedFsError> {
-        let dir = self.root.join(container);
+        let dir = self.mounts.join(container);
+        unmount_under(&self.shared.join(container))?;
         unmount_under(&dir)?;
         match std::fs::remove_dir_all(&dir) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(io("remove", &dir)(e)),
@@ -268,9 +380,10 @@ impl SharedDir {
         }
     }
 
-    /// Unmounts everything in the share and the share itself.
+    /// Unmounts everything in the share, and the share itself.
     pub fn tear_down(&self) -> Result<(), SharedFsError> {
-        unmount_under(&self.root)
+        unmount_under(&self.shared)?;
+        unmount_under(&self.mounts)
     }
 }
 
@@ -368,6 +481,54 @@ mod tests {
         unmount_under(&sandbox).unwrap();
         std::fs::remove_dir_all(&sandbox).unwrap();
         assert_eq!(std::fs::read(precious.join("keep")).unwrap(), b"the caller's file");
+        std::fs::remove_dir_all(&base).unwrap();
+    }
+
+    /// Needs root (bind mounts); skipped otherwise, with the reason.
+    #[test]
+    fn what_virtiofsd_serves_is_read_only_around_the_callers_directories() {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("skipped: bind mounts need root");
+            return;
+        }
+        let base = std::env::temp_dir().join(format!("vessel-sharedfs-view-{}", std::process::id()));
+        let (sandbox, root, ro) = (base.join("box"), base.join("root"), base.join("ro"));
+        for d in [&sandbox, &root, &ro.join("sub")] {
+            std::fs::create_dir_all(d).unwrap();
+        }
+        // A mount inside the read-only volume's source: read-only too.
+        let inner = base.join("inner");
+        std::fs::create_dir_all(&inner).unwrap();
+        mount(Some(&inner), &ro.join("sub"), libc::MS_BIND, "test bind").unwrap();
+        let shared = SharedDir::of(&sandbox);
+        shared.create().unwrap();
+        shared.add_root("c1", &root.canonicalize().unwrap()).unwrap();
+        shared.add_volume("c1", 0, &ro.canonicalize().unwrap(), true).unwrap();
+        let view = shared.path();
+        // The guest's view: the caller's root is writable...
+        std::fs::write(view.join("c1/rootfs/made"), b"by the guest").unwrap();
+        assert!(root.join("made").exists());
+        // ...but nothing can be made or renamed around it: no symlink where
+        // the host will mount or unmount.
+        let erofs = |r: std::io::Result<()>| r.is_err_and(|e| e.raw_os_error() == Some(libc::EROFS));
+        assert!(erofs(std::os::unix::fs::symlink("/", view.join("c1/volumes/1"))), "a symlink beside the mounts");
+        assert!(erofs(std::fs::rename(view.join("c1"), view.join("c2"))), "a container's directory renamed");
+        assert!(erofs(std::fs::create_dir(view.join("c9"))), "a directory made at the top");
+        // The read-only volume and the mount inside it refuse writes.
+        assert!(erofs(std::fs::write(view.join("c1/volumes/0/x"), b"")), "the read-only volume was written");
+        assert!(erofs(std::fs::write(view.join("c1/volumes/0/sub/x"), b"")), "a mount inside it was written");
+        // A container added later shows in the view.
+        let late = base.join("late");
+        std::fs::create_dir_all(&late).unwrap();
+        std::fs::write(late.join("f"), b"late").unwrap();
+        shared.add_root("c2", &late.canonicalize().unwrap()).unwrap();
+        assert_eq!(std::fs::read(view.join("c2/rootfs/f")).unwrap(), b"late");
+        shared.remove_container("c1").unwrap();
+        assert!(!view.join("c1").exists() && root.join("made").exists());
+        shared.tear_down().unwrap();
+        unmount_under(&ro).unwrap();
+        assert!(mounts_under(&base).is_empty());
         std::fs::remove_dir_all(&base).unwrap();
     }
 
