@@ -378,6 +378,14 @@ pub(crate) fn device_op(store: &Store, sandbox: &str, op: DeviceOp) -> anyhow::R
         }
         DeviceOp::RemoveInterface { name } => control(store, sandbox, &format!("remove-interface {name}"))?,
         DeviceOp::AddDisk { file, serial, read_only, mount } => {
+            // A destination the agent would refuse is refused before the
+            // disk takes a hotplug slot for good.
+            if let Some((_, destination)) = &mount {
+                let plain = Path::new(destination).components().all(|c| c != std::path::Component::ParentDir);
+                if !destination.starts_with('/') || destination == "/" || !plain {
+                    bail!("--path {destination:?} is not an absolute path below / without '..'");
+                }
+            }
             let path = file.canonicalize().with_context(|| format!("the disk image {}", file.display()))?;
             let serial = match serial {
                 Some(serial) => serial,

@@ -62,12 +62,21 @@ pub fn check_destination(destination: &Path) -> Result<(), String> {
 }
 
 /// Mounts `mount` in the mount namespace of process `pid` (a container's
-/// first process). Refused when that namespace is the agent's own: the
-/// process is gone and its PID names someone else.
-pub fn mount_into(pid: i32, mount: &HotMount) -> Result<(), String> {
+/// first process), of which `pidfd` is a pidfd taken while it lived. The
+/// namespace is opened by PID, then the pidfd says whether that process
+/// still lives: if it does, the PID was still its own when the namespace
+/// was opened (a PID is not reused while its process lives). Refused when
+/// it has exited, and when the namespace is the agent's own.
+pub fn mount_into(pid: i32, pidfd: &impl AsRawFd, mount: &HotMount) -> Result<(), String> {
     check_destination(mount.destination)?;
     let ns_path = format!("/proc/{pid}/ns/mnt");
     let ns = std::fs::File::open(&ns_path).map_err(|e| format!("opening {ns_path}: {e}"))?;
+    // SAFETY: pidfd_send_signal with signal 0 sends nothing; it only
+    // checks that the process lives.
+    let alive = unsafe { libc::syscall(libc::SYS_pidfd_send_signal, pidfd.as_raw_fd(), 0, std::ptr::null::<u8>(), 0) };
+    if alive != 0 {
+        return Err(format!("the container's first process (PID {pid}) has exited"));
+    }
     let (theirs, ours) = (ns.metadata(), std::fs::metadata("/proc/self/ns/mnt"));
     match (theirs, ours) {
         (Ok(t), Ok(o)) if (t.dev(), t.ino()) != (o.dev(), o.ino()) => {}
@@ -176,8 +185,15 @@ mod tests {
 
     #[test]
     fn a_pid_in_the_agents_own_namespace_is_refused() {
+        let me = std::process::id() as i32;
+        // SAFETY: pidfd_open takes integers and returns a new fd or -1.
+        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, me, 0) };
+        assert!(fd >= 0);
+        // SAFETY: a new fd nothing else owns.
+        let pidfd = unsafe { <OwnedFd as FromRawFd>::from_raw_fd(fd as i32) };
         let err = mount_into(
-            std::process::id() as i32,
+            me,
+            &pidfd,
             &HotMount {
                 device: Path::new("/dev/null"),
                 fstype: "ext4",
@@ -187,5 +203,26 @@ mod tests {
         )
         .unwrap_err();
         assert!(err.contains("the agent's own mount namespace"), "{err}");
+    }
+
+    #[test]
+    fn a_process_that_has_exited_is_refused_even_if_its_pid_is_taken() {
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let pid = child.id() as i32;
+        // SAFETY: pidfd_open takes integers and returns a new fd or -1.
+        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+        assert!(fd >= 0);
+        // SAFETY: a new fd nothing else owns.
+        let pidfd = unsafe { <OwnedFd as FromRawFd>::from_raw_fd(fd as i32) };
+        child.wait().unwrap();
+        // The PID now names some other process, here this one.
+        let mount = HotMount {
+            device: Path::new("/dev/null"),
+            fstype: "ext4",
+            read_only: true,
+            destination: Path::new("/nowhere"),
+        };
+        let err = mount_into(std::process::id() as i32, &pidfd, &mount).unwrap_err();
+        assert!(err.contains("has exited"), "{err}");
     }
 }

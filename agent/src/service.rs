@@ -142,6 +142,11 @@ impl agent_proto::agent_ttrpc::Agent for Service {
     }
 
     fn wait_process(&self, ctx: &TtrpcContext, req: WaitProcessRequest) -> ttrpc::Result<WaitProcessResponse> {
+        // A process that has exited is answered at once, slot or none: only
+        // waits that block need one.
+        if let Some(status) = reply(self.containers.wait(&req.container_id, &req.exec_id, Duration::ZERO, || false))? {
+            return Ok(WaitProcessResponse { status, ..Default::default() });
+        }
         let _slot = WaitSlot::take(&self.blocked_waits).ok_or_else(|| {
             let why = format!("{MAX_BLOCKED_WAITS} WaitProcess calls are waiting already; try again later");
             status(Code::RESOURCE_EXHAUSTED, why)

@@ -572,6 +572,13 @@ fn blocked_waits_leave_threads_for_remove() -> anyhow::Result<()> {
         create_request("sleeper", spec_json(&["sleep", "1000"], &SpecOptions::default()), root(), Stdio::new());
     a.client.create_container(ctx(), &create).map_err(rpc_error)?;
     a.client.start_container(ctx(), &container("sleeper")).map_err(rpc_error)?;
+    // A container whose process has exited already: waiting for it needs
+    // no slot, so it is answered even when every slot is taken.
+    let create = create_request("quick", spec_json(&["true"], &SpecOptions::default()), root(), Stdio::new());
+    a.client.create_container(ctx(), &create).map_err(rpc_error)?;
+    a.client.start_container(ctx(), &container("quick")).map_err(rpc_error)?;
+    let quick = a.client.wait_process(ctx(), &wait_for("quick", "")).map_err(rpc_error)?;
+    ensure!(quick.status == 0, "quick exited {}", quick.status);
     let (done, results) = std::sync::mpsc::channel();
     for _ in 0..agent::service::THREADS {
         let (client, done) = (a.client.clone(), done.clone());
@@ -587,6 +594,8 @@ fn blocked_waits_leave_threads_for_remove() -> anyhow::Result<()> {
         let err = r.err().context("a wait returned while its process runs")?;
         ensure!(err.to_string().contains("WaitProcess calls are waiting already"), "{err}");
     }
+    let quick = a.client.wait_process(ctx(), &wait_for("quick", "")).map_err(rpc_error)?;
+    ensure!(quick.status == 0, "an exited process's wait was refused with every slot taken: {}", quick.status);
     let (removed_tx, removed) = std::sync::mpsc::channel();
     let client = a.client.clone();
     std::thread::spawn(move || {

@@ -86,10 +86,14 @@ fn prctl(option: libc::c_int, arg: libc::c_ulong) -> std::io::Result<()> {
 /// The body of [`without_privileges`], in the child before exec.
 fn drop_every_capability() -> std::io::Result<()> {
     prctl(libc::PR_SET_NO_NEW_PRIVS, 1)?;
-    // Capability numbers past the kernel's last are EINVAL: done.
+    // Capability numbers past the kernel's last are EINVAL: done. Without
+    // CAP_SETPCAP (not root) the bounding set cannot be changed (EPERM),
+    // and needs no change: such a process has no capability, and
+    // no_new_privs keeps exec from granting any.
     for cap in 0..64 {
         match prctl(libc::PR_CAPBSET_DROP, cap) {
             Err(e) if e.raw_os_error() == Some(libc::EINVAL) => break,
+            Err(e) if e.raw_os_error() == Some(libc::EPERM) => break,
             other => other?,
         }
     }

@@ -904,7 +904,12 @@ fn bad_state_files_and_roots_are_named_and_hide_nothing() -> TestResult {
         ensure!(run(&["exec", "hurt", "--", "echo", "back"])? == "back\n", "{what}: the state put back");
     }
     std::fs::write(&state_file, b"garbage")?;
+    // An admin's tail on its console log is not the sandbox's to end.
+    let mut tail = Command::new("tail").arg("-f").arg(root.join("hurt").join("console.log")).spawn()?;
     run(&["delete", "--force", "hurt"])?;
+    ensure!(tail.try_wait()?.is_none(), "delete --force killed an admin's tail of the console log");
+    tail.kill()?;
+    tail.wait()?;
     ensure!(!root.join("hurt").exists(), "delete --force left the unreadable sandbox");
     let hurt_dir = format!("{}/", root.join("hurt").display());
     let gone = vessel_tests::wait_until(Duration::from_secs(10), || {

@@ -65,7 +65,10 @@ impl Runtime {
     /// Milliseconds until held console output is due (-1: none held).
     fn console_timeout(&self) -> i32 {
         match self.console_deadline {
-            Some(due) => due.saturating_duration_since(std::time::Instant::now()).as_millis().min(1000) as i32,
+            // Rounded up: a timeout of 0 ms short of the deadline would spin.
+            Some(due) => {
+                due.saturating_duration_since(std::time::Instant::now()).as_micros().div_ceil(1000).min(1000) as i32
+            }
             None => -1,
         }
     }

@@ -17,6 +17,20 @@ use super::{
     file_tail, Disk, Hypervisor, HypervisorError, HypervisorKind, Nic, Plugged, PluggedNic, VmFigures, VmSpec,
 };
 
+/// Whether process `pid` names the sandbox directory `dir` on its command
+/// line, as its QEMU does: a PID recorded in a state file is only ours to
+/// end if it still does (a dead owner's QEMU died with it, and its PID may
+/// since belong to anyone).
+pub(crate) fn runs_for(pid: u32, dir: &Path) -> bool {
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    let real = dir.canonicalize().unwrap_or_else(|_| dir.to_path_buf());
+    [dir, real.as_path()].iter().any(|d| {
+        let mut p = d.as_os_str().as_bytes().to_vec();
+        p.push(b'/');
+        cmdline.windows(p.len()).any(|w| w == p.as_slice())
+    })
+}
+
 /// Whether process `pid` exists (signal 0 probes without sending).
 pub(crate) fn process_alive(pid: u32) -> bool {
     let Ok(pid) = libc::pid_t::try_from(pid) else { return false };
@@ -32,9 +46,24 @@ pub(crate) fn process_alive(pid: u32) -> bool {
 /// them) and those naming it on their command line (QEMU). This process
 /// is never among them.
 pub(crate) fn processes_using(dir: &Path) -> Vec<u32> {
-    let mut prefix = dir.as_os_str().as_bytes().to_vec();
-    prefix.push(b'/');
-    let contains = |hay: &[u8]| hay.windows(prefix.len()).any(|w| w == prefix.as_slice());
+    let real = dir.canonicalize().unwrap_or_else(|_| dir.to_path_buf());
+    let prefixes: Vec<Vec<u8>> = [dir, real.as_path()]
+        .iter()
+        .map(|d| {
+            let mut p = d.as_os_str().as_bytes().to_vec();
+            p.push(b'/');
+            p
+        })
+        .collect();
+    let contains = |hay: &[u8]| prefixes.iter().any(|p| hay.windows(p.len()).any(|w| w == p.as_slice()));
+    // Only what a sandbox runs: an owner (this program), QEMU, virtiofsd;
+    // never an admin's `tail` or editor that names the directory.
+    let ours = std::env::current_exe().ok().and_then(|e| e.file_name().map(|n| n.to_owned()));
+    let sandbox_program = |pid: &std::path::Path| {
+        let exe = std::fs::read_link(pid.join("exe")).ok();
+        let name = exe.as_ref().and_then(|e| e.file_name());
+        name.is_some_and(|n| Some(n) == ours.as_deref() || n == "qemu-system-x86_64" || n == "virtiofsd")
+    };
     // "Num RefCount Protocol Flags Type St Inode Path", a socket a line.
     let unix = std::fs::read_to_string("/proc/net/unix").unwrap_or_default();
     let inodes: std::collections::HashSet<String> = unix
@@ -43,7 +72,7 @@ pub(crate) fn processes_using(dir: &Path) -> Vec<u32> {
         .filter_map(|line| {
             let fields: Vec<&str> = line.split_whitespace().collect();
             let (inode, path) = (fields.get(6)?, fields.get(7)?);
-            path.as_bytes().starts_with(&prefix).then(|| format!("socket:[{inode}]"))
+            prefixes.iter().any(|p| path.as_bytes().starts_with(p)).then(|| format!("socket:[{inode}]"))
         })
         .collect();
     let me = std::process::id();
@@ -60,7 +89,7 @@ pub(crate) fn processes_using(dir: &Path) -> Vec<u32> {
                     std::fs::read_link(fd.path()).is_ok_and(|l| inodes.contains(l.to_string_lossy().as_ref()))
                 })
             };
-        if named || (!inodes.is_empty() && holds()) {
+        if (named || (!inodes.is_empty() && holds())) && sandbox_program(&entry.path()) {
             found.push(pid);
         }
     }

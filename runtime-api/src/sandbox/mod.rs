@@ -545,12 +545,18 @@ impl Sandbox {
                 // directory, then remove it. A TAP in a CNI namespace is
                 // left to the namespace's owner.
                 let dir = store.dir(id)?;
-                for pid in attached::processes_using(&dir) {
+                let ended = attached::processes_using(&dir);
+                for &pid in &ended {
                     warn!(pid, error = %e, "ending a process of a sandbox whose state is unreadable");
                     if let Ok(pid) = libc::pid_t::try_from(pid) {
                         // SAFETY: kill sends a signal; no memory is touched.
                         unsafe { libc::kill(pid, libc::SIGKILL) };
                     }
+                }
+                // Gone before their directory goes (a few seconds at most).
+                let deadline = Instant::now() + Duration::from_secs(5);
+                while ended.iter().any(|p| attached::process_alive(*p)) && Instant::now() < deadline {
+                    std::thread::sleep(Duration::from_millis(20));
                 }
                 drop(lock);
                 return Ok(store.remove(id)?);
@@ -566,7 +572,8 @@ impl Sandbox {
             let phase = state.phase;
             return Err(SandboxError::SandboxState { id: id.into(), phase, op: "delete", needs: "stopped" });
         }
-        if let Some(pid) = state.vm_pid.filter(|pid| attached::process_alive(*pid)) {
+        let dir = store.dir(id)?;
+        if let Some(pid) = state.vm_pid.filter(|pid| attached::process_alive(*pid) && attached::runs_for(*pid, &dir)) {
             let mut vm = attached::Attached::new(state.hypervisor, store.dir(id)?, state.owner_pid, Some(pid), 0, 0);
             vm.stop()?;
         }

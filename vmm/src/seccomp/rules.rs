@@ -95,6 +95,14 @@ const VHOST_USER: &[i64] = &[
 /// bind its vsock socket) so that the event loop never needs to.
 const CONTROL: &[i64] = &[
     libc::SYS_bind,
+    // A hot-plugged vhost-user device (a daemon's queues) connects to its
+    // daemon and negotiates when it is made: on this thread.
+    libc::SYS_connect,
+    libc::SYS_eventfd2,
+    libc::SYS_recvfrom,
+    libc::SYS_recvmsg,
+    libc::SYS_sendmsg,
+    libc::SYS_sendto,
     libc::SYS_epoll_create1,
     libc::SYS_epoll_ctl,
     libc::SYS_fstat,

@@ -344,18 +344,33 @@ fn threads_under_a_filter_make_malloc_arenas_without_reading_files() {
 #[test]
 fn the_control_thread_can_make_hot_plugged_disks_and_vsock_devices() {
     use devices::virtio::block::BlockConfig;
+    use devices::virtio::vhost_user_frontend::{VhostUserConfig, VhostUserDevice};
     use devices::virtio::vsock::VsockConfig;
     let dir = std::env::temp_dir().join(format!("vessel-seccomp-control-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir(&dir).unwrap();
     let disk = dir.join("disk.img");
     std::fs::write(&disk, [0u8; 4096]).unwrap();
+    // Our rng backend served over vhost-user by this (unfiltered) process.
+    let daemon_socket = dir.join("rng.sock");
+    let _daemon = devices::virtio::vhost_user::spawn(
+        "rng",
+        Box::new(devices::virtio::rng::Rng::new().0),
+        &daemon_socket,
+        devices::virtio::vhost_user::unconfined,
+    )
+    .unwrap();
     let configs = [
         crate::DeviceConfig::Block(BlockConfig { path: disk, read_only: false, id: None }),
         crate::DeviceConfig::Vsock(VsockConfig { guest_cid: 3, uds_path: dir.join("vsock.sock") }),
         // A stale vsock socket is replaced (lstat, unlink, bind, chmod, listen).
         crate::DeviceConfig::Vsock(VsockConfig { guest_cid: 3, uds_path: dir.join("vsock.sock") }),
         crate::DeviceConfig::Rng,
+        // A vhost-user device connects to its daemon and negotiates.
+        crate::DeviceConfig::VhostUser(VhostUserConfig {
+            socket: daemon_socket.clone(),
+            device: VhostUserDevice::Generic { device_type: 4, queue_sizes: vec![256], config: vec![] },
+        }),
     ];
     // SAFETY: glibc's fork resets malloc's locks in the child, which may
     // then allocate; it leaves with _exit.
