@@ -31,7 +31,7 @@ pub(crate) struct SandboxArgs {
     pub(crate) id: Option<String>,
     /// The guest image directory (`vessel image build --out DIR`; default:
     /// one built in the cache directory on first use).
-    #[arg(long, value_name = "DIR")]
+    #[arg(long, visible_alias = "guest-image", value_name = "DIR")]
     pub(crate) image: Option<PathBuf>,
     /// The hypervisor: builtin or qemu-tcg (default: chosen for this host).
     #[arg(long)]
@@ -54,12 +54,15 @@ pub(crate) struct SandboxArgs {
     /// created later); each costs a little host memory while unused.
     #[arg(long, default_value_t = 4, value_name = "N")]
     pub(crate) hotplug_slots: u8,
-    /// Give the container the disk image HOST (ext4), mounted at GUEST;
-    /// `:ro` attaches and mounts it read-only (repeatable).
+    /// Give the container HOST at GUEST: a disk image (ext4), attached and
+    /// mounted, or a directory, shared live; `:ro` makes it read-only
+    /// (repeatable).
     #[arg(short = 'v', long = "volume", value_name = "HOST:GUEST[:ro]")]
     pub(crate) volumes: Vec<String>,
     /// The container's root: an ext4 image (used in place, written to), a
-    /// directory or an OCI image layout (packed into a fresh image).
+    /// directory (shared live through virtio-fs when run as root with
+    /// virtiofsd, else packed into a fresh image) or an OCI image layout
+    /// (packed).
     pub(crate) rootfs: PathBuf,
     /// The command and its arguments.
     #[arg(required = true, last = true)]

@@ -16,7 +16,7 @@ pub(crate) struct RunArgs {
     /// The guest image directory (`vessel image build --out DIR`): DIR/kernel
     /// and DIR/initrd.img (default: one built in the cache directory on
     /// first use).
-    #[arg(long, value_name = "DIR")]
+    #[arg(long, visible_alias = "guest-image", value_name = "DIR")]
     image: Option<PathBuf>,
     /// The container's root filesystem, an ext4 image (`vessel image rootfs`
     /// or `vessel image demo-rootfs`), which the container writes to; a copy
