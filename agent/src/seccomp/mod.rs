@@ -265,15 +265,16 @@ fn condition(arg: &oci_spec::runtime::LinuxSeccompArg) -> Result<SeccompConditio
     SeccompCondition::new(index, SeccompCmpArgLen::Qword, op, value).map_err(|e| bad(e.to_string()))
 }
 
-/// The rules of one entry: one rule with every condition, or one rule
-/// per condition when they all test the same argument (runc's reading).
+/// The rules of one entry, as runc reads them: one rule with every
+/// condition (all must hold), unless some argument is tested more than
+/// once, in which case each condition is a rule of its own (any may hold).
 fn rules(args: &[oci_spec::runtime::LinuxSeccompArg]) -> Result<Vec<SeccompRule>, SeccompError> {
     if args.is_empty() {
         return Ok(Vec::new());
     }
     let conditions = args.iter().map(condition).collect::<Result<Vec<_>, _>>()?;
-    let same_arg = args.len() > 1 && args.iter().all(|a| a.index() == args[0].index());
-    let groups = match same_arg {
+    let repeated = args.iter().any(|a| args.iter().filter(|b| b.index() == a.index()).count() > 1);
+    let groups = match repeated {
         true => conditions.into_iter().map(|c| vec![c]).collect(),
         false => vec![conditions],
     };

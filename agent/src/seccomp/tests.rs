@@ -90,6 +90,24 @@ fn conditions_on_one_argument_are_alternatives_and_on_several_all_must_hold() {
     assert_eq!(clone(libc::CLONE_NEWNS as u64), errno);
 }
 
+/// runc's reading when one argument repeats beside another: every
+/// condition is an alternative (here a deny that an AND could never hit).
+#[test]
+fn a_repeated_argument_among_others_makes_every_condition_an_alternative() {
+    let f = compile(&profile(
+        r#"{"defaultAction":"SCMP_ACT_ALLOW","syscalls":[
+            {"names":["socket"],"action":"SCMP_ACT_ERRNO","errnoRet":1,"args":[
+                {"index":0,"value":40,"op":"SCMP_CMP_EQ"},{"index":0,"value":16,"op":"SCMP_CMP_EQ"},
+                {"index":1,"value":3,"op":"SCMP_CMP_EQ"}]}]}"#,
+    ))
+    .unwrap();
+    let socket = |family: u64, ty: u64| run(&f, X86_64, libc::SYS_socket as u32, [family, ty, 0, 0, 0, 0]);
+    assert_eq!(socket(40, 1), RET_ERRNO | 1);
+    assert_eq!(socket(16, 1), RET_ERRNO | 1);
+    assert_eq!(socket(2, 3), RET_ERRNO | 1);
+    assert_eq!(socket(2, 1), RET_ALLOW);
+}
+
 #[test]
 fn a_denylist_allows_by_default() {
     let f = compile(&profile(
