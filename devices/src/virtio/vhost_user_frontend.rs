@@ -188,6 +188,9 @@ pub enum FrontendError {
     /// The daemon refused a message, answered wrongly, or went away.
     #[error("the vhost-user daemon failed {0}")]
     Daemon(&'static str, #[source] vhost::Error),
+    /// The daemon failed a message before: it is not asked again.
+    #[error("the vhost-user daemon failed an earlier message and is not asked again")]
+    Dead,
     /// The daemon is no virtio 1 device.
     #[error("the vhost-user daemon does not offer VIRTIO_F_VERSION_1 (features {0:#x})")]
     NoVersion1(u64),
@@ -290,6 +293,10 @@ pub struct VhostUserFrontend {
     running: Vec<u16>,
     /// A step with the daemon failed since the last reset.
     failed: bool,
+    /// The daemon failed a message (an error, a timeout, a closed socket):
+    /// nothing more is sent, so that a stalled daemon costs the event loop
+    /// one timeout, not one per message.
+    dead: bool,
     counters: Arc<FrontendCounters>,
 }
 
@@ -364,6 +371,7 @@ impl VhostUserFrontend {
             stop_pending: false,
             running: Vec::new(),
             failed: false,
+            dead: false,
             counters: counters.clone(),
         };
         Ok((device, counters))
@@ -372,6 +380,9 @@ impl VhostUserFrontend {
     /// Hands the daemon the driver's setup: features, memory table, then
     /// each ring (size, addresses, base, call, kick, enable).
     fn start(&mut self, rings: &[Ring], mem: &GuestMemoryMmap) -> Result<(), FrontendError> {
+        if self.dead {
+            return Err(FrontendError::Dead);
+        }
         let acked = self.acked | self.protocol_bit;
         self.frontend.set_features(acked).map_err(|e| FrontendError::Daemon("SET_FEATURES", e))?;
         self.counters.acked_features.store(acked, Ordering::Relaxed);
@@ -420,15 +431,19 @@ impl VhostUserFrontend {
     }
 
     /// Takes every running ring back (GET_VRING_BASE stops it); a daemon
-    /// that fails one is logged and counted, and the rest are still asked.
+    /// that fails one is logged and counted, and asked nothing more.
     fn stop(&mut self) {
         for index in std::mem::take(&mut self.running) {
+            if self.dead {
+                break;
+            }
             match self.frontend.get_vring_base(usize::from(index)) {
                 Ok(_) => {
                     self.counters.rings_stopped.fetch_add(1, Ordering::Relaxed);
                 }
                 Err(e) => {
                     self.counters.errors.fetch_add(1, Ordering::Relaxed);
+                    self.dead = true;
                     warn!("the vhost-user daemon failed GET_VRING_BASE for queue {index}: {e}");
                 }
             }
@@ -511,6 +526,9 @@ impl VirtioBackend for VhostUserFrontend {
                 warn!("vhost-user device {}: {e}", self.device_type);
                 self.counters.errors.fetch_add(1, Ordering::Relaxed);
                 self.failed = true;
+                // A daemon that failed a message gets no more: its rings
+                // are dropped unasked rather than each waiting a timeout.
+                self.dead |= matches!(e, FrontendError::Daemon(..));
                 self.stop();
             }
         }
