@@ -188,8 +188,8 @@ pub enum FrontendError {
     /// The daemon refused a message, answered wrongly, or went away.
     #[error("the vhost-user daemon failed {0}")]
     Daemon(&'static str, #[source] vhost::Error),
-    /// The daemon failed a message before: it is not asked again.
-    #[error("the vhost-user daemon failed an earlier message and is not asked again")]
+    /// The daemon's connection failed before: it is not asked again.
+    #[error("the connection to the vhost-user daemon failed earlier; it is not asked again")]
     Dead,
     /// The daemon is no virtio 1 device.
     #[error("the vhost-user daemon does not offer VIRTIO_F_VERSION_1 (features {0:#x})")]
@@ -293,9 +293,9 @@ pub struct VhostUserFrontend {
     running: Vec<u16>,
     /// A step with the daemon failed since the last reset.
     failed: bool,
-    /// The daemon failed a message (an error, a timeout, a closed socket):
-    /// nothing more is sent, so that a stalled daemon costs the event loop
-    /// one timeout, not one per message.
+    /// The daemon's connection failed (a timeout, a closed or garbled
+    /// socket): nothing more is sent, so that a stalled daemon costs the
+    /// event loop one timeout, not one per message.
     dead: bool,
     counters: Arc<FrontendCounters>,
 }
@@ -430,8 +430,8 @@ impl VhostUserFrontend {
         Ok(())
     }
 
-    /// Takes every running ring back (GET_VRING_BASE stops it); a daemon
-    /// that fails one is logged and counted, and asked nothing more.
+    /// Takes every running ring back (GET_VRING_BASE stops it); a failure
+    /// is logged and counted, and a lost connection is asked nothing more.
     fn stop(&mut self) {
         for index in std::mem::take(&mut self.running) {
             if self.dead {
@@ -443,7 +443,7 @@ impl VhostUserFrontend {
                 }
                 Err(e) => {
                     self.counters.errors.fetch_add(1, Ordering::Relaxed);
-                    self.dead = true;
+                    self.dead |= connection_lost(&e);
                     warn!("the vhost-user daemon failed GET_VRING_BASE for queue {index}: {e}");
                 }
             }
@@ -455,6 +455,25 @@ impl VhostUserFrontend {
             warn!("cannot wake the event loop for a vhost-user device: {e}");
         }
     }
+}
+
+/// Whether `e` means the connection to the daemon is gone or no longer
+/// speaks the protocol (a timeout included), rather than a refusal.
+fn connection_lost(e: &vhost::Error) -> bool {
+    use vhost::vhost_user::Error as E;
+    matches!(
+        e,
+        vhost::Error::VhostUserProtocol(
+            E::Disconnected
+                | E::PartialMessage
+                | E::InvalidMessage
+                | E::OversizedMsg
+                | E::IncorrectFds
+                | E::SocketError(_)
+                | E::SocketBroken(_)
+                | E::SocketRetry(_)
+        )
+    )
 }
 
 impl VirtioBackend for VhostUserFrontend {
@@ -526,9 +545,12 @@ impl VirtioBackend for VhostUserFrontend {
                 warn!("vhost-user device {}: {e}", self.device_type);
                 self.counters.errors.fetch_add(1, Ordering::Relaxed);
                 self.failed = true;
-                // A daemon that failed a message gets no more: its rings
-                // are dropped unasked rather than each waiting a timeout.
-                self.dead |= matches!(e, FrontendError::Daemon(..));
+                // A daemon whose connection failed (a timeout, a broken or
+                // garbled socket) gets no more messages: its rings are
+                // dropped unasked rather than each waiting a timeout. One
+                // that refused a request (a ring size the driver chose,
+                // say) is asked again after the driver's reset.
+                self.dead |= matches!(&e, FrontendError::Daemon(_, err) if connection_lost(err));
                 self.stop();
             }
         }
@@ -697,6 +719,21 @@ mod tests {
     /// A setup the daemon cannot take (here: guest memory that is not
     /// file-backed, so there is nothing to share) fails on the event loop,
     /// and the driver is told to reset the device; a reset clears it.
+    /// A lost or stalled connection stops all further messages; a refusal
+    /// of one request leaves the daemon to be asked again.
+    #[test]
+    fn only_a_lost_connection_marks_the_daemon_dead() {
+        use vhost::vhost_user::Error as E;
+        let lost = |e: E| connection_lost(&vhost::Error::VhostUserProtocol(e));
+        let timeout = || std::io::Error::from(std::io::ErrorKind::WouldBlock);
+        assert!(lost(E::SocketRetry(timeout())));
+        assert!(lost(E::SocketBroken(std::io::Error::from(std::io::ErrorKind::BrokenPipe))));
+        assert!(lost(E::Disconnected));
+        assert!(lost(E::PartialMessage));
+        assert!(!lost(E::BackendInternalError), "a refusal is not a lost connection");
+        assert!(!lost(E::InvalidParam));
+    }
+
     #[test]
     fn a_setup_that_fails_asks_the_driver_for_a_reset() {
         let sock = socket("fail");
