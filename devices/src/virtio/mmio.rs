@@ -28,32 +28,32 @@ const VERSION: u32 = 2;
 const VENDOR_ID: u32 = 0x4c53_5356;
 
 // Register offsets (virtio spec 4.2.2).
-const REG_MAGIC: u64 = 0x000;
-const REG_VERSION: u64 = 0x004;
-const REG_DEVICE_ID: u64 = 0x008;
-const REG_VENDOR_ID: u64 = 0x00c;
-const REG_DEVICE_FEATURES: u64 = 0x010;
-const REG_DEVICE_FEATURES_SEL: u64 = 0x014;
-const REG_DRIVER_FEATURES: u64 = 0x020;
-const REG_DRIVER_FEATURES_SEL: u64 = 0x024;
-const REG_QUEUE_SEL: u64 = 0x030;
-const REG_QUEUE_NUM_MAX: u64 = 0x034;
-const REG_QUEUE_NUM: u64 = 0x038;
-const REG_QUEUE_READY: u64 = 0x044;
-const REG_QUEUE_NOTIFY: u64 = 0x050;
-const REG_INTERRUPT_STATUS: u64 = 0x060;
-const REG_INTERRUPT_ACK: u64 = 0x064;
-const REG_STATUS: u64 = 0x070;
-const REG_QUEUE_DESC_LOW: u64 = 0x080;
-const REG_QUEUE_DESC_HIGH: u64 = 0x084;
-const REG_QUEUE_DRIVER_LOW: u64 = 0x090;
-const REG_QUEUE_DRIVER_HIGH: u64 = 0x094;
-const REG_QUEUE_DEVICE_LOW: u64 = 0x0a0;
-const REG_QUEUE_DEVICE_HIGH: u64 = 0x0a4;
-const REG_SHM_LEN_LOW: u64 = 0x0b0;
-const REG_SHM_LEN_HIGH: u64 = 0x0b4;
-const REG_CONFIG_GENERATION: u64 = 0x0fc;
-const REG_CONFIG: u64 = 0x100;
+pub(crate) const REG_MAGIC: u64 = 0x000;
+pub(crate) const REG_VERSION: u64 = 0x004;
+pub(crate) const REG_DEVICE_ID: u64 = 0x008;
+pub(crate) const REG_VENDOR_ID: u64 = 0x00c;
+pub(crate) const REG_DEVICE_FEATURES: u64 = 0x010;
+pub(crate) const REG_DEVICE_FEATURES_SEL: u64 = 0x014;
+pub(crate) const REG_DRIVER_FEATURES: u64 = 0x020;
+pub(crate) const REG_DRIVER_FEATURES_SEL: u64 = 0x024;
+pub(crate) const REG_QUEUE_SEL: u64 = 0x030;
+pub(crate) const REG_QUEUE_NUM_MAX: u64 = 0x034;
+pub(crate) const REG_QUEUE_NUM: u64 = 0x038;
+pub(crate) const REG_QUEUE_READY: u64 = 0x044;
+pub(crate) const REG_QUEUE_NOTIFY: u64 = 0x050;
+pub(crate) const REG_INTERRUPT_STATUS: u64 = 0x060;
+pub(crate) const REG_INTERRUPT_ACK: u64 = 0x064;
+pub(crate) const REG_STATUS: u64 = 0x070;
+pub(crate) const REG_QUEUE_DESC_LOW: u64 = 0x080;
+pub(crate) const REG_QUEUE_DESC_HIGH: u64 = 0x084;
+pub(crate) const REG_QUEUE_DRIVER_LOW: u64 = 0x090;
+pub(crate) const REG_QUEUE_DRIVER_HIGH: u64 = 0x094;
+pub(crate) const REG_QUEUE_DEVICE_LOW: u64 = 0x0a0;
+pub(crate) const REG_QUEUE_DEVICE_HIGH: u64 = 0x0a4;
+pub(crate) const REG_SHM_LEN_LOW: u64 = 0x0b0;
+pub(crate) const REG_SHM_LEN_HIGH: u64 = 0x0b4;
+pub(crate) const REG_CONFIG_GENERATION: u64 = 0x0fc;
+pub(crate) const REG_CONFIG: u64 = 0x100;
 
 /// Offset of the notify register, where the VMM puts the ioeventfds.
 pub const QUEUE_NOTIFY_OFFSET: u64 = REG_QUEUE_NOTIFY;
@@ -485,7 +485,7 @@ impl MutEventSubscriber for MmioQueueEvents {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::virtio::chain::tests::{desc, memory, WRITE};
     use crate::virtio::rng::Rng;
@@ -494,13 +494,15 @@ mod tests {
 
     const STATUS_ACKNOWLEDGE: u32 = 1;
 
-    fn read(t: &mut MmioTransport, offset: u64) -> u32 {
+    /// A 32-bit register read, as a driver makes it.
+    pub(crate) fn read(t: &mut MmioTransport, offset: u64) -> u32 {
         let mut b = [0u8; 4];
         t.read(offset, &mut b);
         u32::from_le_bytes(b)
     }
 
-    fn write(t: &mut MmioTransport, offset: u64, value: u32) {
+    /// A 32-bit register write, as a driver makes it.
+    pub(crate) fn write(t: &mut MmioTransport, offset: u64, value: u32) {
         t.write(offset, &value.to_le_bytes());
     }
 

@@ -582,7 +582,6 @@ impl VirtioBackend for VhostUserFrontend {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::bus::BusDevice;
     use crate::virtio::chain::tests::{desc, WRITE};
     use crate::virtio::mmio::{MmioInterrupt, MmioTransport};
     use crate::virtio::rng::Rng;
@@ -591,28 +590,14 @@ mod tests {
     use vm_memory::{Bytes, FileOffset};
 
     // virtio-mmio registers (virtio spec 4.2.2).
-    const DEVICE_ID: u64 = 0x008;
-    const DEVICE_FEATURES: u64 = 0x010;
-    const DEVICE_FEATURES_SEL: u64 = 0x014;
-    const DRIVER_FEATURES: u64 = 0x020;
-    const DRIVER_FEATURES_SEL: u64 = 0x024;
-    const QUEUE_NUM: u64 = 0x038;
-    const QUEUE_READY: u64 = 0x044;
-    const INTERRUPT_STATUS: u64 = 0x060;
-    const STATUS: u64 = 0x070;
-    const QUEUE_DESC: u64 = 0x080;
-    const QUEUE_DRIVER: u64 = 0x090;
-    const QUEUE_DEVICE: u64 = 0x0a0;
-
-    fn read(t: &mut MmioTransport, offset: u64) -> u32 {
-        let mut b = [0u8; 4];
-        t.read(offset, &mut b);
-        u32::from_le_bytes(b)
-    }
-
-    fn write(t: &mut MmioTransport, offset: u64, value: u32) {
-        t.write(offset, &value.to_le_bytes());
-    }
+    use crate::virtio::mmio::tests::{read, write};
+    use crate::virtio::mmio::{
+        REG_DEVICE_FEATURES as DEVICE_FEATURES, REG_DEVICE_FEATURES_SEL as DEVICE_FEATURES_SEL,
+        REG_DEVICE_ID as DEVICE_ID, REG_DRIVER_FEATURES as DRIVER_FEATURES,
+        REG_DRIVER_FEATURES_SEL as DRIVER_FEATURES_SEL, REG_INTERRUPT_STATUS as INTERRUPT_STATUS,
+        REG_QUEUE_DESC_LOW as QUEUE_DESC, REG_QUEUE_DEVICE_LOW as QUEUE_DEVICE, REG_QUEUE_DRIVER_LOW as QUEUE_DRIVER,
+        REG_QUEUE_NUM as QUEUE_NUM, REG_QUEUE_READY as QUEUE_READY, REG_STATUS as STATUS,
+    };
 
     /// 2 MiB of guest RAM in a memfd, as the VMM makes it: shareable.
     fn shared_memory() -> GuestMemoryMmap {
