@@ -614,6 +614,14 @@ mod tests {
         std::env::temp_dir().join(format!("vessel-vu-front-{name}-{}", std::process::id()))
     }
 
+    /// Our own rng backend served over vhost-user on `sock`, in a thread.
+    fn serve_rng(
+        sock: &std::path::Path,
+    ) -> std::thread::JoinHandle<Result<(), crate::virtio::vhost_user::VhostUserError>> {
+        crate::virtio::vhost_user::spawn("rng", Box::new(Rng::new().0), sock, crate::virtio::vhost_user::unconfined)
+            .unwrap()
+    }
+
     fn rng_device(socket: PathBuf) -> VhostUserConfig {
         VhostUserConfig {
             socket,
@@ -629,13 +637,7 @@ mod tests {
     #[test]
     fn a_driver_is_served_by_a_vhost_user_daemon_through_the_transport() {
         let sock = socket("rng");
-        let _daemon = crate::virtio::vhost_user::spawn(
-            "rng",
-            Box::new(Rng::new().0),
-            &sock,
-            crate::virtio::vhost_user::unconfined,
-        )
-        .unwrap();
+        let _daemon = serve_rng(&sock);
         let (frontend, counters) = VhostUserFrontend::connect(&rng_device(sock.clone())).unwrap();
         let mem = shared_memory();
         let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
@@ -701,9 +703,6 @@ mod tests {
         let _ = std::fs::remove_file(&sock);
     }
 
-    /// A setup the daemon cannot take (here: guest memory that is not
-    /// file-backed, so there is nothing to share) fails on the event loop,
-    /// and the driver is told to reset the device; a reset clears it.
     /// A lost or stalled connection stops all further messages; a refusal
     /// of one request leaves the daemon to be asked again.
     #[test]
@@ -719,16 +718,13 @@ mod tests {
         assert!(!lost(E::InvalidParam));
     }
 
+    /// A setup the daemon cannot take (here: guest memory that is not
+    /// file-backed, so there is nothing to share) fails on the event loop,
+    /// and the driver is told to reset the device; a reset clears it.
     #[test]
     fn a_setup_that_fails_asks_the_driver_for_a_reset() {
         let sock = socket("fail");
-        let _daemon = crate::virtio::vhost_user::spawn(
-            "rng",
-            Box::new(Rng::new().0),
-            &sock,
-            crate::virtio::vhost_user::unconfined,
-        )
-        .unwrap();
+        let _daemon = serve_rng(&sock);
         let (frontend, counters) = VhostUserFrontend::connect(&rng_device(sock.clone())).unwrap();
         let mem = crate::virtio::chain::tests::memory();
         let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
@@ -760,13 +756,7 @@ mod tests {
     #[test]
     fn a_daemon_with_fewer_queues_than_the_device_is_refused() {
         let sock = socket("mq");
-        let _daemon = crate::virtio::vhost_user::spawn(
-            "rng",
-            Box::new(Rng::new().0),
-            &sock,
-            crate::virtio::vhost_user::unconfined,
-        )
-        .unwrap();
+        let _daemon = serve_rng(&sock);
         let mut config = rng_device(sock.clone());
         config.device = VhostUserDevice::Generic { device_type: 4, queue_sizes: vec![16, 16], config: vec![] };
         match VhostUserFrontend::connect(&config) {
