@@ -859,8 +859,9 @@ pub(crate) fn run(
     let outcome = (|| {
         let root = container_root(&args.rootfs, &scratch, can_share())?;
         let mut config = sandbox_config(args, &id, root)?;
-        // A foreground run makes no containers later.
-        config.shared_fs = config.containers.iter().any(ContainerConfig::needs_shared_fs);
+        // A foreground run makes no containers later: a shared directory
+        // only if its own container needs one (create sees to that).
+        config.shared_fs = false;
         config.annotations.insert(RUN_ANNOTATION.into(), if remove { "rm" } else { "keep" }.into());
         config.containers[0].process.stdin = interactive;
         config.containers[0].process.terminal = tty;

@@ -156,11 +156,6 @@ impl ContainerConfig {
     pub fn root_is_directory(&self) -> bool {
         self.rootfs.is_dir()
     }
-
-    /// Whether it needs the sandbox's shared directory.
-    pub fn needs_shared_fs(&self) -> bool {
-        self.root_is_directory() || !self.volumes.is_empty()
-    }
 }
 
 /// A block device file given to the sandbox's VM as a virtio disk.

@@ -143,6 +143,15 @@ pub struct ContainerRecord {
     pub pid: Option<i32>,
 }
 
+impl ContainerRecord {
+    /// Whether it has anything in the shared directory: a directory root
+    /// (it has no root disk) or volumes. Read from the record, never from
+    /// the caller's files, which may have changed since.
+    pub fn uses_shared_fs(&self) -> bool {
+        self.disk_serial.is_empty() || !self.config.volumes.is_empty()
+    }
+}
+
 /// A device hot-plugged into a running sandbox.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DeviceRecord {

@@ -152,13 +152,14 @@ impl Sandbox {
         for m in &config.disks {
             self.require_disk(&m.serial)?;
         }
-        if config.needs_shared_fs() {
+        let dir_root = config.root_is_directory();
+        if dir_root || !config.volumes.is_empty() {
             if !self.state.config.shared_fs {
                 return Err(SandboxError::NoSharedFs { sandbox: self.id().into(), id: config.id });
             }
             let shared = SharedDir::of(&self.store.dir(self.id())?);
-            share_container(&shared, &config)?;
-            let created = match config.root_is_directory() {
+            share_container(&shared, &config, dir_root)?;
+            let created = match dir_root {
                 true => self.create_on(&config, RootOn::Shared),
                 false => self.plug_root(&config),
             };
@@ -345,7 +346,7 @@ impl Sandbox {
         if self.state.phase != SandboxPhase::Stopped {
             self.agent.call("RemoveContainer", |c, ctx| c.remove_container(ctx, &container_request(id)))?;
         }
-        let shared = self.state.container(id).is_some_and(|c| c.config.needs_shared_fs());
+        let shared = self.state.container(id).is_some_and(ContainerRecord::uses_shared_fs);
         self.state.containers.retain(|c| c.config.id != id);
         self.io.remove(id);
         if shared {

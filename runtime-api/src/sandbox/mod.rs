@@ -303,7 +303,11 @@ impl Sandbox {
 
         // The shared directory: the containers' directories bind-mounted,
         // virtiofsd serving it. Undo: stop the daemon, unmount.
-        let needs_fs = config.shared_fs || config.containers.iter().any(ContainerConfig::needs_shared_fs);
+        // Whether each root is a directory, asked once: the answer decides
+        // disk or share everywhere below, so it must not change midway.
+        let dir_roots: Vec<bool> = config.containers.iter().map(ContainerConfig::root_is_directory).collect();
+        let needs_fs =
+            config.shared_fs || dir_roots.iter().any(|d| *d) || config.containers.iter().any(|c| !c.volumes.is_empty());
         let shared = SharedDir::of(&dir);
         let undo_shared = |daemon: Option<std::process::Child>| {
             if let Some(mut daemon) = daemon {
@@ -318,7 +322,9 @@ impl Sandbox {
         if needs_fs {
             let shared_up = shared
                 .create()
-                .and_then(|()| config.containers.iter().try_for_each(|c| share_container(&shared, c)))
+                .and_then(|()| {
+                    config.containers.iter().zip(&dir_roots).try_for_each(|(c, d)| share_container(&shared, c, *d))
+                })
                 .and_then(|()| {
                     shared_fs::spawn_daemon(&shared, &dir.join(shared_fs::SOCKET), &dir.join("virtiofsd.log"))
                 });
@@ -345,7 +351,7 @@ impl Sandbox {
                 .containers
                 .iter()
                 .enumerate()
-                .filter(|(_, c)| !c.root_is_directory())
+                .filter(|(i, _)| !dir_roots[*i])
                 .map(|(i, c)| Disk { path: c.rootfs.clone(), read_only: false, serial: disk_serial(i) })
                 .chain(config.disks.iter().map(|d| Disk {
                     path: d.path.clone(),
@@ -452,7 +458,7 @@ impl Sandbox {
 
         // The containers, then the state. Undo: remove them, stop the VM.
         let made = config.containers.iter().enumerate().try_for_each(|(i, c)| {
-            let root = if c.root_is_directory() { RootOn::Shared } else { RootOn::Disk(disk_serial(i)) };
+            let root = if dir_roots[i] { RootOn::Shared } else { RootOn::Disk(disk_serial(i)) };
             sandbox.create_on(c, root)
         });
         let outcome = made.map_err(SandboxError::at(CreateStep::Containers, &id)).and_then(|()| {
@@ -861,11 +867,11 @@ impl Drop for Sandbox {
     }
 }
 
-/// Bind-mounts container `c`'s directory root and volumes into the shared
-/// directory.
-fn share_container(shared: &SharedDir, c: &ContainerConfig) -> Result<(), shared_fs::SharedFsError> {
+/// Bind-mounts container `c`'s root (when `dir_root`, as the caller found
+/// it) and volumes into the shared directory.
+fn share_container(shared: &SharedDir, c: &ContainerConfig, dir_root: bool) -> Result<(), shared_fs::SharedFsError> {
     let made = (|| {
-        if c.root_is_directory() {
+        if dir_root {
             shared.add_root(&c.id, &c.rootfs)?;
         }
         for (n, v) in c.volumes.iter().enumerate() {
