@@ -327,6 +327,7 @@ fn the_lifecycle_through_the_mock_agent_is_recorded_in_the_state() {
     for c in &status.containers {
         assert_eq!((c.phase, c.exit_code), (ContainerPhase::Stopped, Some(3)), "{c:?}");
         assert!(c.started_unix_ms.is_some(), "{c:?}");
+        assert!(c.pid.is_some_and(|pid| pid > 1000), "the first process's PID is asked when a status needs it: {c:?}");
     }
     // Written before each call returned.
     let saved = f.store.load("box").unwrap();

@@ -125,9 +125,6 @@ impl Sandbox {
         };
         self.agent.call("CreateContainer", |c, ctx| c.create_container(ctx, &request))?;
         debug!(container = %config.id, ms = began.elapsed().as_secs_f64() * 1000.0, "container created");
-        let asked =
-            self.agent.call("ContainerStatus", |c, ctx| c.container_status(ctx, &container_request(&config.id)));
-        let pid = asked.ok().map(|s| s.pid).filter(|pid| *pid > 0);
         self.io.insert(config.id.clone(), io);
         self.state.containers.push(ContainerRecord {
             config: config.clone(),
@@ -135,7 +132,9 @@ impl Sandbox {
             started_unix_ms: None,
             exit_code: None,
             disk_serial: serial,
-            pid,
+            // Asked of the agent when a status needs it, not on the way
+            // to starting the container.
+            pid: None,
         });
         Ok(())
     }

@@ -659,7 +659,7 @@ impl Sandbox {
     /// A first process this handle does not wait for (it was started by
     /// another handle) is asked about through the agent's ContainerStatus.
     fn refresh(&mut self) -> bool {
-        let mut changed = false;
+        let mut changed = self.learn_pids();
         for c in &mut self.state.containers {
             if !matches!(c.phase, ContainerPhase::Running | ContainerPhase::Paused) {
                 continue;
@@ -686,6 +686,23 @@ impl Sandbox {
             }
         }
         changed
+    }
+
+    /// Asks the agent the first process's PID of each live container whose
+    /// record has none yet (a status shows it); whether one was learnt.
+    fn learn_pids(&mut self) -> bool {
+        let mut learnt = false;
+        for c in &mut self.state.containers {
+            if c.pid.is_some() || c.phase == ContainerPhase::Stopped {
+                continue;
+            }
+            let request = container_request(&c.config.id);
+            if let Ok(status) = self.agent.call("ContainerStatus", |cl, ctx| cl.container_status(ctx, &request)) {
+                c.pid = Some(status.pid).filter(|pid| *pid > 0);
+                learnt |= c.pid.is_some();
+            }
+        }
+        learnt
     }
 
     /// Starts every container not started yet (Kata's StartSandbox).
