@@ -62,7 +62,7 @@ pub(crate) fn processes_using(dir: &Path) -> Vec<u32> {
     let sandbox_program = |pid: &std::path::Path| {
         let exe = std::fs::read_link(pid.join("exe")).ok();
         let name = exe.as_ref().and_then(|e| e.file_name());
-        name.is_some_and(|n| Some(n) == ours.as_deref() || n == "qemu-system-x86_64" || n == "virtiofsd")
+        name.is_some_and(|n| Some(n) == ours.as_deref() || n == crate::qemu::QEMU || n == "virtiofsd")
     };
     // "Num RefCount Protocol Flags Type St Inode Path", a socket a line.
     let unix = std::fs::read_to_string("/proc/net/unix").unwrap_or_default();
