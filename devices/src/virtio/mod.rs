@@ -116,6 +116,15 @@ pub trait VirtioBackend: Send + Sync {
     fn backend_fd(&self) -> Option<RawFd> {
         None
     }
+    /// The device was restored from a snapshot with a live driver: its
+    /// host side is new (connections, sockets, files were opened again),
+    /// while the driver's view of it is the saved one. A device whose host
+    /// side had state the driver relies on tells the driver here (vsock
+    /// sends a transport reset). Returns the queues that used buffers, as
+    /// `process` does. Runs before the vCPUs do.
+    fn restored(&mut self, _queues: &mut [&mut Queue], _mem: &GuestMemoryMmap) -> u64 {
+        0
+    }
     /// Forgets per-driver state after a device reset. Runs on a vCPU thread
     /// (see above): dropping an fd is fine, changing an epoll set is not.
     fn reset(&mut self) {}
