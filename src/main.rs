@@ -255,6 +255,27 @@ enum SandboxCommand {
 enum VmCommand {
     /// Boot a kernel with the serial console on stdout; exit when the guest does.
     Boot(BootArgs),
+    /// Resume a VM from a snapshot (`vm boot --snapshot`); exit when the
+    /// guest does, as `vm boot`.
+    Restore(RestoreArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+pub(crate) struct RestoreArgs {
+    /// The snapshot directory.
+    pub dir: PathBuf,
+    /// Write the serial console to this file instead of stdout.
+    #[arg(long)]
+    pub console: Option<PathBuf>,
+    /// The vsock device's host socket, instead of the one saved.
+    #[arg(long)]
+    pub vsock_uds: Option<PathBuf>,
+    /// Turn the seccomp filters off (debugging only).
+    #[arg(long)]
+    pub no_seccomp: bool,
+    /// Print the VM's counters to stderr when it ends, as key=value lines.
+    #[arg(long)]
+    pub stats: bool,
 }
 
 #[derive(Subcommand, Debug)]
@@ -394,6 +415,13 @@ pub(crate) struct BootArgs {
     /// Print the VM's counters to stderr when it ends, as key=value lines.
     #[arg(long)]
     pub stats: bool,
+    /// Pause the VM this many milliseconds after it starts, write a
+    /// snapshot to --snapshot, and exit 0.
+    #[arg(long, value_name = "MS", requires = "snapshot")]
+    pub pause_after: Option<u64>,
+    /// Where --pause-after writes the snapshot (a directory).
+    #[arg(long, value_name = "DIR", requires = "pause_after")]
+    pub snapshot: Option<PathBuf>,
 }
 
 /// Installs the one tracing subscriber: events to stderr, at the levels
@@ -427,6 +455,7 @@ fn main() -> ExitCode {
     init_logging(cli.log_level.as_deref(), cli.log_format);
     let result = match cli.command {
         Command::Vm(VmCommand::Boot(args)) => boot(&args),
+        Command::Vm(VmCommand::Restore(args)) => restore(&args),
         Command::Bench(BenchCommand::Launch(args)) => bench::run(&args).map(|()| ExitCode::SUCCESS),
         Command::Bench(BenchCommand::Blk(args)) => bench_blk::run(&args).map(|()| ExitCode::SUCCESS),
         Command::Bench(BenchCommand::Sandbox(args)) => bench_sandbox::run(&args).map(|()| ExitCode::SUCCESS),
@@ -649,7 +678,47 @@ fn boot(args: &BootArgs) -> anyhow::Result<ExitCode> {
     if !args.no_seccomp {
         vmm::seccomp::install(vmm::seccomp::ThreadKind::Control)?;
     }
-    // Wait for the VM's end, then read its final counters.
+    if let (Some(ms), Some(dir)) = (args.pause_after, &args.snapshot) {
+        return snapshot_after(handle, std::time::Duration::from_millis(ms), dir);
+    }
+    report_end(handle, args.stats)
+}
+
+/// Lets the VM run for `after`, pauses it, writes its snapshot to `dir`
+/// and stops it. A guest that ends before is an error: there is nothing
+/// to snapshot.
+fn snapshot_after(
+    mut handle: vmm::VmmHandle,
+    after: std::time::Duration,
+    dir: &std::path::Path,
+) -> anyhow::Result<ExitCode> {
+    std::thread::sleep(after);
+    if let Some(reason) = handle.try_wait() {
+        anyhow::bail!("the guest ended ({reason:?}) before the snapshot was due");
+    }
+    handle.request(vmm::VmmAction::Pause).context("cannot pause the VM")?;
+    handle.request(vmm::VmmAction::Snapshot(dir.to_path_buf())).context("cannot snapshot the VM")?;
+    eprintln!("vessel: snapshot of the VM after {} ms written to {}", after.as_millis(), dir.display());
+    Ok(ExitCode::SUCCESS)
+}
+
+fn restore(args: &RestoreArgs) -> anyhow::Result<ExitCode> {
+    let config = vmm::snapshot::RestoreConfig {
+        console: args.console.clone().map_or(ConsoleOutput::Stdout, ConsoleOutput::File),
+        vsock_uds: args.vsock_uds.clone(),
+        seccomp: !args.no_seccomp,
+        paused: false,
+    };
+    let handle = vmm::snapshot::restore(&args.dir, config)?;
+    if !args.no_seccomp {
+        vmm::seccomp::install(vmm::seccomp::ThreadKind::Control)?;
+    }
+    report_end(handle, args.stats)
+}
+
+/// Waits for the VM's end, says how it ended and, with `stats`, prints
+/// its final counters. Exit status: failure when the VM failed.
+fn report_end(handle: vmm::VmmHandle, print: bool) -> anyhow::Result<ExitCode> {
     let counters = handle.counters();
     let reason = handle.wait();
     let stats = counters.snapshot();
@@ -667,7 +736,7 @@ fn boot(args: &BootArgs) -> anyhow::Result<ExitCode> {
         ms(stats.uptime),
         stats.serial_tx_bytes
     );
-    if args.stats {
+    if print {
         print_stats(&stats);
     }
     Ok(if matches!(reason, ExitReason::Error(_)) { ExitCode::FAILURE } else { ExitCode::SUCCESS })
@@ -678,6 +747,9 @@ fn print_stats(stats: &vmm::VmStats) {
     eprintln!("uptime_us={}", stats.uptime.as_micros());
     if let Some(b) = stats.boot_time {
         eprintln!("boot_time_us={}", b.as_micros());
+    }
+    if let Some(f) = stats.first_output {
+        eprintln!("first_output_us={}", f.as_micros());
     }
     eprintln!("serial_tx_bytes={}", stats.serial_tx_bytes);
     eprintln!("mem_size={}", stats.mem_size);
