@@ -59,11 +59,15 @@ pub enum Program {
     /// virtio-mmio transport: init sequence, one request, its interrupt, a
     /// device reset; reports each step.
     Virtio,
+    /// Prints one line, signals the boot timer, then forever a line with a
+    /// counter kept in guest memory, one more each line: for snapshot and
+    /// restore tests.
+    Count,
 }
 
 impl Program {
     /// Every program.
-    pub const ALL: [Program; 4] = [Program::Hello, Program::Report, Program::Spin, Program::Virtio];
+    pub const ALL: [Program; 5] = [Program::Hello, Program::Report, Program::Spin, Program::Virtio, Program::Count];
 }
 
 /// The file format (and so the boot protocol) of a guest image.
@@ -106,6 +110,9 @@ pub fn image(program: Program, format: Format) -> &'static [u8] {
         (Program::Virtio, Format::Pvh) => guest!("virtio-pvh.elf"),
         (Program::Virtio, Format::Linux64Elf) => guest!("virtio-linux64.elf"),
         (Program::Virtio, Format::BzImage) => guest!("virtio.bzimage"),
+        (Program::Count, Format::Pvh) => guest!("count-pvh.elf"),
+        (Program::Count, Format::Linux64Elf) => guest!("count-linux64.elf"),
+        (Program::Count, Format::BzImage) => guest!("count.bzimage"),
     }
 }
 
@@ -124,6 +131,9 @@ pub fn file_name(program: Program, format: Format) -> &'static str {
         (Program::Virtio, Format::Pvh) => "virtio-pvh.elf",
         (Program::Virtio, Format::Linux64Elf) => "virtio-linux64.elf",
         (Program::Virtio, Format::BzImage) => "virtio.bzimage",
+        (Program::Count, Format::Pvh) => "count-pvh.elf",
+        (Program::Count, Format::Linux64Elf) => "count-linux64.elf",
+        (Program::Count, Format::BzImage) => "count.bzimage",
     }
 }
 
