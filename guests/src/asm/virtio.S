@@ -27,7 +27,10 @@
  *                                                      FUSE major, minor)
  *   virtio: reset status <Status after writing 0>      (expected 0)
  *   done
- * then the boot-timer byte and a reset (FINISH).
+ * then the boot-timer byte and a reset (FINISH). On a failed check it
+ * prints `virtio: error <what>` and goes straight to `done`; an unexpected
+ * CPU exception prints `virtio: exception <vector> rip <rip> error <code>`
+ * and finishes without `done`.
  *
  * Repeat mode, for snapshot and restore tests: with the word
  * `virtio.repeat` on the command line, and once the first request has had
@@ -42,10 +45,7 @@
  * and fresh random bytes. Not for virtio-fs (one FUSE_INIT per session):
  * there it prints `virtio: error virtio.repeat is not for virtio-fs`. If
  * the first request had no interrupt, the guest goes on as without the
- * word (reset, `done`). On a failed check it
- * prints `virtio: error <what>` and goes straight to `done`; an unexpected
- * CPU exception prints `virtio: exception <vector> rip <rip> error <code>`
- * and finishes without `done`.
+ * word (reset, `done`).
  *
  * Sequence (virtio spec 3.1.1 and 4.2.3): check magic, version 2 and a
  * non-zero device ID (an empty hotplug slot, ID 0, is read again for
