@@ -2,6 +2,7 @@
 
 mod bench;
 mod bench_blk;
+mod bench_factory;
 mod bench_fs;
 mod bench_sandbox;
 mod lifecycle;
@@ -333,6 +334,9 @@ enum BenchCommand {
     /// virtio-fs against ext4 images: a container's start with a large
     /// root, and reading a large file in the guest.
     Fs(bench_fs::FsBenchArgs),
+    /// A cold boot against restores from a snapshot template: time to the
+    /// guest's first output, clones per second, host memory per VM.
+    Factory(bench_factory::FactoryBenchArgs),
 }
 
 #[derive(Subcommand, Debug)]
@@ -460,6 +464,7 @@ fn main() -> ExitCode {
         Command::Bench(BenchCommand::Blk(args)) => bench_blk::run(&args).map(|()| ExitCode::SUCCESS),
         Command::Bench(BenchCommand::Sandbox(args)) => bench_sandbox::run(&args).map(|()| ExitCode::SUCCESS),
         Command::Bench(BenchCommand::Fs(args)) => bench_fs::run(&args).map(|()| ExitCode::SUCCESS),
+        Command::Bench(BenchCommand::Factory(args)) => bench_factory::run(&args).map(|()| ExitCode::SUCCESS),
         Command::Device(DeviceCommand::Serve(cmd)) => serve::run(cmd).map(|()| ExitCode::SUCCESS),
         Command::Guests { out } => write_guests(&out).map(|()| ExitCode::SUCCESS),
         Command::Image(cmd) => image(cmd).map(|()| ExitCode::SUCCESS),
