@@ -9,7 +9,7 @@ use std::sync::mpsc::Sender;
 
 use crate::config::{BootSourceConfig, ConfigError, ConsoleOutput, DeviceConfig, MachineConfig};
 use crate::device_manager::{DeviceManagerError, PreparedDevice};
-use crate::snapshot::{Captured, SnapshotError};
+use crate::snapshot::file::{Captured, SnapshotError};
 use crate::stats::VmStats;
 use crate::vcpu::PauseError;
 

@@ -21,13 +21,13 @@ use tracing::info_span;
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::config::RestoreConfig;
 use crate::config::{ConfigError, ConsoleOutput, VmResources};
 use crate::device_manager::{BootDevices, DeviceManager, DeviceManagerError};
 use crate::event_loop::{self, Runtime};
 use crate::handle::VmmHandle;
 use crate::snapshot::format::Description;
 use crate::snapshot::kvm_state::StateError;
-use crate::snapshot::{RestoreConfig, RestoreError};
 use crate::stats::{VcpuCounters, VmCounters};
 use crate::vcpu::{self, ConsoleFlush, VcpuSet, VcpuThreadConfig};
 
@@ -102,6 +102,9 @@ pub enum StartError {
     /// A snapshot's serial registers could not be put back.
     #[error("cannot restore the serial console")]
     Serial(#[source] devices::legacy::SerialStateError),
+    /// A snapshot needs something this host's KVM lacks.
+    #[error("this host cannot run the snapshot: {0}")]
+    HostLacks(String),
 }
 
 /// Boots the VM `resources` describe. `started` is the moment the caller
@@ -167,7 +170,7 @@ pub(crate) fn restore_and_start(
     memory: &File,
     config: RestoreConfig,
     started: Instant,
-) -> Result<VmmHandle, RestoreError> {
+) -> Result<VmmHandle, StartError> {
     let _span = info_span!("restore_vm").entered();
     let console = open_console(config.console)?;
     let kvm = Kvm::new().map_err(StartError::Kvm)?;
@@ -176,7 +179,7 @@ pub(crate) fn restore_and_start(
     let count = description.vcpus.len() as u8;
     let vm = create_vm(&kvm, count)?;
     let mem_size = description.mem_size;
-    let mem = crate::memory::map_private(memory, mem_size).map_err(StartError::Memory)?;
+    let mem = crate::memory::map_private(memory, mem_size)?;
     set_up_vm(&vm, &mem)?;
     let (device_manager, boot_devices) = DeviceManager::for_restore(
         &vm,
@@ -200,12 +203,12 @@ pub(crate) fn restore_and_start(
     description.vm.apply(&vm).map_err(StartError::RestoreVm)?;
     device_manager.resume_restored();
     let parts = Parts { vm, mem, mem_size, vcpus, legacy, device_manager, boot_devices };
-    Ok(launch(parts, msr_indices(&kvm)?, config.seccomp, config.paused, started)?)
+    launch(parts, msr_indices(&kvm)?, config.seccomp, config.paused, started)
 }
 
 /// Refuses a snapshot on a KVM without the capabilities a restore uses
 /// (the CPU features are checked per vCPU, see [`check_cpuid`]).
-fn check_host(kvm: &Kvm) -> Result<(), RestoreError> {
+fn check_host(kvm: &Kvm) -> Result<(), StartError> {
     use kvm_ioctls::Cap;
     let caps = [
         (Cap::Irqchip, "KVM_CAP_IRQCHIP"),
@@ -218,7 +221,7 @@ fn check_host(kvm: &Kvm) -> Result<(), RestoreError> {
         (Cap::AdjustClock, "KVM_CAP_ADJUST_CLOCK"),
     ];
     if let Some((_, name)) = caps.iter().find(|(cap, _)| !kvm.check_extension(*cap)) {
-        return Err(RestoreError::Host(format!("KVM here lacks {name}")));
+        return Err(StartError::HostLacks(format!("KVM here lacks {name}")));
     }
     Ok(())
 }
@@ -235,8 +238,8 @@ fn check_cpuid(
     index: u8,
     count: u8,
     state: &crate::snapshot::kvm_state::VcpuState,
-) -> Result<(), RestoreError> {
-    let saved = state.cpuid_entries().map_err(|e| RestoreError::Host(e.to_string()))?;
+) -> Result<(), StartError> {
+    let saved = state.cpuid_entries().map_err(|e| StartError::HostLacks(e.to_string()))?;
     let here = boot::cpuid::vcpu_cpuid(supported, index, count);
     if boot::cpuid::missing_features(&saved, &here).is_none() {
         return Ok(());
@@ -247,9 +250,9 @@ fn check_cpuid(
     let effective = fd.get_cpuid2(KVM_MAX_CPUID_ENTRIES).map_err(probe)?;
     match boot::cpuid::missing_features(&saved, effective.as_slice()) {
         None => Ok(()),
-        Some(missing) => {
-            Err(RestoreError::Host(format!("vCPU {index} was given {missing}, which this host's KVM does not offer")))
-        }
+        Some(missing) => Err(StartError::HostLacks(format!(
+            "vCPU {index} was given {missing}, which this host's KVM does not offer"
+        ))),
     }
 }
 

@@ -14,9 +14,9 @@ use crate::api::{Reply, Request, VmmAction, VmmActionError, VmmData};
 use crate::config::DeviceConfig;
 use crate::device_manager::{DeviceEvents, DeviceManager, DeviceManagerError, PreparedDevice, HOTPLUG_TOKEN_BASE};
 use crate::exit::{ExitReason, SharedError, VmError};
+use crate::snapshot::file::{new_id, Captured, SnapshotError};
 use crate::snapshot::format::Description;
 use crate::snapshot::kvm_state::VmState;
-use crate::snapshot::{Captured, SnapshotError};
 use crate::stats::VmCounters;
 use crate::vcpu::{ConsoleFlush, VcpuSet};
 
@@ -95,15 +95,8 @@ impl Runtime {
         if let Some(index) = slots.iter().position(|s| matches!(s.device, Some(DeviceConfig::VhostUser(_)))) {
             return Err(SnapshotError::Device(index, "a vhost-user device's state is its daemon's"));
         }
-        let description = Description {
-            id: crate::snapshot::new_id(),
-            mem_size: self.counters.mem_size,
-            vcpus,
-            vm,
-            serial,
-            slots,
-            hotplug_slots,
-        };
+        let description =
+            Description { id: new_id(), mem_size: self.counters.mem_size, vcpus, vm, serial, slots, hotplug_slots };
         Ok(Captured { description, mem: self.counters.mem.clone() })
     }
 

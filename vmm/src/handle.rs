@@ -12,7 +12,7 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::api::{Reply, Request, VmmAction, VmmActionError, VmmData};
 use crate::device_manager::prepare;
 use crate::exit::{ExitReason, VmError};
-use crate::snapshot;
+use crate::snapshot::file;
 use crate::stats::{VmCounters, VmStats};
 
 /// A running VM, held by its embedder. Dropping it stops the VM.
@@ -52,7 +52,7 @@ impl VmmHandle {
         // A snapshot's files are written here, on the asking thread, while
         // the VM stays paused.
         if let (Some(dir), Some(captured), Ok(_)) = (snapshot_dir, captured, &result) {
-            snapshot::write(&dir, &captured).map_err(VmmActionError::Snapshot)?;
+            file::write(&dir, &captured).map_err(VmmActionError::Snapshot)?;
         }
         result
     }
