@@ -8,6 +8,7 @@ mod bench_sandbox;
 mod lifecycle;
 mod sandbox;
 mod serve;
+mod startup;
 mod terminal;
 
 use std::path::PathBuf;
@@ -680,6 +681,7 @@ fn boot(args: &BootArgs) -> anyhow::Result<ExitCode> {
     let console = args.console.clone().map_or(ConsoleOutput::Stdout, ConsoleOutput::File);
     vmm.handle(PrebootAction::ConfigureConsole(console))?;
     let handle = vmm.start()?;
+    startup::drop_startup_pages();
     if !args.no_seccomp {
         vmm::seccomp::install(vmm::seccomp::ThreadKind::Control)?;
     }
@@ -715,6 +717,7 @@ fn restore(args: &RestoreArgs) -> anyhow::Result<ExitCode> {
         paused: false,
     };
     let handle = vmm::snapshot::restore(&args.dir, config)?;
+    startup::drop_startup_pages();
     if !args.no_seccomp {
         vmm::seccomp::install(vmm::seccomp::ThreadKind::Control)?;
     }
@@ -761,6 +764,7 @@ fn print_stats(stats: &vmm::VmStats) {
     eprintln!("mem_resident={}", stats.mem_resident);
     eprintln!("peak_rss={max_rss}");
     eprintln!("vmm_overhead={}", max_rss.saturating_sub(stats.mem_resident));
+
     for d in &stats.devices {
         let counters: Vec<String> = d.counters.iter().map(|(k, v)| format!("{k}={v}")).collect();
         eprintln!("device {}: {}", d.name, counters.join(" "));
