@@ -136,6 +136,54 @@ fn rng_queue_in_use_goes_on_after_restore() -> TestResult {
     Ok(())
 }
 
+/// A device hot-plugged into a slot, in use by the guest's driver, is
+/// restored into the same slot and goes on serving it: the restore makes
+/// it again and the event loop watches it from the start.
+fn a_hot_plugged_device_in_use_goes_on_after_restore() -> TestResult {
+    let dir = TempDir::new("snap-hotplug")?;
+    let kernel = dir.write("virtio.elf", guests::image(Program::Virtio, Format::Pvh))?;
+    // The guest waits at the empty slot (announced on its command line)
+    // until a device is plugged in.
+    let opts = BootOptions { cmdline: "virtio.repeat".into(), hotplug_slots: 1, ..BootOptions::default() };
+    let guest = start_kernel_with(&kernel, &opts, &[])?;
+    guest.handle.request(VmmAction::AttachDevice(DeviceConfig::Rng))?;
+    ensure!(wait_until(WAIT, || agains(&guest.console.text()).len() >= 3), "no requests:\n{}", guest.console.text());
+    let snap = dir.path().join("snap");
+    snapshot(guest.handle, &snap)?;
+    let slots = Description::decode(&std::fs::read(snap.join(DESCRIPTION_FILE))?)?.slots;
+    ensure!(slots.len() == 1 && slots[0].device == Some(DeviceConfig::Rng), "saved slots: {slots:?}");
+    let console = Console::default();
+    let vm = vmm::snapshot::restore(&snap, restore_config(&console))?;
+    ensure!(wait_until(WAIT, || agains(&console.text()).len() >= 3), "no requests after restore:\n{}", console.text());
+    let stats = vm.stats();
+    drop(vm);
+    let joined = format!("{}{}", guest.console.text(), console.text());
+    consecutive(&agains(&joined).iter().map(|(i, _)| *i).collect::<Vec<_>>())?;
+    ensure!(stats.devices.iter().any(|d| d.name == "rng"), "the restored VM counts no rng: {:?}", stats.devices);
+    Ok(())
+}
+
+/// A VM restored from a snapshot can be snapshotted in turn (its memory a
+/// private mapping now, not a memfd), and that snapshot restores too.
+fn a_restored_vm_snapshotted_again_counts_on() -> TestResult {
+    let dir = TempDir::new("snap-again")?;
+    let guest = start_guest(Program::Count, Format::Pvh, &BootOptions::default())?;
+    ensure!(wait_until(WAIT, || counts(&guest.console.text()).len() >= 5), "no counts");
+    snapshot(guest.handle, &dir.path().join("first"))?;
+    let first = Console::default();
+    let vm = vmm::snapshot::restore(&dir.path().join("first"), restore_config(&first))?;
+    ensure!(wait_until(WAIT, || counts(&first.text()).len() >= 5), "the first restore counted nothing");
+    snapshot(vm, &dir.path().join("second"))?;
+    let second = Console::default();
+    let vm = vmm::snapshot::restore(&dir.path().join("second"), restore_config(&second))?;
+    ensure!(wait_until(WAIT, || counts(&second.text()).len() >= 5), "the second restore counted nothing");
+    drop(vm);
+    let joined = format!("{}{}{}", guest.console.text(), first.text(), second.text());
+    consecutive(&counts(&joined))?;
+    ensure!(counts(&joined)[0] == 1, "the count started at {}", counts(&joined)[0]);
+    Ok(())
+}
+
 /// This process's thread count.
 fn threads() -> usize {
     std::fs::read_dir("/proc/self/task").map_or(0, |d| d.count())
@@ -282,6 +330,8 @@ fn main() {
             counting_guest_restored_twice(Format::BzImage)
         }),
         trial("a_virtio_rng_queue_in_use_goes_on_after_a_restore", rng_queue_in_use_goes_on_after_restore),
+        trial("a_hot_plugged_device_in_use_goes_on_after_a_restore", a_hot_plugged_device_in_use_goes_on_after_restore),
+        trial("a_restored_vm_snapshotted_again_counts_on", a_restored_vm_snapshotted_again_counts_on),
         trial("spoilt_snapshots_are_refused_by_name_and_leave_no_thread", spoilt_snapshots_are_refused_by_name),
         trial("a_running_vm_is_not_snapshotted", a_running_vm_is_not_snapshotted),
     ];
