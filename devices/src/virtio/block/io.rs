@@ -320,7 +320,10 @@ impl Cursor<'_, '_> {
     /// The next at most `max` bytes of the slices, as one piece of one
     /// slice; None when `max` is 0 or the slices are used up.
     fn next_piece(&mut self, max: usize) -> Option<VolatileSlice<'_>> {
-        while max > 0 {
+        if max == 0 {
+            return None;
+        }
+        loop {
             let slice = self.slices.get(self.index)?;
             if self.skip == slice.len() {
                 self.index += 1;
@@ -332,7 +335,6 @@ impl Cursor<'_, '_> {
             self.skip += n;
             return Some(piece);
         }
-        None
     }
 }
 
@@ -369,6 +371,9 @@ mod tests {
     }
 
     const STRICT: Alignment = Alignment { memory: 4096, offset: 4096 };
+
+    /// Guest buffers: (guest address, length) each.
+    type Buffers = Vec<(u64, usize)>;
 
     #[test]
     fn a_vectored_read_and_write_cover_every_buffer_in_order() {
@@ -410,7 +415,7 @@ mod tests {
         // Each case: file offset, guest buffers. Sector offsets inside a
         // 4 KiB unit, buffers off alignment, and a request longer than
         // the bounce buffer.
-        let cases: [(u64, Vec<(u64, usize)>); 4] = [
+        let cases: [(u64, Buffers); 4] = [
             (512, vec![(0x1000, 512)]),
             (4096, vec![(0x1200, 4096)]),
             (3 * 512, vec![(0x2000, 4096), (0x7100, 1024)]),
@@ -437,7 +442,7 @@ mod tests {
         let (f, path) = file(size, "bounce-write");
         let mut direct = Direct::new(STRICT);
         let mut want = pattern(0, size);
-        let cases: [(u64, Vec<(u64, usize)>, u8); 4] = [
+        let cases: [(u64, Buffers, u8); 4] = [
             (512, vec![(0x1000, 512)], 0x11),
             (4096 + 1024, vec![(0x1200, 4096)], 0x22),
             (8 * 4096 - 512, vec![(0x2000, 512), (0x7100, 1024)], 0x33),
