@@ -435,6 +435,10 @@ pub(crate) struct BootArgs {
     /// Give the guest a read-only virtio-blk disk backed by this file (repeatable).
     #[arg(long)]
     pub ro_disk: Vec<PathBuf>,
+    /// Open this disk (one of --disk or --ro-disk) with O_DIRECT, bypassing
+    /// the host's page cache (repeatable).
+    #[arg(long, value_name = "FILE")]
+    pub direct: Vec<PathBuf>,
     /// Give the guest a network card on this TAP device (created if missing).
     #[arg(long)]
     pub tap: Option<String>,
@@ -702,8 +706,11 @@ fn boot(args: &BootArgs) -> anyhow::Result<ExitCode> {
         vmm.handle(PrebootAction::AddDevice(DeviceConfig::Rng))?;
     }
     let disks = args.disk.iter().map(|p| (p, false)).chain(args.ro_disk.iter().map(|p| (p, true)));
+    if let Some(stray) = args.direct.iter().find(|d| !args.disk.contains(d) && !args.ro_disk.contains(d)) {
+        anyhow::bail!("--direct {} names no disk: give it as --disk or --ro-disk too", stray.display());
+    }
     for (path, read_only) in disks {
-        let config = BlockConfig { path: path.clone(), read_only, id: None };
+        let config = BlockConfig { path: path.clone(), read_only, id: None, direct: args.direct.contains(path) };
         vmm.handle(PrebootAction::AddDevice(DeviceConfig::Block(config)))?;
     }
     if let Some(tap) = args.tap.clone() {

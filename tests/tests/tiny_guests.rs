@@ -388,6 +388,7 @@ fn hotplug_attach_and_detach() -> TestResult {
         path: dir.path().join("missing.img"),
         read_only: false,
         id: None,
+        direct: false,
     });
     h.request(VmmAction::DetachDevice(1))?;
     match attach(missing) {
@@ -406,7 +407,12 @@ fn hotplug_attach_and_detach() -> TestResult {
     // filter allows neither; the VM would end with a refusal otherwise.
     let disk = dir.write("disk.img", &[0u8; 4096])?;
     for device in [
-        vmm::DeviceConfig::Block(devices::virtio::block::BlockConfig { path: disk, read_only: false, id: None }),
+        vmm::DeviceConfig::Block(devices::virtio::block::BlockConfig {
+            path: disk,
+            read_only: false,
+            id: None,
+            direct: false,
+        }),
         vmm::DeviceConfig::Vsock(devices::virtio::vsock::VsockConfig {
             guest_cid: 3,
             uds_path: dir.path().join("vsock.sock"),

@@ -230,6 +230,7 @@ mod tests {
                 path: "/var/disk.img".into(),
                 read_only: true,
                 id: Some("ctr-0".into()),
+                direct: false,
             }),
             DeviceConfig::Vsock(VsockConfig { guest_cid: 3, uds_path: "/run/vessel/vsock.sock".into() }),
             DeviceConfig::Net(NetConfig { tap: "tap0".into(), mac: [0x02, 0, 0, 0, 0, 1] }),

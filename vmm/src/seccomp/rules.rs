@@ -68,8 +68,12 @@ const QUEUES: &[i64] = &[
     // Who may connect: a connection's peer uid against ours.
     libc::SYS_geteuid,
     libc::SYS_getrandom,
+    // Disk data: preadv/pwritev straight into guest memory, pread/pwrite
+    // through an O_DIRECT disk's bounce buffer.
     libc::SYS_pread64,
+    libc::SYS_preadv,
     libc::SYS_pwrite64,
+    libc::SYS_pwritev,
     libc::SYS_read,
     libc::SYS_recvfrom,
     libc::SYS_recvmsg,
