@@ -286,7 +286,7 @@ enum SandboxCommand {
 #[derive(Subcommand, Debug)]
 enum VmCommand {
     /// Boot a kernel with the serial console on stdout; exit when the guest does.
-    Boot(BootArgs),
+    Boot(Box<BootArgs>),
     /// Resume a VM from a snapshot (`vm boot --snapshot`); exit when the
     /// guest does, as `vm boot`.
     Restore(RestoreArgs),
