@@ -20,7 +20,8 @@ pub enum CreateStep {
     SharedFs,
     /// The VM boots.
     Vm,
-    /// The agent announces itself and describes the guest.
+    /// The agent announces itself, the guest gets its identity, and the
+    /// agent describes it.
     Agent,
     /// The containers are created.
     Containers,
@@ -35,7 +36,9 @@ impl std::fmt::Display for CreateStep {
             CreateStep::Network => "setting up its network",
             CreateStep::SharedFs => "sharing its directories",
             CreateStep::Vm => "booting the VM",
-            CreateStep::Agent => "reaching the guest's agent and configuring its network",
+            CreateStep::Agent => {
+                "reaching the guest's agent, giving the guest its identity and configuring its network"
+            }
             CreateStep::Containers => "creating the containers",
             CreateStep::State => "writing the state",
         })
@@ -66,6 +69,9 @@ pub enum SandboxError {
     /// The network namespace could not be set up.
     #[error(transparent)]
     Network(#[from] crate::network::NetworkError),
+    /// The guest's hostname is not one.
+    #[error(transparent)]
+    Hostname(#[from] agent_proto::identity::IdentityError),
     /// Create failed; what was done has been undone.
     #[error("cannot create sandbox {id:?}: {step} failed")]
     Create {

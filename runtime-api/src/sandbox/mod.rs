@@ -167,6 +167,10 @@ pub struct Sandbox {
     io: HashMap<String, ProcessIo>,
     /// virtiofsd, serving the shared directory (the owner's handle only).
     fs_daemon: Option<std::process::Child>,
+    /// The agent's link (the connection it announced itself on), held by
+    /// the owner's handle for as long as it holds the VM: the agent dials
+    /// again whenever it ends.
+    _link: Option<std::os::unix::net::UnixStream>,
 }
 
 impl std::fmt::Debug for Sandbox {
@@ -261,6 +265,7 @@ impl Sandbox {
                 return Err(SandboxError::NoSuchDisk { sandbox: id, serial: m.serial.clone() });
             }
         }
+        agent_proto::identity::check_hostname(config.guest_hostname())?;
         let kernel = config.guest_image.join(resources::guest_image::KERNEL_FILE);
         let initrd = config.guest_image.join(resources::guest_image::INITRD_FILE);
         for file in [&kernel, &initrd] {
@@ -383,20 +388,20 @@ impl Sandbox {
         // The agent.
         let timeout = Duration::from_secs(config.boot_timeout_s);
         let reached = host
-            .wait_ready(&ready, timeout, || vm.exited())
-            .and_then(|version| {
+            .wait_link(&ready, timeout, || vm.exited())
+            .and_then(|(version, link)| {
                 debug!(agent = %version, "the agent announced itself");
-                Agent::connect_hybrid(&spec.vsock_socket())
+                Ok((Agent::connect_hybrid(&spec.vsock_socket())?, link))
             })
-            .and_then(|agent| {
-                let details = agent.call("GetGuestDetails", |c, ctx| c.get_guest_details(ctx, &Empty::new()))?;
+            .and_then(|(agent, link)| {
+                let details = agent.set_identity(config.guest_hostname())?;
                 if let Some(plan) = &plan {
                     configure_guest_network(&agent, plan)?;
                 }
-                Ok((agent, details))
+                Ok((agent, details, link))
             });
         drop(ready);
-        let (agent, details) = match reached {
+        let (agent, details, link) = match reached {
             Ok(reached) => reached,
             Err(e) => {
                 let console = vm.console_tail(20);
@@ -454,6 +459,7 @@ impl Sandbox {
             details,
             io: HashMap::new(),
             fs_daemon: None,
+            _link: Some(link),
         };
 
         // The containers, then the state. Undo: remove them, stop the VM.
@@ -529,6 +535,7 @@ impl Sandbox {
             details,
             io: HashMap::new(),
             fs_daemon: None,
+            _link: None,
         })
     }
 
