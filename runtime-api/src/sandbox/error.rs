@@ -86,9 +86,17 @@ pub enum SandboxError {
     /// The guest image lacks a file.
     #[error("the guest image has no {0}: build it with `vessel image build --out DIR`")]
     GuestImage(std::path::PathBuf),
-    /// Asking for a factory.
-    #[error("VM factories (templates and caches) are not built yet; create the sandbox without one")]
-    FactoryUnsupported,
+    /// The factory's VMs cannot be this sandbox's.
+    #[error("sandbox {id:?} cannot take a VM from the factory: {why}")]
+    FactoryMismatch {
+        /// The sandbox.
+        id: String,
+        /// What differs.
+        why: String,
+    },
+    /// The factory failed.
+    #[error(transparent)]
+    Factory(#[from] crate::factory::FactoryError),
     /// Two containers with one ID.
     #[error("sandbox {sandbox:?} has a container with ID {id:?} already")]
     ContainerExists {
