@@ -4,6 +4,7 @@ mod bench;
 mod bench_blk;
 mod bench_fs;
 mod bench_sandbox;
+mod factory;
 mod lifecycle;
 mod sandbox;
 mod serve;
@@ -165,12 +166,30 @@ enum Command {
     /// The owner process of a detached sandbox (started by `create`).
     #[command(name = "__own", hide = true)]
     Own { config: String },
+    /// The cache of booted, paused sandbox VMs that `create --factory` and
+    /// `run --factory` take from.
+    #[command(subcommand)]
+    Factory(FactoryCommand),
+    /// The owner process of a cached VM (started by `factory init`).
+    #[command(name = "__cached", hide = true)]
+    Cached,
     /// Write the bundled test guests (tiny kernels used by tests) to a directory.
     Guests {
         /// Directory to write them to (created if missing).
         #[arg(long)]
         out: PathBuf,
     },
+}
+
+#[derive(Subcommand, Debug)]
+enum FactoryCommand {
+    /// Boot N sandbox VMs and keep them paused, each held by a process of
+    /// its own, until a create or run with --factory takes one.
+    Init(factory::InitArgs),
+    /// The cache and each cached VM: state, age, owner and VM PIDs.
+    Status,
+    /// End every cached VM and remove what the factory keeps.
+    Destroy,
 }
 
 #[derive(Subcommand, Debug)]
@@ -472,6 +491,10 @@ fn main() -> ExitCode {
             lifecycle::device_op(&store(&cli.root), &sandbox, op)
         }
         Command::Own { config } => lifecycle::own(&store(&cli.root), &config),
+        Command::Cached => factory::own_cached(&store(&cli.root)),
+        Command::Factory(FactoryCommand::Init(args)) => factory::init(&store(&cli.root), &args),
+        Command::Factory(FactoryCommand::Status) => factory::status(&store(&cli.root)),
+        Command::Factory(FactoryCommand::Destroy) => factory::destroy(&store(&cli.root)),
         Command::List { format } => lifecycle::list(&store(&cli.root), format == lifecycle::Format::Json),
         Command::Start { id } => lifecycle::run_op(&store(&cli.root), &id, lifecycle::Op::Start),
         Command::Status { id } => lifecycle::run_op(&store(&cli.root), &id, lifecycle::Op::Status),

@@ -500,6 +500,9 @@ impl Store {
                 let _ = std::fs::remove_file(entry.path());
             }
         }
+        // Gone with its last link once the factory itself was destroyed
+        // (a kept factory has its description there).
+        let _ = std::fs::remove_dir(self.root.join(crate::factory::FACTORY_DIR));
     }
 }
 

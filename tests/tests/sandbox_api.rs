@@ -684,7 +684,8 @@ fn from_factory(
     id: &str,
     factory: Option<&runtime_api::Factory>,
 ) -> anyhow::Result<(Seen, String)> {
-    let mut config = config(id, image, HypervisorKind::QemuTcg);
+    let kind = factory.map_or(HypervisorKind::QemuTcg, |f| f.config().hypervisor);
+    let mut config = config(id, image, kind);
     config.hotplug_slots = 1;
     let script =
         "cat /proc/sys/kernel/random/uuid; head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \\n'; echo; date +%s";
@@ -781,6 +782,29 @@ fn a_cache_of_two_gives_each_sandbox_its_own_identity_and_refills() -> anyhow::R
     Ok(())
 }
 
+/// Tier 4: a cache of one on the builtin hypervisor (paused and resumed
+/// through `VmmAction`): a sandbox from it runs a container with its own
+/// hostname and the host's clock.
+fn a_cache_on_builtin_gives_a_sandbox_its_identity() -> anyhow::Result<()> {
+    let dir = TempDir::new("api-factory-builtin")?;
+    let image = guest_image(dir.path())?;
+    let store = Store::new(dir.path().join("state"));
+    let root = busybox_root(dir.path(), "root")?;
+    let mut cache = runtime_api::CacheConfig::for_sandbox(&config("x", &image, HypervisorKind::Builtin));
+    cache.hotplug_slots = 2;
+    let factory = runtime_api::Factory::cache(&store, cache, 1)?;
+    factory.wait_filled(Duration::from_secs(120))?;
+    std::thread::sleep(Duration::from_secs(2));
+    let (seen, hostname) = from_factory(&store, &image, &root, "fb", Some(&factory))?;
+    ensure!(hostname == "fb", "the guest's hostname: {hostname}");
+    let now = runtime_api::state::now_unix_ms() / 1000;
+    ensure!(now.abs_diff(seen.clock) <= 3, "the guest's clock read {}, the host's {now}", seen.clock);
+    eprintln!("factory on builtin: create to first output {:?}", seen.create_to_output);
+    drop(factory);
+    ensure!(runtime_api::factory::list(&store)?.is_empty(), "the factory left VMs");
+    Ok(())
+}
+
 fn main() {
     if let Ok(spec) = std::env::var(CHILD_OWNER) {
         if let Err(e) = own_a_sandbox(&spec) {
@@ -839,6 +863,12 @@ fn main() {
     let tier4 = runtime_api::hypervisor::hardware_virtualization_unusable()
         .map(|why| format!("Linux on the builtin hypervisor needs hardware virtualization: {why}"))
         .or_else(tier3);
-    trials.extend(gate(tier4, [trial("containers_on_builtin", containers_on_builtin)]));
+    trials.extend(gate(
+        tier4,
+        [
+            trial("containers_on_builtin", containers_on_builtin),
+            trial("a_cache_on_builtin_gives_a_sandbox_its_identity", a_cache_on_builtin_gives_a_sandbox_its_identity),
+        ],
+    ));
     libtest_mimic::run(&args, trials).exit();
 }
