@@ -622,15 +622,31 @@ pub type MakeHypervisor = Arc<dyn Fn() -> Box<dyn Hypervisor> + Send + Sync>;
 ///
 /// A create whose config does not match the VMs ([`CacheConfig::mismatch`])
 /// is refused with the reason; one that finds no VM ready boots its own,
-/// cold, and logs why. Dropping the factory stops the VMs it holds.
+/// cold, and logs why. Dropping the factory (its last clone) stops the
+/// VMs it holds before it returns; one still booting is stopped when its
+/// boot ends.
 #[derive(Clone)]
 pub struct Factory {
+    handle: Arc<Handle>,
+}
+
+/// The embedder's hold on a pool; the pool's own threads hold it weakly
+/// or for a moment, so the embedder's drop is what closes it.
+struct Handle {
     pool: Arc<Pool>,
+}
+
+impl Drop for Handle {
+    fn drop(&mut self) {
+        self.pool.closed.store(true, Ordering::SeqCst);
+        let ready = std::mem::take(&mut self.pool.lock().ready);
+        drop(ready);
+    }
 }
 
 impl std::fmt::Debug for Factory {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Factory").field("size", &self.pool.size).field("ready", &self.ready()).finish()
+        f.debug_struct("Factory").field("size", &self.handle.pool.size).field("ready", &self.ready()).finish()
     }
 }
 
@@ -658,12 +674,6 @@ struct PoolInner {
 impl Pool {
     fn lock(&self) -> std::sync::MutexGuard<'_, PoolInner> {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
-    }
-}
-
-impl Drop for Pool {
-    fn drop(&mut self) {
-        self.closed.store(true, Ordering::SeqCst);
     }
 }
 
@@ -708,6 +718,9 @@ fn watch(pool: Weak<Pool>) {
     let _ = std::thread::Builder::new().name("vessel-factory-watch".into()).spawn(move || loop {
         std::thread::sleep(WATCH_EVERY);
         let Some(pool) = pool.upgrade() else { return };
+        if pool.closed.load(Ordering::SeqCst) {
+            return;
+        }
         let dead: Vec<CachedVm> = {
             let mut inner = pool.lock();
             let mut dead = Vec::new();
@@ -759,7 +772,7 @@ impl Factory {
         });
         refill(&pool);
         watch(Arc::downgrade(&pool));
-        Ok(Factory { pool })
+        Ok(Factory { handle: Arc::new(Handle { pool }) })
     }
 
     /// A factory holding `vm` alone, refilling nothing.
@@ -775,7 +788,7 @@ impl Factory {
             changed: Condvar::new(),
             closed: AtomicBool::new(false),
         });
-        Factory { pool }
+        Factory { handle: Arc::new(Handle { pool }) }
     }
 
     /// VM templates (Kata's template factory): refused, with what to use
@@ -786,27 +799,27 @@ impl Factory {
 
     /// How its VMs are booted.
     pub fn config(&self) -> &CacheConfig {
-        &self.pool.config
+        &self.handle.pool.config
     }
 
     /// How many VMs it keeps.
     pub fn size(&self) -> usize {
-        self.pool.size
+        self.handle.pool.size
     }
 
     /// VMs paused and ready now.
     pub fn ready(&self) -> usize {
-        self.pool.lock().ready.len()
+        self.handle.pool.lock().ready.len()
     }
 
     /// VMs booting now.
     pub fn booting(&self) -> usize {
-        self.pool.lock().booting
+        self.handle.pool.lock().booting
     }
 
     /// (taken, died): VMs handed out, and VMs that died while cached.
     pub fn counts(&self) -> (u64, u64) {
-        let inner = self.pool.lock();
+        let inner = self.handle.pool.lock();
         (inner.taken, inner.died)
     }
 
@@ -814,9 +827,9 @@ impl Factory {
     /// when a boot fails with none left booting.
     pub fn wait_filled(&self, timeout: Duration) -> Result<(), FactoryError> {
         let deadline = Instant::now() + timeout;
-        let mut inner = self.pool.lock();
+        let mut inner = self.handle.pool.lock();
         loop {
-            if inner.ready.len() >= self.pool.size {
+            if inner.ready.len() >= self.handle.pool.size {
                 return Ok(());
             }
             if let Some(why) = inner.failure.clone().filter(|_| inner.booting == 0) {
@@ -826,10 +839,10 @@ impl Factory {
                 return Err(FactoryError::NotFilled(format!(
                     "{} of {} VMs ready after {timeout:?}",
                     inner.ready.len(),
-                    self.pool.size
+                    self.handle.pool.size
                 )));
             };
-            inner = self.pool.changed.wait_timeout(inner, left).unwrap_or_else(|p| p.into_inner()).0;
+            inner = self.handle.pool.changed.wait_timeout(inner, left).unwrap_or_else(|p| p.into_inner()).0;
         }
     }
 
@@ -837,12 +850,12 @@ impl Factory {
     /// refused when `config` does not match. Dead VMs met on the way are
     /// dropped; what was taken or dropped is booted again.
     pub(crate) fn take(&self, config: &SandboxConfig) -> Result<Option<CachedVm>, String> {
-        if let Some(why) = self.pool.config.mismatch(config) {
+        if let Some(why) = self.handle.pool.config.mismatch(config) {
             return Err(why);
         }
         let mut dead = Vec::new();
         let found = {
-            let mut inner = self.pool.lock();
+            let mut inner = self.handle.pool.lock();
             let mut found = None;
             while let Some(mut vm) = inner.ready.pop() {
                 match vm.dead() {
@@ -861,7 +874,7 @@ impl Factory {
             found
         };
         drop(dead);
-        refill(&self.pool);
+        refill(&self.handle.pool);
         Ok(found)
     }
 }
