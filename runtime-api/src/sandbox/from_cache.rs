@@ -21,6 +21,9 @@ use crate::state::{
     STATE_VERSION,
 };
 
+/// How long a create waits for a cached VM's claim lock.
+const CLAIM_PATIENCE: std::time::Duration = std::time::Duration::from_millis(500);
+
 /// Renames `from` to `to`, refusing to replace anything at `to`
 /// (rename(2) would replace an empty directory).
 fn rename_noreplace(from: &Path, to: &Path) -> std::io::Result<()> {
@@ -55,8 +58,17 @@ struct Claimed {
 fn claim(store: &Store, id: &str, cached: &mut CachedVm) -> Result<Claimed, SandboxError> {
     let from = cached.dir.clone();
     let name = cached.name.clone();
-    let _claim =
-        lock_path(&from.join(CLAIM_FILE), LockKind::Exclusive, false).map_err(|_| FactoryError::Busy(name.clone()))?;
+    // `factory::list` takes the claim for a moment to see whether anyone
+    // holds it: a short wait gets past that; a create or a destroy holds it
+    // longer, and the VM is not this create's.
+    let deadline = Instant::now() + CLAIM_PATIENCE;
+    let _claim = loop {
+        match lock_path(&from.join(CLAIM_FILE), LockKind::Exclusive, false) {
+            Ok(claim) => break claim,
+            Err(_) if Instant::now() < deadline => std::thread::sleep(std::time::Duration::from_millis(10)),
+            Err(_) => return Err(FactoryError::Busy(name).into()),
+        }
+    };
     if let Some(why) = cached.dead() {
         return Err(FactoryError::Gone { name, why }.into());
     }
