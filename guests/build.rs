@@ -1,6 +1,6 @@
 //! Builds the test guests from `src/asm` into `OUT_DIR`.
 //!
-//! For each program (`hello`, `report`, `spin`, `virtio`):
+//! For each program (`hello`, `report`, `spin`, `virtio`, `count`):
 //! 1. `cc -x assembler-with-cpp` assembles `src/asm/<program>.S` (and, once,
 //!    `pvh-note.S`);
 //! 2. `ld` links it with `src/asm/guest.ld` at 1 MiB, twice:
@@ -26,7 +26,7 @@ use std::process::Command;
 mod elf;
 
 /// The guest programs: `src/asm/<name>.S`.
-const PROGRAMS: [&str; 4] = ["hello", "report", "spin", "virtio"];
+const PROGRAMS: [&str; 5] = ["hello", "report", "spin", "virtio", "count"];
 /// Where every guest is linked and where a bzImage's kernel is loaded.
 const LOAD_ADDR: u64 = 0x10_0000;
 

@@ -98,6 +98,8 @@ pub(crate) fn run(args: &BenchArgs) -> anyhow::Result<()> {
     std::fs::create_dir_all(&dir)?;
     let kernel = dir.join(guests::file_name(guests::Program::Hello, guests::Format::Pvh));
     std::fs::write(&kernel, guests::image(guests::Program::Hello, guests::Format::Pvh))?;
+    let spin = dir.join(guests::file_name(guests::Program::Spin, guests::Format::Pvh));
+    std::fs::write(&spin, guests::image(guests::Program::Spin, guests::Format::Pvh))?;
     let result = run_in(args, &kernel);
     let _ = std::fs::remove_dir_all(&dir);
     result
@@ -131,6 +133,9 @@ fn run_in(args: &BenchArgs, kernel: &Path) -> anyhow::Result<()> {
     row("spawn -> first serial byte", "ms", &vessel_first);
     row("spawn -> process exit", "ms", &summarize(&exit));
     row("memory overhead (peak RSS - guest resident)", "MiB", &summarize(&overhead));
+    let (running, anonymous) = running_overhead(&exe, &kernel.with_file_name("spin-pvh.elf"), args)?;
+    row("memory overhead while running (RSS - guest)", "MiB", &summarize(&running));
+    row("  of it anonymous (not shared code)", "MiB", &summarize(&anonymous));
 
     // (b) vessel in-process: start() to the boot-timer write.
     let mut start_to_timer = Vec::new();
@@ -165,6 +170,49 @@ fn run_in(args: &BenchArgs, kernel: &Path) -> anyhow::Result<()> {
         vessel_first.median / qemu_first.median
     );
     Ok(())
+}
+
+/// The memory a running `vm boot` holds beyond its guest's: RSS minus the
+/// guest memory's resident pages, and the anonymous part of RSS (the rest
+/// is vessel's code and read-only data, shared with every vessel process),
+/// read from /proc 200 ms after the spin guest started, `args.runs` times.
+fn running_overhead(exe: &Path, spin: &Path, args: &BenchArgs) -> anyhow::Result<(Vec<f64>, Vec<f64>)> {
+    let mib = |kib: u64| kib as f64 / 1024.0;
+    let (mut overhead, mut anonymous) = (Vec::new(), Vec::new());
+    for _ in 0..args.runs {
+        let mut child = Command::new(exe)
+            .args(["vm", "boot", "--mem", &args.mem.to_string(), "--kernel"])
+            .arg(spin)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("cannot spawn vessel")?;
+        std::thread::sleep(Duration::from_millis(200));
+        let smaps = std::fs::read_to_string(format!("/proc/{}/smaps", child.id()));
+        let _ = child.kill();
+        let _ = child.wait();
+        let smaps = smaps.context("cannot read the running vessel's smaps")?;
+        let (mut rss, mut guest, mut anon, mut in_guest) = (0, 0, 0, false);
+        for line in smaps.lines() {
+            if line.split_whitespace().next().is_some_and(|f| f.contains('-') && !f.ends_with(':')) {
+                in_guest = line.contains("vessel-guest-ram");
+            } else if let Some(kib) = line.strip_prefix("Rss:").and_then(kib_value) {
+                rss += kib;
+                if in_guest {
+                    guest += kib;
+                }
+            } else if let Some(kib) = line.strip_prefix("Anonymous:").and_then(kib_value) {
+                anon += kib;
+            }
+        }
+        overhead.push(mib(rss - guest));
+        anonymous.push(mib(anon));
+    }
+    Ok((overhead, anonymous))
+}
+
+fn kib_value(field: &str) -> Option<u64> {
+    field.trim().trim_end_matches("kB").trim().parse().ok()
 }
 
 /// The host side of a 4 KiB console burst (64 lines of 64 bytes), as the

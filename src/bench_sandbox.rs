@@ -48,11 +48,16 @@ pub(crate) fn ms(d: Duration) -> f64 {
 }
 
 /// min / median / max of `values`.
-pub(crate) fn spread(mut values: Vec<f64>) -> String {
+pub(crate) fn spread(values: Vec<f64>) -> String {
+    spread_with(values, 1)
+}
+
+/// min / median / max of `values`, with `decimals` decimals.
+pub(crate) fn spread_with(mut values: Vec<f64>, decimals: usize) -> String {
     values.sort_by(f64::total_cmp);
     match values.as_slice() {
         [] => "-".into(),
-        v => format!("{:.1} / {:.1} / {:.1}", v[0], v[v.len() / 2], v[v.len() - 1]),
+        v => format!("{:.d$} / {:.d$} / {:.d$}", v[0], v[v.len() / 2], v[v.len() - 1], d = decimals),
     }
 }
 

@@ -26,6 +26,9 @@ pub(crate) enum ServeCommand {
         /// The disk's ID (serial), at most 20 bytes; the file name by default.
         #[arg(long)]
         id: Option<String>,
+        /// Open the file with O_DIRECT (bypass the host's page cache).
+        #[arg(long)]
+        direct: bool,
     },
     /// A vsock device whose host side is a Unix socket (hybrid convention:
     /// `CONNECT <port>` to reach the guest; guest connections to port P go
@@ -63,8 +66,8 @@ pub(crate) enum ServeCommand {
 
 pub(crate) fn run(cmd: ServeCommand) -> anyhow::Result<()> {
     match cmd {
-        ServeCommand::Blk { socket, file, read_only, id } => {
-            let (block, _counters) = Block::open(&BlockConfig { path: file, read_only, id })?;
+        ServeCommand::Blk { socket, file, read_only, id, direct } => {
+            let (block, _counters) = Block::open(&BlockConfig { path: file, read_only, id, direct })?;
             serve_until_term("blk", Box::new(block), &socket)
         }
         ServeCommand::Vsock { socket, guest_cid, uds } => {

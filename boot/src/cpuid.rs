@@ -129,6 +129,41 @@ fn topology_entry(leaf: u32, index: u32, apic_id: u32, vcpus: u8) -> kvm_cpuid_e
     }
 }
 
+/// The feature registers a restore compares: (leaf, subleaf, register
+/// name, register index in eax/ebx/ecx/edx order, bits the CPU changes at
+/// run time and that say nothing about the host). Leaf 1's OSXSAVE and
+/// APIC and leaf 7's OSPKE follow CR4 and the APIC base MSR.
+const FEATURE_REGISTERS: [(u32, u32, &str, usize, u32); 8] = [
+    (LEAF_FEATURES, 0, "ECX", 2, (1 << 27)),
+    (LEAF_FEATURES, 0, "EDX", 3, (1 << 9)),
+    (0x7, 0, "EBX", 1, 0),
+    (0x7, 0, "ECX", 2, (1 << 4)),
+    (0x7, 0, "EDX", 3, 0),
+    (0xd, 1, "EAX", 0, 0),
+    (LEAF_EXT_FEATURES, 0, "ECX", 2, 0),
+    (LEAF_EXT_FEATURES, 0, "EDX", 3, 0),
+];
+
+/// Which feature bits a `saved` CPUID table has that a table made on this
+/// host (`here`, from [`vcpu_cpuid`]) lacks, as text naming the leaf,
+/// register and bits; None when `here` has them all. A guest restored
+/// onto a host without a feature it was using would fault on it.
+pub fn missing_features(saved: &[kvm_cpuid_entry2], here: &[kvm_cpuid_entry2]) -> Option<String> {
+    let find = |table: &[kvm_cpuid_entry2], leaf: u32, sub: u32| {
+        table.iter().find(|e| e.function == leaf && e.index == sub).map(|e| [e.eax, e.ebx, e.ecx, e.edx])
+    };
+    let mut missing = Vec::new();
+    for (leaf, sub, name, reg, dynamic) in FEATURE_REGISTERS {
+        let Some(saved) = find(saved, leaf, sub) else { continue };
+        let here = find(here, leaf, sub).unwrap_or_default();
+        let lacking = saved[reg] & !here[reg] & !dynamic;
+        if lacking != 0 {
+            missing.push(format!("CPUID leaf {leaf:#x}.{sub} {name} bits {lacking:#x}"));
+        }
+    }
+    (!missing.is_empty()).then(|| missing.join(", "))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -196,5 +231,16 @@ mod tests {
     #[test]
     fn id_bits_rounds_up() {
         assert_eq!([id_bits(1), id_bits(2), id_bits(3), id_bits(4), id_bits(5)], [0, 1, 2, 2, 3]);
+    }
+
+    #[test]
+    fn features_a_snapshot_needs_that_the_host_lacks_are_named() {
+        let entry = |function, index, ebx, ecx| kvm_cpuid_entry2 { function, index, ebx, ecx, ..Default::default() };
+        let here = vec![entry(1, 0, 0, 0x8000_0001), entry(7, 0, 0b1010, 0)];
+        let saved = vec![entry(1, 0, 0, 0x8800_0001), entry(7, 0, 0b1110, 0)];
+        // OSXSAVE (leaf 1 ECX bit 27) follows CR4 and is not a host feature.
+        assert_eq!(missing_features(&saved, &here).unwrap(), "CPUID leaf 0x7.0 EBX bits 0x4");
+        assert_eq!(missing_features(&here, &here), None);
+        assert_eq!(missing_features(&here, &saved), None);
     }
 }

@@ -20,7 +20,7 @@ fuzz_target!(|data: &[u8]| {
     let mem = vessel_fuzz::memory(data);
     let mut queue = vessel_fuzz::queue(0);
     let config =
-        BlockConfig { path: disk().to_path_buf(), read_only: data.first().is_some_and(|b| b & 1 == 1), id: None };
+        BlockConfig { path: disk().to_path_buf(), read_only: data.first().is_some_and(|b| b & 1 == 1), id: None, direct: false };
     let (mut blk, _) = Block::open(&config).expect("open fuzz disk");
     blk.set_acked_features(blk.features());
     blk.process_queue(0, &mut queue, &mem);

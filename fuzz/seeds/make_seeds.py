@@ -104,7 +104,7 @@ def vsock():
     write("vsock_host", "bad-handshake", bytes([len(script)]) + script + vsock_memory([vsock_header(1, 2, RST)]))
 
 
-# chain_reader: [size exp][table:3][avail:3][used:3][memory, region by region]
+# chain_reader, answer_all: [size exp][table:3][avail:3][used:3][memory, region by region]
 def chains():
     m = Memory(0x4000 + 0x2000 + 0x1000)
     t = 0x100
@@ -122,13 +122,15 @@ def chains():
     m.avail(0x300, [0, 3, 4, 6, 7, 20])
     m.top = max(m.top, 0x6000)
     head = bytes([4]) + struct.pack("<I", t)[:3] + struct.pack("<I", 0x300)[:3] + struct.pack("<I", 0x400)[:3]
-    write("chain_reader", "every-kind-of-chain", head + m.bytes())
+    for target in ("chain_reader", "answer_all"):
+        write(target, "every-kind-of-chain", head + m.bytes())
     # The table across the two adjacent regions: every chain takes the slow walk.
     head = bytes([2]) + struct.pack("<I", 0x3ff0)[:3] + struct.pack("<I", 0x300)[:3] + struct.pack("<I", 0x400)[:3]
     m.desc(0x3ff0, 0, 0x1000, 16, 0)
     m.desc(0x3ff0, 1, 0x1000, 16, WRITE)
     m.avail(0x300, [0, 1])
-    write("chain_reader", "table-across-regions", head + m.bytes())
+    for target in ("chain_reader", "answer_all"):
+        write(target, "table-across-regions", head + m.bytes())
 
 
 # legacy_bus: ops (see the target)

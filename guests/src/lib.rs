@@ -1,7 +1,7 @@
 //! Tiny x86-64 test guests for vessel's VMM, built from assembly at build
 //! time (see `build.rs` and `src/asm/`).
 //!
-//! Four programs, each in three formats (PVH ELF, Linux 64-bit ELF,
+//! Five programs, each in three formats (PVH ELF, Linux 64-bit ELF,
 //! bzImage-shaped), all linked at 1 MiB:
 //!
 //! * [`Program::Hello`] writes `vessel test guest: hello\n` to COM1 (port
@@ -34,6 +34,21 @@
 //!   prints the reply's major and minor). See `src/asm/virtio.S` for the exact format and the memory it
 //!   uses (only its own image, above 1 MiB).
 //!
+//!   With the word `virtio.repeat` on the command line (and an interrupt
+//!   for the first request), it keeps the device instead of resetting it:
+//!   forever, the same buffer offered again (avail.idx + 1), a notify, the
+//!   interrupt, `virtio: again idx <used.idx> data <buffer bytes 0..7>`,
+//!   then about 1 ms of busy waiting (a line every ~2 ms on our nested
+//!   KVM). A wait that times out prints `virtio: no interrupt` and
+//!   finishes. For snapshot and restore tests: each line shows a used index
+//!   one higher and, from virtio-rng, fresh bytes. Not for virtio-fs.
+//! * [`Program::Count`] writes `vessel test guest: count\n`, the boot-timer
+//!   byte, then forever `count 0x<16 hex digits>\n` from 1 up, one more each
+//!   line, with a counted busy wait between lines (a line every ~1 ms on our
+//!   nested KVM). The counter is a qword in the guest's `.data`, incremented
+//!   and printed from memory, so a snapshot restore that loses memory or
+//!   registers shows as a break in the sequence. Never ends.
+//!
 //! Entries: the 32-bit entry (PVH, and the bzImage's `code32_start`) is at
 //! 0x100000; the 64-bit entry of the Linux boot protocol is at 0x100200.
 
@@ -57,13 +72,18 @@ pub enum Program {
     Spin,
     /// Drives a virtio-rng (or vsock, or virtio-fs) device through the
     /// virtio-mmio transport: init sequence, one request, its interrupt, a
-    /// device reset; reports each step.
+    /// device reset; reports each step. With `virtio.repeat` on the command
+    /// line, repeats the request forever instead of the reset.
     Virtio,
+    /// Prints one line, signals the boot timer, then forever a line with a
+    /// counter kept in guest memory, one more each line: for snapshot and
+    /// restore tests.
+    Count,
 }
 
 impl Program {
     /// Every program.
-    pub const ALL: [Program; 4] = [Program::Hello, Program::Report, Program::Spin, Program::Virtio];
+    pub const ALL: [Program; 5] = [Program::Hello, Program::Report, Program::Spin, Program::Virtio, Program::Count];
 }
 
 /// The file format (and so the boot protocol) of a guest image.
@@ -106,6 +126,9 @@ pub fn image(program: Program, format: Format) -> &'static [u8] {
         (Program::Virtio, Format::Pvh) => guest!("virtio-pvh.elf"),
         (Program::Virtio, Format::Linux64Elf) => guest!("virtio-linux64.elf"),
         (Program::Virtio, Format::BzImage) => guest!("virtio.bzimage"),
+        (Program::Count, Format::Pvh) => guest!("count-pvh.elf"),
+        (Program::Count, Format::Linux64Elf) => guest!("count-linux64.elf"),
+        (Program::Count, Format::BzImage) => guest!("count.bzimage"),
     }
 }
 
@@ -124,6 +147,9 @@ pub fn file_name(program: Program, format: Format) -> &'static str {
         (Program::Virtio, Format::Pvh) => "virtio-pvh.elf",
         (Program::Virtio, Format::Linux64Elf) => "virtio-linux64.elf",
         (Program::Virtio, Format::BzImage) => "virtio.bzimage",
+        (Program::Count, Format::Pvh) => "count-pvh.elf",
+        (Program::Count, Format::Linux64Elf) => "count-linux64.elf",
+        (Program::Count, Format::BzImage) => "count.bzimage",
     }
 }
 

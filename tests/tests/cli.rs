@@ -77,6 +77,37 @@ fn boot_with_console_file_initrd_and_stats() -> TestResult {
     Ok(())
 }
 
+/// `vm boot --pause-after --snapshot` writes a snapshot and exits 0 with
+/// the guest unfinished; `vm restore` finishes it and exits as `vm boot`
+/// would have, its console where asked. The virtio guest waits about 2 s
+/// at an empty hotplug slot, then gives up and resets the machine.
+fn vm_boot_snapshots_and_vm_restore_finishes_the_guest() -> TestResult {
+    let dir = TempDir::new("cli-snapshot")?;
+    let kernel = write_guest(&dir, Program::Virtio, Format::Pvh)?;
+    let snap = dir.path().join("snap");
+    let snap_arg = snap.to_string_lossy().into_owned();
+    let boot = ["vm", "boot", "--kernel", &kernel, "--hotplug-slots", "1", "--pause-after", "300", "--snapshot"];
+    let out = vessel(&[&boot[..], &[snap_arg.as_str()]].concat())?;
+    ensure!(out.status.success(), "boot: exit {:?}: {}", out.status, text(&out.stderr));
+    let before = text(&out.stdout);
+    ensure!(before.starts_with("virtio: magic") && !before.contains("done"), "boot printed {before:?}");
+    ensure!(text(&out.stderr).contains("snapshot of the VM after 300 ms"), "{}", text(&out.stderr));
+    for run in 0..2 {
+        let console = dir.path().join(format!("restore-{run}.log"));
+        let out = vessel(&["vm", "restore", &snap_arg, "--console", &console.to_string_lossy(), "--stats"])?;
+        ensure!(out.status.success(), "restore {run}: exit {:?}: {}", out.status, text(&out.stderr));
+        let after = std::fs::read_to_string(&console)?;
+        let whole = format!("{before}{after}");
+        ensure!(whole.contains("virtio: error no virtio device\ndone\n"), "restore {run} printed {after:?}");
+        ensure!(!after.contains("virtio: magic"), "restore {run} started the guest again: {after:?}");
+        let stderr = text(&out.stderr);
+        ensure!(stderr.contains("reset the machine") && stderr.contains("first_output_us="), "{stderr}");
+    }
+    let out = vessel(&["vm", "restore", &dir.path().join("nothing").to_string_lossy()])?;
+    ensure!(!out.status.success() && text(&out.stderr).contains("vm.state"), "{}", text(&out.stderr));
+    Ok(())
+}
+
 fn bad_arguments_are_usage_errors() -> TestResult {
     let out = vessel(&["vm", "boot"])?;
     ensure!(out.status.code() == Some(2), "missing --kernel: exit {:?}", out.status);
@@ -1323,6 +1354,10 @@ fn main() {
         vec![
             trial("boot_prints_the_console_and_exits_with_the_guest", boot_prints_the_console_and_exits_with_the_guest),
             trial("boot_with_console_file_initrd_and_stats", boot_with_console_file_initrd_and_stats),
+            trial(
+                "vm_boot_snapshots_and_vm_restore_finishes_the_guest",
+                vm_boot_snapshots_and_vm_restore_finishes_the_guest,
+            ),
         ],
     ));
     trials.extend(gate(

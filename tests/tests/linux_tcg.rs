@@ -122,7 +122,12 @@ fn blk_roundtrip(backend: BlkBackend) -> TestResult {
         }
         BlkBackend::Vessel => {
             let socket = dir.path().join("blk.sock");
-            let config = BlockConfig { path: disk_path.clone(), read_only: false, id: Some("vessel-test".into()) };
+            let config = BlockConfig {
+                path: disk_path.clone(),
+                read_only: false,
+                id: Some("vessel-test".into()),
+                direct: false,
+            };
             let (block, counters) = Block::open(&config)?;
             served = Some((
                 devices::virtio::vhost_user::spawn("blk", Box::new(block), &socket, vmm::seccomp::confine_vhost_user)?,
@@ -326,7 +331,7 @@ fn vessel_blk_demo_rootfs_mounts() -> TestResult {
     resources::rootfs::demo_rootfs(&image)?;
     let initrd = test_initramfs(&kernel, &[VIRTIO_MMIO, "virtio_blk", "ext4"], ROOTFS_SCRIPT, &[])?;
     let socket = dir.path().join("blk.sock");
-    let config = BlockConfig { path: image, read_only: true, id: Some("rootfs".into()) };
+    let config = BlockConfig { path: image, read_only: true, id: Some("rootfs".into()), direct: false };
     let server = devices::virtio::vhost_user::spawn(
         "blk",
         Box::new(Block::open(&config)?.0),
@@ -371,7 +376,7 @@ fn bench_vhost_user_blk() -> anyhow::Result<u64> {
         let mut daemon = None;
         let mut server = None;
         if backend == "vessel" {
-            let config = BlockConfig { path: disk.clone(), read_only: true, id: None };
+            let config = BlockConfig { path: disk.clone(), read_only: true, id: None, direct: false };
             server = Some(devices::virtio::vhost_user::spawn(
                 "blk",
                 Box::new(Block::open(&config)?.0),

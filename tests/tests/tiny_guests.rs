@@ -212,6 +212,102 @@ fn virtio_mmio_rng(format: Format) -> TestResult {
     Ok(())
 }
 
+/// The lines of `text` that the guest has finished (the one it was
+/// writing when stopped is left out).
+fn complete_lines(text: &str) -> Vec<&str> {
+    let mut lines: Vec<&str> = text.split('\n').collect();
+    lines.pop();
+    lines
+}
+
+/// Runs a guest that never ends until `enough` holds for its console, then
+/// stops it; returns its finished lines and whether it had written the
+/// boot-timer byte.
+fn run_until(guest: vessel_tests::RunningGuest, enough: impl Fn(&str) -> bool) -> anyhow::Result<(Vec<String>, bool)> {
+    let console = guest.console.clone();
+    let reached = wait_until(Duration::from_secs(20), || enough(&console.text()));
+    ensure!(reached, "the guest did not get far enough; console:\n{}", console.text());
+    let boot_timer = guest.handle.boot_time().is_some();
+    guest.handle.request(VmmAction::Stop)?;
+    let exit = guest.handle.wait();
+    ensure!(exit == ExitReason::Stopped, "ended with {exit:?}; console:\n{}", console.text());
+    let lines = complete_lines(&console.text()).into_iter().map(str::to_owned).collect();
+    Ok((lines, boot_timer))
+}
+
+/// The count guest prints its banner, then `count 0x...` lines numbered
+/// 1, 2, 3... with no gap: the counter it keeps in memory goes up by one
+/// a line.
+fn count_guest_prints_consecutive_counts(format: Format) -> TestResult {
+    let guest = start_guest(Program::Count, format, &BootOptions::default())?;
+    let counts = |text: &str| complete_lines(text).iter().filter(|l| l.starts_with("count ")).count();
+    let (lines, boot_timer) = run_until(guest, |text| counts(text) >= 20)?;
+    ensure!(boot_timer, "no boot-timer byte; lines {lines:?}");
+    ensure!(lines.first().map(String::as_str) == Some("vessel test guest: count"), "first lines {lines:?}");
+    ensure!(lines.len() > 20, "{} lines: {lines:?}", lines.len());
+    for (n, line) in (1u64..).zip(&lines[1..]) {
+        ensure!(*line == format!("count {n:#018x}"), "line {n} is {line:?}; console:\n{}", lines.join("\n"));
+    }
+    Ok(())
+}
+
+/// The virtio guest with `virtio.repeat` keeps the device: the same buffer
+/// offered again and again, each answered with the used index one higher
+/// and fresh random bytes from virtio-rng.
+fn virtio_repeat_offers_the_buffer_again_and_again(format: Format) -> TestResult {
+    let dir = TempDir::new("virtio-repeat")?;
+    let kernel = dir.write(guests::file_name(Program::Virtio, format), guests::image(Program::Virtio, format))?;
+    let opts = BootOptions { cmdline: "virtio.repeat".into(), ..Default::default() };
+    let guest = vessel_tests::start_kernel_with(&kernel, &opts, &[vmm::DeviceConfig::Rng])?;
+    let counters = guest.handle.counters();
+    let again = |text: &str| complete_lines(text).iter().filter(|l| l.starts_with("virtio: again ")).count();
+    let (lines, _) = run_until(guest, |text| again(text) >= 6)?;
+    let c = lines.join("\n");
+    let has = |want: &str| lines.iter().any(|l| l == want);
+    ensure!(
+        has("virtio: irq 0x0000000000000001 isr 0x0000000000000001")
+            && has("virtio: used idx 0x0000000000000001 id 0x0000000000000000 len 0x0000000000000040"),
+        "the first request went wrong; console:\n{c}"
+    );
+    ensure!(
+        !lines.iter().any(|l| l.starts_with("virtio: reset") || l.contains("error") || l == "done"),
+        "the device was let go; console:\n{c}"
+    );
+    let mut data = Vec::new();
+    for (idx, line) in (2u64..).zip(lines.iter().filter(|l| l.starts_with("virtio: again "))) {
+        let fields: Vec<&str> = line.split(' ').collect();
+        let ["virtio:", "again", "idx", got, "data", bytes] = fields.as_slice() else {
+            anyhow::bail!("malformed line {line:?}");
+        };
+        ensure!(*got == format!("{idx:#018x}"), "used idx {got} where {idx:#018x} was due; console:\n{c}");
+        ensure!(bytes.len() == 18 && bytes.starts_with("0x"), "data {bytes:?} in {line:?}");
+        data.push(bytes.to_string());
+    }
+    ensure!(data.len() >= 6, "{} again lines; console:\n{c}", data.len());
+    ensure!(data.windows(2).all(|w| w[0] != w[1]), "the data did not change: {data:?}");
+    let rng = counters.snapshot().devices.into_iter().find(|d| d.name == "rng").context("no rng in the stats")?;
+    let requests = rng.counters.iter().find(|(name, _)| *name == "requests").map(|(_, n)| *n);
+    ensure!(
+        requests.is_some_and(|n| n > data.len() as u64),
+        "the device served {requests:?} requests for {} again lines",
+        data.len()
+    );
+    Ok(())
+}
+
+/// `virtio.repeat` counts only as a whole word: `virtio.repeated` leaves
+/// the guest doing one request and its reset, as without it.
+fn virtio_repeat_is_a_whole_word() -> TestResult {
+    let opts = BootOptions { cmdline: "virtio.repeated".into(), ..Default::default() };
+    let dir = TempDir::new("virtio-word")?;
+    let kernel = dir.write("virtio.elf", guests::image(Program::Virtio, Format::Pvh))?;
+    let run = vessel_tests::start_kernel_with(&kernel, &opts, &[vmm::DeviceConfig::Rng])?.finish()?;
+    let c = &run.console;
+    ensure!(run.exit == ExitReason::Reset, "ended with {:?}; console:\n{c}", run.exit);
+    ensure!(c.contains("\nvirtio: reset status 0x0000000000000000\ndone\n") && !c.contains("again"), "console:\n{c}");
+    Ok(())
+}
+
 /// The control API on a running guest: pause stops every vCPU where it is,
 /// resume lets it go on, stop ends the VM, and a stopped VM refuses actions.
 fn pause_resume_stop() -> TestResult {
@@ -292,6 +388,7 @@ fn hotplug_attach_and_detach() -> TestResult {
         path: dir.path().join("missing.img"),
         read_only: false,
         id: None,
+        direct: false,
     });
     h.request(VmmAction::DetachDevice(1))?;
     match attach(missing) {
@@ -310,7 +407,12 @@ fn hotplug_attach_and_detach() -> TestResult {
     // filter allows neither; the VM would end with a refusal otherwise.
     let disk = dir.write("disk.img", &[0u8; 4096])?;
     for device in [
-        vmm::DeviceConfig::Block(devices::virtio::block::BlockConfig { path: disk, read_only: false, id: None }),
+        vmm::DeviceConfig::Block(devices::virtio::block::BlockConfig {
+            path: disk,
+            read_only: false,
+            id: None,
+            direct: false,
+        }),
         vmm::DeviceConfig::Vsock(devices::virtio::vsock::VsockConfig {
             guest_cid: 3,
             uds_path: dir.path().join("vsock.sock"),
@@ -642,6 +744,23 @@ fn main() {
         trial("virtio_mmio_rng_pvh", || virtio_mmio_rng(Format::Pvh)),
         trial("virtio_mmio_rng_linux64_elf", || virtio_mmio_rng(Format::Linux64Elf)),
         trial("virtio_mmio_rng_bzimage", || virtio_mmio_rng(Format::BzImage)),
+        trial("count_guest_prints_consecutive_counts_pvh", || count_guest_prints_consecutive_counts(Format::Pvh)),
+        trial("count_guest_prints_consecutive_counts_linux64_elf", || {
+            count_guest_prints_consecutive_counts(Format::Linux64Elf)
+        }),
+        trial("count_guest_prints_consecutive_counts_bzimage", || {
+            count_guest_prints_consecutive_counts(Format::BzImage)
+        }),
+        trial("virtio_repeat_offers_the_buffer_again_and_again_pvh", || {
+            virtio_repeat_offers_the_buffer_again_and_again(Format::Pvh)
+        }),
+        trial("virtio_repeat_offers_the_buffer_again_and_again_linux64_elf", || {
+            virtio_repeat_offers_the_buffer_again_and_again(Format::Linux64Elf)
+        }),
+        trial("virtio_repeat_offers_the_buffer_again_and_again_bzimage", || {
+            virtio_repeat_offers_the_buffer_again_and_again(Format::BzImage)
+        }),
+        trial("virtio_repeat_is_a_whole_word", virtio_repeat_is_a_whole_word),
         trial("a_vsock_reset_mid_connection_leaves_the_vm_running", vsock_reset_mid_connection),
         trial("pause_resume_stop", pause_resume_stop),
         trial("stop_while_paused", stop_while_paused),

@@ -4,10 +4,12 @@
 //! `event_loop`) and the one that asks (`handle`) meet here instead of
 //! importing each other; this module imports only the types it carries.
 
+use std::path::PathBuf;
 use std::sync::mpsc::Sender;
 
 use crate::config::{BootSourceConfig, ConfigError, ConsoleOutput, DeviceConfig, MachineConfig};
 use crate::device_manager::{DeviceManagerError, PreparedDevice};
+use crate::snapshot::file::{Captured, SnapshotError};
 use crate::stats::VmStats;
 use crate::vcpu::PauseError;
 
@@ -40,6 +42,9 @@ pub enum VmmAction {
     AttachDevice(DeviceConfig),
     /// Take the device out of a hotplug slot (the guest unbound it first).
     DetachDevice(usize),
+    /// Write a snapshot of the paused VM to this directory (created if
+    /// missing); see [`crate::snapshot`]. The VM stays paused.
+    Snapshot(PathBuf),
 }
 
 /// A successful answer.
@@ -78,6 +83,9 @@ pub enum VmmActionError {
     /// The hotplug slot could not be emptied.
     #[error("cannot detach the device")]
     Detach(#[source] DeviceManagerError),
+    /// The snapshot could not be taken.
+    #[error("cannot snapshot the VM")]
+    Snapshot(#[source] SnapshotError),
 }
 
 /// A request as the event loop receives it.
@@ -88,5 +96,19 @@ pub(crate) struct Request {
     /// event loop, which serves the guest's queues, never opens a file or
     /// binds a socket itself (see seccomp/rules.rs).
     pub(crate) prepared: Option<PreparedDevice>,
-    pub(crate) reply: Sender<Result<VmmData, VmmActionError>>,
+    pub(crate) reply: Sender<Reply>,
+}
+
+/// The event loop's answer to a [`Request`].
+pub(crate) struct Reply {
+    pub(crate) result: Result<VmmData, VmmActionError>,
+    /// For `Snapshot`: the state read, for the requesting thread to write
+    /// (the event loop writes no file).
+    pub(crate) captured: Option<Box<Captured>>,
+}
+
+impl From<Result<VmmData, VmmActionError>> for Reply {
+    fn from(result: Result<VmmData, VmmActionError>) -> Self {
+        Self { result, captured: None }
+    }
 }

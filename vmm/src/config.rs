@@ -178,6 +178,26 @@ fn host_memory_mib() -> u64 {
     info.totalram.saturating_mul(u64::from(info.mem_unit)) >> 20
 }
 
+/// How to restore: what a restored VM gets that is not in the snapshot.
+#[derive(Debug)]
+pub struct RestoreConfig {
+    /// Where the serial console writes.
+    pub console: ConsoleOutput,
+    /// The vsock device's host socket, instead of the saved one (each
+    /// clone of a template needs its own).
+    pub vsock_uds: Option<PathBuf>,
+    /// Install the seccomp filters (as `MachineConfig::seccomp`).
+    pub seccomp: bool,
+    /// Leave the vCPUs paused; `VmmAction::Resume` starts them.
+    pub paused: bool,
+}
+
+impl Default for RestoreConfig {
+    fn default() -> Self {
+        Self { console: ConsoleOutput::Stdout, vsock_uds: None, seccomp: true, paused: false }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -210,6 +230,7 @@ mod tests {
                 path: "/var/disk.img".into(),
                 read_only: true,
                 id: Some("ctr-0".into()),
+                direct: false,
             }),
             DeviceConfig::Vsock(VsockConfig { guest_cid: 3, uds_path: "/run/vessel/vsock.sock".into() }),
             DeviceConfig::Net(NetConfig { tap: "tap0".into(), mac: [0x02, 0, 0, 0, 0, 1] }),

@@ -10,9 +10,13 @@ use kvm_ioctls::VmFd;
 use tracing::{info, warn};
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::api::{Request, VmmAction, VmmActionError, VmmData};
+use crate::api::{Reply, Request, VmmAction, VmmActionError, VmmData};
+use crate::config::DeviceConfig;
 use crate::device_manager::{DeviceEvents, DeviceManager, DeviceManagerError, PreparedDevice, HOTPLUG_TOKEN_BASE};
-use crate::exit::{ExitReason, VmError};
+use crate::exit::{ExitReason, SharedError, VmError};
+use crate::snapshot::file::{new_id, Captured, SnapshotError};
+use crate::snapshot::format::Description;
+use crate::snapshot::kvm_state::VmState;
 use crate::stats::VmCounters;
 use crate::vcpu::{ConsoleFlush, VcpuSet};
 
@@ -81,15 +85,40 @@ impl Runtime {
         }
     }
 
-    fn handle(
+    /// Reads the paused VM's whole state for a snapshot.
+    fn capture(&self) -> Result<Captured, SnapshotError> {
+        let vcpus = self.vcpus.save()?;
+        let vm = VmState::capture(&self.vm)?;
+        let serial = self.console.device.lock().unwrap_or_else(|p| p.into_inner()).state();
+        let slots = self.devices.capture();
+        let hotplug_slots = self.devices.hotplug_slots();
+        if let Some(index) = slots.iter().position(|s| matches!(s.device, Some(DeviceConfig::VhostUser(_)))) {
+            return Err(SnapshotError::Device(index, "a vhost-user device's state is its daemon's"));
+        }
+        let description =
+            Description { id: new_id(), mem_size: self.counters.mem_size, vcpus, vm, serial, slots, hotplug_slots };
+        Ok(Captured { description, mem: self.counters.mem.clone() })
+    }
+
+    fn handle(&mut self, action: VmmAction, prepared: Option<PreparedDevice>, ops: &mut EventOps) -> Reply {
+        if self.exit.is_some() {
+            return Err(VmmActionError::NotRunning).into();
+        }
+        if matches!(action, VmmAction::Snapshot(_)) {
+            return match self.capture() {
+                Ok(captured) => Reply { result: Ok(VmmData::Empty), captured: Some(Box::new(captured)) },
+                Err(e) => Err(VmmActionError::Snapshot(e)).into(),
+            };
+        }
+        self.handle_other(action, prepared, ops).into()
+    }
+
+    fn handle_other(
         &mut self,
         action: VmmAction,
         prepared: Option<PreparedDevice>,
         ops: &mut EventOps,
     ) -> Result<VmmData, VmmActionError> {
-        if self.exit.is_some() {
-            return Err(VmmActionError::NotRunning);
-        }
         match action {
             VmmAction::Pause => self.vcpus.pause().map_err(VmmActionError::Pause)?,
             VmmAction::Resume => self.vcpus.resume(),
@@ -106,6 +135,8 @@ impl Runtime {
             VmmAction::DetachDevice(slot) => {
                 self.devices.detach(&self.vm, slot, ops).map_err(VmmActionError::Detach)?
             }
+            // Answered by `handle`.
+            VmmAction::Snapshot(_) => {}
         }
         Ok(VmmData::Empty)
     }
@@ -156,6 +187,10 @@ impl MutEventSubscriber for Runtime {
                 let token = event.data();
                 self.end(ExitReason::Error(VmError::Watch(token, Arc::new(e))));
             }
+        }
+        // A restored VM's devices in hotplug slots.
+        if let Err(e) = self.devices.watch_restored(ops) {
+            self.end(ExitReason::Error(VmError::RestoredDevice(SharedError::new(e))));
         }
     }
 }

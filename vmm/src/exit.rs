@@ -64,6 +64,9 @@ pub enum VmError {
     /// One of the VMM's own events could not be watched.
     #[error("cannot watch VMM event {0}")]
     Watch(u32, #[source] Arc<event_manager::Error>),
+    /// A restored VM's hot-plugged device could not be watched.
+    #[error("cannot watch a restored device's events")]
+    RestoredDevice(#[source] SharedError),
     /// Waiting for events failed.
     #[error("the event loop failed")]
     EventLoop(#[source] Arc<event_manager::Error>),

@@ -9,9 +9,10 @@ use std::time::{Duration, Instant};
 
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::api::{Request, VmmAction, VmmActionError, VmmData};
+use crate::api::{Reply, Request, VmmAction, VmmActionError, VmmData};
 use crate::device_manager::prepare;
 use crate::exit::{ExitReason, VmError};
+use crate::snapshot::file;
 use crate::stats::{VmCounters, VmStats};
 
 /// A running VM, held by its embedder. Dropping it stops the VM.
@@ -41,9 +42,19 @@ impl VmmHandle {
             VmmAction::AttachDevice(config) => Some(prepare(config).map_err(VmmActionError::Attach)?),
             _ => None,
         };
+        let snapshot_dir = match &action {
+            VmmAction::Snapshot(dir) => Some(dir.clone()),
+            _ => None,
+        };
         self.requests.send(Request { action, prepared, reply }).map_err(|_| VmmActionError::NotRunning)?;
         self.wake.write(1).map_err(|_| VmmActionError::NotRunning)?;
-        answer.recv().map_err(|_| VmmActionError::NotRunning)?
+        let Reply { result, captured } = answer.recv().map_err(|_| VmmActionError::NotRunning)?;
+        // A snapshot's files are written here, on the asking thread, while
+        // the VM stays paused.
+        if let (Some(dir), Some(captured), Ok(_)) = (snapshot_dir, captured, &result) {
+            file::write(&dir, &captured).map_err(VmmActionError::Snapshot)?;
+        }
+        result
     }
 
     /// Reads the counters directly, without a round trip to the event loop.

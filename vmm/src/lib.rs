@@ -17,6 +17,7 @@ mod exit;
 mod handle;
 pub mod memory;
 pub mod seccomp;
+pub mod snapshot;
 pub mod stats;
 pub mod vcpu;
 
@@ -28,4 +29,4 @@ pub use device_manager::{BackendError, DeviceManagerError, SlotError};
 pub use exit::{ExitReason, SharedError, VmError};
 pub use handle::VmmHandle;
 pub use stats::{DeviceStats, VcpuExitStats, VmCounters, VmStats};
-pub use vcpu::PauseError;
+pub use vcpu::{PauseError, SaveError};

@@ -5,7 +5,8 @@ use std::ffi::CStr;
 use std::fs::File;
 use std::os::fd::FromRawFd;
 
-use vm_memory::{FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vm_memory::mmap::MmapRegion;
+use vm_memory::{FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, GuestRegionMmap};
 
 /// Why guest memory could not be made.
 #[derive(Debug, thiserror::Error)]
@@ -19,6 +20,12 @@ pub enum MemoryError {
     /// mmap failed.
     #[error("cannot map guest memory")]
     Map(#[source] vm_memory::mmap::FromRangesError),
+    /// mmap of a snapshot's memory file failed.
+    #[error("cannot map the snapshot's memory file")]
+    MapFile(#[source] vm_memory::mmap::MmapRegionError),
+    /// A region would not fit the guest's address space.
+    #[error("guest memory region at {0:#x} does not fit the address space")]
+    Layout(u64),
 }
 
 /// Creates `size` bytes of guest RAM laid out per `boot::layout`.
@@ -44,6 +51,105 @@ pub fn create_guest_memory(size: u64) -> Result<GuestMemoryMmap, MemoryError> {
         file_offset += len;
     }
     GuestMemoryMmap::from_ranges_with_files(ranges).map_err(MemoryError::Map)
+}
+
+/// `size` bytes of guest RAM laid out per `boot::layout`, each region a
+/// private copy-on-write mapping of `file` (a snapshot's memory): pages
+/// are read from the file only as the guest touches them, and what the
+/// guest writes stays in this process. VMs mapping the same file share
+/// the pages none of them wrote.
+pub fn map_private(file: &File, size: u64) -> Result<GuestMemoryMmap, MemoryError> {
+    let mut regions = Vec::new();
+    let mut file_offset = 0u64;
+    for (start, len) in boot::layout::ram_regions(size) {
+        let offset = FileOffset::new(file.try_clone().map_err(MemoryError::Memfd)?, file_offset);
+        let mapping = MmapRegion::<()>::build(
+            Some(offset),
+            len as usize,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_NORESERVE,
+        )
+        .map_err(MemoryError::MapFile)?;
+        regions.push(GuestRegionMmap::new(mapping, GuestAddress(start)).ok_or(MemoryError::Layout(start))?);
+        file_offset += len;
+    }
+    GuestMemoryMmap::from_regions(regions).map_err(|_| MemoryError::Layout(0))
+}
+
+/// Writes guest RAM to `out` at its file offsets (the layout
+/// [`map_private`] reads), leaving holes where the guest has nothing:
+/// only the memfd's data extents are copied (SEEK_DATA/SEEK_HOLE), and of
+/// a private mapping (a restored VM) only the pages that are not all zero.
+pub fn write_contents(mem: &GuestMemoryMmap, out: &File) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::FileExt;
+    let mut file_offset = 0u64;
+    for region in mem.iter() {
+        let len = region.len();
+        let host = mem
+            .get_slice(region.start_addr(), len as usize)
+            .map_err(|e| std::io::Error::other(format!("guest memory at {:#x}: {e}", region.start_addr().0)))?;
+        let extents = match region.file_offset() {
+            Some(fo) if region.flags() & libc::MAP_SHARED != 0 => data_extents(fo.file().as_raw_fd(), fo.start(), len)?,
+            _ => vec![(0, len)],
+        };
+        let mut page = vec![0u8; PAGE];
+        for (start, end) in extents {
+            let mut at = start;
+            while at < end {
+                let n = PAGE.min((end - at) as usize);
+                let slice = host
+                    .subslice(at as usize, n)
+                    .map_err(|e| std::io::Error::other(format!("guest memory at {at:#x}: {e}")))?;
+                if slice.copy_to(&mut page[..n]) != n {
+                    return Err(std::io::Error::other(format!("guest memory at {at:#x}: short read")));
+                }
+                if page[..n].iter().any(|b| *b != 0) {
+                    out.write_all_at(&page[..n], file_offset + at)?;
+                }
+                at += n as u64;
+            }
+        }
+        file_offset += len;
+    }
+    Ok(())
+}
+
+/// The page size snapshots copy by.
+const PAGE: usize = 4096;
+
+/// The [start, end) ranges of `[offset, offset + len)` of `fd` that hold
+/// data, relative to `offset`.
+fn data_extents(fd: std::os::fd::RawFd, offset: u64, len: u64) -> std::io::Result<Vec<(u64, u64)>> {
+    let end = offset + len;
+    let mut extents = Vec::new();
+    let mut at = offset;
+    while at < end {
+        // SAFETY: lseek on a descriptor this process owns; no memory is
+        // passed.
+        let data = unsafe { libc::lseek(fd, at as libc::off_t, libc::SEEK_DATA) };
+        if data < 0 {
+            let e = std::io::Error::last_os_error();
+            // ENXIO: no data past `at`.
+            if e.raw_os_error() == Some(libc::ENXIO) {
+                break;
+            }
+            return Err(e);
+        }
+        let data = data as u64;
+        if data >= end {
+            break;
+        }
+        // SAFETY: as above.
+        let hole = unsafe { libc::lseek(fd, data as libc::off_t, libc::SEEK_HOLE) };
+        if hole < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let hole = (hole as u64).min(end);
+        extents.push((data - offset, hole - offset));
+        at = hole;
+    }
+    Ok(extents)
 }
 
 /// Bytes of guest RAM resident in host memory now (mincore over each

@@ -94,6 +94,8 @@ pub struct VmStats {
     pub uptime: Duration,
     /// Time from start to the guest's boot-timer write, if it wrote.
     pub boot_time: Option<Duration>,
+    /// Time from start (or restore) to the guest's first serial byte.
+    pub first_output: Option<Duration>,
     /// Configured RAM.
     pub mem_size: u64,
     /// RAM resident in host memory.
@@ -131,6 +133,7 @@ impl VmCounters {
             serial_tx_bytes: self.serial.tx_bytes.load(Ordering::Relaxed),
             uptime: self.started.elapsed(),
             boot_time: BootTimer::read(&self.boot_time_ns).map(Duration::from_nanos),
+            first_output: self.first_output(),
             mem_size: self.mem_size,
             mem_resident: crate::memory::resident_bytes(&self.mem),
             devices: self
@@ -146,5 +149,10 @@ impl VmCounters {
     /// Time from start to the guest's boot-timer write, if it wrote.
     pub fn boot_time(&self) -> Option<Duration> {
         BootTimer::read(&self.boot_time_ns).map(Duration::from_nanos)
+    }
+
+    /// Time from start (or restore) to the guest's first serial byte.
+    pub fn first_output(&self) -> Option<Duration> {
+        self.serial.first_tx.get().map(|t| t.saturating_duration_since(self.started))
     }
 }

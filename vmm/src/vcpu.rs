@@ -23,6 +23,7 @@ use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
 use crate::exit::{ExitReason, VmError};
 use crate::seccomp::{self, ThreadKind};
+use crate::snapshot::kvm_state::{StateError, VcpuState};
 use crate::stats::{ExitKind, VcpuCounters};
 
 /// Why a vCPU could not be configured.
@@ -57,6 +58,20 @@ pub enum VcpuError {
     /// The thread could not be spawned.
     #[error("cannot spawn the thread for vCPU {0}")]
     Spawn(u8, #[source] std::io::Error),
+}
+
+/// Why the vCPUs' state could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum SaveError {
+    /// The vCPUs are running: a snapshot needs them paused.
+    #[error("the VM is not paused: pause it before a snapshot")]
+    NotPaused,
+    /// A vCPU did not answer in time.
+    #[error("vCPU {0} did not give its state within {secs} s", secs = PAUSE_TIMEOUT.as_secs())]
+    Timeout(usize),
+    /// KVM could not give a vCPU's state.
+    #[error("cannot read the state of vCPU {0}")]
+    State(usize, #[source] StateError),
 }
 
 /// Why the vCPUs could not all be paused.
@@ -148,11 +163,23 @@ enum Desired {
     Exit = 2,
 }
 
+/// What the vCPU threads report to the VMM, under one lock.
+#[derive(Default)]
+struct Counts {
+    /// Threads parked.
+    parked: usize,
+    /// Threads still alive.
+    alive: usize,
+    /// Bumped to ask every parked thread for its vCPU's state.
+    save_round: u64,
+    /// Each vCPU's answer to the current round, by index.
+    saved: Vec<Option<Result<VcpuState, StateError>>>,
+}
+
 /// Shared between the VMM and its vCPU threads.
 struct Control {
     desired: AtomicU8,
-    /// (threads parked, threads still alive).
-    counts: Mutex<(usize, usize)>,
+    counts: Mutex<Counts>,
     changed: Condvar,
     /// The first reason a vCPU gave for the VM to end.
     exit: Mutex<Option<ExitReason>>,
@@ -169,19 +196,32 @@ impl Control {
         }
     }
 
-    fn counts(&self) -> std::sync::MutexGuard<'_, (usize, usize)> {
+    fn counts(&self) -> std::sync::MutexGuard<'_, Counts> {
         self.counts.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Blocks the calling vCPU thread while the VMM wants it paused.
-    fn park(&self) {
+    /// Blocks the calling vCPU thread (vCPU `index`) while the VMM wants it
+    /// paused, answering each request for its state with `save`.
+    fn park(&self, index: usize, save: &mut dyn FnMut() -> Result<VcpuState, StateError>) {
         let mut counts = self.counts();
-        counts.0 += 1;
+        counts.parked += 1;
+        let mut answered = counts.save_round;
         self.changed.notify_all();
         while self.desired() == Desired::Pause {
+            if counts.save_round != answered {
+                answered = counts.save_round;
+                drop(counts);
+                let state = save();
+                counts = self.counts();
+                if let Some(slot) = counts.saved.get_mut(index) {
+                    *slot = Some(state);
+                }
+                self.changed.notify_all();
+                continue;
+            }
             counts = self.changed.wait(counts).unwrap_or_else(|p| p.into_inner());
         }
-        counts.0 -= 1;
+        counts.parked -= 1;
         self.changed.notify_all();
     }
 
@@ -243,6 +283,10 @@ pub struct VcpuThreadConfig {
     /// The serial console, whose held output a vCPU writes out at its next
     /// exit that is not the console's own.
     pub console: Option<ConsoleFlush>,
+    /// The MSRs a snapshot saves (KVM_GET_MSR_INDEX_LIST).
+    pub msr_indices: Arc<[u32]>,
+    /// Start the vCPUs paused (a restored VM the caller resumes).
+    pub paused: bool,
 }
 
 /// The serial console's held output (see `devices::legacy::ConsolePending`)
@@ -278,9 +322,10 @@ impl VcpuSet {
         exit_evt: EventFd,
     ) -> Result<Self, VcpuError> {
         install_kick_handler()?;
+        let desired = if config.paused { Desired::Pause } else { Desired::Run };
         let control = Arc::new(Control {
-            desired: AtomicU8::new(Desired::Run as u8),
-            counts: Mutex::new((0, vcpus.len())),
+            desired: AtomicU8::new(desired as u8),
+            counts: Mutex::new(Counts { alive: vcpus.len(), ..Counts::default() }),
             changed: Condvar::new(),
             exit: Mutex::new(None),
             exit_evt,
@@ -293,14 +338,16 @@ impl VcpuSet {
             let pio = config.pio.clone();
             let mmio = config.mmio.clone();
             let console = config.console.clone();
+            let msr_indices = config.msr_indices.clone();
             let seccomp = config.seccomp;
             let thread = std::thread::Builder::new()
                 .name(format!("vcpu{index}"))
                 .spawn(move || {
-                    let mut vcpu = Vcpu { fd, index, counters, pio, mmio, console, control: control.clone() };
+                    let control2 = control.clone();
+                    let mut vcpu = Vcpu { fd, index, counters, pio, mmio, console, control: control2, msr_indices };
                     vcpu.run(seccomp);
                     let mut counts = control.counts();
-                    counts.1 -= 1;
+                    counts.alive -= 1;
                     control.changed.notify_all();
                 })
                 .map_err(|e| VcpuError::Spawn(index, e));
@@ -309,7 +356,7 @@ impl VcpuSet {
                 Err(e) => {
                     // The threads never started will not count themselves
                     // out; stop the ones running before reporting.
-                    set.control.counts().1 -= total - usize::from(index);
+                    set.control.counts().alive -= total - usize::from(index);
                     set.stop();
                     return Err(e);
                 }
@@ -331,10 +378,10 @@ impl VcpuSet {
         self.kick_all();
         let mut counts = self.control.counts();
         let deadline = std::time::Instant::now() + PAUSE_TIMEOUT;
-        while counts.0 < counts.1 {
+        while counts.parked < counts.alive {
             let left = deadline.saturating_duration_since(std::time::Instant::now());
             if left.is_zero() {
-                return Err(PauseError::Timeout { paused: counts.0, total: counts.1 });
+                return Err(PauseError::Timeout { paused: counts.parked, total: counts.alive });
             }
             counts = self.control.changed.wait_timeout(counts, left).unwrap_or_else(|p| p.into_inner()).0;
             // A kick can land between the check and KVM_RUN; kick again.
@@ -343,6 +390,37 @@ impl VcpuSet {
             counts = self.control.counts();
         }
         Ok(())
+    }
+
+    /// Every vCPU's state, in index order. The vCPUs must be paused (see
+    /// [`VcpuSet::pause`]); each parked thread reads its own vCPU.
+    pub fn save(&self) -> Result<Vec<VcpuState>, SaveError> {
+        let total = self.threads.len();
+        let mut counts = self.control.counts();
+        if self.control.desired() != Desired::Pause || counts.parked < total || counts.alive < total {
+            return Err(SaveError::NotPaused);
+        }
+        counts.saved = (0..total).map(|_| None).collect();
+        counts.save_round += 1;
+        self.control.changed.notify_all();
+        let deadline = std::time::Instant::now() + PAUSE_TIMEOUT;
+        while let Some(missing) = counts.saved.iter().position(Option::is_none) {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                return Err(SaveError::Timeout(missing));
+            }
+            counts = self.control.changed.wait_timeout(counts, left).unwrap_or_else(|p| p.into_inner()).0;
+        }
+        let saved = std::mem::take(&mut counts.saved);
+        saved
+            .into_iter()
+            .enumerate()
+            .map(|(index, state)| match state {
+                Some(Ok(state)) => Ok(state),
+                Some(Err(e)) => Err(SaveError::State(index, e)),
+                None => Err(SaveError::Timeout(index)),
+            })
+            .collect()
     }
 
     /// Lets paused vCPUs run again.
@@ -388,6 +466,7 @@ struct Vcpu {
     mmio: Arc<Bus>,
     console: Option<ConsoleFlush>,
     control: Arc<Control>,
+    msr_indices: Arc<[u32]>,
 }
 
 impl Vcpu {
@@ -405,7 +484,8 @@ impl Vcpu {
                 Desired::Run => {}
                 Desired::Pause => {
                     flush(&self.console);
-                    self.control.park();
+                    let control = self.control.clone();
+                    control.park(usize::from(self.index), &mut || self.capture());
                     continue;
                 }
                 Desired::Exit => break,
@@ -421,6 +501,22 @@ impl Vcpu {
         }
         flush(&self.console);
         KVM_RUN.with(|p| p.set(std::ptr::null_mut()));
+    }
+
+    /// This vCPU's state, for a snapshot. KVM finishes an instruction
+    /// that exited to us (a port read's value goes into RAX) only at the
+    /// next KVM_RUN; one with `immediate_exit` set does just that and
+    /// returns, so the state read after it is whole.
+    fn capture(&mut self) -> Result<VcpuState, StateError> {
+        self.fd.set_kvm_immediate_exit(1);
+        let completed = self.fd.run().map(|_| ());
+        self.fd.set_kvm_immediate_exit(0);
+        match completed {
+            Err(e) if e.errno() == libc::EINTR => {}
+            Ok(()) => {}
+            Err(e) => return Err(StateError::Kvm("KVM_RUN (completing the last exit)", e)),
+        }
+        VcpuState::capture(&self.fd, &self.msr_indices)
     }
 
     /// Runs the guest until one exit and handles it: Some(reason) when the

@@ -5,7 +5,8 @@ use std::io::Write;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
-use vm_superio::serial::SerialEvents;
+use serde::{Deserialize, Serialize};
+use vm_superio::serial::{SerialEvents, SerialState};
 use vm_superio::{Serial, Trigger};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -34,6 +35,8 @@ pub struct SerialCounters {
     pub tx_bytes: AtomicU64,
     /// Bytes that could not be written to the output.
     pub tx_lost_bytes: AtomicU64,
+    /// When the guest transmitted its first byte.
+    pub first_tx: std::sync::OnceLock<std::time::Instant>,
 }
 
 struct Events(Arc<SerialCounters>);
@@ -41,6 +44,9 @@ struct Events(Arc<SerialCounters>);
 impl SerialEvents for Events {
     fn buffer_read(&self) {}
     fn out_byte(&self) {
+        if self.0.first_tx.get().is_none() {
+            let _ = self.0.first_tx.set(std::time::Instant::now());
+        }
         self.0.tx_bytes.fetch_add(1, Ordering::Relaxed);
     }
     fn tx_lost_byte(&self) {
@@ -80,6 +86,18 @@ struct Batched {
 }
 
 impl Batched {
+    fn new(out: Box<dyn Write + Send>, notify: Option<EventFd>) -> (Self, Arc<SerialCounters>, Arc<ConsolePending>) {
+        let counters = Arc::new(SerialCounters::default());
+        let pending = Arc::new(ConsolePending { held: AtomicBool::new(false), notify });
+        let batched = Batched {
+            out,
+            held: Vec::with_capacity(CONSOLE_BATCH),
+            pending: pending.clone(),
+            counters: counters.clone(),
+        };
+        (batched, counters, pending)
+    }
+
     /// Writes out what is held. What cannot be written is counted lost.
     fn drain(&mut self) {
         if !self.held.is_empty() {
@@ -113,6 +131,75 @@ impl Write for Batched {
     }
 }
 
+/// The UART's registers as a snapshot keeps them (vm-superio's
+/// `SerialState`, which has no serde support of its own).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SerialRegisters {
+    /// Divisor latch, low and high byte.
+    pub baud_divisor: [u8; 2],
+    /// Interrupt enable.
+    pub interrupt_enable: u8,
+    /// Interrupt identification.
+    pub interrupt_identification: u8,
+    /// Line control.
+    pub line_control: u8,
+    /// Line status.
+    pub line_status: u8,
+    /// Modem control.
+    pub modem_control: u8,
+    /// Modem status.
+    pub modem_status: u8,
+    /// Scratch.
+    pub scratch: u8,
+    /// Received bytes the guest has not read.
+    pub in_buffer: Vec<u8>,
+}
+
+impl From<SerialState> for SerialRegisters {
+    fn from(s: SerialState) -> Self {
+        Self {
+            baud_divisor: [s.baud_divisor_low, s.baud_divisor_high],
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.in_buffer,
+        }
+    }
+}
+
+impl From<SerialRegisters> for SerialState {
+    fn from(s: SerialRegisters) -> Self {
+        Self {
+            baud_divisor_low: s.baud_divisor[0],
+            baud_divisor_high: s.baud_divisor[1],
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.in_buffer,
+        }
+    }
+}
+
+/// Why saved UART registers could not be put back.
+#[derive(Debug, thiserror::Error)]
+pub enum SerialStateError {
+    /// More received bytes than the UART's FIFO holds.
+    #[error("the saved serial input holds {0} bytes, more than the UART's FIFO")]
+    FullFifo(usize),
+    /// The interrupt the registers call for could not be raised.
+    #[error("cannot raise the serial interrupt")]
+    Interrupt(#[source] std::io::Error),
+}
+
 /// COM1 on the PIO bus.
 pub struct SerialConsole {
     uart: Serial<EventFdTrigger, Events, Batched>,
@@ -126,16 +213,32 @@ impl SerialConsole {
         out: Box<dyn Write + Send>,
         notify: Option<EventFd>,
     ) -> (Self, Arc<SerialCounters>, Arc<ConsolePending>) {
-        let counters = Arc::new(SerialCounters::default());
-        let pending = Arc::new(ConsolePending { held: AtomicBool::new(false), notify });
-        let out = Batched {
-            out,
-            held: Vec::with_capacity(CONSOLE_BATCH),
-            pending: pending.clone(),
-            counters: counters.clone(),
-        };
+        let (out, counters, pending) = Batched::new(out, notify);
         let uart = Serial::with_events(irq, Events(counters.clone()), out);
         (Self { uart }, counters, pending)
+    }
+
+    /// As [`SerialConsole::new`], with the registers a snapshot saved.
+    pub fn from_state(
+        state: &SerialRegisters,
+        irq: EventFdTrigger,
+        out: Box<dyn Write + Send>,
+        notify: Option<EventFd>,
+    ) -> Result<(Self, Arc<SerialCounters>, Arc<ConsolePending>), SerialStateError> {
+        let (out, counters, pending) = Batched::new(out, notify);
+        let uart =
+            Serial::from_state(&state.clone().into(), irq, Events(counters.clone()), out).map_err(|e| match e {
+                vm_superio::serial::Error::FullFifo => SerialStateError::FullFifo(state.in_buffer.len()),
+                vm_superio::serial::Error::Trigger(e) | vm_superio::serial::Error::IOError(e) => {
+                    SerialStateError::Interrupt(e)
+                }
+            })?;
+        Ok((Self { uart }, counters, pending))
+    }
+
+    /// The UART's registers, for a snapshot.
+    pub fn state(&self) -> SerialRegisters {
+        self.uart.state().into()
     }
 
     /// Writes out the output held so far.

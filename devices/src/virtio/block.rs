@@ -1,16 +1,23 @@
 //! virtio-blk backed by a host file: read, write, flush, get-id and
 //! discard, with every request validated (sector range, sizes, direction,
-//! read-only disks) and answered with the right virtio status.
+//! read-only disks) and answered with the right virtio status. Data moves
+//! straight between the file and guest memory ([`io`]), optionally with
+//! O_DIRECT.
+
+mod io;
 
 use std::fs::{File, OpenOptions};
 use std::os::fd::AsRawFd;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use virtio_queue::Queue;
-use vm_memory::{GuestMemoryMmap, VolatileSlice};
+use vm_memory::GuestMemoryMmap;
 
+pub use self::io::Alignment;
+use self::io::{transfer, Direct, Direction};
 use super::chain::{answer_all, Buffers};
 use super::{device_type, read_config_bytes, VirtioBackend, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX};
 
@@ -62,6 +69,12 @@ pub struct BlockConfig {
     pub read_only: bool,
     /// The disk's ID (serial), at most 20 bytes; the file name if None.
     pub id: Option<String>,
+    /// Open the file with O_DIRECT: reads and writes bypass the host's
+    /// page cache. Requests the kernel would refuse as they are (buffers
+    /// or offsets not aligned to the file's direct I/O alignment) go
+    /// through an aligned bounce buffer.
+    #[serde(default)]
+    pub direct: bool,
 }
 
 /// Why a block device could not be made.
@@ -73,6 +86,23 @@ pub enum BlockError {
     /// Its size could not be read.
     #[error("cannot read the size of the disk image {0}")]
     Size(PathBuf, #[source] std::io::Error),
+    /// O_DIRECT was asked for on a file whose filesystem does not do it.
+    #[error("the file system of the disk image {0} does not support O_DIRECT")]
+    DirectUnsupported(PathBuf),
+    /// Its direct I/O alignment could not be read.
+    #[error("cannot read the direct I/O alignment of the disk image {0}")]
+    DirectAlignment(PathBuf, #[source] std::io::Error),
+    /// O_DIRECT was asked for on a file whose size is not a whole number
+    /// of its direct I/O blocks (the last one could not be read).
+    #[error("the disk image {path} is {size} bytes, not a multiple of {unit}, the block size O_DIRECT needs there")]
+    DirectSize {
+        /// The file.
+        path: PathBuf,
+        /// Its size in bytes.
+        size: u64,
+        /// Its direct I/O block size.
+        unit: u64,
+    },
     /// The ID is too long.
     #[error("disk ID {0:?} is longer than {DISK_ID_LEN} bytes")]
     IdTooLong(String),
@@ -98,9 +128,21 @@ pub struct BlockCounters {
     pub discard_ops: AtomicU64,
     /// Requests answered with an error status or dropped as malformed.
     pub errors: AtomicU64,
+    /// Reads and writes of an O_DIRECT disk that went through the bounce
+    /// buffer (the guest's buffers or offset were not aligned for it).
+    pub bounced: AtomicU64,
 }
 
-super::counter_set!(BlockCounters { read_ops, read_bytes, write_ops, write_bytes, flush_ops, discard_ops, errors });
+super::counter_set!(BlockCounters {
+    read_ops,
+    read_bytes,
+    write_ops,
+    write_bytes,
+    flush_ops,
+    discard_ops,
+    errors,
+    bounced
+});
 
 /// What one pass over the queue did, added to the shared counters once at
 /// its end: an atomic add per request and counter would cost more than the
@@ -114,6 +156,7 @@ struct Tally {
     flush_ops: u64,
     discard_ops: u64,
     errors: u64,
+    bounced: u64,
 }
 
 impl Tally {
@@ -126,6 +169,7 @@ impl Tally {
             (&counters.flush_ops, self.flush_ops),
             (&counters.discard_ops, self.discard_ops),
             (&counters.errors, self.errors),
+            (&counters.bounced, self.bounced),
         ] {
             if n != 0 {
                 counter.fetch_add(n, Ordering::Relaxed);
@@ -137,6 +181,8 @@ impl Tally {
 /// The block device.
 pub struct Block {
     file: File,
+    /// Set when the file is open with O_DIRECT.
+    direct: Option<Direct>,
     capacity: u64,
     read_only: bool,
     discard: bool,
@@ -149,9 +195,7 @@ pub struct Block {
 
 /// A disk file opened for a placeholder, waiting to be taken in.
 struct Medium {
-    file: File,
-    capacity: u64,
-    id: [u8; DISK_ID_LEN],
+    disk: Disk,
     read_only: bool,
 }
 
@@ -172,16 +216,15 @@ impl MediumSlot {
         if self.1.swap(true, std::sync::atomic::Ordering::SeqCst) {
             return Err(BlockError::SlotUsed);
         }
-        let opened = open_file(config);
-        let (file, capacity, id) = match opened {
-            Ok(opened) => opened,
+        let disk = match Disk::open(config) {
+            Ok(disk) => disk,
             Err(e) => {
                 self.1.store(false, std::sync::atomic::Ordering::SeqCst);
                 return Err(e);
             }
         };
-        let medium = Medium { file, capacity, id, read_only: config.read_only };
-        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = Some(medium);
+        let capacity = disk.capacity;
+        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = Some(Medium { disk, read_only: config.read_only });
         Ok(capacity)
     }
 
@@ -191,34 +234,65 @@ impl MediumSlot {
     }
 }
 
-/// Opens a disk file: the file, its capacity in sectors and its ID.
-fn open_file(config: &BlockConfig) -> Result<(File, u64, [u8; DISK_ID_LEN]), BlockError> {
-    let file = OpenOptions::new()
-        .read(true)
-        .write(!config.read_only)
-        .open(&config.path)
-        .map_err(|e| BlockError::Open(config.path.clone(), e))?;
-    let size = file.metadata().map_err(|e| BlockError::Size(config.path.clone(), e))?.len();
-    let id_text = match &config.id {
-        Some(id) => id.clone(),
-        None => file_name(&config.path),
-    };
-    if id_text.len() > DISK_ID_LEN {
-        return Err(BlockError::IdTooLong(id_text));
+/// An open disk file.
+struct Disk {
+    file: File,
+    /// Set when `file` is open with O_DIRECT.
+    direct: Option<Direct>,
+    /// In sectors.
+    capacity: u64,
+    id: [u8; DISK_ID_LEN],
+}
+
+impl Disk {
+    /// Opens the disk file `config` names.
+    fn open(config: &BlockConfig) -> Result<Self, BlockError> {
+        let path = &config.path;
+        let mut options = OpenOptions::new();
+        options.read(true).write(!config.read_only);
+        if config.direct {
+            options.custom_flags(libc::O_DIRECT);
+        }
+        let file = options.open(path).map_err(|e| match e.raw_os_error() {
+            // open(2): EINVAL, "the filesystem does not support O_DIRECT".
+            Some(libc::EINVAL) if config.direct => BlockError::DirectUnsupported(path.clone()),
+            _ => BlockError::Open(path.clone(), e),
+        })?;
+        let size = file.metadata().map_err(|e| BlockError::Size(path.clone(), e))?.len();
+        let direct = if config.direct {
+            let align = Alignment::of(&file)
+                .map_err(|e| BlockError::DirectAlignment(path.clone(), e))?
+                .ok_or_else(|| BlockError::DirectUnsupported(path.clone()))?;
+            let unit = align.memory.max(align.offset) as u64;
+            if size % unit != 0 {
+                return Err(BlockError::DirectSize { path: path.clone(), size, unit });
+            }
+            Some(Direct::new(align))
+        } else {
+            None
+        };
+        let id_text = match &config.id {
+            Some(id) => id.clone(),
+            None => file_name(path),
+        };
+        if id_text.len() > DISK_ID_LEN {
+            return Err(BlockError::IdTooLong(id_text));
+        }
+        let mut id = [0u8; DISK_ID_LEN];
+        id[..id_text.len()].copy_from_slice(id_text.as_bytes());
+        Ok(Disk { file, direct, capacity: size / SECTOR_SIZE, id })
     }
-    let mut id = [0u8; DISK_ID_LEN];
-    id[..id_text.len()].copy_from_slice(id_text.as_bytes());
-    Ok((file, size / SECTOR_SIZE, id))
 }
 
 impl Block {
     /// Opens the disk described by `config`.
     pub fn open(config: &BlockConfig) -> Result<(Self, Arc<BlockCounters>), BlockError> {
-        let (file, capacity, id) = open_file(config)?;
+        let Disk { file, direct, capacity, id } = Disk::open(config)?;
         let discard = !config.read_only && supports_punch_hole(&file, capacity * SECTOR_SIZE);
         let counters = Arc::new(BlockCounters::default());
         let block = Block {
             file,
+            direct,
             capacity,
             read_only: config.read_only,
             discard,
@@ -241,6 +315,7 @@ impl Block {
         let inbox = Arc::new(Mutex::new(None));
         let block = Block {
             file,
+            direct: None,
             capacity: 0,
             read_only: false,
             discard: false,
@@ -257,9 +332,10 @@ impl Block {
         let Some(inbox) = &self.inbox else { return };
         let inserted = inbox.lock().unwrap_or_else(|p| p.into_inner()).take();
         if let Some(medium) = inserted {
-            self.file = medium.file;
-            self.capacity = medium.capacity;
-            self.id = medium.id;
+            self.file = medium.disk.file;
+            self.direct = medium.disk.direct;
+            self.capacity = medium.disk.capacity;
+            self.id = medium.disk.id;
             self.read_only = medium.read_only;
             self.inbox = None;
         }
@@ -270,13 +346,36 @@ impl Block {
     fn visible_capacity(&self) -> u64 {
         self.inbox
             .as_ref()
-            .and_then(|inbox| inbox.lock().unwrap_or_else(|p| p.into_inner()).as_ref().map(|m| m.capacity))
+            .and_then(|inbox| inbox.lock().unwrap_or_else(|p| p.into_inner()).as_ref().map(|m| m.disk.capacity))
             .unwrap_or(self.capacity)
     }
 
     /// Capacity in sectors.
     pub fn capacity(&self) -> u64 {
         self.capacity
+    }
+
+    /// The direct I/O alignment, for a disk open with O_DIRECT.
+    pub fn direct_alignment(&self) -> Option<Alignment> {
+        self.direct.as_ref().map(Direct::alignment)
+    }
+
+    /// Moves `len` bytes of the request's data, `from` bytes into its
+    /// writable part (a read) or its readable part (a write), to or from
+    /// the file at `offset`.
+    fn data(&mut self, req: &Buffers, from: u64, len: u64, offset: u64, dir: Direction, tally: &mut Tally) -> bool {
+        let pieces = match dir {
+            Direction::FileToGuest => req.writable(from, len),
+            Direction::GuestToFile => req.readable(from, len),
+        };
+        let Ok(pieces) = pieces else { return false };
+        match transfer(&self.file, pieces, offset, dir, self.direct.as_mut()) {
+            Ok(path) => {
+                tally.bounced += u64::from(path == io::Path::Bounced);
+                true
+            }
+            Err(_) => false,
+        }
     }
 
     /// Executes one request; returns its status and the bytes written into
@@ -293,36 +392,24 @@ impl Block {
         let out_len = req.readable_len() - HEADER_LEN;
         match kind {
             VIRTIO_BLK_T_IN => match self.range(sector, in_len) {
-                Some(offset) => match req
-                    .writable(0, in_len)
-                    .ok()
-                    .and_then(|pieces| file_io(&self.file, pieces, offset, Direction::FileToGuest).ok())
-                {
-                    Some(()) => {
-                        tally.read_ops += 1;
-                        tally.read_bytes += in_len;
-                        (Status::Ok, in_len as u32)
-                    }
-                    None => (Status::IoErr, 0),
-                },
-                None => (Status::IoErr, 0),
+                Some(offset) if self.data(req, 0, in_len, offset, Direction::FileToGuest, tally) => {
+                    tally.read_ops += 1;
+                    tally.read_bytes += in_len;
+                    (Status::Ok, in_len as u32)
+                }
+                _ => (Status::IoErr, 0),
             },
             VIRTIO_BLK_T_OUT => {
                 if self.read_only {
                     return (Status::IoErr, 0);
                 }
-                let Some(offset) = self.range(sector, out_len) else { return (Status::IoErr, 0) };
-                match req
-                    .readable(HEADER_LEN, out_len)
-                    .ok()
-                    .and_then(|pieces| file_io(&self.file, pieces, offset, Direction::GuestToFile).ok())
-                {
-                    Some(()) => {
+                match self.range(sector, out_len) {
+                    Some(offset) if self.data(req, HEADER_LEN, out_len, offset, Direction::GuestToFile, tally) => {
                         tally.write_ops += 1;
                         tally.write_bytes += out_len;
                         (Status::Ok, 0)
                     }
-                    None => (Status::IoErr, 0),
+                    _ => (Status::IoErr, 0),
                 }
             }
             VIRTIO_BLK_T_FLUSH => {
@@ -399,58 +486,6 @@ fn file_name(path: &Path) -> String {
         end -= 1;
     }
     name[..end].to_string()
-}
-
-/// Which way data moves between the file and guest memory.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Direction {
-    /// pread: file to guest memory.
-    FileToGuest,
-    /// pwrite: guest memory to file.
-    GuestToFile,
-}
-
-/// Moves the bytes of `slices` to or from the file at `offset`, slice after
-/// slice, straight between the file and guest memory.
-fn file_io<'m>(
-    file: &File,
-    slices: impl Iterator<Item = VolatileSlice<'m>>,
-    mut offset: u64,
-    dir: Direction,
-) -> std::io::Result<()> {
-    for slice in slices {
-        let guard = slice.ptr_guard_mut();
-        let mut done = 0;
-        while done < slice.len() {
-            let left = slice.len() - done;
-            // SAFETY: `done < slice.len()`, so the pointer stays inside the
-            // slice's guest memory mapping, which the guard keeps alive.
-            let ptr = unsafe { guard.as_ptr().add(done) };
-            let at = (offset + done as u64) as i64;
-            let n = match dir {
-                // SAFETY: pread writes at most `left` bytes at `ptr`, all
-                // inside the slice; the guest changing that memory under us
-                // only changes what the guest reads.
-                Direction::FileToGuest => unsafe { libc::pread64(file.as_raw_fd(), ptr.cast(), left, at) },
-                // SAFETY: pwrite reads at most `left` bytes from `ptr`, all
-                // inside the slice.
-                Direction::GuestToFile => unsafe { libc::pwrite64(file.as_raw_fd(), ptr.cast(), left, at) },
-            };
-            match n {
-                0 if dir == Direction::FileToGuest => return Err(std::io::ErrorKind::UnexpectedEof.into()),
-                0 => return Err(std::io::ErrorKind::WriteZero.into()),
-                n if n < 0 => {
-                    let err = std::io::Error::last_os_error();
-                    if err.kind() != std::io::ErrorKind::Interrupted {
-                        return Err(err);
-                    }
-                }
-                n => done += n as usize,
-            }
-        }
-        offset += slice.len() as u64;
-    }
-    Ok(())
 }
 
 fn punch_hole(file: &File, offset: u64, len: u64) -> std::io::Result<()> {
@@ -578,7 +613,8 @@ mod tests {
         let content: Vec<u8> = (0..sectors * SECTOR_SIZE).map(|i| (i % 251) as u8).collect();
         f.write_all(&content).unwrap();
         let (mut blk, counters) =
-            Block::open(&BlockConfig { path: path.clone(), read_only, id: Some("disk-7".into()) }).unwrap();
+            Block::open(&BlockConfig { path: path.clone(), read_only, id: Some("disk-7".into()), direct: false })
+                .unwrap();
         blk.set_acked_features(blk.features());
         (blk, counters, path)
     }
@@ -618,8 +654,8 @@ mod tests {
         assert_eq!(run(&mut empty, &mem, &read).0, Status::IoErr as u8, "an empty slot has no sectors");
 
         let (_, _, path) = disk(8, false);
-        let config = |read_only| BlockConfig { path: path.clone(), read_only, id: Some("hot-1".into()) };
-        let missing = BlockConfig { path: path.with_extension("missing"), read_only: false, id: None };
+        let config = |read_only| BlockConfig { path: path.clone(), read_only, id: Some("hot-1".into()), direct: false };
+        let missing = BlockConfig { path: path.with_extension("missing"), read_only: false, id: None, direct: false };
         assert!(matches!(slot.insert(&missing), Err(BlockError::Open(..))));
         assert!(!slot.is_used(), "a refused medium used the slot up");
         assert_eq!(slot.insert(&config(false)).unwrap(), 8);
@@ -856,6 +892,64 @@ mod tests {
             assert_eq!(content[24 * 512], ((24 * 512) % 251) as u8);
             assert_eq!(counters.discard_ops.load(Ordering::Relaxed), 1);
         }
+        std::fs::remove_file(path).unwrap();
+    }
+
+    #[test]
+    fn a_disk_opened_with_o_direct_serves_aligned_requests_straight_and_bounces_the_rest() {
+        let mem = memory();
+        let (_, _, path) = disk(64, false);
+        let config = BlockConfig { path: path.clone(), read_only: false, id: None, direct: true };
+        let (mut blk, counters) = Block::open(&config).unwrap_or_else(|e| {
+            panic!("O_DIRECT refused in {} ({e}): set TMPDIR to a disk filesystem's directory", path.display())
+        });
+        blk.set_acked_features(blk.features());
+        let align = blk.direct_alignment().expect("opened with O_DIRECT");
+        let bounced = || counters.bounced.load(Ordering::Relaxed);
+        // A page-aligned 4 KiB read at 4 KiB: straight into guest memory.
+        header(&mem, VIRTIO_BLK_T_IN, 8);
+        let read = |at: u64, len: u32| [desc(HDR, 16, 0), desc(at, len, WRITE), desc(STATUS, 1, WRITE)];
+        assert_eq!(run(&mut blk, &mem, &read(DATA, 4096)), (0, 4097));
+        assert_eq!(bounced(), 0, "an aligned read was bounced (alignment {align:?})");
+        let mut got = vec![0u8; 4096];
+        mem.read_slice(&mut got, GuestAddress(DATA)).unwrap();
+        assert_eq!(got, (4096..8192).map(|i| (i % 251) as u8).collect::<Vec<u8>>());
+        // A buffer one byte off alignment: bounced, same bytes.
+        header(&mem, VIRTIO_BLK_T_IN, 1);
+        assert_eq!(run(&mut blk, &mem, &read(DATA + 1, 1024)), (0, 1025));
+        assert_eq!(bounced(), 1);
+        let mut got = vec![0u8; 1024];
+        mem.read_slice(&mut got, GuestAddress(DATA + 1)).unwrap();
+        assert_eq!(got, (512..1536).map(|i| (i % 251) as u8).collect::<Vec<u8>>());
+        // An unaligned write of one sector keeps its neighbours.
+        mem.write_slice(&[0x5a; 512], GuestAddress(DATA + 3)).unwrap();
+        header(&mem, VIRTIO_BLK_T_OUT, 3);
+        assert_eq!(run(&mut blk, &mem, &[desc(HDR, 16, 0), desc(DATA + 3, 512, 0), desc(STATUS, 1, WRITE)]), (0, 1));
+        assert_eq!(bounced(), 2);
+        let content = std::fs::read(&path).unwrap();
+        let mut want: Vec<u8> = (0..64 * 512).map(|i| (i % 251) as u8).collect();
+        want[3 * 512..4 * 512].fill(0x5a);
+        assert!(content == want, "the file differs from the one sector written");
+        // Flush works as on any disk.
+        header(&mem, VIRTIO_BLK_T_FLUSH, 0);
+        assert_eq!(run(&mut blk, &mem, &[desc(HDR, 16, 0), desc(STATUS, 1, WRITE)]), (0, 1));
+        std::fs::remove_file(path).unwrap();
+    }
+
+    #[test]
+    fn o_direct_is_refused_by_name_where_it_cannot_work() {
+        let direct = |path: &Path| BlockConfig { path: path.into(), read_only: true, id: None, direct: true };
+        // /dev/null refuses O_DIRECT at open, as a filesystem without it does.
+        let err = Block::open(&direct(Path::new("/dev/null"))).err().expect("O_DIRECT on /dev/null");
+        assert!(matches!(err, BlockError::DirectUnsupported(ref p) if p == Path::new("/dev/null")), "{err:?}");
+        assert_eq!(err.to_string(), "the file system of the disk image /dev/null does not support O_DIRECT");
+        // A size that is not a whole number of direct I/O blocks.
+        let path = std::env::temp_dir().join(format!("vessel-blk-odd-{}", std::process::id()));
+        std::fs::write(&path, [7u8; 1000]).unwrap();
+        let err = Block::open(&direct(&path)).err().expect("O_DIRECT on a 1000-byte image");
+        assert!(matches!(err, BlockError::DirectSize { size: 1000, unit, .. } if unit >= 512), "{err:?}");
+        // Without O_DIRECT the same image opens.
+        assert!(Block::open(&BlockConfig { direct: false, ..direct(&path) }).is_ok());
         std::fs::remove_file(path).unwrap();
     }
 

@@ -3,13 +3,15 @@
 //! memory segments. Everything here treats the chain as guest-controlled:
 //! segments must lie in guest memory and keep the order the spec demands.
 
+use std::sync::atomic::Ordering;
+
 use smallvec::SmallVec;
 
 use super::PASS_BUDGET;
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use vm_memory::{
-    Address, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, VolatileMemory, VolatileSlice,
+    Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, VolatileMemory, VolatileSlice,
 };
 
 /// Why a chain cannot be used.
@@ -233,16 +235,27 @@ impl<'m> ChainReader<'m> {
         chain: DescriptorChain<&'m GuestMemoryMmap>,
         buffers: &mut Buffers<'m>,
     ) -> Result<(), ChainError> {
+        match self.walk(chain.head_index(), buffers) {
+            Some(split) => split,
+            None => {
+                *buffers = Buffers::from_chain(self.mem, chain)?;
+                Ok(())
+            }
+        }
+    }
+
+    /// Splits the chain that starts at descriptor `head` into `buffers`
+    /// (cleared first) through the descriptor table looked up once. None
+    /// when virtio-queue's walk must do it: the chain has an indirect
+    /// table, or the descriptor table does not lie inside one region.
+    fn walk(&mut self, head: u16, buffers: &mut Buffers<'m>) -> Option<Result<(), ChainError>> {
         buffers.clear();
-        let Some((table, size)) = self.table else {
-            *buffers = Buffers::from_chain(self.mem, chain)?;
-            return Ok(());
-        };
+        let (table, size) = self.table?;
         // virtio-queue's walk: at most `size` descriptors (so a loop ends),
         // stopping at an index outside the table, and before the
         // descriptor that would take the chain (both directions together)
         // past u32::MAX bytes, which it ends the chain at without an error.
-        let mut index = chain.head_index();
+        let mut index = head;
         let mut total = 0u32;
         for _ in 0..size {
             if index >= size {
@@ -251,21 +264,22 @@ impl<'m> ChainReader<'m> {
             let Ok(desc) = table.get_ref::<Descriptor>(usize::from(index) * size_of::<Descriptor>()) else { break };
             let desc = desc.load();
             if desc.refers_to_indirect_table() {
-                *buffers = Buffers::from_chain(self.mem, chain)?;
-                return Ok(());
+                return None;
             }
             let Some(sum) = total.checked_add(desc.len()) else { break };
             total = sum;
             if desc.len() != 0 {
-                let slice = self.slice(&desc)?;
-                buffers.push(&desc, slice)?;
+                let pushed = self.slice(&desc).and_then(|slice| buffers.push(&desc, slice));
+                if let Err(e) = pushed {
+                    return Some(Err(e));
+                }
             }
             if !desc.has_next() {
                 break;
             }
             index = desc.next();
         }
-        Ok(())
+        Some(Ok(()))
     }
 
     /// The guest memory `desc` describes, inside one region; the region of
@@ -292,7 +306,65 @@ fn out_of_memory(desc: &Descriptor) -> ChainError {
     ChainError::OutOfMemory { addr: desc.addr().raw_value(), len: desc.len() }
 }
 
-/// Chains taken from the available ring at a time by [`answer_all`].
+// Offsets in the split rings (virtio 1.x, 2.7.6 and 2.7.8): both rings
+// start with flags and an index, then their entries.
+const RING_IDX: usize = 2;
+const RING_ENTRIES: usize = 4;
+const AVAIL_ENTRY_LEN: usize = 2;
+const USED_ENTRY_LEN: usize = 8;
+
+/// A queue's available and used rings as host memory, each looked up once
+/// a pass: reading a head, or putting a used element and publishing the
+/// used index, is then a load or store in a slice rather than a search of
+/// guest memory. The accesses and orderings are virtio-queue's own
+/// (`AvailIter`, `add_used`).
+struct Rings<'m> {
+    avail: VolatileSlice<'m>,
+    used: VolatileSlice<'m>,
+    size: u16,
+}
+
+impl<'m> Rings<'m> {
+    /// `queue`'s rings in `mem`; None when the queue is not ready or a
+    /// ring does not lie inside one region (virtio-queue's accessors then
+    /// serve the queue).
+    fn new(queue: &Queue, mem: &'m GuestMemoryMmap) -> Option<Self> {
+        let size = queue.size();
+        if !queue.ready() || queue.avail_ring() == 0 || size == 0 {
+            return None;
+        }
+        let avail_len = RING_ENTRIES + AVAIL_ENTRY_LEN * usize::from(size);
+        let used_len = RING_ENTRIES + USED_ENTRY_LEN * usize::from(size);
+        let avail = mem.get_slice(GuestAddress(queue.avail_ring()), avail_len).ok()?;
+        let used = mem.get_slice(GuestAddress(queue.used_ring()), used_len).ok()?;
+        Some(Rings { avail, used, size })
+    }
+
+    /// The driver's available index; acquire, so the entries before it
+    /// are read after it.
+    fn avail_idx(&self) -> Option<u16> {
+        self.avail.load::<u16>(RING_IDX, Ordering::Acquire).ok().map(u16::from_le)
+    }
+
+    /// The chain head at available position `position`.
+    fn avail_head(&self, position: u16) -> Option<u16> {
+        let at = RING_ENTRIES + AVAIL_ENTRY_LEN * usize::from(position % self.size);
+        self.avail.load::<u16>(at, Ordering::Acquire).ok().map(u16::from_le)
+    }
+
+    /// Puts chain `head`, of which `len` bytes were written, at used
+    /// position `position`, then publishes `position + 1` as the used
+    /// index (release: the element is visible before the index).
+    fn put_used(&self, position: u16, head: u16, len: u32) -> Option<()> {
+        let at = RING_ENTRIES + USED_ENTRY_LEN * usize::from(position % self.size);
+        self.used.store(u32::from(head).to_le(), at, Ordering::Relaxed).ok()?;
+        self.used.store(len.to_le(), at + 4, Ordering::Relaxed).ok()?;
+        self.used.store(position.wrapping_add(1).to_le(), RING_IDX, Ordering::Release).ok()
+    }
+}
+
+/// Chains taken from the available ring at a time when virtio-queue reads
+/// it (a ring not inside one region).
 const BATCH: usize = 16;
 
 /// What [`answer_all`] did.
@@ -311,10 +383,86 @@ pub struct Answered {
 /// pass going; [`super::serve`] leaves the rest for the next pass): each is
 /// split by a [`ChainReader`] and handed to `answer`, which returns the
 /// number of bytes it wrote into the chain, and is then put in the used
-/// ring. Chains are taken in batches, so the available index is read once
-/// per batch rather than once per chain. The driver can corrupt the index
-/// between batches, so `used` holds even when `corrupt` is set.
+/// ring. The rings are looked up once a pass ([`Rings`]); the available
+/// index is read again only once the chains it announced are answered.
+/// The driver can corrupt the index meanwhile, so `used` holds even when
+/// `corrupt` is set.
 pub fn answer_all<'m>(
+    queue: &mut Queue,
+    mem: &'m GuestMemoryMmap,
+    answer: impl FnMut(Result<&Buffers<'m>, ChainError>) -> u32,
+) -> Answered {
+    match Rings::new(queue, mem) {
+        Some(rings) => answer_through(&rings, queue, mem, answer),
+        None => answer_through_queue(queue, mem, answer),
+    }
+}
+
+/// [`answer_all`] with the rings as host memory.
+fn answer_through<'m>(
+    rings: &Rings<'m>,
+    queue: &mut Queue,
+    mem: &'m GuestMemoryMmap,
+    mut answer: impl FnMut(Result<&Buffers<'m>, ChainError>) -> u32,
+) -> Answered {
+    let mut reader = ChainReader::new(queue, mem);
+    let mut buffers = Buffers::default();
+    let mut done = Answered::default();
+    let mut budget = PASS_BUDGET;
+    let (mut next_avail, mut next_used) = (queue.next_avail(), queue.next_used());
+    'pass: while budget > 0 {
+        // As virtio-queue's iterator: an index more than a queue ahead of
+        // ours is corrupt.
+        let waiting = match rings.avail_idx() {
+            Some(idx) if idx.wrapping_sub(next_avail) <= rings.size => idx.wrapping_sub(next_avail),
+            _ => {
+                done.corrupt = true;
+                break;
+            }
+        };
+        if waiting == 0 {
+            break;
+        }
+        for _ in 0..waiting.min(budget) {
+            let Some(mut head) = rings.avail_head(next_avail) else {
+                done.corrupt = true;
+                break 'pass;
+            };
+            next_avail = next_avail.wrapping_add(1);
+            budget -= 1;
+            done.used = true;
+            let split = match reader.walk(head, &mut buffers) {
+                Some(split) => split,
+                // virtio-queue's walk needs its own chain, taken from the
+                // same ring entry; the driver may have changed the entry
+                // meanwhile, so its head is the one answered.
+                None => {
+                    queue.set_next_avail(next_avail.wrapping_sub(1));
+                    let Some(chain) = queue.pop_descriptor_chain(mem) else {
+                        done.corrupt = true;
+                        break 'pass;
+                    };
+                    head = chain.head_index();
+                    Buffers::from_chain(mem, chain).map(|b| buffers = b)
+                }
+            };
+            let len = answer(split.map(|()| &buffers));
+            // As virtio-queue's `add_used`: a head outside the table gets
+            // no used element.
+            if head < rings.size && rings.put_used(next_used, head, len).is_some() {
+                next_used = next_used.wrapping_add(1);
+            }
+        }
+    }
+    queue.set_next_avail(next_avail);
+    queue.set_next_used(next_used);
+    done
+}
+
+/// [`answer_all`] through virtio-queue's own ring accessors, for rings that
+/// do not lie inside one region. Chains are taken in batches, so the
+/// available index is read once per batch rather than once per chain.
+fn answer_through_queue<'m>(
     queue: &mut Queue,
     mem: &'m GuestMemoryMmap,
     mut answer: impl FnMut(Result<&Buffers<'m>, ChainError>) -> u32,
@@ -605,5 +753,131 @@ pub(crate) mod tests {
         });
         assert_eq!(result, Answered { used: true, corrupt: true });
         assert_eq!(vq.used().idx().load(), BATCH as u16);
+    }
+
+    /// Guest memory of two adjacent regions, with a queue of 16 whose used
+    /// ring crosses from the first into the second: it lies in guest
+    /// memory but not inside one region.
+    fn memory_with_a_ring_across_regions() -> (GuestMemoryMmap, GuestAddress) {
+        let mem =
+            GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x1_0000), (GuestAddress(0x1_0000), 0x1f_0000)]).unwrap();
+        // Table 256 bytes, then the available ring, then the used ring,
+        // which ends past 0x1_0000 (checked where it is used).
+        (mem, GuestAddress(0xfe80))
+    }
+
+    /// Answers every chain of `vq` with its index among the chains (written
+    /// at the start of its writable bytes) and returns what the used ring
+    /// then holds, with the queue's positions.
+    fn answer_each(mem: &GuestMemoryMmap, vq: &MockSplitQueue<GuestMemoryMmap>) -> (Vec<(u32, u32)>, u16, u16, u16) {
+        let mut q: Queue = vq.create_queue().unwrap();
+        let mut n = 0u32;
+        let answered = answer_all(&mut q, mem, |b| match b {
+            Ok(b) if b.write_at(0, &n.to_le_bytes()).is_ok() => {
+                n += 1;
+                4 + n
+            }
+            _ => 1,
+        });
+        assert_eq!(answered, Answered { used: true, corrupt: false });
+        let used = vq.used().idx().load();
+        let elems = (0..used).map(|i| vq.used().ring().ref_at(usize::from(i)).unwrap().load());
+        (elems.map(|e| (e.id(), e.len())).collect(), used, q.next_avail(), q.next_used())
+    }
+
+    #[test]
+    fn rings_across_two_regions_are_served_as_rings_inside_one() {
+        let descs =
+            [desc(0x10_0000, 8, WRITE), desc(0x10_1000, 16, 0), desc(0x10_2000, 8, WRITE), desc(0x30_0000, 8, WRITE)];
+        let one = memory();
+        let vq = MockSplitQueue::new(&one, 16);
+        vq.add_desc_chains(&descs, 0).unwrap();
+        let inside = answer_each(&one, &vq);
+        assert!(Rings::new(&vq.create_queue().unwrap(), &one).is_some());
+
+        let (two, start) = memory_with_a_ring_across_regions();
+        let vq = MockSplitQueue::create(&two, start, 16);
+        vq.add_desc_chains(&descs, 0).unwrap();
+        assert!(Rings::new(&vq.create_queue().unwrap(), &two).is_none(), "the used ring lies inside one region");
+        let across = answer_each(&two, &vq);
+        assert_eq!(inside, across);
+        // Chain 3 points outside guest memory: answered, with nothing written.
+        assert_eq!(inside, (vec![(0, 5), (1, 1), (2, 6), (3, 1)], 4, 4, 4));
+        assert_eq!(two.read_obj::<u32>(GuestAddress(0x10_2000)).unwrap(), 1);
+    }
+
+    #[test]
+    fn a_corrupt_available_index_is_refused_whichever_way_the_rings_are_read() {
+        let (two, start) = memory_with_a_ring_across_regions();
+        for vq in [MockSplitQueue::new(&two, 16), MockSplitQueue::create(&two, start, 16)] {
+            vq.add_desc_chains(&[desc(0x10_0000, 8, WRITE)], 0).unwrap();
+            let mut q: Queue = vq.create_queue().unwrap();
+            assert_eq!(answer_all(&mut q, &two, |_| 0), Answered { used: true, corrupt: false });
+            vq.avail().idx().store(1 + 17);
+            let result = answer_all(&mut q, &two, |_| panic!("no chain may be served"));
+            assert_eq!(result, Answered { used: false, corrupt: true });
+            assert_eq!((vq.used().idx().load(), q.next_avail(), q.next_used()), (1, 1, 1));
+        }
+    }
+
+    #[test]
+    fn an_indirect_chain_is_answered_through_virtio_queues_walk() {
+        let mem = memory();
+        let vq = MockSplitQueue::new(&mem, 16);
+        let next = virtio_bindings::bindings::virtio_ring::VRING_DESC_F_NEXT as u16;
+        let indirect = virtio_bindings::bindings::virtio_ring::VRING_DESC_F_INDIRECT as u16;
+        let table = [SplitDescriptor::new(0x10_0000, 4, next, 1), SplitDescriptor::new(0x10_1000, 8, WRITE, 0)];
+        for (i, d) in table.iter().enumerate() {
+            mem.write_obj(*d, GuestAddress(0x8000 + 16 * i as u64)).unwrap();
+        }
+        // A direct chain at 0, the indirect one at 1 and a direct one at 2.
+        vq.desc_table().store(0, desc(0x10_2000, 8, WRITE)).unwrap();
+        vq.desc_table().store(1, RawDescriptor::from(SplitDescriptor::new(0x8000, 32, indirect, 0))).unwrap();
+        vq.desc_table().store(2, desc(0x10_3000, 8, WRITE)).unwrap();
+        for i in 0..3u16 {
+            vq.avail().ring().ref_at(usize::from(i)).unwrap().store(i);
+        }
+        vq.avail().idx().store(3);
+        let mut q: Queue = vq.create_queue().unwrap();
+        let mut shapes = Vec::new();
+        answer_all(&mut q, &mem, |b| {
+            let b = b.unwrap();
+            shapes.push((placed(&mem, &b.readable), placed(&mem, &b.writable)));
+            b.writable_len() as u32
+        });
+        assert_eq!(
+            shapes,
+            [
+                (vec![], vec![(0x10_2000, 8)]),
+                (vec![(0x10_0000, 4)], vec![(0x10_1000, 8)]),
+                (vec![], vec![(0x10_3000, 8)])
+            ]
+        );
+        let used: Vec<(u32, u32)> =
+            (0..3).map(|i| vq.used().ring().ref_at(i).unwrap().load()).map(|e| (e.id(), e.len())).collect();
+        assert_eq!(used, [(0, 8), (1, 8), (2, 8)]);
+        assert_eq!((vq.used().idx().load(), q.next_avail(), q.next_used()), (3, 3, 3));
+    }
+
+    #[test]
+    fn a_head_outside_the_table_is_taken_but_gets_no_used_element() {
+        let mem = memory();
+        let vq = MockSplitQueue::new(&mem, 16);
+        vq.desc_table().store(0, desc(0x10_0000, 8, WRITE)).unwrap();
+        vq.avail().ring().ref_at(0).unwrap().store(16);
+        vq.avail().ring().ref_at(1).unwrap().store(0);
+        vq.avail().idx().store(2);
+        let mut q: Queue = vq.create_queue().unwrap();
+        let mut lens = Vec::new();
+        answer_all(&mut q, &mem, |b| {
+            let len = b.unwrap().writable_len() as u32;
+            lens.push(len);
+            len
+        });
+        // virtio-queue's walk gives an empty chain for a head past the
+        // table, and its `add_used` refuses it: the same here.
+        assert_eq!(lens, [0, 8]);
+        assert_eq!((vq.used().idx().load(), q.next_avail(), q.next_used()), (1, 2, 1));
+        assert_eq!(vq.used().ring().ref_at(0).unwrap().load().id(), 0);
     }
 }

@@ -11,8 +11,9 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
+use serde::{Deserialize, Serialize};
 use tracing::warn;
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::{Queue, QueueState, QueueT};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -119,6 +120,100 @@ pub enum MmioError {
     EventFd(#[source] std::io::Error),
 }
 
+/// One queue's registers and ring positions, as a snapshot keeps them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QueueRegisters {
+    /// QueueNumMax the device offered.
+    pub max_size: u16,
+    /// QueueNum the driver chose.
+    pub size: u16,
+    /// QueueReady.
+    pub ready: bool,
+    /// The descriptor table's guest address.
+    pub desc_table: u64,
+    /// The available ring's.
+    pub avail_ring: u64,
+    /// The used ring's.
+    pub used_ring: u64,
+    /// The next available entry the device takes.
+    pub next_avail: u16,
+    /// The next used entry the device fills.
+    pub next_used: u16,
+    /// VIRTIO_RING_F_EVENT_IDX in use.
+    pub event_idx: bool,
+}
+
+/// A transport's registers and queues, as a snapshot keeps them.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TransportState {
+    /// DeviceFeaturesSel.
+    pub device_features_sel: u32,
+    /// DriverFeaturesSel.
+    pub driver_features_sel: u32,
+    /// The features the driver wrote.
+    pub driver_features: u64,
+    /// QueueSel.
+    pub queue_sel: u32,
+    /// Status.
+    pub status: u32,
+    /// ConfigGeneration.
+    pub config_generation: u32,
+    /// InterruptStatus: raised, not yet acknowledged.
+    pub interrupt_status: u32,
+    /// Each queue, in order.
+    pub queues: Vec<QueueRegisters>,
+}
+
+/// Why saved transport registers could not be put back: each names what
+/// in the snapshot disagrees with the device or the guest's memory.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum TransportStateError {
+    /// Registers saved for an empty slot, or none for a device.
+    #[error("the saved registers are for {saved} queues; the device has {device}")]
+    QueueCount {
+        /// Queues in the snapshot.
+        saved: usize,
+        /// Queues the device has.
+        device: usize,
+    },
+    /// A queue's maximum size differs from the device's.
+    #[error("queue {queue}: saved maximum size {saved}, the device offers {device}")]
+    QueueMaxSize {
+        /// The queue.
+        queue: usize,
+        /// In the snapshot.
+        saved: u16,
+        /// The device's.
+        device: u16,
+    },
+    /// A queue's size is not one the device allows.
+    #[error("queue {queue}: size {size} is not a power of two up to {max}")]
+    QueueSize {
+        /// The queue.
+        queue: usize,
+        /// Its saved size.
+        size: u16,
+        /// The maximum.
+        max: u16,
+    },
+    /// A live queue's rings are not in guest memory.
+    #[error("queue {0}: its rings are not in guest memory")]
+    QueueOutsideMemory(usize),
+    /// Accepted features the device never offered.
+    #[error("the saved driver features {driver:#x} include some the device does not offer ({offered:#x})")]
+    Features {
+        /// Saved.
+        driver: u64,
+        /// Offered.
+        offered: u64,
+    },
+    /// A device another process serves (vhost-user) has state there.
+    #[error("a device served by another process (vhost-user) cannot be restored")]
+    ServedElsewhere,
+}
+
 impl MmioTransport {
     /// An empty slot interrupting through `interrupt`.
     pub fn empty(mem: GuestMemoryMmap, interrupt: Arc<MmioInterrupt>) -> Self {
@@ -189,6 +284,127 @@ impl MmioTransport {
     /// then that process's to read, and the event loop must not watch them.
     pub fn queues_served_elsewhere(&self) -> bool {
         self.backend.as_ref().is_some_and(|b| b.queues_served_elsewhere())
+    }
+
+    /// The registers and queues, for a snapshot (taken between event loop
+    /// passes, so no request is half served).
+    pub fn state(&self) -> TransportState {
+        let queues = self
+            .queues
+            .iter()
+            .map(|q| {
+                let s = q.state();
+                QueueRegisters {
+                    max_size: s.max_size,
+                    size: s.size,
+                    ready: s.ready,
+                    desc_table: s.desc_table,
+                    avail_ring: s.avail_ring,
+                    used_ring: s.used_ring,
+                    next_avail: s.next_avail,
+                    next_used: s.next_used,
+                    event_idx: s.event_idx_enabled,
+                }
+            })
+            .collect();
+        TransportState {
+            device_features_sel: self.device_features_sel,
+            driver_features_sel: self.driver_features_sel,
+            driver_features: self.driver_features,
+            queue_sel: self.queue_sel,
+            status: self.status,
+            config_generation: self.config_generation,
+            interrupt_status: self.interrupt.status.load(Ordering::SeqCst),
+            queues,
+        }
+    }
+
+    /// Puts saved registers back into a transport just given its backend
+    /// ([`MmioTransport::attach`]). Everything is checked against the
+    /// device and the guest's memory before anything changes. The device
+    /// goes on only at [`MmioTransport::resume_restored`].
+    pub fn restore(&mut self, state: &TransportState) -> Result<(), TransportStateError> {
+        let device = self.queues.len();
+        if state.queues.len() != device {
+            return Err(TransportStateError::QueueCount { saved: state.queues.len(), device });
+        }
+        let Some(backend) = self.backend.as_ref() else { return Ok(()) };
+        if backend.queues_served_elsewhere() && state.status != 0 {
+            return Err(TransportStateError::ServedElsewhere);
+        }
+        let offered = backend.features();
+        let features_ok = state.status & STATUS_FEATURES_OK != 0;
+        if features_ok && state.driver_features & !offered != 0 {
+            return Err(TransportStateError::Features { driver: state.driver_features, offered });
+        }
+        let active = state.status & STATUS_DRIVER_OK != 0;
+        let mut queues = Vec::with_capacity(device);
+        for (queue, (saved, current)) in state.queues.iter().zip(&self.queues).enumerate() {
+            if saved.max_size != current.max_size() {
+                let device = current.max_size();
+                return Err(TransportStateError::QueueMaxSize { queue, saved: saved.max_size, device });
+            }
+            let q = Queue::try_from(QueueState {
+                max_size: saved.max_size,
+                next_avail: saved.next_avail,
+                next_used: saved.next_used,
+                event_idx_enabled: saved.event_idx,
+                size: saved.size,
+                ready: saved.ready,
+                desc_table: saved.desc_table,
+                avail_ring: saved.avail_ring,
+                used_ring: saved.used_ring,
+            })
+            .map_err(|_| TransportStateError::QueueSize {
+                queue,
+                size: saved.size,
+                max: saved.max_size,
+            })?;
+            if active && q.ready() && !q.is_valid(&self.mem) {
+                return Err(TransportStateError::QueueOutsideMemory(queue));
+            }
+            queues.push(q);
+        }
+        self.queues = queues;
+        self.device_features_sel = state.device_features_sel;
+        self.driver_features_sel = state.driver_features_sel;
+        self.driver_features = state.driver_features;
+        self.queue_sel = state.queue_sel;
+        self.status = state.status;
+        self.config_generation = state.config_generation;
+        self.active = active;
+        self.interrupt.status.store(state.interrupt_status, Ordering::SeqCst);
+        if features_ok {
+            if let Some(backend) = self.backend.as_mut() {
+                backend.set_acked_features(state.driver_features);
+            }
+        }
+        Ok(())
+    }
+
+    /// Lets a restored device go on, once the VM's interrupt controllers
+    /// hold their saved state: the backend learns its host side is new
+    /// ([`VirtioBackend::restored`]), and every live queue is served once,
+    /// for buffers the driver added before the snapshot whose notification
+    /// was not served yet.
+    pub fn resume_restored(&mut self) {
+        if !self.active {
+            return;
+        }
+        let Some(backend) = self.backend.as_mut() else { return };
+        let mut queues: smallvec::SmallVec<[&mut Queue; 4]> = self.queues.iter_mut().collect();
+        let used = backend.restored(&mut queues, &self.mem);
+        drop(queues);
+        if used != 0 {
+            self.interrupt.raise(INT_USED_RING);
+        }
+        for (i, evt) in self.queue_evts.iter().enumerate() {
+            if self.queues.get(i).is_some_and(|q| q.ready()) {
+                if let Err(e) = evt.write(1) {
+                    warn!("cannot wake restored virtio queue {i}: {e}");
+                }
+            }
+        }
     }
 
     fn reset(&mut self) {

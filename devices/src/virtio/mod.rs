@@ -15,7 +15,7 @@ pub mod vsock;
 use std::os::fd::RawFd;
 
 use virtio_queue::{Queue, QueueT};
-use vm_memory::GuestMemoryMmap;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
 /// VIRTIO_F_VERSION_1: the device follows virtio 1.x (required by modern
@@ -116,6 +116,15 @@ pub trait VirtioBackend: Send + Sync {
     fn backend_fd(&self) -> Option<RawFd> {
         None
     }
+    /// The device was restored from a snapshot with a live driver: its
+    /// host side is new (connections, sockets, files were opened again),
+    /// while the driver's view of it is the saved one. A device whose host
+    /// side had state the driver relies on tells the driver here (vsock
+    /// sends a transport reset). Returns the queues that used buffers, as
+    /// `process` does. Runs before the vCPUs do.
+    fn restored(&mut self, _queues: &mut [&mut Queue], _mem: &GuestMemoryMmap) -> u64 {
+        0
+    }
     /// Forgets per-driver state after a device reset. Runs on a vCPU thread
     /// (see above): dropping an fd is fine, changing an epoll set is not.
     fn reset(&mut self) {}
@@ -165,6 +174,21 @@ pub struct Served {
     pub pending: u64,
 }
 
+/// Where a queue's rings stood when a pass began.
+#[derive(Clone, Copy, Debug, Default)]
+struct Start {
+    /// The next available position to read.
+    avail: u16,
+    /// The next used position to write.
+    used: u16,
+}
+
+impl Start {
+    fn of(queue: &Queue) -> Self {
+        Start { avail: queue.next_avail(), used: queue.next_used() }
+    }
+}
+
 /// One pass: serves what woke the device, then [`settle`]s its queues.
 pub fn serve(
     backend: &mut dyn VirtioBackend,
@@ -172,7 +196,7 @@ pub fn serve(
     queues: &mut [&mut Queue],
     mem: &GuestMemoryMmap,
 ) -> Served {
-    let start: smallvec::SmallVec<[u16; 4]> = queues.iter().map(|q| q.next_avail()).collect();
+    let start: smallvec::SmallVec<[Start; 4]> = queues.iter().map(|q| Start::of(q)).collect();
     let used = backend.process(wakeup, queues, mem);
     settle(backend, queues, mem, used, &start)
 }
@@ -181,17 +205,18 @@ pub fn serve(
 /// VIRTIO_RING_F_EVENT_IDX this tells the driver how far we have read, so
 /// it kicks again only past that point), runs the backend again for a queue
 /// that has buffers once notifications are back on (the race notification
-/// suppression opens: the driver did not kick for them), and says which of
-/// the `used` queues the driver wants interrupted (with EVENT_IDX, only
-/// those whose used_event was passed). `start` holds each queue's next
-/// available index when the pass began: a queue that has taken
-/// [`PASS_BUDGET`] chains since is not run again but left `pending`.
+/// suppression opens: the driver did not kick for them), and says which
+/// queues the driver wants interrupted: those the backend says it used or
+/// whose used index moved, and with EVENT_IDX only those whose used_event
+/// was passed ([`wants_interrupt`]). `start` holds where each queue's rings
+/// stood when the pass began: a queue that has taken [`PASS_BUDGET`]
+/// chains since is not run again but left `pending`.
 fn settle(
     backend: &mut dyn VirtioBackend,
     queues: &mut [&mut Queue],
     mem: &GuestMemoryMmap,
     mut used: u64,
-    start: &[u16],
+    start: &[Start],
 ) -> Served {
     // A queue is served again when buffers are there once notifications
     // are back on: the driver does not kick for buffers it added while we
@@ -200,7 +225,8 @@ fn settle(
     // for the backend's own wakeup, so a waiting queue does not spin.
     // Where a pass has spent its budget, or the rounds run out, the queue
     // is pending: the transport wakes it again, so no wakeup is lost.
-    let taken = |q: &Queue, i: usize| q.next_avail().wrapping_sub(start.get(i).copied().unwrap_or(q.next_avail()));
+    let start_of = |q: &Queue, i: usize| start.get(i).copied().unwrap_or_else(|| Start::of(q));
+    let taken = |q: &Queue, i: usize| q.next_avail().wrapping_sub(start_of(q, i).avail);
     let mut stalled = 0u64;
     let mut pending = 0u64;
     for round in 0..=SETTLE_ROUNDS {
@@ -231,12 +257,35 @@ fn settle(
         }
     }
     let mut notify = 0;
-    for (i, q) in queues.iter_mut().enumerate() {
-        if used & (1 << i) != 0 && q.needs_notification(mem).unwrap_or(true) {
+    for (i, q) in queues.iter().enumerate() {
+        let before = start_of(q, i).used;
+        if (used & (1 << i) != 0 || q.next_used() != before) && wants_interrupt(q, mem, before) {
             notify |= 1 << i;
         }
     }
     Served { notify, pending }
+}
+
+/// Whether the driver wants an interrupt for the used buffers `queue` put
+/// from used position `before` on: always without VIRTIO_RING_F_EVENT_IDX
+/// (the ring's NO_INTERRUPT flag is a hint we do not take, as virtio-queue
+/// does not), and with it when the driver's used_event is among those
+/// positions (virtio 1.x, 2.7.10). virtio-queue's `needs_notification`
+/// makes the same test but counts only the buffers its own `add_used` put,
+/// and [`chain::answer_all`] writes the used ring itself.
+fn wants_interrupt(queue: &Queue, mem: &GuestMemoryMmap, before: u16) -> bool {
+    if !queue.event_idx_enabled() {
+        return true;
+    }
+    // The used index we published must be visible before used_event is
+    // read: the driver writes used_event and then reads the used index.
+    std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+    // used_event follows the available ring's entries.
+    let at = queue.avail_ring().checked_add(4 + 2 * u64::from(queue.size()));
+    let used_event = at.and_then(|at| mem.load::<u16>(GuestAddress(at), std::sync::atomic::Ordering::Relaxed).ok());
+    let Some(used_event) = used_event.map(u16::from_le) else { return true };
+    let now = queue.next_used();
+    now.wrapping_sub(used_event).wrapping_sub(1) < now.wrapping_sub(before)
 }
 
 /// Reads `data.len()` bytes of a little-endian configuration structure
@@ -307,7 +356,7 @@ pub(crate) mod tests {
         // The driver adds another buffer now: it sees notifications off
         // (avail_event not yet moved past its old index) and does not kick.
         vq.add_desc_chains(&[desc(0x10_1000, 64, WRITE)], 1).unwrap();
-        settle(&mut rng, &mut [&mut q], &mem, used, &[0]);
+        settle(&mut rng, &mut [&mut q], &mem, used, &[Start::default()]);
         assert_eq!(vq.used().idx().load(), 2, "the second buffer was left behind");
     }
 
@@ -337,7 +386,7 @@ pub(crate) mod tests {
         let mut q: Queue = vq.create_queue().unwrap();
         q.set_event_idx(true);
         let mut idle = Idle(0);
-        assert_eq!(settle(&mut idle, &mut [&mut q], &mem, 0, &[0]), Served::default());
+        assert_eq!(settle(&mut idle, &mut [&mut q], &mem, 0, &[Start::default()]), Served::default());
         assert_eq!(idle.0, 1, "served {} times", idle.0);
     }
 
@@ -364,5 +413,69 @@ pub(crate) mod tests {
         for n in answered {
             assert!(n >= u64::from(PASS_BUDGET) && n < 2 * u64::from(PASS_BUDGET), "a pass answered {n} chains");
         }
+    }
+
+    /// With EVENT_IDX the driver asks for an interrupt once the used index
+    /// passes its used_event, and for no other: the device counts the
+    /// buffers it used in the pass, as the spec's test needs.
+    #[test]
+    fn with_event_idx_the_driver_is_interrupted_when_its_used_event_is_passed() {
+        let mem = memory();
+        // virtio-queue's mock lays the used ring over the end of the
+        // available ring: with 256 entries, the first 30 used elements
+        // leave used_event alone.
+        let vq = MockSplitQueue::new(&mem, 256);
+        let mut q: Queue = vq.create_queue().unwrap();
+        q.set_event_idx(true);
+        let used_event = vq.avail_addr().unchecked_add(4 + 2 * 256);
+        mem.write_obj(5u16, used_event).unwrap();
+        let (mut rng, _) = Rng::new();
+        let chains = |first: u16, n: u16| {
+            let descs: Vec<_> = (0..n).map(|i| desc(0x10_0000 + 0x100 * u64::from(first + i), 8, WRITE)).collect();
+            vq.add_desc_chains(&descs, first).unwrap();
+        };
+        chains(0, 4);
+        assert_eq!(serve(&mut rng, Wakeup::Queue(0), &mut [&mut q], &mem).notify, 0, "used 0..4 is short of 5");
+        chains(4, 2);
+        assert_eq!(serve(&mut rng, Wakeup::Queue(0), &mut [&mut q], &mem).notify, 1, "used 4..6 passes 5");
+        chains(6, 1);
+        assert_eq!(serve(&mut rng, Wakeup::Queue(0), &mut [&mut q], &mem).notify, 0, "5 was passed already");
+        // The driver moves used_event to where the used index stands.
+        mem.write_obj(7u16, used_event).unwrap();
+        chains(7, 1);
+        assert_eq!(serve(&mut rng, Wakeup::Queue(0), &mut [&mut q], &mem).notify, 1);
+        assert_eq!(vq.used().idx().load(), 8);
+        // Without EVENT_IDX, every pass that used a buffer interrupts.
+        q.set_event_idx(false);
+        chains(8, 1);
+        assert_eq!(serve(&mut rng, Wakeup::Queue(0), &mut [&mut q], &mem).notify, 1);
+        assert_eq!(serve(&mut rng, Wakeup::Queue(0), &mut [&mut q], &mem).notify, 0, "nothing was used");
+    }
+
+    /// A backend that puts buffers in the used ring but does not say so
+    /// still gets its driver interrupted: the used index moved.
+    #[test]
+    fn a_used_index_that_moved_interrupts_even_if_the_backend_did_not_say_so() {
+        struct Quiet;
+        impl VirtioBackend for Quiet {
+            fn device_type(&self) -> u32 {
+                device_type::RNG
+            }
+            fn queue_max_sizes(&self) -> &[u16] {
+                &[16]
+            }
+            fn features(&self) -> u64 {
+                VIRTIO_F_VERSION_1
+            }
+            fn process_queue(&mut self, _: u16, queue: &mut Queue, mem: &GuestMemoryMmap) -> bool {
+                answer_all(queue, mem, |_| 0);
+                false
+            }
+        }
+        let mem = memory();
+        let vq = MockSplitQueue::new(&mem, 16);
+        vq.add_desc_chains(&[desc(0x10_0000, 8, WRITE)], 0).unwrap();
+        let mut q: Queue = vq.create_queue().unwrap();
+        assert_eq!(serve(&mut Quiet, Wakeup::Queue(0), &mut [&mut q], &mem), Served { notify: 1, pending: 0 });
     }
 }

@@ -32,6 +32,21 @@
  * CPU exception prints `virtio: exception <vector> rip <rip> error <code>`
  * and finishes without `done`.
  *
+ * Repeat mode, for snapshot and restore tests: with the word
+ * `virtio.repeat` on the command line, and once the first request has had
+ * its interrupt, the driver does not reset the device after the `data`
+ * line; forever, it offers the same device-writable buffer again (the
+ * next avail ring entry, avail.idx + 1), notifies, waits for the
+ * interrupt as for the first request, and prints
+ *   virtio: again idx <used.idx> data <buffer bytes 0..7>
+ * then busy-waits about 1 ms (REPEAT_DELAY_PAUSES) and goes on. A wait
+ * that times out prints `virtio: no interrupt` and finishes (FINISH,
+ * without `done`). So virtio-rng shows a used index one higher each line
+ * and fresh random bytes. Not for virtio-fs (one FUSE_INIT per session):
+ * there it prints `virtio: error virtio.repeat is not for virtio-fs`. If
+ * the first request had no interrupt, the guest goes on as without the
+ * word (reset, `done`).
+ *
  * Sequence (virtio spec 3.1.1 and 4.2.3): check magic, version 2 and a
  * non-zero device ID (an empty hotplug slot, ID 0, is read again for
  * about 2 s, until a device is plugged into it); reset (Status = 0, wait for it to read 0);
@@ -68,7 +83,8 @@
  * 4 KiB-aligned .bss pages (virtq_desc, virtq_avail, virtq_used,
  * virtio_buffer, fuse_request, hiprio_rings (3), idt, zeroed at start),
  * the stack, and a few variables in
- * .data. Nothing below 1 MiB is written. MMIO: the device window, the local
+ * .data (the repeat flag and the queue size among them). Nothing below
+ * 1 MiB is written. MMIO: the device window, the local
  * APIC (0xfee00000), the IOAPIC (0xfec00000); ports: COM1, the 8259 masks
  * (0x21, 0xa1) and FINISH's ports.
  */
@@ -170,6 +186,11 @@
 #define DEVICE_POLL_PAUSES  100000      /* between two of them */
 
 #define CMDLINE_MAX         4096
+/* Repeat mode: turns of a `pause` loop between two requests, about 1 ms on
+ * our nested KVM (0.75 us a turn there); with the request's round trip a
+ * line every ~2 ms (2-3 ms on average on a loaded machine). Counted, not
+ * timed, so that a restored TSC cannot stretch it. */
+#define REPEAT_DELAY_PAUSES 1400
 
 /* ERROR "text": print `virtio: error <text>` and end with `done`. */
 .macro ERROR text
@@ -197,6 +218,9 @@ main64:
 
     call    parse_cmdline
     jc      .Lbad_cmdline
+    lea     rdi, [rip + repeat_word]
+    call    cmdline_has_word
+    mov     [rip + repeat_mode], al
     mov     r15, [rip + virtio_base]
 
 /* --- identify: magic, version, device ID --------------------------------- */
@@ -318,41 +342,7 @@ main64:
     mfence                              /* the entry before the index */
     mov     word ptr [rdi + AVAIL_IDX], 1
     mfence                              /* the index before the notify */
-
-    /* The wake-up timer and the deadline, then the notify. */
-    mov     edi, LAPIC_BASE
-    mov     dword ptr [rdi + LAPIC_TIMER_DIVIDE], LAPIC_DIVIDE_BY_16
-    mov     dword ptr [rdi + LAPIC_LVT_TIMER], LVT_TIMER_PERIODIC + VECTOR_TIMER
-    mov     dword ptr [rdi + LAPIC_TIMER_INITIAL], TIMER_COUNT
-    rdtsc
-    shl     rdx, 32
-    or      rax, rdx
-    mov     r9, WAIT_TSC_TICKS
-    add     r9, rax                     /* R9 = deadline */
-    mov     r10d, WAIT_WAKES
-    mov     [r15 + VIRTIO_MMIO_QUEUE_NOTIFY], r13d
-
-/* --- wait for the interrupt ---------------------------------------------- */
-.Lwait:
-    cli
-    cmp     dword ptr [rip + irq_count], 0
-    jne     .Lwait_done
-    rdtsc
-    shl     rdx, 32
-    or      rax, rdx
-    cmp     rax, r9
-    jae     .Lwait_done
-    dec     r10d
-    jz      .Lwait_done
-    sti                                 /* sti; hlt: no interrupt slips */
-    hlt                                 /* in between (STI's shadow) */
-    jmp     .Lwait
-.Lwait_done:
-    mov     edi, LAPIC_BASE             /* interrupts are off: stop the timer */
-    mov     dword ptr [rdi + LAPIC_LVT_TIMER], LVT_MASKED + VECTOR_TIMER
-    mov     dword ptr [rdi + LAPIC_TIMER_INITIAL], 0
-
-    mov     eax, [rip + irq_count]
+    call    notify_and_wait
     test    eax, eax
     jnz     1f
     PRINT   "virtio: no interrupt\n"
@@ -391,6 +381,12 @@ main64:
     mov     rax, [rdi + 16]             /* fuse_init_out: major, minor */
     call    put_hex
     call    put_newline
+1:  cmp     byte ptr [rip + repeat_mode], 0
+    je      1f
+    cmp     r14d, DEVICE_FS
+    je      .Lrepeat_fs
+    cmp     dword ptr [rip + irq_count], 0
+    jne     .Lrepeat                    /* never comes back */
 1:
 
 /* --- reset: the driver lets go of the device, as unbind or kexec do ------ */
@@ -419,8 +415,87 @@ main64:
     jmp     .Ldone
 .Lno_queue:
     ERROR   "queue not available"
+.Lrepeat_fs:
+    ERROR   "virtio.repeat is not for virtio-fs"
+
+/* --- repeat mode: the same buffer again, forever -------------------------- */
+/*
+ * The next avail ring entry (avail.idx modulo the queue size) gets
+ * descriptor 0, still the 64-byte device-writable buffer; avail.idx + 1;
+ * notify and wait; print the used index and the buffer's first 8 bytes;
+ * a short busy wait; again. Only a wait that times out ends it.
+ */
+.Lrepeat:
+    mov     edi, offset virtq_avail
+    movzx   eax, word ptr [rdi + AVAIL_IDX]
+    mov     r8d, eax                    /* R8D = avail.idx before */
+    xor     edx, edx
+    div     dword ptr [rip + queue_num] /* EDX = the ring entry */
+    mov     word ptr [rdi + AVAIL_RING + 2 * rdx], 0    /* descriptor 0 */
+    mfence                              /* the entry before the index */
+    inc     r8d
+    mov     [rdi + AVAIL_IDX], r8w      /* wraps at 16 bits, as it must */
+    mfence                              /* the index before the notify */
+    mov     dword ptr [rip + irq_count], 0
+    call    notify_and_wait
+    test    eax, eax
+    jz      .Lrepeat_no_interrupt
+    PRINT   "virtio: again idx "
+    mov     edi, offset virtq_used
+    movzx   eax, word ptr [rdi + USED_IDX]
+    call    put_hex
+    PRINT   " data "
+    mov     rax, [rip + virtio_buffer]
+    call    put_hex
+    call    put_newline
+    mov     ecx, REPEAT_DELAY_PAUSES
+1:  pause
+    dec     ecx
+    jnz     1b
+    jmp     .Lrepeat
+.Lrepeat_no_interrupt:
+    PRINT   "virtio: no interrupt\n"
+    FINISH
 
 /* ------------------------------------------------------------------------ */
+/*
+ * notify_and_wait: starts the wake-up timer, notifies queue R13D, and
+ * waits with `sti; hlt` until the interrupt handler has counted an
+ * interrupt, about 2 s of TSC have passed, or WAIT_WAKES wake-ups came.
+ * Returns with interrupts off, the timer stopped and EAX = irq_count.
+ * Clobbers RDX, RDI, R9, R10 and flags.
+ */
+notify_and_wait:
+    mov     edi, LAPIC_BASE
+    mov     dword ptr [rdi + LAPIC_TIMER_DIVIDE], LAPIC_DIVIDE_BY_16
+    mov     dword ptr [rdi + LAPIC_LVT_TIMER], LVT_TIMER_PERIODIC + VECTOR_TIMER
+    mov     dword ptr [rdi + LAPIC_TIMER_INITIAL], TIMER_COUNT
+    rdtsc
+    shl     rdx, 32
+    or      rax, rdx
+    mov     r9, WAIT_TSC_TICKS
+    add     r9, rax                     /* R9 = deadline */
+    mov     r10d, WAIT_WAKES
+    mov     [r15 + VIRTIO_MMIO_QUEUE_NOTIFY], r13d
+1:  cli
+    cmp     dword ptr [rip + irq_count], 0
+    jne     2f
+    rdtsc
+    shl     rdx, 32
+    or      rax, rdx
+    cmp     rax, r9
+    jae     2f
+    dec     r10d
+    jz      2f
+    sti                                 /* sti; hlt: no interrupt slips */
+    hlt                                 /* in between (STI's shadow) */
+    jmp     1b
+2:  mov     edi, LAPIC_BASE             /* interrupts are off: stop the timer */
+    mov     dword ptr [rdi + LAPIC_LVT_TIMER], LVT_MASKED + VECTOR_TIMER
+    mov     dword ptr [rdi + LAPIC_TIMER_INITIAL], 0
+    mov     eax, [rip + irq_count]
+    ret
+
 /*
  * wait_for_device: EAX = the device ID, read again until it is not 0 (a
  * device hot-plugged into the empty slot), for about 2 s of TSC or
@@ -477,6 +552,7 @@ setup_queue:
     cmp     eax, ecx
     cmovb   ecx, eax                    /* a smaller maximum: use it */
     mov     [r15 + VIRTIO_MMIO_QUEUE_NUM], ecx
+    mov     [rip + queue_num], ecx      /* the last queue set up: the request queue */
     mov     [r15 + VIRTIO_MMIO_QUEUE_DESC_LOW], edi   /* high halves 0 */
     mov     dword ptr [r15 + VIRTIO_MMIO_QUEUE_DESC_HIGH], 0
     lea     eax, [rdi + 4096]
@@ -623,6 +699,63 @@ parse_cmdline:
     ret
 .Lparse_bad:
     stc
+    ret
+
+/*
+ * cmdline_has_word: RBX = boot pointer, R12 = BOOT_* kind, RDI = a
+ * NUL-terminated word. EAX = 1 if the command line holds that word whole
+ * (between the start or a space and a space, a control character or the
+ * end), else 0. Keeps every register but RAX and flags.
+ */
+cmdline_has_word:
+    push    rdx
+    push    rsi
+    push    r8
+    push    r11
+    CMDLINE_POINTER
+    test    rsi, rsi
+    jz      .Lword_absent
+    mov     rax, rsi
+    shr     rax, 32
+    jnz     .Lword_absent               /* not mapped: cannot read it */
+    lea     r8, [rsi + CMDLINE_MAX]     /* R8 = the end, at most */
+    /* RSI = the start of a word: is it ours? */
+.Lword_start:
+    mov     r11, rdi
+    mov     rdx, rsi
+1:  mov     al, [r11]
+    test    al, al
+    jz      3f                          /* all of ours matched */
+    cmp     rdx, r8
+    jae     .Lword_absent
+    cmp     al, [rdx]
+    jne     4f
+    inc     r11
+    inc     rdx
+    jmp     1b
+3:  cmp     rdx, r8                     /* and the word ends there? */
+    jae     .Lword_present
+    cmp     byte ptr [rdx], ' '
+    jbe     .Lword_present
+4:  /* No: skip to after the next space. */
+    cmp     rsi, r8
+    jae     .Lword_absent
+    mov     al, [rsi]
+    inc     rsi
+    test    al, al
+    jz      .Lword_absent
+    cmp     al, ' '
+    jne     4b
+    jmp     .Lword_start
+.Lword_present:
+    mov     eax, 1
+    jmp     5f
+.Lword_absent:
+    xor     eax, eax
+5:  pop     r11
+    pop     r8
+    pop     rsi
+    pop     rdx
     ret
 
 /*
@@ -775,6 +908,8 @@ exception_common:
     .section .rodata
 cmdline_key:
     .asciz  "virtio_mmio.device="
+repeat_word:
+    .asciz  "virtio.repeat"
 
 /* ------------------------------------------------------------------------ */
     LONG_MODE_DATA
@@ -789,6 +924,10 @@ irq_count:                              /* virtio interrupts taken */
     .long   0
 irq_isr:                                /* InterruptStatus, ORed */
     .long   0
+queue_num:                              /* the request queue's size */
+    .long   QUEUE_SIZE
+repeat_mode:                            /* 1: `virtio.repeat` given */
+    .byte   0
     .balign 8
 idt_descriptor:
     .word   IDT_ENTRIES * 16 - 1

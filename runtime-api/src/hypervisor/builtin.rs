@@ -86,8 +86,12 @@ impl Hypervisor for Builtin {
         vm.handle(PrebootAction::AddDevice(DeviceConfig::Vsock(vsock))).map_err(fail)?;
         vm.handle(PrebootAction::AddDevice(DeviceConfig::Rng)).map_err(fail)?;
         for disk in &spec.disks {
-            let config =
-                BlockConfig { path: disk.path.clone(), read_only: disk.read_only, id: Some(disk.serial.clone()) };
+            let config = BlockConfig {
+                path: disk.path.clone(),
+                read_only: disk.read_only,
+                id: Some(disk.serial.clone()),
+                direct: false,
+            };
             vm.handle(PrebootAction::AddDevice(DeviceConfig::Block(config))).map_err(fail)?;
         }
         for nic in &spec.nics {
@@ -169,7 +173,12 @@ impl Hypervisor for Builtin {
     }
 
     fn add_disk(&mut self, disk: &Disk) -> Result<Plugged, HypervisorError> {
-        let config = BlockConfig { path: disk.path.clone(), read_only: disk.read_only, id: Some(disk.serial.clone()) };
+        let config = BlockConfig {
+            path: disk.path.clone(),
+            read_only: disk.read_only,
+            id: Some(disk.serial.clone()),
+            direct: false,
+        };
         match Self::op("hot-plug a disk", self.handle()?.request(VmmAction::AttachDevice(DeviceConfig::Block(config))))?
         {
             VmmData::Attached { addr, .. } => Ok(Plugged { bind_address: Some(addr) }),

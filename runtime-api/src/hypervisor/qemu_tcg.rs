@@ -261,8 +261,12 @@ impl Hypervisor for QemuTcg {
         let (vsock_socket, _) = self.serve(spec, format!("vsock cid {GUEST_CID}"), Box::new(vsock), counters)?;
         let mut extra_args = vhost_user_device_args(&vsock_socket, "vhost-user-vsock-device");
         for disk in &spec.disks {
-            let config =
-                BlockConfig { path: disk.path.clone(), read_only: disk.read_only, id: Some(disk.serial.clone()) };
+            let config = BlockConfig {
+                path: disk.path.clone(),
+                read_only: disk.read_only,
+                id: Some(disk.serial.clone()),
+                direct: false,
+            };
             let (blk, counters) = Block::open(&config).map_err(|e| fail(e.into()))?;
             let counters: Arc<BlockCounters> = counters;
             let (socket, _) = self.serve(spec, format!("blk {}", disk.path.display()), Box::new(blk), counters)?;
@@ -395,7 +399,12 @@ impl Hypervisor for QemuTcg {
             op: OP,
             why: "every placeholder disk holds a medium; reserve more hotplug slots at create",
         })?;
-        let config = BlockConfig { path: disk.path.clone(), read_only: disk.read_only, id: Some(disk.serial.clone()) };
+        let config = BlockConfig {
+            path: disk.path.clone(),
+            read_only: disk.read_only,
+            id: Some(disk.serial.clone()),
+            direct: false,
+        };
         placeholder.slot.insert(&config).map_err(|e| HypervisorError::Op {
             kind: KIND,
             op: OP,

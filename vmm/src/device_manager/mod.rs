@@ -19,7 +19,9 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use boot::acpi::VirtioMmioDevice;
 use boot::layout::VIRTIO_MMIO_SIZE;
-use devices::virtio::mmio::{MmioError, MmioInterrupt, MmioQueueEvents, MmioTransport, QUEUE_NOTIFY_OFFSET};
+use devices::virtio::mmio::{
+    MmioError, MmioInterrupt, MmioQueueEvents, MmioTransport, TransportStateError, QUEUE_NOTIFY_OFFSET,
+};
 use devices::virtio::{VirtioBackend, Wakeup};
 use devices::{Bus, BusError};
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
@@ -32,6 +34,7 @@ pub(crate) use backend::NamedCounters;
 pub use slots::{HotplugTable, MmioSlot, SlotAllocator, SlotError};
 
 use crate::config::DeviceConfig;
+use crate::snapshot::format::SlotState;
 
 /// Event tokens of hot-plugged devices start here: base + slot * 64 +
 /// queue, and base + slot * 64 + 63 for the backend's own fd. The event
@@ -101,6 +104,7 @@ pub(crate) struct BootDevices {
 /// A device to hot-plug, its backend made by the thread that asks for it
 /// (see [`prepare`]).
 pub(crate) struct PreparedDevice {
+    config: DeviceConfig,
     backend: Box<dyn VirtioBackend>,
     counters: NamedCounters,
 }
@@ -110,7 +114,7 @@ pub(crate) struct PreparedDevice {
 /// no socket (its seccomp filter allows neither).
 pub(crate) fn prepare(config: &DeviceConfig) -> Result<PreparedDevice, DeviceManagerError> {
     let (backend, counters) = backend::create(config)?;
-    Ok(PreparedDevice { backend, counters })
+    Ok(PreparedDevice { config: config.clone(), backend, counters })
 }
 
 /// Where a hot-plugged device went, and its counters.
@@ -125,6 +129,11 @@ pub(crate) struct Plugged {
 
 /// A device in a hotplug slot: the events the loop watches for it.
 struct PluggedDevice {
+    /// What it is, for a snapshot.
+    config: DeviceConfig,
+    /// Whether the loop watches its events yet (a restored VM's devices
+    /// are watched when the loop starts).
+    watched: bool,
     queue_evts: Vec<EventFd>,
     /// The queue eventfds are a vhost-user daemon's to read, not the loop's.
     queues_elsewhere: bool,
@@ -133,9 +142,29 @@ struct PluggedDevice {
 
 /// The devices of a running VM; see the module docs.
 pub(crate) struct DeviceManager {
+    /// The devices placed at boot, in slot order, for a snapshot (the
+    /// event loop serves them through their `MmioQueueEvents`).
+    boot: Vec<(DeviceConfig, Arc<Mutex<MmioTransport>>)>,
     /// One transport per hotplug slot, on the MMIO bus from boot.
     transports: Vec<Arc<Mutex<MmioTransport>>>,
     plugged: HotplugTable<PluggedDevice>,
+    /// Counters of devices a restore put in hotplug slots, until the VM's
+    /// counters take them.
+    restored_counters: Vec<NamedCounters>,
+}
+
+/// Why saved devices could not be put back.
+#[derive(Debug, thiserror::Error)]
+pub enum RestoreDevicesError {
+    /// Making or placing a device failed.
+    #[error(transparent)]
+    Device(#[from] DeviceManagerError),
+    /// A device's saved registers disagree with it.
+    #[error("the saved state of the device in virtio-mmio slot {0} does not fit it")]
+    Transport(usize, #[source] TransportStateError),
+    /// More hotplug slots than windows.
+    #[error("the snapshot has more hotplug slots than the layout has windows")]
+    Slots,
 }
 
 impl DeviceManager {
@@ -151,15 +180,25 @@ impl DeviceManager {
         let mut mmio_bus = Bus::new();
         let mut events: Vec<DeviceEvents> = Vec::with_capacity(configs.len());
         let mut counters = Vec::with_capacity(configs.len());
+        let mut transports = Vec::with_capacity(configs.len());
         for config in configs {
             let slot = slots.allocate()?;
             let (backend, named) = backend::create(config)?;
             let transport = new_transport(vm, mem, slot, &mut mmio_bus)?;
             let queue_evts = connect(vm, &transport, slot, backend)?;
+            transports.push(transport.clone());
             events.push(Arc::new(Mutex::new(MmioQueueEvents::new(transport, queue_evts))));
             counters.push(named);
         }
-        let mut manager = DeviceManager { transports: Vec::new(), plugged: HotplugTable::default() };
+        let mut manager = DeviceManager {
+            boot: Vec::new(),
+            transports: Vec::new(),
+            plugged: HotplugTable::default(),
+            restored_counters: Vec::new(),
+        };
+        for (config, transport) in configs.iter().zip(transports) {
+            manager.boot.push((config.clone(), transport));
+        }
         for _ in 0..hotplug_slots {
             let slot = slots.allocate()?;
             manager.transports.push(new_transport(vm, mem, slot, &mut mmio_bus)?);
@@ -179,14 +218,14 @@ impl DeviceManager {
         ops: &mut EventOps,
     ) -> Result<Plugged, DeviceManagerError> {
         let (index, slot) = self.plugged.first_free()?;
-        let PreparedDevice { backend, counters } = prepared;
+        let PreparedDevice { config, backend, counters } = prepared;
         let transport = &self.transports[index];
         let queue_evts = connect(vm, transport, slot, backend)?;
         let (queues_elsewhere, backend_fd) = {
             let t = lock(transport);
             (t.queues_served_elsewhere(), t.backend_fd())
         };
-        let device = PluggedDevice { queue_evts, queues_elsewhere, backend_fd };
+        let device = PluggedDevice { config, watched: true, queue_evts, queues_elsewhere, backend_fd };
         if let Err(e) = watch(ops, &device, hotplug_token(index, 0)) {
             disconnect(vm, transport, slot, &device.queue_evts);
             return Err(DeviceManagerError::Watch(slot.addr, e));
@@ -222,6 +261,95 @@ impl DeviceManager {
             Wakeup::Queue(offset as u16)
         };
         lock(transport).process(wakeup);
+    }
+}
+
+impl DeviceManager {
+    /// The devices of a snapshot's `slots` put back, in the same windows:
+    /// the boot devices, then the hotplug slots (empty, or holding the
+    /// device they held). Each backend is made anew from its saved
+    /// configuration (`vsock_uds` replaces the vsock device's socket), and
+    /// each transport gets its saved registers, checked against the device
+    /// and `mem`. Nothing runs until [`DeviceManager::resume_restored`].
+    pub(crate) fn for_restore(
+        vm: &VmFd,
+        mem: &GuestMemoryMmap,
+        slots: &[SlotState],
+        hotplug_slots: u8,
+        vsock_uds: Option<&std::path::Path>,
+    ) -> Result<(Self, BootDevices), RestoreDevicesError> {
+        let boot_count = slots.len().checked_sub(usize::from(hotplug_slots)).ok_or(RestoreDevicesError::Slots)?;
+        let config = |slot: &SlotState| {
+            slot.device.clone().map(|mut device| {
+                if let (DeviceConfig::Vsock(vsock), Some(path)) = (&mut device, vsock_uds) {
+                    vsock.uds_path = path.to_path_buf();
+                }
+                device
+            })
+        };
+        let boot_configs: Vec<DeviceConfig> = slots[..boot_count].iter().filter_map(config).collect();
+        let (mut manager, boot) = Self::for_boot(vm, mem, &boot_configs, hotplug_slots)?;
+        for (index, (saved, (_, transport))) in slots.iter().zip(&manager.boot).enumerate() {
+            lock(transport).restore(&saved.transport).map_err(|e| RestoreDevicesError::Transport(index, e))?;
+        }
+        for (index, saved) in slots[boot_count..].iter().enumerate() {
+            let Some(device) = config(saved) else { continue };
+            let (_, slot) = manager.plugged.first_free().map_err(DeviceManagerError::from)?;
+            let (backend, counters) = backend::create(&device).map_err(DeviceManagerError::from)?;
+            let transport = &manager.transports[index];
+            let queue_evts = connect(vm, transport, slot, backend)?;
+            let (queues_elsewhere, backend_fd) = {
+                let mut t = lock(transport);
+                t.restore(&saved.transport).map_err(|e| RestoreDevicesError::Transport(boot_count + index, e))?;
+                (t.queues_served_elsewhere(), t.backend_fd())
+            };
+            let plugged = PluggedDevice { config: device, watched: false, queue_evts, queues_elsewhere, backend_fd };
+            manager.plugged.fill(index, plugged);
+            manager.restored_counters.push(counters);
+        }
+        Ok((manager, boot))
+    }
+
+    /// How many hotplug slots the VM has.
+    pub(crate) fn hotplug_slots(&self) -> u8 {
+        self.transports.len() as u8
+    }
+
+    /// Every slot's device and registers, in slot order, for a snapshot.
+    pub(crate) fn capture(&self) -> Vec<SlotState> {
+        let boot = self.boot.iter().map(|(config, t)| (Some(config.clone()), t));
+        let hotplug =
+            self.transports.iter().enumerate().map(|(i, t)| (self.plugged.get(i).map(|d| d.config.clone()), t));
+        boot.chain(hotplug).map(|(device, t)| SlotState { device, transport: lock(t).state() }).collect()
+    }
+
+    /// Lets every restored device go on (see `MmioTransport::resume_restored`).
+    pub(crate) fn resume_restored(&self) {
+        for transport in self.boot.iter().map(|(_, t)| t).chain(&self.transports) {
+            lock(transport).resume_restored();
+        }
+    }
+
+    /// Watches the events of the restored devices in hotplug slots, once
+    /// the loop that serves them runs.
+    pub(crate) fn watch_restored(&mut self, ops: &mut EventOps) -> Result<(), DeviceManagerError> {
+        for index in 0..self.transports.len() {
+            let Some(device) = self.plugged.get_mut(index) else { continue };
+            if device.watched {
+                continue;
+            }
+            if let Err(e) = watch(ops, device, hotplug_token(index, 0)) {
+                let addr = self.plugged.slot(index).map_or(0, |s| s.addr);
+                return Err(DeviceManagerError::Watch(addr, e));
+            }
+            device.watched = true;
+        }
+        Ok(())
+    }
+
+    /// The counters of restored hot-plugged devices, for the VM's stats.
+    pub(crate) fn take_restored_counters(&mut self) -> Vec<NamedCounters> {
+        std::mem::take(&mut self.restored_counters)
     }
 }
 

@@ -122,6 +122,16 @@ impl<T> HotplugTable<T> {
     pub fn get(&self, index: usize) -> Option<&T> {
         self.entries.get(index).and_then(|(_, occupant)| occupant.as_ref())
     }
+
+    /// The window and IRQ of slot `index`.
+    pub fn slot(&self, index: usize) -> Option<MmioSlot> {
+        self.entries.get(index).map(|(slot, _)| *slot)
+    }
+
+    /// The occupant of slot `index`, to change.
+    pub fn get_mut(&mut self, index: usize) -> Option<&mut T> {
+        self.entries.get_mut(index).and_then(|(_, occupant)| occupant.as_mut())
+    }
 }
 
 #[cfg(test)]

@@ -11,6 +11,16 @@ use seccompiler::{
 
 /// KVM_RUN = _IO(KVMIO, 0x80).
 const KVM_RUN: u64 = 0xae80;
+/// What a parked vCPU thread reads of its vCPU for a snapshot (see
+/// `snapshot::kvm_state`): KVM_GET_REGS, _SREGS, _LAPIC, _MSRS, _CPUID2,
+/// _MP_STATE, _VCPU_EVENTS, _DEBUGREGS, _XSAVE, _XCRS.
+const KVM_VCPU_SAVE: [u64; 10] = [
+    0x8090_ae81, 0x8138_ae83, 0x8400_ae8e, 0xc008_ae88, 0xc008_ae91, 0x8004_ae98, 0x8040_ae9f, 0x8080_aea1,
+    0x9000_aea4, 0x8188_aea6,
+];
+/// What the event loop reads of the VM for a snapshot: KVM_GET_IRQCHIP,
+/// KVM_GET_PIT2, KVM_GET_CLOCK.
+const KVM_VM_SAVE: [u64; 3] = [0xc208_ae62, 0x8070_ae9f, 0x8030_ae7c];
 /// FIONBIO: how the standard library makes a socket non-blocking.
 const FIONBIO: u64 = libc::FIONBIO;
 /// KVM_IOEVENTFD = _IOW(KVMIO, 0x79, struct kvm_ioeventfd): a hot-plugged
@@ -58,8 +68,12 @@ const QUEUES: &[i64] = &[
     // Who may connect: a connection's peer uid against ours.
     libc::SYS_geteuid,
     libc::SYS_getrandom,
+    // Disk data: preadv/pwritev straight into guest memory, pread/pwrite
+    // through an O_DIRECT disk's bounce buffer.
     libc::SYS_pread64,
+    libc::SYS_preadv,
     libc::SYS_pwrite64,
+    libc::SYS_pwritev,
     libc::SYS_read,
     libc::SYS_recvfrom,
     libc::SYS_recvmsg,
@@ -118,6 +132,16 @@ const CONTROL: &[i64] = &[
     // Replacing a stale vsock socket (only a socket is ever removed).
     libc::SYS_unlink,
     libc::SYS_chmod,
+    // Writing a snapshot: its directory, the sparse memory file, the
+    // description, each synced and renamed into place.
+    libc::SYS_mkdir,
+    libc::SYS_ftruncate,
+    libc::SYS_lseek,
+    libc::SYS_pwrite64,
+    libc::SYS_fsync,
+    libc::SYS_rename,
+    // An embedder's control thread waits between requests.
+    libc::SYS_clock_nanosleep,
 ];
 
 /// A console copier: reads the guest's console bytes (QEMU's output, or
@@ -311,12 +335,12 @@ fn thread_filters() -> Vec<(&'static str, SeccompFilter)> {
         ]
     };
     vec![
-        ("vcpu", filter(&[COMMON, VCPU], &[KVM_RUN], vec![])),
+        ("vcpu", filter(&[COMMON, VCPU], &[&[KVM_RUN][..], &KVM_VCPU_SAVE].concat(), vec![])),
         (
             "event_loop",
             filter(
                 &[COMMON, QUEUES, EVENT_LOOP],
-                &[FIONBIO, KVM_IOEVENTFD],
+                &[&[FIONBIO, KVM_IOEVENTFD][..], &KVM_VM_SAVE].concat(),
                 [sockets(), vec![(libc::SYS_tgkill, kick_rules())]].concat(),
             ),
         ),

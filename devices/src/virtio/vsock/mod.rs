@@ -36,6 +36,11 @@ use super::{
 pub const HOST_CID: u64 = 2;
 const RX: usize = 0;
 const TX: usize = 1;
+/// The event queue: the device tells the driver of transport resets here.
+const EVENT: usize = 2;
+/// VIRTIO_VSOCK_EVENT_TRANSPORT_RESET (virtio spec 5.10.6.7): every
+/// connection is gone, and the guest CID is to be read again.
+const EVENT_TRANSPORT_RESET: u32 = 0;
 const QUEUE_SIZES: [u16; 3] = [256, 256, 256];
 /// Receive buffer we advertise per connection: the most guest data we
 /// hold for a host socket that is slow to read it.
@@ -724,6 +729,31 @@ impl VirtioBackend for Vsock {
 
     fn backend_fd(&self) -> Option<RawFd> {
         Some(self.epoll.as_raw_fd())
+    }
+
+    /// A restored device has none of the connections the driver knew: it
+    /// tells the driver so with a transport reset event, which makes the
+    /// guest close them all (its applications see ECONNRESET and dial
+    /// again). The event takes one of the buffers the driver keeps on the
+    /// event queue; a driver that left none there is not told.
+    fn restored(&mut self, queues: &mut [&mut Queue], mem: &GuestMemoryMmap) -> u64 {
+        let Some(queue) = queues.get_mut(EVENT) else { return 0 };
+        if !queue.ready() {
+            return 0;
+        }
+        let Some(chain) = queue.pop_descriptor_chain(mem) else {
+            debug!("no event buffer for the transport reset after a restore");
+            return 0;
+        };
+        let head = chain.head_index();
+        let written = ChainReader::new(queue, mem)
+            .split(chain)
+            .and_then(|buffers| buffers.write_at(0, &EVENT_TRANSPORT_RESET.to_le_bytes()));
+        let len = if written.is_ok() { 4 } else { 0 };
+        match queue.add_used(mem, head, len) {
+            Ok(()) => 1 << EVENT,
+            Err(_) => 0,
+        }
     }
 
     /// Runs on the vCPU thread that wrote the status register, under the

@@ -468,3 +468,29 @@ fn the_host_socket_is_0600_whatever_the_umask_and_never_replaces_a_file() {
     assert_eq!(std::fs::read(&file).unwrap(), b"data", "a regular file was replaced");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// A restored device tells the driver its connections are gone: a
+/// transport reset event in the driver's first event buffer. Without an
+/// event buffer there is nothing to tell it with, and nothing is used.
+#[test]
+fn a_restored_device_sends_a_transport_reset_event() {
+    let mem = memory();
+    let (mut dev, path) = device("restored");
+    let mut driver = Driver::new(&mem);
+    let mut qs: Vec<&mut Queue> = driver.queues.iter_mut().collect();
+    assert_eq!(dev.restored(&mut qs, &mem), 0, "an event was used without an event buffer");
+    drop(qs);
+    let ev = MockSplitQueue::create(&mem, GuestAddress(0x10000), 64);
+    let event_buf = 0x1f_0000;
+    mem.write_slice(&[0xffu8; 8], GuestAddress(event_buf)).unwrap();
+    ev.add_desc_chains(&[RawDescriptor::from(SplitDescriptor::new(event_buf, 8, WRITE, 0))], 0).unwrap();
+    driver.queues[EVENT] = ev.create_queue().unwrap();
+    let mut qs: Vec<&mut Queue> = driver.queues.iter_mut().collect();
+    assert_eq!(dev.restored(&mut qs, &mem), 1 << EVENT);
+    let used = ev.used().ring().ref_at(0).unwrap().load();
+    assert_eq!((ev.used().idx().load(), used.id(), used.len()), (1, 0, 4));
+    let mut event = [0u8; 8];
+    mem.read_slice(&mut event, GuestAddress(event_buf)).unwrap();
+    assert_eq!(event, [0, 0, 0, 0, 0xff, 0xff, 0xff, 0xff], "VIRTIO_VSOCK_EVENT_TRANSPORT_RESET is id 0");
+    let _ = std::fs::remove_file(path);
+}
