@@ -1,6 +1,8 @@
 //! `vessel bench sandbox`: a sandbox's cold start through the sandbox API,
 //! step by step (create, start to the container's first output byte, stop,
-//! delete), and the host memory an idle sandbox costs. A benchmark that
+//! delete), the same from the factory's cache (a VM booted and paused
+//! ahead of time, refilled between runs), and the host memory an idle
+//! sandbox costs. A benchmark that
 //! prints figures, never a pass/fail test.
 
 use std::io::Read;
@@ -78,39 +80,58 @@ pub(crate) fn run(args: &SandboxBenchArgs) -> anyhow::Result<()> {
             config.containers.push(ContainerConfig::new(id, root, command));
             Ok(config)
         };
-        let (mut create, mut first, mut stop, mut delete) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-        let mut kind = None;
-        for i in 0..args.runs {
-            let id = format!("bench{i}");
-            let config = config(&id, &["echo", "ready"])?;
-            let began = Instant::now();
-            let mut sandbox = Sandbox::create(&store, config, None)?;
-            let created = began.elapsed();
-            kind = Some(sandbox.state().hypervisor);
-            let io = sandbox.take_io(&id)?;
-            let started = Instant::now();
-            let out = std::thread::spawn(move || -> anyhow::Result<Duration> {
-                let mut conn = io.stdout.accept(STREAM_TIMEOUT)?;
-                let mut byte = [0u8; 1];
-                conn.read_exact(&mut byte)?;
-                Ok(started.elapsed())
-            });
-            sandbox.start()?;
-            let to_output = out.join().map_err(|_| anyhow::anyhow!("the reader panicked"))??;
-            sandbox.wait_process(&id, "", Some(Duration::from_secs(60)))?;
-            let stopping = Instant::now();
-            sandbox.stop(false)?;
-            let stopped = stopping.elapsed();
-            let deleting = Instant::now();
-            sandbox.delete()?;
-            create.push(ms(created));
-            first.push(ms(to_output));
-            stop.push(ms(stopped));
-            delete.push(ms(deleting.elapsed()));
-        }
-        let kind = kind.map_or("-".into(), |k| k.to_string());
-        println!("sandbox cold start, {kind}, {} runs (min / median / max, ms):", args.runs);
+        let kind = std::cell::Cell::new(None);
+        let time_runs = |factory: Option<&runtime_api::Factory>| -> anyhow::Result<[Vec<f64>; 4]> {
+            let (mut create, mut first, mut stop, mut delete) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+            for i in 0..args.runs {
+                if let Some(factory) = factory {
+                    // Each run takes a VM paused ahead of time.
+                    factory.wait_filled(Duration::from_secs(300))?;
+                }
+                let id = format!("bench{i}");
+                let config = config(&id, &["echo", "ready"])?;
+                let began = Instant::now();
+                let mut sandbox = Sandbox::create(&store, config, factory)?;
+                let created = began.elapsed();
+                kind.set(Some(sandbox.state().hypervisor));
+                let io = sandbox.take_io(&id)?;
+                let started = Instant::now();
+                let out = std::thread::spawn(move || -> anyhow::Result<Duration> {
+                    let mut conn = io.stdout.accept(STREAM_TIMEOUT)?;
+                    let mut byte = [0u8; 1];
+                    conn.read_exact(&mut byte)?;
+                    Ok(started.elapsed())
+                });
+                sandbox.start()?;
+                let to_output = out.join().map_err(|_| anyhow::anyhow!("the reader panicked"))??;
+                sandbox.wait_process(&id, "", Some(Duration::from_secs(60)))?;
+                let stopping = Instant::now();
+                sandbox.stop(false)?;
+                let stopped = stopping.elapsed();
+                let deleting = Instant::now();
+                sandbox.delete()?;
+                create.push(ms(created));
+                first.push(ms(to_output));
+                stop.push(ms(stopped));
+                delete.push(ms(deleting.elapsed()));
+            }
+            Ok([create, first, stop, delete])
+        };
+        let [create, first, stop, delete] = time_runs(None)?;
+        let shown = kind.get().map_or("-".into(), |k: HypervisorKind| k.to_string());
+        println!("sandbox cold start, {shown}, {} runs (min / median / max, ms):", args.runs);
         println!("  create (VM boot to agent, container created)   {}", spread(create));
+        println!("  start to the container's first output byte    {}", spread(first));
+        println!("  stop                                           {}", spread(stop));
+        println!("  delete                                         {}", spread(delete));
+
+        let mut cache = runtime_api::CacheConfig::for_sandbox(&config("cache", &["true"])?);
+        cache.hypervisor = kind.get().unwrap_or_else(HypervisorKind::detect);
+        let factory = runtime_api::Factory::cache(&store, cache, 1)?;
+        let [create, first, stop, delete] = time_runs(Some(&factory))?;
+        drop(factory);
+        println!("sandbox from the factory's cache (a paused VM), {shown}, {} runs (ms):", args.runs);
+        println!("  create (resume, identity, root hot-plugged)    {}", spread(create));
         println!("  start to the container's first output byte    {}", spread(first));
         println!("  stop                                           {}", spread(stop));
         println!("  delete                                         {}", spread(delete));

@@ -59,6 +59,11 @@ pub(crate) struct SandboxArgs {
     /// (repeatable).
     #[arg(short = 'v', long = "volume", value_name = "HOST:GUEST[:ro]")]
     pub(crate) volumes: Vec<String>,
+    /// Take a booted, paused VM from the factory's cache (`vessel factory
+    /// init`) if one is ready, rather than boot one; the root is then an
+    /// image (a directory is packed into one).
+    #[arg(long)]
+    pub(crate) factory: bool,
     /// The container's root: an ext4 image (used in place, written to), a
     /// directory (shared live through virtio-fs when run as root with
     /// virtiofsd, else packed into a fresh image) or an OCI image layout
@@ -221,8 +226,17 @@ pub(crate) fn create(store: &Store, args: &SandboxArgs) -> anyhow::Result<ExitCo
     }
     make_private_dir(&scratch)?;
     let made = (|| {
-        let root = container_root(&args.rootfs, &scratch, can_share())?;
-        let config = serde_json::to_string(&sandbox_config(args, &id, root)?)?;
+        let root = container_root(&args.rootfs, &scratch, can_share() && !args.factory)?;
+        let mut config = sandbox_config(args, &id, root)?;
+        if args.factory {
+            // A cached VM has no shared directory.
+            config.shared_fs = false;
+            if crate::factory::claim(store, &config)? {
+                return anyhow::Ok(());
+            }
+            tracing::info!(id, "no cached VM is ready; booting one cold");
+        }
+        let config = serde_json::to_string(&config)?;
         let log = std::fs::File::create(scratch.join("owner.log"))?;
         let mut owner = Command::new(std::env::current_exe()?)
             .arg("--root")
@@ -255,18 +269,32 @@ pub(crate) fn create(store: &Store, args: &SandboxArgs) -> anyhow::Result<ExitCo
 /// stopped.
 pub(crate) fn own(store: &Store, config: &str) -> anyhow::Result<ExitCode> {
     let config: SandboxConfig = serde_json::from_str(config).context("the sandbox config")?;
-    let id = config.id.clone();
     // Detached from the terminal and its signals.
     // SAFETY: setsid has no preconditions; it fails harmlessly if this
     // process leads a group already.
     unsafe { libc::setsid() };
-    let mut sandbox = Sandbox::create(store, config, None)?;
+    let sandbox = Sandbox::create(store, config, None)?;
+    serve_owner(store, sandbox, || {
+        println!("ready");
+        std::io::stdout().flush()
+    })
+}
+
+/// The owner's work once sandbox `sandbox` exists (made by `__own`, or
+/// taken from the factory by a cached VM's owner): collects its
+/// container's output, calls `ready` once the control socket listens, and
+/// serves that socket until the sandbox is stopped.
+pub(crate) fn serve_owner(
+    store: &Store,
+    mut sandbox: Sandbox,
+    ready: impl FnOnce() -> std::io::Result<()>,
+) -> anyhow::Result<ExitCode> {
+    let id = sandbox.id().to_string();
     let mut streams = collect_output(&mut sandbox, &scratch(store, &id), &id)?;
     let control = store.dir(&id)?.join(CONTROL_SOCKET);
     let listener =
         devices::host_socket::bind_private(&control).with_context(|| format!("listening on {}", control.display()))?;
-    println!("ready");
-    std::io::stdout().flush()?;
+    ready()?;
     for conn in listener.incoming() {
         let Ok(conn) = conn else { continue };
         if !devices::host_socket::peer_is_same_user(&conn).unwrap_or(false) {
@@ -853,16 +881,25 @@ pub(crate) fn run(
     remove: bool,
 ) -> anyhow::Result<ExitCode> {
     sweep(store);
+    if args.factory && (interactive || tty) {
+        bail!("--factory takes no -i or -t: a cached VM's owner collects the container's output");
+    }
     let id = args.id.clone().unwrap_or_else(fresh_id);
     let scratch = scratch(store, &id);
     make_private_dir(&scratch)?;
     let outcome = (|| {
-        let root = container_root(&args.rootfs, &scratch, can_share())?;
+        let root = container_root(&args.rootfs, &scratch, can_share() && !args.factory)?;
         let mut config = sandbox_config(args, &id, root)?;
         // A foreground run makes no containers later: a shared directory
         // only if its own container needs one (create sees to that).
         config.shared_fs = false;
         config.annotations.insert(RUN_ANNOTATION.into(), if remove { "rm" } else { "keep" }.into());
+        if args.factory {
+            if crate::factory::claim(store, &config)? {
+                return run_claimed(store, &id, &scratch, remove);
+            }
+            tracing::info!(id, "no cached VM is ready; booting one cold");
+        }
         config.containers[0].process.stdin = interactive;
         config.containers[0].process.terminal = tty;
         config.containers[0].process.console_size = if tty { crate::terminal::window_size() } else { None };
@@ -888,6 +925,58 @@ pub(crate) fn run(
     }
     let status = outcome?;
     Ok(ExitCode::from(u8::try_from(status).unwrap_or(255)))
+}
+
+/// The rest of `vessel run` for a sandbox a cached VM's owner made: start
+/// it, copy its output log to our stdout as it grows, wait for its exit,
+/// stop it through the owner (and delete it, with `remove`).
+fn run_claimed(store: &Store, id: &str, scratch: &Path, remove: bool) -> anyhow::Result<i32> {
+    use std::io::Read;
+    let mut sandbox = Sandbox::fetch(store, id)?;
+    sandbox.start()?;
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let log = output_log(scratch, id, id);
+    let copier = {
+        let done = done.clone();
+        std::thread::spawn(move || -> std::io::Result<()> {
+            let mut file = std::fs::File::open(&log)?;
+            let mut out = std::io::stdout();
+            let mut buf = [0u8; 16 * 1024];
+            // After the exit, until the log has not grown for a while (the
+            // owner's collector may still be writing the last bytes).
+            let mut quiet = 0;
+            loop {
+                let n = file.read(&mut buf)?;
+                if n > 0 {
+                    out.write_all(&buf[..n])?;
+                    out.flush()?;
+                    quiet = 0;
+                    continue;
+                }
+                if done.load(std::sync::atomic::Ordering::SeqCst) {
+                    quiet += 1;
+                    if quiet > 10 {
+                        return Ok(());
+                    }
+                }
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+        })
+    };
+    let status = sandbox.wait_process(id, "", None);
+    done.store(true, std::sync::atomic::Ordering::SeqCst);
+    let copied = copier.join();
+    let status = status?;
+    drop(sandbox);
+    control(store, id, "stop")?;
+    if remove {
+        Sandbox::delete_by_id(store, id, false)?;
+    }
+    match copied {
+        Ok(Ok(())) => Ok(status),
+        Ok(Err(e)) => Err(anyhow::Error::from(e).context("copying the container's output")),
+        Err(_) => bail!("the output copier panicked"),
+    }
 }
 
 /// A signal by name (`TERM`, `SIGKILL`) or number.

@@ -5,6 +5,7 @@ mod bench_blk;
 mod bench_factory;
 mod bench_fs;
 mod bench_sandbox;
+mod factory;
 mod lifecycle;
 mod sandbox;
 mod serve;
@@ -197,12 +198,30 @@ enum Command {
     /// The owner process of a detached sandbox (started by `create`).
     #[command(name = "__own", hide = true)]
     Own { config: String },
+    /// The cache of booted, paused sandbox VMs that `create --factory` and
+    /// `run --factory` take from.
+    #[command(subcommand)]
+    Factory(FactoryCommand),
+    /// The owner process of a cached VM (started by `factory init`).
+    #[command(name = "__cached", hide = true)]
+    Cached,
     /// Write the bundled test guests (tiny kernels used by tests) to a directory.
     Guests {
         /// Directory to write them to (created if missing).
         #[arg(long)]
         out: PathBuf,
     },
+}
+
+#[derive(Subcommand, Debug)]
+enum FactoryCommand {
+    /// Boot N sandbox VMs and keep them paused, each held by a process of
+    /// its own, until a create or run with --factory takes one.
+    Init(factory::InitArgs),
+    /// The cache and each cached VM: state, age, owner and VM PIDs.
+    Status,
+    /// End every cached VM and remove what the factory keeps.
+    Destroy,
 }
 
 #[derive(Subcommand, Debug)]
@@ -283,6 +302,8 @@ enum SandboxCommand {
     Run(sandbox::RunArgs),
 }
 
+// Parsed once per process: the size of a command-line value does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand, Debug)]
 enum VmCommand {
     /// Boot a kernel with the serial console on stdout; exit when the guest does.
@@ -548,6 +569,10 @@ fn main() -> ExitCode {
         Command::Stats { id, format } => {
             lifecycle::run_op(&store(&cli.global.root), &id, lifecycle::Op::Stats { format })
         }
+        Command::Cached => factory::own_cached(&store(&cli.global.root)),
+        Command::Factory(FactoryCommand::Init(args)) => factory::init(&store(&cli.global.root), &args),
+        Command::Factory(FactoryCommand::Status) => factory::status(&store(&cli.global.root)),
+        Command::Factory(FactoryCommand::Destroy) => factory::destroy(&store(&cli.global.root)),
         Command::Update { id, cpus, memory, pids } => {
             lifecycle::run_op(&store(&cli.global.root), &id, lifecycle::Op::Update { cpus, memory, pids })
         }

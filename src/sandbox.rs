@@ -88,6 +88,7 @@ pub(crate) fn run(store: &Store, args: &RunArgs) -> anyhow::Result<ExitCode> {
         net: None,
         volumes: Vec::new(),
         hotplug_slots: 2,
+        factory: false,
         rootfs,
         command: args.command.clone(),
     };

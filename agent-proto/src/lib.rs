@@ -3,6 +3,7 @@
 //!
 //! - [`agent`]: the messages; [`agent_ttrpc`]: the `Agent` service trait,
 //!   its server registration and the `AgentClient`.
+//! - [`identity`]: the checks of a guest identity request.
 //! - [`link`]: how the agent and the host reach each other (ports, the
 //!   readiness line, the vsock/Unix socket addresses).
 //! - [`mock`]: an in-process mock agent for host-side unit tests.
@@ -18,6 +19,7 @@ pub mod agent_ttrpc {
     include!(concat!(env!("OUT_DIR"), "/agent_ttrpc.rs"));
 }
 
+pub mod identity;
 pub mod link;
 pub mod mock;
 pub mod spec;

@@ -97,10 +97,24 @@ pub fn accept_ready(
     timeout: Duration,
     gone: impl FnMut() -> Option<String>,
 ) -> Result<String, LinkError> {
+    accept_link(listener, path, timeout, gone).map(|(version, _)| version)
+}
+
+/// [`accept_ready`], keeping the connection: the agent's link, which a
+/// guest's agent holds open and dials again when it ends (see the agent's
+/// `hold_link`), so a host that means to keep the agent keeps it.
+pub fn accept_link(
+    listener: &UnixListener,
+    path: &Path,
+    timeout: Duration,
+    gone: impl FnMut() -> Option<String>,
+) -> Result<(String, UnixStream), LinkError> {
     let io = |what| move |source| LinkError::Io { what, path: path.into(), source };
     let mut conn = accept_within(listener, path, timeout, gone)?;
     conn.set_read_timeout(Some(Duration::from_secs(10))).map_err(io("cannot set a timeout on"))?;
-    read_ready(&mut conn, path)
+    let version = read_ready(&mut conn, path)?;
+    conn.set_read_timeout(None).map_err(io("cannot clear the timeout on"))?;
+    Ok((version, conn))
 }
 
 /// Host side: the first connection to `listener` (bound at `path`), made

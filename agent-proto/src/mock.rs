@@ -24,8 +24,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use crate::agent::{
     ContainerRequest, ContainerState, ContainerStatusResponse, CreateContainerRequest, Empty, ExecProcessRequest,
     GuestDetails, HealthCheckResponse, ListProcessesResponse, MountDiskRequest, OOMEvent, RemoveProcessRequest,
-    ResizeTerminalRequest, Resources, SignalProcessRequest, StatsContainerResponse, UpdateContainerRequest,
-    WaitProcessRequest, WaitProcessResponse,
+    ResizeTerminalRequest, Resources, SetGuestIdentityRequest, SignalProcessRequest, StatsContainerResponse,
+    UpdateContainerRequest, WaitProcessRequest, WaitProcessResponse,
 };
 use crate::agent_ttrpc::{create_agent, Agent};
 use ttrpc::{Code, TtrpcContext};
@@ -85,6 +85,8 @@ struct Inner {
     /// WaitProcess calls still to refuse as the agent does when too many
     /// wait at once (RESOURCE_EXHAUSTED).
     refused_waits: usize,
+    /// The identity the last SetGuestIdentity gave.
+    identity: Option<crate::identity::Identity>,
 }
 
 #[derive(Debug, Default)]
@@ -288,6 +290,16 @@ impl MockAgent {
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
         self.shared.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The identity the last SetGuestIdentity gave, if any.
+    pub fn identity(&self) -> Option<crate::identity::Identity> {
+        self.lock().identity.clone()
+    }
+
+    fn details(&self) -> GuestDetails {
+        let hostname = self.lock().identity.as_ref().map_or("mock".into(), |i| i.hostname.clone());
+        GuestDetails { agent_version: "mock".into(), online_cpus: 1, possible_cpus: 1, hostname, ..Default::default() }
     }
 
     fn record(&self, call: &'static str) {
@@ -598,7 +610,14 @@ impl Agent for MockAgent {
 
     fn get_guest_details(&self, _: &TtrpcContext, _: Empty) -> ttrpc::Result<GuestDetails> {
         self.record("GetGuestDetails");
-        Ok(GuestDetails { agent_version: "mock".into(), online_cpus: 1, possible_cpus: 1, ..Default::default() })
+        Ok(self.details())
+    }
+
+    fn set_guest_identity(&self, _: &TtrpcContext, req: SetGuestIdentityRequest) -> ttrpc::Result<GuestDetails> {
+        self.record("SetGuestIdentity");
+        let identity = crate::identity::check(&req).map_err(|e| invalid(e.to_string()))?;
+        self.lock().identity = Some(identity);
+        Ok(self.details())
     }
 
     fn destroy_sandbox(&self, _: &TtrpcContext, _: Empty) -> ttrpc::Result<Empty> {
@@ -866,6 +885,24 @@ mod tests {
         // Taken once.
         let r = s.client.get_oom_event(context::with_timeout(100_000_000), &Empty::new());
         assert!(r.is_err(), "{r:?}");
+    }
+
+    #[test]
+    fn an_identity_is_checked_then_kept_and_reported() {
+        let s = Served::new("identity", MockAgent::new(0));
+        let mut req = SetGuestIdentityRequest {
+            hostname: "box-1".into(),
+            time_sec: 1_700_000_000,
+            entropy: vec![1; 32],
+            ..Default::default()
+        };
+        assert_eq!(s.client.set_guest_identity(ctx(), &req).unwrap().hostname, "box-1");
+        assert_eq!(s.mock.identity().unwrap().hostname, "box-1");
+        assert_eq!(s.client.get_guest_details(ctx(), &Empty::new()).unwrap().hostname, "box-1");
+        req.hostname = "bad name".into();
+        let err = crate::error_message(&s.client.set_guest_identity(ctx(), &req).unwrap_err());
+        assert!(err.contains("INVALID_ARGUMENT") && err.contains("\"bad name\""), "{err}");
+        assert_eq!(s.mock.identity().unwrap().hostname, "box-1", "a refused request changed the identity");
     }
 
     #[test]

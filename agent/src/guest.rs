@@ -203,22 +203,76 @@ pub fn seed_entropy() -> Result<usize, GuestError> {
     let mut hwrng = std::fs::File::open("/dev/hwrng").map_err(io("open /dev/hwrng"))?;
     let mut seed = [0u8; BYTES];
     std::io::Read::read_exact(&mut hwrng, &mut seed).map_err(io("read /dev/hwrng"))?;
+    let urandom = std::fs::OpenOptions::new().write(true).open("/dev/urandom").map_err(io("open /dev/urandom"))?;
+    add_entropy(&urandom, &seed)?;
+    Ok(BYTES)
+}
+
+/// The most bytes [`add_entropy`] takes at once (the size of its buffer;
+/// `agent_proto::identity::MAX_ENTROPY`).
+const MAX_ADDED: usize = agent_proto::identity::MAX_ENTROPY;
+
+/// Mixes `bytes` (at most [`MAX_ADDED`]) into the kernel's input pool
+/// through `urandom` and credits them in full (RNDADDENTROPY).
+fn add_entropy(urandom: &std::fs::File, bytes: &[u8]) -> Result<(), GuestError> {
     #[repr(C)]
     struct RandPoolInfo {
         entropy_count: libc::c_int,
         buf_size: libc::c_int,
-        buf: [u8; BYTES],
+        buf: [u8; MAX_ADDED],
     }
-    let info = RandPoolInfo { entropy_count: (BYTES * 8) as libc::c_int, buf_size: BYTES as libc::c_int, buf: seed };
-    let urandom = std::fs::OpenOptions::new().write(true).open("/dev/urandom").map_err(io("open /dev/urandom"))?;
+    if bytes.len() > MAX_ADDED {
+        return Err(io("add entropy")(std::io::Error::other(format!("{} bytes is over {MAX_ADDED}", bytes.len()))));
+    }
+    let mut info = RandPoolInfo {
+        entropy_count: (bytes.len() * 8) as libc::c_int,
+        buf_size: bytes.len() as libc::c_int,
+        buf: [0; MAX_ADDED],
+    };
+    info.buf[..bytes.len()].copy_from_slice(bytes);
     // RNDADDENTROPY = _IOW('R', 0x03, int[2])
     const RNDADDENTROPY: libc::c_ulong = 0x4008_5203;
-    // SAFETY: info is a valid rand_pool_info with buf_size bytes after the
-    // header; the ioctl only reads it.
+    // SAFETY: info is a valid rand_pool_info whose buf holds at least
+    // buf_size bytes after the header; the ioctl only reads it.
     if unsafe { libc::ioctl(urandom.as_raw_fd(), RNDADDENTROPY, &info) } != 0 {
         return Err(last_os_error("add entropy (RNDADDENTROPY)"));
     }
-    Ok(BYTES)
+    Ok(())
+}
+
+/// Gives the guest the identity the host asked for (checked by
+/// `agent_proto::identity::check`): hostname, wall clock, and fresh
+/// entropy with the CRNG reseeded from it.
+pub fn set_identity(identity: &agent_proto::identity::Identity) -> Result<(), GuestError> {
+    let name = &identity.hostname;
+    // SAFETY: the pointer and length describe the hostname's bytes, which
+    // outlive the call; the kernel copies them.
+    if unsafe { libc::sethostname(name.as_ptr().cast(), name.len()) } != 0 {
+        return Err(last_os_error(format!("set the hostname to {name:?}")));
+    }
+    let now = libc::timespec { tv_sec: identity.sec, tv_nsec: libc::c_long::from(identity.nsec) };
+    // SAFETY: a valid timespec that lives across the call; the kernel only
+    // reads it.
+    if unsafe { libc::clock_settime(libc::CLOCK_REALTIME, &now) } != 0 {
+        return Err(last_os_error(format!("set the clock to {} s", identity.sec)));
+    }
+    // A plain write(2) to /dev/urandom would mix the bytes into the input
+    // pool but credit nothing and leave the CRNG alone: it would go on
+    // drawing from the key it had when the VM was paused (the same key in
+    // every VM booted from one image snapshot, or cloned from one
+    // template) until its next scheduled reseed, up to a minute later.
+    // RNDADDENTROPY credits the bytes, and RNDRESEEDCRNG makes the CRNG
+    // take a fresh key from the pool now, so from here on this guest's
+    // random bytes are its own.
+    let urandom = std::fs::OpenOptions::new().write(true).open("/dev/urandom").map_err(io("open /dev/urandom"))?;
+    add_entropy(&urandom, &identity.entropy)?;
+    // RNDRESEEDCRNG = _IO('R', 0x07)
+    const RNDRESEEDCRNG: libc::c_ulong = 0x5207;
+    // SAFETY: an ioctl with no argument on a descriptor this function owns.
+    if unsafe { libc::ioctl(urandom.as_raw_fd(), RNDRESEEDCRNG) } != 0 {
+        return Err(last_os_error("reseed the CRNG (RNDRESEEDCRNG)"));
+    }
+    Ok(())
 }
 
 /// `vessel.agent_port=N` from the kernel command line.
@@ -259,6 +313,8 @@ pub fn details(ready_after_boot_ms: u64) -> GuestDetails {
     unsafe { libc::uname(&mut uts) };
     // SAFETY: uname NUL-terminates release.
     let release = unsafe { std::ffi::CStr::from_ptr(uts.release.as_ptr()) }.to_string_lossy().into_owned();
+    // SAFETY: uname NUL-terminates nodename.
+    let hostname = unsafe { std::ffi::CStr::from_ptr(uts.nodename.as_ptr()) }.to_string_lossy().into_owned();
     let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
     let mem_kib: u64 = meminfo
         .lines()
@@ -273,6 +329,7 @@ pub fn details(ready_after_boot_ms: u64) -> GuestDetails {
         possible_cpus: cpu_count(&read("/sys/devices/system/cpu/possible")),
         agent_version: env!("CARGO_PKG_VERSION").into(),
         ready_after_boot_ms,
+        hostname,
         ..Default::default()
     }
 }

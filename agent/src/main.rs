@@ -62,8 +62,8 @@ fn serve(listener: OwnedFd, service: Service) -> Result<agent_proto::ttrpc::Serv
 /// Dials the host and says the agent is ready, retrying while the host's
 /// side is not there yet: quickly at first, then once a second, for as
 /// long as `patience` allows (None: for ever, as a guest's PID 1 has
-/// nothing better to do).
-fn announce(link: &HostLink, port: u32, patience: Option<Duration>) -> Result<(), String> {
+/// nothing better to do). Returns the connection, which stays open.
+fn announce(link: &HostLink, port: u32, patience: Option<Duration>) -> Result<std::fs::File, String> {
     let start = Instant::now();
     let mut delay = Duration::from_millis(20);
     let mut told = false;
@@ -73,6 +73,7 @@ fn announce(link: &HostLink, port: u32, patience: Option<Duration>) -> Result<()
                 let mut stream = std::fs::File::from(fd);
                 return stream
                     .write_all(ready_line(env!("CARGO_PKG_VERSION")).as_bytes())
+                    .map(|()| stream)
                     .map_err(|e| format!("writing the ready line: {e}"));
             }
             Err(e) => e.to_string(),
@@ -86,6 +87,61 @@ fn announce(link: &HostLink, port: u32, patience: Option<Duration>) -> Result<()
         }
         std::thread::sleep(delay);
         delay = (delay * 2).min(Duration::from_secs(1));
+    }
+}
+
+/// The shortest and longest waits between two announcements when links
+/// keep ending soon after they are made.
+const RELINK_MIN: Duration = Duration::from_millis(20);
+const RELINK_MAX: Duration = Duration::from_secs(2);
+/// A link that lasted this long ended for a new reason: dial again at once.
+const RELINK_RESET: Duration = Duration::from_secs(10);
+
+/// Waits until the link `stream` ends; says how. The host sends nothing
+/// on it: it holds it open for as long as it holds the VM.
+fn link_end(mut stream: std::fs::File) -> String {
+    let mut buf = [0u8; 64];
+    loop {
+        match std::io::Read::read(&mut stream, &mut buf) {
+            Ok(0) => return "the host closed it".into(),
+            Ok(_) => continue,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return e.to_string(),
+        }
+    }
+}
+
+/// Holds the link to the host for as long as the guest runs: announces
+/// the agent, waits until the connection ends, and announces it again.
+/// A VM restored from a snapshot has its vsock transport reset (every
+/// connection ends with ECONNRESET) and a new host on the other side; the
+/// agent's dialing again is how that host learns the agent is there. The
+/// ttrpc listener is untouched: the host connects to it anew. Links that
+/// keep ending at once are redialed after a wait that doubles from
+/// [`RELINK_MIN`] up to [`RELINK_MAX`].
+fn hold_link(link: &HostLink, port: u32, on_first: impl FnOnce()) -> ! {
+    let mut on_first = Some(on_first);
+    let mut wait = RELINK_MIN;
+    loop {
+        let stream = match announce(link, port, None) {
+            Ok(stream) => stream,
+            Err(e) => {
+                log(&e);
+                std::thread::sleep(RELINK_MAX);
+                continue;
+            }
+        };
+        if let Some(f) = on_first.take() {
+            f();
+        }
+        let since = Instant::now();
+        let how = link_end(stream);
+        if since.elapsed() > RELINK_RESET {
+            wait = RELINK_MIN;
+        }
+        log(&format!("the link to the host ended ({how}); dialing again"));
+        std::thread::sleep(wait);
+        wait = (wait * 2).min(RELINK_MAX);
     }
 }
 
@@ -144,15 +200,9 @@ fn guest_main() -> ! {
             }
         }
     };
-    match announce(&link, port, None) {
-        Ok(()) => {
-            log(&format!("ready after {} ms{}", guest::uptime_ms(), if ok { "" } else { " (with errors above)" }))
-        }
-        Err(e) => log(&e),
-    }
-    loop {
-        std::thread::park();
-    }
+    hold_link(&link, port, || {
+        log(&format!("ready after {} ms{}", guest::uptime_ms(), if ok { "" } else { " (with errors above)" }))
+    })
 }
 
 fn host_main(args: &[String]) -> Result<(), String> {
@@ -192,7 +242,8 @@ fn host_main(args: &[String]) -> Result<(), String> {
     let listener = UnixListener::bind(&listen).map_err(|e| format!("listening on {}: {e}", listen.display()))?;
     let service = Service { containers, guest: false, ready_after_boot_ms: 0, blocked_waits: Default::default() };
     let _server = serve(OwnedFd::from(listener), service)?;
-    announce(&link, port, Some(Duration::from_secs(30)))?;
+    // On the host the announcement is made once; its connection is kept.
+    let _link = announce(&link, port, Some(Duration::from_secs(30)))?;
     loop {
         std::thread::park();
     }

@@ -10,8 +10,9 @@ use agent_proto::agent::{
     ContainerRequest, ContainerState, ContainerStatusResponse, CreateContainerRequest, Empty, ExecProcessRequest,
     GuestDetails, HealthCheckResponse, Interface, Interfaces, ListProcessesResponse, MountDiskRequest, OOMEvent,
     OnlineCPUMemRequest, ProcessInfo, RemoveProcessRequest, ResizeTerminalRequest, Resources, Routes,
-    SignalProcessRequest, StatsContainerResponse, UpdateContainerRequest, UpdateInterfaceRequest, UpdateRoutesRequest,
-    VirtioSlot, VirtioSlotRequest, VirtioSlots, WaitProcessRequest, WaitProcessResponse,
+    SetGuestIdentityRequest, SignalProcessRequest, StatsContainerResponse, UpdateContainerRequest,
+    UpdateInterfaceRequest, UpdateRoutesRequest, VirtioSlot, VirtioSlotRequest, VirtioSlots, WaitProcessRequest,
+    WaitProcessResponse,
 };
 use agent_proto::ttrpc::{self, Code, TtrpcContext};
 
@@ -324,6 +325,14 @@ impl agent_proto::agent_ttrpc::Agent for Service {
     fn get_guest_details(&self, _: &TtrpcContext, _: Empty) -> ttrpc::Result<GuestDetails> {
         let details = crate::guest::details(self.ready_after_boot_ms);
         Ok(details)
+    }
+
+    fn set_guest_identity(&self, _: &TtrpcContext, req: SetGuestIdentityRequest) -> ttrpc::Result<GuestDetails> {
+        let identity = agent_proto::identity::check(&req).map_err(|e| status(Code::INVALID_ARGUMENT, e.to_string()))?;
+        // On the host it would rename and reclock the host itself.
+        self.guest_only("the guest's identity is set")?;
+        crate::guest::set_identity(&identity).map_err(|e| status(Code::INTERNAL, crate::container::error_chain(&e)))?;
+        Ok(crate::guest::details(self.ready_after_boot_ms))
     }
 
     fn destroy_sandbox(&self, _: &TtrpcContext, _: Empty) -> ttrpc::Result<Empty> {

@@ -18,8 +18,8 @@ use std::time::{Duration, Instant};
 
 use agent_proto::agent::{
     ContainerRequest, ContainerState, Empty, ExecProcessRequest, IPAddress, Interface, OnlineCPUMemRequest, Resources,
-    Route, Routes, SignalProcessRequest, Stdio, UpdateContainerRequest, UpdateInterfaceRequest, UpdateRoutesRequest,
-    VirtioSlotRequest,
+    Route, Routes, SetGuestIdentityRequest, SignalProcessRequest, Stdio, UpdateContainerRequest,
+    UpdateInterfaceRequest, UpdateRoutesRequest, VirtioSlotRequest,
 };
 use agent_proto::agent_ttrpc::AgentClient;
 use agent_proto::{link, ttrpc};
@@ -246,6 +246,45 @@ fn exec_output(
     Ok(output)
 }
 
+/// SetGuestIdentity: the hostname and the clock are the guest's at once
+/// (a container reads the clock a year ahead, as set), and a bad request
+/// is refused whole; the clock is then set back to the host's.
+fn identity(client: &AgentClient, host: &HostSide) -> anyhow::Result<()> {
+    let now =
+        || std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_secs() as i64;
+    let year = 365 * 86400;
+    let identity = |hostname: &str, time_sec: i64| SetGuestIdentityRequest {
+        hostname: hostname.into(),
+        time_sec,
+        entropy: vec![0x5a; 64],
+        ..Default::default()
+    };
+    let ahead = now() + year;
+    let details = client
+        .set_guest_identity(ctx(), &identity("tcg-guest-1", ahead))
+        .map_err(rpc_error)
+        .context("set_guest_identity")?;
+    ensure!(details.hostname == "tcg-guest-1", "the hostname after SetGuestIdentity: {details:?}");
+    let (out, handle) = host.capture()?;
+    client
+        .create_container(ctx(), &request("clock", &["date", "+%s"], &SpecOptions::default(), output_ports(out, out)))
+        .map_err(rpc_error)?;
+    client.start_container(ctx(), &container("clock")).map_err(rpc_error).context("start_container")?;
+    let seen: i64 = collected(handle)?.trim().parse().context("date +%s printed no number")?;
+    client.wait_process(ctx(), &wait_for("clock", "")).map_err(rpc_error)?;
+    client.remove_container(ctx(), &container("clock")).map_err(rpc_error)?;
+    ensure!((ahead..ahead + 120).contains(&seen), "the guest's clock reads {seen}, set to {ahead}");
+    let refused = client.set_guest_identity(ctx(), &identity("bad name", now())).map_err(rpc_error);
+    ensure!(
+        refused.as_ref().err().is_some_and(|e| e.to_string().contains("\"bad name\"")),
+        "a bad hostname: {refused:?}"
+    );
+    let kept = client.get_guest_details(ctx(), &Empty::new()).map_err(rpc_error)?.hostname;
+    ensure!(kept == "tcg-guest-1", "a refused request changed the hostname to {kept:?}");
+    client.set_guest_identity(ctx(), &identity("tcg-guest", now())).map_err(rpc_error).context("set_guest_identity")?;
+    Ok(())
+}
+
 /// The weight, the cpuset and a CPU quota set on a running container, seen
 /// by StatsContainer and by the container in its own cgroup files; then
 /// memory, pids and CPU lifted back to "max".
@@ -381,6 +420,12 @@ fn drive(g: &Guest) -> anyhow::Result<String> {
     let status = client.wait_process(ctx(), &wait_for("hello", "")).map_err(rpc_error).context("wait_process")?.status;
     ensure!(status == 0, "echo exited {status}");
     client.remove_container(ctx(), &container("hello")).map_err(rpc_error).context("remove_container")?;
+
+    identity(&client, host)?;
+    // The host dropped the agent's link after its readiness line: the
+    // agent dials again and announces itself anew.
+    let again = g.host.wait_ready(g.ready, Duration::from_secs(30)).context("no second announcement")?;
+    ensure!(again == version, "the second announcement said {again:?}");
 
     // A long-running container with limits.
     let resources = format!(r#"{{"memory":{{"limit":{MEMORY_LIMIT}}},"pids":{{"limit":{PIDS_LIMIT}}}}}"#);

@@ -13,9 +13,13 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+use agent_proto::agent::{GuestDetails, SetGuestIdentityRequest};
 use agent_proto::agent_ttrpc::AgentClient;
 use agent_proto::link::{self, LinkError};
 use agent_proto::ttrpc;
+
+/// How many bytes of host entropy a guest gets with its identity.
+pub const IDENTITY_ENTROPY: usize = 64;
 
 /// How long an ordinary RPC may take (a create under TCG takes seconds).
 pub const RPC_TIMEOUT: Duration = Duration::from_secs(60);
@@ -97,6 +101,18 @@ impl HostSide {
         gone: impl FnMut() -> Option<String>,
     ) -> Result<String, AgentError> {
         Ok(link::accept_ready(listener, &link::port_path(&self.prefix, link::DEFAULT_PORT), timeout, gone)?)
+    }
+
+    /// [`HostSide::wait_ready`], keeping the connection: a guest's agent
+    /// dials again whenever its link ends, so the VM's owner holds it for
+    /// as long as it holds the VM.
+    pub fn wait_link(
+        &self,
+        listener: &UnixListener,
+        timeout: Duration,
+        gone: impl FnMut() -> Option<String>,
+    ) -> Result<(String, UnixStream), AgentError> {
+        Ok(link::accept_link(listener, &link::port_path(&self.prefix, link::DEFAULT_PORT), timeout, gone)?)
     }
 }
 
@@ -185,6 +201,26 @@ impl Agent {
     /// Connects through the hybrid vsock socket `uds` (`CONNECT <port>`).
     pub fn connect_hybrid(uds: &Path) -> Result<Self, AgentError> {
         Self::over(link::connect_hybrid(uds, link::DEFAULT_PORT)?)
+    }
+
+    /// Gives the guest its own identity (`SetGuestIdentity`): `hostname`,
+    /// this host's wall clock now, and [`IDENTITY_ENTROPY`] fresh bytes
+    /// from this host's CSPRNG for its entropy pool. Returns the guest's
+    /// details as they are afterwards.
+    pub fn set_identity(&self, hostname: &str) -> Result<GuestDetails, AgentError> {
+        let mut entropy = vec![0u8; IDENTITY_ENTROPY];
+        std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut entropy)).map_err(|e| {
+            AgentError::Rpc { rpc: "SetGuestIdentity", message: format!("no host entropy to send (/dev/urandom: {e})") }
+        })?;
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+        let request = SetGuestIdentityRequest {
+            hostname: hostname.into(),
+            time_sec: i64::try_from(now.as_secs()).unwrap_or(i64::MAX),
+            time_nsec: now.subsec_nanos(),
+            entropy,
+            ..Default::default()
+        };
+        self.call("SetGuestIdentity", |c, ctx| c.set_guest_identity(ctx, &request))
     }
 
     /// Calls `rpc` with [`RPC_TIMEOUT`].

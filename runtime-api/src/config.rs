@@ -79,6 +79,10 @@ pub struct SandboxConfig {
     /// Free-form annotations for the caller (Kata's), kept in the state.
     #[serde(default)]
     pub annotations: std::collections::BTreeMap<String, String>,
+    /// The guest's own hostname (its containers have theirs); `None`: the
+    /// sandbox's ID. Set through the agent before any container exists.
+    #[serde(default)]
+    pub hostname: Option<String>,
 }
 
 /// A network namespace holding a veth, as a CNI plugin leaves it: the
@@ -93,6 +97,11 @@ pub struct NetworkConfig {
 }
 
 impl SandboxConfig {
+    /// The guest's hostname: [`SandboxConfig::hostname`] or the ID.
+    pub fn guest_hostname(&self) -> &str {
+        self.hostname.as_deref().unwrap_or(&self.id)
+    }
+
     /// A sandbox `id` with one vCPU, 256 MiB, no containers yet, two
     /// hotplug slots, the hypervisor chosen for this host, and 120 s to
     /// boot.
@@ -110,6 +119,7 @@ impl SandboxConfig {
             disks: Vec::new(),
             shared_fs: false,
             annotations: Default::default(),
+            hostname: None,
         }
     }
 }

@@ -6,6 +6,7 @@
 //! - [`sandbox`]: the operations on sandboxes and containers.
 //! - [`config`]: what a sandbox and its containers are made of.
 //! - [`state`]: the state files and the per-sandbox lock.
+//! - [`factory`]: VMs booted ahead of time, which a create can take.
 //! - [`hypervisor`]: the `Hypervisor` trait, `builtin` and `qemu-tcg`.
 //! - [`network`]: a sandbox in a CNI network namespace (tcfilter).
 //! - [`agent`]: the host's side of the guest agent.
@@ -34,6 +35,7 @@ pub mod agent;
 pub mod children;
 pub mod config;
 pub mod console;
+pub mod factory;
 pub mod hypervisor;
 pub mod network;
 pub mod qemu;
@@ -47,8 +49,9 @@ mod sandbox_tests;
 pub use config::{
     ContainerConfig, DiskConfig, DiskMount, Limit, NetworkConfig, ProcessConfig, Resources, SandboxConfig, VolumeConfig,
 };
+pub use factory::{CacheConfig, Factory};
 pub use hypervisor::{Hypervisor, HypervisorKind};
-pub use sandbox::{ContainerStatus, Factory, ProcessIo, Sandbox, SandboxError, SandboxStatus};
+pub use sandbox::{ContainerStatus, ProcessIo, Sandbox, SandboxError, SandboxStatus};
 pub use state::{ContainerPhase, SandboxPhase, Store};
 
 /// An error and its causes, as one line (`a: b: c`), for logs and for

@@ -38,6 +38,8 @@ struct FakeVm {
     mock: MockAgent,
     fault: Fault,
     running: Arc<AtomicBool>,
+    paused: Arc<AtomicBool>,
+    plugged: Arc<std::sync::Mutex<Vec<Disk>>>,
     server: Option<agent_proto::ttrpc::Server>,
     vsock: PathBuf,
 }
@@ -45,8 +47,15 @@ struct FakeVm {
 impl FakeVm {
     fn new(fault: Fault) -> (Self, Arc<AtomicBool>) {
         let running = Arc::new(AtomicBool::new(false));
-        let vm =
-            FakeVm { mock: MockAgent::new(3), fault, running: running.clone(), server: None, vsock: PathBuf::new() };
+        let vm = FakeVm {
+            mock: MockAgent::new(3),
+            fault,
+            running: running.clone(),
+            paused: Arc::default(),
+            plugged: Arc::default(),
+            server: None,
+            vsock: PathBuf::new(),
+        };
         (vm, running)
     }
 }
@@ -115,10 +124,12 @@ impl Hypervisor for FakeVm {
     }
 
     fn pause(&mut self) -> Result<(), HypervisorError> {
+        self.paused.store(true, Ordering::SeqCst);
         Ok(())
     }
 
     fn resume(&mut self) -> Result<(), HypervisorError> {
+        self.paused.store(false, Ordering::SeqCst);
         Ok(())
     }
 
@@ -134,8 +145,9 @@ impl Hypervisor for FakeVm {
         Ok(VmFigures { uptime: Duration::from_millis(1), memory_bytes: 1 << 20, ..Default::default() })
     }
 
-    fn add_disk(&mut self, _: &Disk) -> Result<Plugged, HypervisorError> {
-        Err(HypervisorError::Unsupported { kind: self.kind(), op: "hot-plug a disk", why: "the fake has no slots" })
+    fn add_disk(&mut self, disk: &Disk) -> Result<Plugged, HypervisorError> {
+        self.plugged.lock().unwrap().push(disk.clone());
+        Ok(Plugged { bind_address: None })
     }
 
     fn add_nic(&mut self, _: &Nic) -> Result<PluggedNic, HypervisorError> {
@@ -232,8 +244,8 @@ fn bad_configs_are_refused_before_anything_is_made() {
     let (vm, _) = FakeVm::new(Fault::None);
     let err = Sandbox::create_with(&f.store, no_image, Box::new(vm)).unwrap_err();
     assert!(err.to_string().contains("vessel image build"), "{err}");
-    let err = Sandbox::create(&f.store, f.config("box", &[]), Some(&crate::Factory::Cache(1))).unwrap_err();
-    assert!(matches!(err, SandboxError::FactoryUnsupported), "{err}");
+    let err = crate::Factory::template(&f.root).unwrap_err();
+    assert!(err.to_string().contains("snapshots"), "{err}");
     assert!(!running.load(Ordering::SeqCst));
     assert!(f.store.ids().unwrap().is_empty());
 }
@@ -413,4 +425,202 @@ fn list_marks_a_sandbox_whose_owner_died() {
     Sandbox::delete_by_id(&f.store, "box", true).unwrap();
     assert!(f.store.ids().unwrap().is_empty());
     drop(sandbox);
+}
+
+/// What a test looks at in a fake: its mock agent, whether it runs,
+/// whether it is paused.
+type FakeHandles = (MockAgent, Arc<AtomicBool>, Arc<AtomicBool>);
+
+/// Fakes made by a factory, kept so that a test can look at them.
+#[derive(Clone, Default)]
+struct Made(Arc<std::sync::Mutex<Vec<FakeHandles>>>);
+
+impl Made {
+    fn maker(&self) -> crate::factory::MakeHypervisor {
+        let made = self.clone();
+        Arc::new(move || {
+            let (vm, running) = FakeVm::new(Fault::None);
+            made.0.lock().unwrap().push((vm.mock.clone(), running, vm.paused.clone()));
+            Box::new(vm)
+        })
+    }
+
+    /// The fake whose mock has identity `hostname`.
+    fn with_hostname(&self, hostname: &str) -> Option<FakeHandles> {
+        self.0.lock().unwrap().iter().find(|(m, ..)| m.identity().is_some_and(|i| i.hostname == hostname)).cloned()
+    }
+}
+
+impl Fixture {
+    fn cache_config(&self, slots: u8) -> crate::CacheConfig {
+        let mut config = crate::CacheConfig::for_sandbox(&self.config("x", &[]));
+        config.hypervisor = HypervisorKind::Builtin;
+        config.hotplug_slots = slots;
+        config.boot_timeout_s = 5;
+        config
+    }
+
+    fn factory_config(&self, id: &str, containers: &[&str]) -> SandboxConfig {
+        let mut config = self.config(id, containers);
+        config.hypervisor = Some(HypervisorKind::Builtin);
+        config.hotplug_slots = 1;
+        config
+    }
+}
+
+fn states(store: &Store) -> Vec<String> {
+    crate::factory::list(store).unwrap().iter().map(|v| v.state.to_string()).collect()
+}
+
+#[test]
+fn a_cached_vm_becomes_the_sandbox_with_its_own_identity_and_is_replaced() {
+    let f = Fixture::new("cache");
+    let made = Made::default();
+    let factory = crate::Factory::cache_with(&f.store, f.cache_config(3), 2, made.maker()).unwrap();
+    factory.wait_filled(Duration::from_secs(20)).unwrap();
+    assert_eq!(states(&f.store), ["paused", "paused"]);
+    assert!(made
+        .0
+        .lock()
+        .unwrap()
+        .iter()
+        .all(|(_, running, paused)| running.load(Ordering::SeqCst) && paused.load(Ordering::SeqCst)));
+    assert!(f.store.ids().unwrap().is_empty(), "a cached VM is no sandbox");
+
+    let mut a = Sandbox::create(&f.store, f.factory_config("a", &["c"]), Some(&factory)).unwrap();
+    let (mock_a, running_a, paused_a) = made.with_hostname("a").expect("the guest was named after the sandbox");
+    assert!(!paused_a.load(Ordering::SeqCst), "the taken VM was not resumed");
+    let identity = mock_a.identity().unwrap();
+    assert_eq!(identity.entropy.len(), crate::agent::IDENTITY_ENTROPY);
+    let host_now = crate::state::now_unix_ms() as i64 / 1000;
+    assert!((host_now - identity.sec).abs() < 5, "the guest's clock was set to {}", identity.sec);
+    assert_eq!(a.guest_details().hostname, "a");
+    // The VM's directory became the sandbox's; a link is left where it was.
+    let dir = f.store.dir("a").unwrap();
+    let booted_in = a.state().booted_in.clone().expect("where the VM was booted");
+    assert_eq!(std::fs::read_link(&booted_in).unwrap(), dir);
+    assert!(dir.join(STATE_FILE).is_file() && dir.join("vsock.sock").exists());
+    assert_eq!(f.store.load("a").unwrap(), *a.state());
+    // The container's root was hot-plugged, then the container made.
+    assert_eq!(a.state().devices.iter().map(|d| d.serial.as_str()).collect::<Vec<_>>(), ["ctr-0"]);
+    assert_eq!(mock_a.containers().len(), 1);
+    a.start().unwrap();
+    assert_eq!(a.wait_process("c", "", Some(Duration::from_secs(5))).unwrap(), 3);
+
+    // A replacement boots; the next create gets another VM, its own name.
+    factory.wait_filled(Duration::from_secs(20)).unwrap();
+    let mut b = Sandbox::create(&f.store, f.factory_config("b", &[]), Some(&factory)).unwrap();
+    let (mock_b, ..) = made.with_hostname("b").unwrap();
+    assert_ne!(mock_a.identity().unwrap().entropy, mock_b.identity().unwrap().entropy);
+    assert_eq!(factory.counts(), (2, 0));
+    let mut listed = states(&f.store);
+    listed.sort();
+    assert!(listed.contains(&"taken by a".to_string()) && listed.contains(&"taken by b".to_string()), "{listed:?}");
+
+    // Deleting a sandbox removes its link; dropping the factory ends and
+    // removes the VMs it still holds.
+    a.stop(false).unwrap();
+    assert!(!running_a.load(Ordering::SeqCst));
+    a.delete().unwrap();
+    assert!(std::fs::symlink_metadata(&booted_in).is_err(), "the link outlived its sandbox");
+    b.stop(false).unwrap();
+    b.delete().unwrap();
+    assert!(f.store.ids().unwrap().is_empty());
+    factory.wait_filled(Duration::from_secs(20)).unwrap();
+    drop(factory);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !crate::factory::list(&f.store).unwrap().is_empty() && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(crate::factory::list(&f.store).unwrap().is_empty(), "left {:?}", states(&f.store));
+    assert!(made.0.lock().unwrap().iter().all(|(_, running, ..)| !running.load(Ordering::SeqCst)), "a VM was left");
+}
+
+#[test]
+fn a_config_the_cache_cannot_serve_is_refused_with_the_reason_and_nothing_is_taken() {
+    let f = Fixture::new("mismatch");
+    let made = Made::default();
+    let factory = crate::Factory::cache_with(&f.store, f.cache_config(2), 1, made.maker()).unwrap();
+    factory.wait_filled(Duration::from_secs(20)).unwrap();
+    let mut two_cpus = f.factory_config("m", &[]);
+    two_cpus.vcpus = 2;
+    let mut more_memory = f.factory_config("m", &[]);
+    more_memory.memory_mib = 512;
+    let mut qemu = f.factory_config("m", &[]);
+    qemu.hypervisor = Some(HypervisorKind::QemuTcg);
+    let mut shared = f.factory_config("m", &[]);
+    shared.shared_fs = true;
+    let mut network = f.factory_config("m", &[]);
+    network.network = Some(crate::NetworkConfig { netns: "/x".into(), interface: "eth0".into() });
+    let too_many = f.factory_config("m", &["a", "b"]);
+    let mut bad_name = f.factory_config("m", &[]);
+    bad_name.hostname = Some("no spaces".into());
+    for (config, want) in [
+        (two_cpus, "the sandbox has 2 vCPUs, the cached VMs 1"),
+        (more_memory, "512 MiB"),
+        (qemu, "runs on qemu-tcg, the cached VMs on builtin"),
+        (shared, "shared directory"),
+        (network, "network namespace"),
+        (too_many, "needs 3 hotplug slots (2 containers, 0 disks, 1 kept free), the cached VMs have 2"),
+        (bad_name, "\"no spaces\""),
+    ] {
+        let err = Sandbox::create(&f.store, config, Some(&factory)).unwrap_err();
+        assert!(crate::error_chain(&err).contains(want), "{want}: {err}");
+    }
+    assert_eq!((factory.ready(), factory.counts()), (1, (0, 0)), "a refused create took a VM");
+    assert!(f.store.ids().unwrap().is_empty());
+}
+
+#[test]
+fn a_cached_vm_that_died_is_never_handed_out_and_is_replaced() {
+    let f = Fixture::new("dead-vm");
+    let made = Made::default();
+    let factory = crate::Factory::cache_with(&f.store, f.cache_config(2), 1, made.maker()).unwrap();
+    factory.wait_filled(Duration::from_secs(20)).unwrap();
+    // The VM dies while cached.
+    made.0.lock().unwrap()[0].1.store(false, Ordering::SeqCst);
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while factory.counts().1 == 0 && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(factory.counts(), (0, 1), "the dead VM was not noticed");
+    factory.wait_filled(Duration::from_secs(20)).unwrap();
+    let sandbox = Sandbox::create(&f.store, f.factory_config("s", &[]), Some(&factory)).unwrap();
+    let (_, running, _) = made.with_hostname("s").unwrap();
+    assert!(running.load(Ordering::SeqCst), "the sandbox got a dead VM");
+    assert!(!Arc::ptr_eq(&running, &made.0.lock().unwrap()[0].1), "the sandbox got the VM that died");
+    drop(sandbox);
+}
+
+#[test]
+fn list_and_sweep_find_cached_vms_whose_owner_died_and_destroy_leaves_nothing() {
+    let f = Fixture::new("sweep");
+    let made = Made::default();
+    let factory = crate::Factory::cache_with(&f.store, f.cache_config(2), 1, made.maker()).unwrap();
+    factory.wait_filled(Duration::from_secs(20)).unwrap();
+    // A VM another process booted and then died: its record names a PID
+    // that is gone.
+    let mut child = std::process::Command::new("true").spawn().unwrap();
+    child.wait().unwrap();
+    let ghost = crate::factory::factory_dir(&f.store).join("vm-ghost");
+    std::fs::create_dir(&ghost).unwrap();
+    let mut record = crate::factory::list(&f.store).unwrap()[0].record.clone().unwrap();
+    record.name = "vm-ghost".into();
+    record.owner_pid = child.id();
+    std::fs::write(ghost.join(crate::factory::RECORD_FILE), serde_json::to_vec(&record).unwrap()).unwrap();
+    // And one whose boot died before it was paused (no record, no claim held).
+    std::fs::create_dir(crate::factory::factory_dir(&f.store).join("vm-halfway")).unwrap();
+    let listed = crate::factory::list(&f.store).unwrap();
+    let state = |name: &str| listed.iter().find(|v| v.name == name).map(|v| v.state.to_string()).unwrap();
+    assert!(state("vm-ghost").contains(&format!("its owner process {} is gone", child.id())), "{listed:?}");
+    assert!(state("vm-halfway").contains("before it was paused"), "{listed:?}");
+    let mut swept = crate::factory::sweep(&f.store).unwrap();
+    swept.sort();
+    assert_eq!(swept, ["vm-ghost", "vm-halfway"]);
+    assert_eq!(states(&f.store), ["paused"]);
+    // Destroy ends and removes the rest; the directory goes with them.
+    let ended = crate::factory::destroy(&f.store, Duration::from_secs(5)).unwrap();
+    assert_eq!(ended.len(), 1);
+    assert!(!crate::factory::factory_dir(&f.store).exists(), "the factory's directory is left");
+    drop(factory);
 }

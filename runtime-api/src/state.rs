@@ -212,6 +212,11 @@ pub struct SandboxState {
     /// Network interfaces, the one it was created with first.
     #[serde(default)]
     pub nics: Vec<NicRecord>,
+    /// Where its VM was booted, when that was not its own directory: a
+    /// cached VM's directory in the factory, now a link to the sandbox's
+    /// (the VM's processes name that path).
+    #[serde(default)]
+    pub booted_in: Option<PathBuf>,
 }
 
 impl SandboxState {
@@ -249,6 +254,16 @@ pub enum LockKind {
 #[derive(Debug)]
 pub struct SandboxLock {
     _file: File,
+}
+
+/// Flocks the lock file at `path` (made if needed) as `kind`, waiting for
+/// other holders when `wait`, else failing at once if one holds it.
+pub(crate) fn lock_path(path: &Path, kind: LockKind, wait: bool) -> Result<SandboxLock, StateError> {
+    let op = match kind {
+        LockKind::Shared => libc::LOCK_SH,
+        LockKind::Exclusive => libc::LOCK_EX,
+    };
+    lock_file(path, if wait { op } else { op | libc::LOCK_NB })
 }
 
 /// Opens (making it if needed) the lock file at `path` and flocks it
@@ -347,7 +362,7 @@ impl Store {
     /// Refuses a state root that another user could have made or can
     /// write to (a `/tmp/vessel-UID` made first by someone else, say): its
     /// sockets reach the agents and the owners.
-    fn check_root(&self) -> Result<(), StateError> {
+    pub(crate) fn check_root(&self) -> Result<(), StateError> {
         use std::os::unix::fs::MetadataExt;
         let meta = std::fs::symlink_metadata(&self.root).map_err(|source| StateError::Io {
             what: "read",
@@ -467,10 +482,27 @@ impl Store {
             source: std::io::Error::other(e),
         })?;
         match std::fs::remove_dir_all(&dir) {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(source) => Err(StateError::Io { what: "remove", path: dir, source }),
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(source) => return Err(StateError::Io { what: "remove", path: dir, source }),
         }
+        self.remove_links_to(&dir);
+        Ok(())
+    }
+
+    /// Removes the factory's links to `dir` (a sandbox made from a cached
+    /// VM leaves one where the VM was booted).
+    fn remove_links_to(&self, dir: &Path) {
+        let Ok(entries) = std::fs::read_dir(self.root.join(crate::factory::FACTORY_DIR)) else { return };
+        for entry in entries.flatten() {
+            let is_link = entry.file_type().is_ok_and(|t| t.is_symlink());
+            if is_link && std::fs::read_link(entry.path()).is_ok_and(|target| target == dir) {
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
+        // Gone with its last link once the factory itself was destroyed
+        // (a kept factory has its description there).
+        let _ = std::fs::remove_dir(self.root.join(crate::factory::FACTORY_DIR));
     }
 }
 
@@ -501,6 +533,7 @@ mod tests {
             }],
             devices: vec![],
             nics: vec![],
+            booted_in: None,
         }
     }
 

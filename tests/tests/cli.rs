@@ -761,6 +761,96 @@ fn a_killed_owner_leaves_a_dead_sandbox_that_delete_force_removes() -> TestResul
     Ok(())
 }
 
+/// Lines of `factory status` for VMs in `state` (their VM PIDs).
+fn cached_vm_pids(root: &str, state: &str) -> anyhow::Result<Vec<String>> {
+    let status = ok(&["--root", root, "factory", "status"])?;
+    Ok(status
+        .lines()
+        .skip(2)
+        .filter(|l| l.split_whitespace().nth(1) == Some(state))
+        .filter_map(|l| l.split_whitespace().last().map(str::to_string))
+        .collect())
+}
+
+/// `vessel factory`: a cache of two qemu-tcg VMs serves two `run
+/// --factory`s (their exit codes ours, their random bytes their own, the
+/// host's clock) and refills; a cached VM's QEMU killed by hand is
+/// replaced, and `create --factory` gets a live one; `factory destroy`
+/// leaves no process, socket or file.
+fn the_factory_cache_serves_runs_and_creates_and_destroy_leaves_nothing() -> TestResult {
+    let dir = TempDir::new("cli-factory")?;
+    let image = built_guest_image(&dir)?;
+    let rootfs = dir.path().join("root.ext4");
+    resources::rootfs::demo_rootfs(&rootfs)?;
+    let root = dir.path().join("state");
+    let (root_s, rootfs) = (root.to_string_lossy().into_owned(), rootfs.to_string_lossy().into_owned());
+    let at = |args: &[&str]| -> Vec<String> { ["--root", &root_s].iter().chain(args).map(|s| s.to_string()).collect() };
+    let run = |args: &[&str]| -> anyhow::Result<Output> {
+        let args = at(args);
+        vessel(&args.iter().map(String::as_str).collect::<Vec<_>>())
+    };
+    let template = run(&["factory", "init", "--template", "/tmp"])?;
+    ensure!(text(&template.stderr).contains("snapshots"), "{}", text(&template.stderr));
+    let names = ok(&at(&["factory", "init", "--cache", "2", "--hypervisor", "qemu-tcg", "--image", &image])
+        .iter()
+        .map(String::as_str)
+        .collect::<Vec<_>>())?;
+    ensure!(names.lines().count() == 2, "init printed {names:?}");
+    ensure!(cached_vm_pids(&root_s, "paused")?.len() == 2, "{}", ok(&["--root", &root_s, "factory", "status"])?);
+    let again = run(&["factory", "init", "--cache", "1"])?;
+    ensure!(text(&again.stderr).contains("exists already"), "{}", text(&again.stderr));
+    // Paused, a TCG guest's clock stands still: the refresh must set it.
+    std::thread::sleep(Duration::from_secs(3));
+    let script = "cat /proc/sys/kernel/random/uuid; date +%s; exit 5";
+    let mut seen = Vec::new();
+    for _ in 0..2 {
+        let args = ["run", "--factory", "--rm", "--hypervisor", "qemu-tcg", "--image", &image, &rootfs, "--"];
+        let out = run(&[&args[..], &["sh", "-c", script]].concat())?;
+        ensure!(out.status.code() == Some(5), "run --factory: {:?} {}", out.status, text(&out.stderr));
+        let printed = text(&out.stdout);
+        let lines: Vec<&str> = printed.lines().collect();
+        let [uuid, clock] = lines[..] else { anyhow::bail!("the container printed {printed:?}") };
+        let now = runtime_api::state::now_unix_ms() / 1000;
+        ensure!(now.abs_diff(clock.parse()?) <= 3, "the guest's clock read {clock}, the host's {now}");
+        seen.push(uuid.to_string());
+    }
+    ensure!(seen[0] != seen[1], "two sandboxes from the cache printed one UUID");
+    let refilled = vessel_tests::wait_until(Duration::from_secs(180), || {
+        cached_vm_pids(&root_s, "paused").is_ok_and(|p| p.len() == 2)
+    });
+    ensure!(refilled, "the cache did not refill: {}", ok(&["--root", &root_s, "factory", "status"])?);
+
+    // A cached VM killed by hand is replaced, never handed out.
+    let victim: i32 = cached_vm_pids(&root_s, "paused")?[0].parse()?;
+    // SAFETY: kill sends a signal to the QEMU this test's factory started.
+    ensure!(unsafe { libc::kill(victim, libc::SIGKILL) } == 0, "kill -9 {victim}");
+    let replaced = vessel_tests::wait_until(Duration::from_secs(180), || {
+        cached_vm_pids(&root_s, "paused").is_ok_and(|p| p.len() == 2 && !p.contains(&victim.to_string()))
+    });
+    ensure!(replaced, "the killed VM was not replaced: {}", ok(&["--root", &root_s, "factory", "status"])?);
+    let create = ["create", "--factory", "--id", "fc", "--hypervisor", "qemu-tcg", "--image", &image, &rootfs];
+    ok(&at(&[&create[..], &["--", "sleep", "1000"]].concat()).iter().map(String::as_str).collect::<Vec<_>>())?;
+    let state = runtime_api::Store::new(&root).load("fc")?;
+    ensure!(state.booted_in.is_some() && state.vm_pid != Some(victim as u32), "{state:?}");
+    ok(&["--root", &root_s, "start", "fc"])?;
+    ensure!(
+        ok(&["--root", &root_s, "exec", "fc", "--", "echo", "hi"])?
+            == "hi
+",
+        "exec in a sandbox from the cache"
+    );
+    ok(&["--root", &root_s, "delete", "--force", "fc"])?;
+
+    // Destroy: nothing is left but the state root.
+    ok(&["--root", &root_s, "factory", "destroy"])?;
+    ensure!(ok(&["--root", &root_s, "factory", "status"])?.lines().count() == 2, "a VM is still listed");
+    let left = vessel_tests::processes_mentioning(&root)?;
+    ensure!(left.is_empty(), "processes left: {left:?}");
+    ensure!(!root.join(runtime_api::factory::FACTORY_DIR).exists(), "the factory's directory is left");
+    ensure!(runtime_api::Store::new(&root).ids()?.is_empty(), "sandboxes left");
+    Ok(())
+}
+
 /// `network add|list|routes|remove` and `device add` on a detached
 /// sandbox: a veth from a test-made namespace reached from the container,
 /// and a hot-plugged disk mounted in a container created afterwards,
@@ -1231,6 +1321,10 @@ fn main() {
                 a_killed_owner_leaves_a_dead_sandbox_that_delete_force_removes,
             ),
             trial("many_sandboxes_at_once_through_the_cli", many_sandboxes_at_once_through_the_cli),
+            trial(
+                "the_factory_cache_serves_runs_and_creates_and_destroy_leaves_nothing",
+                the_factory_cache_serves_runs_and_creates_and_destroy_leaves_nothing,
+            ),
             trial(
                 "bad_state_files_and_roots_are_named_and_hide_nothing",
                 bad_state_files_and_roots_are_named_and_hide_nothing,

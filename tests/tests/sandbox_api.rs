@@ -303,9 +303,8 @@ fn create_rolls_back_at_each_step() -> anyhow::Result<()> {
     ensure!(err.to_string() == r#"sandbox "twice" has a container with ID "a" already"#, "{err}");
     let err = Sandbox::create(&store, config("../x", &image, HypervisorKind::QemuTcg), None).unwrap_err();
     ensure!(err.to_string().contains("invalid ID"), "{err}");
-    let factory = runtime_api::Factory::Cache(2);
-    let err = Sandbox::create(&store, config("f", &image, HypervisorKind::QemuTcg), Some(&factory)).unwrap_err();
-    ensure!(err.to_string().contains("not built yet"), "{err}");
+    let err = runtime_api::Factory::template(dir.path()).unwrap_err();
+    ensure!(err.to_string().contains("snapshots"), "{err}");
     nothing_left("bad input")?;
 
     // The VM step: a root disk that does not exist.
@@ -667,6 +666,145 @@ fn a_dead_owner_is_seen_and_cleaned_up() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// What a container from the cache printed: the kernel's random UUID, 16
+/// random bytes, the guest's clock.
+struct Seen {
+    uuid: String,
+    random: String,
+    clock: u64,
+    create_to_output: Duration,
+}
+
+/// Sandbox `id` from `factory` (or cold, without one) runs one container
+/// that prints what [`Seen`] holds; returns it with the guest's hostname.
+fn from_factory(
+    store: &Store,
+    image: &Path,
+    root: &Path,
+    id: &str,
+    factory: Option<&runtime_api::Factory>,
+) -> anyhow::Result<(Seen, String)> {
+    let kind = factory.map_or(HypervisorKind::QemuTcg, |f| f.config().hypervisor);
+    let mut config = config(id, image, kind);
+    config.hotplug_slots = 1;
+    let script =
+        "cat /proc/sys/kernel/random/uuid; head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \\n'; echo; date +%s";
+    config.containers = vec![ContainerConfig::new(id, root, &["sh", "-c", script])];
+    let began = std::time::Instant::now();
+    let mut sandbox = Sandbox::create(store, config, factory)?;
+    let io = sandbox.take_io(id)?;
+    let first = std::thread::spawn(move || -> anyhow::Result<(String, Duration)> {
+        let mut conn = io.stdout.accept(STREAM_TIMEOUT)?;
+        let mut byte = [0u8; 1];
+        std::io::Read::read_exact(&mut conn, &mut byte)?;
+        let at = began.elapsed();
+        let mut rest = String::new();
+        std::io::Read::read_to_string(&mut conn, &mut rest)?;
+        Ok((format!("{}{rest}", byte[0] as char), at))
+    });
+    sandbox.start()?;
+    let status = sandbox.wait_process(id, "", Some(Duration::from_secs(120)))?;
+    let (printed, create_to_output) = first.join().map_err(|_| anyhow!("the reader panicked"))??;
+    ensure!(status == 0, "the container exited {status}: {printed}");
+    let hostname = sandbox.guest_details().hostname.clone();
+    sandbox.stop(false)?;
+    sandbox.delete()?;
+    let lines: Vec<&str> = printed.lines().collect();
+    let [uuid, random, clock] = lines[..] else { anyhow::bail!("the container printed {printed:?}") };
+    let seen = Seen { uuid: uuid.into(), random: random.into(), clock: clock.parse()?, create_to_output };
+    Ok((seen, hostname))
+}
+
+/// A cache of two qemu-tcg VMs: two sandboxes taken from it each run a
+/// container with an identity of its own (hostname, random state, the
+/// host's clock although the VMs waited paused); the cache refills; a
+/// cached VM killed by hand is never handed out; dropping the factory
+/// leaves nothing. Prints create to the first output from the cache and
+/// cold.
+fn a_cache_of_two_gives_each_sandbox_its_own_identity_and_refills() -> anyhow::Result<()> {
+    use runtime_api::factory::{self, CachedState};
+    let dir = TempDir::new("api-factory")?;
+    let image = guest_image(dir.path())?;
+    let store = Store::new(dir.path().join("state"));
+    let root = busybox_root(dir.path(), "root")?;
+    let mut cache = runtime_api::CacheConfig::for_sandbox(&config("x", &image, HypervisorKind::QemuTcg));
+    cache.hotplug_slots = 2;
+    let factory = runtime_api::Factory::cache(&store, cache, 2)?;
+    factory.wait_filled(Duration::from_secs(300))?;
+    let paused = factory::list(&store)?;
+    ensure!(paused.iter().filter(|v| v.state == CachedState::Paused).count() == 2, "{paused:?}");
+    // Paused, a TCG guest's clock stands still: without the refresh it
+    // would be behind by this much.
+    std::thread::sleep(Duration::from_secs(4));
+    let (a, host_a) = from_factory(&store, &image, &root, "fa", Some(&factory))?;
+    let (b, host_b) = from_factory(&store, &image, &root, "fb", Some(&factory))?;
+    ensure!((host_a.as_str(), host_b.as_str()) == ("fa", "fb"), "the guests' hostnames: {host_a}, {host_b}");
+    ensure!(a.uuid != b.uuid && a.random != b.random, "two guests share random bytes: {} {}", a.random, b.random);
+    ensure!(a.random.len() == 32, "random bytes read as {:?}", a.random);
+    let now = runtime_api::state::now_unix_ms() / 1000;
+    for seen in [&a, &b] {
+        ensure!(now.abs_diff(seen.clock) <= 3, "a guest's clock read {}, the host's {now}", seen.clock);
+    }
+    ensure!(factory.counts() == (2, 0), "taken and died: {:?}", factory.counts());
+
+    // Refilled in the background.
+    factory.wait_filled(Duration::from_secs(300))?;
+    // One killed by hand (its QEMU) is noticed and never handed out.
+    let victim = factory::list(&store)?
+        .into_iter()
+        .find(|v| v.state == CachedState::Paused)
+        .and_then(|v| v.record)
+        .and_then(|r| r.vm_pid)
+        .context("no cached QEMU to kill")?;
+    // SAFETY: kill sends a signal to a QEMU this test's factory started.
+    unsafe { libc::kill(victim as i32, libc::SIGKILL) };
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while factory.counts().1 == 0 && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    ensure!(factory.counts() == (2, 1), "the killed VM was not noticed: {:?}", factory.counts());
+    let (c, host_c) = from_factory(&store, &image, &root, "fc", Some(&factory))?;
+    ensure!(host_c == "fc" && c.uuid != a.uuid, "the third sandbox: {host_c}");
+    ensure!(factory.counts() == (3, 1), "taken and died: {:?}", factory.counts());
+
+    let (cold, _) = from_factory(&store, &image, &root, "cold", None)?;
+    eprintln!(
+        "factory: create to first output, qemu-tcg: from the cache {:?} and {:?}, {:?} after a VM was killed; cold {:?}",
+        a.create_to_output, b.create_to_output, c.create_to_output, cold.create_to_output
+    );
+    factory.wait_filled(Duration::from_secs(300))?;
+    drop(factory);
+    let left = factory::list(&store)?;
+    ensure!(left.is_empty(), "the factory left {left:?}");
+    let processes = processes_mentioning(store.root())?;
+    ensure!(processes.is_empty(), "left processes {processes:?}");
+    ensure!(store.ids()?.is_empty(), "left sandboxes {:?}", store.ids()?);
+    Ok(())
+}
+
+/// Tier 4: a cache of one on the builtin hypervisor (paused and resumed
+/// through `VmmAction`): a sandbox from it runs a container with its own
+/// hostname and the host's clock.
+fn a_cache_on_builtin_gives_a_sandbox_its_identity() -> anyhow::Result<()> {
+    let dir = TempDir::new("api-factory-builtin")?;
+    let image = guest_image(dir.path())?;
+    let store = Store::new(dir.path().join("state"));
+    let root = busybox_root(dir.path(), "root")?;
+    let mut cache = runtime_api::CacheConfig::for_sandbox(&config("x", &image, HypervisorKind::Builtin));
+    cache.hotplug_slots = 2;
+    let factory = runtime_api::Factory::cache(&store, cache, 1)?;
+    factory.wait_filled(Duration::from_secs(120))?;
+    std::thread::sleep(Duration::from_secs(2));
+    let (seen, hostname) = from_factory(&store, &image, &root, "fb", Some(&factory))?;
+    ensure!(hostname == "fb", "the guest's hostname: {hostname}");
+    let now = runtime_api::state::now_unix_ms() / 1000;
+    ensure!(now.abs_diff(seen.clock) <= 3, "the guest's clock read {}, the host's {now}", seen.clock);
+    eprintln!("factory on builtin: create to first output {:?}", seen.create_to_output);
+    drop(factory);
+    ensure!(runtime_api::factory::list(&store)?.is_empty(), "the factory left VMs");
+    Ok(())
+}
+
 fn main() {
     if let Ok(spec) = std::env::var(CHILD_OWNER) {
         if let Err(e) = own_a_sandbox(&spec) {
@@ -691,6 +829,10 @@ fn main() {
             trial("create_rolls_back_at_each_step", create_rolls_back_at_each_step),
             trial("a_dead_owner_is_seen_and_cleaned_up", a_dead_owner_is_seen_and_cleaned_up),
             trial("ten_sandboxes_at_once_leave_nothing_behind", ten_sandboxes_at_once_leave_nothing_behind),
+            trial(
+                "a_cache_of_two_gives_each_sandbox_its_own_identity_and_refills",
+                a_cache_of_two_gives_each_sandbox_its_own_identity_and_refills,
+            ),
         ],
     );
     let root_needed = tier3().or_else(|| {
@@ -721,6 +863,12 @@ fn main() {
     let tier4 = runtime_api::hypervisor::hardware_virtualization_unusable()
         .map(|why| format!("Linux on the builtin hypervisor needs hardware virtualization: {why}"))
         .or_else(tier3);
-    trials.extend(gate(tier4, [trial("containers_on_builtin", containers_on_builtin)]));
+    trials.extend(gate(
+        tier4,
+        [
+            trial("containers_on_builtin", containers_on_builtin),
+            trial("a_cache_on_builtin_gives_a_sandbox_its_identity", a_cache_on_builtin_gives_a_sandbox_its_identity),
+        ],
+    ));
     libtest_mimic::run(&args, trials).exit();
 }

@@ -173,7 +173,7 @@ impl Sandbox {
     }
 
     /// Hot-plugs container `config`'s root disk and creates it on it.
-    fn plug_root(&mut self, config: &ContainerConfig) -> Result<(), SandboxError> {
+    pub(super) fn plug_root(&mut self, config: &ContainerConfig) -> Result<(), SandboxError> {
         let serial = self.fresh_root_serial();
         let disk = Disk { path: config.rootfs.clone(), read_only: false, serial: serial.clone() };
         self.plug(&disk)?;

@@ -20,7 +20,8 @@ pub enum CreateStep {
     SharedFs,
     /// The VM boots.
     Vm,
-    /// The agent announces itself and describes the guest.
+    /// The agent announces itself, the guest gets its identity, and the
+    /// agent describes it.
     Agent,
     /// The containers are created.
     Containers,
@@ -35,7 +36,9 @@ impl std::fmt::Display for CreateStep {
             CreateStep::Network => "setting up its network",
             CreateStep::SharedFs => "sharing its directories",
             CreateStep::Vm => "booting the VM",
-            CreateStep::Agent => "reaching the guest's agent and configuring its network",
+            CreateStep::Agent => {
+                "reaching the guest's agent, giving the guest its identity and configuring its network"
+            }
             CreateStep::Containers => "creating the containers",
             CreateStep::State => "writing the state",
         })
@@ -66,6 +69,9 @@ pub enum SandboxError {
     /// The network namespace could not be set up.
     #[error(transparent)]
     Network(#[from] crate::network::NetworkError),
+    /// The guest's hostname is not one.
+    #[error(transparent)]
+    Hostname(#[from] agent_proto::identity::IdentityError),
     /// Create failed; what was done has been undone.
     #[error("cannot create sandbox {id:?}: {step} failed")]
     Create {
@@ -80,9 +86,17 @@ pub enum SandboxError {
     /// The guest image lacks a file.
     #[error("the guest image has no {0}: build it with `vessel image build --out DIR`")]
     GuestImage(std::path::PathBuf),
-    /// Asking for a factory.
-    #[error("VM factories (templates and caches) are not built yet; create the sandbox without one")]
-    FactoryUnsupported,
+    /// The factory's VMs cannot be this sandbox's.
+    #[error("sandbox {id:?} cannot take a VM from the factory: {why}")]
+    FactoryMismatch {
+        /// The sandbox.
+        id: String,
+        /// What differs.
+        why: String,
+    },
+    /// The factory failed.
+    #[error(transparent)]
+    Factory(#[from] crate::factory::FactoryError),
     /// Two containers with one ID.
     #[error("sandbox {sandbox:?} has a container with ID {id:?} already")]
     ContainerExists {

@@ -31,6 +31,7 @@ use crate::state::{
 
 mod containers;
 mod error;
+mod from_cache;
 mod interfaces;
 
 pub use error::{CreateStep, SandboxError};
@@ -40,15 +41,7 @@ const STOP_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long the agent may take to dial a process's stdio streams.
 pub const STREAM_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// A pre-booted VM source for create (Kata's factory). Not built yet:
-/// create refuses it with [`SandboxError::FactoryUnsupported`].
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Factory {
-    /// Clone a snapshotted, booted VM.
-    Template(std::path::PathBuf),
-    /// Take one of N booted VMs kept paused.
-    Cache(usize),
-}
+pub use crate::factory::Factory;
 
 /// A process's exit statuses, filled by a waiter thread per process.
 #[derive(Default)]
@@ -167,6 +160,10 @@ pub struct Sandbox {
     io: HashMap<String, ProcessIo>,
     /// virtiofsd, serving the shared directory (the owner's handle only).
     fs_daemon: Option<std::process::Child>,
+    /// The agent's link (the connection it announced itself on), held by
+    /// the owner's handle for as long as it holds the VM: the agent dials
+    /// again whenever it ends.
+    _link: Option<std::os::unix::net::UnixStream>,
 }
 
 impl std::fmt::Debug for Sandbox {
@@ -216,9 +213,39 @@ impl Sandbox {
     /// Creates a sandbox: its VM boots, its agent is reached, and its
     /// containers are created (not started). Uses the hypervisor the
     /// config names, or the one [`HypervisorKind::detect`] chooses.
+    ///
+    /// With a `factory`, the VM is one it booted ahead of time, if one is
+    /// ready: resumed, given its identity, its containers' roots and disks
+    /// hot-plugged (see [`crate::factory`]). A config the factory's VMs do
+    /// not match is refused with the reason ([`SandboxError::FactoryMismatch`]);
+    /// with no VM ready, the sandbox boots its own, and the log says so.
     pub fn create(store: &Store, config: SandboxConfig, factory: Option<&Factory>) -> Result<Sandbox, SandboxError> {
-        if factory.is_some() {
-            return Err(SandboxError::FactoryUnsupported);
+        if let Some(factory) = factory {
+            validate(&config)?;
+            // Refused before a VM is spent on it.
+            if store.dir(&config.id)?.exists() && !store.abandoned(&config.id) {
+                return Err(StateError::Exists(config.id.clone()).into());
+            }
+            loop {
+                let taken = factory
+                    .take(&config)
+                    .map_err(|why| SandboxError::FactoryMismatch { id: config.id.clone(), why })?;
+                let Some(vm) = taken else {
+                    info!(id = %config.id, "the factory has no VM ready; booting one cold");
+                    break;
+                };
+                match Self::create_from(store, config.clone(), vm) {
+                    // A VM that died after it was looked at, or would not
+                    // run again: rolled back, and the next one is tried.
+                    Err(SandboxError::Create {
+                        step: step @ (CreateStep::Directory | CreateStep::Vm), source, ..
+                    }) if !matches!(*source, SandboxError::State(StateError::Exists(_))) => {
+                        let error = crate::error_chain(&*source);
+                        warn!(id = %config.id, %step, %error, "a cached VM could not be taken; trying another");
+                    }
+                    other => return other,
+                }
+            }
         }
         let kind = config.hypervisor.unwrap_or_else(HypervisorKind::detect);
         Self::create_with(store, config, new_hypervisor(kind))
@@ -241,33 +268,7 @@ impl Sandbox {
         let id = config.id.clone();
         let _span = info_span!("create_sandbox", id = %id, hypervisor = %vm.kind()).entered();
         let began = Instant::now();
-        validate_id(&id)?;
-        let mut seen = std::collections::HashSet::new();
-        for c in &config.containers {
-            validate_id(&c.id)?;
-            if !seen.insert(c.id.as_str()) {
-                return Err(SandboxError::ContainerExists { sandbox: id, id: c.id.clone() });
-            }
-        }
-        let mut serials = std::collections::HashSet::new();
-        for d in &config.disks {
-            validate_serial(&d.serial)?;
-            if !serials.insert(d.serial.as_str()) {
-                return Err(SandboxError::DiskExists { sandbox: id, serial: d.serial.clone() });
-            }
-        }
-        for m in config.containers.iter().flat_map(|c| &c.disks) {
-            if !serials.contains(m.serial.as_str()) {
-                return Err(SandboxError::NoSuchDisk { sandbox: id, serial: m.serial.clone() });
-            }
-        }
-        let kernel = config.guest_image.join(resources::guest_image::KERNEL_FILE);
-        let initrd = config.guest_image.join(resources::guest_image::INITRD_FILE);
-        for file in [&kernel, &initrd] {
-            if !file.is_file() {
-                return Err(SandboxError::GuestImage(file.clone()));
-            }
-        }
+        let (kernel, initrd) = validate(&config)?;
 
         // Directory and lock. Undo: remove the directory. One left by a
         // create that died before writing its state is taken over.
@@ -383,20 +384,20 @@ impl Sandbox {
         // The agent.
         let timeout = Duration::from_secs(config.boot_timeout_s);
         let reached = host
-            .wait_ready(&ready, timeout, || vm.exited())
-            .and_then(|version| {
+            .wait_link(&ready, timeout, || vm.exited())
+            .and_then(|(version, link)| {
                 debug!(agent = %version, "the agent announced itself");
-                Agent::connect_hybrid(&spec.vsock_socket())
+                Ok((Agent::connect_hybrid(&spec.vsock_socket())?, link))
             })
-            .and_then(|agent| {
-                let details = agent.call("GetGuestDetails", |c, ctx| c.get_guest_details(ctx, &Empty::new()))?;
+            .and_then(|(agent, link)| {
+                let details = agent.set_identity(config.guest_hostname())?;
                 if let Some(plan) = &plan {
                     configure_guest_network(&agent, plan)?;
                 }
-                Ok((agent, details))
+                Ok((agent, details, link))
             });
         drop(ready);
-        let (agent, details) = match reached {
+        let (agent, details, link) = match reached {
             Ok(reached) => reached,
             Err(e) => {
                 let console = vm.console_tail(20);
@@ -443,6 +444,7 @@ impl Sandbox {
                 })
                 .collect(),
             config: SandboxConfig { containers: Vec::new(), shared_fs: needs_fs, ..config.clone() },
+            booted_in: None,
         };
         let mut sandbox = Sandbox {
             store: store.clone(),
@@ -454,6 +456,7 @@ impl Sandbox {
             details,
             io: HashMap::new(),
             fs_daemon: None,
+            _link: Some(link),
         };
 
         // The containers, then the state. Undo: remove them, stop the VM.
@@ -529,6 +532,7 @@ impl Sandbox {
             details,
             io: HashMap::new(),
             fs_daemon: None,
+            _link: None,
         })
     }
 
@@ -551,7 +555,12 @@ impl Sandbox {
                 // directory, then remove it. A TAP in a CNI namespace is
                 // left to the namespace's owner.
                 let dir = store.dir(id)?;
-                let ended = attached::processes_using(&dir);
+                let mut ended = attached::processes_using(&dir);
+                // A VM taken from the factory names its old directory,
+                // now a link here.
+                for link in crate::factory::links_to(store, &dir) {
+                    ended.extend(attached::processes_using(&link));
+                }
                 for &pid in &ended {
                     warn!(pid, error = %e, "ending a process of a sandbox whose state is unreadable");
                     if let Ok(pid) = libc::pid_t::try_from(pid) {
@@ -579,7 +588,10 @@ impl Sandbox {
             return Err(SandboxError::SandboxState { id: id.into(), phase, op: "delete", needs: "stopped" });
         }
         let dir = store.dir(id)?;
-        if let Some(pid) = state.vm_pid.filter(|pid| attached::process_alive(*pid) && attached::runs_for(*pid, &dir)) {
+        let runs_for = |pid: u32| {
+            attached::runs_for(pid, &dir) || state.booted_in.as_ref().is_some_and(|b| attached::runs_for(pid, b))
+        };
+        if let Some(pid) = state.vm_pid.filter(|pid| attached::process_alive(*pid) && runs_for(*pid)) {
             let mut vm = attached::Attached::new(state.hypervisor, store.dir(id)?, state.owner_pid, Some(pid), 0, 0);
             vm.stop()?;
         }
@@ -882,6 +894,42 @@ impl Drop for Sandbox {
             let _ = self.stop_shared_fs();
         }
     }
+}
+
+/// Checks what create is given before anything is made: the IDs, the
+/// disk serials and mounts, the guest's hostname, the guest image's files
+/// (returned: kernel, initrd).
+fn validate(config: &SandboxConfig) -> Result<(std::path::PathBuf, std::path::PathBuf), SandboxError> {
+    let id = config.id.clone();
+    validate_id(&id)?;
+    let mut seen = std::collections::HashSet::new();
+    for c in &config.containers {
+        validate_id(&c.id)?;
+        if !seen.insert(c.id.as_str()) {
+            return Err(SandboxError::ContainerExists { sandbox: id, id: c.id.clone() });
+        }
+    }
+    let mut serials = std::collections::HashSet::new();
+    for d in &config.disks {
+        validate_serial(&d.serial)?;
+        if !serials.insert(d.serial.as_str()) {
+            return Err(SandboxError::DiskExists { sandbox: id, serial: d.serial.clone() });
+        }
+    }
+    for m in config.containers.iter().flat_map(|c| &c.disks) {
+        if !serials.contains(m.serial.as_str()) {
+            return Err(SandboxError::NoSuchDisk { sandbox: id, serial: m.serial.clone() });
+        }
+    }
+    agent_proto::identity::check_hostname(config.guest_hostname())?;
+    let kernel = config.guest_image.join(resources::guest_image::KERNEL_FILE);
+    let initrd = config.guest_image.join(resources::guest_image::INITRD_FILE);
+    for file in [&kernel, &initrd] {
+        if !file.is_file() {
+            return Err(SandboxError::GuestImage(file.clone()));
+        }
+    }
+    Ok((kernel, initrd))
 }
 
 /// Bind-mounts container `c`'s root (when `dir_root`, as the caller found
