@@ -302,8 +302,6 @@ enum SandboxCommand {
     Run(sandbox::RunArgs),
 }
 
-// Parsed once per process: the size of a command-line value does not matter.
-#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand, Debug)]
 enum VmCommand {
     /// Boot a kernel with the serial console on stdout; exit when the guest does.
