@@ -541,7 +541,12 @@ pub fn destroy(store: &Store, patience: Duration) -> Result<Vec<String>, Factory
             continue;
         }
         let owner = vm.record.as_ref().map(|r| r.owner_pid).or_else(|| booting_owner(&dir));
-        if let Some(pid) = owner.filter(|pid| *pid != std::process::id() && attached::process_alive(*pid)) {
+        // A recorded owner that died may have had its PID reused: only a
+        // process still tied to this VM's directory (holding a socket in
+        // it) is ended.
+        let tied = |pid: &u32| attached::processes_using(&dir).contains(pid);
+        if let Some(pid) = owner.filter(|pid| *pid != std::process::id() && attached::process_alive(*pid) && tied(pid))
+        {
             if let Ok(raw) = libc::pid_t::try_from(pid) {
                 // SAFETY: kill sends a signal; no memory is touched.
                 unsafe { libc::kill(raw, libc::SIGKILL) };
