@@ -21,7 +21,9 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::Args;
-use runtime_api::factory::{self, CacheConfig, CacheFile, CachedState, CachedVm, FactoryError, RECORD_VERSION};
+use runtime_api::factory::{
+    self, CacheConfig, CacheFile, CachedState, CachedVm, FactoryError, TemplateFile, RECORD_VERSION,
+};
 use runtime_api::{Factory, HypervisorKind, Sandbox, SandboxConfig, Store};
 
 /// A cached VM's control socket, in its directory.
@@ -35,8 +37,8 @@ pub(crate) struct InitArgs {
     /// Keep N booted, paused VMs.
     #[arg(long, value_name = "N")]
     pub(crate) cache: Option<usize>,
-    /// A VM template in DIR (needs the builtin hypervisor's snapshots: not
-    /// there yet).
+    /// Make a VM template in DIR (a new directory; builtin hypervisor
+    /// only): each create restores a VM from its snapshot.
     #[arg(long, value_name = "DIR", conflicts_with = "cache")]
     pub(crate) template: Option<PathBuf>,
     /// The guest image directory (default: the one in the cache directory).
@@ -95,25 +97,40 @@ fn refill(store: &Store) {
 /// owner per VM; returns once every VM is paused (or one failed, in which
 /// case none is left).
 pub(crate) fn init(store: &Store, args: &InitArgs) -> anyhow::Result<ExitCode> {
-    if args.template.is_some() {
-        return Err(FactoryError::TemplateUnsupported.into());
-    }
-    let size = args.cache.context("give --cache N (VM templates, --template, are not there yet)")?;
-    if !(1..=factory::MAX_CACHE).contains(&size) {
-        return Err(FactoryError::Size(size).into());
-    }
-    if factory::read_cache_file(store)?.is_some() {
+    if factory::read_cache_file(store)?.is_some() || factory::read_template_file(store)?.is_some() {
         bail!("a factory exists already under {}: `vessel factory destroy` first", store.root().display());
     }
-    factory::sweep(store)?;
+    let hypervisor = args.hypervisor.unwrap_or_else(HypervisorKind::detect);
+    if args.template.is_some() {
+        // Refused before an image is looked for or built.
+        if hypervisor != HypervisorKind::Builtin {
+            return Err(FactoryError::TemplateHypervisor(hypervisor).into());
+        }
+    }
     let config = CacheConfig {
-        hypervisor: args.hypervisor.unwrap_or_else(HypervisorKind::detect),
+        hypervisor,
         guest_image: crate::guest_image(args.image.as_deref())?.canonicalize()?,
         vcpus: args.cpus,
         memory_mib: args.memory,
         hotplug_slots: args.hotplug_slots,
         boot_timeout_s: 240,
     };
+    if let Some(dir) = &args.template {
+        let dir = std::path::absolute(dir).with_context(|| format!("the template directory {}", dir.display()))?;
+        factory::make_template(&dir, &config)?;
+        if let Err(e) = factory::write_template_file(store, &TemplateFile { version: RECORD_VERSION, dir: dir.clone() })
+        {
+            let _ = std::fs::remove_dir_all(&dir);
+            return Err(e.into());
+        }
+        println!("{}", dir.display());
+        return Ok(ExitCode::SUCCESS);
+    }
+    let size = args.cache.context("give --cache N or --template DIR")?;
+    if !(1..=factory::MAX_CACHE).contains(&size) {
+        return Err(FactoryError::Size(size).into());
+    }
+    factory::sweep(store)?;
     factory::write_cache_file(store, &CacheFile { version: RECORD_VERSION, config, size })?;
     let mut owners = Vec::new();
     for _ in 0..size {
@@ -168,7 +185,22 @@ pub(crate) fn status(store: &Store) -> anyhow::Result<ExitCode> {
                 c.guest_image.display()
             );
         }
-        None => println!("no factory (vessel factory init --cache N)"),
+        None => match factory::read_template_file(store)? {
+            Some(file) => {
+                let c = factory::read_template(&file.dir)?.config;
+                println!(
+                    "template in {} on {}: {} vCPU(s), {} MiB, {} hotplug slots, image {}",
+                    file.dir.display(),
+                    c.hypervisor,
+                    c.vcpus,
+                    c.memory_mib,
+                    c.hotplug_slots,
+                    c.guest_image.display()
+                );
+                return Ok(ExitCode::SUCCESS);
+            }
+            None => println!("no factory (vessel factory init --cache N, or --template DIR)"),
+        },
     }
     println!("{:<20} {:<40} {:>10} {:>8} {:>8}", "VM", "STATE", "AGE", "OWNER", "VM-PID");
     let now = runtime_api::state::now_unix_ms();
@@ -202,6 +234,17 @@ fn remove_logs(store: &Store) {
 /// their directories, the cache's description and the owners' logs.
 /// Sandboxes made from the cache are left alone.
 pub(crate) fn destroy(store: &Store) -> anyhow::Result<ExitCode> {
+    if let Some(file) = factory::read_template_file(store)? {
+        // Sandboxes restored from it map its memory file privately: they
+        // keep what they mapped.
+        if file.dir.join(factory::TEMPLATE_RECORD).is_file() {
+            std::fs::remove_dir_all(&file.dir).with_context(|| format!("removing {}", file.dir.display()))?;
+        }
+        std::fs::remove_file(factory::factory_dir(store).join(factory::TEMPLATE_FILE))?;
+        remove_logs(store);
+        println!("removed the VM template in {}", file.dir.display());
+        return Ok(ExitCode::SUCCESS);
+    }
     // No replacement may start from here on.
     let _ = std::fs::remove_file(factory::factory_dir(store).join(factory::CACHE_FILE));
     let ended = factory::destroy(store, Duration::from_secs(60))?;
@@ -319,4 +362,18 @@ pub(crate) fn own_cached(store: &Store) -> anyhow::Result<ExitCode> {
         };
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The template's factory for a create or run with `--factory`, when
+/// `factory init --template` made one; None for a cache, or no factory.
+pub(crate) fn template(store: &Store) -> anyhow::Result<Option<Factory>> {
+    match factory::read_template_file(store)? {
+        Some(file) => Ok(Some(Factory::template(&file.dir)?)),
+        None => Ok(None),
+    }
+}
+
+/// Whether `factory init --template` made the factory.
+pub(crate) fn has_template(store: &Store) -> bool {
+    matches!(factory::read_template_file(store), Ok(Some(_)))
 }

@@ -60,8 +60,9 @@ pub(crate) struct SandboxArgs {
     #[arg(short = 'v', long = "volume", value_name = "HOST:GUEST[:ro]")]
     pub(crate) volumes: Vec<String>,
     /// Take a booted, paused VM from the factory's cache (`vessel factory
-    /// init`) if one is ready, rather than boot one; the root is then an
-    /// image (a directory is packed into one).
+    /// init --cache`) if one is ready, or restore one from its template
+    /// (`--template`), rather than boot one; the root is then an image (a
+    /// directory is packed into one).
     #[arg(long)]
     pub(crate) factory: bool,
     /// The container's root: an ext4 image (used in place, written to), a
@@ -228,9 +229,12 @@ pub(crate) fn create(store: &Store, args: &SandboxArgs) -> anyhow::Result<ExitCo
     let made = (|| {
         let root = container_root(&args.rootfs, &scratch, can_share() && !args.factory)?;
         let mut config = sandbox_config(args, &id, root)?;
+        let from_template = args.factory && crate::factory::has_template(store);
         if args.factory {
-            // A cached VM has no shared directory.
+            // A cached or restored VM has no shared directory.
             config.shared_fs = false;
+        }
+        if args.factory && !from_template {
             if crate::factory::claim(store, &config)? {
                 return anyhow::Ok(());
             }
@@ -242,6 +246,7 @@ pub(crate) fn create(store: &Store, args: &SandboxArgs) -> anyhow::Result<ExitCo
             .arg("--root")
             .arg(store.root())
             .args(["__own", &config])
+            .args(from_template.then_some("--template"))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(log)
@@ -267,13 +272,14 @@ pub(crate) fn create(store: &Store, args: &SandboxArgs) -> anyhow::Result<ExitCo
 /// `vessel __own CONFIG`: creates the sandbox, says `ready`, collects the
 /// container's output, and serves the control socket until the sandbox is
 /// stopped.
-pub(crate) fn own(store: &Store, config: &str) -> anyhow::Result<ExitCode> {
+pub(crate) fn own(store: &Store, config: &str, template: bool) -> anyhow::Result<ExitCode> {
     let config: SandboxConfig = serde_json::from_str(config).context("the sandbox config")?;
     // Detached from the terminal and its signals.
     // SAFETY: setsid has no preconditions; it fails harmlessly if this
     // process leads a group already.
     unsafe { libc::setsid() };
-    let sandbox = Sandbox::create(store, config, None)?;
+    let factory = if template { crate::factory::template(store)? } else { None };
+    let sandbox = Sandbox::create(store, config, factory.as_ref())?;
     serve_owner(store, sandbox, || {
         println!("ready");
         std::io::stdout().flush()
@@ -881,7 +887,8 @@ pub(crate) fn run(
     remove: bool,
 ) -> anyhow::Result<ExitCode> {
     sweep(store);
-    if args.factory && (interactive || tty) {
+    let from_template = args.factory && crate::factory::has_template(store);
+    if args.factory && !from_template && (interactive || tty) {
         bail!("--factory takes no -i or -t: a cached VM's owner collects the container's output");
     }
     let id = args.id.clone().unwrap_or_else(fresh_id);
@@ -894,7 +901,7 @@ pub(crate) fn run(
         // only if its own container needs one (create sees to that).
         config.shared_fs = false;
         config.annotations.insert(RUN_ANNOTATION.into(), if remove { "rm" } else { "keep" }.into());
-        if args.factory {
+        if args.factory && !from_template {
             if crate::factory::claim(store, &config)? {
                 return run_claimed(store, &id, &scratch, remove);
             }
@@ -903,7 +910,9 @@ pub(crate) fn run(
         config.containers[0].process.stdin = interactive;
         config.containers[0].process.terminal = tty;
         config.containers[0].process.console_size = if tty { crate::terminal::window_size() } else { None };
-        let mut sandbox = Sandbox::create(store, config, None)?;
+        // A template's VM is restored here, in the foreground process.
+        let factory = if from_template { crate::factory::template(store)? } else { None };
+        let mut sandbox = Sandbox::create(store, config, factory.as_ref())?;
         let io = sandbox.take_io(&id)?;
         let raw = if tty { crate::terminal::RawMode::enter() } else { None };
         let foreground = crate::terminal::Foreground::attach(store, &id, &id, "", io, tty)?;

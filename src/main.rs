@@ -197,7 +197,12 @@ enum Command {
     Network(NetworkCommand),
     /// The owner process of a detached sandbox (started by `create`).
     #[command(name = "__own", hide = true)]
-    Own { config: String },
+    Own {
+        config: String,
+        /// Restore the VM from the factory's template.
+        #[arg(long)]
+        template: bool,
+    },
     /// The cache of booted, paused sandbox VMs that `create --factory` and
     /// `run --factory` take from.
     #[command(subcommand)]
@@ -216,11 +221,14 @@ enum Command {
 #[derive(Subcommand, Debug)]
 enum FactoryCommand {
     /// Boot N sandbox VMs and keep them paused, each held by a process of
-    /// its own, until a create or run with --factory takes one.
+    /// its own, until a create or run with --factory takes one; or make a
+    /// VM template (builtin only) that each such create restores from.
     Init(factory::InitArgs),
-    /// The cache and each cached VM: state, age, owner and VM PIDs.
+    /// The template, or the cache and each cached VM: state, age, owner
+    /// and VM PIDs.
     Status,
-    /// End every cached VM and remove what the factory keeps.
+    /// End every cached VM (or remove the template) and remove what the
+    /// factory keeps.
     Destroy,
 }
 
@@ -559,7 +567,7 @@ fn main() -> ExitCode {
             let op = lifecycle::DeviceOp::AddDisk { file: block, serial, read_only, mount };
             lifecycle::device_op(&store(&cli.global.root), &sandbox, op)
         }
-        Command::Own { config } => lifecycle::own(&store(&cli.global.root), &config),
+        Command::Own { config, template } => lifecycle::own(&store(&cli.global.root), &config, template),
         Command::List { format } => lifecycle::list(&store(&cli.global.root), format == lifecycle::Format::Json),
         Command::Start { id } => lifecycle::run_op(&store(&cli.global.root), &id, lifecycle::Op::Start),
         Command::Status { id } => lifecycle::run_op(&store(&cli.global.root), &id, lifecycle::Op::Status),

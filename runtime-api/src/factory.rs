@@ -17,6 +17,14 @@
 //!   names the guest's connections go to, its console log, QMP) resolving.
 //!   Deleting the sandbox removes the link.
 //!
+//! A VM template ([`Factory::template`], builtin hypervisor only) is a
+//! snapshot of such a VM, made once by [`make_template`] in a directory of
+//! its own, with [`TEMPLATE_RECORD`] saying how it was booted. Each create
+//! restores a VM from it (its memory a private copy-on-write mapping of the
+//! snapshot's), with the sandbox's own vsock socket and console; the
+//! guest's agent announces itself again, and the create goes on as for a
+//! cached VM (see `sandbox/from_template.rs`).
+//!
 //! A VM belongs to the process that booted it (the builtin VMM's threads,
 //! or QEMU and our device backends for qemu-tcg), so it is taken in that
 //! process: an embedder's [`Factory::cache`] holds its VMs in its own
@@ -37,7 +45,7 @@ use tracing::{debug, info, warn};
 
 use crate::agent::HostSide;
 use crate::config::SandboxConfig;
-use crate::hypervisor::{attached, new_hypervisor, Hypervisor, HypervisorError, HypervisorKind, VmSpec};
+use crate::hypervisor::{attached, new_hypervisor, Hypervisor, HypervisorError, HypervisorKind, Template, VmSpec};
 use crate::state::{lock_path, now_unix_ms, LockKind, StateError, Store};
 
 /// The factory's directory under the store's root (not a valid sandbox ID,
@@ -64,11 +72,18 @@ pub enum FactoryError {
     /// The guest image lacks a file.
     #[error("the guest image has no {0}: build it with `vessel image build --out DIR`")]
     GuestImage(PathBuf),
-    /// A VM template was asked for.
+    /// A VM template on a hypervisor that cannot snapshot VMs.
     #[error(
-        "VM templates need the builtin hypervisor's snapshots, which are not there yet; use a cache (`--cache N`)"
+        "VM templates need the builtin hypervisor's snapshots; {0} cannot make them (QEMU 7.2 refuses to migrate \
+         a VM with vhost-user-vsock: \"non-migratable device\"); use a cache (`--cache N`)"
     )]
-    TemplateUnsupported,
+    TemplateHypervisor(HypervisorKind),
+    /// A template is made in a directory of its own, made for it.
+    #[error("{0} exists already: a VM template is made in a new directory")]
+    TemplateExists(PathBuf),
+    /// The template's snapshot could not be loaded.
+    #[error("cannot load the VM template in {0}")]
+    TemplateLoad(PathBuf, #[source] vmm::snapshot::RestoreError),
     /// A directory or record could not be made or read.
     #[error(transparent)]
     State(#[from] StateError),
@@ -149,9 +164,14 @@ impl CacheConfig {
     /// cold boot attaches; and its containers' roots and disks are
     /// hot-plugged.
     pub fn mismatch(&self, config: &SandboxConfig) -> Option<String> {
+        self.mismatch_of(config, "the cached VMs", "the cached VMs'")
+    }
+
+    /// [`CacheConfig::mismatch`], the VMs called `what` (`whose`).
+    pub(crate) fn mismatch_of(&self, config: &SandboxConfig, what: &str, whose: &str) -> Option<String> {
         let kind = config.hypervisor.unwrap_or_else(HypervisorKind::detect);
         if kind != self.hypervisor {
-            return Some(format!("the sandbox runs on {kind}, the cached VMs on {}", self.hypervisor));
+            return Some(format!("the sandbox runs on {kind}, {what} on {}", self.hypervisor));
         }
         let same_image = match (config.guest_image.canonicalize(), self.guest_image.canonicalize()) {
             (Ok(a), Ok(b)) => a == b,
@@ -159,17 +179,17 @@ impl CacheConfig {
         };
         if !same_image {
             return Some(format!(
-                "the sandbox's guest image is {}, the cached VMs' {}",
+                "the sandbox's guest image is {}, {whose} {}",
                 config.guest_image.display(),
                 self.guest_image.display()
             ));
         }
         if config.vcpus != self.vcpus {
-            return Some(format!("the sandbox has {} vCPUs, the cached VMs {}", config.vcpus, self.vcpus));
+            return Some(format!("the sandbox has {} vCPUs, {what} {}", config.vcpus, self.vcpus));
         }
         if config.memory_mib != self.memory_mib {
             return Some(format!(
-                "the sandbox has {} MiB of memory, the cached VMs {} MiB",
+                "the sandbox has {} MiB of memory, {what} {} MiB",
                 config.memory_mib, self.memory_mib
             ));
         }
@@ -187,8 +207,7 @@ impl CacheConfig {
         let needed = config.containers.len() + config.disks.len() + usize::from(config.hotplug_slots);
         if needed > usize::from(self.hotplug_slots) {
             return Some(format!(
-                "the sandbox needs {needed} hotplug slots ({} containers, {} disks, {} kept free), the cached VMs \
-                 have {}",
+                "the sandbox needs {needed} hotplug slots ({} containers, {} disks, {} kept free), {what} have {}",
                 config.containers.len(),
                 config.disks.len(),
                 config.hotplug_slots,
@@ -199,7 +218,7 @@ impl CacheConfig {
     }
 
     /// The VM to boot in `dir`.
-    fn spec(&self, dir: &Path) -> VmSpec {
+    pub(crate) fn spec(&self, dir: &Path) -> VmSpec {
         VmSpec {
             dir: dir.to_path_buf(),
             kernel: self.guest_image.join(resources::guest_image::KERNEL_FILE),
@@ -577,6 +596,130 @@ fn booting_owner(dir: &Path) -> Option<u32> {
     })
 }
 
+/// A VM template's record, in its directory: how its VM was booted.
+pub const TEMPLATE_RECORD: &str = "template.json";
+/// Where a template's VM boots, inside the template's directory (its
+/// sockets and console log; removed once the snapshot is written).
+const TEMPLATE_BOOT_DIR: &str = "boot";
+
+/// A VM template's record ([`TEMPLATE_RECORD`]).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TemplateRecord {
+    /// [`RECORD_VERSION`].
+    pub version: u32,
+    /// How its VM was booted; a create must match it.
+    pub config: CacheConfig,
+    /// When the snapshot was written (ms since the epoch).
+    pub made_unix_ms: u64,
+}
+
+/// Makes a VM template in `dir`, which must not exist: boots a sandbox VM
+/// with `config` (builtin only), waits for its agent's announcement,
+/// pauses it, writes its snapshot and [`TEMPLATE_RECORD`] there, and
+/// stops it. On failure nothing is left.
+pub fn make_template(dir: &Path, config: &CacheConfig) -> Result<TemplateRecord, FactoryError> {
+    make_template_with(dir, config, new_hypervisor(config.hypervisor))
+}
+
+/// [`make_template`] on a hypervisor of the caller's.
+pub fn make_template_with(
+    dir: &Path,
+    config: &CacheConfig,
+    mut vm: Box<dyn Hypervisor>,
+) -> Result<TemplateRecord, FactoryError> {
+    for kind in [config.hypervisor, vm.kind()] {
+        if kind != HypervisorKind::Builtin {
+            return Err(FactoryError::TemplateHypervisor(kind));
+        }
+    }
+    check_image(&config.guest_image)?;
+    if std::fs::symlink_metadata(dir).is_ok() {
+        return Err(FactoryError::TemplateExists(dir.to_path_buf()));
+    }
+    if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+        make_private_dir(parent)?;
+    }
+    std::os::unix::fs::DirBuilderExt::mode(&mut std::fs::DirBuilder::new(), 0o700).create(dir).map_err(|e| match e
+        .kind()
+    {
+        std::io::ErrorKind::AlreadyExists => FactoryError::TemplateExists(dir.to_path_buf()),
+        _ => io("create the template's directory", dir)(e),
+    })?;
+    let began = Instant::now();
+    let boot = dir.join(TEMPLATE_BOOT_DIR);
+    let made = make_private_dir(&boot).and_then(|()| {
+        let spec = config.spec(&boot);
+        let host = HostSide::new(spec.vsock_socket());
+        let ready = host.listen(link::DEFAULT_PORT).map_err(FactoryError::Agent)?;
+        vm.start(&spec)?;
+        let timeout = Duration::from_secs(config.boot_timeout_s);
+        let (version, link) = host.wait_link(&ready, timeout, || vm.exited()).map_err(FactoryError::Agent)?;
+        drop(ready);
+        vm.pause()?;
+        vm.snapshot(dir)?;
+        vm.stop()?;
+        // The guest's end of this link is reset in every clone.
+        drop(link);
+        std::fs::remove_dir_all(&boot).map_err(io("remove", &boot))?;
+        let record = TemplateRecord { version: RECORD_VERSION, config: config.clone(), made_unix_ms: now_unix_ms() };
+        let path = dir.join(TEMPLATE_RECORD);
+        let json =
+            serde_json::to_vec_pretty(&record).map_err(|source| FactoryError::Record { path: path.clone(), source })?;
+        resources::cache::write_atomic(&path, &json).map_err(|e| io("write", &path)(std::io::Error::other(e)))?;
+        info!(dir = %dir.display(), agent = %version, ms = began.elapsed().as_millis() as u64, "VM template made");
+        Ok(record)
+    });
+    if made.is_err() {
+        let console = vm.console_tail(20);
+        if !console.is_empty() {
+            warn!("the template's VM failed; its console ended with:\n{console}");
+        }
+        let _ = vm.stop();
+        let _ = std::fs::remove_dir_all(dir);
+    }
+    made
+}
+
+/// Reads the record of the VM template in `dir`.
+pub fn read_template(dir: &Path) -> Result<TemplateRecord, FactoryError> {
+    let path = dir.join(TEMPLATE_RECORD);
+    let bytes = std::fs::read(&path).map_err(io("read the VM template's record", &path))?;
+    serde_json::from_slice(&bytes).map_err(|source| FactoryError::Record { path, source })
+}
+
+/// The CLI's record of the template it uses (`.factory/template-dir.json`):
+/// what `vessel factory init --template` was given.
+pub const TEMPLATE_FILE: &str = "template-dir.json";
+
+/// A template kept for the CLI's creates, as `template-dir.json` says.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TemplateFile {
+    /// [`RECORD_VERSION`].
+    pub version: u32,
+    /// The template's directory.
+    pub dir: PathBuf,
+}
+
+/// Writes `template-dir.json` atomically.
+pub fn write_template_file(store: &Store, file: &TemplateFile) -> Result<(), FactoryError> {
+    make_private_dir(store.root())?;
+    store.check_root()?;
+    make_private_dir(&factory_dir(store))?;
+    let path = factory_dir(store).join(TEMPLATE_FILE);
+    let json = serde_json::to_vec_pretty(file).map_err(|source| FactoryError::Record { path: path.clone(), source })?;
+    resources::cache::write_atomic(&path, &json).map_err(|e| io("write", &path)(std::io::Error::other(e)))
+}
+
+/// Reads `template-dir.json`; None when no template is kept.
+pub fn read_template_file(store: &Store) -> Result<Option<TemplateFile>, FactoryError> {
+    let path = factory_dir(store).join(TEMPLATE_FILE);
+    match std::fs::read(&path) {
+        Ok(bytes) => serde_json::from_slice(&bytes).map(Some).map_err(|source| FactoryError::Record { path, source }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(io("read", &path)(e)),
+    }
+}
+
 /// The CLI's record of the cache it keeps (`.factory/cache.json`): what
 /// `vessel factory init` was given.
 pub const CACHE_FILE: &str = "cache.json";
@@ -613,6 +756,9 @@ pub fn read_cache_file(store: &Store) -> Result<Option<CacheFile>, FactoryError>
     }
 }
 
+/// What a create restores a VM from, and the hypervisor it restores it on.
+pub(crate) type Restore = (Arc<Template>, Box<dyn Hypervisor>);
+
 /// Makes a hypervisor for each VM an in-process cache boots.
 pub type MakeHypervisor = Arc<dyn Fn() -> Box<dyn Hypervisor> + Send + Sync>;
 
@@ -622,8 +768,8 @@ pub type MakeHypervisor = Arc<dyn Fn() -> Box<dyn Hypervisor> + Send + Sync>;
 ///   background as creates take them or as they die.
 /// - [`Factory::holding`]: one VM this process booted, not refilled (the
 ///   CLI's owner processes, one VM each).
-/// - [`Factory::template`]: VM templates, refused until the builtin
-///   hypervisor snapshots.
+/// - [`Factory::template`]: a VM template (builtin only), loaded once;
+///   each create restores a VM of its own from it.
 ///
 /// A create whose config does not match the VMs ([`CacheConfig::mismatch`])
 /// is refused with the reason; one that finds no VM ready boots its own,
@@ -661,6 +807,8 @@ struct Pool {
     /// How many it keeps (0: it holds what it was given, no more).
     size: usize,
     make: Option<MakeHypervisor>,
+    /// A template's factory: what each create restores from.
+    template: Option<Arc<Template>>,
     inner: Mutex<PoolInner>,
     changed: Condvar,
     closed: AtomicBool,
@@ -771,6 +919,7 @@ impl Factory {
             config,
             size,
             make: Some(make),
+            template: None,
             inner: Mutex::new(PoolInner::default()),
             changed: Condvar::new(),
             closed: AtomicBool::new(false),
@@ -789,6 +938,7 @@ impl Factory {
             config,
             size: 0,
             make: None,
+            template: None,
             inner: Mutex::new(inner),
             changed: Condvar::new(),
             closed: AtomicBool::new(false),
@@ -796,10 +946,54 @@ impl Factory {
         Factory { handle: Arc::new(Handle { pool }) }
     }
 
-    /// VM templates (Kata's template factory): refused, with what to use
-    /// instead, until the builtin hypervisor snapshots VMs.
-    pub fn template(_dir: &Path) -> Result<Factory, FactoryError> {
-        Err(FactoryError::TemplateUnsupported)
+    /// The VM template in `dir` (Kata's template factory), made by
+    /// [`make_template`]: its record read and its snapshot loaded once;
+    /// each create restores a builtin VM from it.
+    pub fn template(dir: &Path) -> Result<Factory, FactoryError> {
+        let record = read_template(dir)?;
+        if record.config.hypervisor != HypervisorKind::Builtin {
+            return Err(FactoryError::TemplateHypervisor(record.config.hypervisor));
+        }
+        let template = Template::load(dir).map_err(|e| FactoryError::TemplateLoad(dir.to_path_buf(), e))?;
+        Ok(Self::template_with(record, template, Arc::new(|| new_hypervisor(HypervisorKind::Builtin))))
+    }
+
+    /// [`Factory::template`] from a template of the caller's, restored by
+    /// hypervisors of the caller's.
+    pub fn template_with(record: TemplateRecord, template: Template, make: MakeHypervisor) -> Factory {
+        // A template's factory boots nothing (its size is 0): the store is
+        // never used.
+        let store = Store::new(template.dir().join(TEMPLATE_BOOT_DIR));
+        let pool = Arc::new(Pool {
+            store,
+            config: record.config,
+            size: 0,
+            make: Some(make),
+            template: Some(Arc::new(template)),
+            inner: Mutex::new(PoolInner::default()),
+            changed: Condvar::new(),
+            closed: AtomicBool::new(false),
+        });
+        Factory { handle: Arc::new(Handle { pool }) }
+    }
+
+    /// A template's factory: the template and a hypervisor to restore a
+    /// VM from it for a sandbox with `config`; refused when `config`
+    /// does not match. None for a cache.
+    pub(crate) fn restore_source(&self, config: &SandboxConfig) -> Option<Result<Restore, String>> {
+        let pool = &self.handle.pool;
+        let template = pool.template.clone()?;
+        let make = pool.make.clone()?;
+        if let Some(why) = pool.config.mismatch_of(config, "the template's VM", "the template's") {
+            return Some(Err(why));
+        }
+        pool.lock().taken += 1;
+        Some(Ok((template, make())))
+    }
+
+    /// The template's directory, for a template's factory.
+    pub fn template_dir(&self) -> Option<&Path> {
+        self.handle.pool.template.as_deref().map(Template::dir)
     }
 
     /// How its VMs are booted.

@@ -13,7 +13,7 @@ use agent_proto::link;
 use agent_proto::mock::MockAgent;
 
 use crate::hypervisor::{
-    Disk, Hypervisor, HypervisorError, HypervisorKind, Nic, Plugged, PluggedNic, VmFigures, VmSpec,
+    Disk, Hypervisor, HypervisorError, HypervisorKind, Nic, Plugged, PluggedNic, Template, VmFigures, VmSpec,
 };
 use crate::sandbox::{CreateStep, Sandbox, SandboxError};
 use crate::state::{ContainerPhase, SandboxPhase, Store, LOCK_FILE, STATE_FILE};
@@ -42,6 +42,8 @@ struct FakeVm {
     plugged: Arc<std::sync::Mutex<Vec<Disk>>>,
     server: Option<agent_proto::ttrpc::Server>,
     vsock: PathBuf,
+    /// The template directories it was restored from.
+    restored: Arc<std::sync::Mutex<Vec<PathBuf>>>,
 }
 
 impl FakeVm {
@@ -55,6 +57,7 @@ impl FakeVm {
             plugged: Arc::default(),
             server: None,
             vsock: PathBuf::new(),
+            restored: Arc::default(),
         };
         (vm, running)
     }
@@ -161,6 +164,21 @@ impl Hypervisor for FakeVm {
     fn console_tail(&self, _: usize) -> String {
         String::new()
     }
+
+    /// Writes a description file, as the builtin VMM would, and the fake's
+    /// state: paused.
+    fn snapshot(&mut self, dir: &Path) -> Result<(), HypervisorError> {
+        assert!(self.paused.load(Ordering::SeqCst), "a snapshot of a running VM");
+        std::fs::write(dir.join(vmm::snapshot::DESCRIPTION_FILE), b"fake").expect("write the snapshot");
+        Ok(())
+    }
+
+    /// Starts as a fresh VM does: its agent announces itself on `spec`'s
+    /// socket, as a restored guest's does after the transport reset.
+    fn restore_from(&mut self, template: &Template, spec: &VmSpec) -> Result<(), HypervisorError> {
+        self.restored.lock().unwrap().push(template.dir().to_path_buf());
+        self.start(spec)
+    }
 }
 
 /// A store in a fresh directory, and a guest image whose files exist (the
@@ -245,7 +263,7 @@ fn bad_configs_are_refused_before_anything_is_made() {
     let err = Sandbox::create_with(&f.store, no_image, Box::new(vm)).unwrap_err();
     assert!(err.to_string().contains("vessel image build"), "{err}");
     let err = crate::Factory::template(&f.root).unwrap_err();
-    assert!(err.to_string().contains("snapshots"), "{err}");
+    assert!(crate::error_chain(&err).contains("template.json"), "{err}");
     assert!(!running.load(Ordering::SeqCst));
     assert!(f.store.ids().unwrap().is_empty());
 }
@@ -623,4 +641,149 @@ fn list_and_sweep_find_cached_vms_whose_owner_died_and_destroy_leaves_nothing() 
     assert_eq!(ended.len(), 1);
     assert!(!crate::factory::factory_dir(&f.store).exists(), "the factory's directory is left");
     drop(factory);
+}
+
+/// What a test looks at in a template's clone: its mock agent, whether it
+/// runs, and the templates it was restored from.
+type Clone = (MockAgent, Arc<AtomicBool>, Arc<std::sync::Mutex<Vec<PathBuf>>>);
+
+/// Clones made by a template's factory.
+#[derive(Clone, Default)]
+struct Clones(Arc<std::sync::Mutex<Vec<Clone>>>);
+
+impl Clones {
+    fn with_hostname(&self, hostname: &str) -> Option<Clone> {
+        self.0.lock().unwrap().iter().find(|(m, ..)| m.identity().is_some_and(|i| i.hostname == hostname)).cloned()
+    }
+}
+
+/// A template made in the fixture from a fake, and its factory over fakes
+/// that fail with `fault`.
+fn template_factory(f: &Fixture, fault: Fault, clones: &Clones) -> (crate::Factory, PathBuf) {
+    let dir = f.root.join("template");
+    let (vm, _) = FakeVm::new(Fault::None);
+    let record = crate::factory::make_template_with(&dir, &f.cache_config(2), Box::new(vm)).unwrap();
+    let clones = clones.clone();
+    let make: crate::factory::MakeHypervisor = Arc::new(move || {
+        let (vm, running) = FakeVm::new(fault);
+        clones.0.lock().unwrap().push((vm.mock.clone(), running, vm.restored.clone()));
+        Box::new(vm)
+    });
+    (crate::Factory::template_with(record, Template::unloaded(&dir), make), dir)
+}
+
+#[test]
+fn a_template_is_made_from_a_paused_vm_and_records_its_config() {
+    let f = Fixture::new("template-make");
+    let dir = f.root.join("template");
+    let (vm, running) = FakeVm::new(Fault::None);
+    let record = crate::factory::make_template_with(&dir, &f.cache_config(2), Box::new(vm)).unwrap();
+    assert!(!running.load(Ordering::SeqCst), "the template's VM was left running");
+    assert!(dir.join(vmm::snapshot::DESCRIPTION_FILE).is_file(), "no snapshot was written");
+    assert!(!dir.join("boot").exists(), "the boot directory was left");
+    assert_eq!(crate::factory::read_template(&dir).unwrap(), record);
+    assert_eq!(record.config, f.cache_config(2));
+    // A directory that exists is not made a template.
+    let (vm, running) = FakeVm::new(Fault::None);
+    let err = crate::factory::make_template_with(&dir, &f.cache_config(2), Box::new(vm)).unwrap_err();
+    assert!(err.to_string().contains("exists already"), "{err}");
+    assert!(!running.load(Ordering::SeqCst));
+    // qemu-tcg is refused with the reason.
+    let mut qemu = f.cache_config(2);
+    qemu.hypervisor = HypervisorKind::QemuTcg;
+    let (vm, _) = FakeVm::new(Fault::None);
+    let err = crate::factory::make_template_with(&f.root.join("t2"), &qemu, Box::new(vm)).unwrap_err();
+    assert!(err.to_string().contains("non-migratable device") && err.to_string().contains("qemu-tcg"), "{err}");
+    assert!(!f.root.join("t2").exists());
+    // A guest that never announces itself leaves no template.
+    let (vm, running) = FakeVm::new(Fault::Silent);
+    let mut quick = f.cache_config(2);
+    quick.boot_timeout_s = 1;
+    let err = crate::factory::make_template_with(&f.root.join("t3"), &quick, Box::new(vm)).unwrap_err();
+    assert!(matches!(err, crate::factory::FactoryError::Agent(_)), "{err:?}");
+    assert!(!running.load(Ordering::SeqCst) && !f.root.join("t3").exists());
+}
+
+#[test]
+fn each_sandbox_from_a_template_is_restored_and_given_its_own_identity() {
+    let f = Fixture::new("template");
+    let clones = Clones::default();
+    let (factory, dir) = template_factory(&f, Fault::None, &clones);
+    assert_eq!(factory.template_dir(), Some(dir.as_path()));
+    let mut a = Sandbox::create(&f.store, f.factory_config("a", &["c"]), Some(&factory)).unwrap();
+    let mut b = Sandbox::create(&f.store, f.factory_config("b", &[]), Some(&factory)).unwrap();
+    let (mock_a, running_a, restored_a) = clones.with_hostname("a").expect("a clone was named a");
+    let (mock_b, _, restored_b) = clones.with_hostname("b").expect("a clone was named b");
+    assert_eq!(*restored_a.lock().unwrap(), std::slice::from_ref(&dir), "a was not restored from the template");
+    assert_eq!(*restored_b.lock().unwrap(), std::slice::from_ref(&dir), "b was not restored from the template");
+    assert_ne!(mock_a.identity().unwrap().entropy, mock_b.identity().unwrap().entropy);
+    assert_eq!(mock_a.identity().unwrap().entropy.len(), crate::agent::IDENTITY_ENTROPY);
+    assert_eq!((a.guest_details().hostname.as_str(), b.guest_details().hostname.as_str()), ("a", "b"));
+    // Each VM is the sandbox's own, in its own directory: no link, its own
+    // vsock socket.
+    assert_eq!(a.state().booted_in, None);
+    assert!(f.store.dir("a").unwrap().join("vsock.sock").exists());
+    assert_eq!(f.store.load("a").unwrap(), *a.state());
+    assert_eq!(a.state().devices.iter().map(|d| d.serial.as_str()).collect::<Vec<_>>(), ["ctr-0"]);
+    a.start().unwrap();
+    assert_eq!(a.wait_process("c", "", Some(Duration::from_secs(5))).unwrap(), 3);
+    assert_eq!(factory.counts(), (2, 0));
+    a.stop(false).unwrap();
+    assert!(!running_a.load(Ordering::SeqCst));
+    a.delete().unwrap();
+    b.stop(false).unwrap();
+    b.delete().unwrap();
+    assert!(f.store.ids().unwrap().is_empty());
+    assert!(dir.join(crate::factory::TEMPLATE_RECORD).is_file(), "a create spent the template");
+}
+
+#[test]
+fn a_config_the_template_cannot_serve_is_refused_by_name_and_nothing_is_restored() {
+    let f = Fixture::new("template-mismatch");
+    let clones = Clones::default();
+    let (factory, _) = template_factory(&f, Fault::None, &clones);
+    let mut two_cpus = f.factory_config("m", &[]);
+    two_cpus.vcpus = 2;
+    let mut more_memory = f.factory_config("m", &[]);
+    more_memory.memory_mib = 512;
+    let mut qemu = f.factory_config("m", &[]);
+    qemu.hypervisor = Some(HypervisorKind::QemuTcg);
+    let mut other_image = f.factory_config("m", &[]);
+    other_image.guest_image = f.root.join("image2");
+    std::fs::create_dir(&other_image.guest_image).unwrap();
+    for file in [resources::guest_image::KERNEL_FILE, resources::guest_image::INITRD_FILE] {
+        std::fs::write(other_image.guest_image.join(file), b"").unwrap();
+    }
+    let too_many = f.factory_config("m", &["a", "b"]);
+    for (config, want) in [
+        (two_cpus, "the sandbox has 2 vCPUs, the template's VM 1"),
+        (more_memory, "the sandbox has 512 MiB of memory, the template's VM 256 MiB"),
+        (qemu, "the sandbox runs on qemu-tcg, the template's VM on builtin"),
+        (other_image, "the template's"),
+        (too_many, "3 hotplug slots"),
+    ] {
+        let err = Sandbox::create(&f.store, config, Some(&factory)).unwrap_err();
+        assert!(matches!(err, SandboxError::FactoryMismatch { .. }), "{err:?}");
+        assert!(err.to_string().contains(want), "{err} lacks {want:?}");
+    }
+    assert!(clones.0.lock().unwrap().is_empty(), "a refused create restored a VM");
+    assert_eq!(factory.counts(), (0, 0));
+    assert!(f.store.ids().unwrap().is_empty());
+}
+
+#[test]
+fn a_failed_restore_is_rolled_back_and_leaves_nothing() {
+    for (fault, expected) in [(Fault::Start, CreateStep::Vm), (Fault::Silent, CreateStep::Agent)] {
+        let f = Fixture::new("template-rollback");
+        let clones = Clones::default();
+        let (factory, dir) = template_factory(&f, fault, &clones);
+        let err = Sandbox::create(&f.store, f.factory_config("r", &["c"]), Some(&factory)).unwrap_err();
+        assert_eq!(step(&err), Some(expected), "{fault:?}: {err:?}");
+        let clones = clones.0.lock().unwrap();
+        assert_eq!(clones.len(), 1, "{fault:?}: one restore was tried");
+        assert!(!clones[0].1.load(Ordering::SeqCst), "{fault:?}: the clone was left running");
+        assert!(f.store.ids().unwrap().is_empty(), "{fault:?}: left {:?}", f.store.ids());
+        assert!(!f.store.dir("r").unwrap().exists(), "{fault:?}: the directory was left");
+        assert!(dir.join(crate::factory::TEMPLATE_RECORD).is_file(), "{fault:?}: the template was spent");
+    }
 }

@@ -805,6 +805,37 @@ fn a_cache_on_builtin_gives_a_sandbox_its_identity() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Tier 4: a VM template on the builtin hypervisor (a booted sandbox VM's
+/// snapshot): two sandboxes restored from it each run a container with
+/// their own hostname, random bytes and the host's clock; the template is
+/// left whole, and nothing else is.
+fn a_template_on_builtin_gives_each_clone_its_own_identity() -> anyhow::Result<()> {
+    let dir = TempDir::new("api-template-builtin")?;
+    let image = guest_image(dir.path())?;
+    let store = Store::new(dir.path().join("state"));
+    let root = busybox_root(dir.path(), "root")?;
+    let mut booted = runtime_api::CacheConfig::for_sandbox(&config("x", &image, HypervisorKind::Builtin));
+    booted.hotplug_slots = 2;
+    let template = dir.path().join("template");
+    runtime_api::factory::make_template(&template, &booted)?;
+    let factory = runtime_api::Factory::template(&template)?;
+    let (a, host_a) = from_factory(&store, &image, &root, "ta", Some(&factory))?;
+    let (b, host_b) = from_factory(&store, &image, &root, "tb", Some(&factory))?;
+    ensure!((host_a.as_str(), host_b.as_str()) == ("ta", "tb"), "the clones' hostnames: {host_a}, {host_b}");
+    ensure!(a.uuid != b.uuid && a.random != b.random, "two clones share random bytes: {} {}", a.random, b.random);
+    ensure!(a.random.len() == 32, "random bytes read as {:?}", a.random);
+    let now = runtime_api::state::now_unix_ms() / 1000;
+    for seen in [&a, &b] {
+        ensure!(now.abs_diff(seen.clock) <= 3, "a clone's clock read {}, the host's {now}", seen.clock);
+    }
+    ensure!(factory.counts() == (2, 0), "restored and died: {:?}", factory.counts());
+    eprintln!("template on builtin: create to first output {:?} and {:?}", a.create_to_output, b.create_to_output);
+    drop(factory);
+    ensure!(runtime_api::factory::read_template(&template).is_ok(), "the creates spent the template");
+    ensure!(store.ids()?.is_empty(), "left sandboxes {:?}", store.ids()?);
+    Ok(())
+}
+
 fn main() {
     if let Ok(spec) = std::env::var(CHILD_OWNER) {
         if let Err(e) = own_a_sandbox(&spec) {
@@ -868,6 +899,10 @@ fn main() {
         [
             trial("containers_on_builtin", containers_on_builtin),
             trial("a_cache_on_builtin_gives_a_sandbox_its_identity", a_cache_on_builtin_gives_a_sandbox_its_identity),
+            trial(
+                "a_template_on_builtin_gives_each_clone_its_own_identity",
+                a_template_on_builtin_gives_each_clone_its_own_identity,
+            ),
         ],
     ));
     libtest_mimic::run(&args, trials).exit();

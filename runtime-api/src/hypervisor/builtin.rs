@@ -16,8 +16,8 @@ use vmm::{
 };
 
 use super::{
-    file_tail, Disk, Hypervisor, HypervisorError, HypervisorKind, Nic, Plugged, PluggedNic, VmFigures, VmSpec,
-    GUEST_CID,
+    file_tail, Disk, Hypervisor, HypervisorError, HypervisorKind, Nic, Plugged, PluggedNic, Template, VmFigures,
+    VmSpec, GUEST_CID,
 };
 
 const KIND: HypervisorKind = HypervisorKind::Builtin;
@@ -221,5 +221,28 @@ impl Hypervisor for Builtin {
 
     fn console_tail(&self, lines: usize) -> String {
         file_tail(&self.console, lines)
+    }
+
+    fn snapshot(&mut self, dir: &std::path::Path) -> Result<(), HypervisorError> {
+        Self::op("snapshot the VM", self.handle()?.request(VmmAction::Snapshot(dir.to_path_buf()))).map(drop)
+    }
+
+    fn restore_from(&mut self, template: &Template, spec: &VmSpec) -> Result<(), HypervisorError> {
+        let fail = |e: Box<dyn std::error::Error + Send + Sync>| HypervisorError::Start(KIND, e);
+        let snapshot = template.snapshot().ok_or_else(|| {
+            fail(format!("the template in {} was not loaded (Template::load)", template.dir().display()).into())
+        })?;
+        self.console = spec.console_log();
+        let (from_guest, to_log) = crate::console::pipe().map_err(|e| fail(Box::new(e)))?;
+        crate::console::copy_capped(vec![Box::new(from_guest)], &self.console).map_err(|e| fail(Box::new(e)))?;
+        let config = vmm::snapshot::RestoreConfig {
+            console: ConsoleOutput::Writer(Box::new(to_log)),
+            vsock_uds: Some(spec.vsock_socket()),
+            seccomp: true,
+            paused: false,
+        };
+        self.vm = Some(snapshot.restore(config).map_err(|e| fail(Box::new(e)))?);
+        self.started = Some(Instant::now());
+        Ok(())
     }
 }

@@ -149,6 +149,49 @@ impl VmSpec {
     }
 }
 
+/// A VM template: a snapshot of a booted, paused sandbox VM (written by
+/// [`Hypervisor::snapshot`]), loaded once, that VMs are restored from
+/// ([`Hypervisor::restore_from`]).
+pub struct Template {
+    dir: PathBuf,
+    loaded: Option<vmm::snapshot::Template>,
+}
+
+impl std::fmt::Debug for Template {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Template").field("dir", &self.dir).field("loaded", &self.loaded.is_some()).finish()
+    }
+}
+
+impl Template {
+    /// Reads and checks the snapshot in `dir` (its description whole, of
+    /// its memory file the size and trailer).
+    pub fn load(dir: &Path) -> Result<Template, vmm::snapshot::RestoreError> {
+        Ok(Template { dir: dir.to_path_buf(), loaded: Some(vmm::snapshot::Template::load(dir)?) })
+    }
+
+    /// The template in `dir`, its snapshot not read: for a hypervisor that
+    /// reads its own files (a test double). The builtin hypervisor refuses
+    /// to restore from it.
+    pub fn unloaded(dir: &Path) -> Template {
+        Template { dir: dir.to_path_buf(), loaded: None }
+    }
+
+    /// Its directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The loaded snapshot, if [`Template::load`] made it.
+    pub(crate) fn snapshot(&self) -> Option<&vmm::snapshot::Template> {
+        self.loaded.as_ref()
+    }
+}
+
+/// Why a hypervisor other than the builtin one makes no template.
+pub const NO_SNAPSHOTS: &str = "only the builtin hypervisor snapshots VMs (QEMU 7.2 refuses to migrate a VM with \
+                                vhost-user-vsock: \"non-migratable device\")";
+
 /// What a hot-plugged device got.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Plugged {
@@ -257,6 +300,17 @@ pub trait Hypervisor: Send {
     /// (QEMU's), so that a sandbox fetched elsewhere can reach it.
     fn process_id(&self) -> Option<u32> {
         None
+    }
+    /// Writes the paused VM's snapshot into `dir` (a VM template).
+    fn snapshot(&mut self, _dir: &Path) -> Result<(), HypervisorError> {
+        Err(HypervisorError::Unsupported { kind: self.kind(), op: "snapshot a VM", why: NO_SNAPSHOTS })
+    }
+    /// Instead of [`Hypervisor::start`]: makes the VM from `template`, with
+    /// `spec`'s directory for its vsock socket and console log, and runs
+    /// it. The guest's vsock connections are reset: its agent announces
+    /// itself again on `spec`'s socket.
+    fn restore_from(&mut self, _template: &Template, _spec: &VmSpec) -> Result<(), HypervisorError> {
+        Err(HypervisorError::Unsupported { kind: self.kind(), op: "restore a VM from a template", why: NO_SNAPSHOTS })
     }
     /// Whether this handle owns the VM (made it, and ends it when dropped).
     fn owned(&self) -> bool {

@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
+use agent_proto::agent::GuestDetails;
 use tracing::{info, info_span, warn};
 
 use super::{container_request, step_done, CreateStep, Sandbox, SandboxError};
@@ -49,6 +50,19 @@ struct Claimed {
     lock: SandboxLock,
     vm: Box<dyn Hypervisor>,
     link: Option<UnixStream>,
+}
+
+/// A factory's VM running for sandbox `config.id`, its agent reached and
+/// its identity given: what [`Sandbox::finish_from_factory`] takes.
+pub(super) struct Reached {
+    pub(super) vm: Box<dyn Hypervisor>,
+    pub(super) agent: Agent,
+    pub(super) details: GuestDetails,
+    pub(super) vsock: PathBuf,
+    pub(super) link: Option<UnixStream>,
+    pub(super) lock: SandboxLock,
+    /// Where the VM was booted, when not in the sandbox's directory.
+    pub(super) booted_in: Option<PathBuf>,
 }
 
 /// Takes `cached` for sandbox `id`: under the VM's claim lock (nobody else
@@ -150,6 +164,24 @@ impl Sandbox {
         };
         step_done(CreateStep::Agent, began);
 
+        let reached = Reached { vm, agent, details, vsock, link, lock, booted_in: Some(booted_in) };
+        let sandbox = Self::finish_from_factory(store, config, reached, began)?;
+        info!(ms = began.elapsed().as_millis() as u64, "sandbox created from a cached VM");
+        Ok(sandbox)
+    }
+
+    /// The rest of a create from the factory, once its VM runs for the
+    /// sandbox with its identity: the disks, the containers on
+    /// hot-plugged roots, then the state. Undo: remove the containers,
+    /// stop the VM, remove the directory.
+    pub(super) fn finish_from_factory(
+        store: &Store,
+        config: SandboxConfig,
+        reached: Reached,
+        began: Instant,
+    ) -> Result<Sandbox, SandboxError> {
+        let id = config.id.clone();
+        let Reached { vm, agent, details, vsock, link, lock, booted_in } = reached;
         let state = SandboxState {
             version: STATE_VERSION,
             hypervisor: vm.kind(),
@@ -161,7 +193,7 @@ impl Sandbox {
             devices: Vec::new(),
             nics: Vec::new(),
             config: SandboxConfig { containers: Vec::new(), shared_fs: false, ..config.clone() },
-            booted_in: Some(booted_in),
+            booted_in,
         };
         let mut sandbox = Sandbox {
             store: store.clone(),
@@ -206,7 +238,6 @@ impl Sandbox {
             return Err(e);
         }
         step_done(CreateStep::State, began);
-        info!(ms = began.elapsed().as_millis() as u64, "sandbox created from a cached VM");
         Ok(sandbox)
     }
 }

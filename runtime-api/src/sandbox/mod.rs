@@ -32,6 +32,7 @@ use crate::state::{
 mod containers;
 mod error;
 mod from_cache;
+mod from_template;
 mod interfaces;
 
 pub use error::{CreateStep, SandboxError};
@@ -214,8 +215,10 @@ impl Sandbox {
     /// containers are created (not started). Uses the hypervisor the
     /// config names, or the one [`HypervisorKind::detect`] chooses.
     ///
-    /// With a `factory`, the VM is one it booted ahead of time, if one is
-    /// ready: resumed, given its identity, its containers' roots and disks
+    /// With a template's `factory`, the VM is restored from its snapshot,
+    /// its agent reached again on the sandbox's own socket, and it goes on
+    /// as a cached VM does. With a cache, the VM is one it booted ahead of
+    /// time, if one is ready: resumed, given its identity, its containers' roots and disks
     /// hot-plugged (see [`crate::factory`]). A config the factory's VMs do
     /// not match is refused with the reason ([`SandboxError::FactoryMismatch`]);
     /// with no VM ready, the sandbox boots its own, and the log says so.
@@ -225,6 +228,11 @@ impl Sandbox {
             // Refused before a VM is spent on it.
             if store.dir(&config.id)?.exists() && !store.abandoned(&config.id) {
                 return Err(StateError::Exists(config.id.clone()).into());
+            }
+            if let Some(source) = factory.restore_source(&config) {
+                let (template, vm) =
+                    source.map_err(|why| SandboxError::FactoryMismatch { id: config.id.clone(), why })?;
+                return Self::create_from_template(store, config, &template, factory.config(), vm);
             }
             loop {
                 let taken = factory
