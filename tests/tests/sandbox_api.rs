@@ -673,6 +673,24 @@ struct Seen {
     random: String,
     clock: u64,
     create_to_output: Duration,
+    /// The host's clock (seconds) when create began and when the output
+    /// had been read: the guest's clock was read in between.
+    host_window: (u64, u64),
+}
+
+impl Seen {
+    /// Checks the guest's clock is the host's: inside the window the host
+    /// read around it, give or take a second of rounding. A clock that
+    /// stood still while its VM waited paused reads before the window.
+    fn clock_is_the_hosts(&self) -> anyhow::Result<()> {
+        let (before, after) = self.host_window;
+        ensure!(
+            self.clock + 1 >= before && self.clock <= after + 1,
+            "a guest's clock read {}, the host's went from {before} to {after} meanwhile",
+            self.clock
+        );
+        Ok(())
+    }
 }
 
 /// Sandbox `id` from `factory` (or cold, without one) runs one container
@@ -691,6 +709,7 @@ fn from_factory(
         "cat /proc/sys/kernel/random/uuid; head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \\n'; echo; date +%s";
     config.containers = vec![ContainerConfig::new(id, root, &["sh", "-c", script])];
     let began = std::time::Instant::now();
+    let host_before = runtime_api::state::now_unix_ms() / 1000;
     let mut sandbox = Sandbox::create(store, config, factory)?;
     let io = sandbox.take_io(id)?;
     let first = std::thread::spawn(move || -> anyhow::Result<(String, Duration)> {
@@ -705,13 +724,20 @@ fn from_factory(
     sandbox.start()?;
     let status = sandbox.wait_process(id, "", Some(Duration::from_secs(120)))?;
     let (printed, create_to_output) = first.join().map_err(|_| anyhow!("the reader panicked"))??;
+    let host_after = runtime_api::state::now_unix_ms() / 1000;
     ensure!(status == 0, "the container exited {status}: {printed}");
     let hostname = sandbox.guest_details().hostname.clone();
     sandbox.stop(false)?;
     sandbox.delete()?;
     let lines: Vec<&str> = printed.lines().collect();
     let [uuid, random, clock] = lines[..] else { anyhow::bail!("the container printed {printed:?}") };
-    let seen = Seen { uuid: uuid.into(), random: random.into(), clock: clock.parse()?, create_to_output };
+    let seen = Seen {
+        uuid: uuid.into(),
+        random: random.into(),
+        clock: clock.parse()?,
+        create_to_output,
+        host_window: (host_before, host_after),
+    };
     Ok((seen, hostname))
 }
 
@@ -741,9 +767,8 @@ fn a_cache_of_two_gives_each_sandbox_its_own_identity_and_refills() -> anyhow::R
     ensure!((host_a.as_str(), host_b.as_str()) == ("fa", "fb"), "the guests' hostnames: {host_a}, {host_b}");
     ensure!(a.uuid != b.uuid && a.random != b.random, "two guests share random bytes: {} {}", a.random, b.random);
     ensure!(a.random.len() == 32, "random bytes read as {:?}", a.random);
-    let now = runtime_api::state::now_unix_ms() / 1000;
     for seen in [&a, &b] {
-        ensure!(now.abs_diff(seen.clock) <= 3, "a guest's clock read {}, the host's {now}", seen.clock);
+        seen.clock_is_the_hosts()?;
     }
     ensure!(factory.counts() == (2, 0), "taken and died: {:?}", factory.counts());
 
@@ -797,8 +822,7 @@ fn a_cache_on_builtin_gives_a_sandbox_its_identity() -> anyhow::Result<()> {
     std::thread::sleep(Duration::from_secs(2));
     let (seen, hostname) = from_factory(&store, &image, &root, "fb", Some(&factory))?;
     ensure!(hostname == "fb", "the guest's hostname: {hostname}");
-    let now = runtime_api::state::now_unix_ms() / 1000;
-    ensure!(now.abs_diff(seen.clock) <= 3, "the guest's clock read {}, the host's {now}", seen.clock);
+    seen.clock_is_the_hosts()?;
     eprintln!("factory on builtin: create to first output {:?}", seen.create_to_output);
     drop(factory);
     ensure!(runtime_api::factory::list(&store)?.is_empty(), "the factory left VMs");
@@ -824,9 +848,8 @@ fn a_template_on_builtin_gives_each_clone_its_own_identity() -> anyhow::Result<(
     ensure!((host_a.as_str(), host_b.as_str()) == ("ta", "tb"), "the clones' hostnames: {host_a}, {host_b}");
     ensure!(a.uuid != b.uuid && a.random != b.random, "two clones share random bytes: {} {}", a.random, b.random);
     ensure!(a.random.len() == 32, "random bytes read as {:?}", a.random);
-    let now = runtime_api::state::now_unix_ms() / 1000;
     for seen in [&a, &b] {
-        ensure!(now.abs_diff(seen.clock) <= 3, "a clone's clock read {}, the host's {now}", seen.clock);
+        seen.clock_is_the_hosts()?;
     }
     ensure!(factory.counts() == (2, 0), "restored and died: {:?}", factory.counts());
     eprintln!("template on builtin: create to first output {:?} and {:?}", a.create_to_output, b.create_to_output);
