@@ -789,6 +789,15 @@ fn the_factory_cache_serves_runs_and_creates_and_destroy_leaves_nothing() -> Tes
         let args = at(args);
         vessel(&args.iter().map(String::as_str).collect::<Vec<_>>())
     };
+    // A test that fails half-way still ends the cached VMs' owners, which
+    // would outlive it (they are detached, as a user's are).
+    struct Destroy<'a>(&'a str);
+    impl Drop for Destroy<'_> {
+        fn drop(&mut self) {
+            let _ = vessel(&["--root", self.0, "factory", "destroy"]);
+        }
+    }
+    let _destroy = Destroy(&root_s);
     // qemu-tcg makes no template, and says why.
     let template = run(&["factory", "init", "--template", "/tmp/no-template", "--hypervisor", "qemu-tcg"])?;
     ensure!(!template.status.success(), "a qemu-tcg template was made");
