@@ -303,8 +303,9 @@ fn create_rolls_back_at_each_step() -> anyhow::Result<()> {
     ensure!(err.to_string() == r#"sandbox "twice" has a container with ID "a" already"#, "{err}");
     let err = Sandbox::create(&store, config("../x", &image, HypervisorKind::QemuTcg), None).unwrap_err();
     ensure!(err.to_string().contains("invalid ID"), "{err}");
+    // A directory that holds no template is named, with the record missing.
     let err = runtime_api::Factory::template(dir.path()).unwrap_err();
-    ensure!(err.to_string().contains("snapshots"), "{err}");
+    ensure!(err.to_string().contains("template.json"), "{err}");
     nothing_left("bad input")?;
 
     // The VM step: a root disk that does not exist.
