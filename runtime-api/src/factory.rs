@@ -702,17 +702,29 @@ pub struct TemplateFile {
 
 /// Writes `template-dir.json` atomically.
 pub fn write_template_file(store: &Store, file: &TemplateFile) -> Result<(), FactoryError> {
-    make_private_dir(store.root())?;
-    store.check_root()?;
-    make_private_dir(&factory_dir(store))?;
-    let path = factory_dir(store).join(TEMPLATE_FILE);
-    let json = serde_json::to_vec_pretty(file).map_err(|source| FactoryError::Record { path: path.clone(), source })?;
-    resources::cache::write_atomic(&path, &json).map_err(|e| io("write", &path)(std::io::Error::other(e)))
+    write_cli_record(store, TEMPLATE_FILE, file)
 }
 
 /// Reads `template-dir.json`; None when no template is kept.
 pub fn read_template_file(store: &Store) -> Result<Option<TemplateFile>, FactoryError> {
-    let path = factory_dir(store).join(TEMPLATE_FILE);
+    read_cli_record(store, TEMPLATE_FILE)
+}
+
+/// Writes the CLI's record `name` in the factory's directory, atomically.
+fn write_cli_record(store: &Store, name: &str, record: &impl Serialize) -> Result<(), FactoryError> {
+    make_private_dir(store.root())?;
+    store.check_root()?;
+    make_private_dir(&factory_dir(store))?;
+    let path = factory_dir(store).join(name);
+    let json =
+        serde_json::to_vec_pretty(record).map_err(|source| FactoryError::Record { path: path.clone(), source })?;
+    resources::cache::write_atomic(&path, &json).map_err(|e| io("write", &path)(std::io::Error::other(e)))
+}
+
+/// Reads the CLI's record `name` in the factory's directory; None when
+/// there is none.
+fn read_cli_record<T: serde::de::DeserializeOwned>(store: &Store, name: &str) -> Result<Option<T>, FactoryError> {
+    let path = factory_dir(store).join(name);
     match std::fs::read(&path) {
         Ok(bytes) => serde_json::from_slice(&bytes).map(Some).map_err(|source| FactoryError::Record { path, source }),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
@@ -738,22 +750,12 @@ pub struct CacheFile {
 
 /// Writes `cache.json` atomically.
 pub fn write_cache_file(store: &Store, file: &CacheFile) -> Result<(), FactoryError> {
-    make_private_dir(store.root())?;
-    store.check_root()?;
-    make_private_dir(&factory_dir(store))?;
-    let path = factory_dir(store).join(CACHE_FILE);
-    let json = serde_json::to_vec_pretty(file).map_err(|source| FactoryError::Record { path: path.clone(), source })?;
-    resources::cache::write_atomic(&path, &json).map_err(|e| io("write", &path)(std::io::Error::other(e)))
+    write_cli_record(store, CACHE_FILE, file)
 }
 
 /// Reads `cache.json`; None when no cache is kept.
 pub fn read_cache_file(store: &Store) -> Result<Option<CacheFile>, FactoryError> {
-    let path = factory_dir(store).join(CACHE_FILE);
-    match std::fs::read(&path) {
-        Ok(bytes) => serde_json::from_slice(&bytes).map(Some).map_err(|source| FactoryError::Record { path, source }),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(io("read", &path)(e)),
-    }
+    read_cli_record(store, CACHE_FILE)
 }
 
 /// What a create restores a VM from, and the hypervisor it restores it on.

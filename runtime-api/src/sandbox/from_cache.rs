@@ -12,7 +12,7 @@ use std::time::Instant;
 use agent_proto::agent::GuestDetails;
 use tracing::{info, info_span, warn};
 
-use super::{container_request, step_done, CreateStep, Sandbox, SandboxError};
+use super::{step_done, CreateStep, Sandbox, SandboxError};
 use crate::agent::{Agent, HostSide};
 use crate::config::SandboxConfig;
 use crate::factory::{CachedVm, FactoryError, CLAIM_FILE};
@@ -222,14 +222,7 @@ impl Sandbox {
             sandbox.store.save(&sandbox.state).map_err(|e| SandboxError::at(CreateStep::State, &id)(e.into()))
         });
         if let Err(e) = outcome {
-            for c in sandbox.state.containers.iter().rev() {
-                let cid = &c.config.id;
-                let removed =
-                    sandbox.agent.call("RemoveContainer", |cl, ctx| cl.remove_container(ctx, &container_request(cid)));
-                if let Err(e) = removed {
-                    warn!(container = %cid, error = %e, "rollback: cannot remove a container");
-                }
-            }
+            sandbox.remove_containers_on_rollback();
             let _ = sandbox.vm.stop();
             drop(lock);
             if let Err(e) = store.remove(&id) {

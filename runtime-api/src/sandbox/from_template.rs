@@ -9,15 +9,15 @@
 use std::time::{Duration, Instant};
 
 use agent_proto::link;
-use tracing::{debug, info, info_span, warn};
+use tracing::{info, info_span, warn};
 
 use super::from_cache::Reached;
 use super::{step_done, CreateStep, Sandbox, SandboxError};
-use crate::agent::{Agent, HostSide};
+use crate::agent::HostSide;
 use crate::config::SandboxConfig;
 use crate::factory::CacheConfig;
 use crate::hypervisor::{Hypervisor, Template};
-use crate::state::{StateError, Store};
+use crate::state::Store;
 
 impl Sandbox {
     /// Makes sandbox `config` (validated and matched by the caller) with a
@@ -35,14 +35,7 @@ impl Sandbox {
         let began = Instant::now();
 
         // Directory and lock. Undo: remove the directory.
-        let made = match store.create_locked(&id) {
-            Err(StateError::Exists(_)) if store.abandoned(&id) => {
-                warn!("taking over the directory of a create that died");
-                store.remove(&id).and_then(|()| store.create_locked(&id))
-            }
-            other => other,
-        };
-        let (dir, lock) = made.map_err(|e| SandboxError::at(CreateStep::Directory, &id)(e.into()))?;
+        let (dir, lock) = super::make_directory(store, &id)?;
         let undo_dir = || {
             if let Err(e) = store.remove(&id) {
                 warn!(error = %e, "rollback: cannot remove the sandbox directory");
@@ -72,24 +65,11 @@ impl Sandbox {
         // The agent announces itself again on this socket; the guest gets
         // its own identity.
         let timeout = Duration::from_secs(config.boot_timeout_s);
-        let reached = host
-            .wait_link(&ready, timeout, || vm.exited())
-            .and_then(|(version, link)| {
-                debug!(agent = %version, "the restored guest's agent announced itself");
-                Ok((Agent::connect_hybrid(&spec.vsock_socket())?, link))
-            })
-            .and_then(|(agent, link)| {
-                let details = agent.set_identity(config.guest_hostname())?;
-                Ok((agent, details, link))
-            });
+        let reached = super::reach_agent(&host, &ready, timeout, &spec, &config, vm.as_mut());
         drop(ready);
         let (agent, details, link) = match reached {
             Ok(reached) => reached,
             Err(e) => {
-                let console = vm.console_tail(20);
-                if !console.is_empty() {
-                    warn!("the guest's console ended with:\n{console}");
-                }
                 let _ = vm.stop();
                 drop(lock);
                 undo_dir();

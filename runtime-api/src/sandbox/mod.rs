@@ -278,16 +278,8 @@ impl Sandbox {
         let began = Instant::now();
         let (kernel, initrd) = validate(&config)?;
 
-        // Directory and lock. Undo: remove the directory. One left by a
-        // create that died before writing its state is taken over.
-        let made = match store.create_locked(&id) {
-            Err(StateError::Exists(_)) if store.abandoned(&id) => {
-                warn!("taking over the directory of a create that died");
-                store.remove(&id).and_then(|()| store.create_locked(&id))
-            }
-            other => other,
-        };
-        let (dir, lock) = made.map_err(|e| SandboxError::at(CreateStep::Directory, &id)(e.into()))?;
+        // Directory and lock. Undo: remove the directory.
+        let (dir, lock) = make_directory(store, &id)?;
         let undo_dir = || {
             if let Err(e) = store.remove(&id) {
                 warn!(error = %e, "rollback: cannot remove the sandbox directory");
@@ -391,14 +383,8 @@ impl Sandbox {
 
         // The agent.
         let timeout = Duration::from_secs(config.boot_timeout_s);
-        let reached = host
-            .wait_link(&ready, timeout, || vm.exited())
-            .and_then(|(version, link)| {
-                debug!(agent = %version, "the agent announced itself");
-                Ok((Agent::connect_hybrid(&spec.vsock_socket())?, link))
-            })
-            .and_then(|(agent, link)| {
-                let details = agent.set_identity(config.guest_hostname())?;
+        let reached =
+            reach_agent(&host, &ready, timeout, &spec, &config, vm.as_mut()).and_then(|(agent, details, link)| {
                 if let Some(plan) = &plan {
                     configure_guest_network(&agent, plan)?;
                 }
@@ -408,10 +394,6 @@ impl Sandbox {
         let (agent, details, link) = match reached {
             Ok(reached) => reached,
             Err(e) => {
-                let console = vm.console_tail(20);
-                if !console.is_empty() {
-                    warn!("the guest's console ended with:\n{console}");
-                }
                 let _ = vm.stop();
                 undo_shared(fs_daemon.take());
                 undo_network();
@@ -477,14 +459,7 @@ impl Sandbox {
             sandbox.store.save(&sandbox.state).map_err(|e| SandboxError::at(CreateStep::State, &id)(e.into()))
         });
         if let Err(e) = outcome {
-            for c in sandbox.state.containers.iter().rev() {
-                let id = &c.config.id;
-                let removed =
-                    sandbox.agent.call("RemoveContainer", |cl, ctx| cl.remove_container(ctx, &container_request(id)));
-                if let Err(e) = removed {
-                    warn!(container = %id, error = %e, "rollback: cannot remove a container");
-                }
-            }
+            sandbox.remove_containers_on_rollback();
             let _ = sandbox.vm.stop();
             undo_shared(fs_daemon.take());
             undo_network();
@@ -977,6 +952,65 @@ fn configure_guest_network(agent: &Agent, plan: &network::Plan) -> Result<(), Ag
         agent.call("UpdateRoutes", |c, ctx| c.update_routes(ctx, &request))?;
     }
     Ok(())
+}
+
+/// Makes sandbox `id`'s directory and takes its lock. A directory left by
+/// a create that died before writing its state is taken over.
+fn make_directory(store: &Store, id: &str) -> Result<(std::path::PathBuf, crate::state::SandboxLock), SandboxError> {
+    let made = match store.create_locked(id) {
+        Err(StateError::Exists(_)) if store.abandoned(id) => {
+            warn!("taking over the directory of a create that died");
+            store.remove(id).and_then(|()| store.create_locked(id))
+        }
+        other => other,
+    };
+    made.map_err(|e| SandboxError::at(CreateStep::Directory, id)(e.into()))
+}
+
+/// Waits up to `timeout` for the guest's agent to announce itself on
+/// `ready` (giving up when `vm` ends), connects to it through `spec`'s
+/// hybrid vsock socket and gives the guest its identity. On failure, the
+/// end of the guest's console goes to the log.
+fn reach_agent(
+    host: &HostSide,
+    ready: &std::os::unix::net::UnixListener,
+    timeout: Duration,
+    spec: &VmSpec,
+    config: &SandboxConfig,
+    vm: &mut dyn Hypervisor,
+) -> Result<(Agent, GuestDetails, std::os::unix::net::UnixStream), AgentError> {
+    let reached = host
+        .wait_link(ready, timeout, || vm.exited())
+        .and_then(|(version, link)| {
+            debug!(agent = %version, "the agent announced itself");
+            Ok((Agent::connect_hybrid(&spec.vsock_socket())?, link))
+        })
+        .and_then(|(agent, link)| {
+            let details = agent.set_identity(config.guest_hostname())?;
+            Ok((agent, details, link))
+        });
+    if reached.is_err() {
+        let console = vm.console_tail(20);
+        if !console.is_empty() {
+            warn!("the guest's console ended with:\n{console}");
+        }
+    }
+    reached
+}
+
+impl Sandbox {
+    /// Removes the containers created so far, last first, for a create
+    /// that is being undone; what cannot be removed is logged.
+    fn remove_containers_on_rollback(&self) {
+        for c in self.state.containers.iter().rev() {
+            let id = &c.config.id;
+            let removed =
+                self.agent.call("RemoveContainer", |cl, ctx| cl.remove_container(ctx, &container_request(id)));
+            if let Err(e) = removed {
+                warn!(container = %id, error = %e, "rollback: cannot remove a container");
+            }
+        }
+    }
 }
 
 fn step_done(step: CreateStep, began: Instant) {
