@@ -66,6 +66,12 @@ fn counting_guest_restored_twice(format: Format) -> TestResult {
     consecutive(&counts(&before))?;
     ensure!(counts(&before)[0] == 1, "the count started at {}", counts(&before)[0]);
 
+    // The guest's memory is its secrets: the snapshot is its owner's alone.
+    use std::os::unix::fs::PermissionsExt;
+    for (path, want) in [(snap.clone(), 0o700), (snap.join(MEMORY_FILE), 0o600), (snap.join(DESCRIPTION_FILE), 0o600)] {
+        let mode = std::fs::metadata(&path)?.permissions().mode() & 0o777;
+        ensure!(mode == want, "{} has mode {mode:o}, want {want:o}", path.display());
+    }
     let template = Template::load(&snap)?;
     // First restore: to a collecting console.
     let console = Console::default();

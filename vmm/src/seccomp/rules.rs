@@ -129,7 +129,8 @@ const CONTROL: &[i64] = &[
     libc::SYS_openat,
     libc::SYS_read,
     libc::SYS_statx,
-    // Replacing a stale vsock socket (only a socket is ever removed).
+    // Replacing a stale vsock socket, or a snapshot's temporary file left
+    // by an interrupted one.
     libc::SYS_unlink,
     libc::SYS_chmod,
     // Writing a snapshot: its directory, the sparse memory file, the

@@ -3,7 +3,7 @@
 
 use std::fs::File;
 use std::io::Write;
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use vm_memory::GuestMemoryMmap;
@@ -92,10 +92,12 @@ pub(crate) fn write(dir: &Path, captured: &Captured) -> Result<(), SnapshotError
         let path = path.to_path_buf();
         move |e| SnapshotError::Write(path, e)
     };
-    std::fs::create_dir_all(dir).map_err(fail(dir))?;
+    // The guest's memory is the guest's secrets: the directory is made
+    // 0700 and the files 0600, whatever the umask.
+    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(fail(dir))?;
     let memory_tmp = dir.join(format!(".{MEMORY_FILE}.tmp"));
     let description_tmp = dir.join(format!(".{DESCRIPTION_FILE}.tmp"));
-    let memory = File::create(&memory_tmp).map_err(fail(&memory_tmp))?;
+    let memory = private_file(&memory_tmp).map_err(fail(&memory_tmp))?;
     let mem_size = captured.description.mem_size;
     memory.set_len(mem_size + TRAILER_LEN).map_err(fail(&memory_tmp))?;
     crate::memory::write_contents(&captured.mem, &memory).map_err(fail(&memory_tmp))?;
@@ -103,7 +105,7 @@ pub(crate) fn write(dir: &Path, captured: &Captured) -> Result<(), SnapshotError
     trailer.extend_from_slice(&captured.description.id.to_le_bytes());
     memory.write_all_at(&trailer, mem_size).map_err(fail(&memory_tmp))?;
     memory.sync_all().map_err(fail(&memory_tmp))?;
-    let mut description = File::create(&description_tmp).map_err(fail(&description_tmp))?;
+    let mut description = private_file(&description_tmp).map_err(fail(&description_tmp))?;
     description.write_all(&captured.description.encode()).map_err(fail(&description_tmp))?;
     description.sync_all().map_err(fail(&description_tmp))?;
     let memory_path = dir.join(MEMORY_FILE);
@@ -125,4 +127,15 @@ pub(crate) fn new_id() -> u64 {
         return std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
     }
     u64::from_le_bytes(id)
+}
+
+/// Creates `path` anew, readable and writable by its owner only. A file
+/// left there by an interrupted snapshot is removed first; O_EXCL makes
+/// the new one ours, and never follows a link planted in its place.
+fn private_file(path: &Path) -> std::io::Result<File> {
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
+    std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path)
 }

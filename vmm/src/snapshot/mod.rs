@@ -21,6 +21,12 @@
 //! saved registers, and only when all of it has succeeded do the vCPU
 //! threads start. Any failure before that drops the half-made VM.
 //!
+//! The directory and its files are made owner-only (0700, 0600): the
+//! memory is the guest's, secrets included. A description names host files
+//! (disks, a TAP, the vsock socket) as a boot configuration does: the checks
+//! refuse a damaged or foreign snapshot, not a hostile author, so a
+//! snapshot is trusted as far as the configuration it names.
+//!
 //! A [`Template`] is a snapshot loaded once (description parsed and
 //! checked, memory file open) to restore many VMs from: each clone maps
 //! the same file, so the pages none of them wrote are shared.
