@@ -58,3 +58,30 @@ pub fn workspace_binary(name: &str) -> std::path::PathBuf {
     );
     binary
 }
+
+/// Set in a child process of a test binary: it runs the one child trial it
+/// is asked for (see [`in_child`]).
+pub const CHILD_ENV: &str = "VESSEL_TEST_CHILD";
+
+/// Whether this process is such a child.
+pub fn is_child() -> bool {
+    std::env::var_os(CHILD_ENV).is_some()
+}
+
+/// Runs trial `name` alone in a child process of this test binary (a
+/// process of its own: its threads, signals and seccomp filters are not
+/// shared with other trials), and fails unless it passed.
+pub fn in_child(name: &str) -> anyhow::Result<()> {
+    let out = std::process::Command::new(std::env::current_exe()?)
+        .args([name, "--exact", "--nocapture", "--test-threads=1"])
+        .env(CHILD_ENV, "1")
+        .output()?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    anyhow::ensure!(
+        out.status.success() && stdout.contains(" 1 passed"),
+        "child {name} ended with {:?}; stdout: {stdout}; stderr: {stderr}",
+        out.status
+    );
+    Ok(())
+}

@@ -11,7 +11,7 @@ use std::time::Duration;
 use anyhow::{bail, ensure, Context};
 use guests::{Format, Program};
 use libtest_mimic::Arguments;
-use vessel_tests::harness::{gate, trial};
+use vessel_tests::harness::{gate, in_child, is_child, trial};
 use vessel_tests::{kvm_unavailable, start_guest, start_kernel_with, wait_until, BootOptions, Console, TempDir};
 use vmm::config::DeviceConfig;
 use vmm::snapshot::format::Description;
@@ -326,30 +326,11 @@ fn a_running_vm_is_not_snapshotted() -> TestResult {
     Ok(())
 }
 
-/// Set in a child process: it runs the one child trial it is asked for.
-const CHILD_ENV: &str = "VESSEL_TEST_CHILD";
 const SPOILT_CHILD: &str = "spoilt_snapshots_child_process";
-
-/// Runs trial `name` alone in a child process of this test binary, so
-/// that counting this process's threads sees no other test's.
-fn in_child(name: &str) -> TestResult {
-    let out = std::process::Command::new(std::env::current_exe()?)
-        .args([name, "--exact", "--nocapture", "--test-threads=1"])
-        .env(CHILD_ENV, "1")
-        .output()?;
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    ensure!(
-        out.status.success() && stdout.contains(" 1 passed"),
-        "child {name} ended with {:?}; stdout: {stdout}; stderr: {stderr}",
-        out.status
-    );
-    Ok(())
-}
 
 fn main() {
     let args = Arguments::from_args();
-    if std::env::var_os(CHILD_ENV).is_some() {
+    if is_child() {
         let children = vec![trial(SPOILT_CHILD, spoilt_snapshots_are_refused_by_name)];
         libtest_mimic::run(&args, children).exit();
     }

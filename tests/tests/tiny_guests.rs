@@ -11,7 +11,7 @@ use std::time::Duration;
 use anyhow::{ensure, Context};
 use guests::{Format, Program};
 use libtest_mimic::Arguments;
-use vessel_tests::harness::{gate, trial};
+use vessel_tests::harness::{gate, in_child, trial, CHILD_ENV};
 use vessel_tests::{
     boot_guest, boot_kernel, kvm_unavailable, parse_report, start_guest, wait_until, BootOptions, TempDir,
 };
@@ -668,32 +668,12 @@ fn abort_is_not_a_seccomp_refusal() -> TestResult {
     Ok(())
 }
 
-/// Runs the child trial `name` in a child process of this test binary,
-/// as the tests that reach a seccomp filter do: a refused syscall ends
-/// that process, not every test in this one.
-fn in_child(name: &str) -> TestResult {
-    let out = Command::new(std::env::current_exe()?)
-        .args([name, "--exact", "--nocapture", "--test-threads=1"])
-        .env(CHILD_ENV, "1")
-        .output()?;
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    ensure!(
-        out.status.success() && stdout.contains(" 1 passed"),
-        "child {name} ended with {:?}; stdout: {stdout}; stderr: {stderr}",
-        out.status
-    );
-    Ok(())
-}
-
 const FS_DAEMON_CONFIG_CHILD: &str = "virtio_fs_daemon_config_child_process";
 const FS_VMM_CONFIG_CHILD: &str = "virtio_fs_vmm_config_child_process";
 const FS_HOTPLUG_CHILD: &str = "virtio_fs_hotplug_child_process";
 const ABORT_CHILD: &str = "abort_child_process";
 const VSOCK_RESET_CHILD: &str = "vsock_reset_child_process";
 const SECCOMP_CHILD: &str = "seccomp_child_process";
-/// Set in a child process: it runs the one child trial it is asked for.
-const CHILD_ENV: &str = "VESSEL_TEST_CHILD";
 
 fn seccomp_refuses_forbidden_syscall() -> TestResult {
     let exe = std::env::current_exe()?;
