@@ -13,7 +13,7 @@
 //! finds its socket gone and tries the next VM. An owner whose VM dies
 //! removes it, starts a replacement and exits.
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::process::{Command, ExitCode, Stdio};
@@ -30,6 +30,9 @@ use runtime_api::{Factory, HypervisorKind, Sandbox, SandboxConfig, Store};
 const CONTROL_SOCKET: &str = "control.sock";
 /// How often an idle owner looks at its VM.
 const WATCH_EVERY: Duration = Duration::from_millis(200);
+/// How long a client may take to send its claim, and how long it may be.
+const CLAIM_READ_TIMEOUT: Duration = Duration::from_secs(5);
+const MAX_CLAIM: u64 = 1 << 20;
 
 /// What `factory init` takes.
 #[derive(Args, Debug, Clone)]
@@ -299,9 +302,9 @@ pub(crate) fn own_cached(store: &Store) -> anyhow::Result<ExitCode> {
     let listener =
         devices::host_socket::bind_private(&socket).with_context(|| format!("listening on {}", socket.display()))?;
     listener.set_nonblocking(true)?;
-    println!("ready {name}");
-    // init may be gone: its pipe then refuses the flush, which is harmless.
-    let _ = std::io::stdout().flush();
+    // init may be gone: its pipe then refuses the line, which is harmless
+    // (println! would panic, and take the VM down with this process).
+    let _ = writeln!(std::io::stdout(), "ready {name}").and_then(|()| std::io::stdout().flush());
     loop {
         let conn = match listener.accept() {
             Ok((conn, _)) => conn,
@@ -321,8 +324,11 @@ pub(crate) fn own_cached(store: &Store) -> anyhow::Result<ExitCode> {
             continue;
         }
         conn.set_nonblocking(false)?;
+        // A client that stalls or sends without end is dropped: this loop
+        // also watches the VM, and answers the next claim.
+        conn.set_read_timeout(Some(CLAIM_READ_TIMEOUT))?;
         let mut line = String::new();
-        if BufReader::new(&conn).read_line(&mut line).is_err() {
+        if BufReader::new((&conn).take(MAX_CLAIM)).read_line(&mut line).is_err() {
             continue;
         }
         let mut conn = conn;

@@ -303,12 +303,24 @@ impl CachedVm {
         make_private_dir(&parent)?;
         let name = fresh_name();
         let dir = parent.join(&name);
+        // Made under a name `list` skips, and given its own only once its
+        // claim is held: a directory with neither a record nor a held claim
+        // is the remains of a dead boot, which `sweep` removes.
+        let hidden = parent.join(format!(".boot-{name}"));
         std::os::unix::fs::DirBuilderExt::mode(&mut std::fs::DirBuilder::new(), 0o700)
-            .create(&dir)
-            .map_err(io("create the cached VM's directory", &dir))?;
+            .create(&hidden)
+            .map_err(io("create the cached VM's directory", &hidden))?;
         // Held while it boots: nobody takes a VM that is not paused yet.
-        let claim = lock_path(&dir.join(CLAIM_FILE), LockKind::Exclusive, true);
-        let booted = claim.map_err(FactoryError::from).and_then(|_claim| {
+        let claim = lock_path(&hidden.join(CLAIM_FILE), LockKind::Exclusive, true)
+            .map_err(FactoryError::from)
+            .and_then(|claim| {
+                std::fs::rename(&hidden, &dir).map_err(io("name the cached VM's directory", &dir))?;
+                Ok(claim)
+            });
+        if claim.is_err() {
+            let _ = std::fs::remove_dir_all(&hidden);
+        }
+        let booted = claim.and_then(|_claim| {
             let spec = config.spec(&dir);
             let host = HostSide::new(spec.vsock_socket());
             let ready = host.listen(link::DEFAULT_PORT).map_err(FactoryError::Agent)?;
@@ -542,12 +554,14 @@ fn end_vm_process(vm: &CachedStatus, dir: &Path) {
 pub fn destroy(store: &Store, patience: Duration) -> Result<Vec<String>, FactoryError> {
     let mut ended = Vec::new();
     let parent = factory_dir(store);
+    // One wait for the whole call: VMs that boot hold their claims for as
+    // long as their boot takes, and are ended without it when it runs out.
+    let deadline = Instant::now() + patience;
     for vm in list(store)? {
         if matches!(vm.state, CachedState::Taken(_)) {
             continue;
         }
         let dir = parent.join(&vm.name);
-        let deadline = Instant::now() + patience;
         let claim = loop {
             match lock_path(&dir.join(CLAIM_FILE), LockKind::Exclusive, false) {
                 Ok(claim) => break Some(claim),

@@ -544,6 +544,9 @@ impl Sandbox {
                 for link in crate::factory::links_to(store, &dir) {
                     ended.extend(attached::processes_using(&link));
                 }
+                // The link resolves to the directory: the same processes.
+                ended.sort_unstable();
+                ended.dedup();
                 for &pid in &ended {
                     warn!(pid, error = %e, "ending a process of a sandbox whose state is unreadable");
                     if let Ok(pid) = libc::pid_t::try_from(pid) {
@@ -571,9 +574,10 @@ impl Sandbox {
             return Err(SandboxError::SandboxState { id: id.into(), phase, op: "delete", needs: "stopped" });
         }
         let dir = store.dir(id)?;
-        let runs_for = |pid: u32| {
-            attached::runs_for(pid, &dir) || state.booted_in.as_ref().is_some_and(|b| attached::runs_for(pid, b))
-        };
+        // A VM taken from the factory names its old directory, now a link
+        // here: found on disk, not taken from the state file's word.
+        let links = crate::factory::links_to(store, &dir);
+        let runs_for = |pid: u32| attached::runs_for(pid, &dir) || links.iter().any(|l| attached::runs_for(pid, l));
         if let Some(pid) = state.vm_pid.filter(|pid| attached::process_alive(*pid) && runs_for(*pid)) {
             let mut vm = attached::Attached::new(state.hypervisor, store.dir(id)?, state.owner_pid, Some(pid), 0, 0);
             vm.stop()?;

@@ -73,7 +73,9 @@ impl Alignment {
             return Ok(None);
         }
         let (memory, offset) = (stx.stx_dio_mem_align as usize, stx.stx_dio_offset_align as usize);
-        if !memory.is_power_of_two() || !offset.is_power_of_two() || offset > BOUNCE_LEN {
+        // The bounce buffer is cut in chunks of both alignments: neither may
+        // be larger than it.
+        if !memory.is_power_of_two() || !offset.is_power_of_two() || offset > BOUNCE_LEN || memory > BOUNCE_LEN {
             return Err(io::Error::new(
                 io::ErrorKind::Unsupported,
                 format!("unusual direct I/O alignment: memory {memory}, offset {offset}"),
