@@ -172,16 +172,24 @@ fn unescape(field: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-/// Unmounts everything at or below `dir` (lazily, deepest first) and checks
+/// Unmounts everything at or below `dir` (lazily, shallowest first) and checks
 /// that nothing is left. Removing a directory with a bind mount of a
 /// caller's directory under it would delete the caller's files: callers
 /// remove nothing unless this succeeds.
 pub fn unmount_under(dir: &Path) -> Result<(), SharedFsError> {
-    for point in mounts_under(dir) {
+    // The shallowest mount first, detached with every mount below it. The
+    // deeper mount points lie in directories a guest writes through
+    // virtio-fs: between reading one from mountinfo and unmounting it, the
+    // guest could swap a directory on its path for a symlink to a host
+    // path. The shallowest are the host's own, in the sandbox's directory,
+    // which no guest reaches; their last component is not followed either.
+    for _ in 0..mounts_under(dir).len() {
+        let Some(point) = mounts_under(dir).pop() else { break };
         let c = cstring(&point)?;
         // SAFETY: a valid NUL-terminated path.
-        if unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) } != 0 {
+        if unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH | libc::UMOUNT_NOFOLLOW) } != 0 {
             tracing::warn!(mount = %point.display(), error = %std::io::Error::last_os_error(), "cannot unmount");
+            break;
         }
     }
     let left = mounts_under(dir);
