@@ -615,13 +615,13 @@ impl Containers {
     /// which must exist and not have stopped.
     pub fn mount_disk(&self, id: &str, serial: &str, destination: &Path, fstype: &str, read_only: bool) -> Result<()> {
         crate::hotmount::check_destination(destination).map_err(Error::Invalid)?;
+        let fstype = crate::hotmount::check_disk(serial, fstype).map_err(Error::Invalid)?;
         let init = self.with(id, |c| match c.state() {
             State::Created | State::Running | State::Paused => Ok(c.init.clone()),
             other => Err(Error::Invalid(format!("container {id:?} is {other:?}; a disk is mounted into a live one"))),
         })?;
         let pidfd = init.pidfd.as_ref().ok_or_else(|| Error::Failed(format!("container {id:?} has no pidfd")))?;
         let device = find_disk(serial)?;
-        let fstype = if fstype.is_empty() { "ext4" } else { fstype };
         let mount = crate::hotmount::HotMount { device: &device, fstype, read_only, destination };
         crate::hotmount::mount_into(init.pid, pidfd, &mount).map_err(Error::Failed)
     }

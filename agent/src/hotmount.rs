@@ -61,6 +61,27 @@ pub fn check_destination(destination: &Path) -> Result<(), String> {
     Ok(())
 }
 
+/// The filesystems a disk may be mounted as: block filesystems only. A
+/// pseudo-filesystem (proc, sysfs, bpf...) made in the agent's namespace
+/// and attached into a container would hand it the agent's view.
+pub const DISK_FILESYSTEMS: [&str; 6] = ["ext4", "ext3", "ext2", "xfs", "btrfs", "vfat"];
+
+/// Checks a MountDisk request's disk serial and filesystem type (empty:
+/// ext4); returns the type to mount.
+pub fn check_disk(serial: &str, fstype: &str) -> Result<&'static str, String> {
+    // virtio-blk serials are at most 20 bytes; one is matched against each
+    // disk's sysfs `serial` file, which an empty one would match blindly.
+    if serial.is_empty() || serial.len() > 20 || !serial.bytes().all(|b| b.is_ascii_graphic() && b != b'/') {
+        return Err(format!("the disk serial {serial:?} is not 1-20 printable bytes without '/'"));
+    }
+    let fstype = if fstype.is_empty() { "ext4" } else { fstype };
+    DISK_FILESYSTEMS
+        .iter()
+        .find(|f| **f == fstype)
+        .copied()
+        .ok_or_else(|| format!("{fstype:?} is not a disk filesystem vessel mounts ({})", DISK_FILESYSTEMS.join(", ")))
+}
+
 /// Mounts `mount` in the mount namespace of process `pid` (a container's
 /// first process), of which `pidfd` is a pidfd taken while it lived. The
 /// namespace is opened by PID, then the pidfd says whether that process
@@ -180,6 +201,22 @@ mod tests {
         for (bad, why) in [("data", "not an absolute path"), ("/", "root"), ("/data/../etc", "'..'")] {
             let err = check_destination(Path::new(bad)).unwrap_err();
             assert!(err.contains(why), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn only_named_disks_and_block_filesystems_are_mounted() {
+        assert_eq!(check_disk("vol-0", ""), Ok("ext4"));
+        assert_eq!(check_disk("vol-0", "xfs"), Ok("xfs"));
+        for (serial, fstype, why) in [
+            ("", "ext4", "not 1-20"),
+            ("a-serial-of-21-bytes!", "ext4", "not 1-20"),
+            ("../sda", "ext4", "without '/'"),
+            ("vol-0", "proc", "not a disk filesystem"),
+            ("vol-0", "bpf", "not a disk filesystem"),
+        ] {
+            let err = check_disk(serial, fstype).unwrap_err();
+            assert!(err.contains(why), "{serial:?} {fstype:?}: {err}");
         }
     }
 

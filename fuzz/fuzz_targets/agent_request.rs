@@ -29,6 +29,9 @@ fuzz_target!(|data: &[u8]| {
     }
     if let Ok(req) = MountDiskRequest::parse_from_bytes(data) {
         let _ = agent::hotmount::check_destination(std::path::Path::new(&req.destination));
+        if let Ok(fstype) = agent::hotmount::check_disk(&req.serial, &req.fstype) {
+            assert!(agent::hotmount::DISK_FILESYSTEMS.contains(&fstype) && !req.serial.is_empty());
+        }
     }
     if let Ok(req) = SetGuestIdentityRequest::parse_from_bytes(data) {
         if let Ok(identity) = agent_proto::identity::check(&req) {
