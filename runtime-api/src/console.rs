@@ -80,7 +80,22 @@ pub fn copy_capped(sources: Vec<Box<dyn std::io::Read + Send>>, path: &Path) -> 
 }
 
 /// A pipe's (read, write) ends, close-on-exec.
-pub(crate) fn pipe() -> std::io::Result<(std::fs::File, std::fs::File)> {
+/// A console a VM's serial port writes into, copied to the capped log at
+/// `path` by a copier thread: the pipe's write end. It does not block: a
+/// copier that falls a pipe's worth behind costs console bytes (counted
+/// lost by the UART), never a stall of the vCPU or the event loop that
+/// writes the UART's output out while holding it.
+pub(crate) fn guest_console(path: &Path) -> std::io::Result<std::fs::File> {
+    let (from_guest, to_log) = pipe()?;
+    // SAFETY: fcntl on a descriptor the File owns; no memory is passed.
+    if unsafe { libc::fcntl(std::os::fd::AsRawFd::as_raw_fd(&to_log), libc::F_SETFL, libc::O_NONBLOCK) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    copy_capped(vec![Box::new(from_guest)], path)?;
+    Ok(to_log)
+}
+
+fn pipe() -> std::io::Result<(std::fs::File, std::fs::File)> {
     use std::os::fd::FromRawFd;
     let mut fds = [0; 2];
     // SAFETY: pipe2 writes two fds into the array it is given, which has room for them.

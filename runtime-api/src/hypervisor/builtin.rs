@@ -78,9 +78,8 @@ impl Hypervisor for Builtin {
         // The serial port writes into a pipe; a copier thread writes the
         // capped log. Rotating the log takes a rename and a create, which
         // the vCPU thread that emulates the serial port may not make.
-        let (from_guest, to_log) = crate::console::pipe().map_err(|e| HypervisorError::Start(KIND, Box::new(e)))?;
-        crate::console::copy_capped(vec![Box::new(from_guest)], &self.console)
-            .map_err(|e| HypervisorError::Start(KIND, Box::new(e)))?;
+        let to_log =
+            crate::console::guest_console(&self.console).map_err(|e| HypervisorError::Start(KIND, Box::new(e)))?;
         vm.handle(PrebootAction::ConfigureConsole(ConsoleOutput::Writer(Box::new(to_log)))).map_err(fail)?;
         let vsock = VsockConfig { guest_cid: GUEST_CID, uds_path: spec.vsock_socket() };
         vm.handle(PrebootAction::AddDevice(DeviceConfig::Vsock(vsock))).map_err(fail)?;
@@ -233,8 +232,7 @@ impl Hypervisor for Builtin {
             fail(format!("the template in {} was not loaded (Template::load)", template.dir().display()).into())
         })?;
         self.console = spec.console_log();
-        let (from_guest, to_log) = crate::console::pipe().map_err(|e| fail(Box::new(e)))?;
-        crate::console::copy_capped(vec![Box::new(from_guest)], &self.console).map_err(|e| fail(Box::new(e)))?;
+        let to_log = crate::console::guest_console(&self.console).map_err(|e| fail(Box::new(e)))?;
         let config = vmm::snapshot::RestoreConfig {
             console: ConsoleOutput::Writer(Box::new(to_log)),
             vsock_uds: Some(spec.vsock_socket()),
