@@ -17,18 +17,38 @@ use super::{
     file_tail, Disk, Hypervisor, HypervisorError, HypervisorKind, Nic, Plugged, PluggedNic, VmFigures, VmSpec,
 };
 
-/// Whether process `pid` names the sandbox directory `dir` on its command
-/// line, as its QEMU does: a PID recorded in a state file is only ours to
-/// end if it still does (a dead owner's QEMU died with it, and its PID may
-/// since belong to anyone).
+/// Whether process `pid` is a program a sandbox runs and names the
+/// sandbox directory `dir` on its command line, as its QEMU does: a PID
+/// recorded in a state file is only ours to end if it still does (a dead
+/// owner's QEMU died with it, and its PID may since belong to anyone,
+/// an admin's `tail -f <dir>/console.log` among them).
 pub(crate) fn runs_for(pid: u32, dir: &Path) -> bool {
     let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    let prefixes = dir_prefixes(dir);
+    is_sandbox_program(pid) && prefixes.iter().any(|p| cmdline.windows(p.len()).any(|w| w == p.as_slice()))
+}
+
+/// `dir/` as given and canonical: how a command line or a socket path
+/// names something inside it.
+fn dir_prefixes(dir: &Path) -> Vec<Vec<u8>> {
     let real = dir.canonicalize().unwrap_or_else(|_| dir.to_path_buf());
-    [dir, real.as_path()].iter().any(|d| {
-        let mut p = d.as_os_str().as_bytes().to_vec();
-        p.push(b'/');
-        cmdline.windows(p.len()).any(|w| w == p.as_slice())
-    })
+    [dir, real.as_path()]
+        .iter()
+        .map(|d| {
+            let mut p = d.as_os_str().as_bytes().to_vec();
+            p.push(b'/');
+            p
+        })
+        .collect()
+}
+
+/// Whether process `pid` runs what a sandbox runs: an owner (this
+/// program), QEMU, virtiofsd.
+fn is_sandbox_program(pid: u32) -> bool {
+    let ours = std::env::current_exe().ok().and_then(|e| e.file_name().map(|n| n.to_owned()));
+    let exe = std::fs::read_link(format!("/proc/{pid}/exe")).ok();
+    let name = exe.as_ref().and_then(|e| e.file_name());
+    name.is_some_and(|n| Some(n) == ours.as_deref() || n == crate::qemu::QEMU || n == "virtiofsd")
 }
 
 /// Whether process `pid` exists (signal 0 probes without sending).
@@ -46,24 +66,8 @@ pub(crate) fn process_alive(pid: u32) -> bool {
 /// them) and those naming it on their command line (QEMU). This process
 /// is never among them.
 pub(crate) fn processes_using(dir: &Path) -> Vec<u32> {
-    let real = dir.canonicalize().unwrap_or_else(|_| dir.to_path_buf());
-    let prefixes: Vec<Vec<u8>> = [dir, real.as_path()]
-        .iter()
-        .map(|d| {
-            let mut p = d.as_os_str().as_bytes().to_vec();
-            p.push(b'/');
-            p
-        })
-        .collect();
+    let prefixes = dir_prefixes(dir);
     let contains = |hay: &[u8]| prefixes.iter().any(|p| hay.windows(p.len()).any(|w| w == p.as_slice()));
-    // Only what a sandbox runs: an owner (this program), QEMU, virtiofsd;
-    // never an admin's `tail` or editor that names the directory.
-    let ours = std::env::current_exe().ok().and_then(|e| e.file_name().map(|n| n.to_owned()));
-    let sandbox_program = |pid: &std::path::Path| {
-        let exe = std::fs::read_link(pid.join("exe")).ok();
-        let name = exe.as_ref().and_then(|e| e.file_name());
-        name.is_some_and(|n| Some(n) == ours.as_deref() || n == crate::qemu::QEMU || n == "virtiofsd")
-    };
     // "Num RefCount Protocol Flags Type St Inode Path", a socket a line.
     let unix = std::fs::read_to_string("/proc/net/unix").unwrap_or_default();
     let inodes: std::collections::HashSet<String> = unix
@@ -89,7 +93,9 @@ pub(crate) fn processes_using(dir: &Path) -> Vec<u32> {
                     std::fs::read_link(fd.path()).is_ok_and(|l| inodes.contains(l.to_string_lossy().as_ref()))
                 })
             };
-        if (named || (!inodes.is_empty() && holds())) && sandbox_program(&entry.path()) {
+        // Only what a sandbox runs; never an admin's `tail` or editor
+        // that names the directory.
+        if (named || (!inodes.is_empty() && holds())) && is_sandbox_program(pid) {
             found.push(pid);
         }
     }
